@@ -1,0 +1,91 @@
+// The one contract between host glue and kernels, shared by the CPU (.cpp) and CUDA (.cu) code.
+// Torch-free on purpose: nvcc compiles the kernels without torch headers.
+//
+// Every tensor is seen as [batch, seq, heads, head_dim] with arbitrary strides (in elements) for the
+// first three dims and stride 1 for head_dim. The four public layouts (bshd, sbhd, bnsd, sbh) are all
+// views of this shape, so no layout is ever copied. Row statistics (lse, delta) are float32
+// [batch, heads_q, seq_q] with strides for batch and heads and stride 1 for seq.
+#pragma once
+
+#include <cstdint>
+
+namespace ring_ext {
+
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Which keys a query row may see. Positions are global: query row i sits at position
+// q_offset + i, key column j at k_offset + j.
+//   kNone:   every key.
+//   kCausal: key j is visible to row i iff k_offset + j <= q_offset + i.
+// With q_offset == k_offset this is the usual (top-left aligned) causal mask of
+// F.scaled_dot_product_attention(is_causal=True). A row that sees no key gets out = 0, lse = -inf.
+enum class MaskKind : int32_t { kNone = 0, kCausal = 1 };
+
+struct Strides {
+  int64_t batch = 0, seq = 0, head = 0;  // head_dim stride is always 1
+};
+
+struct RowStrides {
+  int64_t batch = 0, head = 0;  // seq stride is always 1
+};
+
+struct Shape {
+  int64_t batch = 0, heads_q = 0, heads_kv = 0, seq_q = 0, seq_k = 0, head_dim = 0;
+};
+
+struct Mask {
+  MaskKind kind = MaskKind::kNone;
+  int64_t q_offset = 0, k_offset = 0;
+};
+
+// out, lse = attention(q, k, v). out is written (not accumulated) in out_dtype; lse in float32.
+struct FwdParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;
+  Strides q_stride, k_stride, v_stride, out_stride;
+  RowStrides lse_stride;
+  Shape shape;
+  DType in_dtype = DType::kFloat32;   // dtype of q, k, v
+  DType out_dtype = DType::kFloat32;  // in_dtype, or kFloat32 for ring partials
+  float scale = 1.0f;
+  Mask mask;
+};
+
+// dq += ..., dk += ..., dv += ... for one (q block, kv block) pair, given the *final* lse of each
+// query row and delta = rowsum(dout * out) of the final out (DESIGN.md section 2).
+// dq, dk, dv are float32 accumulators that the kernel adds to; the caller zeroes them.
+struct BwdParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* dout = nullptr;
+  const float* lse = nullptr;
+  const float* delta = nullptr;
+  float* dq = nullptr;
+  float* dk = nullptr;
+  float* dv = nullptr;
+  Strides q_stride, k_stride, v_stride, dout_stride, dq_stride, dk_stride, dv_stride;
+  RowStrides lse_stride, delta_stride;
+  Shape shape;
+  DType in_dtype = DType::kFloat32;  // dtype of q, k, v, dout
+  float scale = 1.0f;
+  Mask mask;
+};
+
+// Fold a partial (block_out, block_lse) over a disjoint key set into the running float32
+// (out, lse), in place. Shapes: [batch, seq_q, heads_q, head_dim] and [batch, heads_q, seq_q].
+struct MergeParams {
+  float* out = nullptr;
+  float* lse = nullptr;
+  const void* block_out = nullptr;
+  const float* block_lse = nullptr;
+  Strides out_stride, block_out_stride;
+  RowStrides lse_stride, block_lse_stride;
+  Shape shape;  // uses batch, heads_q, seq_q, head_dim
+  DType block_dtype = DType::kFloat32;
+};
+
+}  // namespace ring_ext

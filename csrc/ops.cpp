@@ -1,0 +1,36 @@
+// Every schema of the ring_ext namespace, in one place. Kernels are registered per backend in
+// csrc/cpu/ops_cpu.cpp and csrc/cuda/ops_cuda.cpp; fake kernels and autograd live in ring_ext/ops.py.
+//
+// Tensor convention of the block ops: q/out/dout [batch, seq_q, heads_q, head_dim],
+// k/v [batch, seq_k, heads_kv, head_dim], any strides with head_dim contiguous;
+// lse/delta float32 [batch, heads_q, seq_q]. See csrc/common/params.h.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing ring_ext._C loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(ring_ext, m) {
+  // Blockwise flash attention of one (q block, kv block) pair; causal is at global offsets
+  // (key j visible to row i iff k_offset + j <= q_offset + i). out_fp32 keeps the partial output
+  // in float32 for the ring's merge.
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal, int q_offset=0, int k_offset=0, "
+      "bool out_fp32=False) -> (Tensor out, Tensor lse)");
+  // Gradients of fwd, given the final out and lse of each row. Returns q/k/v's dtype.
+  m.def(
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, bool causal, "
+      "int q_offset=0, int k_offset=0) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // The ring's backward step: adds this block pair's gradients into float32 accumulators.
+  // delta = rowsum(dout * out) of the final out, float32 [batch, heads_q, seq_q].
+  m.def(
+      "bwd_acc(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, float scale, "
+      "bool causal, int q_offset, int k_offset, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
+  // Folds a partial (block_out, block_lse) into the running float32 (out, lse), in place.
+  m.def("merge_(Tensor(a!) out, Tensor(b!) lse, Tensor block_out, Tensor block_lse) -> ()");
+}
