@@ -1,0 +1,242 @@
+// Blockwise flash attention forward on tensor cores (bf16/fp16 in, float32 accumulate).
+//
+// Note [Forward tiling]
+// One CTA owns kBlockM = 16 * kWarps query rows of one (batch, head) and walks the visible key
+// blocks of kBlockN keys; warp w owns query rows [16 w, 16 w + 16) and every key/dim column:
+//
+//        smem:  Q [kBlockM x D]   K [kBlockN x D]   V [kBlockN x D]      (swizzled, 16-bit)
+//        regs:  S = Q K^T  per warp 16 x kBlockN       O per warp 16 x D  (float32)
+//
+//   iteration j:   wait K_j | issue V_j load | S = Q K_j^T | mask, online softmax, rescale O
+//                  wait V_j | issue K_{j+1} load | O += P V_j        (P packed from S, never in smem)
+//
+// K_{j+1} streams in during P V_j and V_j during Q K_j^T (FlashAttention-2 order), with a single
+// buffer each: the barrier after a wait also proves every warp is done with the buffer reloaded next.
+// Head dims are bucketed to D in {64, 128, 256}; dims >= head_dim are zero-filled in smem and never
+// stored. Keys and rows past the sequence end are zero-filled and masked (keys) or not stored (rows).
+// The online softmax runs in log2 units (scores * scale * log2 e); a row that has seen no visible key
+// keeps max = -inf and uses 0 as its exponent base, so it stays at l = 0, O = 0 and ends with
+// out = 0, lse = -inf.
+#include <cmath>
+
+#include "kernels.h"
+#include "launch.cuh"
+#include "mma.cuh"
+
+namespace ring_ext::cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <int D>
+struct FwdConfig {
+  static constexpr int kWarps = D <= 128 ? 8 : 4;
+  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kBlockN = D <= 128 ? 64 : 32;
+  static constexpr int kThreads = 32 * kWarps;
+  using QTile = SmemTile<kBlockM, D>;
+  using KTile = SmemTile<kBlockN, D>;
+  static constexpr int kSmemBytes = (QTile::kElems + 2 * KTile::kElems) * 2;
+};
+
+// Per-thread running softmax state of its two rows (g and g + 8 of the warp's 16).
+struct RowState {
+  float max[2] = {-INFINITY, -INFINITY};  // log2 units
+  float sum[2] = {0.0f, 0.0f};            // this thread's partial sum; summed over the quad at the end
+};
+
+// s (raw scores of a 16 x kBlockN warp tile) -> probabilities relative to the updated row max;
+// rescales o and the running sums. key_limit[r] is the last visible key (block-local) of row r,
+// applied only when `masked`.
+template <int NS, int NO>
+__device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO][4], RowState& st,
+                                               float scale_log2, bool masked,
+                                               const int (&key_limit)[2]) {
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < NS; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float x = s[nt][2 * r + e] * scale_log2;
+        if (masked && nt * 8 + 2 * t + e > key_limit[r]) x = -INFINITY;
+        s[nt][2 * r + e] = x;
+        mx = fmaxf(mx, x);
+      }
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    const float new_max = fmaxf(st.max[r], mx);
+    const float base = new_max == -INFINITY ? 0.0f : new_max;
+    const float alpha = ex2(st.max[r] - base);
+    float sum = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < NS; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float p = ex2(s[nt][2 * r + e] - base);
+        s[nt][2 * r + e] = p;
+        sum += p;
+      }
+    }
+    st.sum[r] = st.sum[r] * alpha + sum;
+    st.max[r] = new_max;
+#pragma unroll
+    for (int dt = 0; dt < NO; ++dt) {
+      o[dt][2 * r] *= alpha;
+      o[dt][2 * r + 1] *= alpha;
+    }
+  }
+}
+
+// out = o / sum, lse = ln(sum) + max for the warp's rows; rows past seq_q and dims past head_dim
+// are not stored.
+template <typename T, int NO>
+__device__ __forceinline__ void store_out(const FwdParams& p, float (&o)[NO][4], RowState& st,
+                                          int row0) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int seq_q = static_cast<int>(p.shape.seq_q), head_dim = static_cast<int>(p.shape.head_dim);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = st.sum[r];
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    sum += __shfl_xor_sync(0xffffffff, sum, 2);
+    const int row = row0 + g + 8 * r;
+    if (row >= seq_q) continue;
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    const int64_t base =
+        b * p.out_stride.batch + h * p.out_stride.head + row * p.out_stride.seq + 2 * t;
+#pragma unroll
+    for (int dt = 0; dt < NO; ++dt) {
+      if (dt * 8 >= head_dim) break;
+      const float x0 = o[dt][2 * r] * inv, x1 = o[dt][2 * r + 1] * inv;
+      if (p.out_dtype == DType::kFloat32) {
+        *reinterpret_cast<float2*>(static_cast<float*>(p.out) + base + dt * 8) = make_float2(x0, x1);
+      } else {
+        *reinterpret_cast<uint32_t*>(static_cast<T*>(p.out) + base + dt * 8) =
+            MmaType<T>::pack(x0, x1);
+      }
+    }
+    if (t == 0) {
+      p.lse[b * p.lse_stride.batch + h * p.lse_stride.head + row] =
+          sum > 0.0f ? (st.max[r] + log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(FwdConfig<D>::kThreads)
+    flash_fwd_kernel(const FwdParams p, const int diff) {
+  using Cfg = FwdConfig<D>;
+  using QTile = typename Cfg::QTile;
+  using KTile = typename Cfg::KTile;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kThreads = Cfg::kThreads;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // [kBlockM, D]
+  T* sK = sQ + QTile::kElems;          // [kBlockN, D]
+  T* sV = sK + KTile::kElems;          // [kBlockN, D]
+
+  const int b = blockIdx.z, h = blockIdx.y, hk = h / (p.shape.heads_q / p.shape.heads_kv);
+  const int seq_q = static_cast<int>(p.shape.seq_q), seq_k = static_cast<int>(p.shape.seq_k);
+  const int head_dim = static_cast<int>(p.shape.head_dim);
+  const int m0 = blockIdx.x * kBlockM, warp_row = (threadIdx.x / 32) * 16;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
+
+  // Keys [0, n_end) are visible to some row of this CTA; the last row sees keys <= its row + diff.
+  const int n_end = max(0, min(seq_k, m0 + kBlockM - 1 + diff + 1));
+  const int n_blocks = (n_end + kBlockN - 1) / kBlockN;
+  // Last visible key of each of this thread's rows (global key index).
+  const int g = (threadIdx.x % 32) / 4;
+  const int row_limit[2] = {min(seq_k - 1, m0 + warp_row + g + diff),
+                            min(seq_k - 1, m0 + warp_row + g + 8 + diff)};
+
+  float o[D / 8][4];
+  zero(o);
+  RowState st;
+  const float scale_log2 = p.scale * kLog2e;
+
+  if (n_blocks > 0) {
+    load_tile<QTile, kThreads>(sQ, q, p.q_stride.seq, m0, seq_q, head_dim);
+    load_tile<KTile, kThreads>(sK, k, p.k_stride.seq, 0, seq_k, head_dim);
+    cp_async_commit();
+  }
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    const int n0 = nb * kBlockN;
+    cp_async_wait_all();
+    __syncthreads();  // K_nb visible; every warp is done with V_{nb-1}
+    load_tile<KTile, kThreads>(sV, v, p.v_stride.seq, n0, seq_k, head_dim);
+    cp_async_commit();
+
+    float s[1][kBlockN / 8][4];  // [16 rows, kBlockN keys] of this warp
+    zero(s);
+    warp_gemm<false, false, 1, kBlockN / 8, D, QTile, KTile>(s, sQ, warp_row, sK, 0);
+    // Masking is needed when some key of the block lies past the end or past a row's limit.
+    const bool masked = n0 + kBlockN - 1 > min(row_limit[0], row_limit[1]);
+    const int key_limit[2] = {row_limit[0] - n0, row_limit[1] - n0};
+    online_softmax(s[0], o, st, scale_log2, masked, key_limit);
+
+    cp_async_wait_all();
+    __syncthreads();  // V_nb visible; every warp is done with K_nb
+    if (nb + 1 < n_blocks) {
+      load_tile<KTile, kThreads>(sK, k, p.k_stride.seq, n0 + kBlockN, seq_k, head_dim);
+      cp_async_commit();
+    }
+    warp_gemm_reg_a<D / 8, kBlockN, KTile>(o, s[0], sV, 0);
+  }
+  store_out<T>(p, o, st, m0 + warp_row);
+}
+
+template <typename T, int D>
+void launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  using Cfg = FwdConfig<D>;
+  const dim3 grid(static_cast<unsigned>((p.shape.seq_q + Cfg::kBlockM - 1) / Cfg::kBlockM),
+                  static_cast<unsigned>(p.shape.heads_q), static_cast<unsigned>(p.shape.batch));
+  launch(flash_fwd_kernel<T, D>, "flash_fwd", grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p,
+         causal_diff(p.mask));
+}
+
+template <typename T>
+void dispatch_head_dim(const FwdParams& p, cudaStream_t stream) {
+  if (p.shape.head_dim <= 64) {
+    launch_fwd<T, 64>(p, stream);
+  } else if (p.shape.head_dim <= 128) {
+    launch_fwd<T, 128>(p, stream);
+  } else {
+    launch_fwd<T, 256>(p, stream);
+  }
+}
+
+bool use_tensor_cores(const FwdParams& p) {
+  return p.in_dtype != DType::kFloat32 && tensor_core_dims(p.shape) &&
+         rows_aligned(p.q, p.q_stride) && rows_aligned(p.k, p.k_stride) &&
+         rows_aligned(p.v, p.v_stride) && rows_aligned(p.out, p.out_stride);
+}
+
+}  // namespace
+
+void simt_fwd(const FwdParams& p, cudaStream_t stream);  // simt_fallback.cu
+
+void flash_fwd(const FwdParams& p, cudaStream_t stream) {
+  check_shape(p.shape);
+  if (!use_tensor_cores(p)) {
+    simt_fwd(p, stream);
+  } else if (p.in_dtype == DType::kBFloat16) {
+    dispatch_head_dim<__nv_bfloat16>(p, stream);
+  } else {
+    dispatch_head_dim<__half>(p, stream);
+  }
+}
+
+}  // namespace ring_ext::cuda
