@@ -1,0 +1,286 @@
+// Blockwise flash attention backward on tensor cores (bf16/fp16 in, float32 accumulate).
+//
+// Note [Backward tiling]
+// One CTA owns kBlockN keys of one (batch, kv head) and walks every (q head of its GQA group,
+// q block of kBlockM rows) that can see them; dK and dV stay in registers for the whole walk.
+//
+//   smem: K, V [kBlockN x D]   Q, dO [kBlockM x D]   P^T, dS^T [kBlockN x kBlockM]   lse, delta [kBlockM]
+//
+//   step 1  S^T = K Q^T, dP^T = V dO^T         warps tile [kBlockN x kBlockM] in 16-key strips
+//           P^T = exp(scale S^T - lse), dS^T = P^T * (dP^T - delta)   -> smem (16-bit)
+//   step 2  dV += P^T dO, dK += dS^T Q         warps tile [kBlockN x D]; accumulators in registers
+//           (barrier, then the next Q, dO, lse, delta start loading)
+//   step 3  dQ += dS K                         warps tile [kBlockM x D]; atomicAdd into float32 dq
+//
+// dq accumulation: several CTAs (one per key block) add into the same dq rows, so dq is accumulated
+// with float32 atomicAdd straight into the caller's float32 accumulator (no extra buffer; the order
+// of additions, hence the last bits of dq, is not deterministic). dK/dV are deterministic: one CTA
+// owns its keys for every q head of the GQA group and adds into dk/dv once, without atomics.
+// Rows past seq_q get lse = +inf (P = 0) and rows with lse = -inf (no visible key) likewise; keys
+// past seq_k and causally hidden pairs are masked to P = 0. Softmax runs in log2 units.
+#include <cmath>
+
+#include "kernels.h"
+#include "launch.cuh"
+#include "mma.cuh"
+
+namespace ring_ext::cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <int D>
+struct BwdConfig {
+  static constexpr int kWarps = 8, kThreads = 32 * kWarps;
+  static constexpr int kBlockN = D <= 128 ? 128 : 64;  // keys per CTA
+  static constexpr int kBlockM = 64;                   // q rows per step
+  using KTile = SmemTile<kBlockN, D>;
+  using QTile = SmemTile<kBlockM, D>;
+  using PTile = SmemTile<kBlockN, kBlockM>;
+  // Warp grids of the three steps: (key strips x q-column groups), (key strips x dim groups),
+  // (q-row strips x dim groups).
+  static constexpr int kKeyStrips = kBlockN / 16, kRowStrips = kBlockM / 16;
+  static constexpr int kCols1 = kBlockM / (kWarps / kKeyStrips);
+  static constexpr int kDims2 = D / (kWarps / kKeyStrips);
+  static constexpr int kDims3 = D / (kWarps / kRowStrips);
+  static_assert(kWarps % kKeyStrips == 0 && kWarps % kRowStrips == 0, "warp grid");
+  static constexpr int kSmemBytes =
+      (2 * KTile::kElems + 2 * QTile::kElems + 2 * PTile::kElems) * 2 + 2 * kBlockM * 4;
+};
+
+struct Smem {
+  void* k;
+  void* v;
+  void* q;
+  void* dout;
+  void* pt;
+  void* dst;
+  float* lse;    // log2 units; +inf for rows that must contribute nothing
+  float* delta;  // [kBlockM]
+};
+
+template <typename Cfg, typename T>
+__device__ __forceinline__ Smem carve_smem(unsigned char* raw) {
+  T* base = reinterpret_cast<T*>(raw);
+  Smem s;
+  s.k = base;
+  s.v = base + Cfg::KTile::kElems;
+  s.q = base + 2 * Cfg::KTile::kElems;
+  s.dout = base + 2 * Cfg::KTile::kElems + Cfg::QTile::kElems;
+  s.pt = base + 2 * Cfg::KTile::kElems + 2 * Cfg::QTile::kElems;
+  s.dst = base + 2 * Cfg::KTile::kElems + 2 * Cfg::QTile::kElems + Cfg::PTile::kElems;
+  s.lse = reinterpret_cast<float*>(base + 2 * Cfg::KTile::kElems + 2 * Cfg::QTile::kElems +
+                                   2 * Cfg::PTile::kElems);
+  s.delta = s.lse + Cfg::kBlockM;
+  return s;
+}
+
+// Starts loading Q, dO (cp.async) and lse, delta (plain loads) of q head h, rows [m0, m0 + kBlockM).
+template <typename Cfg, typename T>
+__device__ __forceinline__ void load_q_block(const BwdParams& p, const Smem& s, int h, int m0) {
+  const int b = blockIdx.z, seq_q = static_cast<int>(p.shape.seq_q);
+  const int head_dim = static_cast<int>(p.shape.head_dim);
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head;
+  load_tile<typename Cfg::QTile, Cfg::kThreads>(static_cast<T*>(s.q), q, p.q_stride.seq, m0, seq_q,
+                                                head_dim);
+  load_tile<typename Cfg::QTile, Cfg::kThreads>(static_cast<T*>(s.dout), dout, p.dout_stride.seq,
+                                                m0, seq_q, head_dim);
+  cp_async_commit();
+  for (int i = threadIdx.x; i < Cfg::kBlockM; i += Cfg::kThreads) {
+    const int row = m0 + i;
+    float lse = INFINITY, delta = 0.0f;
+    if (row < seq_q) {
+      lse = p.lse[b * p.lse_stride.batch + h * p.lse_stride.head + row];
+      lse = lse == -INFINITY ? INFINITY : lse * kLog2e;
+      delta = p.delta[b * p.delta_stride.batch + h * p.delta_stride.head + row];
+    }
+    s.lse[i] = lse;
+    s.delta[i] = delta;
+  }
+}
+
+// Step 1 for this warp's [16 keys x kCols1 rows] strip: P^T and dS^T into smem.
+// key_limit_base: a (key, row) pair is visible iff key < seq_k and key <= row + diff.
+template <typename Cfg, int D, typename T>
+__device__ __forceinline__ void probs_and_grads(const Smem& s, int n0, int m0, int seq_k, int diff,
+                                                float scale_log2) {
+  constexpr int NT = Cfg::kCols1 / 8;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int key0 = (warp % Cfg::kKeyStrips) * 16, col0 = (warp / Cfg::kKeyStrips) * Cfg::kCols1;
+  float st[1][NT][4], dpt[1][NT][4];
+  zero(st);
+  zero(dpt);
+  warp_gemm<false, false, 1, NT, D, typename Cfg::KTile, typename Cfg::QTile>(
+      st, static_cast<const T*>(s.k), key0, static_cast<const T*>(s.q), col0);
+  warp_gemm<false, false, 1, NT, D, typename Cfg::KTile, typename Cfg::QTile>(
+      dpt, static_cast<const T*>(s.v), key0, static_cast<const T*>(s.dout), col0);
+  // Masking is needed when a key of the strip is past the end or past the first row's limit.
+  const bool masked =
+      n0 + key0 + 15 >= seq_k || n0 + key0 + 15 > m0 + col0 + diff;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = n0 + key0 + g + 8 * (i / 2), col = col0 + nt * 8 + 2 * t + i % 2;
+      const bool visible = !masked || (key < seq_k && key <= m0 + col + diff);
+      const float prob = visible ? ex2(st[0][nt][i] * scale_log2 - s.lse[col]) : 0.0f;
+      st[0][nt][i] = prob;
+      dpt[0][nt][i] = prob * (dpt[0][nt][i] - s.delta[col]);
+    }
+  }
+  store_frag<1, NT, typename Cfg::PTile>(static_cast<T*>(s.pt), st, key0, col0);
+  store_frag<1, NT, typename Cfg::PTile>(static_cast<T*>(s.dst), dpt, key0, col0);
+}
+
+// Step 3: dq[rows m0.., :] += scale * dS K for this warp's [16 rows x kDims3 dims] tile.
+template <typename Cfg, int D, typename T>
+__device__ __forceinline__ void accumulate_dq(const BwdParams& p, const Smem& s, int h, int m0) {
+  constexpr int NT = Cfg::kDims3 / 8;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int row0 = (warp % Cfg::kRowStrips) * 16, dim0 = (warp / Cfg::kRowStrips) * Cfg::kDims3;
+  float dq[1][NT][4];
+  zero(dq);
+  warp_gemm<true, true, 1, NT, Cfg::kBlockN, typename Cfg::PTile, typename Cfg::KTile>(
+      dq, static_cast<const T*>(s.dst), row0, static_cast<const T*>(s.k), dim0);
+  const int seq_q = static_cast<int>(p.shape.seq_q), head_dim = static_cast<int>(p.shape.head_dim);
+  float* out = p.dq + blockIdx.z * p.dq_stride.batch + h * p.dq_stride.head;
+#pragma unroll
+  for (int i = 0; i < 4; i += 2) {
+    const int row = m0 + row0 + g + 8 * (i / 2);
+    if (row >= seq_q) continue;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int dim = dim0 + nt * 8 + 2 * t;
+      if (dim >= head_dim) break;
+      atomicAdd(out + row * p.dq_stride.seq + dim, p.scale * dq[0][nt][i]);
+      atomicAdd(out + row * p.dq_stride.seq + dim + 1, p.scale * dq[0][nt][i + 1]);
+    }
+  }
+}
+
+// dk/dv[keys n0.., :] += this warp's register tile (dk scaled); the CTA owns these keys.
+template <typename Cfg, int NT>
+__device__ __forceinline__ void add_dkdv(const BwdParams& p, float (&dk)[1][NT][4],
+                                         float (&dv)[1][NT][4], int hk, int n0) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int key0 = (warp % Cfg::kKeyStrips) * 16, dim0 = (warp / Cfg::kKeyStrips) * Cfg::kDims2;
+  const int seq_k = static_cast<int>(p.shape.seq_k), head_dim = static_cast<int>(p.shape.head_dim);
+  float* dk_base = p.dk + blockIdx.z * p.dk_stride.batch + hk * p.dk_stride.head;
+  float* dv_base = p.dv + blockIdx.z * p.dv_stride.batch + hk * p.dv_stride.head;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int key = n0 + key0 + g + 8 * (i / 2);
+    if (key >= seq_k) continue;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int dim = dim0 + nt * 8 + 2 * t + i % 2;
+      if (dim >= head_dim) break;
+      dk_base[key * p.dk_stride.seq + dim] += p.scale * dk[0][nt][i];
+      dv_base[key * p.dv_stride.seq + dim] += dv[0][nt][i];
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(BwdConfig<D>::kThreads)
+    flash_bwd_kernel(const BwdParams p, const int diff) {
+  using Cfg = BwdConfig<D>;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, NT2 = Cfg::kDims2 / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Smem s = carve_smem<Cfg, T>(smem_raw);
+
+  const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * kBlockN;
+  const int group = static_cast<int>(p.shape.heads_q / p.shape.heads_kv);
+  const int seq_q = static_cast<int>(p.shape.seq_q), seq_k = static_cast<int>(p.shape.seq_k);
+  // Rows below first_row see none of this CTA's keys (first_row = n0 - diff under a causal mask).
+  const int first_row = max(0, n0 - diff);
+  const int m_begin = first_row / kBlockM, m_blocks = (seq_q + kBlockM - 1) / kBlockM;
+  const int steps = group * max(0, m_blocks - m_begin);
+  if (steps == 0) return;
+  const float scale_log2 = p.scale * kLog2e;
+
+  const int head_dim = static_cast<int>(p.shape.head_dim);
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
+  load_tile<typename Cfg::KTile, Cfg::kThreads>(static_cast<T*>(s.k), k, p.k_stride.seq, n0, seq_k,
+                                                head_dim);
+  load_tile<typename Cfg::KTile, Cfg::kThreads>(static_cast<T*>(s.v), v, p.v_stride.seq, n0, seq_k,
+                                                head_dim);
+  load_q_block<Cfg, T>(p, s, hk * group, m_begin * kBlockM);
+
+  const int warp = threadIdx.x / 32;
+  const int key0 = (warp % Cfg::kKeyStrips) * 16, dim0 = (warp / Cfg::kKeyStrips) * Cfg::kDims2;
+  float dk[1][NT2][4], dv[1][NT2][4];
+  zero(dk);
+  zero(dv);
+  for (int step = 0; step < steps; ++step) {
+    const int h = hk * group + step / (m_blocks - m_begin);
+    const int m0 = (m_begin + step % (m_blocks - m_begin)) * kBlockM;
+    cp_async_wait_all();
+    __syncthreads();  // Q, dO, lse, delta of this step visible; step 3 of the last step is done
+    probs_and_grads<Cfg, D, T>(s, n0, m0, seq_k, diff, scale_log2);
+    __syncthreads();  // P^T, dS^T complete
+    warp_gemm<false, true, 1, NT2, kBlockM, typename Cfg::PTile, typename Cfg::QTile>(
+        dv, static_cast<const T*>(s.pt), key0, static_cast<const T*>(s.dout), dim0);
+    warp_gemm<false, true, 1, NT2, kBlockM, typename Cfg::PTile, typename Cfg::QTile>(
+        dk, static_cast<const T*>(s.dst), key0, static_cast<const T*>(s.q), dim0);
+    __syncthreads();  // every warp is done with Q, dO, lse, delta
+    if (step + 1 < steps) {
+      const int next_h = hk * group + (step + 1) / (m_blocks - m_begin);
+      const int next_m0 = (m_begin + (step + 1) % (m_blocks - m_begin)) * kBlockM;
+      load_q_block<Cfg, T>(p, s, next_h, next_m0);
+    }
+    accumulate_dq<Cfg, D, T>(p, s, h, m0);
+  }
+  add_dkdv<Cfg, NT2>(p, dk, dv, hk, n0);
+}
+
+template <typename T, int D>
+void launch_bwd(const BwdParams& p, cudaStream_t stream) {
+  using Cfg = BwdConfig<D>;
+  const dim3 grid(static_cast<unsigned>((p.shape.seq_k + Cfg::kBlockN - 1) / Cfg::kBlockN),
+                  static_cast<unsigned>(p.shape.heads_kv), static_cast<unsigned>(p.shape.batch));
+  launch(flash_bwd_kernel<T, D>, "flash_bwd", grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p,
+         causal_diff(p.mask));
+}
+
+template <typename T>
+void dispatch_head_dim(const BwdParams& p, cudaStream_t stream) {
+  if (p.shape.head_dim <= 64) {
+    launch_bwd<T, 64>(p, stream);
+  } else if (p.shape.head_dim <= 128) {
+    launch_bwd<T, 128>(p, stream);
+  } else {
+    launch_bwd<T, 256>(p, stream);
+  }
+}
+
+bool use_tensor_cores(const BwdParams& p) {
+  return p.in_dtype != DType::kFloat32 && tensor_core_dims(p.shape) &&
+         rows_aligned(p.q, p.q_stride) && rows_aligned(p.k, p.k_stride) &&
+         rows_aligned(p.v, p.v_stride) && rows_aligned(p.dout, p.dout_stride);
+}
+
+}  // namespace
+
+void simt_bwd(const BwdParams& p, cudaStream_t stream);  // simt_fallback.cu
+
+void flash_bwd(const BwdParams& p, cudaStream_t stream) {
+  check_shape(p.shape);
+  if (!use_tensor_cores(p)) {
+    simt_bwd(p, stream);
+  } else if (p.in_dtype == DType::kBFloat16) {
+    dispatch_head_dim<__nv_bfloat16>(p, stream);
+  } else {
+    dispatch_head_dim<__half>(p, stream);
+  }
+}
+
+}  // namespace ring_ext::cuda
