@@ -7,12 +7,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
-extern "C" {
 // Importing ring_ext._C loads this library, which runs the registrations below.
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
-}
 }
 
 TORCH_LIBRARY(ring_ext, m) {
@@ -22,10 +20,11 @@ TORCH_LIBRARY(ring_ext, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal, int q_offset=0, int k_offset=0, "
       "bool out_fp32=False) -> (Tensor out, Tensor lse)");
-  // Gradients of fwd, given the final out and lse of each row. Returns q/k/v's dtype.
+  // Gradients of fwd, given the final out and lse of each row (and the gradient of lse, if any).
+  // Returns q/k/v's dtype.
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, bool causal, "
-      "int q_offset=0, int k_offset=0) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "int q_offset=0, int k_offset=0, Tensor? dlse=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   // The ring's backward step: adds this block pair's gradients into float32 accumulators.
   // delta = rowsum(dout * out) of the final out, float32 [batch, heads_q, seq_q].
   m.def(

@@ -1,0 +1,218 @@
+// ATen glue shared by every backend (see block_ops.h). Checks name the argument and the rule.
+#include "block_ops.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+
+namespace ring_ext {
+namespace {
+
+DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kHalf:
+      return DType::kFloat16;
+    default:
+      TORCH_CHECK(false, "ring_ext: ", name, " must be float32, bfloat16 or float16, got ",
+                  t.scalar_type());
+  }
+}
+
+Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+RowStrides row_strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
+
+// Kernels read head_dim with stride 1; anything else is copied once, here.
+at::Tensor dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+void check_4d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "ring_ext: ", name, " must be 4-D [batch, seq, heads, head_dim], got ",
+              t.dim(), "-D");
+}
+
+// q [b, sq, hq, d]; k, v [b, sk, hkv, d]; same dtype and device.
+Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_4d(q, "q");
+  check_4d(k, "k");
+  check_4d(v, "v");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "ring_ext: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+              ", ", v.scalar_type());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
+              "ring_ext: q, k, v must be on one device, got ", q.device(), ", ", k.device(), ", ",
+              v.device());
+  TORCH_CHECK(k.sizes() == v.sizes(), "ring_ext: k and v must have the same shape, got ",
+              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0), "ring_ext: k must have batch ", q.size(0), " like q, got ",
+              k.size(0));
+  TORCH_CHECK(k.size(3) == q.size(3), "ring_ext: k must have head_dim ", q.size(3),
+              " like q, got ", k.size(3));
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256, "ring_ext: head_dim must be in [1, 256], got ",
+              q.size(3));
+  TORCH_CHECK(k.size(2) >= 1 && q.size(2) % k.size(2) == 0,
+              "ring_ext: kv heads must divide q heads (GQA/MQA), got q heads ", q.size(2),
+              " and kv heads ", k.size(2));
+  dtype_of(q, "q");
+  return {q.size(0), q.size(2), k.size(2), q.size(1), k.size(1), q.size(3)};
+}
+
+void check_rows(const at::Tensor& t, const char* name, const Shape& s, const at::Tensor& q) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "ring_ext: ", name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == q.device(), "ring_ext: ", name, " must be on ", q.device(), ", got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == s.batch && t.size(1) == s.heads_q &&
+                  t.size(2) == s.seq_q,
+              "ring_ext: ", name, " must have shape [", s.batch, ", ", s.heads_q, ", ", s.seq_q,
+              "], got ", t.sizes());
+}
+
+at::Tensor seq_contiguous(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name,
+                bool same_dtype) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), "ring_ext: ", name, " must have the shape of ", ref_name,
+              " ", ref.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.device() == ref.device(), "ring_ext: ", name, " must be on ", ref.device(),
+              ", got ", t.device());
+  TORCH_CHECK(!same_dtype || t.scalar_type() == ref.scalar_type(), "ring_ext: ", name,
+              " must have dtype ", ref.scalar_type(), ", got ", t.scalar_type());
+}
+
+void check_accumulator(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  check_like(t, name, ref, ref_name, /*same_dtype=*/false);
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.stride(-1) == 1, "ring_ext: ", name,
+              " must be a float32 accumulator with contiguous head_dim, got ", t.scalar_type());
+}
+
+Mask mask_of(bool causal, int64_t q_offset, int64_t k_offset) {
+  return {causal ? MaskKind::kCausal : MaskKind::kNone, q_offset, k_offset};
+}
+
+}  // namespace
+
+at::Tensor row_delta(const at::Tensor& dout, const at::Tensor& out) {
+  // [b, s, h, d] -> [b, s, h] -> [b, h, s]
+  return (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).transpose(1, 2).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const at::Tensor& q_in,
+                                             const at::Tensor& k_in, const at::Tensor& v_in,
+                                             double scale, bool causal, int64_t q_offset,
+                                             int64_t k_offset, bool out_fp32) {
+  const Shape shape = check_qkv(q_in, k_in, v_in);
+  c10::DeviceGuard guard(q_in.device());
+  const at::Tensor q = dim_contiguous(q_in), k = dim_contiguous(k_in), v = dim_contiguous(v_in);
+  at::Tensor out = at::empty_like(q, out_fp32 ? at::kFloat : q.scalar_type());
+  at::Tensor lse = at::empty({shape.batch, shape.heads_q, shape.seq_q}, q.options().dtype(at::kFloat));
+  FwdParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_stride = strides_of(q);
+  p.k_stride = strides_of(k);
+  p.v_stride = strides_of(v);
+  p.out_stride = strides_of(out);
+  p.lse_stride = row_strides_of(lse);
+  p.shape = shape;
+  p.in_dtype = dtype_of(q, "q");
+  p.out_dtype = dtype_of(out, "out");
+  p.scale = static_cast<float>(scale);
+  p.mask = mask_of(causal, q_offset, k_offset);
+  if (shape.batch * shape.heads_q * shape.seq_q > 0) kernels.fwd(p);
+  return {out, lse};
+}
+
+void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout_in, const at::Tensor& q_in,
+                   const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& lse_in,
+                   const at::Tensor& delta_in, double scale, bool causal, int64_t q_offset,
+                   int64_t k_offset, const at::Tensor& dq, const at::Tensor& dk,
+                   const at::Tensor& dv) {
+  const Shape shape = check_qkv(q_in, k_in, v_in);
+  check_like(dout_in, "dout", q_in, "q", /*same_dtype=*/true);
+  check_rows(lse_in, "lse", shape, q_in);
+  check_rows(delta_in, "delta", shape, q_in);
+  check_accumulator(dq, "dq", q_in, "q");
+  check_accumulator(dk, "dk", k_in, "k");
+  check_accumulator(dv, "dv", v_in, "v");
+  c10::DeviceGuard guard(q_in.device());
+  const at::Tensor q = dim_contiguous(q_in), k = dim_contiguous(k_in), v = dim_contiguous(v_in);
+  const at::Tensor dout = dim_contiguous(dout_in);
+  const at::Tensor lse = seq_contiguous(lse_in), delta = seq_contiguous(delta_in);
+  BwdParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.dout = dout.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr<float>();
+  p.dk = dk.data_ptr<float>();
+  p.dv = dv.data_ptr<float>();
+  p.q_stride = strides_of(q);
+  p.k_stride = strides_of(k);
+  p.v_stride = strides_of(v);
+  p.dout_stride = strides_of(dout);
+  p.dq_stride = strides_of(dq);
+  p.dk_stride = strides_of(dk);
+  p.dv_stride = strides_of(dv);
+  p.lse_stride = row_strides_of(lse);
+  p.delta_stride = row_strides_of(delta);
+  p.shape = shape;
+  p.in_dtype = dtype_of(q, "q");
+  p.scale = static_cast<float>(scale);
+  p.mask = mask_of(causal, q_offset, k_offset);
+  if (shape.batch * shape.heads_q * shape.seq_q * shape.seq_k > 0) kernels.bwd(p);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_bwd(
+    const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
+    int64_t q_offset, int64_t k_offset, const std::optional<at::Tensor>& dlse) {
+  check_qkv(q, k, v);
+  check_like(out, "out", q, "q", /*same_dtype=*/false);
+  check_like(dout, "dout", q, "q", /*same_dtype=*/true);
+  c10::DeviceGuard guard(q.device());
+  // Accumulate in float32 with the strides of q/k/v, then round once to the input dtype.
+  at::Tensor dq = at::zeros_like(q, at::kFloat), dk = at::zeros_like(k, at::kFloat),
+             dv = at::zeros_like(v, at::kFloat);
+  // d lse_i / d S_ij = P_ij, so a gradient on lse folds into delta: dS = P * (dP - (delta - dlse)).
+  at::Tensor delta = row_delta(dout, out);
+  if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);
+  block_bwd_acc(kernels, dout, q, k, v, lse, delta, scale, causal, q_offset, k_offset, dq, dk, dv);
+  return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
+}
+
+void block_merge(const BlockKernels& kernels, const at::Tensor& out, const at::Tensor& lse,
+                 const at::Tensor& block_out, const at::Tensor& block_lse) {
+  check_4d(out, "out");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.stride(-1) == 1,
+              "ring_ext: merge_ out must be a float32 accumulator with contiguous head_dim");
+  check_like(block_out, "block_out", out, "out", /*same_dtype=*/false);
+  const Shape shape{out.size(0), out.size(2), out.size(2), out.size(1), 0, out.size(3)};
+  check_rows(lse, "lse", shape, out);
+  check_rows(block_lse, "block_lse", shape, out);
+  TORCH_CHECK(lse.stride(2) == 1, "ring_ext: merge_ lse must be contiguous along seq");
+  c10::DeviceGuard guard(out.device());
+  const at::Tensor bo = dim_contiguous(block_out), bl = seq_contiguous(block_lse);
+  MergeParams p;
+  p.out = out.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  p.block_out = bo.data_ptr();
+  p.block_lse = bl.data_ptr<float>();
+  p.out_stride = strides_of(out);
+  p.block_out_stride = strides_of(bo);
+  p.lse_stride = row_strides_of(lse);
+  p.block_lse_stride = row_strides_of(bl);
+  p.shape = shape;
+  p.block_dtype = dtype_of(bo, "block_out");
+  if (out.numel() > 0) kernels.merge(p);
+}
+
+}  // namespace ring_ext

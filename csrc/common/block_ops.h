@@ -1,0 +1,72 @@
+// ATen glue shared by every backend: argument checks, output allocation, tensor -> params.
+// A backend supplies only its three kernel launchers (BlockKernels); ops_cpu.cpp and ops_cuda.cpp
+// register these functions under their dispatch key.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "params.h"
+
+namespace ring_ext {
+
+struct BlockKernels {
+  void (*fwd)(const FwdParams&);
+  void (*bwd)(const BwdParams&);
+  void (*merge)(const MergeParams&);
+};
+
+std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const at::Tensor& q,
+                                             const at::Tensor& k, const at::Tensor& v, double scale,
+                                             bool causal, int64_t q_offset, int64_t k_offset,
+                                             bool out_fp32);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_bwd(
+    const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
+    int64_t q_offset, int64_t k_offset, const std::optional<at::Tensor>& dlse);
+
+void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q,
+                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                   const at::Tensor& delta, double scale, bool causal, int64_t q_offset,
+                   int64_t k_offset, const at::Tensor& dq, const at::Tensor& dk,
+                   const at::Tensor& dv);
+
+void block_merge(const BlockKernels& kernels, const at::Tensor& out, const at::Tensor& lse,
+                 const at::Tensor& block_out, const at::Tensor& block_lse);
+
+// delta = rowsum(dout * out) in float32, [batch, heads, seq] contiguous.
+at::Tensor row_delta(const at::Tensor& dout, const at::Tensor& out);
+
+// Registers fwd, bwd, bwd_acc and merge_ for one backend inside its TORCH_LIBRARY_IMPL block.
+// Backend::kKernels is that backend's BlockKernels.
+template <typename Backend>
+void register_block_ops(torch::Library& m) {
+  using at::Tensor;
+  m.impl("fwd", [](const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool causal,
+                   int64_t q_offset, int64_t k_offset, bool out_fp32) {
+    return block_fwd(Backend::kKernels, q, k, v, scale, causal, q_offset, k_offset, out_fp32);
+  });
+  m.impl("bwd", [](const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                   const Tensor& out, const Tensor& lse, double scale, bool causal,
+                   int64_t q_offset, int64_t k_offset, const std::optional<Tensor>& dlse) {
+    return block_bwd(Backend::kKernels, dout, q, k, v, out, lse, scale, causal, q_offset,
+                     k_offset, dlse);
+  });
+  m.impl("bwd_acc", [](const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                       const Tensor& lse, const Tensor& delta, double scale, bool causal,
+                       int64_t q_offset, int64_t k_offset, const Tensor& dq, const Tensor& dk,
+                       const Tensor& dv) {
+    block_bwd_acc(Backend::kKernels, dout, q, k, v, lse, delta, scale, causal, q_offset, k_offset,
+                  dq, dk, dv);
+  });
+  m.impl("merge_", [](const Tensor& out, const Tensor& lse, const Tensor& block_out,
+                      const Tensor& block_lse) {
+    block_merge(Backend::kKernels, out, lse, block_out, block_lse);
+  });
+}
+
+}  // namespace ring_ext

@@ -1,0 +1,61 @@
+// Picks the kernels' instruction set once, from what this CPU supports. Each kernels_<isa>.cpp
+// compiles flash_impl.h into namespace ring_ext::cpu::<isa>.
+#include "kernels.h"
+
+namespace ring_ext::cpu {
+
+#define RING_EXT_DECLARE_ISA(isa)                                 \
+  namespace isa {                                                 \
+  void flash_fwd(const FwdParams& p, ParallelFor parallel_for);   \
+  void flash_bwd(const BwdParams& p, ParallelFor parallel_for);   \
+  void lse_merge(const MergeParams& p, ParallelFor parallel_for); \
+  }
+RING_EXT_DECLARE_ISA(avx512)
+RING_EXT_DECLARE_ISA(avx2)
+RING_EXT_DECLARE_ISA(baseline)
+#undef RING_EXT_DECLARE_ISA
+
+namespace {
+
+enum class Isa { kAvx512, kAvx2, kBaseline };
+
+Isa detect() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bf16"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  return Isa::kBaseline;
+}
+
+const Isa kIsa = detect();
+
+}  // namespace
+
+const char* isa() {
+  switch (kIsa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
+}
+
+#define RING_EXT_DISPATCH(fn, ...)     \
+  switch (kIsa) {                      \
+    case Isa::kAvx512:                 \
+      return avx512::fn(__VA_ARGS__);  \
+    case Isa::kAvx2:                   \
+      return avx2::fn(__VA_ARGS__);    \
+    default:                           \
+      return baseline::fn(__VA_ARGS__); \
+  }
+
+void flash_fwd(const FwdParams& p, ParallelFor pf) { RING_EXT_DISPATCH(flash_fwd, p, pf) }
+void flash_bwd(const BwdParams& p, ParallelFor pf) { RING_EXT_DISPATCH(flash_bwd, p, pf) }
+void lse_merge(const MergeParams& p, ParallelFor pf) { RING_EXT_DISPATCH(lse_merge, p, pf) }
+
+}  // namespace ring_ext::cpu

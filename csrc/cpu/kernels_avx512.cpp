@@ -1,0 +1,17 @@
+// The CPU kernels compiled for the avx512 instruction set (dispatch.cpp picks one at run time).
+// Every shared header comes before the target pragma, so only code in namespace
+// ring_ext::cpu::avx512 is compiled for this target (no inline function differs between builds).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "../common/lse_math.h"
+#include "convert.h"
+#include "kernels.h"
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,bmi2")
+#define RING_EXT_CPU_ISA avx512
+#include "flash_impl.h"

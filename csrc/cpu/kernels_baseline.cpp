@@ -1,0 +1,17 @@
+// The CPU kernels compiled for the baseline instruction set (dispatch.cpp picks one at run time).
+// Every shared header comes before the target pragma, so only code in namespace
+// ring_ext::cpu::baseline is compiled for this target (no inline function differs between builds).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "../common/lse_math.h"
+#include "convert.h"
+#include "kernels.h"
+
+// baseline x86-64: no target pragma
+#define RING_EXT_CPU_ISA baseline
+#include "flash_impl.h"

@@ -1,0 +1,26 @@
+"""ring_ext: context-parallel attention (ring, double ring, Ulysses, hybrid) for PyTorch.
+
+Importing the package loads the C++ library, which registers the torch.ops.ring_ext operators.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops  # noqa: F401  (fake kernels and autograd of the block ops)
+from .attention import attention
+
+__all__ = ["attention", "build_info"]
+
+
+def build_info() -> dict:
+    """What this installation was built with: {'cuda', 'cuda_archs', 'torch_version', ...}."""
+    from . import _build_info
+
+    cuda_registered = torch._C._dispatch_has_kernel_for_dispatch_key("ring_ext::fwd", "CUDA")
+    return {
+        "cuda": bool(_build_info.CUDA and cuda_registered),
+        "cuda_archs": list(_build_info.CUDA_ARCHS),
+        "torch_version": torch.__version__,
+        "built_with_torch": _build_info.BUILT_WITH_TORCH,
+    }

@@ -1,0 +1,59 @@
+"""The four public layouts as views of the kernels' [batch, seq, heads, head_dim] shape (no copies).
+
+    bshd  [b, s, h, d]
+    sbhd  [s, b, h, d]
+    bnsd  [b, h, s, d]      (--megatron-cp-in-bnsd)
+    sbh   [s, b, h * d]     (MindSpeed's default; needs num_heads for q)
+"""
+
+from __future__ import annotations
+
+import torch
+
+LAYOUTS = ("bshd", "sbhd", "bnsd", "sbh")
+
+# Which dim of each layout holds the sequence.
+SEQ_DIM = {"bshd": 1, "sbhd": 0, "bnsd": 2, "sbh": 0}
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def head_dim_of(q: torch.Tensor, layout: str, num_heads: int | None) -> int:
+    """head_dim from q; for sbh it is hidden / num_heads."""
+    if layout != "sbh":
+        return q.shape[-1]
+    if num_heads is None:
+        raise ValueError("num_heads is required with layout 'sbh' ([s, b, heads * head_dim])")
+    if num_heads < 1 or q.shape[-1] % num_heads != 0:
+        raise ValueError(f"num_heads must divide q's hidden size {q.shape[-1]}, got num_heads={num_heads}")
+    return q.shape[-1] // num_heads
+
+
+def to_bshd(t: torch.Tensor, layout: str, head_dim: int) -> torch.Tensor:
+    """A [b, s, h, d] view of t."""
+    expected = 3 if layout == "sbh" else 4
+    if t.dim() != expected:
+        raise ValueError(f"layout {layout!r} expects {expected}-D tensors, got shape {tuple(t.shape)}")
+    if layout == "bshd":
+        return t
+    if layout == "sbhd":
+        return t.permute(1, 0, 2, 3)  # [s, b, h, d] -> [b, s, h, d]
+    if layout == "bnsd":
+        return t.permute(0, 2, 1, 3)  # [b, h, s, d] -> [b, s, h, d]
+    if t.shape[-1] % head_dim != 0:
+        raise ValueError(f"sbh hidden size {t.shape[-1]} is not a multiple of head_dim {head_dim}")
+    return t.unflatten(-1, (-1, head_dim)).permute(1, 0, 2, 3)  # [s, b, h*d] -> [b, s, h, d]
+
+
+def from_bshd(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """Inverse of to_bshd: a [b, s, h, d] tensor viewed in layout."""
+    if layout == "bshd":
+        return t
+    if layout == "sbhd":
+        return t.permute(1, 0, 2, 3)  # [b, s, h, d] -> [s, b, h, d]
+    if layout == "bnsd":
+        return t.permute(0, 2, 1, 3)  # [b, s, h, d] -> [b, h, s, d]
+    return t.permute(1, 0, 2, 3).flatten(-2)  # [b, s, h, d] -> [s, b, h*d]

@@ -1,0 +1,62 @@
+"""Fake (meta) kernels and autograd for the torch.ops.ring_ext block operators.
+
+The schemas live in csrc/ops.cpp; the CPU and CUDA kernels in csrc/cpu and csrc/cuda. This file adds
+only what Python must: shapes for tracing (torch.compile, opcheck) and the backward formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library that defines the ring_ext ops)
+
+
+def _dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # The kernels copy a tensor whose head_dim is strided (block_ops.cpp); the fake mirrors it.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _row_stats(q: torch.Tensor) -> torch.Tensor:
+    b, s, h, _ = q.shape
+    return q.new_empty((b, h, s), dtype=torch.float32)
+
+
+@torch.library.register_fake("ring_ext::fwd")
+def _fwd_fake(q, k, v, scale, causal, q_offset=0, k_offset=0, out_fp32=False):
+    q = _dim_contiguous(q)
+    out = torch.empty_like(q, dtype=torch.float32 if out_fp32 else q.dtype)
+    return out, _row_stats(q)
+
+
+@torch.library.register_fake("ring_ext::bwd")
+def _bwd_fake(dout, q, k, v, out, lse, scale, causal, q_offset=0, k_offset=0, dlse=None):
+    return tuple(torch.empty_like(t, dtype=q.dtype) for t in (q, k, v))
+
+
+@torch.library.register_fake("ring_ext::bwd_acc")
+def _bwd_acc_fake(dout, q, k, v, lse, delta, scale, causal, q_offset, k_offset, dq, dk, dv):
+    return None
+
+
+@torch.library.register_fake("ring_ext::merge_")
+def _merge_fake(out, lse, block_out, block_lse):
+    return None
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, scale, causal, q_offset, k_offset, _out_fp32 = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.causal, ctx.q_offset, ctx.k_offset = scale, causal, q_offset, k_offset
+
+
+def _fwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.ring_ext.bwd(
+        dout.to(q.dtype), q, k, v, out, lse, ctx.scale, ctx.causal, ctx.q_offset, ctx.k_offset, dlse
+    )
+    # One slot per input of fwd: q, k, v, scale, causal, q_offset, k_offset, out_fp32.
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("ring_ext::fwd", _fwd_backward, setup_context=_fwd_setup_context)

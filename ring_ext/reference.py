@@ -1,0 +1,43 @@
+"""Float64 reference implementations: the oracle every kernel and algorithm is tested against.
+
+Plain PyTorch, O(s^2) memory, [batch, seq, heads, head_dim] tensors; mirrors csrc/common/lse_math.h.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def visible(seq_q: int, seq_k: int, causal: bool, q_offset: int = 0, k_offset: int = 0, device=None):
+    """[seq_q, seq_k] bool: key j is visible to row i (causal: k_offset + j <= q_offset + i)."""
+    if not causal:
+        return torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
+    i = torch.arange(seq_q, device=device)[:, None] + q_offset
+    j = torch.arange(seq_k, device=device)[None, :] + k_offset
+    return j <= i
+
+
+def attention_reference(q, k, v, *, causal: bool, scale: float | None = None, q_offset: int = 0,
+                        k_offset: int = 0):
+    """(out, lse) in float64. q [b, sq, hq, d]; k, v [b, sk, hkv, d]; lse [b, hq, sq], -inf if no key."""
+    q, k, v = (t.double() for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    group = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(group, dim=2)  # [b, sk, hq, d]: fine for an oracle
+    v = v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    s = s.masked_fill(~visible(q.shape[1], k.shape[1], causal, q_offset, k_offset, q.device), -math.inf)
+    lse = torch.logsumexp(s, dim=-1)  # [b, hq, sq]
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with no key: 0
+    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    return out, lse
+
+
+def merge_reference(o1, l1, o2, l2):
+    """Merge two partials over disjoint keys. o [b, s, h, d], l [b, h, s]; -inf rows stay (0, -inf)."""
+    lse = torch.logaddexp(l1, l2)  # -inf with -inf gives -inf
+    w1 = torch.exp(l1 - lse).nan_to_num(0.0).transpose(1, 2)[..., None]  # [b, s, h, 1]
+    w2 = torch.exp(l2 - lse).nan_to_num(0.0).transpose(1, 2)[..., None]
+    return w1 * o1 + w2 * o2, lse

@@ -1,0 +1,96 @@
+"""Builds ring_ext._C against the installed torch (use `pip install --no-build-isolation .`).
+
+Environment (read here and nowhere else at build time):
+  RING_EXT_CUDA           auto (default) | 0 | 1. auto builds the CUDA part when the installed torch is a
+                          CUDA build and nvcc is found; 1 forces it and fails without nvcc; 0 skips it.
+                          Never decided from torch.cuda.is_available(): build boxes often have no GPU.
+  TORCH_CUDA_ARCH_LIST    CUDA archs, default "8.0;9.0a".
+  RING_EXT_PTXAS_VERBOSE  1 prints ptxas register/spill reports for every kernel.
+  MAX_JOBS                parallel compile jobs (ninja), honoured by torch's BuildExtension.
+  CUDA_HOME               the CUDA toolkit, e.g. /usr/local/cuda.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0a"
+
+
+def want_cuda() -> bool:
+    mode = os.environ.get("RING_EXT_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"RING_EXT_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False
+    nvcc_found = cpp_extension.CUDA_HOME is not None and os.path.exists(
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    )
+    torch_has_cuda = torch.version.cuda is not None
+    if mode == "1":
+        if not nvcc_found:
+            sys.exit("RING_EXT_CUDA=1 but nvcc was not found: set CUDA_HOME to the CUDA toolkit")
+        if not torch_has_cuda:
+            sys.exit(f"RING_EXT_CUDA=1 but the installed torch {torch.__version__} is a CPU build")
+        return True
+    return nvcc_found and torch_has_cuda
+
+
+def pip_cuda_includes() -> list:
+    """Headers of the pip CUDA wheels (cuBLAS, cuSPARSE, ...) that torch's CUDA headers include."""
+    found = []
+    for path in sys.path:
+        found += glob.glob(os.path.join(path, "nvidia", "cu*", "include"))
+        found += glob.glob(os.path.join(path, "nvidia", "*", "include"))
+    return sorted({p for p in found if os.path.isdir(p)})
+
+
+def arch_flags(archs: list) -> list:
+    flags = []
+    for arch in archs:
+        num = arch.replace(".", "")
+        flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    return flags
+
+
+def write_build_info(cuda: bool, archs: list) -> None:
+    with open(os.path.join(ROOT, "ring_ext", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write(f"CUDA = {cuda!r}\nCUDA_ARCHS = {archs!r}\nBUILT_WITH_TORCH = {torch.__version__!r}\n")
+
+
+def extension():
+    cuda = want_cuda()
+    archs = [a for a in os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS).replace(" ", ";").split(";") if a]
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources += sorted(glob.glob("csrc/ring/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    args = {"cxx": cxx}
+    kwargs = {}
+    if cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc += arch_flags(archs)
+        if os.environ.get("RING_EXT_PTXAS_VERBOSE") == "1":
+            nvcc.append("-Xptxas=-v")
+        args["nvcc"] = nvcc
+        args["cxx"] = cxx + ["-DRING_EXT_WITH_CUDA"]
+        kwargs["include_dirs"] = pip_cuda_includes()  # our -gencode flags replace torch's own
+    write_build_info(cuda, archs if cuda else [])
+    make = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
+    return make("ring_ext._C", sources, extra_compile_args=args, py_limited_api=False, **kwargs)
+
+
+if shutil.which("ninja") is None:
+    print("ring_ext: ninja not found, falling back to a slower serial build", file=sys.stderr)
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+)
