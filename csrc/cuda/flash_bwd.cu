@@ -4,7 +4,8 @@
 // One CTA owns kBlockN keys of one (batch, kv head) and walks every (q head of its GQA group,
 // q block of kBlockM rows) that can see them; dK and dV stay in registers for the whole walk.
 //
-//   smem: K, V [kBlockN x D]   Q, dO [kBlockM x D]   P^T, dS^T [kBlockN x kBlockM]   lse, delta [kBlockM]
+//   smem: K, V [kBlockN x D]   Q, dO [kBlockM x D]   P^T, dS^T [kBlockN x kBlockM]   lse, delta
+//   [kBlockM]
 //
 //   step 1  S^T = K Q^T, dP^T = V dO^T         warps tile [kBlockN x kBlockM] in 16-key strips
 //           P^T = exp(scale S^T - lse), dS^T = P^T * (dP^T - delta)   -> smem (16-bit)
@@ -81,7 +82,8 @@ __device__ __forceinline__ Smem carve_smem(unsigned char* raw) {
   return s;
 }
 
-// Starts loading Q, dO (cp.async) and lse, delta (plain loads) of q head h, rows [m0, m0 + kBlockM).
+// Starts loading Q, dO (cp.async) and lse, delta (plain loads) of q head h, rows [m0, m0 +
+// kBlockM).
 template <typename Cfg, typename T>
 __device__ __forceinline__ void load_q_block(const BwdParams& p, const Smem& s, int h, int m0) {
   const int b = blockIdx.z, seq_q = static_cast<int>(p.shape.seq_q);
@@ -122,8 +124,7 @@ __device__ __forceinline__ void probs_and_grads(const Smem& s, int n0, int m0, i
   warp_gemm<false, false, 1, NT, D, typename Cfg::KTile, typename Cfg::QTile>(
       dpt, static_cast<const T*>(s.v), key0, static_cast<const T*>(s.dout), col0);
   // Masking is needed when a key of the strip is past the end or past the first row's limit.
-  const bool masked =
-      n0 + key0 + 15 >= seq_k || n0 + key0 + 15 > m0 + col0 + diff;
+  const bool masked = n0 + key0 + 15 >= seq_k || n0 + key0 + 15 > m0 + col0 + diff;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll

@@ -8,15 +8,16 @@
 //        regs:  S = Q K^T  per warp 16 x kBlockN       O per warp 16 x D  (float32)
 //
 //   iteration j:   wait K_j | issue V_j load | S = Q K_j^T | mask, online softmax, rescale O
-//                  wait V_j | issue K_{j+1} load | O += P V_j        (P packed from S, never in smem)
+//                  wait V_j | issue K_{j+1} load | O += P V_j        (P packed from S, never in
+//                  smem)
 //
 // K_{j+1} streams in during P V_j and V_j during Q K_j^T (FlashAttention-2 order), with a single
-// buffer each: the barrier after a wait also proves every warp is done with the buffer reloaded next.
-// Head dims are bucketed to D in {64, 128, 256}; dims >= head_dim are zero-filled in smem and never
-// stored. Keys and rows past the sequence end are zero-filled and masked (keys) or not stored (rows).
-// The online softmax runs in log2 units (scores * scale * log2 e); a row that has seen no visible key
-// keeps max = -inf and uses 0 as its exponent base, so it stays at l = 0, O = 0 and ends with
-// out = 0, lse = -inf.
+// buffer each: the barrier after a wait also proves every warp is done with the buffer reloaded
+// next. Head dims are bucketed to D in {64, 128, 256}; dims >= head_dim are zero-filled in smem and
+// never stored. Keys and rows past the sequence end are zero-filled and masked (keys) or not stored
+// (rows). The online softmax runs in log2 units (scores * scale * log2 e); a row that has seen no
+// visible key keeps max = -inf and uses 0 as its exponent base, so it stays at l = 0, O = 0 and
+// ends with out = 0, lse = -inf.
 #include <cmath>
 
 #include "kernels.h"
@@ -49,7 +50,7 @@ struct FwdConfig {
 // Per-thread running softmax state of its two rows (g and g + 8 of the warp's 16).
 struct RowState {
   float max[2] = {-INFINITY, -INFINITY};  // log2 units
-  float sum[2] = {0.0f, 0.0f};            // this thread's partial sum; summed over the quad at the end
+  float sum[2] = {0.0f, 0.0f};  // this thread's partial sum; summed over the quad at the end
 };
 
 // s (raw scores of a 16 x kBlockN warp tile) -> probabilities relative to the updated row max;
@@ -121,7 +122,8 @@ __device__ __forceinline__ void store_out(const FwdParams& p, float (&o)[NO][4],
       if (dt * 8 >= head_dim) break;
       const float x0 = o[dt][2 * r] * inv, x1 = o[dt][2 * r + 1] * inv;
       if (p.out_dtype == DType::kFloat32) {
-        *reinterpret_cast<float2*>(static_cast<float*>(p.out) + base + dt * 8) = make_float2(x0, x1);
+        *reinterpret_cast<float2*>(static_cast<float*>(p.out) + base + dt * 8) =
+            make_float2(x0, x1);
       } else {
         *reinterpret_cast<uint32_t*>(static_cast<T*>(p.out) + base + dt * 8) =
             MmaType<T>::pack(x0, x1);

@@ -1,12 +1,13 @@
 // Launchers of the CUDA kernels, callable from torch-free and ATen code alike.
 // Each launcher picks the tensor-core path (bf16/fp16, head_dim <= 256 and a multiple of 8, 16-byte
 // aligned rows) or the SIMT fallback (float32, odd alignments), and throws std::runtime_error on a
-// launch failure or unsupported input. All work is queued on `stream`; nothing synchronises the host.
+// launch failure or unsupported input. All work is queued on `stream`; nothing synchronises the
+// host.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
-#include "common/params.h"
+#include "../common/params.h"
 
 namespace ring_ext::cuda {
 

@@ -8,7 +8,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "common/params.h"
+#include "../common/params.h"
 
 namespace ring_ext::cuda {
 
@@ -57,8 +57,8 @@ inline void check_shape(const Shape& s) {
 }
 
 // Causal offset difference q_offset - k_offset, clamped to [-2^30, 2^30]: with rows and keys
-// below 2^30 (check_shape) `key <= row + diff` then never overflows an int and keeps its truth value.
-// Without a causal mask every key is visible, which the upper clamp value expresses.
+// below 2^30 (check_shape) `key <= row + diff` then never overflows an int and keeps its truth
+// value. Without a causal mask every key is visible, which the upper clamp value expresses.
 inline int causal_diff(const Mask& m) {
   constexpr int64_t kLim = int64_t{1} << 30;
   if (m.kind != MaskKind::kCausal) return static_cast<int>(kLim);

@@ -7,7 +7,7 @@
 // memory-bound; rows with both LSEs -inf stay (out = 0, lse = -inf).
 #include <cmath>
 
-#include "common/lse_math.h"
+#include "../common/lse_math.h"
 #include "kernels.h"
 #include "launch.cuh"
 #include "mma.cuh"
@@ -27,7 +27,8 @@ __global__ void lse_merge_kernel(const MergeParams p) {
   const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
   if (row >= p.shape.seq_q) return;
   float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + row;
-  const float block_lse = p.block_lse[b * p.block_lse_stride.batch + h * p.block_lse_stride.head + row];
+  const float block_lse =
+      p.block_lse[b * p.block_lse_stride.batch + h * p.block_lse_stride.head + row];
   const MergeWeights w = merge_weights(*lse, block_lse);
   float* out = p.out + b * p.out_stride.batch + h * p.out_stride.head + row * p.out_stride.seq;
   const T* block_out = static_cast<const T*>(p.block_out) + b * p.block_out_stride.batch +

@@ -1,19 +1,21 @@
-// Warp-level building blocks of the tensor-core kernels: cp.async tile loads, swizzled shared-memory
-// tiles, ldmatrix, mma.sync m16n8k16 (bf16/fp16 in, float32 accumulate) and one generic warp GEMM.
+// Warp-level building blocks of the tensor-core kernels: cp.async tile loads, swizzled
+// shared-memory tiles, ldmatrix, mma.sync m16n8k16 (bf16/fp16 in, float32 accumulate) and one
+// generic warp GEMM.
 //
 // Note [mma.sync m16n8k16 fragments]
 // lane = 4 * g + t (g = lane / 4 in 0..7, t = lane % 4 in 0..3). Per warp:
-//   A 16x16 (4 regs of 2 halves): a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
-//   B 16x8  (2 regs):             b0 = B[2t..2t+1][g],  b1 = B[2t+8..2t+9][g]
-//   C 16x8  (4 floats):           c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
+//   A 16x16 (4 regs of 2 halves): a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 =
+//   A[g+8][2t+8..] B 16x8  (2 regs):             b0 = B[2t..2t+1][g],  b1 = B[2t+8..2t+9][g] C 16x8
+//   (4 floats):           c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
 // ldmatrix.x4 loads four 8x8 matrices; lane L supplies the address of row L % 8 of matrix L / 8 and
 // receives row g, columns 2t..2t+1 of each (".trans": row 2t..2t+1, column g of the stored matrix).
 // Two lane -> (row, col) address patterns cover every operand we need (see warp_gemm):
 //   P1(L) = (L % 16, (L / 16) * 8)            P2(L) = (L % 8 + (L / 16) * 8, ((L / 8) % 2) * 8)
 //   A stored [m][k]: ldmatrix      at (m0 + P1.row, k0 + P1.col)
 //   A stored [k][m]: ldmatrix.trans at (k0 + P2.row, m0 + P2.col)
-//   B stored [n][k]: ldmatrix      at (n0 + P2.row, k0 + P2.col) -> b0, b1 of n-tile n0, then of n0 + 8
-//   B stored [k][n]: ldmatrix.trans at (k0 + P1.row, n0 + P1.col) -> b0, b1 of n-tile n0, then of n0 + 8
+//   B stored [n][k]: ldmatrix      at (n0 + P2.row, k0 + P2.col) -> b0, b1 of n-tile n0, then of n0
+//   + 8 B stored [k][n]: ldmatrix.trans at (k0 + P1.row, n0 + P1.col) -> b0, b1 of n-tile n0, then
+//   of n0 + 8
 // A C fragment pair (two 16x8 tiles side by side) is an A fragment of the next GEMM once packed to
 // 16-bit: a0 = pack(c0, c1) of tile 0, a1 = pack(c2, c3) of tile 0, a2/a3 the same of tile 1.
 #pragma once
@@ -25,7 +27,8 @@
 
 namespace ring_ext::cuda {
 
-// ---- element types -------------------------------------------------------------------------------
+// ---- element types
+// -------------------------------------------------------------------------------
 
 template <typename T>
 struct MmaType;
@@ -62,7 +65,8 @@ struct MmaType<__half> {
   }
 };
 
-// ---- shared memory --------------------------------------------------------------------------------
+// ---- shared memory
+// --------------------------------------------------------------------------------
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -96,13 +100,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_addr(p)));
 }
 
-// ---- global -> shared copies ---------------------------------------------------------------------
+// ---- global -> shared copies
+// ---------------------------------------------------------------------
 
 // 16-byte asynchronous copy; when !valid the destination is zero-filled and nothing is read.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
-               "l"(gmem), "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(src_bytes));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -131,11 +136,12 @@ __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t ld, in
   }
 }
 
-// ---- warp GEMM -----------------------------------------------------------------------------------
+// ---- warp GEMM
+// -----------------------------------------------------------------------------------
 
-// acc[MT][NT] (a (16 MT) x (8 NT) warp tile) += A[m0 : m0 + 16 MT, 0 : K] * B[0 : K, n0 : n0 + 8 NT].
-// A lives in shared memory as [m][k] (kATrans = false) or [k][m] (true); B as [n][k] (kBTrans =
-// false, e.g. K when computing Q K^T) or [k][n] (true, e.g. V when computing P V).
+// acc[MT][NT] (a (16 MT) x (8 NT) warp tile) += A[m0 : m0 + 16 MT, 0 : K] * B[0 : K, n0 : n0 + 8
+// NT]. A lives in shared memory as [m][k] (kATrans = false) or [k][m] (true); B as [n][k] (kBTrans
+// = false, e.g. K when computing Q K^T) or [k][n] (true, e.g. V when computing P V).
 template <bool kATrans, bool kBTrans, int MT, int NT, int K, typename TileA, typename TileB,
           typename T>
 __device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const T* sA, int m0, const T* sB,
@@ -176,7 +182,8 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const T* sA, 
 }
 
 // acc[NT] (a 16 x 8 NT warp tile) += A * B[0 : K, n0 : n0 + 8 NT], where A (16 x K) is given as the
-// float C fragments of a previous GEMM (c[K / 8][4], i.e. a 16 x K warp tile) and B is stored [k][n].
+// float C fragments of a previous GEMM (c[K / 8][4], i.e. a 16 x K warp tile) and B is stored
+// [k][n].
 template <int NT, int K, typename TileB, typename T>
 __device__ __forceinline__ void warp_gemm_reg_a(float (&acc)[NT][4], const float (&c)[K / 8][4],
                                                 const T* sB, int n0) {
@@ -185,8 +192,8 @@ __device__ __forceinline__ void warp_gemm_reg_a(float (&acc)[NT][4], const float
   const int p1_row = lane % 16, p1_col = (lane / 16) * 8;
 #pragma unroll
   for (int kt = 0; kt < K / 16; ++kt) {
-    const float(&c0)[4] = c[2 * kt];
-    const float(&c1)[4] = c[2 * kt + 1];
+    const float (&c0)[4] = c[2 * kt];
+    const float (&c1)[4] = c[2 * kt + 1];
     const uint32_t a[4] = {MmaType<T>::pack(c0[0], c0[1]), MmaType<T>::pack(c0[2], c0[3]),
                            MmaType<T>::pack(c1[0], c1[1]), MmaType<T>::pack(c1[2], c1[3])};
 #pragma unroll

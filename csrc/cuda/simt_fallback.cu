@@ -3,9 +3,9 @@
 //
 // Note [SIMT fallback tiling]
 // One warp per query row; lane L holds dims L, L + 32, ... (at most kPerLane of them, so
-// head_dim <= 32 * kPerLane). Keys are walked one at a time: a warp-wide shuffle reduction gives the
-// score, and the row keeps an online softmax (forward) or accumulates dq in registers while adding
-// dk/dv with float32 atomics (backward). Simple and exact in float32, not fast.
+// head_dim <= 32 * kPerLane). Keys are walked one at a time: a warp-wide shuffle reduction gives
+// the score, and the row keeps an online softmax (forward) or accumulates dq in registers while
+// adding dk/dv with float32 atomics (backward). Simple and exact in float32, not fast.
 #include <cmath>
 #include <stdexcept>
 #include <type_traits>
@@ -69,8 +69,9 @@ __global__ void simt_fwd_kernel(const FwdParams p, const int diff) {
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
   float q[kPerLane], o[kPerLane] = {};
-  load_row(q, static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head +
-                  row * p.q_stride.seq,
+  load_row(q,
+           static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head +
+               row * p.q_stride.seq,
            head_dim);
   float max = -INFINITY, sum = 0.0f;
   const int last_key = min(static_cast<int>(p.shape.seq_k) - 1, row + diff);
@@ -89,8 +90,8 @@ __global__ void simt_fwd_kernel(const FwdParams p, const int diff) {
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int d = lane + 32 * i;
-    if (d < head_dim) store_value<T>(p.out, out_row + d, sum > 0.0f ? o[i] / sum : 0.0f,
-                                     p.out_dtype);
+    if (d < head_dim)
+      store_value<T>(p.out, out_row + d, sum > 0.0f ? o[i] / sum : 0.0f, p.out_dtype);
   }
   if (lane == 0) {
     p.lse[b * p.lse_stride.batch + h * p.lse_stride.head + row] =
@@ -112,11 +113,13 @@ __global__ void simt_bwd_kernel(const BwdParams p, const int diff) {
   float* dk = p.dk + b * p.dk_stride.batch + hk * p.dk_stride.head;
   float* dv = p.dv + b * p.dv_stride.batch + hk * p.dv_stride.head;
   float q[kPerLane], dout[kPerLane], dq[kPerLane] = {};
-  load_row(q, static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head +
-                  row * p.q_stride.seq,
+  load_row(q,
+           static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head +
+               row * p.q_stride.seq,
            head_dim);
-  load_row(dout, static_cast<const T*>(p.dout) + b * p.dout_stride.batch +
-                     h * p.dout_stride.head + row * p.dout_stride.seq,
+  load_row(dout,
+           static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head +
+               row * p.dout_stride.seq,
            head_dim);
   const int last_key = min(static_cast<int>(p.shape.seq_k) - 1, row + diff);
   for (int j = 0; j <= last_key; ++j) {
