@@ -8,7 +8,6 @@
 // adding dk/dv with float32 atomics (backward). Simple and exact in float32, not fast.
 #include <cmath>
 #include <stdexcept>
-#include <type_traits>
 
 #include "kernels.h"
 #include "launch.cuh"
@@ -23,6 +22,12 @@ constexpr int kRowsPerBlock = 4;
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+__device__ __forceinline__ void from_float(float x, float* out) { *out = x; }
+__device__ __forceinline__ void from_float(float x, __nv_bfloat16* out) {
+  *out = __float2bfloat16(x);
+}
+__device__ __forceinline__ void from_float(float x, __half* out) { *out = __float2half(x); }
 
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
@@ -55,8 +60,8 @@ template <typename T>
 __device__ __forceinline__ void store_value(void* base, int64_t idx, float x, DType dtype) {
   if (dtype == DType::kFloat32) {
     static_cast<float*>(base)[idx] = x;
-  } else if constexpr (!std::is_same_v<T, float>) {
-    static_cast<T*>(base)[idx] = T(x);
+  } else {
+    from_float(x, static_cast<T*>(base) + idx);
   }
 }
 

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# CUDA build check (no GPU needed): builds ring_ext with its CUDA kernels against a CUDA build of torch
+# for sm_80 and sm_90a, prints the ptxas resource report of the kernels, fails on register spills in
+# the flash forward/backward kernels, then imports the package and checks the CUDA registrations.
+#
+# Needs python3 and nvcc (CUDA_HOME, default /usr/local/cuda). Makes .venv-cuda (reused when present)
+# with torch==2.14.1 and builds from a scratch copy of the tree, so the CPU build in the repo is left
+# alone. MAX_JOBS (default 2) bounds the parallel compile jobs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${RING_EXT_CUDA_VENV:-$ROOT/.venv-cuda}
+TORCH_SPEC=torch==2.14.1
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export MAX_JOBS=${MAX_JOBS:-2}
+start=$SECONDS
+
+if [[ ! -x "$CUDA_HOME/bin/nvcc" ]]; then
+  echo "cuda_build_check: nvcc not found under CUDA_HOME=$CUDA_HOME" >&2
+  exit 1
+fi
+if [[ ! -x "$VENV/bin/python" ]]; then
+  python3 -m venv "$VENV"
+  echo '*' >"$VENV/.gitignore"  # keeps the venv out of git without touching the repo's .gitignore
+fi
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null; then
+  "$VENV/bin/pip" install -q "$TORCH_SPEC" ninja pytest numpy
+fi
+echo "cuda_build_check: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)'), $("$CUDA_HOME/bin/nvcc" --version | tail -1)"
+
+# Build from a scratch copy: the in-tree build/ and ring_ext/_build_info.py belong to the CPU build.
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT
+git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$SCRATCH"
+LOG=$SCRATCH/build.log
+build_start=$SECONDS
+if ! (cd "$SCRATCH" && RING_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0a" RING_EXT_PTXAS_VERBOSE=1 \
+  "$VENV/bin/pip" install -v --no-build-isolation . >"$LOG" 2>&1); then
+  grep -E -B2 -A12 'error|Error' "$LOG" | head -150
+  echo "cuda_build_check: build FAILED" >&2
+  exit 1
+fi
+echo "cuda_build_check: CUDA build (sm_80 + sm_90a, MAX_JOBS=$MAX_JOBS) took $((SECONDS - build_start)) s"
+
+# ptxas report: one line per (kernel, arch); spills in the flash kernels fail the check.
+"$VENV/bin/python" - "$LOG" <<'EOF'
+import re
+import subprocess
+import sys
+
+text = open(sys.argv[1], errors="replace").read()
+entries = re.findall(
+    r"Compiling entry function '(\S+)' for '(sm_\w+)'.*?"
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads.*?"
+    r"Used (\d+) registers",
+    text,
+    flags=re.S,
+)
+if not entries:
+    sys.exit("cuda_build_check: no ptxas report found in the build log")
+names = subprocess.run(
+    ["c++filt"], input="\n".join(e[0] for e in entries), capture_output=True, text=True
+).stdout.split("\n")
+bad = []
+print(f"{'kernel':<72} {'arch':<7} {'regs':>4} {'stack':>5} {'spill st/ld':>11}")
+for (mangled, arch, stack, st, ld, regs), name in zip(entries, names, strict=False):
+    name = re.sub(r"ring_ext::cuda::\(anonymous namespace\)::", "", name or mangled)
+    name = re.sub(r"\(ring_ext::\w+, int\)|\(ring_ext::\w+\)", "", name)
+    print(f"{name:<72} {arch:<7} {regs:>4} {stack:>5} {st + '/' + ld:>11}")
+    if ("flash_fwd_kernel" in name or "flash_bwd_kernel" in name) and (int(st) or int(ld)):
+        bad.append(f"{name} {arch}")
+if bad:
+    sys.exit("cuda_build_check: register spills in main kernels: " + ", ".join(bad))
+print("cuda_build_check: no spills in the flash forward/backward kernels")
+EOF
+
+# Import from outside the tree so that the installed package (not the sources) is what loads.
+(cd "$SCRATCH" && mkdir -p empty && cd empty && "$VENV/bin/python" - <<'EOF'
+import torch
+
+import ring_ext
+
+info = ring_ext.build_info()
+print("cuda_build_check: build_info", info)
+assert info["cuda"] is True, info
+assert info["cuda_archs"] == ["8.0", "9.0a"], info
+for op in ("fwd", "bwd", "bwd_acc", "merge_"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ring_ext::{op}", "CUDA"), op
+print("cuda_build_check: CUDA kernels registered for fwd, bwd, bwd_acc, merge_")
+EOF
+)
+# The CUDA tests must be collected and skip cleanly here (no GPU); they run in tools/gpu_check.sh.
+# pytest imports ring_ext from the scratch tree, so give that tree the library just built.
+cp "$SCRATCH"/build/lib*/ring_ext/_C*.so "$SCRATCH/ring_ext/"
+(cd "$SCRATCH" && "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs | tail -3)
+echo "cuda_build_check: OK in $((SECONDS - start)) s"
