@@ -151,7 +151,8 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
   const int b = blockIdx.z, h = blockIdx.y, hk = h / (p.shape.heads_q / p.shape.heads_kv);
   const int seq_q = static_cast<int>(p.shape.seq_q), seq_k = static_cast<int>(p.shape.seq_k);
   const int head_dim = static_cast<int>(p.shape.head_dim);
-  const int m0 = blockIdx.x * kBlockM, warp_row = (threadIdx.x / 32) * 16;
+  // Last row block first: under a causal mask it has the most keys, so the long CTAs start early.
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM, warp_row = (threadIdx.x / 32) * 16;
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
