@@ -222,9 +222,12 @@ void dispatch_head_dim(const FwdParams& p, cudaStream_t stream) {
 }
 
 bool use_tensor_cores(const FwdParams& p) {
-  return p.in_dtype != DType::kFloat32 && tensor_core_dims(p.shape) &&
-         rows_aligned(p.q, p.q_stride) && rows_aligned(p.k, p.k_stride) &&
-         rows_aligned(p.v, p.v_stride) && rows_aligned(p.out, p.out_stride);
+  const Shape& s = p.shape;
+  return p.in_dtype != DType::kFloat32 && tensor_core_dims(s) &&
+         rows_aligned(p.q, p.q_stride, s.batch, s.seq_q, s.heads_q) &&
+         rows_aligned(p.k, p.k_stride, s.batch, s.seq_k, s.heads_kv) &&
+         rows_aligned(p.v, p.v_stride, s.batch, s.seq_k, s.heads_kv) &&
+         rows_aligned(p.out, p.out_stride, s.batch, s.seq_q, s.heads_q);
 }
 
 }  // namespace

@@ -35,9 +35,12 @@ void launch(void (*kernel)(KernelArgs...), const char* name, dim3 grid, int thre
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // cp.async moves 16-byte chunks and the epilogues store pairs, so the tensor-core path needs every
-// row start 16-byte aligned: an aligned base and seq/head/batch strides that are multiples of 8.
-inline bool rows_aligned(const void* ptr, const Strides& s) {
-  return aligned16(ptr) && s.batch % 8 == 0 && s.seq % 8 == 0 && s.head % 8 == 0;
+// row start 16-byte aligned: an aligned base and strides that are multiples of 8 elements (the
+// stride of a dim of size 1 is never used, so it may be anything).
+inline bool rows_aligned(const void* ptr, const Strides& s, int64_t batch, int64_t seq,
+                         int64_t heads) {
+  const auto ok = [](int64_t stride, int64_t size) { return size <= 1 || stride % 8 == 0; };
+  return aligned16(ptr) && ok(s.batch, batch) && ok(s.seq, seq) && ok(s.head, heads);
 }
 
 inline bool tensor_core_dims(const Shape& s) {
