@@ -1,7 +1,7 @@
 """Peak memory and time of blockwise_ffn vs the plain FFN, forward + backward, on CPU.
 
-Each variant runs in a fresh process and reports that process's peak resident memory (VmHWM), so
-allocator caching cannot hide anything. Usage: python benchmarks/bench_ffn.py [--seq 32768]
+Each variant runs in a fresh process and reports its peak resident memory above the start
+(ring_ext.peak_memory), so allocator caching cannot hide anything. Usage: python benchmarks/bench_ffn.py [--seq 32768]
 """
 
 from __future__ import annotations
@@ -10,33 +10,25 @@ import argparse
 import json
 import subprocess
 import sys
-import time
-
-
-def peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def run_variant(seq: int, d_model: int, hidden: int, chunk: int) -> dict:
     import torch
 
     from ring_ext.ffn import blockwise_ffn
+    from ring_ext.peak_memory import PeakRSS, exact_peaks
 
+    exact_peaks()
     torch.manual_seed(0)
     torch.set_num_threads(2)
     mlp = torch.nn.Sequential(
         torch.nn.Linear(d_model, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, d_model)
     )
     x = torch.randn(seq, 1, d_model, requires_grad=True)
-    base = peak_rss_mib()
-    start = time.perf_counter()
-    out = blockwise_ffn(x, mlp, chunk) if chunk else mlp(x)
-    out.square().mean().backward()
-    return {"seconds": time.perf_counter() - start, "peak_mib": peak_rss_mib(), "base_mib": base}
+    with PeakRSS() as m:
+        out = blockwise_ffn(x, mlp, chunk) if chunk else mlp(x)
+        out.square().mean().backward()
+    return {"seconds": m.seconds, "peak_mib": m.peak_mib}
 
 
 def main() -> None:
@@ -69,9 +61,7 @@ def main() -> None:
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         rows = chunk or args.seq
         name = f"blockwise, chunk {chunk}" if chunk else "plain FFN"
-        print(
-            f"| {name} | {r['seconds']:.2f} | {r['peak_mib'] - r['base_mib']:.0f} | {rows * args.hidden * 4 / 2**20:.0f} |"
-        )
+        print(f"| {name} | {r['seconds']:.2f} | {r['peak_mib']:.0f} | {rows * args.hidden * 4 / 2**20:.0f} |")
 
 
 if __name__ == "__main__":
