@@ -12,7 +12,7 @@ BIN    := $(VENV)/bin
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)" ninja pytest numpy expecttest
+	$(BIN)/pip install -q "$(TORCH)" ninja pytest numpy expecttest transformers
 
 install: $(BIN)/activate
 	MAX_JOBS=$(JOBS) $(BIN)/pip install -q --no-build-isolation -e .

@@ -67,7 +67,9 @@ def write_build_info(cuda: bool, archs: list) -> None:
 
 def extension():
     cuda = want_cuda()
-    archs = [a for a in os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS).replace(" ", ";").split(";") if a]
+    archs = [
+        a for a in os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS).replace(" ", ";").split(";") if a
+    ]
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     sources += sorted(glob.glob("csrc/ring/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
@@ -92,5 +94,7 @@ if shutil.which("ninja") is None:
 
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={
+        "build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    },
 )

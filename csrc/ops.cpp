@@ -1,5 +1,6 @@
 // Every schema of the ring_ext namespace, in one place. Kernels are registered per backend in
-// csrc/cpu/ops_cpu.cpp and csrc/cuda/ops_cuda.cpp; fake kernels and autograd live in ring_ext/ops.py.
+// csrc/cpu/ops_cpu.cpp and csrc/cuda/ops_cuda.cpp; fake kernels and autograd live in
+// ring_ext/ops.py.
 //
 // Tensor convention of the block ops: q/out/dout [batch, seq_q, heads_q, head_dim],
 // k/v [batch, seq_k, heads_kv, head_dim], any strides with head_dim contiguous;
@@ -23,13 +24,15 @@ TORCH_LIBRARY(ring_ext, m) {
   // Gradients of fwd, given the final out and lse of each row (and the gradient of lse, if any).
   // Returns q/k/v's dtype.
   m.def(
-      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, bool causal, "
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, bool "
+      "causal, "
       "int q_offset=0, int k_offset=0, Tensor? dlse=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   // The ring's backward step: adds this block pair's gradients into float32 accumulators.
   // delta = rowsum(dout * out) of the final out, float32 [batch, heads_q, seq_q].
   m.def(
       "bwd_acc(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, float scale, "
-      "bool causal, int q_offset, int k_offset, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
+      "bool causal, int q_offset, int k_offset, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> "
+      "()");
   // Folds a partial (block_out, block_lse) into the running float32 (out, lse), in place.
   m.def("merge_(Tensor(a!) out, Tensor(b!) lse, Tensor block_out, Tensor block_lse) -> ()");
 }

@@ -9,8 +9,9 @@ import torch
 
 from . import ops  # noqa: F401  (fake kernels and autograd of the block ops)
 from .attention import attention
+from .ffn import blockwise_ffn
 
-__all__ = ["attention", "build_info"]
+__all__ = ["attention", "blockwise_ffn", "build_info"]
 
 
 def build_info() -> dict:

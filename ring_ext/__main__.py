@@ -49,7 +49,9 @@ def demo(args) -> None:
                 return out
 
             def sdpa():
-                out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal)
+                out = F.scaled_dot_product_attention(
+                    *(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal
+                )
                 out.transpose(1, 2).backward(dout)
                 return out.transpose(1, 2)
 
@@ -57,8 +59,10 @@ def demo(args) -> None:
             err_ours, err_sdpa = _rel(ours().detach(), ref), _rel(sdpa().detach(), ref)
             t_ours, t_sdpa = _time(ours, args.repeats), _time(sdpa, args.repeats)
             mask = "causal" if causal else "full"
-            print(f"| {str(dtype).split('.')[-1]} | {mask} | ({b}, {s}, {h}, {d}) | {t_ours * 1e3:.1f} | "
-                  f"{t_sdpa * 1e3:.1f} | {t_ours / t_sdpa:.2f} | {err_ours:.1e} | {err_sdpa:.1e} |")
+            print(
+                f"| {str(dtype).split('.')[-1]} | {mask} | ({b}, {s}, {h}, {d}) | {t_ours * 1e3:.1f} | "
+                f"{t_sdpa * 1e3:.1f} | {t_ours / t_sdpa:.2f} | {err_ours:.1e} | {err_sdpa:.1e} |"
+            )
 
 
 def main(argv=None) -> None:

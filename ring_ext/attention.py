@@ -19,9 +19,17 @@ def resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
     return scale
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx=None, *, layout: str = "bshd",
-              causal: bool | None = None, softmax_scale: float | None = None,
-              num_heads: int | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ctx=None,
+    *,
+    layout: str = "bshd",
+    causal: bool | None = None,
+    softmax_scale: float | None = None,
+    num_heads: int | None = None,
+) -> torch.Tensor:
     """softmax(scale * q k^T [+ causal mask]) v, in q's layout and dtype.
 
     q, k, v are this rank's shards in `layout` (see ring_ext.layouts); k/v may have fewer heads than q

@@ -1,9 +1,9 @@
 """The four public layouts as views of the kernels' [batch, seq, heads, head_dim] shape (no copies).
 
-    bshd  [b, s, h, d]
-    sbhd  [s, b, h, d]
-    bnsd  [b, h, s, d]      (--megatron-cp-in-bnsd)
-    sbh   [s, b, h * d]     (MindSpeed's default; needs num_heads for q)
+bshd  [b, s, h, d]
+sbhd  [s, b, h, d]
+bnsd  [b, h, s, d]      (--megatron-cp-in-bnsd)
+sbh   [s, b, h * d]     (MindSpeed's default; needs num_heads for q)
 """
 
 from __future__ import annotations

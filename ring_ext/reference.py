@@ -19,8 +19,9 @@ def visible(seq_q: int, seq_k: int, causal: bool, q_offset: int = 0, k_offset: i
     return j <= i
 
 
-def attention_reference(q, k, v, *, causal: bool, scale: float | None = None, q_offset: int = 0,
-                        k_offset: int = 0):
+def attention_reference(
+    q, k, v, *, causal: bool, scale: float | None = None, q_offset: int = 0, k_offset: int = 0
+):
     """(out, lse) in float64. q [b, sq, hq, d]; k, v [b, sk, hkv, d]; lse [b, hq, sq], -inf if no key."""
     q, k, v = (t.double() for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale

@@ -29,8 +29,9 @@ def check_fwd_bwd(q, k, v, *, causal, q_offset=0, k_offset=0, seed=0):
     qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out, lse = torch.ops.ring_ext.fwd(qg, kg, vg, scale, causal, q_offset, k_offset)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = attention_reference(q64, k64, v64, causal=causal, scale=scale,
-                                           q_offset=q_offset, k_offset=k_offset)
+    ref_out, ref_lse = attention_reference(
+        q64, k64, v64, causal=causal, scale=scale, q_offset=q_offset, k_offset=k_offset
+    )
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert_rel_l2(out, ref_out, dtype, "out")
     seen = torch.isfinite(ref_lse)
@@ -48,7 +49,9 @@ def check_fwd_bwd(q, k, v, *, causal, q_offset=0, k_offset=0, seed=0):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 def test_fwd_bwd_dtypes_masks_gqa(dtype, causal, heads):
-    q, k, v = make_qkv(2, 77, 77, heads[0], heads[1], 64, dtype, seed=hash((str(dtype), causal, heads)) % 1000)
+    q, k, v = make_qkv(
+        2, 77, 77, heads[0], heads[1], 64, dtype, seed=hash((str(dtype), causal, heads)) % 1000
+    )
     check_fwd_bwd(q, k, v, causal=causal)
 
 
@@ -65,13 +68,16 @@ def test_head_dims(head_dim):
     check_fwd_bwd(q, k, v, causal=True)
 
 
-@pytest.mark.parametrize("sq,sk,q_offset,k_offset", [
-    (48, 80, 64, 0),    # queries after part of the keys: partly visible
-    (48, 80, 0, 0),     # square-ish top-left causal with more keys than queries
-    (64, 64, 0, 64),    # keys entirely after the queries: every row sees nothing
-    (40, 40, 10, 20),   # the first 10 rows see nothing
-    (33, 129, 200, 0),  # every key visible
-])
+@pytest.mark.parametrize(
+    "sq,sk,q_offset,k_offset",
+    [
+        (48, 80, 64, 0),  # queries after part of the keys: partly visible
+        (48, 80, 0, 0),  # square-ish top-left causal with more keys than queries
+        (64, 64, 0, 64),  # keys entirely after the queries: every row sees nothing
+        (40, 40, 10, 20),  # the first 10 rows see nothing
+        (33, 129, 200, 0),  # every key visible
+    ],
+)
 def test_causal_offsets(sq, sk, q_offset, k_offset):
     q, k, v = make_qkv(2, sq, sk, 2, 1, 48, torch.float32, seed=sq + sk)
     check_fwd_bwd(q, k, v, causal=True, q_offset=q_offset, k_offset=k_offset)
@@ -97,31 +103,49 @@ def test_layouts_through_strides(layout, dtype):
     """ring_ext.attention in every layout equals the oracle, with gradients in the input layout."""
     b, s, hq, hkv, d = 2, 50, 4, 2, 32
     q, k, v = make_qkv(b, s, s, hq, hkv, d, dtype, seed=11)
+
     def to_layout(t):
-        return {"bshd": t, "sbhd": t.transpose(0, 1), "bnsd": t.transpose(1, 2),
-                "sbh": t.transpose(0, 1).flatten(-2)}[layout].contiguous().requires_grad_()
+        return (
+            {
+                "bshd": t,
+                "sbhd": t.transpose(0, 1),
+                "bnsd": t.transpose(1, 2),
+                "sbh": t.transpose(0, 1).flatten(-2),
+            }[layout]
+            .contiguous()
+            .requires_grad_()
+        )
+
     ql, kl, vl = (to_layout(t) for t in (q, k, v))
     out = ring_ext.attention(ql, kl, vl, layout=layout, causal=True, num_heads=hq)
     assert out.shape == ql.shape and out.dtype == dtype
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, _ = attention_reference(q64, k64, v64, causal=True)
-    ref_l = {"bshd": ref, "sbhd": ref.transpose(0, 1), "bnsd": ref.transpose(1, 2),
-             "sbh": ref.transpose(0, 1).flatten(-2)}[layout]
+    ref_l = {
+        "bshd": ref,
+        "sbhd": ref.transpose(0, 1),
+        "bnsd": ref.transpose(1, 2),
+        "sbh": ref.transpose(0, 1).flatten(-2),
+    }[layout]
     assert_rel_l2(out, ref_l, dtype, f"out[{layout}]")
     dout = torch.randn_like(out)
     out.backward(dout)
     ref_l.backward(dout.double())
     for ours, t64 in ((ql, q64), (kl, k64), (vl, v64)):
-        expected = {"bshd": t64.grad, "sbhd": t64.grad.transpose(0, 1), "bnsd": t64.grad.transpose(1, 2),
-                    "sbh": t64.grad.transpose(0, 1).flatten(-2)}[layout]
+        expected = {
+            "bshd": t64.grad,
+            "sbhd": t64.grad.transpose(0, 1),
+            "bnsd": t64.grad.transpose(1, 2),
+            "sbh": t64.grad.transpose(0, 1).flatten(-2),
+        }[layout]
         assert ours.grad.shape == ours.shape
         assert_rel_l2(ours.grad, expected, dtype, f"grad[{layout}]")
 
 
 def test_non_contiguous_inputs():
     """Sliced heads and a strided head_dim (copied once by the glue) still give exact results."""
-    q = torch.randn(2, 40, 6, 32)[:, :, 1:5]   # a slice of the heads: strided batch and seq
-    k = torch.randn(2, 40, 2, 64)[..., ::2]     # head_dim stride 2
+    q = torch.randn(2, 40, 6, 32)[:, :, 1:5]  # a slice of the heads: strided batch and seq
+    k = torch.randn(2, 40, 2, 64)[..., ::2]  # head_dim stride 2
     v = torch.randn(40, 2, 2, 32).transpose(0, 1)  # seq-major memory
     check_fwd_bwd(q, k, v, causal=False)
 
@@ -132,8 +156,8 @@ def test_merge_matches_reference(dtype):
     g = torch.Generator().manual_seed(5)
     o1, o2 = torch.randn(b, s, h, d, generator=g), torch.randn(b, s, h, d, generator=g).to(dtype)
     l1, l2 = torch.randn(b, h, s, generator=g), torch.randn(b, h, s, generator=g)
-    l1[:, :, :5] = -math.inf              # first side saw no key
-    l2[:, :, 3:8] = -math.inf             # second side saw no key; rows 3, 4: neither
+    l1[:, :, :5] = -math.inf  # first side saw no key
+    l2[:, :, 3:8] = -math.inf  # second side saw no key; rows 3, 4: neither
     o1[:, :5] = 0
     o2[:, 3:8] = 0
     ref_o, ref_l = merge_reference(o1.double(), l1.double(), o2.double(), l2.double())
@@ -200,7 +224,8 @@ def test_matches_sdpa():
     for causal in (False, True):
         ours = ring_ext.attention(q, k, v, causal=causal)
         ref = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+        ).transpose(1, 2)
         torch.testing.assert_close(ours, ref, atol=2e-5, rtol=2e-5)
 
 

@@ -44,12 +44,12 @@ Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
               "ring_ext: q, k, v must be on one device, got ", q.device(), ", ", k.device(), ", ",
               v.device());
-  TORCH_CHECK(k.sizes() == v.sizes(), "ring_ext: k and v must have the same shape, got ",
-              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes(), "ring_ext: k and v must have the same shape, got ", k.sizes(),
+              " and ", v.sizes());
   TORCH_CHECK(k.size(0) == q.size(0), "ring_ext: k must have batch ", q.size(0), " like q, got ",
               k.size(0));
-  TORCH_CHECK(k.size(3) == q.size(3), "ring_ext: k must have head_dim ", q.size(3),
-              " like q, got ", k.size(3));
+  TORCH_CHECK(k.size(3) == q.size(3), "ring_ext: k must have head_dim ", q.size(3), " like q, got ",
+              k.size(3));
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256, "ring_ext: head_dim must be in [1, 256], got ",
               q.size(3));
   TORCH_CHECK(k.size(2) >= 1 && q.size(2) % k.size(2) == 0,
@@ -64,10 +64,10 @@ void check_rows(const at::Tensor& t, const char* name, const Shape& s, const at:
               t.scalar_type());
   TORCH_CHECK(t.device() == q.device(), "ring_ext: ", name, " must be on ", q.device(), ", got ",
               t.device());
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == s.batch && t.size(1) == s.heads_q &&
-                  t.size(2) == s.seq_q,
-              "ring_ext: ", name, " must have shape [", s.batch, ", ", s.heads_q, ", ", s.seq_q,
-              "], got ", t.sizes());
+  TORCH_CHECK(
+      t.dim() == 3 && t.size(0) == s.batch && t.size(1) == s.heads_q && t.size(2) == s.seq_q,
+      "ring_ext: ", name, " must have shape [", s.batch, ", ", s.heads_q, ", ", s.seq_q, "], got ",
+      t.sizes());
 }
 
 at::Tensor seq_contiguous(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
@@ -108,7 +108,8 @@ std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const 
   c10::DeviceGuard guard(q_in.device());
   const at::Tensor q = dim_contiguous(q_in), k = dim_contiguous(k_in), v = dim_contiguous(v_in);
   at::Tensor out = at::empty_like(q, out_fp32 ? at::kFloat : q.scalar_type());
-  at::Tensor lse = at::empty({shape.batch, shape.heads_q, shape.seq_q}, q.options().dtype(at::kFloat));
+  at::Tensor lse =
+      at::empty({shape.batch, shape.heads_q, shape.seq_q}, q.options().dtype(at::kFloat));
   FwdParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();

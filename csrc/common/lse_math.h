@@ -19,7 +19,8 @@ struct MergeWeights {
 };
 
 // lse = max(l1, l2) + log1p(exp(-|l1 - l2|)); o = w1 * o1 + w2 * o2.
-// Rows that saw no key carry lse = -inf: one such side gets weight 0; two give (-inf, 0, 0), never NaN.
+// Rows that saw no key carry lse = -inf: one such side gets weight 0; two give (-inf, 0, 0), never
+// NaN.
 RING_EXT_HOST_DEVICE MergeWeights merge_weights(float l1, float l2) {
   if (l1 == -INFINITY && l2 == -INFINITY) return {-INFINITY, 0.0f, 0.0f};
   const float hi = fmaxf(l1, l2);

@@ -1,9 +1,9 @@
 // The one contract between host glue and kernels, shared by the CPU (.cpp) and CUDA (.cu) code.
 // Torch-free on purpose: nvcc compiles the kernels without torch headers.
 //
-// Every tensor is seen as [batch, seq, heads, head_dim] with arbitrary strides (in elements) for the
-// first three dims and stride 1 for head_dim. The four public layouts (bshd, sbhd, bnsd, sbh) are all
-// views of this shape, so no layout is ever copied. Row statistics (lse, delta) are float32
+// Every tensor is seen as [batch, seq, heads, head_dim] with arbitrary strides (in elements) for
+// the first three dims and stride 1 for head_dim. The four public layouts (bshd, sbhd, bnsd, sbh)
+// are all views of this shape, so no layout is ever copied. Row statistics (lse, delta) are float32
 // [batch, heads_q, seq_q] with strides for batch and heads and stride 1 for seq.
 #pragma once
 

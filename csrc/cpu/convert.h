@@ -1,5 +1,6 @@
-// Scalar conversions between the storage dtypes and float32, round-to-nearest-even. Written in plain
-// C++ so that every instruction-set build of the kernels can use them (compilers vectorise the loops).
+// Scalar conversions between the storage dtypes and float32, round-to-nearest-even. Written in
+// plain C++ so that every instruction-set build of the kernels can use them (compilers vectorise
+// the loops).
 #pragma once
 
 #include <cmath>
@@ -46,7 +47,7 @@ inline uint16_t float_to_fp16(float f) {
   x &= 0x7fffffffu;
   if (x >= 0x7f800000u) return uint16_t(sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u));
   if (x >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds past 65504: inf
-  if (x < 0x38800000u) {                                   // below 2^-14: subnormal half
+  if (x < 0x38800000u) {                                  // below 2^-14: subnormal half
     return uint16_t(sign | uint32_t(std::nearbyint(bits_to_float(x) * 16777216.0f)));
   }
   x += 0xc8000fffu + ((x >> 13) & 1u);  // rebias exponent 127 -> 15, round to nearest even

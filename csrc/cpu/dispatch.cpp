@@ -44,13 +44,13 @@ const char* isa() {
   }
 }
 
-#define RING_EXT_DISPATCH(fn, ...)     \
-  switch (kIsa) {                      \
-    case Isa::kAvx512:                 \
-      return avx512::fn(__VA_ARGS__);  \
-    case Isa::kAvx2:                   \
-      return avx2::fn(__VA_ARGS__);    \
-    default:                           \
+#define RING_EXT_DISPATCH(fn, ...)      \
+  switch (kIsa) {                       \
+    case Isa::kAvx512:                  \
+      return avx512::fn(__VA_ARGS__);   \
+    case Isa::kAvx2:                    \
+      return avx2::fn(__VA_ARGS__);     \
+    default:                            \
       return baseline::fn(__VA_ARGS__); \
   }
 

@@ -1,16 +1,16 @@
-// Blockwise flash attention on the CPU, compiled once per instruction set (kernels_<isa>.cpp defines
-// RING_EXT_CPU_ISA and the compiler target before including this file).
+// Blockwise flash attention on the CPU, compiled once per instruction set (kernels_<isa>.cpp
+// defines RING_EXT_CPU_ISA and the compiler target before including this file).
 //
 // Note [CPU flash tiling]
-// Forward: one task = (batch, q head, block of kBlockQ query rows). The task converts its Q block to
-// float32 once (pre-scaled by softmax_scale), then walks kBlockK-key blocks of K/V with the online
-// softmax: S = Q K^T, running row max m and row sum l, O = O * exp(m_old - m) + P V. Causal masks skip
-// whole blocks past the diagonal and mask only the blocks that straddle it. Memory per task is
-// O(kBlockQ * (kBlockK + head_dim)), never O(seq^2).
-// Backward: one task = (batch, kv head) so that dK/dV of a head, and dQ of the q heads sharing it
-// (GQA), are written by one thread only, with no atomics. Inside: for each key block, for each q head
-// of the group and each query block: P = exp(S - lse), dV += P^T dO, dP = dO V^T,
-// dS = P * (dP - delta), dQ += scale * dS K, dK += scale * dS^T Q.
+// Forward: one task = (batch, q head, block of kBlockQ query rows). The task converts its Q block
+// to float32 once (pre-scaled by softmax_scale), then walks kBlockK-key blocks of K/V with the
+// online softmax: S = Q K^T, running row max m and row sum l, O = O * exp(m_old - m) + P V. Causal
+// masks skip whole blocks past the diagonal and mask only the blocks that straddle it. Memory per
+// task is O(kBlockQ * (kBlockK + head_dim)), never O(seq^2). Backward: one task = (batch, kv head)
+// so that dK/dV of a head, and dQ of the q heads sharing it (GQA), are written by one thread only,
+// with no atomics. Inside: for each key block, for each q head of the group and each query block: P
+// = exp(S - lse), dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dQ += scale * dS K, dK += scale
+// * dS^T Q.
 #pragma once
 
 #include <algorithm>
@@ -113,9 +113,11 @@ inline void load_block_t(const void* base, DType dtype, int64_t offset, int64_t 
   }
 }
 
-// ---- small matrix products on float32 tiles -------------------------------------------------------
+// ---- small matrix products on float32 tiles
+// -------------------------------------------------------
 
-// s[i, j] = sum_c a[i, c] * bt[c, j] for i < m, j < n; a is m x d, bt is d x kBlockK, s is m x kBlockK.
+// s[i, j] = sum_c a[i, c] * bt[c, j] for i < m, j < n; a is m x d, bt is d x kBlockK, s is m x
+// kBlockK.
 inline void matmul_abt(const float* a, const float* bt, int64_t m, int64_t n, int64_t d, float* s) {
   for (int64_t i = 0; i < m; ++i) {
     float* srow = s + i * kBlockK;
@@ -130,8 +132,8 @@ inline void matmul_abt(const float* a, const float* bt, int64_t m, int64_t n, in
 }
 
 // out[i, :] += sum_j p[i, j] * b[j, :]; p is m x kBlockK, b is n x d, out is m x d (row stride ld).
-inline void matmul_pb_acc(const float* p, const float* b, int64_t m, int64_t n, int64_t d, float alpha,
-                          float* out, int64_t ld) {
+inline void matmul_pb_acc(const float* p, const float* b, int64_t m, int64_t n, int64_t d,
+                          float alpha, float* out, int64_t ld) {
   for (int64_t i = 0; i < m; ++i) {
     float* orow = out + i * ld;
     const float* prow = p + i * kBlockK;
@@ -145,8 +147,8 @@ inline void matmul_pb_acc(const float* p, const float* b, int64_t m, int64_t n, 
 }
 
 // out[j, :] += alpha * sum_i p[i, j] * a[i, :]; p is m x kBlockK, a is m x d, out is n x d.
-inline void matmul_ptb_acc(const float* p, const float* a, int64_t m, int64_t n, int64_t d, float alpha,
-                           float* out) {
+inline void matmul_ptb_acc(const float* p, const float* a, int64_t m, int64_t n, int64_t d,
+                           float alpha, float* out) {
   for (int64_t i = 0; i < m; ++i) {
     const float* prow = p + i * kBlockK;
     const float* arow = a + i * d;
@@ -159,7 +161,8 @@ inline void matmul_ptb_acc(const float* p, const float* a, int64_t m, int64_t n,
   }
 }
 
-// ---- masks ----------------------------------------------------------------------------------------
+// ---- masks
+// ----------------------------------------------------------------------------------------
 
 // Number of keys of [k0, seq_k) visible to query row qi: keys k0 <= j < end.
 inline int64_t visible_end(const Mask& mask, int64_t qi, int64_t seq_k) {
@@ -167,13 +170,20 @@ inline int64_t visible_end(const Mask& mask, int64_t qi, int64_t seq_k) {
   return std::clamp<int64_t>(mask.q_offset + qi - mask.k_offset + 1, 0, seq_k);
 }
 
-// ---- forward --------------------------------------------------------------------------------------
+// ---- forward
+// --------------------------------------------------------------------------------------
 
 struct FwdWorkspace {
   std::vector<float> q, kt, v, s, acc, m, l, tmp;
   explicit FwdWorkspace(int64_t d)
-      : q(kBlockQ * d), kt(d * kBlockK), v(kBlockK * d), s(kBlockQ * kBlockK), acc(kBlockQ * d),
-        m(kBlockQ), l(kBlockQ), tmp(d) {}
+      : q(kBlockQ * d),
+        kt(d * kBlockK),
+        v(kBlockK * d),
+        s(kBlockQ * kBlockK),
+        acc(kBlockQ * d),
+        m(kBlockQ),
+        l(kBlockQ),
+        tmp(d) {}
 };
 
 // Online softmax over one key block: updates m, l, rescales acc, and turns s into P.
@@ -251,13 +261,22 @@ void flash_fwd(const FwdParams& p, ParallelFor parallel_for) {
   });
 }
 
-// ---- backward -------------------------------------------------------------------------------------
+// ---- backward
+// -------------------------------------------------------------------------------------
 
 struct BwdWorkspace {
   std::vector<float> k, kt, vt, dk, dv, q, dout, s, dp, tmp;
   explicit BwdWorkspace(int64_t d)
-      : k(kBlockK * d), kt(d * kBlockK), vt(d * kBlockK), dk(kBlockK * d), dv(kBlockK * d),
-        q(kBlockQ * d), dout(kBlockQ * d), s(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), tmp(d) {}
+      : k(kBlockK * d),
+        kt(d * kBlockK),
+        vt(d * kBlockK),
+        dk(kBlockK * d),
+        dv(kBlockK * d),
+        q(kBlockQ * d),
+        dout(kBlockQ * d),
+        s(kBlockQ * kBlockK),
+        dp(kBlockQ * kBlockK),
+        tmp(d) {}
 };
 
 // One (q block of head h) x (key block at k0) pair; ws holds K, K^T, V^T of the key block.
@@ -272,7 +291,7 @@ inline void bwd_pair(const BwdParams& p, int64_t b, int64_t h, int64_t q0, int64
              p.dout_stride.seq, nq, d, 1.0f, ws.dout.data());
   const float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + q0;
   const float* delta = p.delta + b * p.delta_stride.batch + h * p.delta_stride.head + q0;
-  matmul_abt(ws.q.data(), ws.kt.data(), nq, nk, d, ws.s.data());   // S = Q K^T
+  matmul_abt(ws.q.data(), ws.kt.data(), nq, nk, d, ws.s.data());      // S = Q K^T
   matmul_abt(ws.dout.data(), ws.vt.data(), nq, nk, d, ws.dp.data());  // dP = dO V^T
   for (int64_t i = 0; i < nq; ++i) {
     float* srow = ws.s.data() + i * kBlockK;
@@ -281,14 +300,15 @@ inline void bwd_pair(const BwdParams& p, int64_t b, int64_t h, int64_t q0, int64
     const float row_lse = lse[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse[i];
     for (int64_t j = 0; j < nk; ++j) {
       const float pij = j < end ? fast_exp(srow[j] * p.scale - row_lse) : 0.0f;
-      srow[j] = pij;                          // P
+      srow[j] = pij;                           // P
       dprow[j] = pij * (dprow[j] - delta[i]);  // dS
     }
   }
-  matmul_ptb_acc(ws.s.data(), ws.dout.data(), nq, nk, d, 1.0f, ws.dv.data());     // dV += P^T dO
-  matmul_ptb_acc(ws.dp.data(), ws.q.data(), nq, nk, d, p.scale, ws.dk.data());    // dK += s dS^T Q
+  matmul_ptb_acc(ws.s.data(), ws.dout.data(), nq, nk, d, 1.0f, ws.dv.data());   // dV += P^T dO
+  matmul_ptb_acc(ws.dp.data(), ws.q.data(), nq, nk, d, p.scale, ws.dk.data());  // dK += s dS^T Q
   float* dq = p.dq + b * p.dq_stride.batch + h * p.dq_stride.head + q0 * p.dq_stride.seq;
-  matmul_pb_acc(ws.dp.data(), ws.k.data(), nq, nk, d, p.scale, dq, p.dq_stride.seq);  // dQ += s dS K
+  matmul_pb_acc(ws.dp.data(), ws.k.data(), nq, nk, d, p.scale, dq,
+                p.dq_stride.seq);  // dQ += s dS K
 }
 
 inline void add_rows(const float* src, int64_t rows, int64_t d, float* dst, int64_t row_stride) {
@@ -332,7 +352,8 @@ void flash_bwd(const BwdParams& p, ParallelFor parallel_for) {
   });
 }
 
-// ---- merge ----------------------------------------------------------------------------------------
+// ---- merge
+// ----------------------------------------------------------------------------------------
 
 void lse_merge(const MergeParams& p, ParallelFor parallel_for) {
   const Shape& sh = p.shape;
@@ -340,14 +361,16 @@ void lse_merge(const MergeParams& p, ParallelFor parallel_for) {
   parallel_for(sh.batch * sh.heads_q * sh.seq_q, [&](int64_t begin, int64_t end) {
     std::vector<float> block_row(d);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t i = t % sh.seq_q, h = (t / sh.seq_q) % sh.heads_q, b = t / (sh.seq_q * sh.heads_q);
+      const int64_t i = t % sh.seq_q, h = (t / sh.seq_q) % sh.heads_q,
+                    b = t / (sh.seq_q * sh.heads_q);
       float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + i;
       const float block_lse =
           p.block_lse[b * p.block_lse_stride.batch + h * p.block_lse_stride.head + i];
       const MergeWeights w = merge_weights(*lse, block_lse);
-      load_row(p.block_out, p.block_dtype,
-               b * p.block_out_stride.batch + h * p.block_out_stride.head + i * p.block_out_stride.seq,
-               d, block_row.data());
+      load_row(
+          p.block_out, p.block_dtype,
+          b * p.block_out_stride.batch + h * p.block_out_stride.head + i * p.block_out_stride.seq,
+          d, block_row.data());
       float* out = p.out + b * p.out_stride.batch + h * p.out_stride.head + i * p.out_stride.seq;
       for (int64_t c = 0; c < d; ++c) out[c] = w.w1 * out[c] + w.w2 * block_row[c];
       *lse = w.lse;

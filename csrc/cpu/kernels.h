@@ -1,6 +1,6 @@
-// CPU kernels: blockwise flash attention forward/backward and the LSE merge. Torch-free: threads come
-// from the ParallelFor the caller passes (at::parallel_for in ops_cpu.cpp). The instruction set
-// (AVX-512 with BF16, AVX2, or baseline x86-64) is picked once at run time, see dispatch.cpp.
+// CPU kernels: blockwise flash attention forward/backward and the LSE merge. Torch-free: threads
+// come from the ParallelFor the caller passes (at::parallel_for in ops_cpu.cpp). The instruction
+// set (AVX-512 with BF16, AVX2, or baseline x86-64) is picked once at run time, see dispatch.cpp.
 #pragma once
 
 #include <cstdint>

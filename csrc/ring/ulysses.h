@@ -1,0 +1,38 @@
+// Ulysses context parallelism: all-to-all from sequence shards to head shards, attention over the
+// whole sequence for heads/P heads, all-to-all back (DESIGN.md section 1).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <string>
+#include <tuple>
+
+namespace ring_ext::ulysses {
+
+// Attention of head-sharded tensors over the whole (Ulysses-gathered) sequence. Plain Ulysses runs
+// the block kernel; hybrid runs the ring over the ring group.
+//   fwd(q, k, v) -> (out [b, s, h, d], lse float32 [b, h, s])
+//   bwd(dout, q, k, v, lse, delta) -> (dq, dk, dv) float32, delta = rowsum(dout * out)
+using InnerFwd = std::function<std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&)>;
+using InnerBwd = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&)>;
+
+// How many times each K/V head is repeated so that K/V heads split over P ranks: kv heads x
+// replication = P when kv heads < P, else 1. Throws (naming the rule) when heads cannot be split.
+int64_t kv_replication(int64_t heads_q, int64_t heads_kv, int64_t degree);
+
+// q [b, s_local, hq, d], k/v [b, s_local, hkv, d] -> out [b, s_local, hq, d] (q's dtype),
+// lse float32 [b, hq, s_local].
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const std::string& group,
+                                           const InnerFwd& inner);
+
+// Gradients of forward, in the input dtype; out and lse are forward's outputs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::string& group, const InnerBwd& inner);
+
+}  // namespace ring_ext::ulysses
