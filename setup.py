@@ -72,7 +72,7 @@ def extension():
     ]
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     sources += sorted(glob.glob("csrc/ring/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]  # torch >= 2.14 headers need C++20
     args = {"cxx": cxx}
     kwargs = {}
     if cuda:
