@@ -35,4 +35,21 @@ TORCH_LIBRARY(ring_ext, m) {
       "()");
   // Folds a partial (block_out, block_lse) into the running float32 (out, lse), in place.
   m.def("merge_(Tensor(a!) out, Tensor(b!) lse, Tensor block_out, Tensor block_lse) -> ()");
+  // Context-parallel attention of this rank's shards q [b, s, hq, d], k/v [b, s, hkv, d] (any
+  // strides), over process groups given by name (c10d::resolve_process_group). algo is the
+  // --context-parallel-algo; group is the ring's group, inner_group/outer_group the double ring's
+  // ("" for the plain ring), ulysses_group Ulysses' (hybrid). Causal shards are zigzag
+  // (ring_ext/sharding.py). Returns out in q's dtype and strides, lse float32 [b, hq, s].
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, str algo, str group, "
+      "str inner_group=\"\", str outer_group=\"\", str ulysses_group=\"\", bool overlap=True) "
+      "-> (Tensor out, Tensor lse)");
+  // Gradients of attention given its final out and lse; dq/dk/dv in the dtype and strides of q/k/v.
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
+      "bool causal, str algo, str group, str inner_group=\"\", str outer_group=\"\", "
+      "str ulysses_group=\"\", bool overlap=True, Tensor? dlse=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // The ring schedule of one rank, flattened (tests): per step [src, n_items, 7 fields per item].
+  m.def("ring_schedule(str algo, int cp_size, int rank, int window, bool causal) -> int[]");
 }
+

@@ -9,9 +9,22 @@ import torch
 
 from . import ops  # noqa: F401  (fake kernels and autograd of the block ops)
 from .attention import attention
+from .config import CPConfig, add_arguments
+from .context import CPContext, initialize
 from .ffn import blockwise_ffn
+from .sharding import shard, unshard
 
-__all__ = ["attention", "blockwise_ffn", "build_info"]
+__all__ = [
+    "CPConfig",
+    "CPContext",
+    "add_arguments",
+    "attention",
+    "blockwise_ffn",
+    "build_info",
+    "initialize",
+    "shard",
+    "unshard",
+]
 
 
 def build_info() -> dict:

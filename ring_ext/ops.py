@@ -60,3 +60,37 @@ def _fwd_backward(ctx, dout, dlse):
 
 
 torch.library.register_autograd("ring_ext::fwd", _fwd_backward, setup_context=_fwd_setup_context)
+
+
+# Context-parallel attention (csrc/ring): fakes and autograd. Shapes follow the local shards.
+@torch.library.register_fake("ring_ext::attention")
+def _attention_fake(q, k, v, scale, causal, algo, group, inner_group="", outer_group="", ulysses_group="",
+                    overlap=True):
+    return torch.empty_like(q), _row_stats(q)
+
+
+@torch.library.register_fake("ring_ext::attention_bwd")
+def _attention_bwd_fake(dout, q, k, v, out, lse, scale, causal, algo, group, inner_group="", outer_group="",
+                        ulysses_group="", overlap=True, dlse=None):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_ATTENTION_ARGS = ("scale", "causal", "algo", "group", "inner_group", "outer_group", "ulysses_group", "overlap")
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, *rest = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = dict(zip(_ATTENTION_ARGS, rest))
+
+
+def _attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.ring_ext.attention_bwd(dout.to(q.dtype), q, k, v, out, lse, dlse=dlse, **ctx.args)
+    # One slot per input of attention: q, k, v, then the 8 non-tensor arguments.
+    return (dq, dk, dv) + (None,) * len(_ATTENTION_ARGS)
+
+
+torch.library.register_autograd("ring_ext::attention", _attention_backward,
+                                setup_context=_attention_setup_context)

@@ -1,0 +1,50 @@
+// Point-to-point transfers of the ring over a c10d process group: the only code that talks to
+// other ranks. Device-generic: Gloo with CPU tensors, NCCL with CUDA tensors.
+//
+// Note [Streams and waits]
+// ------------------------
+// c10d already gives the CUDA semantics the ring needs, so this file adds no stream code:
+// ProcessGroupNCCL runs every send/recv on its own communication stream, which first waits on the
+// caller's current stream (so a buffer is complete before it is sent), and Work::wait() makes the
+// *current* stream wait on the transfer's completion event without blocking the host. Compute is
+// enqueued on the caller's current stream, so outputs are ready on that stream when the op
+// returns and the host never synchronises inside the loop. On Gloo, wait() blocks the host until
+// the transfer is done, which is what CPU compute needs. Backends that support coalescing (NCCL)
+// get each send/recv pair as one group call, so a ring of any size and any shift cannot deadlock.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <string>
+#include <vector>
+
+namespace ring_ext {
+namespace ring {
+
+using Group = c10::intrusive_ptr<c10d::ProcessGroup>;
+
+// Gloo matches messages by (peer, tag): one tag per kind of transfer.
+enum Tag : int { kTagKv = 7101, kTagOuterKv = 7102, kTagGrad = 7103, kTagHome = 7104 };
+
+Group resolve_group(const std::string& name, const char* what);
+
+// An in-flight send/recv pair; wait() is a no-op on an empty one.
+class Transfer {
+ public:
+  Transfer() = default;
+  void wait();
+  bool pending() const { return !works_.empty(); }
+
+ private:
+  friend Transfer exchange(const Group&, const at::Tensor&, int64_t, const at::Tensor&, int64_t,
+                           int);
+  std::vector<c10::intrusive_ptr<c10d::Work>> works_;
+};
+
+// Posts send(out -> dst) and recv(in <- src), group-local ranks; both buffers contiguous.
+Transfer exchange(const Group& group, const at::Tensor& out, int64_t dst, const at::Tensor& in,
+                  int64_t src, int tag);
+
+}  // namespace ring
+}  // namespace ring_ext

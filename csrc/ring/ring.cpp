@@ -1,0 +1,357 @@
+// The ring driver: forward and backward of megatron_cp_algo (ring and double ring) over c10d
+// process groups passed by name. One device-generic loop (Note [Streams and waits] in comm.h);
+// the schedule comes from schedule.h, the block maths from the registered ring_ext block ops.
+//
+// Note [K/V gradients]
+// --------------------
+// In backward each rank keeps Q, dO, O, LSE and dQ; K/V blocks travel exactly as in forward and
+// the K/V gradient of a block travels with it along the inner ring, in float32: a rank adds its
+// contribution (computed into a zeroed float32 buffer while the partial from the previous rank is
+// still in flight) to that partial and sends the sum on. At the end of each inner round the partial
+// goes straight home to the block's owner, which adds it into its float32 dK/dV; the owner rounds
+// to the input dtype once, at the end. Travelling in float32 keeps the error independent of the
+// ring size (rounding to bf16 at every hop adds one bf16 rounding per rank); the cost is bytes:
+// per backward step a rank sends K/V in the input dtype plus dK/dV in float32, i.e. 3x the bytes
+// of a forward step for bf16 inputs and 2x for float32.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "../common/block_ops.h"
+#include "comm.h"
+#include "schedule.h"
+
+namespace ring_ext {
+namespace ring {
+namespace {
+
+using at::Tensor;
+
+// The registered block ops, called through the dispatcher (CPU or CUDA kernels alike).
+struct BlockOps {
+  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                      double, bool, int64_t, int64_t, bool)>
+      fwd = c10::Dispatcher::singleton()
+                .findSchemaOrThrow("ring_ext::fwd", "")
+                .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                  double, bool, int64_t, int64_t, bool)>();
+  c10::TypedOperatorHandle<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&)> merge =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ring_ext::merge_", "")
+          .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+  c10::TypedOperatorHandle<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                const Tensor&, const Tensor&, double, bool, int64_t, int64_t,
+                                const Tensor&, const Tensor&, const Tensor&)>
+      bwd_acc = c10::Dispatcher::singleton()
+                    .findSchemaOrThrow("ring_ext::bwd_acc", "")
+                    .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                const Tensor&, const Tensor&, double, bool, int64_t, int64_t,
+                                const Tensor&, const Tensor&, const Tensor&)>();
+};
+
+const BlockOps& block_ops() {
+  static const BlockOps ops;
+  return ops;
+}
+
+struct GroupNames {
+  std::string ring, inner, outer, ulysses;
+};
+
+// Everything the loop needs to know about this rank's place in the (double) ring.
+struct RingSetup {
+  Group ring, inner, outer;  // inner == ring for the plain ring; outer null with one window
+  Topology topo;
+  int64_t rank = 0, chunk = 0;  // chunk: rows per sharding chunk
+  bool causal = false, overlap = true;
+  double scale = 1.0;
+  int64_t inner_rank() const { return rank % topo.window; }
+  int64_t outer_rank() const { return rank / topo.window; }
+};
+
+void check_window_groups(const RingSetup& s) {
+  TORCH_CHECK(s.topo.cp_size % s.topo.window == 0, "ring_ext: the inner ring size ",
+              s.topo.window, " must divide the CP size ", s.topo.cp_size);
+  TORCH_CHECK(s.inner->getRank() == s.inner_rank(), "ring_ext: rank ", s.rank,
+              " of the ring group must be rank ", s.inner_rank(), " of its inner group, got ",
+              s.inner->getRank());
+  if (s.topo.outer() == 1) return;
+  TORCH_CHECK(s.outer, "ring_ext: a double ring (window ", s.topo.window, " < CP size ",
+              s.topo.cp_size, ") needs an outer group");
+  TORCH_CHECK(s.outer->getSize() == s.topo.outer() && s.outer->getRank() == s.outer_rank(),
+              "ring_ext: the outer group must have size ", s.topo.outer(), " and rank ",
+              s.outer_rank(), " here, got size ", s.outer->getSize(), " and rank ",
+              s.outer->getRank());
+}
+
+RingSetup make_setup(const Tensor& q, const Tensor& k, const GroupNames& names, double scale,
+                     bool causal, bool overlap) {
+  RingSetup s;
+  s.ring = resolve_group(names.ring, "ring");
+  s.rank = s.ring->getRank();
+  const bool plain = names.inner.empty() || names.inner == names.ring;
+  s.inner = plain ? s.ring : resolve_group(names.inner, "inner ring");
+  s.outer = names.outer.empty() ? Group() : resolve_group(names.outer, "outer ring");
+  s.topo = Topology{s.ring->getSize(), s.inner->getSize()};
+  check_window_groups(s);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(1) == k.size(1),
+              "ring_ext: ring attention needs q and k/v shards of the same length (self-attention)",
+              ", got ", q.sizes(), " and ", k.sizes());
+  const int64_t chunks = chunks_per_rank(causal);
+  TORCH_CHECK(q.size(1) % chunks == 0, "ring_ext: the local sequence length ", q.size(1),
+              " must be a multiple of ", chunks, " (causal ring attention shards zigzag)");
+  s.chunk = q.size(1) / chunks;
+  s.causal = causal;
+  s.overlap = overlap;
+  s.scale = scale;
+  return s;
+}
+
+// A work item in rows; q/k offsets are positions for the causal mask.
+struct Rows {
+  int64_t q0, nq, k0, nk, q_offset, k_offset;
+};
+
+Rows rows_of(const WorkItem& w, int64_t chunk) {
+  return {w.q_chunk * chunk, w.q_chunks * chunk, w.kv_chunk * chunk,
+          w.kv_chunks * chunk, w.q_offset * chunk, w.k_offset * chunk};
+}
+
+// K and V in one buffer, so each hop is one transfer: [2, b, s, heads_kv, d] contiguous.
+Tensor pack_kv(const Tensor& k, const Tensor& v) { return at::stack({k, v}); }
+
+std::vector<WorkItem> items_at(const RingSetup& s, int64_t step) {
+  return plan_step(Algo::kRing, s.topo.cp_size, s.rank, step, s.topo.window, s.causal).items;
+}
+
+// Runs visit(step, held K/V block) for every step, moving the blocks as in
+// Note [Double ring schedule]: the outer transfer is posted before the inner steps of a round,
+// each inner transfer before the step's compute (after it, and waited at once, without overlap).
+template <typename Visit>
+void for_each_block(const RingSetup& s, const Tensor& local_kv, Visit&& visit) {
+  const int64_t w = s.topo.window, n_out = s.topo.outer();
+  const int64_t i = s.inner_rank(), o = s.outer_rank();
+  Tensor round_start = local_kv;
+  Tensor outer_next = n_out > 1 ? at::empty_like(local_kv) : Tensor();
+  Tensor inner_buf[2] = {w > 1 ? at::empty_like(local_kv) : Tensor(),
+                         w > 2 ? at::empty_like(local_kv) : Tensor()};
+  for (int64_t so = 0; so < n_out; ++so) {
+    const bool more_rounds = so + 1 < n_out;
+    auto post_outer = [&] {
+      return exchange(s.outer, round_start, mod(o + 1, n_out), outer_next, mod(o - 1, n_out),
+                      kTagOuterKv);
+    };
+    Transfer outer;
+    if (more_rounds && s.overlap) outer = post_outer();
+    Tensor held = round_start;
+    for (int64_t si = 0; si < w; ++si) {
+      const bool more = si + 1 < w;
+      const Tensor next = more ? inner_buf[si % 2] : Tensor();
+      auto post_inner = [&] {
+        return exchange(s.inner, held, mod(i + 1, w), next, mod(i - 1, w), kTagKv);
+      };
+      Transfer inner;
+      if (more && s.overlap) inner = post_inner();
+      visit(so * w + si, held);
+      if (more && !s.overlap) inner = post_inner();
+      inner.wait();
+      if (more) held = next;
+    }
+    if (more_rounds && !s.overlap) outer = post_outer();
+    outer.wait();
+    if (more_rounds) std::swap(round_start, outer_next);
+  }
+}
+
+std::tuple<Tensor, Tensor> ring_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                        const RingSetup& s) {
+  const BlockOps& ops = block_ops();
+  // Running result in float32 whatever the input dtype (DESIGN.md section 2).
+  Tensor out_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // [b, s, hq, d]
+  Tensor lse = at::full({q.size(0), q.size(2), q.size(1)}, -INFINITY,
+                        q.options().dtype(at::kFloat));  // [b, hq, s]
+  for_each_block(s, pack_kv(k, v), [&](int64_t step, const Tensor& held) {
+    for (const WorkItem& item : items_at(s, step)) {
+      const Rows r = rows_of(item, s.chunk);
+      auto [block_out, block_lse] =
+          ops.fwd.call(q.narrow(1, r.q0, r.nq), held[0].narrow(1, r.k0, r.nk),
+                       held[1].narrow(1, r.k0, r.nk), s.scale, item.causal, r.q_offset,
+                       r.k_offset, /*out_fp32=*/true);
+      ops.merge.call(out_acc.narrow(1, r.q0, r.nq), lse.narrow(2, r.q0, r.nq), block_out,
+                     block_lse);
+    }
+  });
+  Tensor out = at::empty_like(q);  // q's layout (strides) and dtype
+  out.copy_(out_acc);
+  return {out, lse};
+}
+
+// The float32 K/V gradients on their way round the ring: Note [K/V gradients].
+class KvGrads {
+ public:
+  KvGrads(const RingSetup& s, const Tensor& packed) : s_(s) {
+    const auto f32 = packed.options().dtype(at::kFloat);
+    home_ = at::zeros(packed.sizes(), f32);  // [2, b, s, hkv, d]
+    for (Tensor& b : bufs_) b = at::empty(packed.sizes(), f32);
+    spare_ = at::empty(packed.sizes(), f32);
+    incoming_buf_ = at::empty(packed.sizes(), f32);
+    home_in_ = at::empty(packed.sizes(), f32);
+  }
+
+  // A zeroed buffer for this step's contribution.
+  Tensor begin_step(int64_t step) {
+    Tensor g = bufs_[(step % s_.topo.window) % 2];
+    g.zero_();
+    return g;
+  }
+
+  // Adds the partial from the previous holder and sends the sum on (or home at a round's end).
+  void end_step(int64_t step, Tensor& g) {
+    const int64_t w = s_.topo.window, si = step % w, i = s_.inner_rank();
+    if (si > 0) {
+      incoming_.wait();
+      g.add_(incoming_buf_);
+    }
+    if (si + 1 < w) {
+      incoming_ = exchange(s_.inner, g, mod(i + 1, w), incoming_buf_, mod(i - 1, w), kTagGrad);
+      if (!s_.overlap) incoming_.wait();
+      return;
+    }
+    settle_home();
+    const int64_t owner = source(s_.topo, s_.rank, step), from = holder(s_.topo, s_.rank, step);
+    if (owner == s_.rank) {  // cp_size 1
+      home_.add_(g);
+      return;
+    }
+    home_xfer_ = exchange(s_.ring, g, owner, home_in_, from, kTagHome);
+    std::swap(bufs_[si % 2], spare_);  // keep the buffer in flight untouched
+    if (!s_.overlap) settle_home();
+  }
+
+  // dK/dV of this rank's own block, float32 [2, b, s, hkv, d].
+  Tensor finish() {
+    settle_home();
+    return home_;
+  }
+
+ private:
+  void settle_home() {
+    if (!home_xfer_.pending()) return;
+    home_xfer_.wait();
+    home_.add_(home_in_);
+  }
+
+  const RingSetup& s_;
+  Tensor home_, bufs_[2], spare_, incoming_buf_, home_in_;
+  Transfer incoming_, home_xfer_;
+};
+
+std::tuple<Tensor, Tensor, Tensor> ring_backward(const Tensor& dout, const Tensor& q,
+                                                 const Tensor& k, const Tensor& v,
+                                                 const Tensor& out, const Tensor& lse,
+                                                 const std::optional<Tensor>& dlse,
+                                                 const RingSetup& s) {
+  const BlockOps& ops = block_ops();
+  Tensor delta = row_delta(dout, out);  // [b, hq, s] float32, of the final out
+  if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);  // d lse / d S = P folds into delta
+  Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // [b, s, hq, d]
+  const Tensor packed = pack_kv(k, v);
+  KvGrads grads(s, packed);
+  for_each_block(s, packed, [&](int64_t step, const Tensor& held) {
+    Tensor g = grads.begin_step(step);
+    for (const WorkItem& item : items_at(s, step)) {
+      const Rows r = rows_of(item, s.chunk);
+      ops.bwd_acc.call(dout.narrow(1, r.q0, r.nq), q.narrow(1, r.q0, r.nq),
+                       held[0].narrow(1, r.k0, r.nk), held[1].narrow(1, r.k0, r.nk),
+                       lse.narrow(2, r.q0, r.nq), delta.narrow(2, r.q0, r.nq), s.scale,
+                       item.causal, r.q_offset, r.k_offset, dq.narrow(1, r.q0, r.nq),
+                       g[0].narrow(1, r.k0, r.nk), g[1].narrow(1, r.k0, r.nk));
+    }
+    grads.end_step(step, g);
+  });
+  const Tensor dkv = grads.finish();
+  Tensor dq_out = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  dq_out.copy_(dq);
+  dk.copy_(dkv[0]);
+  dv.copy_(dkv[1]);
+  return {dq_out, dk, dv};
+}
+
+[[noreturn]] void not_built(const std::string& algo) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "ring_ext: context_parallel_algo ", algo,
+                              " (Ulysses all-to-all attention) is not implemented yet; use "
+                              "megatron_cp_algo (ring attention)");
+}
+
+std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const Tensor& v,
+                                        double scale, bool causal, const std::string& algo,
+                                        const std::string& group, const std::string& inner,
+                                        const std::string& outer, const std::string& ulysses,
+                                        bool overlap) {
+  if (parse_algo(algo) != Algo::kRing) not_built(algo);
+  const RingSetup s = make_setup(q, k, {group, inner, outer, ulysses}, scale, causal, overlap);
+  return ring_forward(q, k, v, s);
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& lse, double scale, bool causal, const std::string& algo, const std::string& group,
+    const std::string& inner, const std::string& outer, const std::string& ulysses, bool overlap,
+    const std::optional<Tensor>& dlse) {
+  if (parse_algo(algo) != Algo::kRing) not_built(algo);
+  const RingSetup s = make_setup(q, k, {group, inner, outer, ulysses}, scale, causal, overlap);
+  return ring_backward(dout, q, k, v, out, lse, dlse, s);
+}
+
+// Flattened schedule for tests: per step [src, n_items, then 7 fields per item].
+std::vector<int64_t> schedule_op(const std::string& algo, int64_t cp_size, int64_t rank,
+                                 int64_t window, bool causal) {
+  TORCH_CHECK(cp_size >= 1 && rank >= 0 && rank < cp_size, "ring_ext: rank ", rank,
+              " must be in [0, cp_size=", cp_size, ")");
+  TORCH_CHECK(window >= 1 && cp_size % window == 0, "ring_ext: window ", window,
+              " must divide cp_size ", cp_size);
+  std::vector<int64_t> flat;
+  for (int64_t step = 0; step < cp_size; ++step) {
+    const Step st = plan_step(parse_algo(algo), cp_size, rank, step, window, causal);
+    flat.push_back(st.src);
+    flat.push_back(static_cast<int64_t>(st.items.size()));
+    for (const WorkItem& w : st.items) {
+      flat.insert(flat.end(), {w.q_chunk, w.q_chunks, w.kv_chunk, w.kv_chunks,
+                               static_cast<int64_t>(w.causal), w.q_offset, w.k_offset});
+    }
+  }
+  return flat;
+}
+
+}  // namespace
+
+Algo parse_algo(const std::string& name) {
+  if (name == "megatron_cp_algo") return Algo::kRing;
+  if (name == "ulysses_cp_algo") return Algo::kUlysses;
+  if (name == "hybrid_cp_algo") return Algo::kHybrid;
+  TORCH_CHECK_VALUE(false, "ring_ext: context_parallel_algo must be ulysses_cp_algo, ",
+                    "megatron_cp_algo or hybrid_cp_algo, got ", name);
+}
+
+}  // namespace ring
+}  // namespace ring_ext
+
+TORCH_LIBRARY_IMPL(ring_ext, CPU, m) {
+  m.impl("attention", &ring_ext::ring::attention_op);
+  m.impl("attention_bwd", &ring_ext::ring::attention_bwd_op);
+}
+
+#ifdef RING_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(ring_ext, CUDA, m) {
+  m.impl("attention", &ring_ext::ring::attention_op);
+  m.impl("attention_bwd", &ring_ext::ring::attention_bwd_op);
+}
+#endif
+
+TORCH_LIBRARY_IMPL(ring_ext, CompositeImplicitAutograd, m) {
+  m.impl("ring_schedule", &ring_ext::ring::schedule_op);
+}

@@ -1,0 +1,94 @@
+"""CPConfig: the context-parallel options, named after MindSpeed's flags, and their argparse flags.
+
+    --context-parallel-size N          default 1
+    --context-parallel-algo A          ulysses_cp_algo (default) | megatron_cp_algo | hybrid_cp_algo
+    --use-cp-send-recv-overlap         overlap the ring's next transfer with the current block
+    --attention-mask-type M            causal (default) | general (no mask: every key visible)
+    --megatron-cp-in-bnsd              BNSD layout instead of the default SBH
+    --cp-window-size W                 default 1; W > 1: double ring with inner rings of W ranks
+    --ulysses-degree-in-cp U           hybrid: Ulysses inside groups of U ranks, ring across them
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+ALGOS = ("ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo")
+MASK_TYPES = ("causal", "general")
+
+
+@dataclasses.dataclass(frozen=True)
+class CPConfig:
+    context_parallel_size: int = 1
+    context_parallel_algo: str = "ulysses_cp_algo"
+    use_cp_send_recv_overlap: bool = False
+    attention_mask_type: str = "causal"
+    megatron_cp_in_bnsd: bool = False
+    cp_window_size: int = 1
+    ulysses_degree_in_cp: int | None = None
+
+    def __post_init__(self):
+        cp = _positive_int(self.context_parallel_size, "context_parallel_size")
+        if self.context_parallel_algo not in ALGOS:
+            raise ValueError(f"context_parallel_algo must be one of {ALGOS}, got {self.context_parallel_algo!r}")
+        if self.attention_mask_type not in MASK_TYPES:
+            raise ValueError(f"attention_mask_type must be one of {MASK_TYPES}, got {self.attention_mask_type!r}")
+        for name in ("use_cp_send_recv_overlap", "megatron_cp_in_bnsd"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        window = _positive_int(self.cp_window_size, "cp_window_size")
+        ring = cp
+        if self.context_parallel_algo == "hybrid_cp_algo":
+            if self.ulysses_degree_in_cp is None:
+                raise ValueError("ulysses_degree_in_cp must be set for hybrid_cp_algo")
+            u = _positive_int(self.ulysses_degree_in_cp, "ulysses_degree_in_cp")
+            if cp % u != 0:
+                raise ValueError(f"ulysses_degree_in_cp ({u}) must divide context_parallel_size ({cp})")
+            ring = cp // u
+        elif self.ulysses_degree_in_cp is not None:
+            _positive_int(self.ulysses_degree_in_cp, "ulysses_degree_in_cp")
+        if ring % window != 0:
+            raise ValueError(f"cp_window_size ({window}) must divide the ring size ({ring} = context_parallel_size"
+                             + (" / ulysses_degree_in_cp" if ring != cp else "") + ")")
+
+    @property
+    def causal(self) -> bool:
+        return self.attention_mask_type == "causal"
+
+    @property
+    def ring_size(self) -> int:
+        """Ranks along the ring: the CP size, or CP size / Ulysses degree for hybrid, 1 for Ulysses."""
+        if self.context_parallel_algo == "ulysses_cp_algo":
+            return 1
+        if self.context_parallel_algo == "hybrid_cp_algo":
+            return self.context_parallel_size // self.ulysses_degree_in_cp
+        return self.context_parallel_size
+
+    @property
+    def default_layout(self) -> str:
+        """The layout the flags select: bnsd with --megatron-cp-in-bnsd, else MindSpeed's sbh."""
+        return "bnsd" if self.megatron_cp_in_bnsd else "sbh"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CPConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the context-parallel flags (MindSpeed names and defaults) to parser; returns it."""
+    g = parser.add_argument_group("context parallel (ring_ext)")
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-algo", choices=ALGOS, default="ulysses_cp_algo")
+    g.add_argument("--use-cp-send-recv-overlap", action="store_true")
+    g.add_argument("--attention-mask-type", choices=MASK_TYPES, default="causal")
+    g.add_argument("--megatron-cp-in-bnsd", action="store_true")
+    g.add_argument("--cp-window-size", type=int, default=1)
+    g.add_argument("--ulysses-degree-in-cp", type=int, default=None)
+    return parser

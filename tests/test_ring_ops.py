@@ -1,0 +1,104 @@
+"""The ring ops in one process (a world of one Gloo rank): opcheck samples, fullgraph compile, errors.
+
+Multi-rank behaviour is in tests/test_ring_dist.py."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ring_ext
+from distributed import free_port, run_distributed
+from ring_cases import Block, Case, compile_case
+
+RING = dict(context_parallel_size=1, context_parallel_algo="megatron_cp_algo")
+
+
+@pytest.fixture(scope="module")
+def world():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def qkv(dtype=torch.float32, s=8, requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, s, 4, 8, generator=g, dtype=dtype)
+    k, v = (torch.randn(2, s, 2, 8, generator=g, dtype=dtype) for _ in range(2))
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def test_opcheck_attention_ops(world):
+    name = world.group_name
+    for causal in (True, False):
+        q, k, v = qkv(requires_grad=True)
+        args = (q, k, v, 0.35, causal, "megatron_cp_algo", name)
+        torch.library.opcheck(torch.ops.ring_ext.attention.default, args)
+        out, lse = torch.ops.ring_ext.attention(*args)
+        dout = torch.randn_like(out)
+        torch.library.opcheck(torch.ops.ring_ext.attention_bwd.default,
+                              (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), 0.35,
+                               causal, "megatron_cp_algo", name))
+
+
+def test_opcheck_ring_schedule():
+    torch.library.opcheck(torch.ops.ring_ext.ring_schedule.default, ("megatron_cp_algo", 4, 1, 2, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fullgraph_compile_matches_eager_inductor(world):
+    ctx = ring_ext.initialize(ring_ext.CPConfig(**RING))
+    torch.manual_seed(0)
+    block = Block(ctx, 32, 4)
+    x = torch.randn(8, 2, 32)
+    results = []
+    for fn in (block, torch.compile(block, fullgraph=True)):
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        out.square().sum().backward()
+        results.append((out.detach(), xi.grad, block.qkv.weight.grad.clone()))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_fullgraph_compile_two_ranks():
+    run_distributed(compile_case, 2, [Case(causal=True, overlap=True)], timeout_s=180)
+
+
+def test_ulysses_and_hybrid_not_built_yet(world):
+    q, k, v = qkv()
+    for algo, extra in (("ulysses_cp_algo", {}), ("hybrid_cp_algo", dict(ulysses_degree_in_cp=1))):
+        ctx = ring_ext.initialize(ring_ext.CPConfig(context_parallel_size=1, context_parallel_algo=algo, **extra))
+        with pytest.raises(NotImplementedError, match="Ulysses"):
+            ring_ext.attention(q, k, v, ctx)
+        with pytest.raises(NotImplementedError, match="Ulysses"):
+            torch.ops.ring_ext.attention(q, k, v, 1.0, True, algo, world.group_name)
+
+
+def test_initialize_checks_the_group(world):
+    with pytest.raises(ValueError, match="context_parallel_size"):
+        ring_ext.initialize(ring_ext.CPConfig(context_parallel_size=2, context_parallel_algo="megatron_cp_algo"))
+    with pytest.raises(TypeError, match="CPConfig"):
+        ring_ext.initialize({"context_parallel_size": 1})
+
+
+def test_bad_inputs_name_the_argument(world):
+    ctx = ring_ext.initialize(ring_ext.CPConfig(**RING))
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="dtype"):
+        ring_ext.attention(q, k.double(), v, ctx)
+    with pytest.raises(ValueError, match="kv heads"):
+        ring_ext.attention(torch.randn(2, 8, 3, 8), k, v, ctx)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        ring_ext.attention(*qkv(s=7), ctx)
+    with pytest.raises(ValueError, match="causal"):
+        ring_ext.attention(q, k, v, ctx, causal=False)
+    with pytest.raises(ValueError, match="num_heads"):
+        ring_ext.attention(q.flatten(-2), k.flatten(-2), v.flatten(-2), ctx, layout="sbh")
+    with pytest.raises(RuntimeError, match="process group"):
+        torch.ops.ring_ext.attention(q, k, v, 1.0, True, "megatron_cp_algo", "")
