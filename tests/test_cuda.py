@@ -13,7 +13,7 @@ import torch
 
 import ring_ext
 from ring_ext.reference import attention_reference, merge_reference
-from tests.tolerances import assert_rel_l2
+from tolerances import assert_rel_l2
 
 
 def _skip_reason() -> str | None:

@@ -18,7 +18,7 @@ def _qkv(requires_grad, dtype=torch.float32):
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
 
 
-def _fwd_samples():
+def _fwd_samples(group):
     for grad in (False, True):
         q, k, v = _qkv(grad)
         yield (q, k, v, 0.25, True, 2, 0), {}
@@ -27,7 +27,7 @@ def _fwd_samples():
     yield (q.transpose(0, 1).contiguous().transpose(0, 1), k, v, 0.3, True), {}  # strided q
 
 
-def _bwd_samples():
+def _bwd_samples(group):
     q, k, v = _qkv(False)
     out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.25, True)
     dout = torch.randn_like(out)
@@ -35,7 +35,7 @@ def _bwd_samples():
     yield (dout, q, k, v, out, lse, 0.25, True, 0, 0), {"dlse": torch.randn_like(lse)}
 
 
-def _bwd_acc_samples():
+def _bwd_acc_samples(group):
     q, k, v = _qkv(False)
     out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.25, False)
     dout = torch.randn_like(out)
@@ -44,18 +44,47 @@ def _bwd_acc_samples():
     yield (dout, q, k, v, lse, delta, 0.25, False, 0, 0, *acc), {}
 
 
-def _merge_samples():
+def _merge_samples(group):
     q, k, v = _qkv(False)
     out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.25, False, 0, 0, True)
     part, part_lse = torch.ops.ring_ext.fwd(q, k, v, 0.25, True, 0, 5, True)
     yield (out, lse, part, part_lse), {}
 
 
+def _shards(requires_grad):
+    """This rank's q, k, v shards: the same length (even, as zigzag needs), GQA."""
+    q, k, v = _qkv(requires_grad)
+    return [t[:, :8].detach().requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def _attention_samples(group):
+    for causal in (True, False):
+        q, k, v = _shards(True)
+        yield (q, k, v, 0.35, causal, "megatron_cp_algo", group), {}
+
+
+def _attention_bwd_samples(group):
+    for causal in (True, False):
+        q, k, v = _shards(False)
+        args = (q, k, v, 0.35, causal, "megatron_cp_algo", group)
+        out, lse = torch.ops.ring_ext.attention(*args)
+        yield (torch.randn_like(out), *args[:3], out, lse, *args[3:]), {}
+
+
+def _ring_schedule_samples(group):
+    yield ("megatron_cp_algo", 4, 1, 2, True), {}
+
+
+# op -> (samples(group_name), opcheck's test_utils or None for all of them). The ring ops run over a
+# one-rank Gloo group; ring_schedule has no tensors, so only its schema and fake kernel are checked.
 SAMPLES = {
-    "fwd": _fwd_samples,
-    "bwd": _bwd_samples,
-    "bwd_acc": _bwd_acc_samples,
-    "merge_": _merge_samples,
+    "fwd": (_fwd_samples, None),
+    "bwd": (_bwd_samples, None),
+    "bwd_acc": (_bwd_acc_samples, None),
+    "merge_": (_merge_samples, None),
+    "attention": (_attention_samples, None),
+    "attention_bwd": (_attention_bwd_samples, None),
+    "ring_schedule": (_ring_schedule_samples, ("test_schema", "test_faketensor")),
 }
 
 
@@ -75,9 +104,11 @@ def test_every_op_has_opcheck_samples():
 
 
 @pytest.mark.parametrize("op", sorted(SAMPLES))
-def test_opcheck(op):
-    for args, kwargs in SAMPLES[op]():
-        torch.library.opcheck(getattr(torch.ops.ring_ext, op).default, args, kwargs)
+def test_opcheck(op, world):
+    samples, test_utils = SAMPLES[op]
+    extra = {} if test_utils is None else {"test_utils": test_utils}
+    for args, kwargs in samples(world.group_name):
+        torch.library.opcheck(getattr(torch.ops.ring_ext, op).default, args, kwargs, **extra)
 
 
 def test_compile_fullgraph_matches_eager():

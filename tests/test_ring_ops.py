@@ -1,28 +1,19 @@
-"""The ring ops in one process (a world of one Gloo rank): opcheck samples, fullgraph compile, errors.
+"""The ring ops in one process (a world of one Gloo rank): fullgraph compile, errors (opcheck samples
+live in tests/test_ops.py with every other op's).
 
 Multi-rank behaviour is in tests/test_ring_dist.py."""
 
 from __future__ import annotations
-
-import datetime
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import ring_ext
-from distributed import free_port, run_distributed
+from distributed import run_distributed
 from ring_cases import Block, Case, compile_case
 
 RING = dict(context_parallel_size=1, context_parallel_algo="megatron_cp_algo")
-
-
-@pytest.fixture(scope="module")
-def world():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
-    yield dist.group.WORLD
-    dist.destroy_process_group()
 
 
 def qkv(dtype=torch.float32, s=8, requires_grad=False):
@@ -30,24 +21,6 @@ def qkv(dtype=torch.float32, s=8, requires_grad=False):
     q = torch.randn(2, s, 4, 8, generator=g, dtype=dtype)
     k, v = (torch.randn(2, s, 2, 8, generator=g, dtype=dtype) for _ in range(2))
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
-
-
-def test_opcheck_attention_ops(world):
-    name = world.group_name
-    for causal in (True, False):
-        q, k, v = qkv(requires_grad=True)
-        args = (q, k, v, 0.35, causal, "megatron_cp_algo", name)
-        torch.library.opcheck(torch.ops.ring_ext.attention.default, args)
-        out, lse = torch.ops.ring_ext.attention(*args)
-        dout = torch.randn_like(out)
-        torch.library.opcheck(torch.ops.ring_ext.attention_bwd.default,
-                              (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), 0.35,
-                               causal, "megatron_cp_algo", name))
-
-
-def test_opcheck_ring_schedule():
-    torch.library.opcheck(torch.ops.ring_ext.ring_schedule.default, ("megatron_cp_algo", 4, 1, 2, True),
-                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_fullgraph_compile_matches_eager_inductor(world):
