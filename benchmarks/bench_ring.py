@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import warnings
 import resource
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +33,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import ring_ext  # noqa: E402
-from distributed import run_distributed  # noqa: E402
 from ring_ext.reference import attention_reference  # noqa: E402
 from ring_ext.ring import schedule  # noqa: E402
+
+from distributed import run_distributed  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HEADS, HEAD_DIM = 8, 64
@@ -54,7 +55,9 @@ def timed(fn, reps):
 
 def inputs(seq, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, seq, HEADS, HEAD_DIM, generator=g).to(dtype) for _ in range(4)]  # q, k, v, dout [b,s,h,d]
+    return [
+        torch.randn(1, seq, HEADS, HEAD_DIM, generator=g).to(dtype) for _ in range(4)
+    ]  # q, k, v, dout [b,s,h,d]
 
 
 def error_one_head(out_full, q, k, v, causal):
@@ -69,8 +72,12 @@ def rss_mb():
 
 
 def _ring_ext(rank, cp, q, k, v, dout, causal, reps):
-    cfg = ring_ext.CPConfig(context_parallel_size=cp, context_parallel_algo="megatron_cp_algo",
-                            attention_mask_type="causal" if causal else "general", use_cp_send_recv_overlap=True)
+    cfg = ring_ext.CPConfig(
+        context_parallel_size=cp,
+        context_parallel_algo="megatron_cp_algo",
+        attention_mask_type="causal" if causal else "general",
+        use_cp_send_recv_overlap=True,
+    )
     ctx = ring_ext.initialize(cfg)
     ql, kl, vl, dl = (ring_ext.shard(t, ctx, 1) for t in (q, k, v, dout))
     fwd = timed(lambda: ring_ext.attention(ql, kl, vl, ctx), reps)
@@ -81,8 +88,11 @@ def _ring_ext(rank, cp, q, k, v, dout, causal, reps):
 
     fb = timed(fwd_bwd, reps)
     # Overlap efficiency: compute alone and the ring's wall time, measured back to back, best of each.
-    effs = [timed(lambda: _local_compute(ql, kl, vl, cp, rank, causal), 1)
-            / timed(lambda: ring_ext.attention(ql, kl, vl, ctx), 1) for _ in range(reps)]
+    effs = [
+        timed(lambda: _local_compute(ql, kl, vl, cp, rank, causal), 1)
+        / timed(lambda: ring_ext.attention(ql, kl, vl, ctx), 1)
+        for _ in range(reps)
+    ]
     out = ring_ext.unshard(ring_ext.attention(ql, kl, vl, ctx), ctx, 1)
     return fwd, fb, out, max(effs)
 
@@ -96,8 +106,16 @@ def _local_compute(q, k, v, cp, rank, causal):
         for it in step.items:
             qr = slice(it.q_chunk * chunk, (it.q_chunk + it.q_chunks) * chunk)
             kr = slice(it.kv_chunk * chunk, (it.kv_chunk + it.kv_chunks) * chunk)
-            bo, bl = torch.ops.ring_ext.fwd(q[:, qr], k[:, kr], v[:, kr], q.shape[-1] ** -0.5, it.causal,
-                                            it.q_offset * chunk, it.k_offset * chunk, True)
+            bo, bl = torch.ops.ring_ext.fwd(
+                q[:, qr],
+                k[:, kr],
+                v[:, kr],
+                q.shape[-1] ** -0.5,
+                it.causal,
+                it.q_offset * chunk,
+                it.k_offset * chunk,
+                True,
+            )
             torch.ops.ring_ext.merge_(out[:, qr], lse[..., qr], bo, bl)
     return out.to(q.dtype)
 
@@ -107,7 +125,7 @@ def _allgather_sdpa(rank, cp, q, k, v, dout, causal, reps):
     from torch.distributed.nn.functional import all_gather
 
     s = q.shape[1] // cp
-    ql, kl, vl, dl = (t[:, rank * s:(rank + 1) * s].transpose(1, 2).contiguous() for t in (q, k, v, dout))
+    ql, kl, vl, dl = (t[:, rank * s : (rank + 1) * s].transpose(1, 2).contiguous() for t in (q, k, v, dout))
     mask = None
     if causal:  # local rows rank*s.. see keys <= their global position
         mask = torch.arange(cp * s)[None, :] <= (torch.arange(s)[:, None] + rank * s)
@@ -133,8 +151,13 @@ def _torch_ring(rank, cp, q, k, v, dout, causal, reps):
     from torch.distributed.tensor.experimental._context_parallel import _attention as tca
 
     tca._cp_options.enable_load_balance = causal  # its own zigzag ("head-tail") order for causal
-    ctx = ring_ext.initialize(ring_ext.CPConfig(context_parallel_size=cp, context_parallel_algo="megatron_cp_algo",
-                                                attention_mask_type="causal" if causal else "general"))
+    ctx = ring_ext.initialize(
+        ring_ext.CPConfig(
+            context_parallel_size=cp,
+            context_parallel_algo="megatron_cp_algo",
+            attention_mask_type="causal" if causal else "general",
+        )
+    )
     ql, kl, vl, dl = (ring_ext.shard(t, ctx, 1).transpose(1, 2).contiguous() for t in (q, k, v, dout))
     group = dist.group.WORLD
     fwd_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -146,8 +169,9 @@ def _torch_ring(rank, cp, q, k, v, dout, causal, reps):
     def fwd_bwd():
         out, lse = fwd()[:2]
         out = out.to(ql.dtype)
-        tca._templated_ring_attention_backward(group, 2, bwd_op, dl, "grad_out", ql, kl, vl, out, lse,
-                                               is_causal=causal, dropout_p=0.0)
+        tca._templated_ring_attention_backward(
+            group, 2, bwd_op, dl, "grad_out", ql, kl, vl, out, lse, is_causal=causal, dropout_p=0.0
+        )
 
     t_f, t_fb = timed(fwd, reps), timed(fwd_bwd, reps)
     out = ring_ext.unshard(fwd()[0].to(ql.dtype).transpose(1, 2).contiguous(), ctx, 1)
@@ -160,8 +184,12 @@ def _ring_attn_pytorch(rank, cp, q, k, v, dout, causal, reps):
     raise NotImplementedError("ring_attention_pytorch driver not written; see the docs")
 
 
-METHODS = {"ring_ext": _ring_ext, "allgather_sdpa": _allgather_sdpa, "torch_ring": _torch_ring,
-           "ring_attn_pytorch": _ring_attn_pytorch}
+METHODS = {
+    "ring_ext": _ring_ext,
+    "allgather_sdpa": _allgather_sdpa,
+    "torch_ring": _torch_ring,
+    "ring_attn_pytorch": _ring_attn_pytorch,
+}
 
 
 def cp_worker(rank, cp, case):
@@ -207,7 +235,9 @@ def main():
     p.add_argument("--methods", nargs="+", default=list(METHODS) + ["single"])
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
-    print("| cp | s | dtype | mask | method | fwd s | fwd+bwd s | peak RSS MB/rank | rel L2 (head 0) | overlap eff | note |")
+    print(
+        "| cp | s | dtype | mask | method | fwd s | fwd+bwd s | peak RSS MB/rank | rel L2 (head 0) | overlap eff | note |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for cp in args.cp:
         for seq in args.seq:
@@ -218,8 +248,14 @@ def main():
                         if m == "single":
                             r = single(seq, dt, causal, args.reps, cp)
                         else:
-                            rs = run_distributed(cp_worker, cp, [(m, seq, dt, causal, args.reps)], collect=True,
-                                                 timeout_s=3600, pg_timeout_s=1800)
+                            rs = run_distributed(
+                                cp_worker,
+                                cp,
+                                [(m, seq, dt, causal, args.reps)],
+                                collect=True,
+                                timeout_s=3600,
+                                pg_timeout_s=1800,
+                            )
                             r = rs[0]
                         print(f"| {cp} | {seq} | {dt} | {mask} | {m} {fmt(r)}", flush=True)
 

@@ -46,10 +46,11 @@ TORCH_LIBRARY(ring_ext, m) {
       "-> (Tensor out, Tensor lse)");
   // Gradients of attention given its final out and lse; dq/dk/dv in the dtype and strides of q/k/v.
   m.def(
-      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float "
+      "scale, "
       "bool causal, str algo, str group, str inner_group=\"\", str outer_group=\"\", "
-      "str ulysses_group=\"\", bool overlap=True, Tensor? dlse=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "str ulysses_group=\"\", bool overlap=True, Tensor? dlse=None) -> (Tensor dq, Tensor dk, "
+      "Tensor dv)");
   // The ring schedule of one rank, flattened (tests): per step [src, n_items, 7 fields per item].
   m.def("ring_schedule(str algo, int cp_size, int rank, int window, bool causal) -> int[]");
 }
-

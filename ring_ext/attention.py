@@ -51,16 +51,30 @@ def attention(
 def _cp_attention(q, k, v, ctx, layout, causal, scale, head_dim):
     """Context-parallel attention of this rank's shards; every rank reaches the same verdict on bad input."""
     if causal is not None and bool(causal) != ctx.causal:
-        raise ValueError(f"causal={causal} contradicts the context's attention_mask_type "
-                         f"{ctx.config.attention_mask_type!r}; leave causal=None with a context")
+        raise ValueError(
+            f"causal={causal} contradicts the context's attention_mask_type "
+            f"{ctx.config.attention_mask_type!r}; leave causal=None with a context"
+        )
     if ctx.algo != "megatron_cp_algo":
-        raise NotImplementedError(f"context_parallel_algo {ctx.algo!r} (Ulysses all-to-all attention, issue 4) "
-                                  "is not implemented yet; use megatron_cp_algo")
+        raise NotImplementedError(
+            f"context_parallel_algo {ctx.algo!r} (Ulysses all-to-all attention, issue 4) "
+            "is not implemented yet; use megatron_cp_algo"
+        )
     qv, kv, vv = (to_bshd(t, layout, head_dim) for t in (q, k, v))
     _check_shards(qv, kv, vv, ctx)
     out, _lse = torch.ops.ring_ext.attention(
-        qv, kv, vv, scale, ctx.causal, ctx.algo, ctx.ring_group_name, ctx.inner_group_name,
-        ctx.outer_group_name, ctx.ulysses_group_name, ctx.config.use_cp_send_recv_overlap)
+        qv,
+        kv,
+        vv,
+        scale,
+        ctx.causal,
+        ctx.algo,
+        ctx.ring_group_name,
+        ctx.inner_group_name,
+        ctx.outer_group_name,
+        ctx.ulysses_group_name,
+        ctx.config.use_cp_send_recv_overlap,
+    )
     return from_bshd(out, layout)
 
 
@@ -71,11 +85,15 @@ def _check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> Non
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"k and v must be [b, s, heads_kv, d] shards matching q {tuple(q.shape)}, got "
-                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must be [b, s, heads_kv, d] shards matching q {tuple(q.shape)}, got "
+            f"{tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"kv heads ({k.shape[2]}) must divide q heads ({q.shape[2]})")
     per_rank = 2 if ctx.sharding == "zigzag" else 1
     if q.shape[1] % per_rank != 0:
-        raise ValueError(f"local sequence length {q.shape[1]} must be divisible by {per_rank} "
-                         f"({ctx.sharding} sharding); shard with ring_ext.shard")
+        raise ValueError(
+            f"local sequence length {q.shape[1]} must be divisible by {per_rank} "
+            f"({ctx.sharding} sharding); shard with ring_ext.shard"
+        )

@@ -76,7 +76,10 @@ def full_inputs(args, device) -> list[torch.Tensor]:
     shape_q = (args.batch, args.seq, args.heads, args.head_dim)
     shape_kv = (args.batch, args.seq, args.kv_heads or args.heads, args.head_dim)
     dtype = DTYPES[args.dtype]
-    return [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in (shape_q, shape_kv, shape_kv, shape_q)]
+    return [
+        torch.randn(s, generator=g).to(device=device, dtype=dtype)
+        for s in (shape_q, shape_kv, shape_kv, shape_q)
+    ]
 
 
 def reference(args, inputs):
@@ -193,7 +196,9 @@ def run_torchrun(args, cases: list[Case]) -> list[dict] | None:
     Returns the rows on rank 0, None elsewhere."""
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", dist.get_rank() % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    device = (
+        torch.device("cuda", dist.get_rank() % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    )
     if cuda:
         torch.cuda.set_device(device)
     else:
@@ -206,7 +211,18 @@ def run_torchrun(args, cases: list[Case]) -> list[dict] | None:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["algo", "cp", "seq", "dtype", "mask", "fwd_ms", "bwd_ms", "tokens_per_s", "peak_mib_per_rank", "max_rel_err"]
+    cols = [
+        "algo",
+        "cp",
+        "seq",
+        "dtype",
+        "mask",
+        "fwd_ms",
+        "bwd_ms",
+        "tokens_per_s",
+        "peak_mib_per_rank",
+        "max_rel_err",
+    ]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
@@ -216,7 +232,13 @@ def print_table(rows: list[dict]) -> None:
             if value is None:
                 cells.append("-")
             elif isinstance(value, float):
-                cells.append(f"{value:.1e}" if c == "max_rel_err" else f"{value:.0f}" if value >= 100 else f"{value:.1f}")
+                cells.append(
+                    f"{value:.1e}"
+                    if c == "max_rel_err"
+                    else f"{value:.0f}"
+                    if value >= 100
+                    else f"{value:.1f}"
+                )
             else:
                 cells.append(str(value))
         print("| " + " | ".join(cells) + " |")
@@ -248,16 +270,21 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ring_ext", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ring_ext", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("demo", "every algorithm at one CP size, verified"),
-                            ("bench", "every algorithm at several CP sizes; --plot, --json")):
+    for name, help_text in (
+        ("demo", "every algorithm at one CP size, verified"),
+        ("bench", "every algorithm at several CP sizes; --plot, --json"),
+    ):
         p = sub.add_parser(name, help=help_text)
         add_arguments(p)
         p.set_defaults(context_parallel_size=4)
         p.add_argument("--algos", default="all", help="all, or a comma list of ulysses,ring,double,hybrid")
-        p.add_argument("--seq", type=int, default=4096 if name == "demo" else 8192, help="total sequence length")
+        p.add_argument(
+            "--seq", type=int, default=4096 if name == "demo" else 8192, help="total sequence length"
+        )
         p.add_argument("--batch", type=int, default=1)
         p.add_argument("--heads", type=int, default=8)
         p.add_argument("--kv-heads", type=int, default=None, help="GQA: K/V heads (default: --heads)")
@@ -266,9 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repeats", type=int, default=2)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads-per-rank", type=int, default=1)
-        p.add_argument("--verify-max-seq", type=int, default=16384, help="check against full attention up to this length")
+        p.add_argument(
+            "--verify-max-seq", type=int, default=16384, help="check against full attention up to this length"
+        )
         p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-        p.add_argument("--plot", metavar="FILE.png", help="time and memory per rank against CP size (matplotlib)")
+        p.add_argument(
+            "--plot", metavar="FILE.png", help="time and memory per rank against CP size (matplotlib)"
+        )
         if name == "bench":
             p.add_argument("--cp-sizes", default="1,2,4", help="CP sizes to run (spawned Gloo worlds)")
     return parser
@@ -290,8 +321,10 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(f"b={args.batch} h={args.heads} kv_heads={args.kv_heads or args.heads} d={args.head_dim}; "
-              f"max_rel_err: output and gradients vs full attention on one process (fp32)")
+        print(
+            f"b={args.batch} h={args.heads} kv_heads={args.kv_heads or args.heads} d={args.head_dim}; "
+            f"max_rel_err: output and gradients vs full attention on one process (fp32)"
+        )
         print_table(rows)
     if args.plot:
         plot(rows, args.plot)

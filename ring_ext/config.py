@@ -1,12 +1,12 @@
 """CPConfig: the context-parallel options, named after MindSpeed's flags, and their argparse flags.
 
-    --context-parallel-size N          default 1
-    --context-parallel-algo A          ulysses_cp_algo (default) | megatron_cp_algo | hybrid_cp_algo
-    --use-cp-send-recv-overlap         overlap the ring's next transfer with the current block
-    --attention-mask-type M            causal (default) | general (no mask: every key visible)
-    --megatron-cp-in-bnsd              BNSD layout instead of the default SBH
-    --cp-window-size W                 default 1; W > 1: double ring with inner rings of W ranks
-    --ulysses-degree-in-cp U           hybrid: Ulysses inside groups of U ranks, ring across them
+--context-parallel-size N          default 1
+--context-parallel-algo A          ulysses_cp_algo (default) | megatron_cp_algo | hybrid_cp_algo
+--use-cp-send-recv-overlap         overlap the ring's next transfer with the current block
+--attention-mask-type M            causal (default) | general (no mask: every key visible)
+--megatron-cp-in-bnsd              BNSD layout instead of the default SBH
+--cp-window-size W                 default 1; W > 1: double ring with inner rings of W ranks
+--ulysses-degree-in-cp U           hybrid: Ulysses inside groups of U ranks, ring across them
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ class CPConfig:
     def __post_init__(self):
         cp = _positive_int(self.context_parallel_size, "context_parallel_size")
         if self.context_parallel_algo not in ALGOS:
-            raise ValueError(f"context_parallel_algo must be one of {ALGOS}, got {self.context_parallel_algo!r}")
+            raise ValueError(
+                f"context_parallel_algo must be one of {ALGOS}, got {self.context_parallel_algo!r}"
+            )
         if self.attention_mask_type not in MASK_TYPES:
-            raise ValueError(f"attention_mask_type must be one of {MASK_TYPES}, got {self.attention_mask_type!r}")
+            raise ValueError(
+                f"attention_mask_type must be one of {MASK_TYPES}, got {self.attention_mask_type!r}"
+            )
         for name in ("use_cp_send_recv_overlap", "megatron_cp_in_bnsd"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -49,8 +53,11 @@ class CPConfig:
         elif self.ulysses_degree_in_cp is not None:
             _positive_int(self.ulysses_degree_in_cp, "ulysses_degree_in_cp")
         if ring % window != 0:
-            raise ValueError(f"cp_window_size ({window}) must divide the ring size ({ring} = context_parallel_size"
-                             + (" / ulysses_degree_in_cp" if ring != cp else "") + ")")
+            raise ValueError(
+                f"cp_window_size ({window}) must divide the ring size ({ring} = context_parallel_size"
+                + (" / ulysses_degree_in_cp" if ring != cp else "")
+                + ")"
+            )
 
     @property
     def causal(self) -> bool:

@@ -59,12 +59,16 @@ def initialize(config: CPConfig, group: dist.ProcessGroup | None = None) -> CPCo
     if not isinstance(config, CPConfig):
         raise TypeError(f"config must be a ring_ext.CPConfig, got {type(config).__name__}")
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("ring_ext.initialize needs torch.distributed initialised (dist.init_process_group)")
+        raise RuntimeError(
+            "ring_ext.initialize needs torch.distributed initialised (dist.init_process_group)"
+        )
     group = group if group is not None else dist.group.WORLD
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     if config.context_parallel_size != size:
-        raise ValueError(f"context_parallel_size ({config.context_parallel_size}) must equal the size "
-                         f"of the process group ({size})")
+        raise ValueError(
+            f"context_parallel_size ({config.context_parallel_size}) must equal the size "
+            f"of the process group ({size})"
+        )
     ctx = dict(config=config, group=group, rank=rank)
     if config.context_parallel_algo == "megatron_cp_algo":
         ctx.update(_ring_groups(config, group))
@@ -79,10 +83,14 @@ def _ring_groups(config: CPConfig, group: dist.ProcessGroup) -> dict:
         return out
     ranks = dist.get_process_group_ranks(group)  # global ranks, in group order
     me = dist.get_rank(group)
-    inner = _my_group([ranks[o * w:(o + 1) * w] for o in range(cp // w)], me // w)
+    inner = _my_group([ranks[o * w : (o + 1) * w] for o in range(cp // w)], me // w)
     outer = _my_group([ranks[i::w] for i in range(w)], me % w)
-    out.update(inner_group=inner, outer_group=outer, inner_group_name=inner.group_name,
-               outer_group_name=outer.group_name)
+    out.update(
+        inner_group=inner,
+        outer_group=outer,
+        inner_group_name=inner.group_name,
+        outer_group_name=outer.group_name,
+    )
     return out
 
 

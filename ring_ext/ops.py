@@ -64,18 +64,43 @@ torch.library.register_autograd("ring_ext::fwd", _fwd_backward, setup_context=_f
 
 # Context-parallel attention (csrc/ring): fakes and autograd. Shapes follow the local shards.
 @torch.library.register_fake("ring_ext::attention")
-def _attention_fake(q, k, v, scale, causal, algo, group, inner_group="", outer_group="", ulysses_group="",
-                    overlap=True):
+def _attention_fake(
+    q, k, v, scale, causal, algo, group, inner_group="", outer_group="", ulysses_group="", overlap=True
+):
     return torch.empty_like(q), _row_stats(q)
 
 
 @torch.library.register_fake("ring_ext::attention_bwd")
-def _attention_bwd_fake(dout, q, k, v, out, lse, scale, causal, algo, group, inner_group="", outer_group="",
-                        ulysses_group="", overlap=True, dlse=None):
+def _attention_bwd_fake(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    scale,
+    causal,
+    algo,
+    group,
+    inner_group="",
+    outer_group="",
+    ulysses_group="",
+    overlap=True,
+    dlse=None,
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_ATTENTION_ARGS = ("scale", "causal", "algo", "group", "inner_group", "outer_group", "ulysses_group", "overlap")
+_ATTENTION_ARGS = (
+    "scale",
+    "causal",
+    "algo",
+    "group",
+    "inner_group",
+    "outer_group",
+    "ulysses_group",
+    "overlap",
+)
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -92,5 +117,6 @@ def _attention_backward(ctx, dout, dlse):
     return (dq, dk, dv) + (None,) * len(_ATTENTION_ARGS)
 
 
-torch.library.register_autograd("ring_ext::attention", _attention_backward,
-                                setup_context=_attention_setup_context)
+torch.library.register_autograd(
+    "ring_ext::attention", _attention_backward, setup_context=_attention_setup_context
+)

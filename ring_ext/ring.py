@@ -33,7 +33,7 @@ def schedule(algo: str, cp_size: int, rank: int, window: int, causal: bool) -> l
         pos += 2
         items = []
         for _ in range(n):
-            f = flat[pos:pos + 7]
+            f = flat[pos : pos + 7]
             items.append(WorkItem(f[0], f[1], f[2], f[3], bool(f[4]), f[5], f[6]))
             pos += 7
         steps.append(Step(src, tuple(items)))

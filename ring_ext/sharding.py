@@ -33,8 +33,10 @@ def shard_tensor(x: torch.Tensor, seq_dim: int, mode: str, cp_size: int, rank: i
     seq_dim = _check_dim(x, seq_dim)
     n = num_chunks(mode, cp_size)
     if x.shape[seq_dim] % n != 0:
-        raise ValueError(f"sequence length {x.shape[seq_dim]} (dim {seq_dim}) must be divisible by {n} "
-                         f"({mode} sharding over cp_size={cp_size})")
+        raise ValueError(
+            f"sequence length {x.shape[seq_dim]} (dim {seq_dim}) must be divisible by {n} "
+            f"({mode} sharding over cp_size={cp_size})"
+        )
     chunks = x.chunk(n, dim=seq_dim)
     return torch.cat([chunks[c] for c in chunk_order(mode, cp_size, rank)], dim=seq_dim)
 

@@ -15,7 +15,11 @@ from distributed import free_port
 def world():
     """A one-rank Gloo world in the pytest process, for the ops that take a process group."""
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{free_port()}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=30),
     )
     yield dist.group.WORLD
     dist.destroy_process_group()

@@ -28,8 +28,13 @@ def free_port() -> int:
 
 def _worker(rank, fn, world_size, cases, port, pg_timeout_s, threads, results):
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=pg_timeout_s))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=pg_timeout_s),
+    )
     try:
         out = [fn(rank, world_size, case) for case in cases]
         if results is not None and rank == 0:
@@ -39,15 +44,28 @@ def _worker(rank, fn, world_size, cases, port, pg_timeout_s, threads, results):
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, cases: list, *, timeout_s: float = 300.0, pg_timeout_s: float = 60.0,
-                    threads: int = 1, collect: bool = False):
+def run_distributed(
+    fn,
+    world_size: int,
+    cases: list,
+    *,
+    timeout_s: float = 300.0,
+    pg_timeout_s: float = 60.0,
+    threads: int = 1,
+    collect: bool = False,
+):
     """Runs fn(rank, world_size, case) for every case on world_size Gloo ranks; returns rank 0's results
     (a list, one per case) when collect=True."""
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue() if collect else None
     port = free_port()
-    pc = mp.start_processes(_worker, args=(fn, world_size, list(cases), port, pg_timeout_s, threads, results),
-                            nprocs=world_size, join=False, start_method="spawn")
+    pc = mp.start_processes(
+        _worker,
+        args=(fn, world_size, list(cases), port, pg_timeout_s, threads, results),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + timeout_s
     out = None
     while not pc.join(timeout=0.2):
@@ -57,8 +75,10 @@ def run_distributed(fn, world_size: int, cases: list, *, timeout_s: float = 300.
             for p in pc.processes:
                 if p.is_alive():
                     os.kill(p.pid, 9)
-            raise TimeoutError(f"run_distributed({getattr(fn, '__name__', fn)}, world_size={world_size}) "
-                               f"did not finish within {timeout_s}s")
+            raise TimeoutError(
+                f"run_distributed({getattr(fn, '__name__', fn)}, world_size={world_size}) "
+                f"did not finish within {timeout_s}s"
+            )
     if results is not None and out is None and not results.empty():
         out = results.get()
     return out

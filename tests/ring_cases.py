@@ -10,6 +10,7 @@ import torch
 import ring_ext
 from ring_ext.layouts import SEQ_DIM, from_bshd, to_bshd
 from ring_ext.reference import attention_reference
+
 from tolerances import assert_rel_l2
 
 
@@ -28,9 +29,13 @@ class Case:
     seed: int = 0
 
     def config(self, world_size: int) -> ring_ext.CPConfig:
-        return ring_ext.CPConfig(context_parallel_size=world_size, context_parallel_algo="megatron_cp_algo",
-                                 attention_mask_type="causal" if self.causal else "general",
-                                 cp_window_size=self.window, use_cp_send_recv_overlap=self.overlap)
+        return ring_ext.CPConfig(
+            context_parallel_size=world_size,
+            context_parallel_algo="megatron_cp_algo",
+            attention_mask_type="causal" if self.causal else "general",
+            cp_window_size=self.window,
+            use_cp_send_recv_overlap=self.overlap,
+        )
 
 
 def full_inputs(case: Case, world_size: int):
@@ -39,7 +44,9 @@ def full_inputs(case: Case, world_size: int):
     s = case.seq_per_rank * world_size
     shape_q = (case.batch, s, case.heads_q, case.head_dim)
     shape_kv = (case.batch, s, case.heads_kv, case.head_dim)
-    q, k, v, dout = (torch.randn(sh, generator=g).to(case.dtype) for sh in (shape_q, shape_kv, shape_kv, shape_q))
+    q, k, v, dout = (
+        torch.randn(sh, generator=g).to(case.dtype) for sh in (shape_q, shape_kv, shape_kv, shape_q)
+    )
     return q, k, v, dout
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ring_ext.ffn import blockwise_ffn
+
 from tolerances import assert_rel_l2
 
 

@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed: pip install .[hf]")
 
 import ring_ext.hf  # noqa: E402
+
 from tolerances import assert_rel_l2  # noqa: E402
 
 

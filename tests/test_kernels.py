@@ -9,6 +9,7 @@ import torch
 
 import ring_ext
 from ring_ext.reference import attention_reference, merge_reference
+
 from tolerances import assert_rel_l2
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -45,8 +45,11 @@ def test_double_ring_table_of_the_note():
 
 def _pairs(item, q_chunks, kv_chunks):
     """Global (q chunk, kv chunk) pairs of an item; chunk lists are in local order."""
-    return [(q_chunks[a], kv_chunks[b]) for a in range(item.q_chunk, item.q_chunk + item.q_chunks)
-            for b in range(item.kv_chunk, item.kv_chunk + item.kv_chunks)]
+    return [
+        (q_chunks[a], kv_chunks[b])
+        for a in range(item.q_chunk, item.q_chunk + item.q_chunks)
+        for b in range(item.kv_chunk, item.kv_chunk + item.kv_chunks)
+    ]
 
 
 @pytest.mark.parametrize("cp,window", TOPOLOGIES)

@@ -24,9 +24,21 @@ def matrix(world_size: int, windows: tuple[int, ...], seq_per_rank: int = 8) -> 
     combos = itertools.product((True, False), windows, (True, False), (torch.float32, torch.bfloat16))
     for n, (causal, window, overlap, dtype) in enumerate(combos):
         hq, hkv = HEADS[n % len(HEADS)]
-        cases.append(Case(causal=causal, window=window, overlap=overlap, dtype=dtype, layout=LAYOUTS[n % 4],
-                          heads_q=hq, heads_kv=hkv, head_dim=(16, 24, 7)[n % 3], batch=1 + n % 2,
-                          seq_per_rank=seq_per_rank, seed=n))
+        cases.append(
+            Case(
+                causal=causal,
+                window=window,
+                overlap=overlap,
+                dtype=dtype,
+                layout=LAYOUTS[n % 4],
+                heads_q=hq,
+                heads_kv=hkv,
+                head_dim=(16, 24, 7)[n % 3],
+                batch=1 + n % 2,
+                seq_per_rank=seq_per_rank,
+                seed=n,
+            )
+        )
     return cases
 
 

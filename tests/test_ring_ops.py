@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import ring_ext
+
 from distributed import run_distributed
 from ring_cases import Block, Case, compile_case
 
@@ -46,7 +46,9 @@ def test_fullgraph_compile_two_ranks():
 def test_ulysses_and_hybrid_not_built_yet(world):
     q, k, v = qkv()
     for algo, extra in (("ulysses_cp_algo", {}), ("hybrid_cp_algo", dict(ulysses_degree_in_cp=1))):
-        ctx = ring_ext.initialize(ring_ext.CPConfig(context_parallel_size=1, context_parallel_algo=algo, **extra))
+        ctx = ring_ext.initialize(
+            ring_ext.CPConfig(context_parallel_size=1, context_parallel_algo=algo, **extra)
+        )
         with pytest.raises(NotImplementedError, match="Ulysses"):
             ring_ext.attention(q, k, v, ctx)
         with pytest.raises(NotImplementedError, match="Ulysses"):
@@ -55,7 +57,9 @@ def test_ulysses_and_hybrid_not_built_yet(world):
 
 def test_initialize_checks_the_group(world):
     with pytest.raises(ValueError, match="context_parallel_size"):
-        ring_ext.initialize(ring_ext.CPConfig(context_parallel_size=2, context_parallel_algo="megatron_cp_algo"))
+        ring_ext.initialize(
+            ring_ext.CPConfig(context_parallel_size=2, context_parallel_algo="megatron_cp_algo")
+        )
     with pytest.raises(TypeError, match="CPConfig"):
         ring_ext.initialize({"context_parallel_size": 1})
 

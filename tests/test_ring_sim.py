@@ -13,14 +13,17 @@ import torch
 from ring_ext.reference import attention_reference
 from ring_ext.ring import schedule
 from ring_ext.sharding import shard_tensor, unshard_parts
+
 from tolerances import assert_rel_l2
 
 ALGO = "megatron_cp_algo"
 
 
 def _rows(item, chunk):
-    return (slice(item.q_chunk * chunk, (item.q_chunk + item.q_chunks) * chunk),
-            slice(item.kv_chunk * chunk, (item.kv_chunk + item.kv_chunks) * chunk))
+    return (
+        slice(item.q_chunk * chunk, (item.q_chunk + item.q_chunks) * chunk),
+        slice(item.kv_chunk * chunk, (item.kv_chunk + item.kv_chunks) * chunk),
+    )
 
 
 def simulate(q, k, v, dout, cp, window, causal):
@@ -36,8 +39,16 @@ def simulate(q, k, v, dout, cp, window, causal):
         for step in schedule(ALGO, cp, r, window, causal):
             for item in step.items:
                 qr, kr = _rows(item, chunk)
-                bo, bl = torch.ops.ring_ext.fwd(qs[r][:, qr], ks[step.src][:, kr], vs[step.src][:, kr], scale,
-                                                item.causal, item.q_offset * chunk, item.k_offset * chunk, True)
+                bo, bl = torch.ops.ring_ext.fwd(
+                    qs[r][:, qr],
+                    ks[step.src][:, kr],
+                    vs[step.src][:, kr],
+                    scale,
+                    item.causal,
+                    item.q_offset * chunk,
+                    item.k_offset * chunk,
+                    True,
+                )
                 torch.ops.ring_ext.merge_(out[:, qr], lse[..., qr], bo, bl)
         outs.append(out.to(q.dtype))
         lses.append(lse)
@@ -48,14 +59,27 @@ def simulate(q, k, v, dout, cp, window, causal):
         for step in schedule(ALGO, cp, r, window, causal):
             for item in step.items:
                 qr, kr = _rows(item, chunk)
-                torch.ops.ring_ext.bwd_acc(ds[r][:, qr], qs[r][:, qr], ks[step.src][:, kr], vs[step.src][:, kr],
-                                           lses[r][..., qr], delta[..., qr], scale, item.causal,
-                                           item.q_offset * chunk, item.k_offset * chunk, dqs[r][:, qr],
-                                           dks[step.src][:, kr], dvs[step.src][:, kr])
+                torch.ops.ring_ext.bwd_acc(
+                    ds[r][:, qr],
+                    qs[r][:, qr],
+                    ks[step.src][:, kr],
+                    vs[step.src][:, kr],
+                    lses[r][..., qr],
+                    delta[..., qr],
+                    scale,
+                    item.causal,
+                    item.q_offset * chunk,
+                    item.k_offset * chunk,
+                    dqs[r][:, qr],
+                    dks[step.src][:, kr],
+                    dvs[step.src][:, kr],
+                )
     return [unshard_parts(parts, 1, mode) for parts in (outs, dqs, dks, dvs)]
 
 
-@pytest.mark.parametrize("cp,window", [(1, 1), (2, 1), (3, 1), (4, 1), (4, 2), (5, 1), (6, 3), (8, 2), (8, 4)])
+@pytest.mark.parametrize(
+    "cp,window", [(1, 1), (2, 1), (3, 1), (4, 1), (4, 2), (5, 1), (6, 3), (8, 2), (8, 4)]
+)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_simulated_ring_matches_oracle(cp, window, causal, dtype):

@@ -74,8 +74,8 @@ struct RingSetup {
 };
 
 void check_window_groups(const RingSetup& s) {
-  TORCH_CHECK(s.topo.cp_size % s.topo.window == 0, "ring_ext: the inner ring size ",
-              s.topo.window, " must divide the CP size ", s.topo.cp_size);
+  TORCH_CHECK(s.topo.cp_size % s.topo.window == 0, "ring_ext: the inner ring size ", s.topo.window,
+              " must divide the CP size ", s.topo.cp_size);
   TORCH_CHECK(s.inner->getRank() == s.inner_rank(), "ring_ext: rank ", s.rank,
               " of the ring group must be rank ", s.inner_rank(), " of its inner group, got ",
               s.inner->getRank());
@@ -117,7 +117,7 @@ struct Rows {
 };
 
 Rows rows_of(const WorkItem& w, int64_t chunk) {
-  return {w.q_chunk * chunk, w.q_chunks * chunk, w.kv_chunk * chunk,
+  return {w.q_chunk * chunk,   w.q_chunks * chunk, w.kv_chunk * chunk,
           w.kv_chunks * chunk, w.q_offset * chunk, w.k_offset * chunk};
 }
 
@@ -177,10 +177,9 @@ std::tuple<Tensor, Tensor> ring_forward(const Tensor& q, const Tensor& k, const 
   for_each_block(s, pack_kv(k, v), [&](int64_t step, const Tensor& held) {
     for (const WorkItem& item : items_at(s, step)) {
       const Rows r = rows_of(item, s.chunk);
-      auto [block_out, block_lse] =
-          ops.fwd.call(q.narrow(1, r.q0, r.nq), held[0].narrow(1, r.k0, r.nk),
-                       held[1].narrow(1, r.k0, r.nk), s.scale, item.causal, r.q_offset,
-                       r.k_offset, /*out_fp32=*/true);
+      auto [block_out, block_lse] = ops.fwd.call(
+          q.narrow(1, r.q0, r.nq), held[0].narrow(1, r.k0, r.nk), held[1].narrow(1, r.k0, r.nk),
+          s.scale, item.causal, r.q_offset, r.k_offset, /*out_fp32=*/true);
       ops.merge.call(out_acc.narrow(1, r.q0, r.nq), lse.narrow(2, r.q0, r.nq), block_out,
                      block_lse);
     }
@@ -267,9 +266,9 @@ std::tuple<Tensor, Tensor, Tensor> ring_backward(const Tensor& dout, const Tenso
       const Rows r = rows_of(item, s.chunk);
       ops.bwd_acc.call(dout.narrow(1, r.q0, r.nq), q.narrow(1, r.q0, r.nq),
                        held[0].narrow(1, r.k0, r.nk), held[1].narrow(1, r.k0, r.nk),
-                       lse.narrow(2, r.q0, r.nq), delta.narrow(2, r.q0, r.nq), s.scale,
-                       item.causal, r.q_offset, r.k_offset, dq.narrow(1, r.q0, r.nq),
-                       g[0].narrow(1, r.k0, r.nk), g[1].narrow(1, r.k0, r.nk));
+                       lse.narrow(2, r.q0, r.nq), delta.narrow(2, r.q0, r.nq), s.scale, item.causal,
+                       r.q_offset, r.k_offset, dq.narrow(1, r.q0, r.nq), g[0].narrow(1, r.k0, r.nk),
+                       g[1].narrow(1, r.k0, r.nk));
     }
     grads.end_step(step, g);
   });
