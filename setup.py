@@ -72,7 +72,9 @@ def extension():
     ]
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     sources += sorted(glob.glob("csrc/ring/*.cpp"))
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]  # torch >= 2.14 headers need C++20
+    # C++20: torch >= 2.14 headers need it. -fopenmp: at::parallel_for is a header template compiled
+    # here, which runs serially unless _OPENMP is defined (torch's wheel ships the libgomp it uses).
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
     args = {"cxx": cxx}
     kwargs = {}
     if cuda:
@@ -86,7 +88,9 @@ def extension():
         kwargs["include_dirs"] = pip_cuda_includes()  # our -gencode flags replace torch's own
     write_build_info(cuda, archs if cuda else [])
     make = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
-    return make("ring_ext._C", sources, extra_compile_args=args, py_limited_api=False, **kwargs)
+    return make(
+        "ring_ext._C", sources, extra_compile_args=args, extra_link_args=["-fopenmp"], py_limited_api=False, **kwargs
+    )
 
 
 if shutil.which("ninja") is None:

@@ -19,13 +19,24 @@ def resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
     return scale
 
 
+def resolve_layout(layout: str | None, q: torch.Tensor, ctx) -> str:
+    if layout is not None:
+        check_layout(layout)
+        return layout
+    if ctx is None:
+        return "bshd"
+    if ctx.config.megatron_cp_in_bnsd:
+        return "bnsd"
+    return "sbh" if q.dim() == 3 else "bshd"
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     ctx=None,
     *,
-    layout: str = "bshd",
+    layout: str | None = None,
     causal: bool | None = None,
     softmax_scale: float | None = None,
     num_heads: int | None = None,
@@ -34,9 +45,13 @@ def attention(
 
     q, k, v are this rank's shards in `layout` (see ring_ext.layouts); k/v may have fewer heads than q
     (GQA/MQA). With ctx=None this is attention over the local tensors and `causal` must be given.
-    Causal is top-left aligned, as in F.scaled_dot_product_attention(is_causal=True).
+    Causal is top-left aligned, as in F.scaled_dot_product_attention(is_causal=True). With a context,
+    causal=None means the context's attention_mask_type (a contradicting value raises).
+
+    layout=None picks: without a context "bshd"; with one, "bnsd" under --megatron-cp-in-bnsd, else
+    MindSpeed's "sbh" for 3-D inputs and "bshd" for 4-D ones.
     """
-    check_layout(layout)
+    layout = resolve_layout(layout, q, ctx)
     head_dim = head_dim_of(q, layout, num_heads)
     scale = resolve_scale(softmax_scale, head_dim)
     if ctx is not None:
@@ -54,11 +69,6 @@ def _cp_attention(q, k, v, ctx, layout, causal, scale, head_dim):
         raise ValueError(
             f"causal={causal} contradicts the context's attention_mask_type "
             f"{ctx.config.attention_mask_type!r}; leave causal=None with a context"
-        )
-    if ctx.algo != "megatron_cp_algo":
-        raise NotImplementedError(
-            f"context_parallel_algo {ctx.algo!r} (Ulysses all-to-all attention, issue 4) "
-            "is not implemented yet; use megatron_cp_algo"
         )
     qv, kv, vv = (to_bshd(t, layout, head_dim) for t in (q, k, v))
     _check_shards(qv, kv, vv, ctx)
@@ -89,11 +99,21 @@ def _check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> Non
             f"k and v must be [b, s, heads_kv, d] shards matching q {tuple(q.shape)}, got "
             f"{tuple(k.shape)} and {tuple(v.shape)}"
         )
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"kv heads ({k.shape[2]}) must divide q heads ({q.shape[2]})")
-    per_rank = 2 if ctx.sharding == "zigzag" else 1
-    if q.shape[1] % per_rank != 0:
+    heads_q, heads_kv = q.shape[2], k.shape[2]
+    if heads_q % heads_kv != 0:
+        raise ValueError(f"kv heads ({heads_kv}) must divide q heads ({heads_q})")
+    u = ctx.ulysses_degree
+    if u > 1:
+        if heads_q % u != 0:
+            raise ValueError(
+                f"q heads ({heads_q}) must be divisible by the Ulysses degree ({u}) of {ctx.algo}"
+            )
+        if heads_kv % u != 0 and u % heads_kv != 0:
+            raise ValueError(
+                f"kv heads ({heads_kv}) and the Ulysses degree ({u}) of {ctx.algo} must divide one another"
+            )
+    # The ring sees u local shards at once (hybrid) and, causal, splits them into 2 zigzag chunks.
+    if ctx.sharding == "zigzag" and (q.shape[1] * u) % 2 != 0:
         raise ValueError(
-            f"local sequence length {q.shape[1]} must be divisible by {per_rank} "
-            f"({ctx.sharding} sharding); shard with ring_ext.shard"
+            f"local sequence length {q.shape[1]} must be divisible by 2 (zigzag sharding); shard with ring_ext.shard"
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 ALGOS = ("ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo")
 MASK_TYPES = ("causal", "general")
@@ -99,3 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--cp-window-size", type=int, default=1)
     g.add_argument("--ulysses-degree-in-cp", type=int, default=None)
     return parser
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process started by torchrun (or another launcher that sets RANK and WORLD_SIZE).
+    The one place outside the build where ring_ext reads the environment."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ

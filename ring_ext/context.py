@@ -7,9 +7,11 @@ data/tensor-parallel grid can initialise on its own). Nothing is kept at module 
 holds every group and is passed to ring_ext.attention, shard and unshard.
 
 Rank layout (ranks of `group`, r = 0 .. cp-1):
-    ring        all ranks, in order
-    inner ring  windows of cp_window_size consecutive ranks: {0..w-1}, {w..2w-1}, ...   (w > 1)
-    outer ring  ranks with the same position in their window: {i, i+w, i+2w, ...}       (w > 1)
+    megatron_cp_algo  ring: all ranks, in order
+                      inner ring: windows of cp_window_size consecutive ranks (w > 1)
+                      outer ring: ranks with the same position in their window (w > 1)
+    ulysses_cp_algo   one all-to-all group: all ranks
+    hybrid_cp_algo    Note [Hybrid rank layout] below
 """
 
 from __future__ import annotations
@@ -50,8 +52,18 @@ class CPContext:
 
     @property
     def sharding(self) -> str:
-        """How shard() splits the sequence: zigzag for the causal ring, else contiguous."""
-        return "zigzag" if self.causal and self.algo == "megatron_cp_algo" else "contiguous"
+        """How shard() splits the sequence: zigzag for a causal ring (plain or hybrid), else
+        contiguous (ring_ext/sharding.py)."""
+        return "zigzag" if self.causal and self.algo != "ulysses_cp_algo" else "contiguous"
+
+    @property
+    def ulysses_degree(self) -> int:
+        """Ranks of one all-to-all: the CP size for Ulysses, --ulysses-degree-in-cp for hybrid, else 1."""
+        if self.algo == "ulysses_cp_algo":
+            return self.cp_size
+        if self.algo == "hybrid_cp_algo":
+            return self.config.ulysses_degree_in_cp
+        return 1
 
 
 def initialize(config: CPConfig, group: dist.ProcessGroup | None = None) -> CPContext:
@@ -70,20 +82,25 @@ def initialize(config: CPConfig, group: dist.ProcessGroup | None = None) -> CPCo
             f"of the process group ({size})"
         )
     ctx = dict(config=config, group=group, rank=rank)
-    if config.context_parallel_algo == "megatron_cp_algo":
-        ctx.update(_ring_groups(config, group))
+    ranks = dist.get_process_group_ranks(group)  # global ranks, in group order
+    algo = config.context_parallel_algo
+    if algo == "megatron_cp_algo":
+        ctx.update(_ring_groups(ranks, rank, group, config.cp_window_size))
+    elif algo == "ulysses_cp_algo":
+        ctx.update(ulysses_group=group, ulysses_group_name=group.group_name)
+    else:
+        ctx.update(_hybrid_groups(ranks, rank, config))
     return CPContext(**ctx)
 
 
-def _ring_groups(config: CPConfig, group: dist.ProcessGroup) -> dict:
-    """The ring (the group itself) and, for the double ring, its inner and outer rings."""
-    out = dict(ring_group=group, ring_group_name=group.group_name)
-    cp, w = config.context_parallel_size, config.cp_window_size
-    if w == 1 or w == cp:
+def _ring_groups(ranks: list[int], me: int, ring: dist.ProcessGroup, w: int) -> dict:
+    """The ring (ranks, in order; `ring` is its group) and, for the double ring, the inner ring of
+    this rank's window of w consecutive ring ranks and the outer ring across windows."""
+    out = dict(ring_group=ring, ring_group_name=ring.group_name)
+    n = len(ranks)
+    if w == 1 or w == n:
         return out
-    ranks = dist.get_process_group_ranks(group)  # global ranks, in group order
-    me = dist.get_rank(group)
-    inner = _my_group([ranks[o * w : (o + 1) * w] for o in range(cp // w)], me // w)
+    inner = _my_group([ranks[o * w : (o + 1) * w] for o in range(n // w)], me // w)
     outer = _my_group([ranks[i::w] for i in range(w)], me % w)
     out.update(
         inner_group=inner,
@@ -91,6 +108,26 @@ def _ring_groups(config: CPConfig, group: dist.ProcessGroup) -> dict:
         inner_group_name=inner.group_name,
         outer_group_name=outer.group_name,
     )
+    return out
+
+
+def _hybrid_groups(ranks: list[int], me: int, config: CPConfig) -> dict:
+    """Note [Hybrid rank layout]: Ulysses over u consecutive ranks, the ring strided across them.
+
+        cp = 8, u = 2 (ring size 4):   rank      0  1  2  3  4  5  6  7
+                                       Ulysses   0  0  1  1  2  2  3  3   (group; rank in it = r % u)
+                                       ring      0  1  0  1  0  1  0  1   (group; rank in it = r // u)
+
+    Ulysses groups stay inside fast domains (consecutive ranks share a node); with
+    --cp-window-size w the ring splits into inner rings of w consecutive ring ranks and an outer
+    ring across them, exactly as the plain double ring.
+    """
+    u = config.ulysses_degree_in_cp
+    ulysses = _my_group([ranks[g * u : (g + 1) * u] for g in range(len(ranks) // u)], me // u)
+    ring_ranks = ranks[me % u :: u]
+    ring = _my_group([ranks[j::u] for j in range(u)], me % u)
+    out = dict(ulysses_group=ulysses, ulysses_group_name=ulysses.group_name)
+    out.update(_ring_groups(ring_ranks, me // u, ring, config.cp_window_size))
     return out
 
 

@@ -6,6 +6,17 @@
 
     cp = 4, zigzag: chunks 0 1 2 3 4 5 6 7  ->  rank 0: [0 7]  rank 1: [1 6]  rank 2: [2 5]  rank 3: [3 4]
 
+Hybrid (Ulysses degree u, ring size R = cp / u; Note [Hybrid rank layout] in context.py): the ring
+member rr = r // u must see its zigzag shard (ring chunks rr and 2R-1-rr) once the all-to-all of its
+Ulysses group has gathered it, so that shard is cut, in order, into u pieces and rank r holds piece
+r % u. In chunks of 1/(2cp) of the sequence (ring chunk c = fine chunks c*u .. c*u+u-1):
+
+    cp = 4, u = 2, R = 2: ring chunks 0..3 = fine chunks {0,1} {2,3} {4,5} {6,7}
+      ring rank 0 holds ring chunks [0 3] = fine [0 1 6 7] -> rank 0: [0 1]  rank 1: [6 7]
+      ring rank 1 holds ring chunks [1 2] = fine [2 3 4 5] -> rank 2: [2 3]  rank 3: [4 5]
+
+With u = 1 this is the plain zigzag; with a general mask hybrid is contiguous.
+
 unshard is the exact inverse of shard: all-gather over the context's group, then un-permute.
 """
 
@@ -15,12 +26,15 @@ import torch
 import torch.distributed as dist
 
 
-def chunk_order(mode: str, cp_size: int, rank: int) -> list[int]:
+def chunk_order(mode: str, cp_size: int, rank: int, ulysses_degree: int = 1) -> list[int]:
     """Which global chunks rank holds, in local order; chunks are 1/cp (contiguous) or 1/(2cp) long."""
     if mode == "contiguous":
         return [rank]
     if mode == "zigzag":
-        return [rank, 2 * cp_size - 1 - rank]
+        u = ulysses_degree
+        ring_size, ring_rank = cp_size // u, rank // u
+        ring_shard = [c * u + j for c in (ring_rank, 2 * ring_size - 1 - ring_rank) for j in range(u)]
+        return ring_shard[2 * (rank % u) : 2 * (rank % u) + 2]
     raise ValueError(f"sharding mode must be 'contiguous' or 'zigzag', got {mode!r}")
 
 
@@ -28,7 +42,9 @@ def num_chunks(mode: str, cp_size: int) -> int:
     return 2 * cp_size if mode == "zigzag" else cp_size
 
 
-def shard_tensor(x: torch.Tensor, seq_dim: int, mode: str, cp_size: int, rank: int) -> torch.Tensor:
+def shard_tensor(
+    x: torch.Tensor, seq_dim: int, mode: str, cp_size: int, rank: int, ulysses_degree: int = 1
+) -> torch.Tensor:
     """This rank's part of the full sequence x (no communication)."""
     seq_dim = _check_dim(x, seq_dim)
     n = num_chunks(mode, cp_size)
@@ -38,10 +54,12 @@ def shard_tensor(x: torch.Tensor, seq_dim: int, mode: str, cp_size: int, rank: i
             f"({mode} sharding over cp_size={cp_size})"
         )
     chunks = x.chunk(n, dim=seq_dim)
-    return torch.cat([chunks[c] for c in chunk_order(mode, cp_size, rank)], dim=seq_dim)
+    return torch.cat([chunks[c] for c in chunk_order(mode, cp_size, rank, ulysses_degree)], dim=seq_dim)
 
 
-def unshard_parts(parts: list[torch.Tensor], seq_dim: int, mode: str) -> torch.Tensor:
+def unshard_parts(
+    parts: list[torch.Tensor], seq_dim: int, mode: str, ulysses_degree: int = 1
+) -> torch.Tensor:
     """The full sequence from every rank's part, parts[r] = shard_tensor(x, ..., rank=r)."""
     cp = len(parts)
     seq_dim = _check_dim(parts[0], seq_dim)
@@ -50,14 +68,14 @@ def unshard_parts(parts: list[torch.Tensor], seq_dim: int, mode: str) -> torch.T
     for rank, part in enumerate(parts):
         if part.shape[seq_dim] % per_rank != 0:
             raise ValueError(f"local sequence length {part.shape[seq_dim]} must be divisible by {per_rank}")
-        for c, piece in zip(chunk_order(mode, cp, rank), part.chunk(per_rank, dim=seq_dim)):
+        for c, piece in zip(chunk_order(mode, cp, rank, ulysses_degree), part.chunk(per_rank, dim=seq_dim)):
             ordered[c] = piece
     return torch.cat(ordered, dim=seq_dim)
 
 
 def shard(x: torch.Tensor, ctx, seq_dim: int) -> torch.Tensor:
     """This rank's part of the full tensor x (identical on every rank), in ctx's order."""
-    return shard_tensor(x, seq_dim, ctx.sharding, ctx.cp_size, ctx.rank).contiguous()
+    return shard_tensor(x, seq_dim, ctx.sharding, ctx.cp_size, ctx.rank, _ring_ulysses(ctx)).contiguous()
 
 
 def unshard(x: torch.Tensor, ctx, seq_dim: int) -> torch.Tensor:
@@ -65,7 +83,12 @@ def unshard(x: torch.Tensor, ctx, seq_dim: int) -> torch.Tensor:
     seq_dim = _check_dim(x, seq_dim)
     parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(ctx.cp_size)]
     dist.all_gather(parts, x.contiguous(), group=ctx.group)
-    return unshard_parts(parts, seq_dim, ctx.sharding)
+    return unshard_parts(parts, seq_dim, ctx.sharding, _ring_ulysses(ctx))
+
+
+def _ring_ulysses(ctx) -> int:
+    """The Ulysses degree inside a ring's shard: hybrid's u (1 for the plain ring and Ulysses)."""
+    return ctx.ulysses_degree if ctx.algo == "hybrid_cp_algo" else 1
 
 
 def _check_dim(x: torch.Tensor, seq_dim: int) -> int:

@@ -1,5 +1,6 @@
-"""One ring attention case, run on every rank (tests/test_ring_dist.py, benchmarks): shard the full
-inputs, run forward and backward through ring_ext.attention, unshard, compare with the float64 oracle."""
+"""One context-parallel attention case, run on every rank (tests/test_ring_dist.py,
+tests/test_ulysses_dist.py, benchmarks): shard the full inputs, run forward and backward through
+ring_ext.attention, unshard, compare with the float64 oracle."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from tolerances import assert_rel_l2
 
 @dataclasses.dataclass(frozen=True)
 class Case:
+    algo: str = "megatron_cp_algo"
+    ulysses_degree: int | None = None  # hybrid_cp_algo only
     causal: bool = True
     window: int = 1
     overlap: bool = True
@@ -31,7 +34,8 @@ class Case:
     def config(self, world_size: int) -> ring_ext.CPConfig:
         return ring_ext.CPConfig(
             context_parallel_size=world_size,
-            context_parallel_algo="megatron_cp_algo",
+            context_parallel_algo=self.algo,
+            ulysses_degree_in_cp=self.ulysses_degree,
             attention_mask_type="causal" if self.causal else "general",
             cp_window_size=self.window,
             use_cp_send_recv_overlap=self.overlap,

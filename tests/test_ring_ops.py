@@ -43,16 +43,19 @@ def test_fullgraph_compile_two_ranks():
     run_distributed(compile_case, 2, [Case(causal=True, overlap=True)], timeout_s=180)
 
 
-def test_ulysses_and_hybrid_not_built_yet(world):
-    q, k, v = qkv()
-    for algo, extra in (("ulysses_cp_algo", {}), ("hybrid_cp_algo", dict(ulysses_degree_in_cp=1))):
-        ctx = ring_ext.initialize(
-            ring_ext.CPConfig(context_parallel_size=1, context_parallel_algo=algo, **extra)
-        )
-        with pytest.raises(NotImplementedError, match="Ulysses"):
-            ring_ext.attention(q, k, v, ctx)
-        with pytest.raises(NotImplementedError, match="Ulysses"):
-            torch.ops.ring_ext.attention(q, k, v, 1.0, True, algo, world.group_name)
+@pytest.mark.parametrize("algo", ["ulysses_cp_algo", "hybrid_cp_algo"])
+def test_ulysses_and_hybrid_on_one_rank(world, algo):
+    """With one rank the all-to-alls are identities: the result is plain attention."""
+    extra = dict(ulysses_degree_in_cp=1) if algo == "hybrid_cp_algo" else {}
+    ctx = ring_ext.initialize(ring_ext.CPConfig(context_parallel_size=1, context_parallel_algo=algo, **extra))
+    q, k, v = qkv(requires_grad=True)
+    out = ring_ext.attention(q, k, v, ctx)
+    ref = ring_ext.attention(q, k, v, causal=True)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_initialize_checks_the_group(world):

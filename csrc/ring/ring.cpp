@@ -14,7 +14,6 @@
 // per backward step a rank sends K/V in the input dtype plus dK/dV in float32, i.e. 3x the bytes
 // of a forward step for bf16 inputs and 2x for float32.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -22,7 +21,9 @@
 #include <tuple>
 
 #include "../common/block_ops.h"
+#include "block_calls.h"
 #include "comm.h"
+#include "ring.h"
 #include "schedule.h"
 
 namespace ring_ext {
@@ -30,48 +31,6 @@ namespace ring {
 namespace {
 
 using at::Tensor;
-
-// The registered block ops, called through the dispatcher (CPU or CUDA kernels alike).
-struct BlockOps {
-  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                      double, bool, int64_t, int64_t, bool)>
-      fwd = c10::Dispatcher::singleton()
-                .findSchemaOrThrow("ring_ext::fwd", "")
-                .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                  double, bool, int64_t, int64_t, bool)>();
-  c10::TypedOperatorHandle<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&)> merge =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("ring_ext::merge_", "")
-          .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
-  c10::TypedOperatorHandle<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const Tensor&, const Tensor&, double, bool, int64_t, int64_t,
-                                const Tensor&, const Tensor&, const Tensor&)>
-      bwd_acc = c10::Dispatcher::singleton()
-                    .findSchemaOrThrow("ring_ext::bwd_acc", "")
-                    .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const Tensor&, const Tensor&, double, bool, int64_t, int64_t,
-                                const Tensor&, const Tensor&, const Tensor&)>();
-};
-
-const BlockOps& block_ops() {
-  static const BlockOps ops;
-  return ops;
-}
-
-struct GroupNames {
-  std::string ring, inner, outer, ulysses;
-};
-
-// Everything the loop needs to know about this rank's place in the (double) ring.
-struct RingSetup {
-  Group ring, inner, outer;  // inner == ring for the plain ring; outer null with one window
-  Topology topo;
-  int64_t rank = 0, chunk = 0;  // chunk: rows per sharding chunk
-  bool causal = false, overlap = true;
-  double scale = 1.0;
-  int64_t inner_rank() const { return rank % topo.window; }
-  int64_t outer_rank() const { return rank / topo.window; }
-};
 
 void check_window_groups(const RingSetup& s) {
   TORCH_CHECK(s.topo.cp_size % s.topo.window == 0, "ring_ext: the inner ring size ", s.topo.window,
@@ -88,8 +47,9 @@ void check_window_groups(const RingSetup& s) {
               s.outer->getRank());
 }
 
-RingSetup make_setup(const Tensor& q, const Tensor& k, const GroupNames& names, double scale,
-                     bool causal, bool overlap) {
+}  // namespace
+
+RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_len) {
   RingSetup s;
   s.ring = resolve_group(names.ring, "ring");
   s.rank = s.ring->getRank();
@@ -98,18 +58,18 @@ RingSetup make_setup(const Tensor& q, const Tensor& k, const GroupNames& names, 
   s.outer = names.outer.empty() ? Group() : resolve_group(names.outer, "outer ring");
   s.topo = Topology{s.ring->getSize(), s.inner->getSize()};
   check_window_groups(s);
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(1) == k.size(1),
-              "ring_ext: ring attention needs q and k/v shards of the same length (self-attention)",
-              ", got ", q.sizes(), " and ", k.sizes());
-  const int64_t chunks = chunks_per_rank(causal);
-  TORCH_CHECK(q.size(1) % chunks == 0, "ring_ext: the local sequence length ", q.size(1),
-              " must be a multiple of ", chunks, " (causal ring attention shards zigzag)");
-  s.chunk = q.size(1) / chunks;
-  s.causal = causal;
-  s.overlap = overlap;
-  s.scale = scale;
+  const int64_t chunks = chunks_per_rank(opt.causal);
+  TORCH_CHECK_VALUE(local_len % chunks == 0, "ring_ext: the sequence length the ring sees on a rank (",
+                    local_len, ") must be a multiple of ", chunks,
+                    " (causal ring attention shards zigzag)");
+  s.chunk = local_len / chunks;
+  s.causal = opt.causal;
+  s.overlap = opt.overlap;
+  s.scale = opt.scale;
   return s;
 }
+
+namespace {
 
 // A work item in rows; q/k offsets are positions for the causal mask.
 struct Rows {
@@ -167,8 +127,10 @@ void for_each_block(const RingSetup& s, const Tensor& local_kv, Visit&& visit) {
   }
 }
 
-std::tuple<Tensor, Tensor> ring_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                                        const RingSetup& s) {
+}  // namespace
+
+std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const RingSetup& s) {
   const BlockOps& ops = block_ops();
   // Running result in float32 whatever the input dtype (DESIGN.md section 2).
   Tensor out_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // [b, s, hq, d]
@@ -184,10 +146,10 @@ std::tuple<Tensor, Tensor> ring_forward(const Tensor& q, const Tensor& k, const 
                      block_lse);
     }
   });
-  Tensor out = at::empty_like(q);  // q's layout (strides) and dtype
-  out.copy_(out_acc);
-  return {out, lse};
+  return {out_acc, lse};
 }
+
+namespace {
 
 // The float32 K/V gradients on their way round the ring: Note [K/V gradients].
 class KvGrads {
@@ -249,14 +211,12 @@ class KvGrads {
   Transfer incoming_, home_xfer_;
 };
 
-std::tuple<Tensor, Tensor, Tensor> ring_backward(const Tensor& dout, const Tensor& q,
-                                                 const Tensor& k, const Tensor& v,
-                                                 const Tensor& out, const Tensor& lse,
-                                                 const std::optional<Tensor>& dlse,
-                                                 const RingSetup& s) {
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                            const Tensor& v, const Tensor& lse,
+                                            const Tensor& delta, const RingSetup& s) {
   const BlockOps& ops = block_ops();
-  Tensor delta = row_delta(dout, out);  // [b, hq, s] float32, of the final out
-  if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);  // d lse / d S = P folds into delta
   Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // [b, s, hq, d]
   const Tensor packed = pack_kv(k, v);
   KvGrads grads(s, packed);
@@ -273,38 +233,10 @@ std::tuple<Tensor, Tensor, Tensor> ring_backward(const Tensor& dout, const Tenso
     grads.end_step(step, g);
   });
   const Tensor dkv = grads.finish();
-  Tensor dq_out = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  dq_out.copy_(dq);
-  dk.copy_(dkv[0]);
-  dv.copy_(dkv[1]);
-  return {dq_out, dk, dv};
+  return {dq, dkv[0], dkv[1]};
 }
 
-[[noreturn]] void not_built(const std::string& algo) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "ring_ext: context_parallel_algo ", algo,
-                              " (Ulysses all-to-all attention) is not implemented yet; use "
-                              "megatron_cp_algo (ring attention)");
-}
-
-std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const Tensor& v,
-                                        double scale, bool causal, const std::string& algo,
-                                        const std::string& group, const std::string& inner,
-                                        const std::string& outer, const std::string& ulysses,
-                                        bool overlap) {
-  if (parse_algo(algo) != Algo::kRing) not_built(algo);
-  const RingSetup s = make_setup(q, k, {group, inner, outer, ulysses}, scale, causal, overlap);
-  return ring_forward(q, k, v, s);
-}
-
-std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
-    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-    const Tensor& lse, double scale, bool causal, const std::string& algo, const std::string& group,
-    const std::string& inner, const std::string& outer, const std::string& ulysses, bool overlap,
-    const std::optional<Tensor>& dlse) {
-  if (parse_algo(algo) != Algo::kRing) not_built(algo);
-  const RingSetup s = make_setup(q, k, {group, inner, outer, ulysses}, scale, causal, overlap);
-  return ring_backward(dout, q, k, v, out, lse, dlse, s);
-}
+namespace {
 
 // Flattened schedule for tests: per step [src, n_items, then 7 fields per item].
 std::vector<int64_t> schedule_op(const std::string& algo, int64_t cp_size, int64_t rank,
@@ -338,18 +270,6 @@ Algo parse_algo(const std::string& name) {
 
 }  // namespace ring
 }  // namespace ring_ext
-
-TORCH_LIBRARY_IMPL(ring_ext, CPU, m) {
-  m.impl("attention", &ring_ext::ring::attention_op);
-  m.impl("attention_bwd", &ring_ext::ring::attention_bwd_op);
-}
-
-#ifdef RING_EXT_WITH_CUDA
-TORCH_LIBRARY_IMPL(ring_ext, CUDA, m) {
-  m.impl("attention", &ring_ext::ring::attention_op);
-  m.impl("attention_bwd", &ring_ext::ring::attention_bwd_op);
-}
-#endif
 
 TORCH_LIBRARY_IMPL(ring_ext, CompositeImplicitAutograd, m) {
   m.impl("ring_schedule", &ring_ext::ring::schedule_op);

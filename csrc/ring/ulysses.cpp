@@ -18,7 +18,6 @@
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
-#include "../common/block_ops.h"
 
 namespace ring_ext::ulysses {
 namespace {
@@ -96,12 +95,14 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   at::Tensor kh = seq_to_heads(repeat_kv(k, r), *pg);
   at::Tensor vh = seq_to_heads(repeat_kv(v, r), *pg);
   auto [out_h, lse_h] = inner(qh, kh, vh);  // [b, s, H/P, d], [b, H/P, s]
-  return {heads_to_seq(out_h, *pg).to(q.scalar_type()), rows_to_seq(lse_h, *pg)};
+  // Rounded before the trip back: nothing is accumulated after this point.
+  return {heads_to_seq(out_h.to(q.scalar_type()), *pg), rows_to_seq(lse_h, *pg)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::string& group, const InnerBwd& inner) {
+    const at::Tensor& lse, const at::Tensor& delta, const std::string& group,
+    const InnerBwd& inner) {
   auto pg = c10d::resolve_process_group(group);
   const int64_t r = kv_replication(q.size(2), k.size(2), pg->getSize());
   at::Tensor qh = seq_to_heads(q, *pg);
@@ -109,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor vh = seq_to_heads(repeat_kv(v, r), *pg);
   at::Tensor douth = seq_to_heads(dout.to(q.scalar_type()), *pg);
   at::Tensor lse_h = rows_to_heads(lse, *pg);
-  at::Tensor delta_h = rows_to_heads(row_delta(dout, out), *pg);    // delta of the final out
+  at::Tensor delta_h = rows_to_heads(delta, *pg);
   auto [dqh, dkh, dvh] = inner(douth, qh, kh, vh, lse_h, delta_h);  // float32, head-sharded
   // Gradients travel back in float32 and are rounded once, after the GQA copies are summed.
   at::Tensor dq = heads_to_seq(dqh, *pg);

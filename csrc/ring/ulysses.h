@@ -12,7 +12,7 @@ namespace ring_ext::ulysses {
 
 // Attention of head-sharded tensors over the whole (Ulysses-gathered) sequence. Plain Ulysses runs
 // the block kernel; hybrid runs the ring over the ring group.
-//   fwd(q, k, v) -> (out [b, s, h, d], lse float32 [b, h, s])
+//   fwd(q, k, v) -> (out [b, s, h, d] in q's dtype or float32, lse float32 [b, h, s])
 //   bwd(dout, q, k, v, lse, delta) -> (dq, dk, dv) float32, delta = rowsum(dout * out)
 using InnerFwd = std::function<std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&)>;
@@ -30,9 +30,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& v, const std::string& group,
                                            const InnerFwd& inner);
 
-// Gradients of forward, in the input dtype; out and lse are forward's outputs.
+// Gradients of forward, in the input dtype, given forward's lse and delta = rowsum(dout * out)
+// (minus any gradient on lse), both float32 [b, hq, s_local].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::string& group, const InnerBwd& inner);
+    const at::Tensor& lse, const at::Tensor& delta, const std::string& group,
+    const InnerBwd& inner);
 
 }  // namespace ring_ext::ulysses

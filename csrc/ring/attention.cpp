@@ -1,0 +1,139 @@
+// torch.ops.ring_ext.attention / attention_bwd: context-parallel attention of this rank's shards,
+// dispatched on --context-parallel-algo. One device-generic implementation, registered for CPU and
+// (in CUDA builds) CUDA.
+//
+//   megatron_cp_algo  ring / double ring over the ring groups                      (ring.h)
+//   ulysses_cp_algo   all-to-all to head shards, the block kernel, all-to-all back  (ulysses.h)
+//   hybrid_cp_algo    all-to-all inside the Ulysses group, the ring across groups  (both)
+//
+// Every check that can fail runs before the first transfer, on every rank alike (the shapes agree).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "../common/block_ops.h"
+#include "block_calls.h"
+#include "comm.h"
+#include "ring.h"
+#include "schedule.h"
+#include "ulysses.h"
+
+namespace ring_ext {
+namespace {
+
+struct Groups {
+  std::string ring, inner, outer, ulysses;
+  ring::GroupNames ring_names() const { return {ring, inner, outer}; }
+};
+
+void check_shards(const Tensor& q, const Tensor& k, const Tensor& v) {
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+                    "ring_ext: attention takes 4-D [b, s, heads, d] shards, got q ", q.sizes(),
+                    ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(1) == q.size(1) && v.size(1) == q.size(1),
+                    "ring_ext: q, k and v shards must have the same length (self-attention), got ",
+                    q.size(1), ", ", k.size(1), ", ", v.size(1));
+}
+
+// The Ulysses group's size, checked against the heads before any all-to-all.
+int64_t ulysses_degree(const Groups& g, const Tensor& q, const Tensor& k) {
+  const int64_t degree = ring::resolve_group(g.ulysses, "Ulysses")->getSize();
+  ulysses::kv_replication(q.size(2), k.size(2), degree);  // throws if the heads cannot split
+  return degree;
+}
+
+Tensor like(const Tensor& acc, const Tensor& ref) {
+  return at::empty_like(ref).copy_(acc);  // ref's dtype and strides
+}
+
+std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const Tensor& v,
+                                        double scale, bool causal, const std::string& algo,
+                                        const std::string& group, const std::string& inner,
+                                        const std::string& outer, const std::string& ulysses_group,
+                                        bool overlap) {
+  check_shards(q, k, v);
+  const Groups g{group, inner, outer, ulysses_group};
+  const ring::Options opt{scale, causal, overlap};
+  switch (ring::parse_algo(algo)) {
+    case ring::Algo::kRing: {
+      const ring::RingSetup s = ring::make_setup(g.ring_names(), opt, q.size(1));
+      auto [out, lse] = ring::forward(q, k, v, s);
+      return {like(out, q), lse};
+    }
+    case ring::Algo::kUlysses: {
+      ulysses_degree(g, q, k);
+      return ulysses::forward(q, k, v, g.ulysses, [&](const Tensor& qh, const Tensor& kh,
+                                                      const Tensor& vh) {
+        return block_ops().fwd.call(qh, kh, vh, scale, causal, 0, 0, /*out_fp32=*/false);
+      });
+    }
+    case ring::Algo::kHybrid: {
+      const int64_t u = ulysses_degree(g, q, k);
+      const ring::RingSetup s = ring::make_setup(g.ring_names(), opt, q.size(1) * u);
+      return ulysses::forward(q, k, v, g.ulysses,
+                              [&](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
+                                return ring::forward(qh, kh, vh, s);
+                              });
+    }
+  }
+  TORCH_CHECK(false, "unreachable");
+}
+
+// Plain Ulysses' inner backward: the block kernel adds into zeroed float32 accumulators.
+std::tuple<Tensor, Tensor, Tensor> block_backward(const Tensor& dout, const Tensor& q,
+                                                  const Tensor& k, const Tensor& v,
+                                                  const Tensor& lse, const Tensor& delta,
+                                                  double scale, bool causal) {
+  Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  Tensor dk = at::zeros(k.sizes(), k.options().dtype(at::kFloat));
+  Tensor dv = at::zeros(v.sizes(), v.options().dtype(at::kFloat));
+  block_ops().bwd_acc.call(dout, q, k, v, lse, delta, scale, causal, 0, 0, dq, dk, dv);
+  return {dq, dk, dv};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& lse, double scale, bool causal, const std::string& algo, const std::string& group,
+    const std::string& inner, const std::string& outer, const std::string& ulysses_group,
+    bool overlap, const std::optional<Tensor>& dlse) {
+  check_shards(q, k, v);
+  const Groups g{group, inner, outer, ulysses_group};
+  const ring::Options opt{scale, causal, overlap};
+  const ring::Algo which = ring::parse_algo(algo);
+  int64_t u = 1;
+  if (which != ring::Algo::kRing) u = ulysses_degree(g, q, k);
+  std::optional<ring::RingSetup> s;
+  if (which != ring::Algo::kUlysses) s = ring::make_setup(g.ring_names(), opt, q.size(1) * u);
+  // delta of the final out; a gradient on lse folds in (d lse / d S = P).
+  Tensor delta = row_delta(dout, out);
+  if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);
+  if (which == ring::Algo::kRing) {
+    auto [dq, dk, dv] = ring::backward(dout, q, k, v, lse, delta, *s);
+    return {like(dq, q), like(dk, k), like(dv, v)};
+  }
+  return ulysses::backward(
+      dout, q, k, v, lse, delta, g.ulysses,
+      [&](const Tensor& d, const Tensor& qh, const Tensor& kh, const Tensor& vh, const Tensor& l,
+          const Tensor& dl) {
+        if (which == ring::Algo::kUlysses) return block_backward(d, qh, kh, vh, l, dl, scale, causal);
+        return ring::backward(d, qh, kh, vh, l, dl, *s);
+      });
+}
+
+}  // namespace
+}  // namespace ring_ext
+
+TORCH_LIBRARY_IMPL(ring_ext, CPU, m) {
+  m.impl("attention", &ring_ext::attention_op);
+  m.impl("attention_bwd", &ring_ext::attention_bwd_op);
+}
+
+#ifdef RING_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(ring_ext, CUDA, m) {
+  m.impl("attention", &ring_ext::attention_op);
+  m.impl("attention_bwd", &ring_ext::attention_bwd_op);
+}
+#endif
