@@ -3,9 +3,11 @@
 // ring_ext::cpu::baseline is compiled for this target (no inline function differs between builds).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include "../common/lse_math.h"
@@ -14,4 +16,5 @@
 
 // baseline x86-64: no target pragma
 #define RING_EXT_CPU_ISA baseline
+#include "tiles_generic.h"
 #include "flash_impl.h"
