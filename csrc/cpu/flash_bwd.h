@@ -32,7 +32,7 @@ PackedRows<T> pack_rows(const BwdParams& p, int64_t dpad, ParallelFor parallel_f
     rows.dout_kn.resize(n * rows.size);
   }
   parallel_for(n, [&](int64_t begin, int64_t end) {
-    std::vector<float> tmp(sh.head_dim);
+    std::vector<T> tmp(sh.head_dim);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t qb = t % rows.blocks, bh = t / rows.blocks;
       const int64_t b = bh / sh.heads_q, h = bh % sh.heads_q, q0 = qb * kBlockQ;
@@ -43,8 +43,8 @@ PackedRows<T> pack_rows(const BwdParams& p, int64_t dpad, ParallelFor parallel_f
       const RowBlock dout{p.dout, p.in_dtype,
                           b * p.dout_stride.batch + h * p.dout_stride.head + q0 * p.dout_stride.seq,
                           p.dout_stride.seq, nq, sh.head_dim};
-      pack_a(q, kBlockQ, dpad, tmp.data(), rows.q_a.data() + t * rows.size);
-      pack_a(dout, kBlockQ, dpad, tmp.data(), rows.dout_a.data() + t * rows.size);
+      pack_a(q, kBlockQ, dpad, rows.q_a.data() + t * rows.size);
+      pack_a(dout, kBlockQ, dpad, rows.dout_a.data() + t * rows.size);
       if (kStep<T> != 1) {
         pack_kn(q, kBlockQ, dpad, tmp.data(), rows.q_kn.data() + t * rows.size);
         pack_kn(dout, kBlockQ, dpad, tmp.data(), rows.dout_kn.data() + t * rows.size);
@@ -59,7 +59,8 @@ template <typename T>
 struct BwdWorkspace {
   std::vector<T> kt, vt, k_kn;        // NK tiles of K, V; KN tile of K
   std::vector<T> p_pairs, ds, ds_pairs;  // bf16 P and dS tiles (unused for float)
-  std::vector<float> s, dp, dk, dv, tmp;  // S/P, dP/dS [kBlockQ][kBlockK]; dK, dV [kBlockK][dpad]
+  std::vector<float> s, dp, dk, dv;      // S/P, dP/dS [kBlockQ][kBlockK]; dK, dV [kBlockK][dpad]
+  std::vector<T> tmp;                    // one input row
   BwdWorkspace(int64_t d, int64_t dpad)
       : kt(dpad * kBlockK), vt(dpad * kBlockK), k_kn(kBlockK * dpad), p_pairs(kBlockQ * kBlockK),
         ds(kBlockQ * kBlockK), ds_pairs(kBlockQ * kBlockK), s(kBlockQ * kBlockK),

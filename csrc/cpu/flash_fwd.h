@@ -27,7 +27,7 @@ PackedKV<T> pack_kv(const FwdParams& p, int64_t dpad, ParallelFor parallel_for) 
   kv.kt.resize(n * kv.kt_size);
   kv.v.resize(n * kv.v_size);
   parallel_for(n, [&](int64_t begin, int64_t end) {
-    std::vector<float> tmp(sh.head_dim);
+    std::vector<T> tmp(sh.head_dim);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t kb = t % kv.blocks, bh = t / kv.blocks;
       const int64_t b = bh / sh.heads_kv, hk = bh % sh.heads_kv, k0 = kb * kBlockK;
@@ -48,11 +48,11 @@ PackedKV<T> pack_kv(const FwdParams& p, int64_t dpad, ParallelFor parallel_for) 
 // Per-thread scratch of one forward task.
 template <typename T>
 struct FwdWorkspace {
-  std::vector<T> q, p;                     // A tile of Q [kBlockQ][dpad]; P [kBlockQ][kBlockK]
-  std::vector<float> s, acc, m, l, tmp;    // S [kBlockQ][kBlockK]; O [kBlockQ][dpad]; row stats
-  FwdWorkspace(int64_t d, int64_t dpad)
+  std::vector<T> q, p;                // A tile of Q [kBlockQ][dpad]; P [kBlockQ][kBlockK]
+  std::vector<float> s, acc, m, l;    // S [kBlockQ][kBlockK]; O [kBlockQ][dpad]; row stats
+  explicit FwdWorkspace(int64_t dpad)
       : q(kBlockQ * dpad), p(kBlockQ * kBlockK), s(kBlockQ * kBlockK), acc(kBlockQ * dpad),
-        m(kBlockQ), l(kBlockQ), tmp(d) {}
+        m(kBlockQ), l(kBlockQ) {}
 };
 
 // Online softmax over one key block [k0, k0 + nk): S -> P, updates m and l, rescales O.
@@ -100,7 +100,7 @@ void fwd_task(const FwdParams& p, const PackedKV<T>& kv, int64_t b, int64_t h, i
   const int64_t hk = h / (sh.heads_q / sh.heads_kv), nq = std::min(kBlockQ, sh.seq_q - q0);
   const RowBlock q{p.q, p.in_dtype, b * p.q_stride.batch + h * p.q_stride.head + q0 * p.q_stride.seq,
                    p.q_stride.seq, nq, sh.head_dim};
-  pack_a(q, kBlockQ, dpad, ws.tmp.data(), ws.q.data());
+  pack_a(q, kBlockQ, dpad, ws.q.data());
   std::fill(ws.m.begin(), ws.m.end(), kNegInf);
   std::fill(ws.l.begin(), ws.l.end(), 0.0f);
   std::fill(ws.acc.begin(), ws.acc.end(), 0.0f);
@@ -124,7 +124,7 @@ void flash_fwd_tiled(const FwdParams& p, ParallelFor parallel_for) {
   const int64_t dpad = round_up(sh.head_dim, 16), q_blocks = ceil_div(sh.seq_q, kBlockQ);
   const PackedKV<T> kv = pack_kv<T>(p, dpad, parallel_for);
   parallel_for(sh.batch * sh.heads_q * q_blocks, [&](int64_t begin, int64_t end) {
-    FwdWorkspace<T> ws(sh.head_dim, dpad);
+    FwdWorkspace<T> ws(dpad);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t qb = zigzag(t % q_blocks, q_blocks), bh = t / q_blocks;
       fwd_task(p, kv, bh / sh.heads_q, bh % sh.heads_q, qb * kBlockQ, dpad, ws);

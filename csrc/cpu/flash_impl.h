@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -59,9 +60,6 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // Elements per k step of the gemm for tile type T (float: 1; bf16 bits: a pair).
 template <typename T>
 constexpr int64_t kStep = sizeof(T) == 4 ? 1 : 2;
-
-inline void to_tile(float x, float* dst) { *dst = x; }
-inline void to_tile(float x, uint16_t* dst) { *dst = float_to_bf16(x); }
 
 // Task i of n in zigzag order 0, n-1, 1, n-2, ...: contiguous chunks of tasks whose cost falls
 // (or rises) linearly with the index get equal work.
@@ -118,37 +116,43 @@ struct RowBlock {
   int64_t offset, row_stride, rows, d;
 };
 
+// Row i of src as tile elements: float32 (converted from any dtype) or bf16 bits (copied; bf16 tiles
+// are only used for bf16 inputs).
+inline void load_tile_row(const RowBlock& src, int64_t i, float* dst) {
+  load_row(src.base, src.dtype, src.offset + i * src.row_stride, src.d, dst);
+}
+inline void load_tile_row(const RowBlock& src, int64_t i, uint16_t* dst) {
+  std::memcpy(dst, static_cast<const uint16_t*>(src.base) + src.offset + i * src.row_stride,
+              src.d * sizeof(uint16_t));
+}
+
 // KN tile [block_rows/step][dpad][step] (for float: the A tile [block_rows][dpad]); zero padded.
 template <typename T>
-void pack_kn(const RowBlock& src, int64_t block_rows, int64_t dpad, float* tmp, T* dst) {
+void pack_kn(const RowBlock& src, int64_t block_rows, int64_t dpad, T* tmp, T* dst) {
   constexpr int64_t step = kStep<T>;
   std::fill(dst, dst + block_rows * dpad, T(0));
   for (int64_t i = 0; i < src.rows; ++i) {
-    load_row(src.base, src.dtype, src.offset + i * src.row_stride, src.d, tmp);
+    load_tile_row(src, i, tmp);
     T* out = dst + (i / step) * dpad * step + i % step;
-    for (int64_t c = 0; c < src.d; ++c) to_tile(tmp[c], out + c * step);
+    for (int64_t c = 0; c < src.d; ++c) out[c * step] = tmp[c];
   }
 }
 
 // A tile [block_rows][dpad], zero padded (for float the same as the KN tile).
 template <typename T>
-void pack_a(const RowBlock& src, int64_t block_rows, int64_t dpad, float* tmp, T* dst) {
+void pack_a(const RowBlock& src, int64_t block_rows, int64_t dpad, T* dst) {
   std::fill(dst, dst + block_rows * dpad, T(0));
-  for (int64_t i = 0; i < src.rows; ++i) {
-    load_row(src.base, src.dtype, src.offset + i * src.row_stride, src.d, tmp);
-    for (int64_t c = 0; c < src.d; ++c) to_tile(tmp[c], dst + i * dpad + c);
-  }
+  for (int64_t i = 0; i < src.rows; ++i) load_tile_row(src, i, dst + i * dpad);
 }
 
 // NK tile [dpad/step][kBlockK][step] of a block of at most kBlockK rows; zero padded.
 template <typename T>
-void pack_nk(const RowBlock& src, int64_t dpad, float* tmp, T* dst) {
+void pack_nk(const RowBlock& src, int64_t dpad, T* tmp, T* dst) {
   constexpr int64_t step = kStep<T>;
   std::fill(dst, dst + dpad * kBlockK, T(0));
   for (int64_t i = 0; i < src.rows; ++i) {
-    load_row(src.base, src.dtype, src.offset + i * src.row_stride, src.d, tmp);
-    for (int64_t c = 0; c < src.d; ++c)
-      to_tile(tmp[c], dst + (c / step) * kBlockK * step + i * step + c % step);
+    load_tile_row(src, i, tmp);
+    for (int64_t c = 0; c < src.d; ++c) dst[(c / step) * kBlockK * step + i * step + c % step] = tmp[c];
   }
 }
 
