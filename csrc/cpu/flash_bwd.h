@@ -23,7 +23,7 @@ struct PackedRows {
 template <typename T>
 PackedRows<T> pack_rows(const BwdParams& p, int64_t dpad, ParallelFor parallel_for) {
   const Shape& sh = p.shape;
-  PackedRows<T> rows{sh.heads_q, ceil_div(sh.seq_q, kBlockQ), kBlockQ * dpad, {}, {}, {}, {}};
+  PackedRows<T> rows{sh.heads_q, ceil_div(sh.seq_q, kBwdBlockQ), kBwdBlockQ * dpad, {}, {}, {}, {}};
   const int64_t n = sh.batch * sh.heads_q * rows.blocks;
   rows.q_a.resize(n * rows.size);
   rows.dout_a.resize(n * rows.size);
@@ -35,19 +35,19 @@ PackedRows<T> pack_rows(const BwdParams& p, int64_t dpad, ParallelFor parallel_f
     std::vector<T> tmp(sh.head_dim);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t qb = t % rows.blocks, bh = t / rows.blocks;
-      const int64_t b = bh / sh.heads_q, h = bh % sh.heads_q, q0 = qb * kBlockQ;
-      const int64_t nq = std::min(kBlockQ, sh.seq_q - q0);
+      const int64_t b = bh / sh.heads_q, h = bh % sh.heads_q, q0 = qb * kBwdBlockQ;
+      const int64_t nq = std::min(kBwdBlockQ, sh.seq_q - q0);
       const RowBlock q{p.q, p.in_dtype,
                        b * p.q_stride.batch + h * p.q_stride.head + q0 * p.q_stride.seq,
                        p.q_stride.seq, nq, sh.head_dim};
       const RowBlock dout{p.dout, p.in_dtype,
                           b * p.dout_stride.batch + h * p.dout_stride.head + q0 * p.dout_stride.seq,
                           p.dout_stride.seq, nq, sh.head_dim};
-      pack_a(q, kBlockQ, dpad, rows.q_a.data() + t * rows.size);
-      pack_a(dout, kBlockQ, dpad, rows.dout_a.data() + t * rows.size);
+      pack_a(q, kBwdBlockQ, dpad, rows.q_a.data() + t * rows.size);
+      pack_a(dout, kBwdBlockQ, dpad, rows.dout_a.data() + t * rows.size);
       if (kStep<T> != 1) {
-        pack_kn(q, kBlockQ, dpad, tmp.data(), rows.q_kn.data() + t * rows.size);
-        pack_kn(dout, kBlockQ, dpad, tmp.data(), rows.dout_kn.data() + t * rows.size);
+        pack_kn(q, kBwdBlockQ, dpad, tmp.data(), rows.q_kn.data() + t * rows.size);
+        pack_kn(dout, kBwdBlockQ, dpad, tmp.data(), rows.dout_kn.data() + t * rows.size);
       }
     }
   });
@@ -59,12 +59,12 @@ template <typename T>
 struct BwdWorkspace {
   std::vector<T> kt, vt, k_kn;        // NK tiles of K, V; KN tile of K
   std::vector<T> p_pairs, ds, ds_pairs;  // bf16 P and dS tiles (unused for float)
-  std::vector<float> s, dp, dk, dv;      // S/P, dP/dS [kBlockQ][kBlockK]; dK, dV [kBlockK][dpad]
+  std::vector<float> s, dp, dk, dv;      // S/P, dP/dS [kBwdBlockQ][kBlockK]; dK, dV [kBlockK][dpad]
   std::vector<T> tmp;                    // one input row
   BwdWorkspace(int64_t d, int64_t dpad)
-      : kt(dpad * kBlockK), vt(dpad * kBlockK), k_kn(kBlockK * dpad), p_pairs(kBlockQ * kBlockK),
-        ds(kBlockQ * kBlockK), ds_pairs(kBlockQ * kBlockK), s(kBlockQ * kBlockK),
-        dp(kBlockQ * kBlockK), dk(kBlockK * dpad), dv(kBlockK * dpad), tmp(d) {}
+      : kt(dpad * kBlockK), vt(dpad * kBlockK), k_kn(kBlockK * dpad), p_pairs(kBwdBlockQ * kBlockK),
+        ds(kBwdBlockQ * kBlockK), ds_pairs(kBwdBlockQ * kBlockK), s(kBwdBlockQ * kBlockK),
+        dp(kBwdBlockQ * kBlockK), dk(kBlockK * dpad), dv(kBlockK * dpad), tmp(d) {}
 };
 
 // A left operand read by strides: A(i, kk) at data[i * sm + kk * sk].
@@ -107,7 +107,7 @@ void bwd_pair(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t 
               int64_t k0, int64_t nk, int64_t dpad, BwdWorkspace<T>& ws, float* dq) {
   constexpr int64_t step = kStep<T>;
   const Shape& sh = p.shape;
-  const int64_t q0 = qb * kBlockQ, nq = std::min(kBlockQ, sh.seq_q - q0);
+  const int64_t q0 = qb * kBwdBlockQ, nq = std::min(kBwdBlockQ, sh.seq_q - q0);
   const int64_t nq_pad = round_up(nq, step), n_pad = round_up(nk, 16), off = rows.offset(b, h, qb);
   const int64_t d_steps = ceil_div(sh.head_dim, step);
   // S [nq, nk] = Q K^T; dP [nq, nk] = dO V^T
@@ -165,11 +165,12 @@ void bwd_task(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t 
   pack_kn(k, kBlockK, dpad, ws.tmp.data(), ws.k_kn.data());
   std::fill(ws.dk.begin(), ws.dk.end(), 0.0f);
   std::fill(ws.dv.begin(), ws.dv.end(), 0.0f);
-  const int64_t qb_begin = first_row_seeing(p.mask, k0, sh.seq_q) / kBlockQ;
+  const int64_t first_row = first_row_seeing(p.mask, k0, sh.seq_q);
+  const int64_t qb_begin = first_row < sh.seq_q ? first_row / kBwdBlockQ : ceil_div(sh.seq_q, kBwdBlockQ);
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t qb = qb_begin; qb * kBlockQ < sh.seq_q; ++qb)
+    for (int64_t qb = qb_begin; qb * kBwdBlockQ < sh.seq_q; ++qb)
       bwd_pair(p, rows, b, hk * group + g, qb, k0, nk, dpad, ws,
-               dq_part + (g * sh.seq_q + qb * kBlockQ) * dpad);
+               dq_part + (g * sh.seq_q + qb * kBwdBlockQ) * dpad);
   add_rows(ws.dk.data(), dpad, nk, d, p.scale,
            p.dk + b * p.dk_stride.batch + hk * p.dk_stride.head + k0 * p.dk_stride.seq,
            p.dk_stride.seq);

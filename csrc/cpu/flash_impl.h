@@ -50,7 +50,8 @@
 
 namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 
-constexpr int64_t kBlockQ = 64;  // query rows per tile (even)
+constexpr int64_t kBlockQ = 64;      // query rows per forward tile
+constexpr int64_t kBwdBlockQ = 128;  // query rows per backward tile (even): longer k loops in dK, dV
 constexpr int64_t kBlockK = 64;  // keys per tile (a multiple of 16)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
