@@ -35,14 +35,21 @@ def parse_shape(text: str) -> tuple[str, int, int, bool]:
         assert dtype in DTYPES and mask in ("causal", "full")
         return dtype, int(d), int(s), mask == "causal"
     except (ValueError, AssertionError):
-        raise argparse.ArgumentTypeError(f"shape must be dtype:d:s:causal|full (dtype in {list(DTYPES)}), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"shape must be dtype:d:s:causal|full (dtype in {list(DTYPES)}), got {text!r}"
+        ) from None
 
 
 def default_shapes(quick: bool) -> list[tuple[str, int, int, bool]]:
     if quick:
         return [(dt, 64, 2048, causal) for dt in DTYPES for causal in (False, True)]
-    return [(dt, d, s, causal) for dt in DTYPES for d in (64, 128) for s in (2048, 4096, 8192)
-            for causal in (False, True)]
+    return [
+        (dt, d, s, causal)
+        for dt in DTYPES
+        for d in (64, 128)
+        for s in (2048, 4096, 8192)
+        for causal in (False, True)
+    ]
 
 
 def timed(fn) -> float:
@@ -61,7 +68,9 @@ def matmul_ceiling(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float
 def make_runners(dtype: torch.dtype, d: int, s: int, causal: bool, backward: bool):
     """Two callables (ours, sdpa) computing the same attention on the same [b, h, s, d] tensors."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(BATCH, HEADS, s, d, generator=g).to(dtype).requires_grad_(backward) for _ in range(3))
+    q, k, v = (
+        torch.randn(BATCH, HEADS, s, d, generator=g).to(dtype).requires_grad_(backward) for _ in range(3)
+    )
     dout = torch.randn(BATCH, HEADS, s, d, generator=g).to(dtype)
 
     def ours():
@@ -95,7 +104,9 @@ def bench_pair(ours, sdpa, repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a small subset (s=2048, d=64) for smoke runs")
     parser.add_argument("--shapes", nargs="+", type=parse_shape, help="dtype:d:s:causal|full entries")
     parser.add_argument("--threads", type=int, default=2)

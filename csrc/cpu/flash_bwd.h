@@ -5,8 +5,8 @@
 namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 
 // Q and dO per (batch, q head, query block), packed once per call: A tiles (left operands of
-// S = Q K^T, dP = dO V^T) and KN tiles (right operands of dK += dS^T Q, dV += P^T dO). For float the
-// KN tile is the A tile, so kn() returns a().
+// S = Q K^T, dP = dO V^T) and KN tiles (right operands of dK += dS^T Q, dV += P^T dO). For float
+// the KN tile is the A tile, so kn() returns a().
 template <typename T>
 struct PackedRows {
   int64_t heads_q, blocks, size;
@@ -37,12 +37,18 @@ PackedRows<T> pack_rows(const BwdParams& p, int64_t dpad, ParallelFor parallel_f
       const int64_t qb = t % rows.blocks, bh = t / rows.blocks;
       const int64_t b = bh / sh.heads_q, h = bh % sh.heads_q, q0 = qb * kBwdBlockQ;
       const int64_t nq = std::min(kBwdBlockQ, sh.seq_q - q0);
-      const RowBlock q{p.q, p.in_dtype,
+      const RowBlock q{p.q,
+                       p.in_dtype,
                        b * p.q_stride.batch + h * p.q_stride.head + q0 * p.q_stride.seq,
-                       p.q_stride.seq, nq, sh.head_dim};
-      const RowBlock dout{p.dout, p.in_dtype,
+                       p.q_stride.seq,
+                       nq,
+                       sh.head_dim};
+      const RowBlock dout{p.dout,
+                          p.in_dtype,
                           b * p.dout_stride.batch + h * p.dout_stride.head + q0 * p.dout_stride.seq,
-                          p.dout_stride.seq, nq, sh.head_dim};
+                          p.dout_stride.seq,
+                          nq,
+                          sh.head_dim};
       pack_a(q, kBwdBlockQ, dpad, rows.q_a.data() + t * rows.size);
       pack_a(dout, kBwdBlockQ, dpad, rows.dout_a.data() + t * rows.size);
       if (kStep<T> != 1) {
@@ -57,14 +63,22 @@ PackedRows<T> pack_rows(const BwdParams& p, int64_t dpad, ParallelFor parallel_f
 // Per-thread scratch of one backward task (one key block).
 template <typename T>
 struct BwdWorkspace {
-  std::vector<T> kt, vt, k_kn;        // NK tiles of K, V; KN tile of K
+  std::vector<T> kt, vt, k_kn;           // NK tiles of K, V; KN tile of K
   std::vector<T> p_pairs, ds, ds_pairs;  // bf16 P and dS tiles (unused for float)
   std::vector<float> s, dp, dk, dv;      // S/P, dP/dS [kBwdBlockQ][kBlockK]; dK, dV [kBlockK][dpad]
   std::vector<T> tmp;                    // one input row
   BwdWorkspace(int64_t d, int64_t dpad)
-      : kt(dpad * kBlockK), vt(dpad * kBlockK), k_kn(kBlockK * dpad), p_pairs(kBwdBlockQ * kBlockK),
-        ds(kBwdBlockQ * kBlockK), ds_pairs(kBwdBlockQ * kBlockK), s(kBwdBlockQ * kBlockK),
-        dp(kBwdBlockQ * kBlockK), dk(kBlockK * dpad), dv(kBlockK * dpad), tmp(d) {}
+      : kt(dpad * kBlockK),
+        vt(dpad * kBlockK),
+        k_kn(kBlockK * dpad),
+        p_pairs(kBwdBlockQ * kBlockK),
+        ds(kBwdBlockQ * kBlockK),
+        ds_pairs(kBwdBlockQ * kBlockK),
+        s(kBwdBlockQ * kBlockK),
+        dp(kBwdBlockQ * kBlockK),
+        dk(kBlockK * dpad),
+        dv(kBlockK * dpad),
+        tmp(d) {}
 };
 
 // A left operand read by strides: A(i, kk) at data[i * sm + kk * sk].
@@ -135,15 +149,17 @@ void bwd_pair(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t 
   const T* dout_kn = PackedRows<T>::kn(rows.dout_a, rows.dout_kn, off);
   const T* q_kn = PackedRows<T>::kn(rows.q_a, rows.q_kn, off);
   // dV [nk, dpad] += P^T dO; dK [nk, dpad] += dS^T Q; dQ [nq, dpad] += dS K
-  gemm(pt.data, pt.sm, pt.sk, dout_kn, dpad * step, nk, dpad, nq_pad / step, ws.dv.data(), dpad, true);
-  gemm(dst.data, dst.sm, dst.sk, q_kn, dpad * step, nk, dpad, nq_pad / step, ws.dk.data(), dpad, true);
+  gemm(pt.data, pt.sm, pt.sk, dout_kn, dpad * step, nk, dpad, nq_pad / step, ws.dv.data(), dpad,
+       true);
+  gemm(dst.data, dst.sm, dst.sk, q_kn, dpad * step, nk, dpad, nq_pad / step, ws.dk.data(), dpad,
+       true);
   gemm(ds.data, ds.sm, ds.sk, ws.k_kn.data(), dpad * step, nq, dpad, ceil_div(nk, step), dq, dpad,
        true);
 }
 
 // dst[i * row_stride + c] += alpha * src[i * dpad + c] for i < rows, c < d.
-inline void add_rows(const float* src, int64_t dpad, int64_t rows, int64_t d, float alpha, float* dst,
-                     int64_t row_stride) {
+inline void add_rows(const float* src, int64_t dpad, int64_t rows, int64_t d, float alpha,
+                     float* dst, int64_t row_stride) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t c = 0; c < d; ++c) dst[i * row_stride + c] += alpha * src[i * dpad + c];
 }
@@ -156,17 +172,26 @@ void bwd_task(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t 
   const Shape& sh = p.shape;
   const int64_t d = sh.head_dim, group = sh.heads_q / sh.heads_kv;
   const int64_t k0 = kb * kBlockK, nk = std::min(kBlockK, sh.seq_k - k0);
-  const RowBlock k{p.k, p.in_dtype, b * p.k_stride.batch + hk * p.k_stride.head + k0 * p.k_stride.seq,
-                   p.k_stride.seq, nk, d};
-  const RowBlock v{p.v, p.in_dtype, b * p.v_stride.batch + hk * p.v_stride.head + k0 * p.v_stride.seq,
-                   p.v_stride.seq, nk, d};
+  const RowBlock k{p.k,
+                   p.in_dtype,
+                   b * p.k_stride.batch + hk * p.k_stride.head + k0 * p.k_stride.seq,
+                   p.k_stride.seq,
+                   nk,
+                   d};
+  const RowBlock v{p.v,
+                   p.in_dtype,
+                   b * p.v_stride.batch + hk * p.v_stride.head + k0 * p.v_stride.seq,
+                   p.v_stride.seq,
+                   nk,
+                   d};
   pack_nk(k, dpad, ws.tmp.data(), ws.kt.data());
   pack_nk(v, dpad, ws.tmp.data(), ws.vt.data());
   pack_kn(k, kBlockK, dpad, ws.tmp.data(), ws.k_kn.data());
   std::fill(ws.dk.begin(), ws.dk.end(), 0.0f);
   std::fill(ws.dv.begin(), ws.dv.end(), 0.0f);
   const int64_t first_row = first_row_seeing(p.mask, k0, sh.seq_q);
-  const int64_t qb_begin = first_row < sh.seq_q ? first_row / kBwdBlockQ : ceil_div(sh.seq_q, kBwdBlockQ);
+  const int64_t qb_begin =
+      first_row < sh.seq_q ? first_row / kBwdBlockQ : ceil_div(sh.seq_q, kBwdBlockQ);
   for (int64_t g = 0; g < group; ++g)
     for (int64_t qb = qb_begin; qb * kBwdBlockQ < sh.seq_q; ++qb)
       bwd_pair(p, rows, b, hk * group + g, qb, k0, nk, dpad, ws,

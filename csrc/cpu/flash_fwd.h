@@ -1,5 +1,5 @@
-// Forward of the CPU flash attention (Note [CPU flash tiling] in flash_impl.h). Part of flash_impl.h:
-// compiled once per instruction set, inside ring_ext::cpu::<isa>.
+// Forward of the CPU flash attention (Note [CPU flash tiling] in flash_impl.h). Part of
+// flash_impl.h: compiled once per instruction set, inside ring_ext::cpu::<isa>.
 #pragma once
 
 namespace ring_ext::cpu::RING_EXT_CPU_ISA {
@@ -10,7 +10,9 @@ struct PackedKV {
   int64_t heads_kv, blocks, kt_size, v_size;
   std::vector<T> kt, v;
 
-  int64_t index(int64_t b, int64_t hk, int64_t kb) const { return (b * heads_kv + hk) * blocks + kb; }
+  int64_t index(int64_t b, int64_t hk, int64_t kb) const {
+    return (b * heads_kv + hk) * blocks + kb;
+  }
   const T* kt_block(int64_t b, int64_t hk, int64_t kb) const {
     return kt.data() + index(b, hk, kb) * kt_size;
   }
@@ -32,12 +34,18 @@ PackedKV<T> pack_kv(const FwdParams& p, int64_t dpad, ParallelFor parallel_for) 
       const int64_t kb = t % kv.blocks, bh = t / kv.blocks;
       const int64_t b = bh / sh.heads_kv, hk = bh % sh.heads_kv, k0 = kb * kBlockK;
       const int64_t rows = std::min(kBlockK, sh.seq_k - k0);
-      const RowBlock k{p.k, p.in_dtype,
+      const RowBlock k{p.k,
+                       p.in_dtype,
                        b * p.k_stride.batch + hk * p.k_stride.head + k0 * p.k_stride.seq,
-                       p.k_stride.seq, rows, sh.head_dim};
-      const RowBlock v{p.v, p.in_dtype,
+                       p.k_stride.seq,
+                       rows,
+                       sh.head_dim};
+      const RowBlock v{p.v,
+                       p.in_dtype,
                        b * p.v_stride.batch + hk * p.v_stride.head + k0 * p.v_stride.seq,
-                       p.v_stride.seq, rows, sh.head_dim};
+                       p.v_stride.seq,
+                       rows,
+                       sh.head_dim};
       pack_nk(k, dpad, tmp.data(), kv.kt.data() + t * kv.kt_size);
       pack_kn(v, kBlockK, dpad, tmp.data(), kv.v.data() + t * kv.v_size);
     }
@@ -48,11 +56,15 @@ PackedKV<T> pack_kv(const FwdParams& p, int64_t dpad, ParallelFor parallel_for) 
 // Per-thread scratch of one forward task.
 template <typename T>
 struct FwdWorkspace {
-  std::vector<T> q, p;                // A tile of Q [kBlockQ][dpad]; P [kBlockQ][kBlockK]
-  std::vector<float> s, acc, m, l;    // S [kBlockQ][kBlockK]; O [kBlockQ][dpad]; row stats
+  std::vector<T> q, p;              // A tile of Q [kBlockQ][dpad]; P [kBlockQ][kBlockK]
+  std::vector<float> s, acc, m, l;  // S [kBlockQ][kBlockK]; O [kBlockQ][dpad]; row stats
   explicit FwdWorkspace(int64_t dpad)
-      : q(kBlockQ * dpad), p(kBlockQ * kBlockK), s(kBlockQ * kBlockK), acc(kBlockQ * dpad),
-        m(kBlockQ), l(kBlockQ) {}
+      : q(kBlockQ * dpad),
+        p(kBlockQ * kBlockK),
+        s(kBlockQ * kBlockK),
+        acc(kBlockQ * dpad),
+        m(kBlockQ),
+        l(kBlockQ) {}
 };
 
 // Online softmax over one key block [k0, k0 + nk): S -> P, updates m and l, rescales O.
@@ -98,8 +110,12 @@ void fwd_task(const FwdParams& p, const PackedKV<T>& kv, int64_t b, int64_t h, i
   constexpr int64_t step = kStep<T>;
   const Shape& sh = p.shape;
   const int64_t hk = h / (sh.heads_q / sh.heads_kv), nq = std::min(kBlockQ, sh.seq_q - q0);
-  const RowBlock q{p.q, p.in_dtype, b * p.q_stride.batch + h * p.q_stride.head + q0 * p.q_stride.seq,
-                   p.q_stride.seq, nq, sh.head_dim};
+  const RowBlock q{p.q,
+                   p.in_dtype,
+                   b * p.q_stride.batch + h * p.q_stride.head + q0 * p.q_stride.seq,
+                   p.q_stride.seq,
+                   nq,
+                   sh.head_dim};
   pack_a(q, kBlockQ, dpad, ws.q.data());
   std::fill(ws.m.begin(), ws.m.end(), kNegInf);
   std::fill(ws.l.begin(), ws.l.end(), 0.0f);

@@ -1,6 +1,6 @@
-// Blockwise flash attention on the CPU, compiled once per instruction set: kernels_<isa>.cpp defines
-// RING_EXT_CPU_ISA, sets the compiler target and includes its tile primitives (tiles_avx512.h or
-// tiles_generic.h: gemm, exp_row, bwd_row, ...) before this file.
+// Blockwise flash attention on the CPU, compiled once per instruction set: kernels_<isa>.cpp
+// defines RING_EXT_CPU_ISA, sets the compiler target and includes its tile primitives
+// (tiles_avx512.h or tiles_generic.h: gemm, exp_row, bwd_row, ...) before this file.
 //
 // Note [CPU flash tiling]
 // Every matrix product runs on *packed tiles* through one register-blocked gemm (Note [AVX-512
@@ -14,15 +14,16 @@
 //                                           dQ += dS K, Q and dO in dK += dS^T Q, dV += P^T dO
 //   NK tile  [dpad/step][kBlockK][step]     right operand with K = head_dim: K^T, V^T
 // (for float, step = 1 and a KN tile is the A tile). P and dS are float32 after the softmax; for
-// bf16 they are rounded to bf16 (as GPU flash attention does) into row-major [kBlockQ][kBlockK]
-// (left operand of P V, dS K) and row-pair [kBlockQ/2][kBlockK][2] tiles (transposed left operand
-// of P^T dO, dS^T Q); float uses the float32 tiles directly, transposed by strides.
+// bf16 they are rounded to bf16 (as GPU flash attention does) into row-major [rows][kBlockK] (left
+// operand of P V, dS K) and row-pair [rows/2][kBlockK][2] tiles (transposed left operand of
+// P^T dO, dS^T Q); float uses the float32 tiles directly, transposed by strides.
 //
 // Forward: K/V of every (batch, kv head, key block) are packed once per call. One task = (batch,
 // q head, block of kBlockQ query rows): pack Q, then walk the key blocks with the online softmax,
 // S = Q K^T, running max m and sum l, O = O * exp(m_old - m) + P V. Causal masks stop at the last
 // block a row of the task can see and mask only blocks that straddle the diagonal.
-// Backward: Q/dO of every (batch, q head, query block) are packed once per call. One task =
+// Backward: Q/dO of every (batch, q head, block of kBwdBlockQ rows) are packed once per call
+// (larger row blocks than the forward's: they are the k loop of dK and dV). One task =
 // (batch, kv head, key block), so dK/dV of a key block have one writer; it walks the q heads of its
 // GQA group and the query blocks that can see the block: P = exp(S - lse), dV += P^T dO,
 // dP = dO V^T, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K. dQ goes to a float32 partial per
@@ -30,6 +31,7 @@
 // Parallelism stays good when batch * heads is 1: tasks are per block, and causal tasks are dealt
 // in zigzag order (0, n-1, 1, n-2, ...) so contiguous chunks get equal work.
 // Memory: packed copies of the inputs and the dQ partials, O(seq * head_dim); never O(seq^2).
+// Block sizes: the float32 S/P/dP/dS tiles (64 x 64) and a packed key block stay in L1/L2.
 #pragma once
 
 #include <algorithm>
@@ -50,8 +52,9 @@
 
 namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 
-constexpr int64_t kBlockQ = 64;      // query rows per forward tile
-constexpr int64_t kBwdBlockQ = 128;  // query rows per backward tile (even): longer k loops in dK, dV
+constexpr int64_t kBlockQ = 64;  // query rows per forward tile
+constexpr int64_t kBwdBlockQ =
+    128;                         // query rows per backward tile (even): longer k loops in dK, dV
 constexpr int64_t kBlockK = 64;  // keys per tile (a multiple of 16)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -108,7 +111,8 @@ inline void store_row(void* base, DType dtype, int64_t offset, int64_t n, const 
   }
 }
 
-// ---- packing (Note [CPU flash tiling]) ------------------------------------------------------------
+// ---- packing (Note [CPU flash tiling])
+// ------------------------------------------------------------
 
 // A rows x d block of a strided tensor: row i at base[offset + i * row_stride], d contiguous.
 struct RowBlock {
@@ -117,8 +121,8 @@ struct RowBlock {
   int64_t offset, row_stride, rows, d;
 };
 
-// Row i of src as tile elements: float32 (converted from any dtype) or bf16 bits (copied; bf16 tiles
-// are only used for bf16 inputs).
+// Row i of src as tile elements: float32 (converted from any dtype) or bf16 bits (copied; bf16
+// tiles are only used for bf16 inputs).
 inline void load_tile_row(const RowBlock& src, int64_t i, float* dst) {
   load_row(src.base, src.dtype, src.offset + i * src.row_stride, src.d, dst);
 }
@@ -153,11 +157,13 @@ void pack_nk(const RowBlock& src, int64_t dpad, T* tmp, T* dst) {
   std::fill(dst, dst + dpad * kBlockK, T(0));
   for (int64_t i = 0; i < src.rows; ++i) {
     load_tile_row(src, i, tmp);
-    for (int64_t c = 0; c < src.d; ++c) dst[(c / step) * kBlockK * step + i * step + c % step] = tmp[c];
+    for (int64_t c = 0; c < src.d; ++c)
+      dst[(c / step) * kBlockK * step + i * step + c % step] = tmp[c];
   }
 }
 
-// ---- masks ----------------------------------------------------------------------------------------
+// ---- masks
+// ----------------------------------------------------------------------------------------
 
 // Keys j < visible_end(qi) of [0, seq_k) are visible to query row qi.
 inline int64_t visible_end(const Mask& mask, int64_t qi, int64_t seq_k) {
@@ -171,7 +177,8 @@ inline int64_t first_row_seeing(const Mask& mask, int64_t k, int64_t seq_q) {
   return std::clamp<int64_t>(mask.k_offset + k - mask.q_offset, 0, seq_q);
 }
 
-// ---- merge ----------------------------------------------------------------------------------------
+// ---- merge
+// ----------------------------------------------------------------------------------------
 
 void lse_merge(const MergeParams& p, ParallelFor parallel_for) {
   const Shape& sh = p.shape;
@@ -185,10 +192,10 @@ void lse_merge(const MergeParams& p, ParallelFor parallel_for) {
       const float block_lse =
           p.block_lse[b * p.block_lse_stride.batch + h * p.block_lse_stride.head + i];
       const MergeWeights w = merge_weights(*lse, block_lse);
-      load_row(p.block_out, p.block_dtype,
-               b * p.block_out_stride.batch + h * p.block_out_stride.head +
-                   i * p.block_out_stride.seq,
-               d, block_row.data());
+      load_row(
+          p.block_out, p.block_dtype,
+          b * p.block_out_stride.batch + h * p.block_out_stride.head + i * p.block_out_stride.seq,
+          d, block_row.data());
       float* out = p.out + b * p.out_stride.batch + h * p.out_stride.head + i * p.out_stride.seq;
       for (int64_t c = 0; c < d; ++c) out[c] = w.w1 * out[c] + w.w2 * block_row[c];
       *lse = w.lse;

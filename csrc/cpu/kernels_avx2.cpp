@@ -16,5 +16,5 @@
 
 #pragma GCC target("avx2,fma,f16c,bmi2")
 #define RING_EXT_CPU_ISA avx2
-#include "tiles_generic.h"
 #include "flash_impl.h"
+#include "tiles_generic.h"

@@ -18,5 +18,5 @@
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,bmi2")
 #define RING_EXT_CPU_ISA avx512
-#include "tiles_avx512.h"
 #include "flash_impl.h"
+#include "tiles_avx512.h"

@@ -16,5 +16,5 @@
 
 // baseline x86-64: no target pragma
 #define RING_EXT_CPU_ISA baseline
-#include "tiles_generic.h"
 #include "flash_impl.h"
+#include "tiles_generic.h"

@@ -1,7 +1,7 @@
-// Tile primitives for the AVX-512 build: register-blocked matrix products on packed tiles (float32 FMA
-// and bf16 pairs with vdpbf16ps), and the vectorised row operations of the softmax. flash_impl.h is
-// written against this interface; tiles_generic.h gives the same one in plain loops for the other
-// builds. See Note [CPU flash tiling] in flash_impl.h for the tile layouts.
+// Tile primitives for the AVX-512 build: register-blocked matrix products on packed tiles (float32
+// FMA and bf16 pairs with vdpbf16ps), and the vectorised row operations of the softmax.
+// flash_impl.h is written against this interface; tiles_generic.h gives the same one in plain loops
+// for the other builds. See Note [CPU flash tiling] in flash_impl.h for the tile layouts.
 //
 // Included by kernels_avx512.cpp after the target pragma, so everything here lives in
 // ring_ext::cpu::avx512 and is compiled for AVX-512 only.
@@ -19,7 +19,8 @@ namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 // bf16 inputs stay bf16 in the matrix products (vdpbf16ps, float32 accumulation).
 constexpr bool kHasBf16Dot = true;
 
-// ---- register-blocked matrix products -------------------------------------------------------------
+// ---- register-blocked matrix products
+// -------------------------------------------------------------
 //
 // Note [AVX-512 micro-kernel]
 // C[m, n] (+)= sum_k A(m, k) B(k, n) with every operand in float32 accumulators:
@@ -144,7 +145,8 @@ void gemm(const T* a, int64_t sm, int64_t sk, const T* b, int64_t ldb, int64_t m
   }
 }
 
-// ---- row operations (float32, 16 lanes; n_pad is a multiple of 16) --------------------------------
+// ---- row operations (float32, 16 lanes; n_pad is a multiple of 16)
+// --------------------------------
 
 // exp(x) = 2^n * e^r with n = round(x / ln2), r = x - n ln2 in two parts (Cody-Waite), e^r by its
 // degree-7 Taylor polynomial (|r| <= ln2/2: relative error < 1e-8, below float32 rounding).
@@ -197,8 +199,8 @@ inline float exp_row(const float* s, int64_t n, int64_t n_pad, float scale, floa
   __m512 sum = _mm512_setzero_ps();
   const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
   for (int64_t j = 0; j < n_pad; j += 16) {
-    const __m512 e = _mm512_maskz_mov_ps(
-        valid_lanes(j, n), exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, sh)));
+    const __m512 e = _mm512_maskz_mov_ps(valid_lanes(j, n),
+                                         exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, sh)));
     _mm512_storeu_ps(p + j, e);
     sum = _mm512_add_ps(sum, e);
   }
@@ -210,8 +212,8 @@ inline float exp_row(const float* s, int64_t n, int64_t n_pad, float scale, floa
   __m512 sum = _mm512_setzero_ps();
   const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
   for (int64_t j = 0; j < n_pad; j += 16) {
-    const __m512 e = _mm512_maskz_mov_ps(
-        valid_lanes(j, n), exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, sh)));
+    const __m512 e = _mm512_maskz_mov_ps(valid_lanes(j, n),
+                                         exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, sh)));
     const __m256i h = to_bf16(e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), h);
     sum = _mm512_add_ps(sum, from_bf16(h));
@@ -221,7 +223,8 @@ inline float exp_row(const float* s, int64_t n, int64_t n_pad, float scale, floa
 
 inline void scale_row(float* x, int64_t n, float alpha) {
   const __m512 a = _mm512_set1_ps(alpha);
-  for (int64_t j = 0; j < n; j += 16) _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_loadu_ps(x + j), a));
+  for (int64_t j = 0; j < n; j += 16)
+    _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_loadu_ps(x + j), a));
 }
 
 // Backward softmax of one row, in place: s -> P = exp(scale * s - lse) (0 for j >= n),
@@ -230,8 +233,8 @@ inline void bwd_row(float* s, float* dp, int64_t n, int64_t n_pad, float scale, 
                     float delta) {
   const __m512 sc = _mm512_set1_ps(scale), l = _mm512_set1_ps(lse), dl = _mm512_set1_ps(delta);
   for (int64_t j = 0; j < n_pad; j += 16) {
-    const __m512 pj = _mm512_maskz_mov_ps(
-        valid_lanes(j, n), exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, l)));
+    const __m512 pj = _mm512_maskz_mov_ps(valid_lanes(j, n),
+                                          exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, l)));
     _mm512_storeu_ps(s + j, pj);
     _mm512_storeu_ps(dp + j, _mm512_mul_ps(pj, _mm512_sub_ps(_mm512_loadu_ps(dp + j), dl)));
   }

@@ -1,6 +1,7 @@
-// Tile primitives for the builds without AVX-512 (avx2, baseline): the interface of tiles_avx512.h in
-// plain loops that the compiler vectorises. Only float32 tiles: bf16 and fp16 inputs are converted to
-// float32 when packed. See Note [CPU flash tiling] in flash_impl.h for the tile layouts.
+// Tile primitives for the builds without AVX-512 (avx2, baseline): the interface of tiles_avx512.h
+// in plain loops that the compiler vectorises. Only float32 tiles: bf16 and fp16 inputs are
+// converted to float32 when packed. See Note [CPU flash tiling] in flash_impl.h for the tile
+// layouts.
 //
 // Included by kernels_<isa>.cpp after its target pragma, so everything here lives in
 // ring_ext::cpu::<isa>.
@@ -35,7 +36,8 @@ inline float fast_exp(float x) {
   return x < -87.0f ? 0.0f : poly * scale;
 }
 
-// C[i, j] (+)= sum_kk A(i, kk) B(kk, j), A(i, kk) = a[i * sm + kk * sk], B(kk, j) = b[kk * ldb + j].
+// C[i, j] (+)= sum_kk A(i, kk) B(kk, j), A(i, kk) = a[i * sm + kk * sk], B(kk, j) = b[kk * ldb +
+// j].
 inline void gemm(const float* a, int64_t sm, int64_t sk, const float* b, int64_t ldb, int64_t m,
                  int64_t n, int64_t k, float* c, int64_t ldc, bool accumulate) {
   for (int64_t i = 0; i < m; ++i) {
