@@ -1,9 +1,9 @@
 """ring_ext's CPU attention against PyTorch's CPU flash attention (F.scaled_dot_product_attention).
 
 Both run in the same process on the same tensors ([b, h, s, d], the "bnsd" layout for ring_ext),
-interleaved (ours, theirs, ours, theirs, ...), and each time is the median of the repeats, so the
-noise of a shared machine hits both alike. The matmul ceiling (a large torch.mm) is measured first,
-in the same run, and each kernel's GFLOP/s is shown as a fraction of it.
+interleaved with a large torch.mm of the same dtype (ours, theirs, mm, ours, theirs, mm, ...), and
+each time is the median of the repeats, so the noise of a shared machine hits all three alike. The
+mm gives the matmul ceiling of that row, and each kernel's GFLOP/s is shown as a fraction of it.
 
 FLOPs: forward 4 * b * h * s^2 * d (two matmuls), forward+backward 3.5x that (five more matmuls in
 the backward, counted as 2.5 forwards, as flash-attention does); causal counts half.
@@ -16,6 +16,7 @@ the backward, counted as 2.5 forwards, as flash-attention does); causal counts h
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -58,11 +59,10 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def matmul_ceiling(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of an n x n x n torch.mm in dtype (median of repeats)."""
+def matmul_runner(dtype: torch.dtype, n: int = 2048):
+    """(callable, flops) of an n x n x n torch.mm in dtype: the matmul ceiling."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)
-    return 2 * n**3 / statistics.median(timed(lambda: torch.mm(a, b)) for _ in range(repeats)) / 1e9
+    return (lambda: torch.mm(a, b)), 2 * n**3
 
 
 def make_runners(dtype: torch.dtype, d: int, s: int, causal: bool, backward: bool):
@@ -92,15 +92,16 @@ def make_runners(dtype: torch.dtype, d: int, s: int, causal: bool, backward: boo
     return (lambda: ours()), (lambda: sdpa())
 
 
-def bench_pair(ours, sdpa, repeats: int) -> tuple[float, float]:
-    """Median seconds of ours and sdpa, run alternately after one warm-up each."""
+def bench_interleaved(fns, repeats: int) -> list[float]:
+    """Median seconds of each callable, run round-robin after one warm-up each."""
     with torch.inference_mode(False):
-        ours(), sdpa()
-        t_ours, t_sdpa = [], []
+        for fn in fns:
+            fn()
+        times = [[] for _ in fns]
         for _ in range(repeats):
-            t_ours.append(timed(ours))
-            t_sdpa.append(timed(sdpa))
-    return statistics.median(t_ours), statistics.median(t_sdpa)
+            for fn, ts in zip(fns, times):
+                ts.append(timed(fn))
+    return [statistics.median(ts) for ts in times]
 
 
 def main() -> None:
@@ -116,32 +117,35 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = args.shapes or default_shapes(args.quick)
 
-    ceiling = {name: matmul_ceiling(dt) for name, dt in DTYPES.items()}
     lines = [
-        f"ring_ext CPU kernels (isa: {ring_ext.build_info().get('cpu_isa', 'not reported')}) vs "
-        f"F.scaled_dot_product_attention, torch {torch.__version__}, b={BATCH}, h={HEADS}, "
-        f"{args.threads} threads. Matmul ceiling (2048^3 torch.mm, this run): "
-        f"fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s. "
-        "ratio = ours / SDPA time (< 1: ours faster). Causal FLOPs counted as half.",
+        f"ring_ext CPU kernels vs F.scaled_dot_product_attention, torch {torch.__version__}, "
+        f"b={BATCH}, h={HEADS}, {args.threads} threads. ceil = GFLOP/s of a 2048^3 torch.mm of the "
+        "row's dtype, timed interleaved with the row. ratio = ours / SDPA time (< 1: ours faster). "
+        f"Causal FLOPs counted as half. Load average at start: {os.getloadavg()[0]:.1f}.",
         "",
-        "| dtype | d | s | mask | pass | ours ms | SDPA ms | ours GFLOP/s | SDPA GFLOP/s | ours % ceil | SDPA % ceil | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dtype | d | s | mask | pass | ours ms | SDPA ms | ours GFLOP/s | SDPA GFLOP/s | ceil GFLOP/s "
+        "| ours % ceil | SDPA % ceil | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for dtype_name, d, s, causal in shapes:
+        mm, mm_flops = matmul_runner(DTYPES[dtype_name])
         for backward in (False, True):
             repeats = args.repeats or (5 if s < 8192 else 3)
-            t_ours, t_sdpa = bench_pair(*make_runners(DTYPES[dtype_name], d, s, causal, backward), repeats)
+            ours, sdpa = make_runners(DTYPES[dtype_name], d, s, causal, backward)
+            t_ours, t_sdpa, t_mm = bench_interleaved([ours, sdpa, mm], repeats)
             flops = 4 * BATCH * HEADS * s * s * d * (3.5 if backward else 1.0) * (0.5 if causal else 1.0)
-            g_ours, g_sdpa = flops / t_ours / 1e9, flops / t_sdpa / 1e9
+            g_ours, g_sdpa, g_mm = flops / t_ours / 1e9, flops / t_sdpa / 1e9, mm_flops / t_mm / 1e9
             row = (
                 f"| {dtype_name} | {d} | {s} | {'causal' if causal else 'full'} | "
                 f"{'fwd+bwd' if backward else 'fwd'} | {t_ours * 1e3:.1f} | {t_sdpa * 1e3:.1f} | "
-                f"{g_ours:.0f} | {g_sdpa:.0f} | {100 * g_ours / ceiling[dtype_name]:.0f}% | "
-                f"{100 * g_sdpa / ceiling[dtype_name]:.0f}% | {t_ours / t_sdpa:.2f} |"
+                f"{g_ours:.0f} | {g_sdpa:.0f} | {g_mm:.0f} | {100 * g_ours / g_mm:.0f}% | "
+                f"{100 * g_sdpa / g_mm:.0f}% | {t_ours / t_sdpa:.2f} |"
             )
             lines.append(row)
             print(row, flush=True)
+    lines.append(f"\nLoad average at end: {os.getloadavg()[0]:.1f}.")
+    print(lines[-1], flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

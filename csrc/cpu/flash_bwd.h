@@ -184,8 +184,8 @@ void bwd_task(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t 
                    p.v_stride.seq,
                    nk,
                    d};
-  pack_nk(k, dpad, ws.tmp.data(), ws.kt.data());
-  pack_nk(v, dpad, ws.tmp.data(), ws.vt.data());
+  pack_nk(k, dpad, kBlockK, ws.tmp.data(), ws.kt.data());
+  pack_nk(v, dpad, kBlockK, ws.tmp.data(), ws.vt.data());
   pack_kn(k, kBlockK, dpad, ws.tmp.data(), ws.k_kn.data());
   std::fill(ws.dk.begin(), ws.dk.end(), 0.0f);
   std::fill(ws.dv.begin(), ws.dv.end(), 0.0f);

@@ -24,7 +24,8 @@ struct PackedKV {
 template <typename T>
 PackedKV<T> pack_kv(const FwdParams& p, int64_t dpad, ParallelFor parallel_for) {
   const Shape& sh = p.shape;
-  PackedKV<T> kv{sh.heads_kv, ceil_div(sh.seq_k, kBlockK), dpad * kBlockK, kBlockK * dpad, {}, {}};
+  PackedKV<T> kv{
+      sh.heads_kv, ceil_div(sh.seq_k, kFwdBlockK), dpad * kFwdBlockK, kFwdBlockK * dpad, {}, {}};
   const int64_t n = sh.batch * sh.heads_kv * kv.blocks;
   kv.kt.resize(n * kv.kt_size);
   kv.v.resize(n * kv.v_size);
@@ -32,8 +33,8 @@ PackedKV<T> pack_kv(const FwdParams& p, int64_t dpad, ParallelFor parallel_for) 
     std::vector<T> tmp(sh.head_dim);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t kb = t % kv.blocks, bh = t / kv.blocks;
-      const int64_t b = bh / sh.heads_kv, hk = bh % sh.heads_kv, k0 = kb * kBlockK;
-      const int64_t rows = std::min(kBlockK, sh.seq_k - k0);
+      const int64_t b = bh / sh.heads_kv, hk = bh % sh.heads_kv, k0 = kb * kFwdBlockK;
+      const int64_t rows = std::min(kFwdBlockK, sh.seq_k - k0);
       const RowBlock k{p.k,
                        p.in_dtype,
                        b * p.k_stride.batch + hk * p.k_stride.head + k0 * p.k_stride.seq,
@@ -46,8 +47,8 @@ PackedKV<T> pack_kv(const FwdParams& p, int64_t dpad, ParallelFor parallel_for) 
                        p.v_stride.seq,
                        rows,
                        sh.head_dim};
-      pack_nk(k, dpad, tmp.data(), kv.kt.data() + t * kv.kt_size);
-      pack_kn(v, kBlockK, dpad, tmp.data(), kv.v.data() + t * kv.v_size);
+      pack_nk(k, dpad, kFwdBlockK, tmp.data(), kv.kt.data() + t * kv.kt_size);
+      pack_kn(v, kFwdBlockK, dpad, tmp.data(), kv.v.data() + t * kv.v_size);
     }
   });
   return kv;
@@ -56,12 +57,12 @@ PackedKV<T> pack_kv(const FwdParams& p, int64_t dpad, ParallelFor parallel_for) 
 // Per-thread scratch of one forward task.
 template <typename T>
 struct FwdWorkspace {
-  std::vector<T> q, p;              // A tile of Q [kBlockQ][dpad]; P [kBlockQ][kBlockK]
-  std::vector<float> s, acc, m, l;  // S [kBlockQ][kBlockK]; O [kBlockQ][dpad]; row stats
+  std::vector<T> q, p;              // A tile of Q [kBlockQ][dpad]; P [kBlockQ][kFwdBlockK]
+  std::vector<float> s, acc, m, l;  // S [kBlockQ][kFwdBlockK]; O [kBlockQ][dpad]; row stats
   explicit FwdWorkspace(int64_t dpad)
       : q(kBlockQ * dpad),
-        p(kBlockQ * kBlockK),
-        s(kBlockQ * kBlockK),
+        p(kBlockQ * kFwdBlockK),
+        s(kBlockQ * kFwdBlockK),
         acc(kBlockQ * dpad),
         m(kBlockQ),
         l(kBlockQ) {}
@@ -73,8 +74,8 @@ void softmax_step(const FwdParams& p, FwdWorkspace<T>& ws, int64_t q0, int64_t n
                   int64_t nk, int64_t dpad) {
   const int64_t n_pad = round_up(nk, 16);
   for (int64_t i = 0; i < nq; ++i) {
-    const float* srow = ws.s.data() + i * kBlockK;
-    T* prow = ws.p.data() + i * kBlockK;
+    const float* srow = ws.s.data() + i * kFwdBlockK;
+    T* prow = ws.p.data() + i * kFwdBlockK;
     const int64_t end = std::clamp<int64_t>(visible_end(p.mask, q0 + i, p.shape.seq_k) - k0, 0, nk);
     const float m_new = std::max(ws.m[i], scaled_max(srow, end, p.scale));
     if (m_new == kNegInf) {  // nothing visible yet: P = 0, state unchanged
@@ -121,14 +122,14 @@ void fwd_task(const FwdParams& p, const PackedKV<T>& kv, int64_t b, int64_t h, i
   std::fill(ws.l.begin(), ws.l.end(), 0.0f);
   std::fill(ws.acc.begin(), ws.acc.end(), 0.0f);
   const int64_t k_end = visible_end(p.mask, q0 + nq - 1, sh.seq_k);
-  for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
-    const int64_t nk = std::min(kBlockK, k_end - k0), kb = k0 / kBlockK;
-    // S [nq, kBlockK] = Q [nq, d] K^T [d, nk]
-    gemm(ws.q.data(), dpad, step, kv.kt_block(b, hk, kb), kBlockK * step, nq, round_up(nk, 16),
-         ceil_div(sh.head_dim, step), ws.s.data(), kBlockK, /*accumulate=*/false);
+  for (int64_t k0 = 0; k0 < k_end; k0 += kFwdBlockK) {
+    const int64_t nk = std::min(kFwdBlockK, k_end - k0), kb = k0 / kFwdBlockK;
+    // S [nq, kFwdBlockK] = Q [nq, d] K^T [d, nk]
+    gemm(ws.q.data(), dpad, step, kv.kt_block(b, hk, kb), kFwdBlockK * step, nq, round_up(nk, 16),
+         ceil_div(sh.head_dim, step), ws.s.data(), kFwdBlockK, /*accumulate=*/false);
     softmax_step(p, ws, q0, nq, k0, nk, dpad);
     // O [nq, dpad] += P [nq, nk] V [nk, dpad]
-    gemm(ws.p.data(), kBlockK, step, kv.v_block(b, hk, kb), dpad * step, nq, dpad,
+    gemm(ws.p.data(), kFwdBlockK, step, kv.v_block(b, hk, kb), dpad * step, nq, dpad,
          ceil_div(nk, step), ws.acc.data(), dpad, /*accumulate=*/true);
   }
   fwd_finish(p, ws, b, h, q0, nq, dpad);

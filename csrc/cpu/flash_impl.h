@@ -12,7 +12,8 @@
 //   A tile   [rows][dpad]                   row-major: the left operand of S = Q K^T, dP = dO V^T
 //   KN tile  [rows/step][dpad][step]        right operand with K = rows: V in O += P V, K in
 //                                           dQ += dS K, Q and dO in dK += dS^T Q, dV += P^T dO
-//   NK tile  [dpad/step][kBlockK][step]     right operand with K = head_dim: K^T, V^T
+//   NK tile  [dpad/step][width][step]       right operand with K = head_dim: K^T, V^T (width =
+//                                           the key block size, kFwdBlockK or kBlockK)
 // (for float, step = 1 and a KN tile is the A tile). P and dS are float32 after the softmax; for
 // bf16 they are rounded to bf16 (as GPU flash attention does) into row-major [rows][kBlockK] (left
 // operand of P V, dS K) and row-pair [rows/2][kBlockK][2] tiles (transposed left operand of
@@ -55,7 +56,8 @@ namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 constexpr int64_t kBlockQ = 64;  // query rows per forward tile
 constexpr int64_t kBwdBlockQ =
     128;                         // query rows per backward tile (even): longer k loops in dK, dV
-constexpr int64_t kBlockK = 64;  // keys per tile (a multiple of 16)
+constexpr int64_t kBlockK = 64;  // keys per backward tile (a multiple of 16)
+constexpr int64_t kFwdBlockK = 128;  // keys per forward tile: the per-row softmax work is per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -150,15 +152,15 @@ void pack_a(const RowBlock& src, int64_t block_rows, int64_t dpad, T* dst) {
   for (int64_t i = 0; i < src.rows; ++i) load_tile_row(src, i, dst + i * dpad);
 }
 
-// NK tile [dpad/step][kBlockK][step] of a block of at most kBlockK rows; zero padded.
+// NK tile [dpad/step][width][step] of a block of at most width rows; zero padded.
 template <typename T>
-void pack_nk(const RowBlock& src, int64_t dpad, T* tmp, T* dst) {
+void pack_nk(const RowBlock& src, int64_t dpad, int64_t width, T* tmp, T* dst) {
   constexpr int64_t step = kStep<T>;
-  std::fill(dst, dst + dpad * kBlockK, T(0));
+  std::fill(dst, dst + dpad * width, T(0));
   for (int64_t i = 0; i < src.rows; ++i) {
     load_tile_row(src, i, tmp);
     for (int64_t c = 0; c < src.d; ++c)
-      dst[(c / step) * kBlockK * step + i * step + c % step] = tmp[c];
+      dst[(c / step) * width * step + i * step + c % step] = tmp[c];
   }
 }
 

@@ -16,5 +16,7 @@
 
 #pragma GCC target("avx2,fma,f16c,bmi2")
 #define RING_EXT_CPU_ISA avx2
-#include "flash_impl.h"
+// clang-format off: the tile primitives come first, flash_impl.h is written against them
 #include "tiles_generic.h"
+#include "flash_impl.h"
+// clang-format on

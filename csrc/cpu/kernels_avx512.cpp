@@ -18,5 +18,7 @@
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,bmi2")
 #define RING_EXT_CPU_ISA avx512
-#include "flash_impl.h"
+// clang-format off: the tile primitives come first, flash_impl.h is written against them
 #include "tiles_avx512.h"
+#include "flash_impl.h"
+// clang-format on

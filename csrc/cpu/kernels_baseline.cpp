@@ -16,5 +16,7 @@
 
 // baseline x86-64: no target pragma
 #define RING_EXT_CPU_ISA baseline
-#include "flash_impl.h"
+// clang-format off: the tile primitives come first, flash_impl.h is written against them
 #include "tiles_generic.h"
+#include "flash_impl.h"
+// clang-format on
