@@ -32,7 +32,6 @@
 // Parallelism stays good when batch * heads is 1: tasks are per block, and causal tasks are dealt
 // in zigzag order (0, n-1, 1, n-2, ...) so contiguous chunks get equal work.
 // Memory: packed copies of the inputs and the dQ partials, O(seq * head_dim); never O(seq^2).
-// Block sizes: the float32 S/P/dP/dS tiles (64 x 64) and a packed key block stay in L1/L2.
 #pragma once
 
 #include <algorithm>
@@ -53,11 +52,13 @@
 
 namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 
-constexpr int64_t kBlockQ = 64;  // query rows per forward tile
-constexpr int64_t kBwdBlockQ =
-    128;                         // query rows per backward tile (even): longer k loops in dK, dV
-constexpr int64_t kBlockK = 64;  // keys per backward tile (a multiple of 16)
-constexpr int64_t kFwdBlockK = 128;  // keys per forward tile: the per-row softmax work is per tile
+// Block sizes. Forward: kBlockQ query rows x kFwdBlockK keys (the per-row softmax work is per key
+// block, so wide key blocks). Backward: kBwdBlockQ query rows (the k loop of dK and dV; even) x
+// kBlockK keys. Every float32 S/P/dP/dS tile and packed block stays in L1/L2.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kFwdBlockK = 128;
+constexpr int64_t kBwdBlockQ = 128;
+constexpr int64_t kBlockK = 64;  // a multiple of 16, like kFwdBlockK
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
