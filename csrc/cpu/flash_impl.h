@@ -1,22 +1,45 @@
-// Blockwise flash attention on the CPU, compiled once per instruction set (kernels_<isa>.cpp
-// defines RING_EXT_CPU_ISA and the compiler target before including this file).
+// Blockwise flash attention on the CPU, compiled once per instruction set: kernels_<isa>.cpp
+// defines RING_EXT_CPU_ISA, sets the compiler target and includes its tile primitives
+// (tiles_avx512.h or tiles_generic.h: gemm, exp_row, bwd_row, ...) before this file.
 //
 // Note [CPU flash tiling]
-// Forward: one task = (batch, q head, block of kBlockQ query rows). The task converts its Q block
-// to float32 once (pre-scaled by softmax_scale), then walks kBlockK-key blocks of K/V with the
-// online softmax: S = Q K^T, running row max m and row sum l, O = O * exp(m_old - m) + P V. Causal
-// masks skip whole blocks past the diagonal and mask only the blocks that straddle it. Memory per
-// task is O(kBlockQ * (kBlockK + head_dim)), never O(seq^2). Backward: one task = (batch, kv head)
-// so that dK/dV of a head, and dQ of the q heads sharing it (GQA), are written by one thread only,
-// with no atomics. Inside: for each key block, for each q head of the group and each query block: P
-// = exp(S - lse), dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dQ += scale * dS K, dK += scale
-// * dS^T Q.
+// Every matrix product runs on *packed tiles* through one register-blocked gemm (Note [AVX-512
+// micro-kernel] in tiles_avx512.h): C (+)= A B with A read by strides and B packed with its N
+// dimension contiguous. The element type T of packed tiles is float (one k step = one element) or,
+// for bf16 inputs on AVX-512, bf16 bits (one k step = a pair of elements, for vdpbf16ps). Packed
+// forms of a block of `rows` rows of a [seq, head_dim] matrix, head_dim zero-padded to dpad (a
+// multiple of 16) and rows zero-padded to the block size:
+//   A tile   [rows][dpad]                   row-major: the left operand of S = Q K^T, dP = dO V^T
+//   KN tile  [rows/step][dpad][step]        right operand with K = rows: V in O += P V, K in
+//                                           dQ += dS K, Q and dO in dK += dS^T Q, dV += P^T dO
+//   NK tile  [dpad/step][width][step]       right operand with K = head_dim: K^T, V^T (width =
+//                                           the key block size, kFwdBlockK or kBlockK)
+// (for float, step = 1 and a KN tile is the A tile). P and dS are float32 after the softmax; for
+// bf16 they are rounded to bf16 (as GPU flash attention does) into row-major [rows][kBlockK] (left
+// operand of P V, dS K) and row-pair [rows/2][kBlockK][2] tiles (transposed left operand of
+// P^T dO, dS^T Q); float uses the float32 tiles directly, transposed by strides.
+//
+// Forward: K/V of every (batch, kv head, key block) are packed once per call. One task = (batch,
+// q head, block of kBlockQ query rows): pack Q, then walk the key blocks with the online softmax,
+// S = Q K^T, running max m and sum l, O = O * exp(m_old - m) + P V. Causal masks stop at the last
+// block a row of the task can see and mask only blocks that straddle the diagonal.
+// Backward: Q/dO of every (batch, q head, block of kBwdBlockQ rows) are packed once per call
+// (larger row blocks than the forward's: they are the k loop of dK and dV). One task =
+// (batch, kv head, key block), so dK/dV of a key block have one writer; it walks the q heads of its
+// GQA group and the query blocks that can see the block: P = exp(S - lse), dV += P^T dO,
+// dP = dO V^T, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K. dQ goes to a float32 partial per
+// (chunk of tasks, kv head), summed in a fixed order after the parallel loop (deterministic).
+// Parallelism stays good when batch * heads is 1: tasks are per block, and causal tasks are dealt
+// in zigzag order (0, n-1, 1, n-2, ...) so contiguous chunks get equal work.
+// Memory: packed copies of the inputs and the dQ partials, O(seq * head_dim); never O(seq^2).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include "../common/lse_math.h"
@@ -29,27 +52,25 @@
 
 namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 
+// Block sizes. Forward: kBlockQ query rows x kFwdBlockK keys (the per-row softmax work is per key
+// block, so wide key blocks). Backward: kBwdBlockQ query rows (the k loop of dK and dV; even) x
+// kBlockK keys. Every float32 S/P/dP/dS tile and packed block stays in L1/L2.
 constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 64;
+constexpr int64_t kFwdBlockK = 128;
+constexpr int64_t kBwdBlockQ = 128;
+constexpr int64_t kBlockK = 64;  // a multiple of 16, like kFwdBlockK
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) for float32 with ~2 ulp error; exp(-inf) = 0. Branch-free so loops over it vectorise.
-inline float fast_exp(float x) {
-  const float clamped = std::max(x, -87.0f);
-  const float t = clamped * 1.44269504088896341f;
-  const float n = std::nearbyint(t);
-  const float r = (t - n) * 0.693147180559945309f;  // |r| <= ln2 / 2
-  float poly = 1.0f / 5040;
-  poly = poly * r + 1.0f / 720;
-  poly = poly * r + 1.0f / 120;
-  poly = poly * r + 1.0f / 24;
-  poly = poly * r + 1.0f / 6;
-  poly = poly * r + 0.5f;
-  poly = poly * r + 1.0f;
-  poly = poly * r + 1.0f;
-  const float scale = bits_to_float(uint32_t(int32_t(n) + 127) << 23);
-  return x < -87.0f ? 0.0f : poly * scale;
-}
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Elements per k step of the gemm for tile type T (float: 1; bf16 bits: a pair).
+template <typename T>
+constexpr int64_t kStep = sizeof(T) == 4 ? 1 : 2;
+
+// Task i of n in zigzag order 0, n-1, 1, n-2, ...: contiguous chunks of tasks whose cost falls
+// (or rises) linearly with the index get equal work.
+inline int64_t zigzag(int64_t i, int64_t n) { return i % 2 == 0 ? i / 2 : n - 1 - i / 2; }
 
 // ---- loads and stores, converting to and from float32 -------------------------------------------
 
@@ -93,263 +114,70 @@ inline void store_row(void* base, DType dtype, int64_t offset, int64_t n, const 
   }
 }
 
-// rows x d block at base[offset + i * row_stride + c] -> dst[i * d + c] (float32, scaled).
-inline void load_block(const void* base, DType dtype, int64_t offset, int64_t row_stride,
-                       int64_t rows, int64_t d, float scale, float* dst) {
-  for (int64_t i = 0; i < rows; ++i) {
-    float* row = dst + i * d;
-    load_row(base, dtype, offset + i * row_stride, d, row);
-    if (scale != 1.0f)
-      for (int64_t c = 0; c < d; ++c) row[c] *= scale;
+// ---- packing (Note [CPU flash tiling])
+// ------------------------------------------------------------
+
+// A rows x d block of a strided tensor: row i at base[offset + i * row_stride], d contiguous.
+struct RowBlock {
+  const void* base;
+  DType dtype;
+  int64_t offset, row_stride, rows, d;
+};
+
+// Row i of src as tile elements: float32 (converted from any dtype) or bf16 bits (copied; bf16
+// tiles are only used for bf16 inputs).
+inline void load_tile_row(const RowBlock& src, int64_t i, float* dst) {
+  load_row(src.base, src.dtype, src.offset + i * src.row_stride, src.d, dst);
+}
+inline void load_tile_row(const RowBlock& src, int64_t i, uint16_t* dst) {
+  std::memcpy(dst, static_cast<const uint16_t*>(src.base) + src.offset + i * src.row_stride,
+              src.d * sizeof(uint16_t));
+}
+
+// KN tile [block_rows/step][dpad][step] (for float: the A tile [block_rows][dpad]); zero padded.
+template <typename T>
+void pack_kn(const RowBlock& src, int64_t block_rows, int64_t dpad, T* tmp, T* dst) {
+  constexpr int64_t step = kStep<T>;
+  std::fill(dst, dst + block_rows * dpad, T(0));
+  for (int64_t i = 0; i < src.rows; ++i) {
+    load_tile_row(src, i, tmp);
+    T* out = dst + (i / step) * dpad * step + i % step;
+    for (int64_t c = 0; c < src.d; ++c) out[c * step] = tmp[c];
   }
 }
 
-// Transposed: rows x d block -> dst[c * kBlockK + i].
-inline void load_block_t(const void* base, DType dtype, int64_t offset, int64_t row_stride,
-                         int64_t rows, int64_t d, float* tmp_row, float* dst) {
-  for (int64_t i = 0; i < rows; ++i) {
-    load_row(base, dtype, offset + i * row_stride, d, tmp_row);
-    for (int64_t c = 0; c < d; ++c) dst[c * kBlockK + i] = tmp_row[c];
-  }
+// A tile [block_rows][dpad], zero padded (for float the same as the KN tile).
+template <typename T>
+void pack_a(const RowBlock& src, int64_t block_rows, int64_t dpad, T* dst) {
+  std::fill(dst, dst + block_rows * dpad, T(0));
+  for (int64_t i = 0; i < src.rows; ++i) load_tile_row(src, i, dst + i * dpad);
 }
 
-// ---- small matrix products on float32 tiles
-// -------------------------------------------------------
-
-// s[i, j] = sum_c a[i, c] * bt[c, j] for i < m, j < n; a is m x d, bt is d x kBlockK, s is m x
-// kBlockK.
-inline void matmul_abt(const float* a, const float* bt, int64_t m, int64_t n, int64_t d, float* s) {
-  for (int64_t i = 0; i < m; ++i) {
-    float* srow = s + i * kBlockK;
-    for (int64_t j = 0; j < n; ++j) srow[j] = 0.0f;
-    const float* arow = a + i * d;
-    for (int64_t c = 0; c < d; ++c) {
-      const float ac = arow[c];
-      const float* brow = bt + c * kBlockK;
-      for (int64_t j = 0; j < n; ++j) srow[j] += ac * brow[j];
-    }
-  }
-}
-
-// out[i, :] += sum_j p[i, j] * b[j, :]; p is m x kBlockK, b is n x d, out is m x d (row stride ld).
-inline void matmul_pb_acc(const float* p, const float* b, int64_t m, int64_t n, int64_t d,
-                          float alpha, float* out, int64_t ld) {
-  for (int64_t i = 0; i < m; ++i) {
-    float* orow = out + i * ld;
-    const float* prow = p + i * kBlockK;
-    for (int64_t j = 0; j < n; ++j) {
-      const float pij = prow[j] * alpha;
-      if (pij == 0.0f) continue;
-      const float* brow = b + j * d;
-      for (int64_t c = 0; c < d; ++c) orow[c] += pij * brow[c];
-    }
-  }
-}
-
-// out[j, :] += alpha * sum_i p[i, j] * a[i, :]; p is m x kBlockK, a is m x d, out is n x d.
-inline void matmul_ptb_acc(const float* p, const float* a, int64_t m, int64_t n, int64_t d,
-                           float alpha, float* out) {
-  for (int64_t i = 0; i < m; ++i) {
-    const float* prow = p + i * kBlockK;
-    const float* arow = a + i * d;
-    for (int64_t j = 0; j < n; ++j) {
-      const float pij = prow[j] * alpha;
-      if (pij == 0.0f) continue;
-      float* orow = out + j * d;
-      for (int64_t c = 0; c < d; ++c) orow[c] += pij * arow[c];
-    }
+// NK tile [dpad/step][width][step] of a block of at most width rows; zero padded.
+template <typename T>
+void pack_nk(const RowBlock& src, int64_t dpad, int64_t width, T* tmp, T* dst) {
+  constexpr int64_t step = kStep<T>;
+  std::fill(dst, dst + dpad * width, T(0));
+  for (int64_t i = 0; i < src.rows; ++i) {
+    load_tile_row(src, i, tmp);
+    for (int64_t c = 0; c < src.d; ++c)
+      dst[(c / step) * width * step + i * step + c % step] = tmp[c];
   }
 }
 
 // ---- masks
 // ----------------------------------------------------------------------------------------
 
-// Number of keys of [k0, seq_k) visible to query row qi: keys k0 <= j < end.
+// Keys j < visible_end(qi) of [0, seq_k) are visible to query row qi.
 inline int64_t visible_end(const Mask& mask, int64_t qi, int64_t seq_k) {
   if (mask.kind == MaskKind::kNone) return seq_k;
   return std::clamp<int64_t>(mask.q_offset + qi - mask.k_offset + 1, 0, seq_k);
 }
 
-// ---- forward
-// --------------------------------------------------------------------------------------
-
-struct FwdWorkspace {
-  std::vector<float> q, kt, v, s, acc, m, l, tmp;
-  explicit FwdWorkspace(int64_t d)
-      : q(kBlockQ * d),
-        kt(d * kBlockK),
-        v(kBlockK * d),
-        s(kBlockQ * kBlockK),
-        acc(kBlockQ * d),
-        m(kBlockQ),
-        l(kBlockQ),
-        tmp(d) {}
-};
-
-// Online softmax over one key block: updates m, l, rescales acc, and turns s into P.
-inline void softmax_step(FwdWorkspace& ws, const Mask& mask, int64_t q0, int64_t nq, int64_t k0,
-                         int64_t nk, int64_t seq_k, int64_t d) {
-  for (int64_t i = 0; i < nq; ++i) {
-    float* srow = ws.s.data() + i * kBlockK;
-    const int64_t end = std::min(visible_end(mask, q0 + i, seq_k) - k0, nk);
-    for (int64_t j = std::max<int64_t>(end, 0); j < nk; ++j) srow[j] = kNegInf;
-    float block_max = kNegInf;
-    for (int64_t j = 0; j < nk; ++j) block_max = std::max(block_max, srow[j]);
-    const float m_new = std::max(ws.m[i], block_max);
-    if (m_new == kNegInf) {  // nothing visible yet: P = 0, state unchanged
-      for (int64_t j = 0; j < nk; ++j) srow[j] = 0.0f;
-      continue;
-    }
-    const float alpha = fast_exp(ws.m[i] - m_new);
-    float sum = 0.0f;
-    for (int64_t j = 0; j < nk; ++j) {
-      srow[j] = fast_exp(srow[j] - m_new);
-      sum += srow[j];
-    }
-    ws.l[i] = ws.l[i] * alpha + sum;
-    ws.m[i] = m_new;
-    if (alpha != 1.0f) {
-      float* arow = ws.acc.data() + i * d;
-      for (int64_t c = 0; c < d; ++c) arow[c] *= alpha;
-    }
-  }
-}
-
-inline void fwd_task(const FwdParams& p, int64_t b, int64_t h, int64_t q0, FwdWorkspace& ws) {
-  const Shape& sh = p.shape;
-  const int64_t d = sh.head_dim, hk = h / (sh.heads_q / sh.heads_kv);
-  const int64_t nq = std::min(kBlockQ, sh.seq_q - q0);
-  load_block(p.q, p.in_dtype, b * p.q_stride.batch + h * p.q_stride.head + q0 * p.q_stride.seq,
-             p.q_stride.seq, nq, d, p.scale, ws.q.data());
-  std::fill(ws.m.begin(), ws.m.end(), kNegInf);
-  std::fill(ws.l.begin(), ws.l.end(), 0.0f);
-  std::fill(ws.acc.begin(), ws.acc.end(), 0.0f);
-  const int64_t k_end = visible_end(p.mask, q0 + nq - 1, sh.seq_k);
-  const int64_t k_base = b * p.k_stride.batch + hk * p.k_stride.head;
-  const int64_t v_base = b * p.v_stride.batch + hk * p.v_stride.head;
-  for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
-    const int64_t nk = std::min(kBlockK, k_end - k0);
-    load_block_t(p.k, p.in_dtype, k_base + k0 * p.k_stride.seq, p.k_stride.seq, nk, d,
-                 ws.tmp.data(), ws.kt.data());
-    load_block(p.v, p.in_dtype, v_base + k0 * p.v_stride.seq, p.v_stride.seq, nk, d, 1.0f,
-               ws.v.data());
-    matmul_abt(ws.q.data(), ws.kt.data(), nq, nk, d, ws.s.data());
-    softmax_step(ws, p.mask, q0, nq, k0, nk, sh.seq_k, d);
-    matmul_pb_acc(ws.s.data(), ws.v.data(), nq, nk, d, 1.0f, ws.acc.data(), d);
-  }
-  const int64_t out_base = b * p.out_stride.batch + h * p.out_stride.head + q0 * p.out_stride.seq;
-  float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + q0;
-  for (int64_t i = 0; i < nq; ++i) {
-    float* arow = ws.acc.data() + i * d;
-    const bool empty = ws.l[i] == 0.0f;
-    const float inv = empty ? 0.0f : 1.0f / ws.l[i];
-    for (int64_t c = 0; c < d; ++c) arow[c] *= inv;
-    store_row(p.out, p.out_dtype, out_base + i * p.out_stride.seq, d, arow);
-    lse[i] = empty ? kNegInf : ws.m[i] + std::log(ws.l[i]);
-  }
-}
-
-void flash_fwd(const FwdParams& p, ParallelFor parallel_for) {
-  const Shape& sh = p.shape;
-  const int64_t q_blocks = (sh.seq_q + kBlockQ - 1) / kBlockQ;
-  parallel_for(sh.batch * sh.heads_q * q_blocks, [&](int64_t begin, int64_t end) {
-    FwdWorkspace ws(sh.head_dim);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t qb = t % q_blocks, bh = t / q_blocks;
-      fwd_task(p, bh / sh.heads_q, bh % sh.heads_q, qb * kBlockQ, ws);
-    }
-  });
-}
-
-// ---- backward
-// -------------------------------------------------------------------------------------
-
-struct BwdWorkspace {
-  std::vector<float> k, kt, vt, dk, dv, q, dout, s, dp, tmp;
-  explicit BwdWorkspace(int64_t d)
-      : k(kBlockK * d),
-        kt(d * kBlockK),
-        vt(d * kBlockK),
-        dk(kBlockK * d),
-        dv(kBlockK * d),
-        q(kBlockQ * d),
-        dout(kBlockQ * d),
-        s(kBlockQ * kBlockK),
-        dp(kBlockQ * kBlockK),
-        tmp(d) {}
-};
-
-// One (q block of head h) x (key block at k0) pair; ws holds K, K^T, V^T of the key block.
-inline void bwd_pair(const BwdParams& p, int64_t b, int64_t h, int64_t q0, int64_t k0, int64_t nk,
-                     BwdWorkspace& ws) {
-  const Shape& sh = p.shape;
-  const int64_t d = sh.head_dim, nq = std::min(kBlockQ, sh.seq_q - q0);
-  load_block(p.q, p.in_dtype, b * p.q_stride.batch + h * p.q_stride.head + q0 * p.q_stride.seq,
-             p.q_stride.seq, nq, d, 1.0f, ws.q.data());
-  load_block(p.dout, p.in_dtype,
-             b * p.dout_stride.batch + h * p.dout_stride.head + q0 * p.dout_stride.seq,
-             p.dout_stride.seq, nq, d, 1.0f, ws.dout.data());
-  const float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + q0;
-  const float* delta = p.delta + b * p.delta_stride.batch + h * p.delta_stride.head + q0;
-  matmul_abt(ws.q.data(), ws.kt.data(), nq, nk, d, ws.s.data());      // S = Q K^T
-  matmul_abt(ws.dout.data(), ws.vt.data(), nq, nk, d, ws.dp.data());  // dP = dO V^T
-  for (int64_t i = 0; i < nq; ++i) {
-    float* srow = ws.s.data() + i * kBlockK;
-    float* dprow = ws.dp.data() + i * kBlockK;
-    const int64_t end = std::min(visible_end(p.mask, q0 + i, sh.seq_k) - k0, nk);
-    const float row_lse = lse[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse[i];
-    for (int64_t j = 0; j < nk; ++j) {
-      const float pij = j < end ? fast_exp(srow[j] * p.scale - row_lse) : 0.0f;
-      srow[j] = pij;                           // P
-      dprow[j] = pij * (dprow[j] - delta[i]);  // dS
-    }
-  }
-  matmul_ptb_acc(ws.s.data(), ws.dout.data(), nq, nk, d, 1.0f, ws.dv.data());   // dV += P^T dO
-  matmul_ptb_acc(ws.dp.data(), ws.q.data(), nq, nk, d, p.scale, ws.dk.data());  // dK += s dS^T Q
-  float* dq = p.dq + b * p.dq_stride.batch + h * p.dq_stride.head + q0 * p.dq_stride.seq;
-  matmul_pb_acc(ws.dp.data(), ws.k.data(), nq, nk, d, p.scale, dq,
-                p.dq_stride.seq);  // dQ += s dS K
-}
-
-inline void add_rows(const float* src, int64_t rows, int64_t d, float* dst, int64_t row_stride) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t c = 0; c < d; ++c) dst[i * row_stride + c] += src[i * d + c];
-}
-
-inline void bwd_task(const BwdParams& p, int64_t b, int64_t hk, BwdWorkspace& ws) {
-  const Shape& sh = p.shape;
-  const int64_t d = sh.head_dim, group = sh.heads_q / sh.heads_kv;
-  for (int64_t k0 = 0; k0 < sh.seq_k; k0 += kBlockK) {
-    const int64_t nk = std::min(kBlockK, sh.seq_k - k0);
-    const int64_t k_off = b * p.k_stride.batch + hk * p.k_stride.head + k0 * p.k_stride.seq;
-    const int64_t v_off = b * p.v_stride.batch + hk * p.v_stride.head + k0 * p.v_stride.seq;
-    load_block(p.k, p.in_dtype, k_off, p.k_stride.seq, nk, d, 1.0f, ws.k.data());
-    load_block_t(p.k, p.in_dtype, k_off, p.k_stride.seq, nk, d, ws.tmp.data(), ws.kt.data());
-    load_block_t(p.v, p.in_dtype, v_off, p.v_stride.seq, nk, d, ws.tmp.data(), ws.vt.data());
-    std::fill(ws.dk.begin(), ws.dk.end(), 0.0f);
-    std::fill(ws.dv.begin(), ws.dv.end(), 0.0f);
-    // Causal: query rows before the first visible one see nothing of this block.
-    int64_t q_begin = 0;
-    if (p.mask.kind == MaskKind::kCausal)
-      q_begin = std::clamp<int64_t>(p.mask.k_offset + k0 - p.mask.q_offset, 0, sh.seq_q);
-    for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-      for (int64_t q0 = q_begin / kBlockQ * kBlockQ; q0 < sh.seq_q; q0 += kBlockQ)
-        bwd_pair(p, b, h, q0, k0, nk, ws);
-    add_rows(ws.dk.data(), nk, d,
-             p.dk + b * p.dk_stride.batch + hk * p.dk_stride.head + k0 * p.dk_stride.seq,
-             p.dk_stride.seq);
-    add_rows(ws.dv.data(), nk, d,
-             p.dv + b * p.dv_stride.batch + hk * p.dv_stride.head + k0 * p.dv_stride.seq,
-             p.dv_stride.seq);
-  }
-}
-
-void flash_bwd(const BwdParams& p, ParallelFor parallel_for) {
-  const Shape& sh = p.shape;
-  parallel_for(sh.batch * sh.heads_kv, [&](int64_t begin, int64_t end) {
-    BwdWorkspace ws(sh.head_dim);
-    for (int64_t t = begin; t < end; ++t) bwd_task(p, t / sh.heads_kv, t % sh.heads_kv, ws);
-  });
+// First query row that sees key k (rows before it see nothing of keys >= k).
+inline int64_t first_row_seeing(const Mask& mask, int64_t k, int64_t seq_q) {
+  if (mask.kind == MaskKind::kNone) return 0;
+  return std::clamp<int64_t>(mask.k_offset + k - mask.q_offset, 0, seq_q);
 }
 
 // ---- merge
@@ -361,8 +189,8 @@ void lse_merge(const MergeParams& p, ParallelFor parallel_for) {
   parallel_for(sh.batch * sh.heads_q * sh.seq_q, [&](int64_t begin, int64_t end) {
     std::vector<float> block_row(d);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t i = t % sh.seq_q, h = (t / sh.seq_q) % sh.heads_q,
-                    b = t / (sh.seq_q * sh.heads_q);
+      const int64_t i = t % sh.seq_q, h = (t / sh.seq_q) % sh.heads_q;
+      const int64_t b = t / (sh.seq_q * sh.heads_q);
       float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + i;
       const float block_lse =
           p.block_lse[b * p.block_lse_stride.batch + h * p.block_lse_stride.head + i];
@@ -379,3 +207,6 @@ void lse_merge(const MergeParams& p, ParallelFor parallel_for) {
 }
 
 }  // namespace ring_ext::cpu::RING_EXT_CPU_ISA
+
+#include "flash_bwd.h"
+#include "flash_fwd.h"

@@ -3,9 +3,11 @@
 // ring_ext::cpu::avx2 is compiled for this target (no inline function differs between builds).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include "../common/lse_math.h"
@@ -14,4 +16,7 @@
 
 #pragma GCC target("avx2,fma,f16c,bmi2")
 #define RING_EXT_CPU_ISA avx2
+// clang-format off: the tile primitives come first, flash_impl.h is written against them
+#include "tiles_generic.h"
 #include "flash_impl.h"
+// clang-format on

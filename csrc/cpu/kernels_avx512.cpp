@@ -1,11 +1,15 @@
 // The CPU kernels compiled for the avx512 instruction set (dispatch.cpp picks one at run time).
 // Every shared header comes before the target pragma, so only code in namespace
 // ring_ext::cpu::avx512 is compiled for this target (no inline function differs between builds).
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include "../common/lse_math.h"
@@ -14,4 +18,7 @@
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,bmi2")
 #define RING_EXT_CPU_ISA avx512
+// clang-format off: the tile primitives come first, flash_impl.h is written against them
+#include "tiles_avx512.h"
 #include "flash_impl.h"
+// clang-format on

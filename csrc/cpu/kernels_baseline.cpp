@@ -3,9 +3,11 @@
 // ring_ext::cpu::baseline is compiled for this target (no inline function differs between builds).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include "../common/lse_math.h"
@@ -14,4 +16,7 @@
 
 // baseline x86-64: no target pragma
 #define RING_EXT_CPU_ISA baseline
+// clang-format off: the tile primitives come first, flash_impl.h is written against them
+#include "tiles_generic.h"
 #include "flash_impl.h"
+// clang-format on

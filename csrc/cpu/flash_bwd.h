@@ -1,0 +1,271 @@
+// Backward of the CPU flash attention (Note [CPU flash tiling] in flash_impl.h). Part of
+// flash_impl.h: compiled once per instruction set, inside ring_ext::cpu::<isa>.
+#pragma once
+
+namespace ring_ext::cpu::RING_EXT_CPU_ISA {
+
+// Q and dO per (batch, q head, query block), packed once per call: A tiles (left operands of
+// S = Q K^T, dP = dO V^T) and KN tiles (right operands of dK += dS^T Q, dV += P^T dO). For float
+// the KN tile is the A tile, so kn() returns a().
+template <typename T>
+struct PackedRows {
+  int64_t heads_q, blocks, size;
+  std::vector<T> q_a, q_kn, dout_a, dout_kn;
+
+  int64_t offset(int64_t b, int64_t h, int64_t qb) const {
+    return ((b * heads_q + h) * blocks + qb) * size;
+  }
+  static const T* kn(const std::vector<T>& a, const std::vector<T>& kn, int64_t off) {
+    return (kStep<T> == 1 ? a.data() : kn.data()) + off;
+  }
+};
+
+template <typename T>
+PackedRows<T> pack_rows(const BwdParams& p, int64_t dpad, ParallelFor parallel_for) {
+  const Shape& sh = p.shape;
+  PackedRows<T> rows{sh.heads_q, ceil_div(sh.seq_q, kBwdBlockQ), kBwdBlockQ * dpad, {}, {}, {}, {}};
+  const int64_t n = sh.batch * sh.heads_q * rows.blocks;
+  rows.q_a.resize(n * rows.size);
+  rows.dout_a.resize(n * rows.size);
+  if (kStep<T> != 1) {
+    rows.q_kn.resize(n * rows.size);
+    rows.dout_kn.resize(n * rows.size);
+  }
+  parallel_for(n, [&](int64_t begin, int64_t end) {
+    std::vector<T> tmp(sh.head_dim);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t qb = t % rows.blocks, bh = t / rows.blocks;
+      const int64_t b = bh / sh.heads_q, h = bh % sh.heads_q, q0 = qb * kBwdBlockQ;
+      const int64_t nq = std::min(kBwdBlockQ, sh.seq_q - q0);
+      const RowBlock q{p.q,
+                       p.in_dtype,
+                       b * p.q_stride.batch + h * p.q_stride.head + q0 * p.q_stride.seq,
+                       p.q_stride.seq,
+                       nq,
+                       sh.head_dim};
+      const RowBlock dout{p.dout,
+                          p.in_dtype,
+                          b * p.dout_stride.batch + h * p.dout_stride.head + q0 * p.dout_stride.seq,
+                          p.dout_stride.seq,
+                          nq,
+                          sh.head_dim};
+      pack_a(q, kBwdBlockQ, dpad, rows.q_a.data() + t * rows.size);
+      pack_a(dout, kBwdBlockQ, dpad, rows.dout_a.data() + t * rows.size);
+      if (kStep<T> != 1) {
+        pack_kn(q, kBwdBlockQ, dpad, tmp.data(), rows.q_kn.data() + t * rows.size);
+        pack_kn(dout, kBwdBlockQ, dpad, tmp.data(), rows.dout_kn.data() + t * rows.size);
+      }
+    }
+  });
+  return rows;
+}
+
+// Per-thread scratch of one backward task (one key block).
+template <typename T>
+struct BwdWorkspace {
+  std::vector<T> kt, vt, k_kn;           // NK tiles of K, V; KN tile of K
+  std::vector<T> p_pairs, ds, ds_pairs;  // bf16 P and dS tiles (unused for float)
+  std::vector<float> s, dp, dk, dv;      // S/P, dP/dS [kBwdBlockQ][kBlockK]; dK, dV [kBlockK][dpad]
+  std::vector<T> tmp;                    // one input row
+  BwdWorkspace(int64_t d, int64_t dpad)
+      : kt(dpad * kBlockK),
+        vt(dpad * kBlockK),
+        k_kn(kBlockK * dpad),
+        p_pairs(kBwdBlockQ * kBlockK),
+        ds(kBwdBlockQ * kBlockK),
+        ds_pairs(kBwdBlockQ * kBlockK),
+        s(kBwdBlockQ * kBlockK),
+        dp(kBwdBlockQ * kBlockK),
+        dk(kBlockK * dpad),
+        dv(kBlockK * dpad),
+        tmp(d) {}
+};
+
+// A left operand read by strides: A(i, kk) at data[i * sm + kk * sk].
+template <typename T>
+struct Operand {
+  const T* data;
+  int64_t sm, sk;
+};
+
+// The left operands of dV += P^T dO, dK += dS^T Q and dQ += dS K from the float32 P (in ws.s) and
+// dS (in ws.dp) of nq_pad rows. float: the same tiles, transposed by strides. bf16: rounded copies,
+// P and dS as row pairs [rows/2][kBlockK][2] (so A(j, kk) = the pair of rows 2kk, 2kk+1 at key j)
+// and dS row-major.
+template <typename T>
+void bwd_operands(BwdWorkspace<T>& ws, int64_t nq_pad, int64_t n_pad, Operand<T>& pt,
+                  Operand<T>& dst, Operand<T>& ds) {
+  if constexpr (kStep<T> == 1) {
+    pt = {ws.s.data(), 1, kBlockK};
+    dst = {ws.dp.data(), 1, kBlockK};
+    ds = {ws.dp.data(), kBlockK, 1};
+  } else {
+    for (int64_t i = 0; i < nq_pad; i += 2) {
+      const float* s0 = ws.s.data() + i * kBlockK;
+      const float* dp0 = ws.dp.data() + i * kBlockK;
+      store_bf16_row_pairs(s0, s0 + kBlockK, n_pad, ws.p_pairs.data() + i * kBlockK);
+      store_bf16_row_pairs(dp0, dp0 + kBlockK, n_pad, ws.ds_pairs.data() + i * kBlockK);
+      store_bf16_row(dp0, n_pad, ws.ds.data() + i * kBlockK);
+      store_bf16_row(dp0 + kBlockK, n_pad, ws.ds.data() + (i + 1) * kBlockK);
+    }
+    pt = {ws.p_pairs.data(), 2, 2 * kBlockK};
+    dst = {ws.ds_pairs.data(), 2, 2 * kBlockK};
+    ds = {ws.ds.data(), kBlockK, 2};
+  }
+}
+
+// One (query block qb of q head h) x (key block [k0, k0 + nk)) pair; ws holds the packed key block.
+// dq points at the rows of the block in the task's float32 dQ partial ([rows][dpad], unscaled).
+template <typename T>
+void bwd_pair(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t h, int64_t qb,
+              int64_t k0, int64_t nk, int64_t dpad, BwdWorkspace<T>& ws, float* dq) {
+  constexpr int64_t step = kStep<T>;
+  const Shape& sh = p.shape;
+  const int64_t q0 = qb * kBwdBlockQ, nq = std::min(kBwdBlockQ, sh.seq_q - q0);
+  const int64_t nq_pad = round_up(nq, step), n_pad = round_up(nk, 16), off = rows.offset(b, h, qb);
+  const int64_t d_steps = ceil_div(sh.head_dim, step);
+  // S [nq, nk] = Q K^T; dP [nq, nk] = dO V^T
+  gemm(rows.q_a.data() + off, dpad, step, ws.kt.data(), kBlockK * step, nq, n_pad, d_steps,
+       ws.s.data(), kBlockK, false);
+  gemm(rows.dout_a.data() + off, dpad, step, ws.vt.data(), kBlockK * step, nq, n_pad, d_steps,
+       ws.dp.data(), kBlockK, false);
+  const float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + q0;
+  const float* delta = p.delta + b * p.delta_stride.batch + h * p.delta_stride.head + q0;
+  for (int64_t i = 0; i < nq_pad; ++i) {
+    float* srow = ws.s.data() + i * kBlockK;
+    float* dprow = ws.dp.data() + i * kBlockK;
+    if (i == nq) {  // the zero row that pads a bf16 row pair
+      std::fill(srow, srow + n_pad, 0.0f);
+      std::fill(dprow, dprow + n_pad, 0.0f);
+      continue;
+    }
+    const int64_t end = std::clamp<int64_t>(visible_end(p.mask, q0 + i, sh.seq_k) - k0, 0, nk);
+    // A row that saw no key (lse = -inf) has P = 0: exp(s - inf) = 0.
+    const float row_lse = lse[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse[i];
+    bwd_row(srow, dprow, end, n_pad, p.scale, row_lse, delta[i]);
+  }
+  Operand<T> pt, dst, ds;
+  bwd_operands(ws, nq_pad, n_pad, pt, dst, ds);
+  const T* dout_kn = PackedRows<T>::kn(rows.dout_a, rows.dout_kn, off);
+  const T* q_kn = PackedRows<T>::kn(rows.q_a, rows.q_kn, off);
+  // dV [nk, dpad] += P^T dO; dK [nk, dpad] += dS^T Q; dQ [nq, dpad] += dS K
+  gemm(pt.data, pt.sm, pt.sk, dout_kn, dpad * step, nk, dpad, nq_pad / step, ws.dv.data(), dpad,
+       true);
+  gemm(dst.data, dst.sm, dst.sk, q_kn, dpad * step, nk, dpad, nq_pad / step, ws.dk.data(), dpad,
+       true);
+  gemm(ds.data, ds.sm, ds.sk, ws.k_kn.data(), dpad * step, nq, dpad, ceil_div(nk, step), dq, dpad,
+       true);
+}
+
+// dst[i * row_stride + c] += alpha * src[i * dpad + c] for i < rows, c < d.
+inline void add_rows(const float* src, int64_t dpad, int64_t rows, int64_t d, float alpha,
+                     float* dst, int64_t row_stride) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < d; ++c) dst[i * row_stride + c] += alpha * src[i * dpad + c];
+}
+
+// One task: key block kb of kv head hk against every query block (of every q head of the GQA group)
+// that can see it. dq_part is the group's float32 dQ partial [group][seq_q][dpad].
+template <typename T>
+void bwd_task(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t hk, int64_t kb,
+              int64_t dpad, BwdWorkspace<T>& ws, float* dq_part) {
+  const Shape& sh = p.shape;
+  const int64_t d = sh.head_dim, group = sh.heads_q / sh.heads_kv;
+  const int64_t k0 = kb * kBlockK, nk = std::min(kBlockK, sh.seq_k - k0);
+  const RowBlock k{p.k,
+                   p.in_dtype,
+                   b * p.k_stride.batch + hk * p.k_stride.head + k0 * p.k_stride.seq,
+                   p.k_stride.seq,
+                   nk,
+                   d};
+  const RowBlock v{p.v,
+                   p.in_dtype,
+                   b * p.v_stride.batch + hk * p.v_stride.head + k0 * p.v_stride.seq,
+                   p.v_stride.seq,
+                   nk,
+                   d};
+  pack_nk(k, dpad, kBlockK, ws.tmp.data(), ws.kt.data());
+  pack_nk(v, dpad, kBlockK, ws.tmp.data(), ws.vt.data());
+  pack_kn(k, kBlockK, dpad, ws.tmp.data(), ws.k_kn.data());
+  std::fill(ws.dk.begin(), ws.dk.end(), 0.0f);
+  std::fill(ws.dv.begin(), ws.dv.end(), 0.0f);
+  const int64_t first_row = first_row_seeing(p.mask, k0, sh.seq_q);
+  const int64_t qb_begin =
+      first_row < sh.seq_q ? first_row / kBwdBlockQ : ceil_div(sh.seq_q, kBwdBlockQ);
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t qb = qb_begin; qb * kBwdBlockQ < sh.seq_q; ++qb)
+      bwd_pair(p, rows, b, hk * group + g, qb, k0, nk, dpad, ws,
+               dq_part + (g * sh.seq_q + qb * kBwdBlockQ) * dpad);
+  add_rows(ws.dk.data(), dpad, nk, d, p.scale,
+           p.dk + b * p.dk_stride.batch + hk * p.dk_stride.head + k0 * p.dk_stride.seq,
+           p.dk_stride.seq);
+  add_rows(ws.dv.data(), dpad, nk, d, 1.0f,
+           p.dv + b * p.dv_stride.batch + hk * p.dv_stride.head + k0 * p.dv_stride.seq,
+           p.dv_stride.seq);
+}
+
+// The dQ of one (batch, kv head) segment computed by one chunk of tasks (see add_dq_partials).
+struct DqPartial {
+  int64_t segment, first_task;
+  std::vector<float> dq;  // [group][seq_q][dpad], unscaled
+};
+
+// p.dq += scale * (sum of the partials), each segment's partials in task order, so the result does
+// not depend on which thread finished first.
+inline void add_dq_partials(const BwdParams& p, std::vector<DqPartial>& parts, int64_t dpad,
+                            ParallelFor parallel_for) {
+  std::sort(parts.begin(), parts.end(), [](const DqPartial& a, const DqPartial& b) {
+    return a.segment != b.segment ? a.segment < b.segment : a.first_task < b.first_task;
+  });
+  const Shape& sh = p.shape;
+  const int64_t group = sh.heads_q / sh.heads_kv;
+  parallel_for(sh.batch * sh.heads_q, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / sh.heads_q, h = bh % sh.heads_q;
+      const int64_t segment = b * sh.heads_kv + h / group, g = h % group;
+      float* dq = p.dq + b * p.dq_stride.batch + h * p.dq_stride.head;
+      for (const DqPartial& part : parts)
+        if (part.segment == segment)
+          add_rows(part.dq.data() + g * sh.seq_q * dpad, dpad, sh.seq_q, sh.head_dim, p.scale, dq,
+                   p.dq_stride.seq);
+    }
+  });
+}
+
+template <typename T>
+void flash_bwd_tiled(const BwdParams& p, ParallelFor parallel_for) {
+  const Shape& sh = p.shape;
+  const int64_t dpad = round_up(sh.head_dim, 16), k_blocks = ceil_div(sh.seq_k, kBlockK);
+  const int64_t dq_size = sh.heads_q / sh.heads_kv * sh.seq_q * dpad;
+  const PackedRows<T> rows = pack_rows<T>(p, dpad, parallel_for);
+  std::mutex mutex;
+  std::vector<DqPartial> parts;
+  parallel_for(sh.batch * sh.heads_kv * k_blocks, [&](int64_t begin, int64_t end) {
+    BwdWorkspace<T> ws(sh.head_dim, dpad);
+    DqPartial part{-1, begin, {}};
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t segment = t / k_blocks, kb = zigzag(t % k_blocks, k_blocks);
+      if (segment != part.segment) {
+        if (part.segment >= 0) {
+          std::lock_guard<std::mutex> lock(mutex);
+          parts.push_back(std::move(part));
+        }
+        part = DqPartial{segment, t, std::vector<float>(dq_size, 0.0f)};
+      }
+      bwd_task(p, rows, segment / sh.heads_kv, segment % sh.heads_kv, kb, dpad, ws, part.dq.data());
+    }
+    if (part.segment < 0) return;
+    std::lock_guard<std::mutex> lock(mutex);
+    parts.push_back(std::move(part));
+  });
+  add_dq_partials(p, parts, dpad, parallel_for);
+}
+
+void flash_bwd(const BwdParams& p, ParallelFor parallel_for) {
+  if constexpr (kHasBf16Dot) {
+    if (p.in_dtype == DType::kBFloat16) return flash_bwd_tiled<uint16_t>(p, parallel_for);
+  }
+  flash_bwd_tiled<float>(p, parallel_for);
+}
+
+}  // namespace ring_ext::cpu::RING_EXT_CPU_ISA

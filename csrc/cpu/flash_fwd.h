@@ -1,0 +1,159 @@
+// Forward of the CPU flash attention (Note [CPU flash tiling] in flash_impl.h). Part of
+// flash_impl.h: compiled once per instruction set, inside ring_ext::cpu::<isa>.
+#pragma once
+
+namespace ring_ext::cpu::RING_EXT_CPU_ISA {
+
+// K as NK tiles (K^T) and V as KN tiles, per (batch, kv head, key block), packed once per call.
+template <typename T>
+struct PackedKV {
+  int64_t heads_kv, blocks, kt_size, v_size;
+  std::vector<T> kt, v;
+
+  int64_t index(int64_t b, int64_t hk, int64_t kb) const {
+    return (b * heads_kv + hk) * blocks + kb;
+  }
+  const T* kt_block(int64_t b, int64_t hk, int64_t kb) const {
+    return kt.data() + index(b, hk, kb) * kt_size;
+  }
+  const T* v_block(int64_t b, int64_t hk, int64_t kb) const {
+    return v.data() + index(b, hk, kb) * v_size;
+  }
+};
+
+template <typename T>
+PackedKV<T> pack_kv(const FwdParams& p, int64_t dpad, ParallelFor parallel_for) {
+  const Shape& sh = p.shape;
+  PackedKV<T> kv{
+      sh.heads_kv, ceil_div(sh.seq_k, kFwdBlockK), dpad * kFwdBlockK, kFwdBlockK * dpad, {}, {}};
+  const int64_t n = sh.batch * sh.heads_kv * kv.blocks;
+  kv.kt.resize(n * kv.kt_size);
+  kv.v.resize(n * kv.v_size);
+  parallel_for(n, [&](int64_t begin, int64_t end) {
+    std::vector<T> tmp(sh.head_dim);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t kb = t % kv.blocks, bh = t / kv.blocks;
+      const int64_t b = bh / sh.heads_kv, hk = bh % sh.heads_kv, k0 = kb * kFwdBlockK;
+      const int64_t rows = std::min(kFwdBlockK, sh.seq_k - k0);
+      const RowBlock k{p.k,
+                       p.in_dtype,
+                       b * p.k_stride.batch + hk * p.k_stride.head + k0 * p.k_stride.seq,
+                       p.k_stride.seq,
+                       rows,
+                       sh.head_dim};
+      const RowBlock v{p.v,
+                       p.in_dtype,
+                       b * p.v_stride.batch + hk * p.v_stride.head + k0 * p.v_stride.seq,
+                       p.v_stride.seq,
+                       rows,
+                       sh.head_dim};
+      pack_nk(k, dpad, kFwdBlockK, tmp.data(), kv.kt.data() + t * kv.kt_size);
+      pack_kn(v, kFwdBlockK, dpad, tmp.data(), kv.v.data() + t * kv.v_size);
+    }
+  });
+  return kv;
+}
+
+// Per-thread scratch of one forward task.
+template <typename T>
+struct FwdWorkspace {
+  std::vector<T> q, p;              // A tile of Q [kBlockQ][dpad]; P [kBlockQ][kFwdBlockK]
+  std::vector<float> s, acc, m, l;  // S [kBlockQ][kFwdBlockK]; O [kBlockQ][dpad]; row stats
+  explicit FwdWorkspace(int64_t dpad)
+      : q(kBlockQ * dpad),
+        p(kBlockQ * kFwdBlockK),
+        s(kBlockQ * kFwdBlockK),
+        acc(kBlockQ * dpad),
+        m(kBlockQ),
+        l(kBlockQ) {}
+};
+
+// Online softmax over one key block [k0, k0 + nk): S -> P, updates m and l, rescales O.
+template <typename T>
+void softmax_step(const FwdParams& p, FwdWorkspace<T>& ws, int64_t q0, int64_t nq, int64_t k0,
+                  int64_t nk, int64_t dpad) {
+  const int64_t n_pad = round_up(nk, 16);
+  for (int64_t i = 0; i < nq; ++i) {
+    const float* srow = ws.s.data() + i * kFwdBlockK;
+    T* prow = ws.p.data() + i * kFwdBlockK;
+    const int64_t end = std::clamp<int64_t>(visible_end(p.mask, q0 + i, p.shape.seq_k) - k0, 0, nk);
+    const float m_new = std::max(ws.m[i], scaled_max(srow, end, p.scale));
+    if (m_new == kNegInf) {  // nothing visible yet: P = 0, state unchanged
+      std::fill(prow, prow + n_pad, T(0));
+      continue;
+    }
+    const float alpha = std::exp(ws.m[i] - m_new);
+    ws.l[i] = ws.l[i] * alpha + exp_row(srow, end, n_pad, p.scale, m_new, prow);
+    ws.m[i] = m_new;
+    if (alpha != 1.0f) scale_row(ws.acc.data() + i * dpad, dpad, alpha);
+  }
+}
+
+// out = O / l and lse = m + log(l) of the task's rows; rows that saw no key get 0 and -inf.
+template <typename T>
+void fwd_finish(const FwdParams& p, FwdWorkspace<T>& ws, int64_t b, int64_t h, int64_t q0,
+                int64_t nq, int64_t dpad) {
+  const int64_t out_base = b * p.out_stride.batch + h * p.out_stride.head + q0 * p.out_stride.seq;
+  float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + q0;
+  for (int64_t i = 0; i < nq; ++i) {
+    float* orow = ws.acc.data() + i * dpad;
+    const bool empty = ws.l[i] == 0.0f;
+    scale_row(orow, dpad, empty ? 0.0f : 1.0f / ws.l[i]);
+    store_row(p.out, p.out_dtype, out_base + i * p.out_stride.seq, p.shape.head_dim, orow);
+    lse[i] = empty ? kNegInf : ws.m[i] + std::log(ws.l[i]);
+  }
+}
+
+// One task: query rows [q0, q0 + kBlockQ) of q head h against every key block they can see.
+template <typename T>
+void fwd_task(const FwdParams& p, const PackedKV<T>& kv, int64_t b, int64_t h, int64_t q0,
+              int64_t dpad, FwdWorkspace<T>& ws) {
+  constexpr int64_t step = kStep<T>;
+  const Shape& sh = p.shape;
+  const int64_t hk = h / (sh.heads_q / sh.heads_kv), nq = std::min(kBlockQ, sh.seq_q - q0);
+  const RowBlock q{p.q,
+                   p.in_dtype,
+                   b * p.q_stride.batch + h * p.q_stride.head + q0 * p.q_stride.seq,
+                   p.q_stride.seq,
+                   nq,
+                   sh.head_dim};
+  pack_a(q, kBlockQ, dpad, ws.q.data());
+  std::fill(ws.m.begin(), ws.m.end(), kNegInf);
+  std::fill(ws.l.begin(), ws.l.end(), 0.0f);
+  std::fill(ws.acc.begin(), ws.acc.end(), 0.0f);
+  const int64_t k_end = visible_end(p.mask, q0 + nq - 1, sh.seq_k);
+  for (int64_t k0 = 0; k0 < k_end; k0 += kFwdBlockK) {
+    const int64_t nk = std::min(kFwdBlockK, k_end - k0), kb = k0 / kFwdBlockK;
+    // S [nq, kFwdBlockK] = Q [nq, d] K^T [d, nk]
+    gemm(ws.q.data(), dpad, step, kv.kt_block(b, hk, kb), kFwdBlockK * step, nq, round_up(nk, 16),
+         ceil_div(sh.head_dim, step), ws.s.data(), kFwdBlockK, /*accumulate=*/false);
+    softmax_step(p, ws, q0, nq, k0, nk, dpad);
+    // O [nq, dpad] += P [nq, nk] V [nk, dpad]
+    gemm(ws.p.data(), kFwdBlockK, step, kv.v_block(b, hk, kb), dpad * step, nq, dpad,
+         ceil_div(nk, step), ws.acc.data(), dpad, /*accumulate=*/true);
+  }
+  fwd_finish(p, ws, b, h, q0, nq, dpad);
+}
+
+template <typename T>
+void flash_fwd_tiled(const FwdParams& p, ParallelFor parallel_for) {
+  const Shape& sh = p.shape;
+  const int64_t dpad = round_up(sh.head_dim, 16), q_blocks = ceil_div(sh.seq_q, kBlockQ);
+  const PackedKV<T> kv = pack_kv<T>(p, dpad, parallel_for);
+  parallel_for(sh.batch * sh.heads_q * q_blocks, [&](int64_t begin, int64_t end) {
+    FwdWorkspace<T> ws(dpad);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t qb = zigzag(t % q_blocks, q_blocks), bh = t / q_blocks;
+      fwd_task(p, kv, bh / sh.heads_q, bh % sh.heads_q, qb * kBlockQ, dpad, ws);
+    }
+  });
+}
+
+void flash_fwd(const FwdParams& p, ParallelFor parallel_for) {
+  if constexpr (kHasBf16Dot) {
+    if (p.in_dtype == DType::kBFloat16) return flash_fwd_tiled<uint16_t>(p, parallel_for);
+  }
+  flash_fwd_tiled<float>(p, parallel_for);
+}
+
+}  // namespace ring_ext::cpu::RING_EXT_CPU_ISA

@@ -1,0 +1,262 @@
+// Tile primitives for the AVX-512 build: register-blocked matrix products on packed tiles (float32
+// FMA and bf16 pairs with vdpbf16ps), and the vectorised row operations of the softmax.
+// flash_impl.h is written against this interface; tiles_generic.h gives the same one in plain loops
+// for the other builds. See Note [CPU flash tiling] in flash_impl.h for the tile layouts.
+//
+// Included by kernels_avx512.cpp after the target pragma, so everything here lives in
+// ring_ext::cpu::avx512 and is compiled for AVX-512 only.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace ring_ext::cpu::RING_EXT_CPU_ISA {
+
+// bf16 inputs stay bf16 in the matrix products (vdpbf16ps, float32 accumulation).
+constexpr bool kHasBf16Dot = true;
+
+// ---- register-blocked matrix products
+// -------------------------------------------------------------
+//
+// Note [AVX-512 micro-kernel]
+// C[m, n] (+)= sum_k A(m, k) B(k, n) with every operand in float32 accumulators:
+//   A(i, k)  at a[i * sm + k * sk]      any strides, so A may be a tile or a transposed tile;
+//   B(k, :)  at b[k * ldb ...]          packed, n contiguous and zero-padded to a multiple of 16;
+//   C(i, :)  at c[i * ldc ...]          float32, n a multiple of 16.
+// One k step is one element for float32 tiles, and one *pair* of elements for bf16 tiles: A(i, k)
+// is then the pair (A[i, 2k], A[i, 2k+1]) read as 32 bits, B's row k holds pairs [n][2], and
+// vdpbf16ps adds both products of a pair. A tile of kMR rows x NV*16 columns of C lives in
+// kMR*NV <= 24 zmm registers for the whole k loop; per k step it loads NV vectors of B, broadcasts
+// kMR values of A and issues kMR*NV fused multiply-adds:
+//
+//            B(k, 0:16) B(k, 16:32) ... (NV vectors)
+//   A(0, k)  c00        c01
+//   A(1, k)  c10        c11
+//    ...     (kMR rows)
+constexpr int64_t kMR = 6;
+constexpr int kMaxNV = 4;
+
+template <int MR, int NV>
+void gemm_tile(const float* a, int64_t sm, int64_t sk, const float* b, int64_t ldb, int64_t k,
+               float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = accumulate ? _mm512_loadu_ps(c + i * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + kk * ldb + 16 * v);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i * sm + kk * sk]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
+}
+
+template <int MR, int NV>
+void gemm_tile(const uint16_t* a, int64_t sm, int64_t sk, const uint16_t* b, int64_t ldb, int64_t k,
+               float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = accumulate ? _mm512_loadu_ps(c + i * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    __m512bh bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + kk * ldb + 32 * v);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, a + i * sm + kk * sk, sizeof(pair));
+      const __m512bh ai = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], ai, bv[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
+}
+
+template <typename T>
+using GemmTileFn = void (*)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, float*, int64_t,
+                            bool);
+
+template <typename T, int NV>
+GemmTileFn<T> gemm_tile_rows(int64_t mr) {
+  switch (mr) {
+    case 1:
+      return &gemm_tile<1, NV>;
+    case 2:
+      return &gemm_tile<2, NV>;
+    case 3:
+      return &gemm_tile<3, NV>;
+    case 4:
+      return &gemm_tile<4, NV>;
+    case 5:
+      return &gemm_tile<5, NV>;
+    default:
+      return &gemm_tile<6, NV>;
+  }
+}
+
+template <typename T>
+GemmTileFn<T> gemm_tile_fn(int64_t mr, int64_t nv) {
+  switch (nv) {
+    case 1:
+      return gemm_tile_rows<T, 1>(mr);
+    case 2:
+      return gemm_tile_rows<T, 2>(mr);
+    case 3:
+      return gemm_tile_rows<T, 3>(mr);
+    default:
+      return gemm_tile_rows<T, 4>(mr);
+  }
+}
+
+// C[m, n] (+)= A B over k steps (Note [AVX-512 micro-kernel]); n is a multiple of 16.
+template <typename T>
+void gemm(const T* a, int64_t sm, int64_t sk, const T* b, int64_t ldb, int64_t m, int64_t n,
+          int64_t k, float* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t step = sizeof(T) == 4 ? 1 : 2;  // elements per k step
+  for (int64_t n0 = 0; n0 < n; n0 += 16 * kMaxNV) {
+    const int64_t nv = std::min<int64_t>(kMaxNV, (n - n0) / 16);
+    for (int64_t m0 = 0; m0 < m; m0 += kMR) {
+      const int64_t mr = std::min(kMR, m - m0);
+      gemm_tile_fn<T>(mr, nv)(a + m0 * sm, sm, sk, b + n0 * step, ldb, k, c + m0 * ldc + n0, ldc,
+                              accumulate);
+    }
+  }
+}
+
+// ---- row operations (float32, 16 lanes; n_pad is a multiple of 16)
+// --------------------------------
+
+// exp(x) = 2^n * e^r with n = round(x / ln2), r = x - n ln2 in two parts (Cody-Waite), e^r by its
+// degree-7 Taylor polynomial (|r| <= ln2/2: relative error < 1e-8, below float32 rounding).
+// x < -87 (exp underflows to the subnormal range) gives 0, so exp(-inf) = 0.
+inline __m512 exp16(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 poly = _mm512_set1_ps(1.0f / 5040);
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 720));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 120));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 24));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 6));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.5f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(poly, n));
+}
+
+// Lanes j0 + l < n of a 16-lane chunk starting at j0.
+inline __mmask16 valid_lanes(int64_t j0, int64_t n) {
+  const int64_t left = n - j0;
+  return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+
+// 16 float32 -> 16 bf16 (round to nearest even), and back.
+inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+inline __m512 from_bf16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// max_j scale * s[j] over j < n; -inf when n <= 0.
+inline float scaled_max(const float* s, int64_t n, float scale) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 mx = neg_inf;
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), sc);
+    mx = _mm512_mask_max_ps(mx, valid_lanes(j, n), mx, x);
+  }
+  return _mm512_reduce_max_ps(mx);
+}
+
+// p[j] = exp(scale * s[j] - shift) for j < n, 0 for n <= j < n_pad; returns sum_j p[j] (of the
+// stored values, so bf16 P and its row sum agree).
+inline float exp_row(const float* s, int64_t n, int64_t n_pad, float scale, float shift, float* p) {
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
+  for (int64_t j = 0; j < n_pad; j += 16) {
+    const __m512 e = _mm512_maskz_mov_ps(valid_lanes(j, n),
+                                         exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, sh)));
+    _mm512_storeu_ps(p + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+inline float exp_row(const float* s, int64_t n, int64_t n_pad, float scale, float shift,
+                     uint16_t* p) {
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
+  for (int64_t j = 0; j < n_pad; j += 16) {
+    const __m512 e = _mm512_maskz_mov_ps(valid_lanes(j, n),
+                                         exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, sh)));
+    const __m256i h = to_bf16(e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), h);
+    sum = _mm512_add_ps(sum, from_bf16(h));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+inline void scale_row(float* x, int64_t n, float alpha) {
+  const __m512 a = _mm512_set1_ps(alpha);
+  for (int64_t j = 0; j < n; j += 16)
+    _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_loadu_ps(x + j), a));
+}
+
+// Backward softmax of one row, in place: s -> P = exp(scale * s - lse) (0 for j >= n),
+// dp -> dS = P * (dP - delta).
+inline void bwd_row(float* s, float* dp, int64_t n, int64_t n_pad, float scale, float lse,
+                    float delta) {
+  const __m512 sc = _mm512_set1_ps(scale), l = _mm512_set1_ps(lse), dl = _mm512_set1_ps(delta);
+  for (int64_t j = 0; j < n_pad; j += 16) {
+    const __m512 pj = _mm512_maskz_mov_ps(valid_lanes(j, n),
+                                          exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, l)));
+    _mm512_storeu_ps(s + j, pj);
+    _mm512_storeu_ps(dp + j, _mm512_mul_ps(pj, _mm512_sub_ps(_mm512_loadu_ps(dp + j), dl)));
+  }
+}
+
+// dst[j] = bf16(x[j]) for j < n.
+inline void store_bf16_row(const float* x, int64_t n, uint16_t* dst) {
+  for (int64_t j = 0; j < n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), to_bf16(_mm512_loadu_ps(x + j)));
+}
+
+// Two rows interleaved into pairs: dst[2j] = bf16(r0[j]), dst[2j + 1] = bf16(r1[j]) for j < n.
+inline void store_bf16_row_pairs(const float* r0, const float* r1, int64_t n, uint16_t* dst) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m256i a = to_bf16(_mm512_loadu_ps(r0 + j)), b = to_bf16(_mm512_loadu_ps(r1 + j));
+    const __m256i lo = _mm256_unpacklo_epi16(a, b);  // pairs 0-3 | 8-11
+    const __m256i hi = _mm256_unpackhi_epi16(a, b);  // pairs 4-7 | 12-15
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * j),
+                        _mm256_permute2x128_si256(lo, hi, 0x20));  // pairs 0-7
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * j + 16),
+                        _mm256_permute2x128_si256(lo, hi, 0x31));  // pairs 8-15
+  }
+}
+
+}  // namespace ring_ext::cpu::RING_EXT_CPU_ISA
