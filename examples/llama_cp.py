@@ -1,7 +1,7 @@
 """A small Llama-style decoder trained with context parallelism on CPU (Gloo), next to the same model
 without it: the loss curves agree.
 
-    python examples/llama_cp.py --cp 4 --algo megatron_cp_algo --steps 30
+    python examples/llama_cp.py --cp 4 --steps 30        # every algorithm at cp=4 against cp=1
 
 Every rank holds the whole model and its shard of each sequence (ring_ext.shard: zigzag for the
 causal ring), positions included, so RoPE sees global positions. Each rank's loss is its share of the
@@ -12,7 +12,6 @@ the step on the full sequence. Attention: ring_ext.attention; feed-forward: ring
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 
 import torch
@@ -81,7 +80,7 @@ def synthetic_batch(step: int, batch: int, seq: int, vocab: int) -> torch.Tensor
     return (steps.cumsum(1) + torch.randint(0, vocab, (batch, 1), generator=g)) % vocab
 
 
-def train(steps: int, seq: int, ctx=None, batch: int = 2, lr: float = 3e-3, seed: int = 0) -> list[float]:
+def train(steps: int, seq: int, ctx=None, batch: int = 2, lr: float = 1e-2, seed: int = 0) -> list[float]:
     """Losses of `steps` Adam steps; with ctx, on this rank's shard, gradients summed over the CP group."""
     torch.manual_seed(seed)
     model = TinyLlama()
@@ -109,31 +108,34 @@ def train(steps: int, seq: int, ctx=None, batch: int = 2, lr: float = 3e-3, seed
     return losses
 
 
-def _worker(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+# name -> CPConfig fields besides the size: the four algorithms of ring_ext.
+ALGOS = {
+    "ulysses": dict(context_parallel_algo="ulysses_cp_algo"),
+    "ring": dict(context_parallel_algo="megatron_cp_algo"),
+    "double_ring": dict(context_parallel_algo="megatron_cp_algo", cp_window_size=2),
+    "hybrid": dict(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=2),
+}
+
+
+def _worker(rank: int, world: int, port: int, algo: str, steps: int, seq: int, queue) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        cfg = ring_ext.CPConfig(
-            context_parallel_size=world,
-            context_parallel_algo=args.algo,
-            cp_window_size=args.window,
-            ulysses_degree_in_cp=args.ulysses_degree,
-        )
-        losses = train(args.steps, args.seq, ring_ext.initialize(cfg))
+        cfg = ring_ext.CPConfig(context_parallel_size=world, **ALGOS[algo])
+        losses = train(steps, seq, ring_ext.initialize(cfg))
         if rank == 0:
             queue.put(losses)
     finally:
         dist.destroy_process_group()
 
 
-def train_cp(args) -> list[float]:
-    """Runs train() on args.cp Gloo processes; returns rank 0's (all-reduced) losses."""
+def train_cp(cp: int, algo: str, steps: int, seq: int) -> list[float]:
+    """Runs train() on cp Gloo processes; returns the (all-reduced) losses."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(args.cp, port, args, queue), nprocs=args.cp)
+    mp.spawn(_worker, args=(cp, port, algo, steps, seq, queue), nprocs=cp)
     return queue.get()
 
 
@@ -142,18 +144,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cp", type=int, default=4)
-    parser.add_argument("--algo", default="megatron_cp_algo")
-    parser.add_argument("--window", type=int, default=1)
-    parser.add_argument("--ulysses-degree", type=int, default=None)
+    parser.add_argument("--algos", default=",".join(ALGOS), help=f"comma list of {', '.join(ALGOS)}")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
-    reference = train(args.steps, args.seq)
-    parallel = train_cp(args)
-    print(f"| step | loss cp=1 | loss cp={args.cp} ({args.algo}) | diff |")
-    print("|---|---|---|---|")
-    for i, (a, b) in enumerate(zip(reference, parallel)):
-        print(f"| {i} | {a:.5f} | {b:.5f} | {abs(a - b):.1e} |")
+    algos = args.algos.split(",")
+    curves = {"cp=1": train(args.steps, args.seq)}
+    for algo in algos:
+        curves[f"{algo} cp={args.cp}"] = train_cp(args.cp, algo, args.steps, args.seq)
+    print("| step | " + " | ".join(curves) + " | max diff |")
+    print("|---" * (len(curves) + 2) + "|")
+    for i in range(args.steps):
+        losses = [c[i] for c in curves.values()]
+        diff = max(abs(x - losses[0]) for x in losses)
+        print(f"| {i} | " + " | ".join(f"{x:.5f}" for x in losses) + f" | {diff:.1e} |")
 
 
 if __name__ == "__main__":
