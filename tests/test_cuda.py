@@ -238,24 +238,43 @@ def test_sdpa_agreement_large():
         assert_rel_l2(ours.grad, t.grad.transpose(1, 2), torch.bfloat16, "grad vs SDPA fp32")
 
 
-@pytest.mark.skipif(not hasattr(ring_ext, "initialize"), reason="the ring driver is not on this branch yet")
-def test_ring_cp1_matches_oracle():
-    """The ring driver on one rank (a single-process NCCL group) equals plain attention."""
+@pytest.fixture(scope="module")
+def nccl_group():
+    """A one-rank NCCL group (inside the Gloo world of conftest.py if one exists)."""
     import os
 
     import torch.distributed as dist
 
+    if dist.is_initialized():
+        yield dist.new_group([0], backend="nccl")
+        return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("nccl", rank=0, world_size=1)
-    try:
-        ctx = ring_ext.initialize(ring_ext.CPConfig(context_parallel_size=1))
-        q, k, v = make_qkv(1, 256, 256, 4, 2, 128, torch.bfloat16, seed=51)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "algo,extra",
+    [("ulysses_cp_algo", {}), ("megatron_cp_algo", {}), ("hybrid_cp_algo", {"ulysses_degree_in_cp": 1})],
+)
+def test_cp_attention_cp1_on_a_side_stream(nccl_group, algo, extra):
+    """Every algorithm through the CUDA ring driver on one rank equals the oracle, forward and backward,
+    and its outputs are ready on the caller's (non-default) stream."""
+    cfg = ring_ext.CPConfig(context_parallel_size=1, context_parallel_algo=algo, **extra)
+    ctx = ring_ext.initialize(cfg, group=nccl_group)
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 256, 256, 4, 2, 128, torch.bfloat16, seed=51))
+    dout = torch.randn_like(q)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
         out = ring_ext.attention(q, k, v, ctx, layout="bshd")
-        ref, _ = attention_reference(q, k, v, causal=True)
-        assert_rel_l2(out, ref, torch.bfloat16, "ring cp=1")
-    finally:
-        if created:
-            dist.destroy_process_group()
+        out.backward(dout)
+        result = [out.detach().clone(), q.grad.clone(), k.grad.clone(), v.grad.clone()]
+    side.synchronize()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = attention_reference(q64, k64, v64, causal=True)
+    ref.backward(dout.double())
+    for name, ours, expected in zip(("out", "dq", "dk", "dv"), result, (ref, q64.grad, k64.grad, v64.grad)):
+        assert_rel_l2(ours, expected, torch.bfloat16, f"{algo} {name}")
