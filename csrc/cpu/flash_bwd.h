@@ -37,18 +37,8 @@ PackedRows<T> pack_rows(const BwdParams& p, int64_t dpad, ParallelFor parallel_f
       const int64_t qb = t % rows.blocks, bh = t / rows.blocks;
       const int64_t b = bh / sh.heads_q, h = bh % sh.heads_q, q0 = qb * kBwdBlockQ;
       const int64_t nq = std::min(kBwdBlockQ, sh.seq_q - q0);
-      const RowBlock q{p.q,
-                       p.in_dtype,
-                       b * p.q_stride.batch + h * p.q_stride.head + q0 * p.q_stride.seq,
-                       p.q_stride.seq,
-                       nq,
-                       sh.head_dim};
-      const RowBlock dout{p.dout,
-                          p.in_dtype,
-                          b * p.dout_stride.batch + h * p.dout_stride.head + q0 * p.dout_stride.seq,
-                          p.dout_stride.seq,
-                          nq,
-                          sh.head_dim};
+      const RowBlock q = rows_of(p.q, p.in_dtype, p.q_stride, b, h, q0, nq, sh.head_dim);
+      const RowBlock dout = rows_of(p.dout, p.in_dtype, p.dout_stride, b, h, q0, nq, sh.head_dim);
       pack_a(q, kBwdBlockQ, dpad, rows.q_a.data() + t * rows.size);
       pack_a(dout, kBwdBlockQ, dpad, rows.dout_a.data() + t * rows.size);
       if (kStep<T> != 1) {
@@ -172,18 +162,8 @@ void bwd_task(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t 
   const Shape& sh = p.shape;
   const int64_t d = sh.head_dim, group = sh.heads_q / sh.heads_kv;
   const int64_t k0 = kb * kBlockK, nk = std::min(kBlockK, sh.seq_k - k0);
-  const RowBlock k{p.k,
-                   p.in_dtype,
-                   b * p.k_stride.batch + hk * p.k_stride.head + k0 * p.k_stride.seq,
-                   p.k_stride.seq,
-                   nk,
-                   d};
-  const RowBlock v{p.v,
-                   p.in_dtype,
-                   b * p.v_stride.batch + hk * p.v_stride.head + k0 * p.v_stride.seq,
-                   p.v_stride.seq,
-                   nk,
-                   d};
+  const RowBlock k = rows_of(p.k, p.in_dtype, p.k_stride, b, hk, k0, nk, d);
+  const RowBlock v = rows_of(p.v, p.in_dtype, p.v_stride, b, hk, k0, nk, d);
   pack_nk(k, dpad, kBlockK, ws.tmp.data(), ws.kt.data());
   pack_nk(v, dpad, kBlockK, ws.tmp.data(), ws.vt.data());
   pack_kn(k, kBlockK, dpad, ws.tmp.data(), ws.k_kn.data());

@@ -35,18 +35,8 @@ PackedKV<T> pack_kv(const FwdParams& p, int64_t dpad, ParallelFor parallel_for) 
       const int64_t kb = t % kv.blocks, bh = t / kv.blocks;
       const int64_t b = bh / sh.heads_kv, hk = bh % sh.heads_kv, k0 = kb * kFwdBlockK;
       const int64_t rows = std::min(kFwdBlockK, sh.seq_k - k0);
-      const RowBlock k{p.k,
-                       p.in_dtype,
-                       b * p.k_stride.batch + hk * p.k_stride.head + k0 * p.k_stride.seq,
-                       p.k_stride.seq,
-                       rows,
-                       sh.head_dim};
-      const RowBlock v{p.v,
-                       p.in_dtype,
-                       b * p.v_stride.batch + hk * p.v_stride.head + k0 * p.v_stride.seq,
-                       p.v_stride.seq,
-                       rows,
-                       sh.head_dim};
+      const RowBlock k = rows_of(p.k, p.in_dtype, p.k_stride, b, hk, k0, rows, sh.head_dim);
+      const RowBlock v = rows_of(p.v, p.in_dtype, p.v_stride, b, hk, k0, rows, sh.head_dim);
       pack_nk(k, dpad, kFwdBlockK, tmp.data(), kv.kt.data() + t * kv.kt_size);
       pack_kn(v, kFwdBlockK, dpad, tmp.data(), kv.v.data() + t * kv.v_size);
     }
@@ -111,12 +101,7 @@ void fwd_task(const FwdParams& p, const PackedKV<T>& kv, int64_t b, int64_t h, i
   constexpr int64_t step = kStep<T>;
   const Shape& sh = p.shape;
   const int64_t hk = h / (sh.heads_q / sh.heads_kv), nq = std::min(kBlockQ, sh.seq_q - q0);
-  const RowBlock q{p.q,
-                   p.in_dtype,
-                   b * p.q_stride.batch + h * p.q_stride.head + q0 * p.q_stride.seq,
-                   p.q_stride.seq,
-                   nq,
-                   sh.head_dim};
+  const RowBlock q = rows_of(p.q, p.in_dtype, p.q_stride, b, h, q0, nq, sh.head_dim);
   pack_a(q, kBlockQ, dpad, ws.q.data());
   std::fill(ws.m.begin(), ws.m.end(), kNegInf);
   std::fill(ws.l.begin(), ws.l.end(), 0.0f);

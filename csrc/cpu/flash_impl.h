@@ -124,6 +124,12 @@ struct RowBlock {
   int64_t offset, row_stride, rows, d;
 };
 
+// Rows [row0, row0 + rows) of head h in batch b of a [batch, seq, heads, d] tensor.
+inline RowBlock rows_of(const void* base, DType dtype, const Strides& st, int64_t b, int64_t h,
+                        int64_t row0, int64_t rows, int64_t d) {
+  return {base, dtype, b * st.batch + h * st.head + row0 * st.seq, st.seq, rows, d};
+}
+
 // Row i of src as tile elements: float32 (converted from any dtype) or bf16 bits (copied; bf16
 // tiles are only used for bf16 inputs).
 inline void load_tile_row(const RowBlock& src, int64_t i, float* dst) {
