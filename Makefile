@@ -26,11 +26,11 @@ test: install
 lint: $(BIN)/activate
 	$(BIN)/pip install -q ruff clang-format
 	$(BIN)/ruff check ring_ext tests benchmarks examples tools setup.py
-	$(BIN)/ruff format --check ring_ext tests benchmarks setup.py
+	$(BIN)/ruff format --check ring_ext tests benchmarks examples setup.py
 	$(BIN)/clang-format --dry-run --Werror $$(git ls-files 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'csrc/*.cuh')
 
 format: $(BIN)/activate
 	$(BIN)/pip install -q ruff clang-format
-	$(BIN)/ruff check --fix ring_ext tests benchmarks setup.py
-	$(BIN)/ruff format ring_ext tests benchmarks setup.py
+	$(BIN)/ruff check --fix ring_ext tests benchmarks examples setup.py
+	$(BIN)/ruff format ring_ext tests benchmarks examples setup.py
 	$(BIN)/clang-format -i $$(git ls-files 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'csrc/*.cuh')

@@ -89,7 +89,12 @@ def extension():
     write_build_info(cuda, archs if cuda else [])
     make = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
     return make(
-        "ring_ext._C", sources, extra_compile_args=args, extra_link_args=["-fopenmp"], py_limited_api=False, **kwargs
+        "ring_ext._C",
+        sources,
+        extra_compile_args=args,
+        extra_link_args=["-fopenmp"],
+        py_limited_api=False,
+        **kwargs,
     )
 
 
