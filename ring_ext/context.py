@@ -20,6 +20,7 @@ import dataclasses
 
 import torch.distributed as dist
 
+from . import validation
 from .config import CPConfig
 
 
@@ -75,12 +76,8 @@ def initialize(config: CPConfig, group: dist.ProcessGroup | None = None) -> CPCo
             "ring_ext.initialize needs torch.distributed initialised (dist.init_process_group)"
         )
     group = group if group is not None else dist.group.WORLD
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if config.context_parallel_size != size:
-        raise ValueError(
-            f"context_parallel_size ({config.context_parallel_size}) must equal the size "
-            f"of the process group ({size})"
-        )
+    validation.check_group(config, group)
+    rank = dist.get_rank(group)
     ctx = dict(config=config, group=group, rank=rank)
     ranks = dist.get_process_group_ranks(group)  # global ranks, in group order
     algo = config.context_parallel_algo
