@@ -6,8 +6,7 @@ import math
 
 import torch
 
-from . import ops  # noqa: F401  (fake kernels and autograd)
-from . import validation
+from . import ops, validation  # noqa: F401  (ops: fake kernels and autograd)
 from .layouts import from_bshd, head_dim_of, to_bshd
 
 

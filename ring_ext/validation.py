@@ -24,7 +24,7 @@ import struct
 import torch
 import torch.distributed as dist
 
-from .layouts import LAYOUTS, SEQ_DIM
+from .layouts import LAYOUTS
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -115,9 +115,7 @@ def check_qkv_tensors(q, k, v, layout: str) -> None:
     expected = 3 if layout == "sbh" else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != expected:
-            raise ValueError(
-                f"{name} must be {expected}-D in layout {layout!r}, got shape {tuple(t.shape)}"
-            )
+            raise ValueError(f"{name} must be {expected}-D in layout {layout!r}, got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"k and v must have q's dtype {q.dtype}, got k {k.dtype}, v {v.dtype}")
     if q.dtype not in DTYPES:
@@ -130,7 +128,9 @@ def check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> None
     """[b, s, h, d] views of the local shards, against one another and the context's algorithm."""
     check_device(q, "q", ctx)
     if k.shape != v.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)} ([b, s, heads_kv, d]), got {tuple(v.shape)}")
+        raise ValueError(
+            f"v must have k's shape {tuple(k.shape)} ([b, s, heads_kv, d]), got {tuple(v.shape)}"
+        )
     for i, what in ((0, "batch"), (1, "local sequence length"), (3, "head_dim")):
         if k.shape[i] != q.shape[i]:
             raise ValueError(f"k and v must have q's {what} {q.shape[i]}, got {k.shape[i]}")
@@ -162,7 +162,9 @@ def check_seq_dim(x, seq_dim: int, what: str = "x") -> int:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if isinstance(seq_dim, bool) or not isinstance(seq_dim, int) or not -x.dim() <= seq_dim < x.dim():
-        raise ValueError(f"seq_dim must be an int in [{-x.dim()}, {x.dim()}) for a {x.dim()}-D tensor, got {seq_dim!r}")
+        raise ValueError(
+            f"seq_dim must be an int in [{-x.dim()}, {x.dim()}) for a {x.dim()}-D tensor, got {seq_dim!r}"
+        )
     return seq_dim % x.dim()
 
 
