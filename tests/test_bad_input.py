@@ -297,7 +297,9 @@ BAD = [
         "attention",
         ValueError,
         r"num_heads must divide q's hidden size 48",
-        lambda ctx, c, w: att(ctx, *(t.transpose(0, 1).flatten(-2) for t in qkv(c, w)), layout="sbh", num_heads=5),
+        lambda ctx, c, w: att(
+            ctx, *(t.transpose(0, 1).flatten(-2) for t in qkv(c, w)), layout="sbh", num_heads=5
+        ),
     ),
     Bad(
         "length zigzag cannot split",
