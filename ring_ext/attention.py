@@ -6,22 +6,19 @@ import math
 
 import torch
 
-from . import ops  # noqa: F401  (fake kernels and autograd)
-from .layouts import check_layout, from_bshd, head_dim_of, to_bshd
+from . import ops, validation  # noqa: F401  (ops: fake kernels and autograd)
+from .layouts import from_bshd, head_dim_of, to_bshd
 
 
 def resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    scale = float(softmax_scale)
-    if not math.isfinite(scale) or scale == 0.0:
-        raise ValueError(f"softmax_scale must be a finite non-zero number, got {softmax_scale!r}")
-    return scale
+    return validation.check_scale(softmax_scale)
 
 
 def resolve_layout(layout: str | None, q: torch.Tensor, ctx) -> str:
     if layout is not None:
-        check_layout(layout)
+        validation.check_layout(layout)
         return layout
     if ctx is None:
         return "bshd"
@@ -40,6 +37,7 @@ def attention(
     causal: bool | None = None,
     softmax_scale: float | None = None,
     num_heads: int | None = None,
+    check_consistency: bool = False,
 ) -> torch.Tensor:
     """softmax(scale * q k^T [+ causal mask]) v, in q's layout and dtype.
 
@@ -50,12 +48,18 @@ def attention(
 
     layout=None picks: without a context "bshd"; with one, "bnsd" under --megatron-cp-in-bnsd, else
     MindSpeed's "sbh" for 3-D inputs and "bshd" for 4-D ones.
+
+    Bad input raises before any communication, alike on every rank (ring_ext/validation.py;
+    docs/reliability.md). check_consistency=True (debug) first all-gathers a small signature of the
+    call and raises ValueError on every rank if the ranks disagree, instead of hanging.
     """
     layout = resolve_layout(layout, q, ctx)
+    validation.check_qkv_tensors(q, k, v, layout)
+    validation.check_num_heads(q, k, v, layout, num_heads)
     head_dim = head_dim_of(q, layout, num_heads)
     scale = resolve_scale(softmax_scale, head_dim)
     if ctx is not None:
-        return _cp_attention(q, k, v, ctx, layout, causal, scale, head_dim)
+        return _cp_attention(q, k, v, ctx, layout, causal, scale, head_dim, check_consistency)
     if causal is None:
         raise ValueError("causal must be True or False when no context is given")
     qv, kv, vv = (to_bshd(t, layout, head_dim) for t in (q, k, v))
@@ -63,15 +67,26 @@ def attention(
     return from_bshd(out, layout)
 
 
-def _cp_attention(q, k, v, ctx, layout, causal, scale, head_dim):
+def _cp_attention(q, k, v, ctx, layout, causal, scale, head_dim, check_consistency=False):
     """Context-parallel attention of this rank's shards; every rank reaches the same verdict on bad input."""
-    if causal is not None and bool(causal) != ctx.causal:
-        raise ValueError(
-            f"causal={causal} contradicts the context's attention_mask_type "
-            f"{ctx.config.attention_mask_type!r}; leave causal=None with a context"
-        )
+    validation.check_causal(causal, ctx)
     qv, kv, vv = (to_bshd(t, layout, head_dim) for t in (q, k, v))
-    _check_shards(qv, kv, vv, ctx)
+    validation.check_shards(qv, kv, vv, ctx)
+    if check_consistency:
+        validation.check_consistency(
+            ctx,
+            q.device,
+            layout=layout,
+            dtype=str(q.dtype).removeprefix("torch."),
+            q=tuple(q.shape),
+            k=tuple(k.shape),
+            v=tuple(v.shape),
+            scale=scale,
+            causal=ctx.causal,
+            algo=ctx.algo,
+            overlap=ctx.config.use_cp_send_recv_overlap,
+            window=ctx.config.cp_window_size,
+        )
     out, _lse = torch.ops.ring_ext.attention(
         qv,
         kv,
@@ -86,34 +101,3 @@ def _cp_attention(q, k, v, ctx, layout, causal, scale, head_dim):
         ctx.config.use_cp_send_recv_overlap,
     )
     return from_bshd(out, layout)
-
-
-def _check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> None:
-    """[b, s, h, d] views of the local shards."""
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(
-            f"k and v must be [b, s, heads_kv, d] shards matching q {tuple(q.shape)}, got "
-            f"{tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    heads_q, heads_kv = q.shape[2], k.shape[2]
-    if heads_q % heads_kv != 0:
-        raise ValueError(f"kv heads ({heads_kv}) must divide q heads ({heads_q})")
-    u = ctx.ulysses_degree
-    if u > 1:
-        if heads_q % u != 0:
-            raise ValueError(
-                f"q heads ({heads_q}) must be divisible by the Ulysses degree ({u}) of {ctx.algo}"
-            )
-        if heads_kv % u != 0 and u % heads_kv != 0:
-            raise ValueError(
-                f"kv heads ({heads_kv}) and the Ulysses degree ({u}) of {ctx.algo} must divide one another"
-            )
-    # The ring sees u local shards at once (hybrid) and, causal, splits them into 2 zigzag chunks.
-    if ctx.sharding == "zigzag" and (q.shape[1] * u) % 2 != 0:
-        raise ValueError(
-            f"local sequence length {q.shape[1]} must be divisible by 2 (zigzag sharding); shard with ring_ext.shard"
-        )

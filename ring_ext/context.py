@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 import torch.distributed as dist
 
+from . import validation
 from .config import CPConfig
 
 
@@ -75,12 +77,8 @@ def initialize(config: CPConfig, group: dist.ProcessGroup | None = None) -> CPCo
             "ring_ext.initialize needs torch.distributed initialised (dist.init_process_group)"
         )
     group = group if group is not None else dist.group.WORLD
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if config.context_parallel_size != size:
-        raise ValueError(
-            f"context_parallel_size ({config.context_parallel_size}) must equal the size "
-            f"of the process group ({size})"
-        )
+    validation.check_group(config, group)
+    rank = dist.get_rank(group)
     ctx = dict(config=config, group=group, rank=rank)
     ranks = dist.get_process_group_ranks(group)  # global ranks, in group order
     algo = config.context_parallel_algo
@@ -89,7 +87,7 @@ def initialize(config: CPConfig, group: dist.ProcessGroup | None = None) -> CPCo
     elif algo == "ulysses_cp_algo":
         ctx.update(ulysses_group=group, ulysses_group_name=group.group_name)
     else:
-        ctx.update(_hybrid_groups(ranks, rank, config))
+        ctx.update(_hybrid_groups(ranks, rank, config, group))
     return CPContext(**ctx)
 
 
@@ -100,8 +98,8 @@ def _ring_groups(ranks: list[int], me: int, ring: dist.ProcessGroup, w: int) -> 
     n = len(ranks)
     if w == 1 or w == n:
         return out
-    inner = _my_group([ranks[o * w : (o + 1) * w] for o in range(n // w)], me // w)
-    outer = _my_group([ranks[i::w] for i in range(w)], me % w)
+    inner = _my_group([ranks[o * w : (o + 1) * w] for o in range(n // w)], me // w, ring)
+    outer = _my_group([ranks[i::w] for i in range(w)], me % w, ring)
     out.update(
         inner_group=inner,
         outer_group=outer,
@@ -111,7 +109,7 @@ def _ring_groups(ranks: list[int], me: int, ring: dist.ProcessGroup, w: int) -> 
     return out
 
 
-def _hybrid_groups(ranks: list[int], me: int, config: CPConfig) -> dict:
+def _hybrid_groups(ranks: list[int], me: int, config: CPConfig, group: dist.ProcessGroup) -> dict:
     """Note [Hybrid rank layout]: Ulysses over u consecutive ranks, the ring strided across them.
 
         cp = 8, u = 2 (ring size 4):   rank      0  1  2  3  4  5  6  7
@@ -123,14 +121,25 @@ def _hybrid_groups(ranks: list[int], me: int, config: CPConfig) -> dict:
     ring across them, exactly as the plain double ring.
     """
     u = config.ulysses_degree_in_cp
-    ulysses = _my_group([ranks[g * u : (g + 1) * u] for g in range(len(ranks) // u)], me // u)
+    ulysses = _my_group([ranks[g * u : (g + 1) * u] for g in range(len(ranks) // u)], me // u, group)
     ring_ranks = ranks[me % u :: u]
-    ring = _my_group([ranks[j::u] for j in range(u)], me % u)
+    ring = _my_group([ranks[j::u] for j in range(u)], me % u, group)
     out = dict(ulysses_group=ulysses, ulysses_group_name=ulysses.group_name)
     out.update(_ring_groups(ring_ranks, me // u, ring, config.cp_window_size))
     return out
 
 
-def _my_group(all_ranks: list[list[int]], mine: int) -> dist.ProcessGroup:
-    """Creates the group of this rank only (local synchronisation) and returns it."""
-    return dist.new_group(all_ranks[mine], use_local_synchronization=True)
+def _my_group(all_ranks: list[list[int]], mine: int, parent: dist.ProcessGroup) -> dist.ProcessGroup:
+    """Creates the group of this rank only (local synchronisation) and returns it, with the parent
+    group's timeout (new_group's default is torch's 30 minutes, which would let a rank whose peer
+    never calls wait that long; docs/reliability.md, No hangs)."""
+    return dist.new_group(all_ranks[mine], use_local_synchronization=True, timeout=_timeout_of(parent))
+
+
+def _timeout_of(group: dist.ProcessGroup):
+    """group's timeout (a timedelta), or None (torch's default) where the backend does not say."""
+    try:
+        device = str(dist.get_backend_config(group)).split(",")[0].split(":")[0]
+        return group._get_backend(torch.device(device)).options._timeout
+    except Exception:  # a backend without options: keep torch's default
+        return None

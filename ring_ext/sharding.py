@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import validation
+
 
 def chunk_order(mode: str, cp_size: int, rank: int, ulysses_degree: int = 1) -> list[int]:
     """Which global chunks rank holds, in local order; chunks are 1/cp (contiguous) or 1/(2cp) long."""
@@ -75,12 +77,13 @@ def unshard_parts(
 
 def shard(x: torch.Tensor, ctx, seq_dim: int) -> torch.Tensor:
     """This rank's part of the full tensor x (identical on every rank), in ctx's order."""
+    seq_dim = validation.check_shard(x, ctx, seq_dim)
     return shard_tensor(x, seq_dim, ctx.sharding, ctx.cp_size, ctx.rank, _ring_ulysses(ctx)).contiguous()
 
 
 def unshard(x: torch.Tensor, ctx, seq_dim: int) -> torch.Tensor:
     """Inverse of shard: the full sequence on every rank (all-gather over ctx.group + un-permute)."""
-    seq_dim = _check_dim(x, seq_dim)
+    seq_dim = validation.check_unshard(x, ctx, seq_dim)
     parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(ctx.cp_size)]
     dist.all_gather(parts, x.contiguous(), group=ctx.group)
     return unshard_parts(parts, seq_dim, ctx.sharding, _ring_ulysses(ctx))

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <cmath>
+
 namespace ring_ext {
 namespace {
 
@@ -89,6 +91,11 @@ void check_accumulator(const at::Tensor& t, const char* name, const at::Tensor& 
               " must be a float32 accumulator with contiguous head_dim, got ", t.scalar_type());
 }
 
+void check_scale(double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale != 0.0,
+                    "ring_ext: scale must be a finite non-zero number, got ", scale);
+}
+
 Mask mask_of(bool causal, int64_t q_offset, int64_t k_offset) {
   return {causal ? MaskKind::kCausal : MaskKind::kNone, q_offset, k_offset};
 }
@@ -105,6 +112,7 @@ std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const 
                                              double scale, bool causal, int64_t q_offset,
                                              int64_t k_offset, bool out_fp32) {
   const Shape shape = check_qkv(q_in, k_in, v_in);
+  check_scale(scale);
   c10::DeviceGuard guard(q_in.device());
   const at::Tensor q = dim_contiguous(q_in), k = dim_contiguous(k_in), v = dim_contiguous(v_in);
   at::Tensor out = at::empty_like(q, out_fp32 ? at::kFloat : q.scalar_type());
@@ -136,6 +144,7 @@ void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout_in, const
                    int64_t k_offset, const at::Tensor& dq, const at::Tensor& dk,
                    const at::Tensor& dv) {
   const Shape shape = check_qkv(q_in, k_in, v_in);
+  check_scale(scale);
   check_like(dout_in, "dout", q_in, "q", /*same_dtype=*/true);
   check_rows(lse_in, "lse", shape, q_in);
   check_rows(delta_in, "delta", shape, q_in);
@@ -177,6 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_bwd(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
     int64_t q_offset, int64_t k_offset, const std::optional<at::Tensor>& dlse) {
   check_qkv(q, k, v);
+  check_scale(scale);
   check_like(out, "out", q, "q", /*same_dtype=*/false);
   check_like(dout, "dout", q, "q", /*same_dtype=*/true);
   c10::DeviceGuard guard(q.device());

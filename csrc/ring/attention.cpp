@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -29,13 +30,40 @@ struct Groups {
   ring::GroupNames ring_names() const { return {ring, inner, outer}; }
 };
 
-void check_shards(const Tensor& q, const Tensor& k, const Tensor& v) {
+// The op's own checks, before any transfer (ring_ext/validation.py makes them first, with the
+// messages users see; these catch direct callers of torch.ops.ring_ext.attention).
+void check_shards(const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
   TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
                     "ring_ext: attention takes 4-D [b, s, heads, d] shards, got q ", q.sizes(),
                     ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK_VALUE(k.size(1) == q.size(1) && v.size(1) == q.size(1),
-                    "ring_ext: q, k and v shards must have the same length (self-attention), got ",
-                    q.size(1), ", ", k.size(1), ", ", v.size(1));
+  TORCH_CHECK_VALUE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                    "ring_ext: k and v must have q's dtype ", q.scalar_type(), ", got ",
+                    k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(),
+                    "ring_ext: k and v must be on q's device ", q.device(), ", got ", k.device(),
+                    ", ", v.device());
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "ring_ext: v must have k's shape ", k.sizes(), ", got ",
+                    v.sizes());
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+                    "ring_ext: k and v must match q's batch, length and head_dim ", q.sizes(),
+                    ", got ", k.sizes());
+  TORCH_CHECK_VALUE(k.size(2) >= 1 && q.size(2) % k.size(2) == 0, "ring_ext: kv heads (",
+                    k.size(2), ") must divide q heads (", q.size(2), ")");
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale != 0.0,
+                    "ring_ext: softmax_scale must be a finite non-zero number, got ", scale);
+}
+
+// Gloo's send/recv read host memory and NCCL's device memory: refuse tensors the group cannot move.
+void check_backend(const std::string& name, const Tensor& q) {
+  if (name.empty()) return;  // the ring or Ulysses code reports a missing group
+  const ring::Group pg = ring::resolve_group(name, "context-parallel");
+  const c10::DeviceType device = q.device().type();
+  std::string backend = "none";
+  if (pg->hasBackendForDeviceType(device)) backend = pg->getBackend(device)->getBackendName();
+  const bool ok = backend != "none" && (backend != "gloo" || device == c10::DeviceType::CPU) &&
+                  (backend != "nccl" || device == c10::DeviceType::CUDA);
+  TORCH_CHECK_VALUE(ok, "ring_ext: q is on ", q.device(), " but the process group ", name,
+                    " has backend ", backend, " for it (gloo serves cpu tensors, nccl cuda ones)");
 }
 
 // The Ulysses group's size, checked against the heads before any all-to-all.
@@ -54,8 +82,9 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
                                         const std::string& group, const std::string& inner,
                                         const std::string& outer, const std::string& ulysses_group,
                                         bool overlap) {
-  check_shards(q, k, v);
+  check_shards(q, k, v, scale);
   const Groups g{group, inner, outer, ulysses_group};
+  check_backend(ring::parse_algo(algo) == ring::Algo::kUlysses ? g.ulysses : g.ring, q);
   const ring::Options opt{scale, causal, overlap};
   switch (ring::parse_algo(algo)) {
     case ring::Algo::kRing: {
@@ -99,8 +128,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
     const Tensor& lse, double scale, bool causal, const std::string& algo, const std::string& group,
     const std::string& inner, const std::string& outer, const std::string& ulysses_group,
     bool overlap, const std::optional<Tensor>& dlse) {
-  check_shards(q, k, v);
+  check_shards(q, k, v, scale);
   const Groups g{group, inner, outer, ulysses_group};
+  check_backend(ring::parse_algo(algo) == ring::Algo::kUlysses ? g.ulysses : g.ring, q);
   const ring::Options opt{scale, causal, overlap};
   const ring::Algo which = ring::parse_algo(algo);
   int64_t u = 1;

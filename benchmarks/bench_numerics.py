@@ -1,0 +1,97 @@
+"""bf16 error against a float64 oracle versus the ring size (docs/reliability.md).
+
+For cp = 1, 2, 4, 8 and each algorithm, one fresh Gloo world runs forward and backward of the same
+bf16 inputs (sharded with ring_ext.shard), unshards, and rank 0 compares out, dq, dk, dv with the
+float64 oracle by relative L2 error. cp=1 is the same call on a one-rank world.
+
+    python benchmarks/bench_numerics.py [--seq 2048] [--heads 8] [--dim 64] [--cps 1 2 4 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import ring_ext  # noqa: E402
+from ring_ext.reference import attention_reference  # noqa: E402
+
+from distributed import run_distributed  # noqa: E402
+from tolerances import rel_l2  # noqa: E402
+
+NAMES = ("out", "dq", "dk", "dv")
+
+
+def algo_config(name: str, cp: int) -> ring_ext.CPConfig | None:
+    kw = dict(context_parallel_size=cp)
+    if name == "ring":
+        kw.update(context_parallel_algo="megatron_cp_algo", use_cp_send_recv_overlap=True)
+    elif name == "double_ring":
+        if cp < 4:
+            return None
+        kw.update(context_parallel_algo="megatron_cp_algo", cp_window_size=2, use_cp_send_recv_overlap=True)
+    elif name == "ulysses":
+        kw.update(context_parallel_algo="ulysses_cp_algo")
+    elif name == "hybrid":
+        u = 2 if cp >= 2 else 1
+        kw.update(context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=u)
+    return ring_ext.CPConfig(**kw)
+
+
+def inputs(seq: int, heads: int, dim: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1, seq, heads, dim)] * 4
+    return [torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes]
+
+
+def measure(rank, world, job):
+    name, seq, heads, dim, seed = job
+    ctx = ring_ext.initialize(algo_config(name, world))
+    q, k, v, dout = inputs(seq, heads, dim, seed)
+    local = [ring_ext.shard(t, ctx, 1) for t in (q, k, v, dout)]
+    ql, kl, vl = (t.requires_grad_() for t in local[:3])
+    out = ring_ext.attention(ql, kl, vl, ctx, layout="bshd")
+    out.backward(local[3])
+    got = [ring_ext.unshard(t.detach(), ctx, 1) for t in (out, ql.grad, kl.grad, vl.grad)]
+    errors = None
+    if rank == 0:
+        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+        ref, _ = attention_reference(q64, k64, v64, causal=True)
+        expected = [ref.detach(), *torch.autograd.grad(ref, (q64, k64, v64), dout.double())]
+        errors = [rel_l2(a, e) for a, e in zip(got, expected)]
+    dist.barrier()
+    return errors
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cps", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--algos", nargs="+", default=["ring", "double_ring", "ulysses", "hybrid"])
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    print(f"bf16, causal, s={a.seq}, heads={a.heads}, d={a.dim}: relative L2 error vs float64 oracle")
+    print("| algorithm | cp | out | dq | dk | dv | max ratio to cp=1 |")
+    print("|---|---|---|---|---|---|---|")
+    for name in a.algos:
+        base = None
+        for cp in a.cps:
+            if algo_config(name, cp) is None:
+                continue
+            job = (name, a.seq, a.heads, a.dim, a.seed)
+            errs = run_distributed(measure, cp, [job], collect=True, timeout_s=1200, pg_timeout_s=600)[0]
+            base = errs if cp == 1 else base
+            ratio = "" if base is None else f"{max(e / b for e, b in zip(errs, base)):.3f}"
+            print(f"| {name} | {cp} | " + " | ".join(f"{e:.3e}" for e in errs) + f" | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

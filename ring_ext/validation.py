@@ -1,0 +1,252 @@
+"""Every check on user input, in one place (DESIGN.md §5; the table is docs/reliability.md).
+
+Each check looks only at what every rank of a CP group has alike (shapes, dtypes, devices, the
+config, the group's size and backend), so every rank reaches the same verdict, and raises before
+any communication. Exception types:
+
+    ValueError    a bad value or shape: the message names the argument and the expected value
+    TypeError     an argument of the wrong kind (not a tensor, not a CPConfig)
+    RuntimeError  torch.distributed not initialised
+
+The C++ op (csrc/ring/attention.cpp, csrc/common/block_ops.cpp) repeats the checks it can make from
+its own arguments, as a second line of defence for callers of torch.ops.ring_ext.attention.
+
+check_consistency (debug, off by default) is the one check that communicates: a single all-gather of
+a small signature of the call, so that ranks passing different shapes or settings all get a
+ValueError naming the disagreeing ranks instead of a hang or garbage.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+import torch.distributed as dist
+
+from .layouts import LAYOUTS
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Device types each c10d backend serves for ring_ext's send/recv/all-to-all. Gloo reports a CUDA
+# entry too, but its send/recv read host memory, so CUDA tensors over Gloo are refused.
+_BACKEND_DEVICES = {"gloo": ("cpu",), "nccl": ("cuda",)}
+
+
+# ---- config and group --------------------------------------------------------------------------
+
+
+def check_group(config, group: dist.ProcessGroup) -> None:
+    """initialize(): the CP size must be the group's size."""
+    size = dist.get_world_size(group)
+    if config.context_parallel_size != size:
+        raise ValueError(
+            f"context_parallel_size ({config.context_parallel_size}) must equal the size "
+            f"of the process group ({size})"
+        )
+
+
+def backend_devices(group: dist.ProcessGroup) -> tuple[str, ...] | None:
+    """The device types group's backend(s) can serve, or None when unknown (then nothing is refused)."""
+    try:
+        config = dist.get_backend_config(group)
+    except Exception:  # a group torch cannot describe: leave the decision to the backend
+        return None
+    devices = []
+    for entry in str(config).split(","):
+        if ":" in entry:
+            device, backend = entry.split(":", 1)
+        else:
+            device, backend = None, entry
+        allowed = _BACKEND_DEVICES.get(backend.strip().lower())
+        if allowed is None:
+            return None
+        if device is None:
+            devices.extend(allowed)
+        elif device.strip() in allowed:
+            devices.append(device.strip())
+    return tuple(dict.fromkeys(devices))
+
+
+def check_device(t: torch.Tensor, name: str, ctx) -> None:
+    """t's device must be one the context's group can communicate."""
+    allowed = backend_devices(ctx.group)
+    if allowed is not None and t.device.type not in allowed:
+        raise ValueError(
+            f"{name} is on {t.device}, but the context's process group "
+            f"({dist.get_backend(ctx.group)}) serves {' or '.join(allowed)} tensors; "
+            f"expected {name} on {allowed[0]}"
+        )
+
+
+# ---- attention ---------------------------------------------------------------------------------
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def check_scale(softmax_scale) -> float:
+    try:
+        scale = float(softmax_scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"softmax_scale must be a finite non-zero number, got {softmax_scale!r}") from None
+    if not math.isfinite(scale) or scale == 0.0:
+        raise ValueError(f"softmax_scale must be a finite non-zero number, got {softmax_scale!r}")
+    return scale
+
+
+def check_causal(causal, ctx) -> None:
+    """With a context the mask is the one its shards were cut for."""
+    if causal is not None and bool(causal) != ctx.causal:
+        raise ValueError(
+            f"causal={causal} contradicts the context's attention_mask_type "
+            f"{ctx.config.attention_mask_type!r} (its shards were cut for causal={ctx.causal}); "
+            f"expected causal=None or causal={ctx.causal}"
+        )
+
+
+def check_qkv_tensors(q, k, v, layout: str) -> None:
+    """Kinds, ranks (dims), dtypes and devices of q, k, v in `layout`, before any view is taken."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    expected = 3 if layout == "sbh" else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != expected:
+            raise ValueError(f"{name} must be {expected}-D in layout {layout!r}, got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"k and v must have q's dtype {q.dtype}, got k {k.dtype}, v {v.dtype}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"q, k, v must be one of {DTYPES}, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"k and v must be on q's device {q.device}, got k {k.device}, v {v.device}")
+
+
+def check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> None:
+    """[b, s, h, d] views of the local shards, against one another and the context's algorithm."""
+    check_device(q, "q", ctx)
+    if k.shape != v.shape:
+        raise ValueError(
+            f"v must have k's shape {tuple(k.shape)} ([b, s, heads_kv, d]), got {tuple(v.shape)}"
+        )
+    for i, what in ((0, "batch"), (1, "local sequence length"), (3, "head_dim")):
+        if k.shape[i] != q.shape[i]:
+            raise ValueError(f"k and v must have q's {what} {q.shape[i]}, got {k.shape[i]}")
+    heads_q, heads_kv = q.shape[2], k.shape[2]
+    if heads_kv < 1 or heads_q % heads_kv != 0:
+        raise ValueError(f"kv heads ({heads_kv}) must divide q heads ({heads_q})")
+    u = ctx.ulysses_degree
+    if u > 1:
+        if heads_q % u != 0:
+            raise ValueError(
+                f"q heads ({heads_q}) must be divisible by the Ulysses degree ({u}) of {ctx.algo}"
+            )
+        if heads_kv % u != 0 and u % heads_kv != 0:
+            raise ValueError(
+                f"kv heads ({heads_kv}) and the Ulysses degree ({u}) of {ctx.algo} must divide one another"
+            )
+    # The ring sees u local shards at once (hybrid) and, causal, splits them into 2 zigzag chunks.
+    if ctx.sharding == "zigzag" and (q.shape[1] * u) % 2 != 0:
+        raise ValueError(
+            f"local sequence length {q.shape[1]} must be divisible by 2 (zigzag sharding); "
+            "shard with ring_ext.shard"
+        )
+
+
+# ---- shard / unshard ---------------------------------------------------------------------------
+
+
+def check_seq_dim(x, seq_dim: int, what: str = "x") -> int:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(seq_dim, bool) or not isinstance(seq_dim, int) or not -x.dim() <= seq_dim < x.dim():
+        raise ValueError(
+            f"seq_dim must be an int in [{-x.dim()}, {x.dim()}) for a {x.dim()}-D tensor, got {seq_dim!r}"
+        )
+    return seq_dim % x.dim()
+
+
+def check_shard(x, ctx, seq_dim: int) -> int:
+    """shard(): the full length must split into the context's chunks."""
+    seq_dim = check_seq_dim(x, seq_dim)
+    n = 2 * ctx.cp_size if ctx.sharding == "zigzag" else ctx.cp_size
+    if x.shape[seq_dim] % n != 0:
+        raise ValueError(
+            f"sequence length {x.shape[seq_dim]} (dim {seq_dim}) must be divisible by {n} "
+            f"({ctx.sharding} sharding over cp_size={ctx.cp_size})"
+        )
+    return seq_dim
+
+
+def check_unshard(x, ctx, seq_dim: int) -> int:
+    """unshard(): a local part shard() could have produced, on a device the group serves."""
+    seq_dim = check_seq_dim(x, seq_dim)
+    check_device(x, "x", ctx)
+    per_rank = 2 if ctx.sharding == "zigzag" else 1
+    if x.shape[seq_dim] % per_rank != 0:
+        raise ValueError(
+            f"local sequence length {x.shape[seq_dim]} (dim {seq_dim}) must be divisible by {per_rank} "
+            f"({ctx.sharding} sharding); pass what ring_ext.shard returned"
+        )
+    return seq_dim
+
+
+# ---- the optional cross-rank check -------------------------------------------------------------
+
+_MAX_DIMS = 5
+
+
+def _encode(value) -> list[int]:
+    """A fixed-length int64 encoding per kind of field: shapes padded, floats by their bits."""
+    if isinstance(value, (tuple, list, torch.Size)):
+        return [len(value), *value, *([-1] * (_MAX_DIMS - len(value)))]
+    if isinstance(value, float):
+        return [struct.unpack("<q", struct.pack("<d", value))[0]]
+    if isinstance(value, str):
+        return [int.from_bytes(value.encode()[:7].ljust(7, b"\0"), "little")]
+    return [int(value)]
+
+
+def check_consistency(ctx, device: torch.device, **fields) -> None:
+    """Raises ValueError on every rank unless every rank of ctx.group passed the same fields (str
+    values compared by their first 7 bytes). One all-gather of a few dozen int64 values."""
+    codes = [_encode(v) for v in fields.values()]
+    mine = torch.tensor([c for code in codes for c in code], dtype=torch.int64)
+    if device.type != "cpu":
+        mine = mine.to(device)
+    everyone = [torch.empty_like(mine) for _ in range(ctx.cp_size)]
+    dist.all_gather(everyone, mine, group=ctx.group)
+    rows = [t.cpu().tolist() for t in everyone]
+    if all(r == rows[0] for r in rows):
+        return
+    start, bad = 0, []
+    for name, code in zip(fields, codes):
+        seg = [tuple(r[start : start + len(code)]) for r in rows]
+        if len(set(seg)) > 1:
+            bad.append(f"{name} (ranks {[r for r, s in enumerate(seg) if s != seg[0]]} differ from rank 0)")
+        start += len(code)
+    raise ValueError(
+        f"check_consistency: the ranks of the CP group passed different calls: {'; '.join(bad)}; "
+        f"this rank ({ctx.rank}) passed {fields}. Every rank must pass the same shapes, dtypes and settings"
+    )
+
+
+def check_num_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, num_heads) -> None:
+    """sbh ([s, b, heads * head_dim]) needs num_heads (of q); k and v then split into whole heads."""
+    if layout != "sbh":
+        return
+    if num_heads is None:
+        raise ValueError("num_heads is required with layout 'sbh' ([s, b, heads * head_dim])")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+    if q.shape[-1] % num_heads != 0:
+        raise ValueError(f"num_heads must divide q's hidden size {q.shape[-1]}, got num_heads={num_heads}")
+    head_dim = q.shape[-1] // num_heads
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[-1] % head_dim != 0:
+            raise ValueError(
+                f"{name}'s hidden size {t.shape[-1]} must be a multiple of head_dim {head_dim} "
+                f"(q's hidden {q.shape[-1]} / num_heads {num_heads})"
+            )
