@@ -47,8 +47,8 @@ void check_shards(const Tensor& q, const Tensor& k, const Tensor& v, double scal
   TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
                     "ring_ext: k and v must match q's batch, length and head_dim ", q.sizes(),
                     ", got ", k.sizes());
-  TORCH_CHECK_VALUE(k.size(2) >= 1 && q.size(2) % k.size(2) == 0, "ring_ext: kv heads (",
-                    k.size(2), ") must divide q heads (", q.size(2), ")");
+  TORCH_CHECK_VALUE(k.size(2) >= 1 && q.size(2) % k.size(2) == 0, "ring_ext: kv heads (", k.size(2),
+                    ") must divide q heads (", q.size(2), ")");
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale != 0.0,
                     "ring_ext: softmax_scale must be a finite non-zero number, got ", scale);
 }
