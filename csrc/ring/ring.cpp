@@ -8,11 +8,11 @@
 // the K/V gradient of a block travels with it along the inner ring, in float32: a rank adds its
 // contribution (computed into a zeroed float32 buffer while the partial from the previous rank is
 // still in flight) to that partial and sends the sum on. At the end of each inner round the partial
-// goes straight home to the block's owner, which adds it into its float32 dK/dV; the owner rounds
-// to the input dtype once, at the end. Travelling in float32 keeps the error independent of the
-// ring size (rounding to bf16 at every hop adds one bf16 rounding per rank); the cost is bytes:
-// per backward step a rank sends K/V in the input dtype plus dK/dV in float32, i.e. 3x the bytes
-// of a forward step for bf16 inputs and 2x for float32.
+// goes straight home to the block's owner, which adds it into its float32 dK/dV (the first partial
+// home becomes dK/dV); the owner rounds to the input dtype once, at the end. Travelling in float32
+// keeps the error independent of the ring size (rounding to bf16 at every hop adds one bf16
+// rounding per rank); the cost is bytes: per backward step a rank sends K/V in the input dtype plus
+// dK/dV in float32, i.e. 3x the bytes of a forward step for bf16 inputs and 2x for float32.
 #include "ring.h"
 
 #include <ATen/ATen.h>
