@@ -8,22 +8,25 @@
 // the K/V gradient of a block travels with it along the inner ring, in float32: a rank adds its
 // contribution (computed into a zeroed float32 buffer while the partial from the previous rank is
 // still in flight) to that partial and sends the sum on. At the end of each inner round the partial
-// goes straight home to the block's owner, which adds it into its float32 dK/dV; the owner rounds
-// to the input dtype once, at the end. Travelling in float32 keeps the error independent of the
-// ring size (rounding to bf16 at every hop adds one bf16 rounding per rank); the cost is bytes:
-// per backward step a rank sends K/V in the input dtype plus dK/dV in float32, i.e. 3x the bytes
-// of a forward step for bf16 inputs and 2x for float32.
+// goes straight home to the block's owner, which adds it into its float32 dK/dV (the first partial
+// home becomes dK/dV); the owner rounds to the input dtype once, at the end. Travelling in float32
+// keeps the error independent of the ring size (rounding to bf16 at every hop adds one bf16
+// rounding per rank); the cost is bytes: per backward step a rank sends K/V in the input dtype plus
+// dK/dV in float32, i.e. 3x the bytes of a forward step for bf16 inputs and 2x for float32.
+#include "ring.h"
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "../common/block_ops.h"
 #include "block_calls.h"
 #include "comm.h"
-#include "ring.h"
 #include "schedule.h"
 
 namespace ring_ext {
@@ -59,9 +62,9 @@ RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_
   s.topo = Topology{s.ring->getSize(), s.inner->getSize()};
   check_window_groups(s);
   const int64_t chunks = chunks_per_rank(opt.causal);
-  TORCH_CHECK_VALUE(local_len % chunks == 0, "ring_ext: the sequence length the ring sees on a rank (",
-                    local_len, ") must be a multiple of ", chunks,
-                    " (causal ring attention shards zigzag)");
+  TORCH_CHECK_VALUE(local_len % chunks == 0,
+                    "ring_ext: the sequence length the ring sees on a rank (", local_len,
+                    ") must be a multiple of ", chunks, " (causal ring attention shards zigzag)");
   s.chunk = local_len / chunks;
   s.causal = opt.causal;
   s.overlap = opt.overlap;
@@ -132,16 +135,25 @@ void for_each_block(const RingSetup& s, const Tensor& local_kv, Visit&& visit) {
 std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                    const RingSetup& s) {
   const BlockOps& ops = block_ops();
-  // Running result in float32 whatever the input dtype (DESIGN.md section 2).
-  Tensor out_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // [b, s, hq, d]
-  Tensor lse = at::full({q.size(0), q.size(2), q.size(1)}, -INFINITY,
-                        q.options().dtype(at::kFloat));  // [b, hq, s]
+  // Running result in float32 whatever the input dtype (DESIGN.md section 2): out [b, s, hq, d],
+  // lse [b, hq, s]. A block that covers every local row before anything else (the diagonal step)
+  // *is* the running result: no zero-filled start and no merge into it.
+  Tensor out_acc, lse;
   for_each_block(s, pack_kv(k, v), [&](int64_t step, const Tensor& held) {
     for (const WorkItem& item : items_at(s, step)) {
       const Rows r = rows_of(item, s.chunk);
       auto [block_out, block_lse] = ops.fwd.call(
           q.narrow(1, r.q0, r.nq), held[0].narrow(1, r.k0, r.nk), held[1].narrow(1, r.k0, r.nk),
           s.scale, item.causal, r.q_offset, r.k_offset, /*out_fp32=*/true);
+      if (!out_acc.defined() && r.q0 == 0 && r.nq == q.size(1)) {
+        out_acc = block_out;
+        lse = block_lse;
+        continue;
+      }
+      if (!out_acc.defined()) {
+        out_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+        lse = at::full({q.size(0), q.size(2), q.size(1)}, -INFINITY, q.options().dtype(at::kFloat));
+      }
       ops.merge.call(out_acc.narrow(1, r.q0, r.nq), lse.narrow(2, r.q0, r.nq), block_out,
                      block_lse);
     }
@@ -154,20 +166,14 @@ namespace {
 // The float32 K/V gradients on their way round the ring: Note [K/V gradients].
 class KvGrads {
  public:
-  KvGrads(const RingSetup& s, const Tensor& packed) : s_(s) {
-    const auto f32 = packed.options().dtype(at::kFloat);
-    home_ = at::zeros(packed.sizes(), f32);  // [2, b, s, hkv, d]
-    for (Tensor& b : bufs_) b = at::empty(packed.sizes(), f32);
-    spare_ = at::empty(packed.sizes(), f32);
-    incoming_buf_ = at::empty(packed.sizes(), f32);
-    home_in_ = at::empty(packed.sizes(), f32);
-  }
+  KvGrads(const RingSetup& s, const Tensor& packed)
+      : s_(s), sizes_(packed.sizes().vec()), f32_(packed.options().dtype(at::kFloat)) {}
 
   // A zeroed buffer for this step's contribution.
   Tensor begin_step(int64_t step) {
-    Tensor g = bufs_[(step % s_.topo.window) % 2];
-    g.zero_();
-    return g;
+    Tensor& g = bufs_[(step % s_.topo.window) % 2];
+    if (!g.defined()) return g = at::zeros(sizes_, f32_);
+    return g.zero_();
   }
 
   // Adds the partial from the previous holder and sends the sum on (or home at a round's end).
@@ -178,6 +184,7 @@ class KvGrads {
       g.add_(incoming_buf_);
     }
     if (si + 1 < w) {
+      if (!incoming_buf_.defined()) incoming_buf_ = at::empty(sizes_, f32_);
       incoming_ = exchange(s_.inner, g, mod(i + 1, w), incoming_buf_, mod(i - 1, w), kTagGrad);
       if (!s_.overlap) incoming_.wait();
       return;
@@ -185,11 +192,13 @@ class KvGrads {
     settle_home();
     const int64_t owner = source(s_.topo, s_.rank, step), from = holder(s_.topo, s_.rank, step);
     if (owner == s_.rank) {  // cp_size 1
-      home_.add_(g);
+      home_ = home_.defined() ? home_.add_(g) : g.clone();
       return;
     }
+    // The first partial to come home becomes home_ itself; later ones (double ring) are added.
+    if (!home_in_.defined()) home_in_ = at::empty(sizes_, f32_);
     home_xfer_ = exchange(s_.ring, g, owner, home_in_, from, kTagHome);
-    std::swap(bufs_[si % 2], spare_);  // keep the buffer in flight untouched
+    std::swap(bufs_[si % 2], spare_);  // keep the buffer in flight untouched (spare_ may be empty)
     if (!s_.overlap) settle_home();
   }
 
@@ -203,10 +212,16 @@ class KvGrads {
   void settle_home() {
     if (!home_xfer_.pending()) return;
     home_xfer_.wait();
-    home_.add_(home_in_);
+    if (home_.defined()) {
+      home_.add_(home_in_);
+    } else {
+      home_ = std::exchange(home_in_, Tensor());  // no zero-filled start, no add
+    }
   }
 
   const RingSetup& s_;
+  std::vector<int64_t> sizes_;
+  at::TensorOptions f32_;
   Tensor home_, bufs_[2], spare_, incoming_buf_, home_in_;
   Transfer incoming_, home_xfer_;
 };
@@ -214,8 +229,8 @@ class KvGrads {
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                            const Tensor& v, const Tensor& lse,
-                                            const Tensor& delta, const RingSetup& s) {
+                                            const Tensor& v, const Tensor& lse, const Tensor& delta,
+                                            const RingSetup& s) {
   const BlockOps& ops = block_ops();
   Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // [b, s, hq, d]
   const Tensor packed = pack_kv(k, v);
