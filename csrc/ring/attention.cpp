@@ -94,10 +94,10 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
     }
     case ring::Algo::kUlysses: {
       ulysses_degree(g, q, k);
-      return ulysses::forward(q, k, v, g.ulysses, [&](const Tensor& qh, const Tensor& kh,
-                                                      const Tensor& vh) {
-        return block_ops().fwd.call(qh, kh, vh, scale, causal, 0, 0, /*out_fp32=*/false);
-      });
+      return ulysses::forward(
+          q, k, v, g.ulysses, [&](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
+            return block_ops().fwd.call(qh, kh, vh, scale, causal, 0, 0, /*out_fp32=*/false);
+          });
     }
     case ring::Algo::kHybrid: {
       const int64_t u = ulysses_degree(g, q, k);
@@ -144,13 +144,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
     auto [dq, dk, dv] = ring::backward(dout, q, k, v, lse, delta, *s);
     return {like(dq, q), like(dk, k), like(dv, v)};
   }
-  return ulysses::backward(
-      dout, q, k, v, lse, delta, g.ulysses,
-      [&](const Tensor& d, const Tensor& qh, const Tensor& kh, const Tensor& vh, const Tensor& l,
-          const Tensor& dl) {
-        if (which == ring::Algo::kUlysses) return block_backward(d, qh, kh, vh, l, dl, scale, causal);
-        return ring::backward(d, qh, kh, vh, l, dl, *s);
-      });
+  return ulysses::backward(dout, q, k, v, lse, delta, g.ulysses,
+                           [&](const Tensor& d, const Tensor& qh, const Tensor& kh,
+                               const Tensor& vh, const Tensor& l, const Tensor& dl) {
+                             if (which == ring::Algo::kUlysses)
+                               return block_backward(d, qh, kh, vh, l, dl, scale, causal);
+                             return ring::backward(d, qh, kh, vh, l, dl, *s);
+                           });
 }
 
 }  // namespace

@@ -19,8 +19,8 @@ struct GroupNames {
 
 struct Options {
   double scale = 1.0;
-  bool causal = false;   // zigzag-sharded causal mask, else full
-  bool overlap = true;   // post each transfer before the compute it hides behind
+  bool causal = false;  // zigzag-sharded causal mask, else full
+  bool overlap = true;  // post each transfer before the compute it hides behind
 };
 
 // Everything the loop needs to know about this rank's place in the (double) ring.
@@ -43,9 +43,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& v, const RingSetup& s);
 
 // Float32 dq, dk, dv given the final lse and delta = rowsum(dout * out) (- dlse).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout,
-                                                        const at::Tensor& q, const at::Tensor& k,
-                                                        const at::Tensor& v, const at::Tensor& lse,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
+                                                        const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& lse,
                                                         const at::Tensor& delta,
                                                         const RingSetup& s);
 

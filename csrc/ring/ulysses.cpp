@@ -18,7 +18,6 @@
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
-
 namespace ring_ext::ulysses {
 namespace {
 
@@ -99,10 +98,12 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   return {heads_to_seq(out_h.to(q.scalar_type()), *pg), rows_to_seq(lse_h, *pg)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& lse, const at::Tensor& delta, const std::string& group,
-    const InnerBwd& inner) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
+                                                        const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& lse,
+                                                        const at::Tensor& delta,
+                                                        const std::string& group,
+                                                        const InnerBwd& inner) {
   auto pg = c10d::resolve_process_group(group);
   const int64_t r = kv_replication(q.size(2), k.size(2), pg->getSize());
   at::Tensor qh = seq_to_heads(q, *pg);

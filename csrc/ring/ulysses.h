@@ -32,9 +32,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
 
 // Gradients of forward, in the input dtype, given forward's lse and delta = rowsum(dout * out)
 // (minus any gradient on lse), both float32 [b, hq, s_local].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& lse, const at::Tensor& delta, const std::string& group,
-    const InnerBwd& inner);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
+                                                        const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& lse,
+                                                        const at::Tensor& delta,
+                                                        const std::string& group,
+                                                        const InnerBwd& inner);
 
 }  // namespace ring_ext::ulysses
