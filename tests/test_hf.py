@@ -1,6 +1,8 @@
-"""ring_ext as a transformers attention implementation: a tiny random Llama (nothing downloaded) gives
-the same logits and gradients as with PyTorch's SDPA on one process, and with context parallelism over
-Gloo the same logits and gradients as the same model without it, causal and general masks."""
+"""ring_ext as a transformers attention implementation, always against the model's own attention
+(eager or SDPA, one process, the full sequence); tiny random models built from configs, nothing
+downloaded. Every architecture either matches or raises ValueError naming what it cannot honour
+(ring_ext/hf.py, Note [Nothing silently wrong]); with context parallelism over Gloo the logits and
+gradients match the model's own attention on the unsharded sequence."""
 
 from __future__ import annotations
 
@@ -19,20 +21,76 @@ from distributed import run_distributed  # noqa: E402
 from tolerances import assert_rel_l2  # noqa: E402
 
 VOCAB = 97
+SEQ = 24
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+ARCHS = {  # name: (config class, settings beyond SMALL)
+    "llama": (transformers.LlamaConfig, {}),
+    "qwen2": (transformers.Qwen2Config, {}),
+    "qwen3": (transformers.Qwen3Config, {}),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, MOE),
+    "phi3": (transformers.Phi3Config, {"pad_token_id": 0}),
+    "mistral": (transformers.MistralConfig, {}),
+    "gemma2": (transformers.Gemma2Config, {}),
+    "gemma3": (transformers.Gemma3TextConfig, {}),
+    "gpt_oss": (transformers.GptOssConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "cohere": (transformers.CohereConfig, {}),
+    "cohere2": (transformers.Cohere2Config, {}),
+    "olmo2": (transformers.Olmo2Config, {}),
+    "granite": (transformers.GraniteConfig, {}),
+    "starcoder2": (transformers.Starcoder2Config, {}),
+    "llama4": (transformers.Llama4TextConfig, {"num_local_experts": 2, "intermediate_size_mlp": 128}),
+}
+WINDOW = "config.sliding_window={}"
+QWEN_WINDOW = {"use_sliding_window": True, "max_window_layers": 1}  # layer 1 windowed
+
+# (arch, config overrides, None = matches the model's own attention / regex of the ValueError)
+MATRIX = [
+    ("llama", {}, None),
+    ("qwen2", {}, None),  # default use_sliding_window=False
+    ("qwen2", {**QWEN_WINDOW, "sliding_window": 8}, WINDOW.format(8)),
+    ("qwen2", {**QWEN_WINDOW, "sliding_window": SEQ}, None),  # window = whole sequence: a no-op
+    ("qwen3", {}, None),
+    ("qwen2_moe", {}, None),
+    ("qwen2_moe", {**QWEN_WINDOW, "sliding_window": 8}, WINDOW.format(8)),  # window only in the mask
+    ("phi3", {}, None),
+    ("phi3", {"sliding_window": 8}, WINDOW.format(8)),
+    ("mistral", {"sliding_window": None}, None),
+    ("mistral", {"sliding_window": 8}, WINDOW.format(8)),
+    ("mistral", {"sliding_window": SEQ - 1}, WINDOW.format(SEQ - 1)),  # drops one key: must raise
+    ("mistral", {"sliding_window": SEQ}, None),
+    ("gemma2", {"sliding_window": 8}, "soft-capping.*softcap=50.0"),  # the default softcap
+    ("gemma2", {"sliding_window": 8, "attn_logit_softcapping": None}, WINDOW.format(8)),
+    ("gemma2", {"sliding_window": 64, "attn_logit_softcapping": None}, None),
+    ("gemma3", {"sliding_window": 8}, WINDOW.format(8)),
+    ("gemma3", {"sliding_window": 64}, None),
+    ("gpt_oss", {"sliding_window": 64}, "sinks"),
+    ("cohere", {}, None),
+    ("cohere2", {"sliding_window": 8}, WINDOW.format(8)),
+    ("cohere2", {"sliding_window": 64}, None),
+    ("olmo2", {}, None),
+    ("granite", {}, None),
+    ("starcoder2", {"sliding_window": None}, None),
+    ("starcoder2", {"sliding_window": 8}, WINDOW.format(8)),
+    ("llama4", {"attention_chunk_size": 8}, "config.attention_chunk_size=8"),
+    ("llama4", {"attention_chunk_size": 64}, None),
+]
 
 
-def tiny_llama(seed=0, causal=True):
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+def tiny_model(arch="llama", seed=0, causal=True, **overrides):
+    config_class, settings = ARCHS[arch]
+    config = config_class(**{**SMALL, **settings, **overrides})
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     if not causal:  # a bidirectional variant of the same model: every key visible
         for module in model.modules():
             if hasattr(module, "is_causal"):
@@ -40,28 +98,132 @@ def tiny_llama(seed=0, causal=True):
     return model
 
 
+def random_ids(batch=2, seq=SEQ, seed=1):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_of(model, impl, ids, **kwargs):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+@pytest.mark.parametrize(("arch", "overrides", "error"), MATRIX, ids=[f"{a}-{o}" for a, o, _ in MATRIX])
+def test_architecture_matches_eager_or_raises(arch, overrides, error):
+    name = ring_ext.hf.register()
+    model = tiny_model(arch, **overrides)
+    ids = random_ids()
+    if error is not None:
+        with pytest.raises(ValueError, match=error):
+            logits_of(model, name, ids)
+        return
+    reference = logits_of(model, "eager", ids)
+    assert_rel_l2(logits_of(model, name, ids), reference, torch.float32, f"{arch} {overrides} logits")
+
+
 def loss_of(logits: torch.Tensor, numel: int) -> torch.Tensor:
     return logits.square().sum() / numel  # a share of the mean over the full sequence
 
 
-def logits_and_grads(model, impl, ids, positions=None, ctx=None, numel=None):
-    model.config._attn_implementation = impl
+def logits_and_grads(model, impl, ids, positions=None, ctx=None, numel=None, use_cache=True):
+    model.set_attn_implementation(impl)
     model.zero_grad()
     kwargs = {} if ctx is None else {"cp_context": ctx}
-    logits = model(ids, position_ids=positions, **kwargs).logits
+    logits = model(ids, position_ids=positions, use_cache=use_cache, **kwargs).logits
     loss_of(logits, numel or logits.numel()).backward()
-    return logits.detach(), [p.grad.clone() for p in model.parameters()]
+    return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
-def test_llama_matches_sdpa():
+def test_llama_matches_sdpa_with_gradients():
     name = ring_ext.hf.register()
-    model = tiny_llama()
-    ids = torch.randint(0, VOCAB, (2, 45), generator=torch.Generator().manual_seed(1))
+    model = tiny_model("llama")
+    ids = random_ids(seq=45)
     ref_logits, ref_grads = logits_and_grads(model, "sdpa", ids)
     logits, grads = logits_and_grads(model, name, ids)
     assert_rel_l2(logits, ref_logits, torch.float32, "logits")
     for g, r in zip(grads, ref_grads):
         assert_rel_l2(g, r, torch.float32, "param grad")
+
+
+def test_all_ones_attention_mask_matches():
+    name = ring_ext.hf.register()
+    model, ids = tiny_model("llama"), random_ids()
+    ones = torch.ones_like(ids)
+    assert_rel_l2(
+        logits_of(model, name, ids, attention_mask=ones), logits_of(model, "eager", ids), torch.float32
+    )
+
+
+def test_padding_mask_is_rejected():
+    name = ring_ext.hf.register()
+    model, ids = tiny_model("llama"), random_ids()
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    with pytest.raises(ValueError, match="padding"):
+        logits_of(model, name, ids, attention_mask=padded)
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="attention_mask"):  # a prepared 4-D mask
+        ring_ext.hf.ring_ext_attention_forward(torch.nn.Module(), q, q, q, torch.ones(1, 1, 4, 4))
+
+
+def test_packed_documents_are_rejected():
+    name = ring_ext.hf.register()
+    model, ids = tiny_model("llama"), random_ids()
+    positions = torch.cat([torch.arange(10), torch.arange(SEQ - 10)])[None]  # two documents per row
+    with pytest.raises(ValueError, match="packed documents"):
+        logits_of(model, name, ids, position_ids=positions, use_cache=False)
+    cu = torch.tensor([0, 10, SEQ], dtype=torch.int32)
+    with pytest.raises(ValueError, match="packed sequences"):
+        logits_of(model, name, ids[:1], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=14, max_length_k=14)
+
+
+def test_attention_dropout_in_training_is_rejected():
+    name = ring_ext.hf.register()
+    model = tiny_model("llama", attention_dropout=0.1).train()
+    model.set_attn_implementation(name)
+    with pytest.raises(ValueError, match="dropout=0.1"):
+        model(random_ids())
+
+
+def test_kv_cache_decoding_is_rejected():
+    name = ring_ext.hf.register()
+    model = tiny_model("llama")
+    model.set_attn_implementation(name)
+    with pytest.raises(ValueError, match="KV cache"):
+        model.generate(random_ids(batch=1), max_new_tokens=2, do_sample=False)
+
+
+def test_unsupported_arguments_are_rejected():
+    q = torch.randn(1, 2, 4, 8)
+    forward = ring_ext.hf.ring_ext_attention_forward
+    module = torch.nn.Module()
+    for kwargs, error in [
+        ({"output_attentions": True}, "attention weights"),
+        ({"position_bias": torch.zeros(1, 2, 4, 4)}, "position bias"),
+        ({"head_mask": torch.ones(2)}, "head mask"),
+        ({"some_new_argument": 1}, "'some_new_argument'"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            forward(module, q, q, q, None, **kwargs)
+    out, _ = forward(module, q, q, q, None, output_attentions=False, use_cache=True, softcap=None, s_aux=None)
+    assert out.shape == (1, 4, 2, 8)
+
+
+def test_mask_overlays_are_rejected():
+    """Masks a model builds beyond causal: or/and functions at once, token blocks when checked."""
+    from transformers.masking_utils import create_causal_mask
+
+    name = ring_ext.hf.register()
+    config = tiny_model("llama").config
+    config._attn_implementation = name
+    embeds = torch.zeros(1, 8, 4)
+    with pytest.raises(ValueError, match="overlay"):
+        create_causal_mask(config, embeds, None, None, or_mask_function=lambda b, h, q, kv: kv == 0)
+    blocks = torch.tensor([[-1, -1, 0, 0, 0, -1, -1, -1]])  # tokens 2..4 see each other (an image)
+    mask = create_causal_mask(config, embeds, None, None, block_sequence_ids=blocks)
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="not plain causal"):
+        ring_ext.hf.ring_ext_attention_forward(torch.nn.Module(), q, q, q, mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,15 +232,22 @@ class HFCase:
     causal: bool = True
     seq: int = 32
     ulysses_degree: int | None = None
+    arch: str = "llama"
+    sliding_window: int | None = None
+    use_cache: bool = True  # False: no cache, so transformers sees the zigzag shard as packed documents
+    sharded_positions: bool = True
+    error: str | None = None
 
 
 def run_hf_case(rank: int, world_size: int, case: HFCase):
-    """Every rank: the model on its shard with CP; rank results compared with the model without CP."""
+    """Every rank: the model on its shard with CP, compared with the model's own SDPA attention on the
+    whole sequence in one process; or, for a case that cannot be honoured, the same ValueError."""
     name = ring_ext.hf.register()
-    model = tiny_llama(causal=case.causal)
-    ids = torch.randint(0, VOCAB, (2, case.seq), generator=torch.Generator().manual_seed(2))
+    extra = {} if case.arch == "llama" else {"sliding_window": case.sliding_window}
+    model = tiny_model(case.arch, causal=case.causal, **extra)
+    ids = random_ids(seq=case.seq, seed=2)
     positions = torch.arange(case.seq)[None].expand(2, -1)
-    ref_logits, ref_grads = logits_and_grads(model, name, ids, positions)
+    ref_logits, ref_grads = logits_and_grads(model, "sdpa", ids, positions)
     cfg = ring_ext.CPConfig(
         context_parallel_size=world_size,
         context_parallel_algo=case.algo,
@@ -87,7 +256,14 @@ def run_hf_case(rank: int, world_size: int, case: HFCase):
     )
     ctx = ring_ext.initialize(cfg)
     ids_l, pos_l = (ring_ext.shard(t, ctx, seq_dim=1) for t in (ids, positions))
-    logits_l, grads = logits_and_grads(model, name, ids_l, pos_l, ctx, numel=ref_logits.numel())
+    if not case.sharded_positions:
+        pos_l = positions[:, : ids_l.shape[1]]
+    numel = ref_logits.numel()
+    if case.error is not None:
+        with pytest.raises(ValueError, match=case.error):
+            logits_and_grads(model, name, ids_l, pos_l, ctx, numel, case.use_cache)
+        return
+    logits_l, grads = logits_and_grads(model, name, ids_l, pos_l, ctx, numel, case.use_cache)
     for g in grads:
         dist.all_reduce(g)  # each rank holds its tokens' share of every parameter's gradient
     logits = ring_ext.unshard(logits_l, ctx, seq_dim=1)
@@ -96,19 +272,17 @@ def run_hf_case(rank: int, world_size: int, case: HFCase):
         assert_rel_l2(g, r, torch.float32, f"{case} param grad")
 
 
-def test_llama_with_context_parallel_matches_without():
+def test_context_parallel_matches_the_models_own_attention():
     cases = [
-        HFCase("megatron_cp_algo"),
+        HFCase("megatron_cp_algo", use_cache=False),
         HFCase("megatron_cp_algo", causal=False),
         HFCase("ulysses_cp_algo"),
         HFCase("ulysses_cp_algo", causal=False),
         HFCase("hybrid_cp_algo", ulysses_degree=2),
+        # the window covers the whole 32-token sequence: a no-op, honoured
+        HFCase("megatron_cp_algo", arch="mistral", sliding_window=32, use_cache=False),
+        # 8 tokens per rank fit a window of 16, the 32-token sequence does not: every rank raises
+        HFCase("megatron_cp_algo", arch="mistral", sliding_window=16, error=WINDOW.format(16)),
+        HFCase("megatron_cp_algo", sharded_positions=False, error="position_ids must be"),
     ]
     run_distributed(run_hf_case, 4, cases, timeout_s=300)
-
-
-def test_padding_mask_is_rejected():
-    ring_ext.hf.register()
-    q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(ValueError, match="attention_mask"):
-        ring_ext.hf.ring_ext_attention_forward(torch.nn.Module(), q, q, q, torch.ones(1, 1, 4, 4))
