@@ -39,11 +39,12 @@ TORCH_LIBRARY(ring_ext, m) {
   // strides), over process groups given by name (c10d::resolve_process_group). algo is the
   // --context-parallel-algo; group is the ring's group, inner_group/outer_group the double ring's
   // ("" for the plain ring), ulysses_group Ulysses' (hybrid). Causal shards are zigzag
-  // (ring_ext/sharding.py). Returns out in q's dtype and strides, lse float32 [b, hq, s].
+  // (ring_ext/sharding.py). Returns out [b, s, hq, d] in q's dtype, dense in `layout` (bshd, sbhd,
+  // bnsd, sbh: Note [Output contract] in csrc/ring/attention.cpp), lse float32 [b, hq, s].
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, str algo, str group, "
-      "str inner_group=\"\", str outer_group=\"\", str ulysses_group=\"\", bool overlap=True) "
-      "-> (Tensor out, Tensor lse)");
+      "str inner_group=\"\", str outer_group=\"\", str ulysses_group=\"\", bool overlap=True, "
+      "str layout=\"bshd\") -> (Tensor out, Tensor lse)");
   // Gradients of attention given its final out and lse; dq/dk/dv in the dtype and strides of q/k/v.
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float "

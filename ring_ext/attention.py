@@ -64,7 +64,9 @@ def attention(
         raise ValueError("causal must be True or False when no context is given")
     qv, kv, vv = (to_bshd(t, layout, head_dim) for t in (q, k, v))
     out, _lse = torch.ops.ring_ext.fwd(qv, kv, vv, scale, bool(causal))
-    return from_bshd(out, layout)
+    # fwd's output follows q's memory order; the contract is dense in the layout (one copy only
+    # when q's memory order differs from its layout).
+    return from_bshd(out, layout).contiguous()
 
 
 def _cp_attention(q, k, v, ctx, layout, causal, scale, head_dim, check_consistency=False):
@@ -99,5 +101,6 @@ def _cp_attention(q, k, v, ctx, layout, causal, scale, head_dim, check_consisten
         ctx.outer_group_name,
         ctx.ulysses_group_name,
         ctx.config.use_cp_send_recv_overlap,
+        layout,
     )
-    return from_bshd(out, layout)
+    return from_bshd(out, layout)  # a view: out is dense in layout (Note [Output contract])

@@ -15,6 +15,10 @@ LAYOUTS = ("bshd", "sbhd", "bnsd", "sbh")
 # Which dim of each layout holds the sequence.
 SEQ_DIM = {"bshd": 1, "sbhd": 0, "bnsd": 2, "sbh": 0}
 
+# The memory order of each layout, outermost first, in dims of [b, s, h, d]; the C++ op allocates
+# its output the same way (Note [Output contract] in csrc/ring/attention.cpp).
+MEMORY_ORDER = {"bshd": (0, 1, 2, 3), "sbhd": (1, 0, 2, 3), "sbh": (1, 0, 2, 3), "bnsd": (0, 2, 1, 3)}
+
 
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
@@ -46,6 +50,14 @@ def to_bshd(t: torch.Tensor, layout: str, head_dim: int) -> torch.Tensor:
     if t.shape[-1] % head_dim != 0:
         raise ValueError(f"sbh hidden size {t.shape[-1]} is not a multiple of head_dim {head_dim}")
     return t.unflatten(-1, (-1, head_dim)).permute(1, 0, 2, 3)  # [s, b, h*d] -> [b, s, h, d]
+
+
+def empty_in_layout(q: torch.Tensor, layout: str) -> torch.Tensor:
+    """An uninitialised tensor of q's [b, s, h, d] shape, dtype and device whose memory is dense in
+    `layout` (so from_bshd of it is contiguous)."""
+    order = MEMORY_ORDER[layout]
+    back = [order.index(i) for i in range(4)]
+    return q.new_empty([q.shape[i] for i in order]).permute(back)  # layout memory, viewed as bshd
 
 
 def from_bshd(t: torch.Tensor, layout: str) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the library that defines the ring_ext ops)
+from .layouts import empty_in_layout
 
 
 def _dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -64,43 +65,31 @@ torch.library.register_autograd("ring_ext::fwd", _fwd_backward, setup_context=_f
 
 # Context-parallel attention (csrc/ring): fakes and autograd. Shapes follow the local shards.
 @torch.library.register_fake("ring_ext::attention")
-def _attention_fake(
-    q, k, v, scale, causal, algo, group, inner_group="", outer_group="", ulysses_group="", overlap=True
-):
-    return torch.empty_like(q), _row_stats(q)
+def _attention_fake(q, k, v, scale, causal, algo, group, *args, **kwargs):
+    layout = _attention_args(args, kwargs)["layout"]
+    return empty_in_layout(q, layout), _row_stats(q)
 
 
 @torch.library.register_fake("ring_ext::attention_bwd")
-def _attention_bwd_fake(
-    dout,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    scale,
-    causal,
-    algo,
-    group,
-    inner_group="",
-    outer_group="",
-    ulysses_group="",
-    overlap=True,
-    dlse=None,
-):
+def _attention_bwd_fake(dout, q, k, v, out, lse, *args, **kwargs):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_ATTENTION_ARGS = (
-    "scale",
-    "causal",
-    "algo",
-    "group",
-    "inner_group",
-    "outer_group",
-    "ulysses_group",
-    "overlap",
-)
+# The non-tensor arguments of ring_ext::attention after q, k, v, in schema order (csrc/ops.cpp).
+_ATTENTION_ARGS = tuple(a.name for a in torch.ops.ring_ext.attention.default._schema.arguments[3:])
+_ATTENTION_DEFAULTS = {
+    a.name: a.default_value
+    for a in torch.ops.ring_ext.attention.default._schema.arguments[3:]
+    if a.has_default_value()
+}
+
+
+def _attention_args(positional, keywords) -> dict:
+    """The arguments of ring_ext::attention after (q, k, v, scale, causal, algo, group), by name."""
+    named = dict(_ATTENTION_DEFAULTS)
+    named.update(zip(_ATTENTION_ARGS[4:], positional))
+    named.update(keywords)
+    return named
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -108,12 +97,13 @@ def _attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.args = dict(zip(_ATTENTION_ARGS, rest))
+    ctx.args.pop("layout")  # attention_bwd returns gradients in the strides of q, k, v
 
 
 def _attention_backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.ring_ext.attention_bwd(dout.to(q.dtype), q, k, v, out, lse, dlse=dlse, **ctx.args)
-    # One slot per input of attention: q, k, v, then the 8 non-tensor arguments.
+    # One slot per input of attention: q, k, v, then the non-tensor arguments.
     return (dq, dk, dv) + (None,) * len(_ATTENTION_ARGS)
 
 

@@ -51,24 +51,67 @@ def _merge_samples(group):
     yield (out, lse, part, part_lse), {}
 
 
-def _shards(requires_grad):
-    """This rank's q, k, v shards: the same length (even, as zigzag needs), GQA."""
-    q, k, v = _qkv(requires_grad)
-    return [t[:, :8].detach().requires_grad_(requires_grad) for t in (q, k, v)]
+ALGOS = ("megatron_cp_algo", "ulysses_cp_algo", "hybrid_cp_algo")
+LAYOUTS = ("bshd", "sbhd", "bnsd", "sbh")
+
+
+def _layout_view(x, layout):
+    """x [b, s, h, d] re-laid out in memory as `layout` (sbh: one third of a fused QKV projection, as
+    Megatron's proj(x).chunk(3, -1) gives), returned as the [b, s, h, d] view the op takes."""
+    b, s, h, d = x.shape
+    if layout == "bshd":
+        return x.clone()
+    if layout == "sbhd":
+        return x.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+    if layout == "bnsd":
+        return x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    fused = torch.cat([x.permute(1, 0, 2, 3).flatten(-2)] * 3, dim=-1)  # [s, b, 3 * h * d]
+    return fused.chunk(3, dim=-1)[1].unflatten(-1, (h, d)).permute(1, 0, 2, 3)
+
+
+def _shards(requires_grad, layout="bshd"):
+    """This rank's q, k, v shards in `layout`'s memory: the same length (even, as zigzag needs), GQA."""
+    q, k, v = _qkv(False)
+    return [_layout_view(t[:, :8], layout).requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def _attention_args(group, algo, layout, causal, requires_grad):
+    """Arguments of ring_ext::attention for a one-rank world: every group is that rank's group."""
+    q, k, v = _shards(requires_grad, layout)
+    ulysses = group if algo != "megatron_cp_algo" else ""
+    return (q, k, v, 0.35, causal, algo, group, "", "", ulysses), {"layout": layout}
 
 
 def _attention_samples(group):
-    for causal in (True, False):
-        q, k, v = _shards(True)
-        yield (q, k, v, 0.35, causal, "megatron_cp_algo", group), {}
+    """Every algorithm x layout (the output strides are part of the contract), causal and not."""
+    for algo in ALGOS:
+        for i, layout in enumerate(LAYOUTS):
+            yield _attention_args(group, algo, layout, causal=i % 2 == 0, requires_grad=True)
 
 
 def _attention_bwd_samples(group):
-    for causal in (True, False):
-        q, k, v = _shards(False)
-        args = (q, k, v, 0.35, causal, "megatron_cp_algo", group)
-        out, lse = torch.ops.ring_ext.attention(*args)
-        yield (torch.randn_like(out), *args[:3], out, lse, *args[3:]), {}
+    for algo in ALGOS:
+        for i, layout in enumerate(LAYOUTS):
+            args, kwargs = _attention_args(group, algo, layout, causal=i % 2 == 1, requires_grad=False)
+            out, lse = torch.ops.ring_ext.attention(*args, **kwargs)
+            q, k, v, *rest = args
+            yield (_layout_view(torch.randn(out.shape), layout), q, k, v, out, lse, *rest), {}
+
+
+def test_attention_output_is_dense_in_layout(world):
+    """Note [Output contract]: out is contiguous in the caller's layout for every algorithm, whatever
+    q's strides (sbh from a fused projection included), and the fake kernel says the same."""
+    from ring_ext.layouts import from_bshd
+
+    for algo in ALGOS:
+        for layout in LAYOUTS:
+            args, kwargs = _attention_args(world.group_name, algo, layout, True, False)
+            out, _ = torch.ops.ring_ext.attention(*args, **kwargs)
+            assert from_bshd(out, layout).is_contiguous(), (algo, layout, out.stride())
+            with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+                fake_args = [mode.from_tensor(a) if torch.is_tensor(a) else a for a in args]
+                fake, _ = torch.ops.ring_ext.attention(*fake_args, **kwargs)
+            assert fake.stride() == out.stride(), (algo, layout, fake.stride(), out.stride())
 
 
 def _ring_schedule_samples(group):

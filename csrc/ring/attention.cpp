@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "../common/block_ops.h"
 #include "block_calls.h"
@@ -73,39 +74,77 @@ int64_t ulysses_degree(const Groups& g, const Tensor& q, const Tensor& k) {
   return degree;
 }
 
+// acc in ref's dtype and strides (at::empty_like's): acc itself when it already is and owns its
+// whole storage (so no output aliases another), else a copy.
 Tensor like(const Tensor& acc, const Tensor& ref) {
-  return at::empty_like(ref).copy_(acc);  // ref's dtype and strides
+  Tensor dest = at::empty_like(ref);
+  const bool owned = acc.storage().nbytes() == static_cast<size_t>(acc.nbytes());
+  if (owned && acc.scalar_type() == dest.scalar_type() && acc.strides() == dest.strides()) {
+    return acc;
+  }
+  return dest.copy_(acc);
+}
+
+// Note [Output contract]
+// ----------------------
+// attention's output is dense in the caller's layout (as if allocated in that layout and viewed as
+// [b, s, h, d]), whatever the strides of q: Megatron-style code .view()s it, and the fake kernel
+// (ring_ext/ops.py) promises exactly these strides to torch.compile. The memory order of each
+// layout, outermost first, in dims of [b, s, h, d] (ring_ext/layouts.py, MEMORY_ORDER):
+//   bshd 0 1 2 3    sbhd, sbh 1 0 2 3    bnsd 0 2 1 3
+Tensor empty_in_layout(const Tensor& q, const std::string& layout) {
+  std::vector<int64_t> order;
+  if (layout == "bshd") {
+    order = {0, 1, 2, 3};
+  } else if (layout == "sbhd" || layout == "sbh") {
+    order = {1, 0, 2, 3};
+  } else if (layout == "bnsd") {
+    order = {0, 2, 1, 3};
+  } else {
+    TORCH_CHECK_VALUE(false, "ring_ext: layout must be bshd, sbhd, bnsd or sbh, got ", layout);
+  }
+  std::vector<int64_t> sizes, back(4);
+  for (int64_t i = 0; i < 4; ++i) {
+    sizes.push_back(q.size(order[i]));
+    back[order[i]] = i;
+  }
+  return at::empty(sizes, q.options()).permute(back);  // memory in layout order, viewed as bshd
 }
 
 std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const Tensor& v,
                                         double scale, bool causal, const std::string& algo,
                                         const std::string& group, const std::string& inner,
                                         const std::string& outer, const std::string& ulysses_group,
-                                        bool overlap) {
+                                        bool overlap, const std::string& layout) {
   check_shards(q, k, v, scale);
+  const Tensor out = empty_in_layout(q, layout);  // Note [Output contract]
   const Groups g{group, inner, outer, ulysses_group};
   check_backend(ring::parse_algo(algo) == ring::Algo::kUlysses ? g.ulysses : g.ring, q);
   const ring::Options opt{scale, causal, overlap};
   switch (ring::parse_algo(algo)) {
     case ring::Algo::kRing: {
       const ring::RingSetup s = ring::make_setup(g.ring_names(), opt, q.size(1));
-      auto [out, lse] = ring::forward(q, k, v, s);
-      return {like(out, q), lse};
+      auto [acc, lse] = ring::forward(q, k, v, s);
+      return {out.copy_(acc), lse};
     }
     case ring::Algo::kUlysses: {
       ulysses_degree(g, q, k);
       return ulysses::forward(
-          q, k, v, g.ulysses, [&](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
+          q, k, v, g.ulysses,
+          [&](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
             return block_ops().fwd.call(qh, kh, vh, scale, causal, 0, 0, /*out_fp32=*/false);
-          });
+          },
+          out);
     }
     case ring::Algo::kHybrid: {
       const int64_t u = ulysses_degree(g, q, k);
       const ring::RingSetup s = ring::make_setup(g.ring_names(), opt, q.size(1) * u);
-      return ulysses::forward(q, k, v, g.ulysses,
-                              [&](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
-                                return ring::forward(qh, kh, vh, s);
-                              });
+      return ulysses::forward(
+          q, k, v, g.ulysses,
+          [&](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
+            return ring::forward(qh, kh, vh, s);
+          },
+          out);
     }
   }
   TORCH_CHECK(false, "unreachable");
@@ -140,17 +179,17 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
   // delta of the final out; a gradient on lse folds in (d lse / d S = P).
   Tensor delta = row_delta(dout, out);
   if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);
-  if (which == ring::Algo::kRing) {
-    auto [dq, dk, dv] = ring::backward(dout, q, k, v, lse, delta, *s);
-    return {like(dq, q), like(dk, k), like(dv, v)};
-  }
-  return ulysses::backward(dout, q, k, v, lse, delta, g.ulysses,
-                           [&](const Tensor& d, const Tensor& qh, const Tensor& kh,
-                               const Tensor& vh, const Tensor& l, const Tensor& dl) {
-                             if (which == ring::Algo::kUlysses)
-                               return block_backward(d, qh, kh, vh, l, dl, scale, causal);
-                             return ring::backward(d, qh, kh, vh, l, dl, *s);
-                           });
+  auto [dq, dk, dv] =  // float32
+      which == ring::Algo::kRing
+          ? ring::backward(dout, q, k, v, lse, delta, *s)
+          : ulysses::backward(dout, q, k, v, lse, delta, g.ulysses,
+                              [&](const Tensor& d, const Tensor& qh, const Tensor& kh,
+                                  const Tensor& vh, const Tensor& l, const Tensor& dl) {
+                                if (which == ring::Algo::kUlysses)
+                                  return block_backward(d, qh, kh, vh, l, dl, scale, causal);
+                                return ring::backward(d, qh, kh, vh, l, dl, *s);
+                              });
+  return {like(dq, q), like(dk, k), like(dv, v)};  // one rounding, in the inputs' strides
 }
 
 }  // namespace

@@ -44,12 +44,15 @@ at::Tensor seq_to_heads(const at::Tensor& x, ProcessGroup& pg) {
   return recv.view({P * sl, b, h, d}).permute({1, 0, 2, 3});          // [b, s, h, d]
 }
 
-// [b, s, H/P, d] -> [b, sl, H, d].
-at::Tensor heads_to_seq(const at::Tensor& x, ProcessGroup& pg) {
+// [b, s, H/P, d] -> [b, sl, H, d], written into `dest` (any strides, x's dtype) when given, else
+// into a new contiguous tensor: the one copy out of the receive buffer is the un-permute itself.
+at::Tensor heads_to_seq(const at::Tensor& x, ProcessGroup& pg, at::Tensor dest = {}) {
   const int64_t P = pg.getSize(), b = x.size(0), sl = x.size(1) / P, h = x.size(2), d = x.size(3);
   at::Tensor send = x.unflatten(1, {P, sl}).permute({1, 2, 0, 3, 4});  // [P(dst), sl, b, h, d]
   at::Tensor recv = all_to_all(send, pg);                              // [P(src), sl, b, h, d]
-  return recv.permute({2, 1, 0, 3, 4}).reshape({b, sl, P * h, d});     // [b, sl, H, d]
+  if (!dest.defined()) dest = at::empty({b, sl, P * h, d}, x.options());
+  dest.unflatten(2, {P, h}).copy_(recv.permute({2, 1, 0, 3, 4}));  // [b, sl, P, h, d]
+  return dest;                                                     // [b, sl, H, d]
 }
 
 // Row statistics: [b, H, sl] -> [b, H/P, s] (contiguous along s, as the kernels read them).
@@ -87,7 +90,7 @@ int64_t kv_replication(int64_t heads_q, int64_t heads_kv, int64_t degree) {
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const std::string& group,
-                                           const InnerFwd& inner) {
+                                           const InnerFwd& inner, const at::Tensor& out) {
   auto pg = c10d::resolve_process_group(group);
   const int64_t r = kv_replication(q.size(2), k.size(2), pg->getSize());
   at::Tensor qh = seq_to_heads(q, *pg);
@@ -95,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   at::Tensor vh = seq_to_heads(repeat_kv(v, r), *pg);
   auto [out_h, lse_h] = inner(qh, kh, vh);  // [b, s, H/P, d], [b, H/P, s]
   // Rounded before the trip back: nothing is accumulated after this point.
-  return {heads_to_seq(out_h.to(q.scalar_type()), *pg), rows_to_seq(lse_h, *pg)};
+  return {heads_to_seq(out_h.to(out.scalar_type()), *pg, out), rows_to_seq(lse_h, *pg)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
@@ -113,11 +116,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
   at::Tensor lse_h = rows_to_heads(lse, *pg);
   at::Tensor delta_h = rows_to_heads(delta, *pg);
   auto [dqh, dkh, dvh] = inner(douth, qh, kh, vh, lse_h, delta_h);  // float32, head-sharded
-  // Gradients travel back in float32 and are rounded once, after the GQA copies are summed.
-  at::Tensor dq = heads_to_seq(dqh, *pg);
-  at::Tensor dk = sum_kv_copies(heads_to_seq(dkh, *pg), r);
-  at::Tensor dv = sum_kv_copies(heads_to_seq(dvh, *pg), r);
-  return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
+  // Gradients travel back in float32; the caller rounds them once, after the GQA copies are summed.
+  return {heads_to_seq(dqh, *pg), sum_kv_copies(heads_to_seq(dkh, *pg), r),
+          sum_kv_copies(heads_to_seq(dvh, *pg), r)};
 }
 
 }  // namespace ring_ext::ulysses

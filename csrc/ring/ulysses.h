@@ -1,5 +1,5 @@
 // Ulysses context parallelism: all-to-all from sequence shards to head shards, attention over the
-// whole sequence for heads/P heads, all-to-all back (DESIGN.md section 1).
+// whole sequence for heads/P heads, all-to-all back (docs/design.md, Algorithms).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -24,14 +24,15 @@ using InnerBwd = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
 // replication = P when kv heads < P, else 1. Throws (naming the rule) when heads cannot be split.
 int64_t kv_replication(int64_t heads_q, int64_t heads_kv, int64_t degree);
 
-// q [b, s_local, hq, d], k/v [b, s_local, hkv, d] -> out [b, s_local, hq, d] (q's dtype),
-// lse float32 [b, hq, s_local].
+// q [b, s_local, hq, d], k/v [b, s_local, hkv, d] -> (out, lse float32 [b, hq, s_local]), the
+// output written into `out` [b, s_local, hq, d] (any strides and dtype, e.g. dense in the caller's
+// layout) and returned.
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const std::string& group,
-                                           const InnerFwd& inner);
+                                           const InnerFwd& inner, const at::Tensor& out);
 
-// Gradients of forward, in the input dtype, given forward's lse and delta = rowsum(dout * out)
-// (minus any gradient on lse), both float32 [b, hq, s_local].
+// Float32 gradients of forward, contiguous [b, s_local, heads, d], given forward's lse and
+// delta = rowsum(dout * out) (minus any gradient on lse), both float32 [b, hq, s_local].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
                                                         const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& lse,
