@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import ring_ext
-from distributed import run_distributed
 from ring_ext.reference import attention_reference
+
+from distributed import run_distributed
 from tolerances import REL_L2, rel_l2
 
 SEQ, BATCH, HEADS, HEAD_DIM = 32, 2, 4, 8
