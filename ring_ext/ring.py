@@ -19,9 +19,23 @@ class WorkItem(NamedTuple):
     k_offset: int
 
 
+class Hop(NamedTuple):
+    """One send/recv pair of a step (csrc/ring/schedule.h): ranks are those of `link`'s group."""
+
+    what: str  # "kv", "outer_kv", "kv_grad" or "grad_home"
+    link: str  # "inner", "outer" or "ring"
+    send_to: int
+    recv_from: int
+
+
+PAYLOADS = ("kv", "outer_kv", "kv_grad", "grad_home")
+LINKS = ("inner", "outer", "ring")
+
+
 class Step(NamedTuple):
     src: int  # the rank whose K/V block this rank holds
     items: tuple[WorkItem, ...]
+    hops: tuple[Hop, ...]
 
 
 def schedule(algo: str, cp_size: int, rank: int, window: int, causal: bool) -> list[Step]:
@@ -29,12 +43,17 @@ def schedule(algo: str, cp_size: int, rank: int, window: int, causal: bool) -> l
     flat = torch.ops.ring_ext.ring_schedule(algo, cp_size, rank, window, causal)
     steps, pos = [], 0
     while pos < len(flat):
-        src, n = flat[pos], flat[pos + 1]
-        pos += 2
+        src, n_items, n_hops = flat[pos : pos + 3]
+        pos += 3
         items = []
-        for _ in range(n):
+        for _ in range(n_items):
             f = flat[pos : pos + 7]
             items.append(WorkItem(f[0], f[1], f[2], f[3], bool(f[4]), f[5], f[6]))
             pos += 7
-        steps.append(Step(src, tuple(items)))
+        hops = []
+        for _ in range(n_hops):
+            what, link, send_to, recv_from = flat[pos : pos + 4]
+            hops.append(Hop(PAYLOADS[what], LINKS[link], send_to, recv_from))
+            pos += 4
+        steps.append(Step(src, tuple(items), tuple(hops)))
     return steps

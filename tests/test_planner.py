@@ -1,4 +1,8 @@
-"""The ring schedules as pure functions (csrc/ring/schedule.h via ring_ext.ring.schedule): no tensors."""
+"""The ring schedules as pure functions (csrc/ring/schedule.h via ring_ext.ring.schedule): no tensors.
+
+The schedule is the whole plan: the work items of every step and every transfer (hop). These tests
+move blocks and gradients by the hops alone, so a dropped, duplicated or misdirected hop fails them
+(test_the_checks_reject_a_broken_schedule shows it on deliberately broken plans)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from ring_ext.sharding import chunk_order
 
 ALGO = "megatron_cp_algo"
 TOPOLOGIES = [(cp, w) for cp in range(1, 9) for w in range(1, cp + 1) if cp % w == 0]
+# Every CP size 1-16 with every window that divides it (the plans, not the tensors, are under test).
+ALL_TOPOLOGIES = [(cp, w) for cp in range(1, 17) for w in range(1, cp + 1) if cp % w == 0]
 
 
 def srcs(cp, window, causal=True):
@@ -78,6 +84,156 @@ def test_zigzag_balance(cp):
     for r in range(cp):
         for step in schedule(ALGO, cp, r, 1, True)[1:]:
             assert sum(i.q_chunks * i.kv_chunks for i in step.items) == 2
+
+
+def ring_rank(cp, window, rank, link, local):
+    """The ring rank of rank `local` of `rank`'s `link` group (the groups of ring_ext/context.py)."""
+    w = cp if window == 1 else window
+    if link == "inner":  # the window of w consecutive ring ranks
+        return (rank // w) * w + local
+    if link == "outer":  # the ranks at the same position of every window
+        return local * w + rank % w
+    return local
+
+
+def plans(cp, window, causal=True):
+    return [schedule(ALGO, cp, r, window, causal) for r in range(cp)]
+
+
+def check_hops_match(table, cp, window):
+    """Every send has its receive on the peer at the same step with the same payload (so the same tag)
+    over the same group, and every receive its send; no payload twice in one step."""
+    for r, steps in enumerate(table):
+        for t, step in enumerate(steps):
+            kinds = [h.what for h in step.hops]
+            assert len(kinds) == len(set(kinds)), f"rank {r} step {t}: a payload twice: {kinds}"
+            for h in step.hops:
+                to = ring_rank(cp, window, r, h.link, h.send_to)
+                frm = ring_rank(cp, window, r, h.link, h.recv_from)
+                assert any(
+                    p.what == h.what
+                    and p.link == h.link
+                    and ring_rank(cp, window, to, p.link, p.recv_from) == r
+                    for p in table[to][t].hops
+                ), f"rank {r} step {t}: {h.what} to {to}, which does not receive it"
+                assert any(
+                    p.what == h.what
+                    and p.link == h.link
+                    and ring_rank(cp, window, frm, p.link, p.send_to) == r
+                    for p in table[frm][t].hops
+                ), f"rank {r} step {t}: {h.what} from {frm}, which does not send it"
+
+
+def check_blocks_follow_hops(table, cp, window):
+    """Moving K/V blocks by the kv / outer_kv hops alone puts at every step the block the plan names."""
+    held, round_start, outer_in = list(range(cp)), list(range(cp)), [None] * cp
+    for t in range(cp):
+        assert [table[r][t].src for r in range(cp)] == held, f"step {t}"
+        arriving = [None] * cp
+        for r in range(cp):
+            hops = {h.what: h for h in table[r][t].hops}
+            if "outer_kv" in hops:
+                outer_in[r] = round_start[ring_rank(cp, window, r, "outer", hops["outer_kv"].recv_from)]
+            if "kv" in hops:
+                arriving[r] = held[ring_rank(cp, window, r, "inner", hops["kv"].recv_from)]
+        for r in range(cp):
+            if arriving[r] is None:  # a round's end: the next round starts with the outer ring's block
+                arriving[r] = round_start[r] = outer_in[r]
+                outer_in[r] = None
+        held = arriving
+
+
+def check_grads_reach_owners(table, cp, window):
+    """Carrying each block's dK/dV partial by the kv_grad / grad_home hops alone, every rank's
+    contribution to every block reaches the block's owner exactly once."""
+    home = [[] for _ in range(cp)]  # (block, contributing rank) pairs that reached each owner
+    incoming = [None] * cp
+    for t in range(cp):
+        sent = [[] for _ in range(cp)]
+        for r in range(cp):
+            step = table[r][t]
+            partial = [(step.src, r)] + (incoming[r] or [])
+            assert all(b == step.src for b, _ in partial), f"rank {r} step {t}: a partial met another block"
+            hops = {h.what: h for h in step.hops}
+            if "kv_grad" in hops:
+                sent[ring_rank(cp, window, r, "inner", hops["kv_grad"].send_to)].append(partial)
+            elif "grad_home" in hops:
+                owner = ring_rank(cp, window, r, "ring", hops["grad_home"].send_to)
+                assert owner == step.src, f"rank {r} step {t}: block {step.src}'s partial sent to {owner}"
+                home[owner] += partial
+            else:
+                assert cp == 1, f"rank {r} step {t}: a partial with nowhere to go"
+                home[r] += partial
+        assert all(len(p) <= 1 for p in sent), f"step {t}: two partials for one rank"
+        incoming = [p[0] if p else None for p in sent]
+    assert incoming == [None] * cp, "partials still travelling after the last step"
+    for b in range(cp):
+        assert sorted(home[b]) == [(b, r) for r in range(cp)], f"block {b}: {sorted(home[b])}"
+
+
+@pytest.mark.parametrize("cp,window", ALL_TOPOLOGIES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_hop_is_matched_and_delivers(cp, window, causal):
+    table = plans(cp, window, causal)
+    check_hops_match(table, cp, window)
+    check_blocks_follow_hops(table, cp, window)
+    check_grads_reach_owners(table, cp, window)
+
+
+@pytest.mark.parametrize("cp,window", [(4, 2), (6, 3), (8, 8)])
+def test_hop_counts(cp, window):
+    """Per rank: cp - 1 K/V arrivals (inner or outer), the double ring's outer hops one per round but the
+    last, and one gradient trip home per round."""
+    w = cp if window == 1 else window
+    for steps in plans(cp, window):
+        kinds = [h.what for s in steps for h in s.hops]
+        assert kinds.count("kv") + kinds.count("outer_kv") == cp - 1
+        assert kinds.count("outer_kv") == cp // w - 1
+        assert kinds.count("grad_home") == cp // w
+        assert kinds.count("kv_grad") == kinds.count("kv")
+
+
+def _without(table, rank, step, what):
+    steps = list(table[rank])
+    s = steps[step]
+    steps[step] = s._replace(hops=tuple(h for h in s.hops if h.what != what))
+    return table[:rank] + [steps] + table[rank + 1 :]
+
+
+def _redirected(table, rank, step, what):
+    steps = list(table[rank])
+    s = steps[step]
+    hops = tuple(h._replace(send_to=(h.send_to + 1) % len(table)) if h.what == what else h for h in s.hops)
+    steps[step] = s._replace(hops=hops)
+    return table[:rank] + [steps] + table[rank + 1 :]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        lambda t: _without(t, 1, 0, "kv"),  # a dropped K/V hop
+        lambda t: _without(t, 2, 0, "outer_kv"),  # a dropped outer hop
+        lambda t: _without(t, 0, 0, "kv_grad"),  # a dropped gradient hop
+        lambda t: _without(t, 3, 1, "grad_home"),  # a gradient that never goes home
+        lambda t: _redirected(t, 1, 1, "grad_home"),  # a gradient sent to the wrong rank
+        lambda t: (
+            [list(s) for s in t[:1]] + [[s._replace(hops=s.hops + s.hops) for s in t[1]]] + t[2:]
+        ),  # dup
+    ],
+)
+def test_the_checks_reject_a_broken_schedule(broken):
+    cp, window = 4, 2
+    table = broken(plans(cp, window))
+    with pytest.raises(AssertionError):
+        check_hops_match(table, cp, window)
+        check_blocks_follow_hops(table, cp, window)
+        check_grads_reach_owners(table, cp, window)
+
+
+def test_ulysses_has_no_ring_schedule():
+    with pytest.raises(ValueError, match="ring schedule"):
+        schedule("ulysses_cp_algo", 4, 0, 1, True)
+    assert schedule("hybrid_cp_algo", 4, 1, 2, True) == schedule(ALGO, 4, 1, 2, True)
 
 
 def test_bad_arguments():

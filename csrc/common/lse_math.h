@@ -1,4 +1,4 @@
-// Log-sum-exp merge of two partial attention results over disjoint key sets (DESIGN.md section 2),
+// Log-sum-exp merge of two partial attention results over disjoint key sets (docs/design.md, Math),
 // written once for host and device. Mirrored in Python by ring_ext.reference.merge_reference.
 #pragma once
 

@@ -55,7 +55,7 @@ struct FwdParams {
 };
 
 // dq += ..., dk += ..., dv += ... for one (q block, kv block) pair, given the *final* lse of each
-// query row and delta = rowsum(dout * out) of the final out (DESIGN.md section 2).
+// query row and delta = rowsum(dout * out) of the final out (docs/design.md, Math).
 // dq, dk, dv are float32 accumulators that the kernel adds to; the caller zeroes them.
 struct BwdParams {
   const void* q = nullptr;

@@ -16,6 +16,25 @@ void Transfer::wait() {
   works_.clear();
 }
 
+void Transfer::settle() noexcept {
+  for (auto& work : works_) {
+    try {
+      work->wait();
+    } catch (...) {  // a dead peer: its error is (or will be) reported by the failing operator
+    }
+  }
+  works_.clear();
+}
+
+Transfer& Transfer::operator=(Transfer&& other) noexcept {
+  if (this != &other) {
+    settle();
+    works_ = std::move(other.works_);
+    other.works_.clear();
+  }
+  return *this;
+}
+
 Transfer exchange(const Group& group, const at::Tensor& out, int64_t dst, const at::Tensor& in,
                   int64_t src, int tag) {
   TORCH_INTERNAL_ASSERT(out.is_contiguous() && in.is_contiguous());

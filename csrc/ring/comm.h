@@ -1,5 +1,5 @@
-// Point-to-point transfers of the ring over a c10d process group: the only code that talks to
-// other ranks. Device-generic: Gloo with CPU tensors, NCCL with CUDA tensors.
+// Point-to-point transfers of the ring over a c10d process group (ulysses.cpp has the
+// all-to-alls). Device-generic: Gloo with CPU tensors, NCCL with CUDA tensors.
 //
 // Note [Streams and waits]
 // ------------------------
@@ -19,26 +19,37 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <vector>
 
+#include "schedule.h"
+
 namespace ring_ext {
 namespace ring {
 
 using Group = c10::intrusive_ptr<c10d::ProcessGroup>;
 
 // Gloo matches messages by (peer, tag): one tag per kind of transfer.
-enum Tag : int { kTagKv = 7101, kTagOuterKv = 7102, kTagGrad = 7103, kTagHome = 7104 };
+inline int tag_of(Payload what) { return 7101 + static_cast<int>(what); }
 
 Group resolve_group(const std::string& name, const char* what);
 
-// An in-flight send/recv pair; wait() is a no-op on an empty one.
+// An in-flight send/recv pair; wait() is a no-op on an empty one. A Transfer never outlives its
+// transfer: one still pending when it is destroyed or overwritten (an operator failing half-way) is
+// waited first, so no buffer of ours is in flight once an operator has returned or thrown
+// (docs/design.md, Teardown).
 class Transfer {
  public:
   Transfer() = default;
+  Transfer(Transfer&& other) noexcept : works_(std::move(other.works_)) { other.works_.clear(); }
+  Transfer& operator=(Transfer&& other) noexcept;
+  Transfer(const Transfer&) = delete;
+  Transfer& operator=(const Transfer&) = delete;
+  ~Transfer() { settle(); }
   void wait();
   bool pending() const { return !works_.empty(); }
 
  private:
   friend Transfer exchange(const Group&, const at::Tensor&, int64_t, const at::Tensor&, int64_t,
                            int);
+  void settle() noexcept;  // waits, swallowing errors: the operator is already failing
   std::vector<c10::intrusive_ptr<c10d::Work>> works_;
 };
 

@@ -87,46 +87,56 @@ Rows rows_of(const WorkItem& w, int64_t chunk) {
 // K and V in one buffer, so each hop is one transfer: [2, b, s, heads_kv, d] contiguous.
 Tensor pack_kv(const Tensor& k, const Tensor& v) { return at::stack({k, v}); }
 
-std::vector<WorkItem> items_at(const RingSetup& s, int64_t step) {
-  return plan_step(Algo::kRing, s.topo.cp_size, s.rank, step, s.topo.window, s.causal).items;
+Step plan_at(const RingSetup& s, int64_t step) {
+  return plan_step(Algo::kRing, s.topo.cp_size, s.rank, step, s.topo.window, s.causal);
 }
 
-// Runs visit(step, held K/V block) for every step, moving the blocks as in
-// Note [Double ring schedule]: the outer transfer is posted before the inner steps of a round,
-// each inner transfer before the step's compute (after it, and waited at once, without overlap).
+const Hop* find_hop(const Step& st, Payload what) {
+  for (const Hop& h : st.hops) {
+    if (h.what == what) return &h;
+  }
+  return nullptr;
+}
+
+// Posts one hop of the schedule: send `out` and receive into `in` over the hop's group.
+Transfer post(const RingSetup& s, const Hop& h, const Tensor& out, const Tensor& in) {
+  const Group& group = h.link == Link::kInner ? s.inner : h.link == Link::kOuter ? s.outer : s.ring;
+  return exchange(group, out, h.send_to, in, h.recv_from, tag_of(h.what));
+}
+
+// Runs visit(step, plan, held K/V block) for every step, moving the blocks by the plan's K/V hops
+// (Note [Double ring schedule]): a round's outer hop is posted before its inner steps, each inner
+// hop before the step's compute (after it, and waited at once, without overlap).
 template <typename Visit>
 void for_each_block(const RingSetup& s, const Tensor& local_kv, Visit&& visit) {
   const int64_t w = s.topo.window, n_out = s.topo.outer();
-  const int64_t i = s.inner_rank(), o = s.outer_rank();
   Tensor round_start = local_kv;
   Tensor outer_next = n_out > 1 ? at::empty_like(local_kv) : Tensor();
   Tensor inner_buf[2] = {w > 1 ? at::empty_like(local_kv) : Tensor(),
                          w > 2 ? at::empty_like(local_kv) : Tensor()};
   for (int64_t so = 0; so < n_out; ++so) {
-    const bool more_rounds = so + 1 < n_out;
-    auto post_outer = [&] {
-      return exchange(s.outer, round_start, mod(o + 1, n_out), outer_next, mod(o - 1, n_out),
-                      kTagOuterKv);
-    };
+    const Step first = plan_at(s, so * w);
+    const Hop* outer_hop = find_hop(first, Payload::kOuterKv);
+    auto post_outer = [&] { return post(s, *outer_hop, round_start, outer_next); };
     Transfer outer;
-    if (more_rounds && s.overlap) outer = post_outer();
+    if (outer_hop && s.overlap) outer = post_outer();
     Tensor held = round_start;
     for (int64_t si = 0; si < w; ++si) {
-      const bool more = si + 1 < w;
-      const Tensor next = more ? inner_buf[si % 2] : Tensor();
-      auto post_inner = [&] {
-        return exchange(s.inner, held, mod(i + 1, w), next, mod(i - 1, w), kTagKv);
-      };
+      const int64_t step = so * w + si;
+      const Step st = si == 0 ? first : plan_at(s, step);
+      const Hop* kv_hop = find_hop(st, Payload::kKv);
+      const Tensor next = kv_hop ? inner_buf[si % 2] : Tensor();
+      auto post_inner = [&] { return post(s, *kv_hop, held, next); };
       Transfer inner;
-      if (more && s.overlap) inner = post_inner();
-      visit(so * w + si, held);
-      if (more && !s.overlap) inner = post_inner();
+      if (kv_hop && s.overlap) inner = post_inner();
+      visit(step, st, held);
+      if (kv_hop && !s.overlap) inner = post_inner();
       inner.wait();
-      if (more) held = next;
+      if (kv_hop) held = next;
     }
-    if (more_rounds && !s.overlap) outer = post_outer();
+    if (outer_hop && !s.overlap) outer = post_outer();
     outer.wait();
-    if (more_rounds) std::swap(round_start, outer_next);
+    if (outer_hop) std::swap(round_start, outer_next);
   }
 }
 
@@ -135,12 +145,12 @@ void for_each_block(const RingSetup& s, const Tensor& local_kv, Visit&& visit) {
 std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                    const RingSetup& s) {
   const BlockOps& ops = block_ops();
-  // Running result in float32 whatever the input dtype (DESIGN.md section 2): out [b, s, hq, d],
+  // Running result in float32 whatever the input dtype (docs/design.md, Math): out [b, s, hq, d],
   // lse [b, hq, s]. A block that covers every local row before anything else (the diagonal step)
   // *is* the running result: no zero-filled start and no merge into it.
   Tensor out_acc, lse;
-  for_each_block(s, pack_kv(k, v), [&](int64_t step, const Tensor& held) {
-    for (const WorkItem& item : items_at(s, step)) {
+  for_each_block(s, pack_kv(k, v), [&](int64_t, const Step& st, const Tensor& held) {
+    for (const WorkItem& item : st.items) {
       const Rows r = rows_of(item, s.chunk);
       auto [block_out, block_lse] = ops.fwd.call(
           q.narrow(1, r.q0, r.nq), held[0].narrow(1, r.k0, r.nk), held[1].narrow(1, r.k0, r.nk),
@@ -176,29 +186,31 @@ class KvGrads {
     return g.zero_();
   }
 
-  // Adds the partial from the previous holder and sends the sum on (or home at a round's end).
-  void end_step(int64_t step, Tensor& g) {
-    const int64_t w = s_.topo.window, si = step % w, i = s_.inner_rank();
-    if (si > 0) {
+  // Adds the partial from the previous holder and sends the sum on (or home at a round's end), as
+  // the step's plan says.
+  void end_step(int64_t step, const Step& st, Tensor& g) {
+    if (has_incoming_) {
       incoming_.wait();
       g.add_(incoming_buf_);
+      has_incoming_ = false;
     }
-    if (si + 1 < w) {
+    if (const Hop* on = find_hop(st, Payload::kKvGrad)) {
       if (!incoming_buf_.defined()) incoming_buf_ = at::empty(sizes_, f32_);
-      incoming_ = exchange(s_.inner, g, mod(i + 1, w), incoming_buf_, mod(i - 1, w), kTagGrad);
+      incoming_ = post(s_, *on, g, incoming_buf_);
+      has_incoming_ = true;
       if (!s_.overlap) incoming_.wait();
       return;
     }
     settle_home();
-    const int64_t owner = source(s_.topo, s_.rank, step), from = holder(s_.topo, s_.rank, step);
-    if (owner == s_.rank) {  // cp_size 1
+    const Hop* home = find_hop(st, Payload::kGradHome);
+    if (!home) {  // cp_size 1: the block is our own
       home_ = home_.defined() ? home_.add_(g) : g.clone();
       return;
     }
     // The first partial to come home becomes home_ itself; later ones (double ring) are added.
     if (!home_in_.defined()) home_in_ = at::empty(sizes_, f32_);
-    home_xfer_ = exchange(s_.ring, g, owner, home_in_, from, kTagHome);
-    std::swap(bufs_[si % 2], spare_);  // keep the buffer in flight untouched (spare_ may be empty)
+    home_xfer_ = post(s_, *home, g, home_in_);
+    std::swap(bufs_[(step % s_.topo.window) % 2], spare_);  // keep the buffer in flight untouched
     if (!s_.overlap) settle_home();
   }
 
@@ -224,6 +236,7 @@ class KvGrads {
   at::TensorOptions f32_;
   Tensor home_, bufs_[2], spare_, incoming_buf_, home_in_;
   Transfer incoming_, home_xfer_;
+  bool has_incoming_ = false;  // a partial from the previous holder is due at the next step
 };
 
 }  // namespace
@@ -235,9 +248,9 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
   Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // [b, s, hq, d]
   const Tensor packed = pack_kv(k, v);
   KvGrads grads(s, packed);
-  for_each_block(s, packed, [&](int64_t step, const Tensor& held) {
+  for_each_block(s, packed, [&](int64_t step, const Step& st, const Tensor& held) {
     Tensor g = grads.begin_step(step);
-    for (const WorkItem& item : items_at(s, step)) {
+    for (const WorkItem& item : st.items) {
       const Rows r = rows_of(item, s.chunk);
       ops.bwd_acc.call(dout.narrow(1, r.q0, r.nq), q.narrow(1, r.q0, r.nq),
                        held[0].narrow(1, r.k0, r.nk), held[1].narrow(1, r.k0, r.nk),
@@ -245,7 +258,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
                        r.q_offset, r.k_offset, dq.narrow(1, r.q0, r.nq), g[0].narrow(1, r.k0, r.nk),
                        g[1].narrow(1, r.k0, r.nk));
     }
-    grads.end_step(step, g);
+    grads.end_step(step, st, g);
   });
   const Tensor dkv = grads.finish();
   return {dq, dkv[0], dkv[1]};
@@ -253,7 +266,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
 
 namespace {
 
-// Flattened schedule for tests: per step [src, n_items, then 7 fields per item].
+// Flattened schedule for tests: per step [src, n_items, n_hops, then 7 fields per item, then 4 per
+// hop (payload, link, send_to, recv_from)].
 std::vector<int64_t> schedule_op(const std::string& algo, int64_t cp_size, int64_t rank,
                                  int64_t window, bool causal) {
   TORCH_CHECK(cp_size >= 1 && rank >= 0 && rank < cp_size, "ring_ext: rank ", rank,
@@ -263,11 +277,15 @@ std::vector<int64_t> schedule_op(const std::string& algo, int64_t cp_size, int64
   std::vector<int64_t> flat;
   for (int64_t step = 0; step < cp_size; ++step) {
     const Step st = plan_step(parse_algo(algo), cp_size, rank, step, window, causal);
-    flat.push_back(st.src);
-    flat.push_back(static_cast<int64_t>(st.items.size()));
+    flat.insert(flat.end(), {st.src, static_cast<int64_t>(st.items.size()),
+                             static_cast<int64_t>(st.hops.size())});
     for (const WorkItem& w : st.items) {
       flat.insert(flat.end(), {w.q_chunk, w.q_chunks, w.kv_chunk, w.kv_chunks,
                                static_cast<int64_t>(w.causal), w.q_offset, w.k_offset});
+    }
+    for (const Hop& h : st.hops) {
+      flat.insert(flat.end(), {static_cast<int64_t>(h.what), static_cast<int64_t>(h.link),
+                               h.send_to, h.recv_from});
     }
   }
   return flat;
@@ -281,6 +299,12 @@ Algo parse_algo(const std::string& name) {
   if (name == "hybrid_cp_algo") return Algo::kHybrid;
   TORCH_CHECK_VALUE(false, "ring_ext: context_parallel_algo must be ulysses_cp_algo, ",
                     "megatron_cp_algo or hybrid_cp_algo, got ", name);
+}
+
+void check_ring_algo(Algo algo) {
+  TORCH_CHECK_VALUE(algo == Algo::kRing || algo == Algo::kHybrid,
+                    "ring_ext: only megatron_cp_algo and hybrid_cp_algo have a ring schedule; "
+                    "ulysses_cp_algo moves data by all-to-all");
 }
 
 }  // namespace ring

@@ -1,5 +1,6 @@
-// The ring schedules as pure functions: (algo, cp_size, rank, step, window, mask) -> work items.
-// Torch-free and tensor-free; the driver (ring.cpp) only executes what these return, and
+// The ring schedules as pure functions: (algo, cp_size, rank, step, window, mask) -> the work items
+// and every transfer (hop) of that step. Torch-free and tensor-free; the driver (ring.cpp) only
+// posts, waits and computes what these return (no peer arithmetic of its own), and
 // tests/test_planner.py checks them through the ring_ext::ring_schedule op.
 //
 // Note [Zigzag causal schedule]
@@ -55,6 +56,7 @@ namespace ring {
 enum class Algo : int64_t { kUlysses = 0, kRing = 1, kHybrid = 2 };
 
 Algo parse_algo(const std::string& name);  // ring.cpp; rejects unknown names
+void check_ring_algo(Algo algo);           // ring.cpp; rejects algorithms without a ring
 
 // One (Q rows x K/V rows) block of a step, in units of chunks (a rank holds `chunks_per_rank`
 // equal chunks). Offsets are the causal mask's positions (in chunks) in local coordinates.
@@ -65,15 +67,35 @@ struct WorkItem {
   int64_t q_offset = 0, k_offset = 0;
 };
 
+// What a hop carries. K/V blocks move in forward and backward alike; the float32 dK/dV partial of
+// the held block moves with it (backward only) and goes home to the block's owner at the end of
+// each round (Note [K/V gradients] in ring.cpp).
+enum class Payload : int64_t { kKv = 0, kOuterKv = 1, kKvGrad = 2, kGradHome = 3 };
+
+// The process group a hop travels over (ring_ext/context.py): the inner ring (the window of w
+// consecutive ring ranks; the whole ring when w = cp), the outer ring (ranks with the same position
+// in their window) or the ring itself.
+enum class Link : int64_t { kInner = 0, kOuter = 1, kRing = 2 };
+
+// One send/recv pair of a step: send to `send_to`, receive from `recv_from`, both ranks of the
+// `link` group. Posted at the step it is listed in; what is sent and when it is waited is the
+// driver's (ring.cpp): kKv and kKvGrad are needed by the next step, kOuterKv by the next round's
+// first step, kGradHome by the end of the backward.
+struct Hop {
+  Payload what = Payload::kKv;
+  Link link = Link::kInner;
+  int64_t send_to = 0, recv_from = 0;
+};
+
 struct Step {
   int64_t src = 0;  // the rank whose K/V block is held at this step
   std::vector<WorkItem> items;
+  std::vector<Hop> hops;
 };
 
 struct Topology {
   int64_t cp_size = 1, window = 1;  // window = inner ring size (cp_size for the plain ring)
   int64_t outer() const { return cp_size / window; }
-  int64_t steps() const { return cp_size; }
 };
 
 inline int64_t mod(int64_t a, int64_t n) { return ((a % n) + n) % n; }
@@ -108,12 +130,31 @@ inline std::vector<WorkItem> work_items(int64_t src, int64_t rank, bool causal) 
   return {WorkItem{1, 1, 0, 2, false, 0, 0}};
 }
 
+// Every transfer of `rank` at `step` (Note [Double ring schedule], Note [K/V gradients]). Inner
+// ranks are positions in the window, outer ranks window indices, ring ranks ring ranks.
+inline std::vector<Hop> hops(const Topology& t, int64_t rank, int64_t step) {
+  const int64_t w = t.window, n_out = t.outer();
+  const int64_t o = rank / w, i = rank % w, so = step / w, si = step % w;
+  std::vector<Hop> out;
+  if (si == 0 && so + 1 < n_out) {  // the next round's block, hidden behind this whole round
+    out.push_back({Payload::kOuterKv, Link::kOuter, mod(o + 1, n_out), mod(o - 1, n_out)});
+  }
+  if (si + 1 < w) {  // the next step's block, and the partial gradient of the one held now
+    out.push_back({Payload::kKv, Link::kInner, mod(i + 1, w), mod(i - 1, w)});
+    out.push_back({Payload::kKvGrad, Link::kInner, mod(i + 1, w), mod(i - 1, w)});
+  } else if (t.cp_size > 1) {  // round's end: the partial goes home; ours comes from its holder
+    out.push_back({Payload::kGradHome, Link::kRing, source(t, rank, step), holder(t, rank, step)});
+  }
+  return out;
+}
+
+// The ring part of megatron_cp_algo and hybrid_cp_algo share one schedule; Ulysses has none.
 inline Step plan_step(Algo algo, int64_t cp_size, int64_t rank, int64_t step, int64_t window,
                       bool causal) {
-  (void)algo;  // the ring part of kRing and kHybrid share one schedule
+  check_ring_algo(algo);
   const Topology t = topology(cp_size, window);
   const int64_t src = source(t, rank, step);
-  return {src, work_items(src, rank, causal)};
+  return {src, work_items(src, rank, causal), hops(t, rank, step)};
 }
 
 }  // namespace ring
