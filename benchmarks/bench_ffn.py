@@ -58,7 +58,7 @@ def main() -> None:
             "--child",
             str(chunk),
         ]
-        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600).stdout)
         rows = chunk or args.seq
         name = f"blockwise, chunk {chunk}" if chunk else "plain FFN"
         print(f"| {name} | {r['seconds']:.2f} | {r['peak_mib']:.0f} | {rows * args.hidden * 4 / 2**20:.0f} |")

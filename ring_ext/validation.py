@@ -24,9 +24,10 @@ import struct
 import torch
 import torch.distributed as dist
 
-from .layouts import LAYOUTS
+from .layouts import LAYOUTS, to_bshd
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HEAD_DIM_MAX = 256  # the kernels' limit (csrc/common/block_ops.cpp)
 
 # Device types each c10d backend serves for ring_ext's send/recv/all-to-all. Gloo reports a CUDA
 # entry too, but its send/recv read host memory, so CUDA tensors over Gloo are refused.
@@ -124,19 +125,31 @@ def check_qkv_tensors(q, k, v, layout: str) -> None:
         raise ValueError(f"k and v must be on q's device {q.device}, got k {k.device}, v {v.device}")
 
 
-def check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> None:
-    """[b, s, h, d] views of the local shards, against one another and the context's algorithm."""
-    check_device(q, "q", ctx)
+def check_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """[b, s, h, d] views of q, k, v against one another, with or without a context: k and v alike,
+    with q's batch and head_dim, kv heads dividing q heads, a head_dim the kernels take. (Without a
+    context k and v may be longer or shorter than q.)"""
     if k.shape != v.shape:
         raise ValueError(
             f"v must have k's shape {tuple(k.shape)} ([b, s, heads_kv, d]), got {tuple(v.shape)}"
         )
-    for i, what in ((0, "batch"), (1, "local sequence length"), (3, "head_dim")):
+    for i, what in ((0, "batch"), (3, "head_dim")):
         if k.shape[i] != q.shape[i]:
             raise ValueError(f"k and v must have q's {what} {q.shape[i]}, got {k.shape[i]}")
     heads_q, heads_kv = q.shape[2], k.shape[2]
     if heads_kv < 1 or heads_q % heads_kv != 0:
         raise ValueError(f"kv heads ({heads_kv}) must divide q heads ({heads_q})")
+    if not 1 <= q.shape[3] <= HEAD_DIM_MAX:
+        raise ValueError(f"head_dim must be in [1, {HEAD_DIM_MAX}], got {q.shape[3]}")
+
+
+def check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> None:
+    """[b, s, h, d] views of the local shards, against one another and the context's algorithm."""
+    check_device(q, "q", ctx)
+    check_bshd(q, k, v)
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"k and v must have q's local sequence length {q.shape[1]}, got {k.shape[1]}")
+    heads_q, heads_kv = q.shape[2], k.shape[2]
     u = ctx.ulysses_degree
     if u > 1:
         if heads_q % u != 0:
@@ -234,8 +247,11 @@ def check_consistency(ctx, device: torch.device, **fields) -> None:
 
 
 def check_num_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, num_heads) -> None:
-    """sbh ([s, b, heads * head_dim]) needs num_heads (of q); k and v then split into whole heads."""
+    """sbh ([s, b, heads * head_dim]) needs num_heads (of q); k and v then split into whole heads.
+    Then, in every layout, the heads and shapes of q, k, v against one another (check_bshd), so that
+    bad shapes raise ValueError here with or without a context, never the kernels' RuntimeError."""
     if layout != "sbh":
+        check_bshd(*(to_bshd(t, layout, q.shape[-1]) for t in (q, k, v)))
         return
     if num_heads is None:
         raise ValueError("num_heads is required with layout 'sbh' ([s, b, heads * head_dim])")
@@ -250,3 +266,4 @@ def check_num_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: s
                 f"{name}'s hidden size {t.shape[-1]} must be a multiple of head_dim {head_dim} "
                 f"(q's hidden {q.shape[-1]} / num_heads {num_heads})"
             )
+    check_bshd(*(to_bshd(t, layout, head_dim) for t in (q, k, v)))

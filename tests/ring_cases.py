@@ -1,10 +1,13 @@
 """One context-parallel attention case, run on every rank (tests/test_ring_dist.py,
 tests/test_ulysses_dist.py, benchmarks): shard the full inputs, run forward and backward through
-ring_ext.attention, unshard, compare with the float64 oracle."""
+ring_ext.attention, unshard, compare with the float64 oracle (tests/tolerances.py: at most twice
+PyTorch's own error in the same dtype, LSE tightly); and `pairwise`, the small covering tables the
+distributed matrices are drawn from."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
@@ -12,7 +15,7 @@ import ring_ext
 from ring_ext.layouts import SEQ_DIM, from_bshd, to_bshd
 from ring_ext.reference import attention_reference
 
-from tolerances import assert_rel_l2
+from tolerances import assert_attention, assert_lse, torch_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +33,9 @@ class Case:
     heads_kv: int = 2
     head_dim: int = 16
     seed: int = 0
+    softmax_scale: float | None = None  # None: 1/sqrt(head_dim)
+    bnsd_flag: bool = False  # --megatron-cp-in-bnsd
+    pass_layout: bool = True  # False: layout=None, the context must pick `layout` itself
 
     def config(self, world_size: int) -> ring_ext.CPConfig:
         return ring_ext.CPConfig(
@@ -39,6 +45,7 @@ class Case:
             attention_mask_type="causal" if self.causal else "general",
             cp_window_size=self.window,
             use_cp_send_recv_overlap=self.overlap,
+            megatron_cp_in_bnsd=self.bnsd_flag,
         )
 
 
@@ -54,12 +61,12 @@ def full_inputs(case: Case, world_size: int):
     return q, k, v, dout
 
 
-def oracle(q, k, v, dout, causal):
-    """float64 out, dq, dk, dv of the full sequence."""
+def oracle(q, k, v, dout, causal, scale=None):
+    """float64 [out, dq, dk, dv] and lse of the full sequence."""
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    out, _ = attention_reference(q64, k64, v64, causal=causal)
+    out, lse = attention_reference(q64, k64, v64, causal=causal, scale=scale)
     dq, dk, dv = torch.autograd.grad(out, (q64, k64, v64), dout.double())
-    return out.detach(), dq, dk, dv
+    return [out.detach(), dq, dk, dv], lse.detach()
 
 
 _CONTEXTS: dict = {}  # per worker process: (config) -> CPContext, so groups are built once per config
@@ -80,20 +87,76 @@ def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 def run_case(rank: int, world_size: int, case: Case):
     ctx = context(case, world_size)
     q, k, v, dout = full_inputs(case, world_size)
-    seq_dim, num_heads = SEQ_DIM[case.layout], case.heads_q
+    seq_dim, head_dim = SEQ_DIM[case.layout], case.head_dim
     local = [ring_ext.shard(to_layout(t, case.layout), ctx, seq_dim) for t in (q, k, v, dout)]
     ql, kl, vl = (t.requires_grad_() for t in local[:3])
-    kw = dict(layout=case.layout, num_heads=num_heads)
-    if case.layout == "sbh":  # k/v carry heads_kv heads; one num_heads for all three is ambiguous
-        kw["num_heads"] = num_heads
+    kw = dict(num_heads=case.heads_q, softmax_scale=case.softmax_scale)  # num_heads: q's, for sbh
+    if case.pass_layout:
+        kw["layout"] = case.layout
     out_l = ring_ext.attention(ql, kl, vl, ctx, **kw)
+    assert out_l.shape == ql.shape and out_l.dtype == case.dtype
     out_l.backward(local[3])
-    head_dim = case.head_dim
     got = [ring_ext.unshard(t.detach(), ctx, seq_dim) for t in (out_l, ql.grad, kl.grad, vl.grad)]
     got = [to_bshd(t, case.layout, head_dim) for t in got]
-    expected = oracle(q, k, v, dout, case.causal)
-    for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
-        assert_rel_l2(a, e, case.dtype, f"rank {rank}/{world_size} {case} {name}")
+    expected, expected_lse = oracle(q, k, v, dout, case.causal, case.softmax_scale)
+    baseline = torch_attention(q, k, v, dout, causal=case.causal, scale=case.softmax_scale)
+    what = f"rank {rank}/{world_size} {case}"
+    assert_attention(got, expected, baseline, what)
+    lse = ring_ext.unshard(local_lse(ctx, case, *local[:3]), ctx, 2)  # [b, hq, s]
+    assert_lse(lse, expected_lse, f"{what} lse")
+
+
+def local_lse(ctx, case: Case, q, k, v) -> torch.Tensor:
+    """This rank's float32 LSE [b, hq, s_local] from the op ring_ext.attention calls (the Python API
+    returns only the output)."""
+    qv, kv, vv = (to_bshd(t.detach(), case.layout, case.head_dim) for t in (q, k, v))
+    scale = case.head_dim**-0.5 if case.softmax_scale is None else case.softmax_scale
+    _, lse = torch.ops.ring_ext.attention(
+        qv,
+        kv,
+        vv,
+        scale,
+        ctx.causal,
+        ctx.algo,
+        ctx.ring_group_name,
+        ctx.inner_group_name,
+        ctx.outer_group_name,
+        ctx.ulysses_group_name,
+        ctx.config.use_cp_send_recv_overlap,
+    )
+    return lse.contiguous()
+
+
+def pairwise(factors: dict[str, tuple]) -> list[dict]:
+    """A small table of rows (dicts) in which every pair of values of every two factors appears in
+    some row: a strength-2 covering array, so that no factor is aliased with another (as cycling
+    them all by one row index does) while the table stays far smaller than the full product.
+
+    Built in parameter order (IPO): the product of the first two factors, then each further factor
+    filled in row by row with the value that covers the most pairs still missing (ties rotate), and
+    one row added for each pair that is still missing (its other entries rotate).
+    """
+    names = list(factors)
+    rows = [dict(zip(names[:2], pair)) for pair in itertools.product(*(factors[n] for n in names[:2]))]
+    for i, name in enumerate(names[2:], 2):
+        values, done = factors[name], names[:i]
+        missing = {(p, a, b) for p in done for a in factors[p] for b in values}
+        for r, row in enumerate(rows):
+
+            def gain(j, row=row, r=r):
+                return (sum((p, row[p], values[j]) in missing for p in done), -((j - r) % len(values)))
+
+            row[name] = values[max(range(len(values)), key=gain)]
+            missing -= {(p, row[p], row[name]) for p in done}
+        for p, a, b in sorted(missing, key=repr):
+            if any(row[p] == a and row[name] == b for row in rows):
+                continue
+            n = len(rows)
+            rows.append({**{q: factors[q][n % len(factors[q])] for q in done}, p: a, name: b})
+    for p, q in itertools.combinations(names, 2):  # the promise, checked
+        seen = {(row[p], row[q]) for row in rows}
+        assert seen == set(itertools.product(factors[p], factors[q])), (p, q)
+    return rows
 
 
 class Block(torch.nn.Module):

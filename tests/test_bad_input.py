@@ -2,10 +2,12 @@
 before any communication, with the same exception type and a message naming the argument; a valid
 call on the same group afterwards is exact (ring_cases.run_case against the float64 oracle).
 
-One spawn per world size (2 and 3 ranks over Gloo) runs the whole matrix: each bad call under every
-context it applies to (ring causal, double ring general, Ulysses, hybrid with all-Ulysses and
-all-ring degrees), each followed by a valid call. A rank that communicated before raising would
-leave a message in flight and corrupt or hang that valid call.
+One spawn per world size (3 and 4 ranks over Gloo: an odd size, and the smallest with a real double
+ring, 1 < window < cp) runs the whole matrix: each bad call under every context it applies to (ring
+causal, double ring general at 4 ranks, Ulysses, hybrid with all-Ulysses and all-ring degrees), each
+followed by a valid call. A rank that communicated before raising would leave a message in flight and
+corrupt or hang that valid call. Bad calls without a context (plain attention on one process) raise the
+same ValueError naming the argument, never the kernels' RuntimeError.
 """
 
 from __future__ import annotations
@@ -27,18 +29,27 @@ from ring_cases import Case, context, run_case
 # ---- the contexts every attention case runs under (world size W) -------------------------------
 
 
+WORLDS = (3, 4)
+HQ = 12  # q heads: split over W = 3 or 4 ranks; kv heads W
+
+
+def double_ring_window(world: int) -> int | None:
+    """The smallest window with 1 < window < world dividing world (window == world is the plain ring)."""
+    return next((w for w in range(2, world) if world % w == 0), None)
+
+
 def contexts(world: int) -> dict[str, Case]:
-    hq, hkv = 6, world  # q heads split over W = 2 or 3 ranks; kv heads too
-    base = dict(heads_q=hq, heads_kv=hkv, head_dim=8, seq_per_rank=4)
-    return {
-        "ring": Case(algo="megatron_cp_algo", causal=True, **base),
-        "double_ring_general": Case(
-            algo="megatron_cp_algo", causal=False, window=world, overlap=False, **base
-        ),
-        "ulysses": Case(algo="ulysses_cp_algo", causal=True, **base),
-        "hybrid_u=W": Case(algo="hybrid_cp_algo", ulysses_degree=world, causal=True, **base),
-        "hybrid_u=1": Case(algo="hybrid_cp_algo", ulysses_degree=1, causal=False, **base),
-    }
+    base = dict(heads_q=HQ, heads_kv=world, head_dim=8, seq_per_rank=4)
+    out = {"ring": Case(algo="megatron_cp_algo", causal=True, **base)}
+    window = double_ring_window(world)
+    if window is not None:
+        out["double_ring_general"] = Case(
+            algo="megatron_cp_algo", causal=False, window=window, overlap=False, **base
+        )
+    out["ulysses"] = Case(algo="ulysses_cp_algo", causal=True, **base)
+    out["hybrid_u=W"] = Case(algo="hybrid_cp_algo", ulysses_degree=world, causal=True, **base)
+    out["hybrid_u=1"] = Case(algo="hybrid_cp_algo", ulysses_degree=1, causal=False, **base)
+    return out
 
 
 def is_zigzag(case: Case) -> bool:
@@ -55,7 +66,7 @@ def has_ulysses(case: Case, world: int) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Bad:
     name: str
-    entry: str  # initialize | shard | unshard | attention | op
+    entry: str  # initialize | shard | unshard | attention | attention (no context) | op
     exc: type
     match: str  # regex the message must contain (names the argument / expected value)
     call: Callable  # call(ctx, case, world) -> raises
@@ -75,6 +86,12 @@ def qkv(case: Case, world: int, *, s=None, hq=None, hkv=None, d=None, b=1, dtype
 
 def att(ctx, q, k, v, **kw):
     return ring_ext.attention(q, k, v, ctx, layout=kw.pop("layout", "bshd"), **kw)
+
+
+def plain(q, k, v, **kw):
+    """ring_ext.attention without a context (one process, the local kernel)."""
+    kw.setdefault("causal", True)
+    return ring_ext.attention(q, k, v, layout=kw.pop("layout", "bshd"), **kw)
 
 
 def op(ctx, q, k, v, *, scale=0.5, algo=None, group=None):
@@ -102,7 +119,7 @@ def _with(t: tuple, i: int, x) -> tuple:
 
 
 def _kv_unsplittable(world):
-    return 3 if world == 2 else 2  # kv heads dividing 6 but neither dividing nor divisible by W
+    return 3 if world in (2, 4) else 2  # kv heads dividing 12 but neither dividing nor divisible by W
 
 
 RING = dict(context_parallel_algo="megatron_cp_algo")
@@ -275,8 +292,8 @@ BAD = [
         "kv heads do not divide q heads",
         "attention",
         ValueError,
-        r"kv heads \(4\) must divide q heads \(6\)",
-        lambda ctx, c, w: att(ctx, *qkv(c, w, hkv=4)),
+        r"kv heads \(5\) must divide q heads \(12\)",
+        lambda ctx, c, w: att(ctx, *qkv(c, w, hkv=5)),
     ),
     Bad(
         "unknown layout",
@@ -296,10 +313,17 @@ BAD = [
         "sbh num_heads not dividing hidden",
         "attention",
         ValueError,
-        r"num_heads must divide q's hidden size 48",
+        r"num_heads must divide q's hidden size 96",
         lambda ctx, c, w: att(
             ctx, *(t.transpose(0, 1).flatten(-2) for t in qkv(c, w)), layout="sbh", num_heads=5
         ),
+    ),
+    Bad(
+        "head_dim beyond the kernels",
+        "attention",
+        ValueError,
+        r"head_dim must be in \[1, 256\], got 264",
+        lambda ctx, c, w: att(ctx, *qkv(c, w, d=264)),
     ),
     Bad(
         "length zigzag cannot split",
@@ -353,6 +377,98 @@ BAD = [
         r"q is on meta, but the context's process group \(gloo\) serves cpu",
         lambda ctx, c, w: att(ctx, *qkv(c, w, device="meta")),
     ),
+    # attention without a context: the same checks, the same ValueError (run once per world)
+    *[
+        Bad(name, "attention (no context)", exc, match, call, per_context=False)
+        for name, exc, match, call in [
+            (
+                "kv heads do not divide q heads",
+                ValueError,
+                r"kv heads \(5\) must divide q heads \(12\)",
+                lambda ctx, c, w: plain(*qkv(c, w, hkv=5)),
+            ),
+            (
+                "kv heads do not divide q heads (bnsd)",
+                ValueError,
+                r"kv heads \(5\) must divide q heads \(12\)",
+                lambda ctx, c, w: plain(*(t.transpose(1, 2) for t in qkv(c, w, hkv=5)), layout="bnsd"),
+            ),
+            (
+                "kv heads do not divide q heads (sbh)",
+                ValueError,
+                r"kv heads \(5\) must divide q heads \(12\)",
+                lambda ctx, c, w: plain(
+                    *(t.transpose(0, 1).flatten(-2) for t in qkv(c, w, hkv=5)), layout="sbh", num_heads=HQ
+                ),
+            ),
+            (
+                "batch mismatch",
+                ValueError,
+                r"k and v must have q's batch 1, got 2",
+                lambda ctx, c, w: plain(qkv(c, w)[0], *qkv(c, w, b=2)[1:]),
+            ),
+            (
+                "head dim mismatch",
+                ValueError,
+                r"k and v must have q's head_dim 8, got 16",
+                lambda ctx, c, w: plain(qkv(c, w)[0], *qkv(c, w, d=16)[1:]),
+            ),
+            (
+                "k/v shape mismatch",
+                ValueError,
+                r"v must have k's shape",
+                lambda ctx, c, w: plain(*_with(qkv(c, w), 2, qkv(c, w, hkv=1)[2])),
+            ),
+            (
+                "head_dim beyond the kernels",
+                ValueError,
+                r"head_dim must be in \[1, 256\], got 264",
+                lambda ctx, c, w: plain(*qkv(c, w, d=264)),
+            ),
+            (
+                "no mask given",
+                ValueError,
+                "causal must be True or False when no context is given",
+                lambda ctx, c, w: plain(*qkv(c, w), causal=None),
+            ),
+            (
+                "dtype mismatch",
+                ValueError,
+                r"k and v must have q's dtype torch.float32",
+                lambda ctx, c, w: plain(*_with(qkv(c, w), 1, qkv(c, w)[1].half())),
+            ),
+            (
+                "unsupported dtype",
+                ValueError,
+                r"must be one of .* got torch.float64",
+                lambda ctx, c, w: plain(*qkv(c, w, dtype=torch.float64)),
+            ),
+            (
+                "rank (dims) mismatch",
+                ValueError,
+                r"v must be 4-D in layout 'bshd'",
+                lambda ctx, c, w: plain(*_with(qkv(c, w), 2, qkv(c, w)[2][0])),
+            ),
+            (
+                "unknown layout",
+                ValueError,
+                r"layout must be one of .* got 'bsh'",
+                lambda ctx, c, w: plain(*qkv(c, w), layout="bsh"),
+            ),
+            (
+                "sbh without num_heads",
+                ValueError,
+                "num_heads is required with layout 'sbh'",
+                lambda ctx, c, w: plain(*(t.transpose(0, 1).flatten(-2) for t in qkv(c, w)), layout="sbh"),
+            ),
+            (
+                "zero softmax scale",
+                ValueError,
+                r"softmax_scale must be a finite non-zero number, got 0.0",
+                lambda ctx, c, w: plain(*qkv(c, w), softmax_scale=0.0),
+            ),
+        ]
+    ],
     # the op, called directly (its own C++ checks)
     Bad(
         "dtype mismatch",
@@ -379,8 +495,8 @@ BAD = [
         "kv heads do not divide q heads",
         "op",
         ValueError,
-        r"kv heads \(4\) must divide q heads \(6\)",
-        lambda ctx, c, w: op(ctx, *qkv(c, w, hkv=4)),
+        r"kv heads \(5\) must divide q heads \(12\)",
+        lambda ctx, c, w: op(ctx, *qkv(c, w, hkv=5)),
     ),
     Bad(
         "NaN softmax scale",
@@ -447,7 +563,7 @@ def bad_then_valid(rank: int, world: int, item: tuple[str, int]):
     run_case(rank, world, case)  # the group still works, and exactly
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", WORLDS)
 def test_bad_input_matrix(world_size):
     items = matrix(world_size)
     assert len({i for _, i in items}) == len(BAD)  # every row of the table runs

@@ -49,16 +49,29 @@ def fwd_bwd(ctx, inputs, **kw):
 # ---- no hangs -----------------------------------------------------------------------------------
 
 PG_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 120.0
+
+
+def _all_started(rank: int, world: int, port: int) -> dist.TCPStore:
+    """A store every rank of the world has reached, with a generous deadline: 11 processes start at
+    once on 2 cores, and the short process-group timeout under test must not also bound start-up
+    (it did: a rank still importing torch after 5 s failed the rendezvous, not the scenario)."""
+    timeout = datetime.timedelta(seconds=START_TIMEOUT_S)
+    store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timeout)
+    store.add("started", 1)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while store.add("started", 0) < world:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: not every rank of {world} started within {START_TIMEOUT_S}s")
+        time.sleep(0.05)
+    return store
 
 
 def _hang_worker(rank, world, port, algo, mode, results):
     torch.set_num_threads(1)
+    store = _all_started(rank, world, port)
     dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+        "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S)
     )
     case = ALGOS[algo]
     ctx = context(case, world)
@@ -98,7 +111,7 @@ def test_no_hang_when_a_rank_dies_or_never_calls():
         for p in procs:
             p.start()
         started.append((algo, world, mode, results, procs))
-    deadline = time.monotonic() + 60 + 2 * PG_TIMEOUT_S  # start-up of 11 processes on 2 cores
+    deadline = time.monotonic() + START_TIMEOUT_S + 2 * PG_TIMEOUT_S  # start-up of 11 processes on 2 cores
     try:
         for algo, world, mode, results, _procs in started:
             got = []

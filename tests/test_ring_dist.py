@@ -1,58 +1,93 @@
 """Ring and double ring attention over real Gloo processes, forward and backward against the float64 oracle.
 
-One spawn per world size runs a whole batch of cases (tests/distributed.py); the matrix covers causal and
-general masks, windows, overlap on and off, every layout, MHA/GQA/MQA, odd head dims, fp32 and bf16.
+One spawn per world size runs a whole batch of cases (tests/distributed.py). The matrix is a pairwise
+covering table (ring_cases.pairwise) over layout x dtype (fp32, bf16, fp16) x heads (MHA/GQA/MQA) x
+head dim x mask x overlap x window x batch: every two of them vary independently, in 12-16 cases per
+world. A double ring always has 1 < window < cp (window == cp is the plain ring). The world-2 spawn
+also carries the API cases: a non-default softmax_scale, and layout=None (the context picks bnsd
+under --megatron-cp-in-bnsd, else sbh for 3-D and bshd for 4-D inputs).
 """
 
 from __future__ import annotations
-
-import itertools
 
 import pytest
 import torch
 
 from distributed import run_distributed
-from ring_cases import Case, run_case
+from ring_cases import Case, pairwise, run_case
 
 LAYOUTS = ("bshd", "sbhd", "bnsd", "sbh")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEADS = ((4, 4), (4, 2), (6, 1))  # MHA, GQA, MQA
 
+# Double ring windows per world size: only 1 < window < cp is a double ring.
+WINDOWS = {1: (1,), 2: (1,), 3: (1,), 4: (1, 2), 8: (1, 2, 4)}
 
-def matrix(world_size: int, windows: tuple[int, ...], seq_per_rank: int = 8) -> list[Case]:
-    """causal x window x overlap x dtype, with layouts, head counts and head dims cycled through."""
-    cases = []
-    combos = itertools.product((True, False), windows, (True, False), (torch.float32, torch.bfloat16))
-    for n, (causal, window, overlap, dtype) in enumerate(combos):
-        hq, hkv = HEADS[n % len(HEADS)]
-        cases.append(
-            Case(
-                causal=causal,
-                window=window,
-                overlap=overlap,
-                dtype=dtype,
-                layout=LAYOUTS[n % 4],
-                heads_q=hq,
-                heads_kv=hkv,
-                head_dim=(16, 24, 7)[n % 3],
-                batch=1 + n % 2,
-                seq_per_rank=seq_per_rank,
-                seed=n,
-            )
+
+def matrix(world_size: int, seq_per_rank: int = 8) -> list[Case]:
+    rows = pairwise(
+        dict(
+            layout=LAYOUTS,
+            dtype=DTYPES,
+            heads=HEADS,
+            head_dim=(16, 24, 7),
+            causal=(True, False),
+            overlap=(True, False),
+            window=WINDOWS[world_size],
+            batch=(1, 2),
         )
-    return cases
+    )
+    return [
+        Case(
+            causal=r["causal"],
+            window=r["window"],
+            overlap=r["overlap"],
+            dtype=r["dtype"],
+            layout=r["layout"],
+            heads_q=r["heads"][0],
+            heads_kv=r["heads"][1],
+            head_dim=r["head_dim"],
+            batch=r["batch"],
+            seq_per_rank=seq_per_rank,
+            seed=n,
+        )
+        for n, r in enumerate(rows)
+    ]
 
 
-@pytest.mark.parametrize("world_size,windows", [(1, (1,)), (2, (1, 2)), (3, (1, 3)), (4, (1, 2))])
-def test_ring_gloo(world_size, windows):
-    run_distributed(run_case, world_size, matrix(world_size, windows), timeout_s=240)
+# Through ring_ext.attention with a context: a non-default softmax_scale (half and fp32, causal and
+# general), and layout=None.
+API_CASES = [
+    Case(softmax_scale=0.37, dtype=torch.float16, layout="sbhd", seed=101),
+    Case(softmax_scale=1.9, causal=False, dtype=torch.bfloat16, batch=2, seed=102),
+    Case(softmax_scale=0.05, layout="sbh", seed=103),
+    Case(layout="bnsd", bnsd_flag=True, pass_layout=False, dtype=torch.bfloat16, seed=104),
+    Case(layout="sbh", pass_layout=False, causal=False, seed=105),
+    Case(layout="bshd", pass_layout=False, dtype=torch.float16, batch=2, seed=106),
+]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_ring_gloo(world_size):
+    cases = matrix(world_size) + (API_CASES if world_size == 2 else [])
+    run_distributed(run_case, world_size, cases, timeout_s=240)
 
 
 def test_ring_gloo_world8_tiny():
-    cases = [c for c in matrix(8, (1, 2, 4), seq_per_rank=2) if c.dtype == torch.float32 or c.window == 4]
-    run_distributed(run_case, 8, cases, timeout_s=240)
+    run_distributed(run_case, 8, matrix(8, seq_per_rank=2), timeout_s=240)
 
 
 def test_ring_gloo_layout_sweep():
-    """Every layout with causal double ring at 4 ranks (the matrix cycles layouts; this pins each)."""
+    """Every layout with causal double ring at 4 ranks (the matrix covers layouts pairwise; this pins each)."""
     cases = [Case(layout=lay, window=2, heads_q=4, heads_kv=1, seed=7) for lay in LAYOUTS]
     run_distributed(run_case, 4, cases, timeout_s=120)
+
+
+def test_matrices_cover_every_pair():
+    """No factor of the distributed matrices is aliased with another (pairwise checks its table), and
+    every double ring is a real one."""
+    for world in WINDOWS:
+        cases = matrix(world)
+        assert all(c.window == 1 or 1 < c.window < world for c in cases)
+        assert {c.dtype for c in cases} == set(DTYPES)
+        assert len(cases) <= 16

@@ -1,41 +1,49 @@
 """Ulysses (the default algorithm) and hybrid Ulysses x ring over real Gloo processes, forward and
-backward against the float64 oracle: causal and general, every layout, GQA with fewer K/V heads than
-the Ulysses degree (head replication), fp32 and bf16, overlap on and off, hybrid with a double ring."""
+backward against the float64 oracle. Each matrix is a pairwise covering table (ring_cases.pairwise):
+layout x dtype (fp32, bf16, fp16) x heads (GQA with fewer K/V heads than the Ulysses degree: head
+replication) x mask x head dim x batch (and odd local lengths for Ulysses, overlap and the Ulysses
+degree / double ring window for hybrid) all vary independently. A hybrid double ring has
+1 < window < ring size (cp / degree); a non-default softmax_scale runs through both algorithms."""
 
 from __future__ import annotations
-
-import itertools
 
 import pytest
 import torch
 
 from distributed import run_distributed
-from ring_cases import Case, run_case
+from ring_cases import Case, pairwise, run_case
 
 LAYOUTS = ("bshd", "sbhd", "bnsd", "sbh")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def ulysses_matrix(world_size: int, heads: list[tuple[int, int]], seq_per_rank: int = 6) -> list[Case]:
-    """causal x dtype x heads, layouts and head dims cycled through."""
-    cases = []
-    for n, (causal, dtype, (hq, hkv)) in enumerate(
-        itertools.product((True, False), (torch.float32, torch.bfloat16), heads)
-    ):
-        cases.append(
-            Case(
-                algo="ulysses_cp_algo",
-                causal=causal,
-                dtype=dtype,
-                heads_q=hq,
-                heads_kv=hkv,
-                layout=LAYOUTS[n % 4],
-                head_dim=(16, 24, 40)[n % 3],
-                batch=1 + n % 2,
-                seq_per_rank=seq_per_rank + n % 2,  # odd local lengths too: Ulysses has no zigzag
-                seed=n,
-            )
+    rows = pairwise(
+        dict(
+            layout=LAYOUTS,
+            dtype=DTYPES,
+            heads=tuple(heads),
+            causal=(True, False),
+            head_dim=(16, 24, 40),
+            batch=(1, 2),
+            odd=(0, 1),  # odd local lengths too: Ulysses has no zigzag
         )
-    return cases
+    )
+    return [
+        Case(
+            algo="ulysses_cp_algo",
+            causal=r["causal"],
+            dtype=r["dtype"],
+            heads_q=r["heads"][0],
+            heads_kv=r["heads"][1],
+            layout=r["layout"],
+            head_dim=r["head_dim"],
+            batch=r["batch"],
+            seq_per_rank=seq_per_rank + r["odd"],
+            seed=n,
+        )
+        for n, r in enumerate(rows)
+    ]
 
 
 # (q heads, kv heads) per world size: MHA, GQA with kv heads >= degree, and kv heads < degree
@@ -50,46 +58,65 @@ ULYSSES_HEADS = {
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_ulysses_gloo(world_size):
-    run_distributed(
-        run_case, world_size, ulysses_matrix(world_size, ULYSSES_HEADS[world_size]), timeout_s=240
-    )
+    cases = ulysses_matrix(world_size, ULYSSES_HEADS[world_size])
+    if world_size == 3:
+        cases.append(
+            Case(algo="ulysses_cp_algo", heads_q=6, heads_kv=3, softmax_scale=0.6, dtype=torch.float16)
+        )
+    run_distributed(run_case, world_size, cases, timeout_s=240)
 
 
 def hybrid_matrix(
     world_size: int, degrees_windows: list[tuple[int, int]], seq_per_rank: int = 4
 ) -> list[Case]:
-    cases = []
-    combos = itertools.product(degrees_windows, (True, False), (True, False), (torch.float32, torch.bfloat16))
-    for n, ((u, window), causal, overlap, dtype) in enumerate(combos):
-        hq, hkv = ((4, 4), (4, 2), (4, 1))[n % 3]
-        cases.append(
-            Case(
-                algo="hybrid_cp_algo",
-                ulysses_degree=u,
-                window=window,
-                causal=causal,
-                overlap=overlap,
-                dtype=dtype,
-                heads_q=hq,
-                heads_kv=hkv,
-                layout=LAYOUTS[n % 4],
-                head_dim=(16, 24)[n % 2],
-                seq_per_rank=seq_per_rank,
-                seed=n,
-            )
+    rows = pairwise(
+        dict(
+            layout=LAYOUTS,
+            dtype=DTYPES,
+            degree_window=tuple(degrees_windows),
+            causal=(True, False),
+            overlap=(True, False),
+            heads=((4, 4), (4, 2), (4, 1)),
+            head_dim=(16, 24),
+            batch=(1, 2),
         )
-    return cases
+    )
+    return [
+        Case(
+            algo="hybrid_cp_algo",
+            ulysses_degree=r["degree_window"][0],
+            window=r["degree_window"][1],
+            causal=r["causal"],
+            overlap=r["overlap"],
+            dtype=r["dtype"],
+            heads_q=r["heads"][0],
+            heads_kv=r["heads"][1],
+            layout=r["layout"],
+            head_dim=r["head_dim"],
+            batch=r["batch"],
+            seq_per_rank=seq_per_rank,
+            seed=n,
+        )
+        for n, r in enumerate(rows)
+    ]
 
 
 @pytest.mark.parametrize(
     "world_size,degrees_windows",
     [
         (2, [(2, 1), (1, 1)]),  # all-Ulysses and all-ring extremes
-        (4, [(2, 1), (2, 2)]),  # 2 Ulysses groups x ring of 2
+        # 2 Ulysses groups x a ring of 2; all-Ulysses; all-ring as a double ring (window 2 of 4)
+        (4, [(2, 1), (4, 1), (1, 2)]),
     ],
 )
 def test_hybrid_gloo(world_size, degrees_windows):
-    run_distributed(run_case, world_size, hybrid_matrix(world_size, degrees_windows), timeout_s=240)
+    cases = hybrid_matrix(world_size, degrees_windows)
+    for case in cases:
+        ring = world_size // case.ulysses_degree
+        assert case.window == 1 or 1 < case.window < ring, f"{case}: not a double ring"
+    if world_size == 4:
+        cases.append(Case(algo="hybrid_cp_algo", ulysses_degree=2, softmax_scale=0.21, dtype=torch.bfloat16))
+    run_distributed(run_case, world_size, cases, timeout_s=240)
 
 
 def test_ulysses_and_hybrid_world8_tiny():
@@ -97,10 +124,25 @@ def test_ulysses_and_hybrid_world8_tiny():
     cases = [
         Case(algo="ulysses_cp_algo", heads_q=8, heads_kv=1, seq_per_rank=2, seed=1),
         Case(
-            algo="ulysses_cp_algo", causal=False, heads_q=8, heads_kv=2, layout="sbh", seq_per_rank=2, seed=2
+            algo="ulysses_cp_algo",
+            causal=False,
+            heads_q=8,
+            heads_kv=2,
+            layout="sbh",
+            dtype=torch.float16,
+            seq_per_rank=2,
+            seed=2,
         ),
         Case(
-            algo="hybrid_cp_algo", ulysses_degree=2, window=2, heads_q=4, heads_kv=1, seq_per_rank=2, seed=3
+            algo="hybrid_cp_algo",
+            ulysses_degree=2,
+            window=2,
+            heads_q=4,
+            heads_kv=1,
+            batch=2,
+            dtype=torch.bfloat16,
+            seq_per_rank=2,
+            seed=3,
         ),
         Case(
             algo="hybrid_cp_algo", ulysses_degree=4, window=1, causal=False, heads_q=4, seq_per_rank=2, seed=4
