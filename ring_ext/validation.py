@@ -1,4 +1,4 @@
-"""Every check on user input, in one place (DESIGN.md §5; the table is docs/reliability.md).
+"""Every check on user input, in one place (docs/design.md, Bad input; the table is docs/reliability.md).
 
 Each check looks only at what every rank of a CP group has alike (shapes, dtypes, devices, the
 config, the group's size and backend), so every rank reaches the same verdict, and raises before

@@ -1,4 +1,4 @@
-"""Bad input (DESIGN.md §5, docs/reliability.md): every case of the table is rejected on every rank,
+"""Bad input (docs/design.md, Bad input; docs/reliability.md): every case of the table is rejected on every rank,
 before any communication, with the same exception type and a message naming the argument; a valid
 call on the same group afterwards is exact (ring_cases.run_case against the float64 oracle).
 
