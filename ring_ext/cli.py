@@ -2,10 +2,12 @@
 
     python -m ring_ext demo                      # 4 Gloo ranks on this machine, every algorithm, verified
     python -m ring_ext bench --cp-sizes 1,2,4 --plot cp.png --json
-    torchrun --nproc-per-node 8 -m ring_ext demo # the launched group (NCCL on CUDA)
+    torchrun --nproc-per-node 8 -m ring_ext demo # the launched group (NCCL on CUDA), CP size 8
 
-Without a launcher the command spawns --context-parallel-size CPU processes over Gloo (the embedded
-default); under torchrun it uses the launched processes. Each algorithm runs forward + backward on the
+Without a launcher the command spawns --context-parallel-size CPU processes over Gloo (default 4; bench:
+one world per --cp-sizes entry, default 1,2,4). Under torchrun it uses the launched processes, and the
+CP size is the launched world unless given; a CP size other than the world, or an --algos choice that
+cannot run at it, is an error that names both numbers. Each algorithm runs forward + backward on the
 same inputs; its output and gradients are checked against full attention on one process when the
 sequence is short enough (--verify-max-seq), and the table shows time, tokens/s, peak memory per rank
 and the error.
@@ -55,6 +57,13 @@ class Case:
         )
 
 
+ALGO_NAMES = ("ulysses", "ring", "double", "hybrid")
+
+
+class UsageError(ValueError):
+    """A command line that cannot run as given (the message says why, with the numbers)."""
+
+
 def cases_for(cp: int, args) -> list[Case]:
     """Every algorithm that fits cp and the head count: Ulysses, ring, double ring, hybrid."""
     window = args.cp_window_size if args.cp_window_size > 1 else 2
@@ -69,6 +78,75 @@ def cases_for(cp: int, args) -> list[Case]:
         out.append(Case(f"hybrid u={degree}", cp, "hybrid_cp_algo", ulysses_degree=degree))
     wanted = args.algos.split(",")
     return [c for c in out if "all" in wanted or c.name.split()[0] in wanted]
+
+
+def cp_sizes(args, world: int | None) -> list[int]:
+    """The CP sizes to run: --context-parallel-size (demo) or --cp-sizes (bench); when not given, the
+    launched world under torchrun (world), else 4 (demo) or 1,2,4 (bench). Under torchrun every size
+    must be the world."""
+    flag, given = "--context-parallel-size", args.context_parallel_size
+    if args.command == "bench":
+        flag, given = "--cp-sizes", args.cp_sizes
+    if given is None:
+        return [world] if world is not None else ([4] if args.command == "demo" else [1, 2, 4])
+    sizes = [given] if isinstance(given, int) else _int_list(given, flag)
+    if any(cp < 1 for cp in sizes):
+        raise UsageError(f"{flag} {given}: CP sizes must be >= 1")
+    wrong = [cp for cp in sizes if world is not None and cp != world]
+    if wrong:
+        need = f"a world of {wrong[0]} ranks" if len(wrong) == 1 else f"worlds of {_join(wrong)} ranks"
+        raise UsageError(
+            f"{flag} {given} needs {need}, torchrun launched {world}: under torchrun the CP "
+            f"size is the launched world; leave {flag} out to run at {world}, launch --nproc-per-node "
+            f"{wrong[0]}, or run without torchrun (it spawns a world per size)"
+        )
+    return sizes
+
+
+def plan(args, sizes: list[int]) -> list[Case]:
+    """Every case of every size, in order; a UsageError rather than an empty table when --algos names
+    an algorithm no size can run, or a size runs nothing."""
+    wanted = args.algos.split(",")
+    unknown = [a for a in wanted if a not in ("all", *ALGO_NAMES)]
+    if unknown:
+        raise UsageError(
+            f"--algos {args.algos}: unknown {unknown}; choose all or from {', '.join(ALGO_NAMES)}"
+        )
+    per_size = {cp: cases_for(cp, args) for cp in sizes}
+    ran = {c.name.split()[0] for cases in per_size.values() for c in cases}
+    missing = [a for a in wanted if a != "all" and a not in ran]
+    empty = [cp for cp, cases in per_size.items() if not cases]  # only with --algos: ring runs anywhere
+    if missing or empty:
+        names = missing or [a for a in wanted if a != "all"]
+        at = sizes if missing else empty
+        raise UsageError(
+            f"--algos {args.algos}: {', '.join(names)} cannot run at CP size{'s' * (len(at) > 1)} "
+            f"{_join(at)} (--heads {args.heads}): " + "; ".join(_requirement(a, args) for a in names)
+        )
+    return [c for cp in sizes for c in per_size[cp]]
+
+
+def _requirement(algo: str, args) -> str:
+    window = args.cp_window_size if args.cp_window_size > 1 else 2
+    degree = args.ulysses_degree_in_cp or 2
+    return {
+        "ulysses": f"ulysses needs --heads ({args.heads}) divisible by the CP size",
+        "ring": "ring runs at every CP size",
+        "double": f"double needs a CP size larger than the window ({window}) and divisible by it",
+        "hybrid": f"hybrid needs a CP size larger than the Ulysses degree ({degree}) and divisible by it, "
+        f"and --heads ({args.heads}) divisible by the degree",
+    }[algo]
+
+
+def _join(sizes: list[int]) -> str:
+    return ", ".join(map(str, sizes[:-1])) + " and " * (len(sizes) > 1) + str(sizes[-1])
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} {text}: expected a comma list of integers") from None
 
 
 def full_inputs(args, device) -> list[torch.Tensor]:
@@ -149,7 +227,7 @@ def _slowest_rank(value: float) -> float:
 
 
 def run_rank(args, cases: list[Case], device) -> list[dict]:
-    """Every case this process takes part in (cases whose cp equals the world size)."""
+    """Every case, in order, on this world (each case's cp is the world size)."""
     inputs = full_inputs(args, device)
     verify = args.seq <= args.verify_max_seq
     ref = reference(args, inputs) if verify and dist.get_rank() == 0 else None
@@ -199,9 +277,10 @@ def run_spawned(args, cp: int, cases: list[Case]) -> list[dict]:
     return queue.get()
 
 
-def run_torchrun(args, cases: list[Case]) -> list[dict] | None:
-    """The processes torchrun launched: NCCL and one GPU each when CUDA is present, else Gloo.
-    Returns the rows on rank 0, None elsewhere."""
+def run_torchrun(args) -> list[dict] | None:
+    """The processes torchrun launched: NCCL and one GPU each when CUDA is present, else Gloo; the CP
+    size is the world's unless given (then it must be the world). Returns the rows on rank 0, None
+    elsewhere; a command line the world cannot run exits non-zero on every rank, rank 0 saying why."""
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     device = (
@@ -212,7 +291,15 @@ def run_torchrun(args, cases: list[Case]) -> list[dict] | None:
     else:
         exact_peaks()
     try:
-        rows = run_rank(args, [c for c in cases if c.cp == dist.get_world_size()], device)
+        cases = plan(args, cp_sizes(args, dist.get_world_size()))
+    except UsageError as e:
+        if dist.get_rank() == 0:
+            print(f"python -m ring_ext {args.command}: error: {e}", file=sys.stderr, flush=True)
+        dist.barrier()  # rank 0 has said why before any rank exits (torchrun then stops the rest)
+        dist.destroy_process_group()
+        sys.exit(2)
+    try:
+        rows = run_rank(args, cases, device)
         return rows if dist.get_rank() == 0 else None
     finally:
         dist.destroy_process_group()
@@ -288,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_text)
         add_arguments(p)
-        p.set_defaults(context_parallel_size=4)
+        p.set_defaults(context_parallel_size=None)  # cp_sizes(): the launched world, else 4
         p.add_argument("--algos", default="all", help="all, or a comma list of ulysses,ring,double,hybrid")
         p.add_argument(
             "--seq", type=int, default=4096 if name == "demo" else 8192, help="total sequence length"
@@ -310,23 +397,31 @@ def build_parser() -> argparse.ArgumentParser:
             "--plot", metavar="FILE.png", help="time and memory per rank against CP size (matplotlib)"
         )
         if name == "bench":
-            p.add_argument("--cp-sizes", default="1,2,4", help="CP sizes to run (spawned Gloo worlds)")
+            p.add_argument(
+                "--cp-sizes",
+                default=None,
+                help="comma list of CP sizes, one spawned Gloo world each (default 1,2,4); "
+                "under torchrun the launched world (the default)",
+            )
     return parser
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    sizes = [args.context_parallel_size]
-    if args.command == "bench":
-        sizes = [int(s) for s in args.cp_sizes.split(",")]
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if launched_by_torchrun():
-        rows = run_torchrun(args, [c for cp in sizes for c in cases_for(cp, args)])
+        rows = run_torchrun(args)
         if rows is None:
             return
     else:
+        try:
+            sizes = cp_sizes(args, None)
+            cases = plan(args, sizes)
+        except UsageError as e:
+            parser.error(f"{args.command}: {e}")
         rows = []
         for cp in sizes:
-            rows += run_spawned(args, cp, cases_for(cp, args))
+            rows += run_spawned(args, cp, [c for c in cases if c.cp == cp])
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

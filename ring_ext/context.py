@@ -1,5 +1,8 @@
 """CPContext: the process groups of one context-parallel configuration, built by initialize().
 
+`group` is a process group or a 1-D DeviceMesh (the CP dimension of a larger mesh, `mesh["cp"]`); with
+a mesh, the CP group is that dimension's group and every sub-group is built from its ranks.
+
 Creating process groups is collective: every rank of `group` must call initialize() with the same
 config, in the same order relative to its other group creations. Sub-groups are created with
 use_local_synchronization, so ranks outside `group` need not take part (one CP group of a larger
@@ -20,6 +23,7 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from . import validation
 from .config import CPConfig
@@ -68,15 +72,16 @@ class CPContext:
         return 1
 
 
-def initialize(config: CPConfig, group: dist.ProcessGroup | None = None) -> CPContext:
-    """Checks config against `group` (default: the world) and builds its sub-groups. Collective."""
+def initialize(config: CPConfig, group: dist.ProcessGroup | DeviceMesh | None = None) -> CPContext:
+    """Checks config against `group` (default: the world; a process group or a 1-D DeviceMesh such as
+    mesh["cp"]) and builds its sub-groups. Collective over the ranks of `group`."""
     if not isinstance(config, CPConfig):
         raise TypeError(f"config must be a ring_ext.CPConfig, got {type(config).__name__}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "ring_ext.initialize needs torch.distributed initialised (dist.init_process_group)"
         )
-    group = group if group is not None else dist.group.WORLD
+    group = _process_group(group)
     validation.check_group(config, group)
     rank = dist.get_rank(group)
     ctx = dict(config=config, group=group, rank=rank)
@@ -89,6 +94,28 @@ def initialize(config: CPConfig, group: dist.ProcessGroup | None = None) -> CPCo
     else:
         ctx.update(_hybrid_groups(ranks, rank, config, group))
     return CPContext(**ctx)
+
+
+def _process_group(group) -> dist.ProcessGroup:
+    """The CP process group that `group` names: the world for None, a 1-D mesh's group, or group."""
+    if group is None:
+        return dist.group.WORLD
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            names = group.mesh_dim_names or ()
+            dims = f"dimensions {names}" if names else f"shape {tuple(group.shape)}"
+            cp = next((n for n in names if "cp" in n.lower()), "cp")
+            raise ValueError(
+                f"ring_ext.initialize takes a 1-D DeviceMesh, the context-parallel dimension of your mesh "
+                f'(group=mesh["{cp}"]), or a process group; got a {group.ndim}-D DeviceMesh with {dims}'
+            )
+        return group.get_group()
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            'group must be a torch.distributed ProcessGroup or a 1-D DeviceMesh (mesh["cp"]), '
+            f"got {type(group).__name__}"
+        )
+    return group
 
 
 def _ring_groups(ranks: list[int], me: int, ring: dist.ProcessGroup, w: int) -> dict:

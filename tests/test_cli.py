@@ -1,5 +1,6 @@
 """`python -m ring_ext demo|bench` (ring_ext/cli.py) end to end: a tiny run in a subprocess with a
-deadline, every expected row present and verified against full attention.
+deadline, every expected row present and verified against full attention; under torchrun (2 ranks) the
+CP size comes from the launched world, and a CP size the world cannot run is an error naming both.
 
 The CLI's own check compares each algorithm with full attention on one process in float32; here its
 reported error is held to the suite's rule instead (tests/tolerances.py): float32 to REL_L2, bf16 to
@@ -14,22 +15,26 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from ring_ext.cli import build_parser, cases_for, full_inputs
+from ring_ext.cli import UsageError, build_parser, cases_for, cp_sizes, full_inputs, plan
 from ring_ext.reference import attention_reference
 
 from tolerances import FACTOR, FLOOR, REL_L2, rel_l2, torch_attention
 
 TINY = ["--seq", "64", "--heads", "4", "--head-dim", "16", "--repeats", "1", "--timeout", "60"]
+TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ring_ext"]
 
 
-def run_cli(argv: list[str], cwd, timeout_s: float = 240) -> str:
-    """stdout of `python -m ring_ext argv`; the whole process group (the spawned ranks too) is killed
-    if it outlives timeout_s."""
+def run_python(args: list[str], cwd, timeout_s: float = 240) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `python args`; the whole process group (spawned or launched
+    ranks too) is killed if it outlives timeout_s."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ring_ext", *argv],
+        [sys.executable, *args],
         cwd=cwd,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -40,12 +45,15 @@ def run_cli(argv: list[str], cwd, timeout_s: float = 240) -> str:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        raise AssertionError(
-            f"python -m ring_ext {' '.join(argv)} did not finish within {timeout_s}s"
-        ) from None
-    assert proc.returncode == 0, (
-        f"python -m ring_ext {' '.join(argv)} exited {proc.returncode}:\n{err[-3000:]}"
-    )
+        raise AssertionError(f"python {' '.join(args)} did not finish within {timeout_s}s") from None
+    return proc.returncode, out, err
+
+
+def run_cli(argv: list[str], cwd, timeout_s: float = 240, launcher=()) -> str:
+    """stdout of `python [launcher] -m ring_ext argv`, which must exit 0."""
+    args = [*launcher, *argv] if launcher else ["-m", "ring_ext", *argv]
+    rc, out, err = run_python(args, cwd, timeout_s)
+    assert rc == 0, f"python {' '.join(args)} exited {rc}:\n{err[-3000:]}"
     return out
 
 
@@ -104,3 +112,64 @@ def test_bench_json_every_algorithm_verified(tmp_path):
         assert r["max_rel_err"] is not None, f"{r['algo']}: not verified"
         assert r["max_rel_err"] <= bound, f"{r['algo']}: error {r['max_rel_err']:.2e} > {bound:.2e}"
         assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["peak_mib_per_rank"] > 0, r
+
+
+def test_torchrun_demo_takes_cp_size_from_world(tmp_path):
+    """`torchrun --nproc-per-node 2 -m ring_ext demo` without --context-parallel-size: cp 2, every
+    algorithm that runs at 2, verified (it used to print an empty table: the default 4 was dropped)."""
+    argv = ["demo", "--dtype", "fp32", *TINY]
+    rows = parse_table(run_cli(argv, tmp_path, launcher=TORCHRUN_2))
+    assert [(r["algo"], int(r["cp"])) for r in rows] == expected_rows(argv, [2])
+    assert {r["algo"] for r in rows} == {"ulysses", "ring"}
+    for r in rows:
+        assert r["max_rel_err"] != "-", f"{r['algo']}: not verified"
+        assert float(r["max_rel_err"]) <= REL_L2[torch.float32], r
+
+
+def test_torchrun_cp_size_mismatch_is_an_error(tmp_path):
+    rc, out, err = run_python([*TORCHRUN_2, "bench", "--cp-sizes", "4", *TINY], tmp_path)
+    assert rc != 0, out
+    assert "--cp-sizes 4 needs a world of 4 ranks, torchrun launched 2" in err, err[-3000:]
+    assert "|" not in out and "done" not in err, out
+
+
+@pytest.mark.parametrize(
+    "argv, world, expected",
+    [
+        (["demo"], None, [4]),
+        (["demo"], 2, [2]),
+        (["bench"], None, [1, 2, 4]),
+        (["bench"], 3, [3]),
+        (["demo", "--context-parallel-size", "3"], 3, [3]),
+        (["bench", "--cp-sizes", "2,4"], None, [2, 4]),
+    ],
+)
+def test_cp_sizes_default_to_the_launched_world(argv, world, expected):
+    assert cp_sizes(build_parser().parse_args(argv), world) == expected
+
+
+@pytest.mark.parametrize(
+    "argv, world, message",
+    [
+        (
+            ["demo", "--context-parallel-size", "4"],
+            2,
+            "--context-parallel-size 4 needs a world of 4 ranks, torchrun launched 2",
+        ),
+        (
+            ["bench", "--cp-sizes", "1,2,4"],
+            2,
+            "--cp-sizes 1,2,4 needs worlds of 1 and 4 ranks, torchrun launched 2",
+        ),
+        (["demo", "--algos", "hybrid"], 2, "hybrid cannot run at CP size 2"),
+        (["demo", "--algos", "ulysses", "--heads", "6"], 4, "ulysses cannot run at CP size 4 (--heads 6)"),
+        (["bench", "--cp-sizes", "1,2", "--algos", "double"], None, "double cannot run at CP sizes 1 and 2"),
+        (["demo", "--algos", "rign"], 2, "unknown ['rign']"),
+    ],
+)
+def test_what_the_world_cannot_run_is_an_error(argv, world, message):
+    """Never an empty table: a size other than the world, or an algorithm no size can run, says why."""
+    args = build_parser().parse_args(argv)
+    with pytest.raises(UsageError) as err:
+        plan(args, cp_sizes(args, world))
+    assert message in str(err.value)
