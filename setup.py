@@ -4,7 +4,10 @@ Environment (read here and nowhere else at build time):
   RING_EXT_CUDA           auto (default) | 0 | 1. auto builds the CUDA part when the installed torch is a
                           CUDA build and nvcc is found; 1 forces it and fails without nvcc; 0 skips it.
                           Never decided from torch.cuda.is_available(): build boxes often have no GPU.
-  TORCH_CUDA_ARCH_LIST    CUDA archs, default "8.0;9.0a".
+  TORCH_CUDA_ARCH_LIST    CUDA archs, default "8.0+PTX;9.0a": sm_80 machine code (which sm_86/89 run too),
+                          sm_90a machine code (H100/H200), and sm_80 PTX that the driver JIT-compiles on newer
+                          GPUs (Blackwell sm_100/120). "X.Y+PTX" embeds PTX for X.Y next to its machine code;
+                          a list without +PTX runs on the listed GPUs only (a warning says so).
   RING_EXT_PTXAS_VERBOSE  1 prints ptxas register/spill reports for every kernel.
   MAX_JOBS                parallel compile jobs (ninja), honoured by torch's BuildExtension.
   CUDA_HOME               the CUDA toolkit, e.g. /usr/local/cuda.
@@ -12,6 +15,7 @@ Environment (read here and nowhere else at build time):
 
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -20,7 +24,7 @@ from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0a"
+DEFAULT_ARCHS = "8.0+PTX;9.0a"
 
 
 def want_cuda() -> bool:
@@ -51,11 +55,30 @@ def pip_cuda_includes() -> list:
     return sorted({p for p in found if os.path.isdir(p)})
 
 
+def parse_archs(spec: str) -> list:
+    """TORCH_CUDA_ARCH_LIST entries ("8.0", "9.0a", "8.0+PTX"), separated by ';' or spaces."""
+    archs = [a for a in spec.replace(" ", ";").split(";") if a]
+    bad = [a for a in archs if not re.fullmatch(r"\d+\.\d+[af]?(\+PTX)?", a)]
+    if bad or not archs:
+        sys.exit(f"TORCH_CUDA_ARCH_LIST: expected entries like 8.0, 9.0a or 8.0+PTX, got {spec!r}")
+    if not any(a.endswith("+PTX") for a in archs):
+        print(
+            f"ring_ext: TORCH_CUDA_ARCH_LIST={spec!r} embeds no PTX: the kernels run only on the GPUs listed"
+            " and their minor revisions (add +PTX to the lowest arch, as the default 8.0+PTX does, for newer"
+            " GPUs to JIT-compile it)",
+            file=sys.stderr,
+        )
+    return archs
+
+
 def arch_flags(archs: list) -> list:
+    """-gencode pairs: machine code (sm_XY) for every arch, and PTX (compute_XY) where +PTX is given."""
     flags = []
     for arch in archs:
-        num = arch.replace(".", "")
+        num = arch.removesuffix("+PTX").replace(".", "")
         flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+        if arch.endswith("+PTX"):
+            flags += ["-gencode", f"arch=compute_{num},code=compute_{num}"]
     return flags
 
 
@@ -67,9 +90,7 @@ def write_build_info(cuda: bool, archs: list) -> None:
 
 def extension():
     cuda = want_cuda()
-    archs = [
-        a for a in os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS).replace(" ", ";").split(";") if a
-    ]
+    archs = parse_archs(os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)) if cuda else []
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     sources += sorted(glob.glob("csrc/ring/*.cpp"))
     # C++20: torch >= 2.14 headers need it. -fopenmp: at::parallel_for is a header template compiled
@@ -86,7 +107,7 @@ def extension():
         args["nvcc"] = nvcc
         args["cxx"] = cxx + ["-DRING_EXT_WITH_CUDA"]
         kwargs["include_dirs"] = pip_cuda_includes()  # our -gencode flags replace torch's own
-    write_build_info(cuda, archs if cuda else [])
+    write_build_info(cuda, archs)
     make = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
     return make(
         "ring_ext._C",
