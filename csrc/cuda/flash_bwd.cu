@@ -19,6 +19,19 @@
 // owns its keys for every q head of the GQA group and adds into dk/dv once, without atomics.
 // Rows past seq_q get lse = +inf (P = 0) and rows with lse = -inf (no visible key) likewise; keys
 // past seq_k and causally hidden pairs are masked to P = 0. Softmax runs in log2 units.
+//
+// Note [Backward tilings and shared memory]
+// The tiling is a template parameter (BwdConfig<D, kBlockN, kBlockM, kWarps>); each head-dim
+// bucket has a default and a smaller one, and the launcher takes the first whose shared memory
+// fits the device's opt-in limit (max_smem_per_block), else the SIMT kernels (which need 16 KiB):
+//
+//   D     default (N x M, warps)   smem       small (N x M, warps)   smem
+//   64    128 x 64, 8              80.5 KiB   -
+//   128   128 x 64, 8              128.5 KiB  64 x 64, 8             80.5 KiB
+//   256    64 x 64, 8              144.5 KiB  32 x 32, 4             68.3 KiB
+//
+// sm_80/87 (163 KiB) and sm_90 (227 KiB) take the defaults; sm_86/89/120 (99 KiB) the small
+// tilings for D > 64. The small tilings keep each warp's register tiles (dK, dV, dq) the same size.
 #include <cmath>
 
 #include "kernels.h"
@@ -26,6 +39,9 @@
 #include "mma.cuh"
 
 namespace ring_ext::cuda {
+
+void simt_bwd(const BwdParams& p, cudaStream_t stream);  // simt_fallback.cu
+
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -36,11 +52,12 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-template <int D>
+template <int D_, int kBlockN_, int kBlockM_, int kWarps_>
 struct BwdConfig {
-  static constexpr int kWarps = 8, kThreads = 32 * kWarps;
-  static constexpr int kBlockN = D <= 128 ? 128 : 64;  // keys per CTA
-  static constexpr int kBlockM = 64;                   // q rows per step
+  static constexpr int D = D_;
+  static constexpr int kWarps = kWarps_, kThreads = 32 * kWarps;
+  static constexpr int kBlockN = kBlockN_;  // keys per CTA
+  static constexpr int kBlockM = kBlockM_;  // q rows per step
   using KTile = SmemTile<kBlockN, D>;
   using QTile = SmemTile<kBlockM, D>;
   using PTile = SmemTile<kBlockN, kBlockM>;
@@ -51,6 +68,7 @@ struct BwdConfig {
   static constexpr int kDims2 = D / (kWarps / kKeyStrips);
   static constexpr int kDims3 = D / (kWarps / kRowStrips);
   static_assert(kWarps % kKeyStrips == 0 && kWarps % kRowStrips == 0, "warp grid");
+  static_assert(kCols1 % 16 == 0 && kDims2 % 16 == 0 && kDims3 % 16 == 0, "two n-tiles per load");
   static constexpr int kSmemBytes =
       (2 * KTile::kElems + 2 * QTile::kElems + 2 * PTile::kElems) * 2 + 2 * kBlockM * 4;
 };
@@ -109,8 +127,9 @@ __device__ __forceinline__ void load_q_block(const BwdParams& p, const Smem& s, 
 }
 
 // Step 1 for this warp's [16 keys x kCols1 rows] strip: P^T and dS^T into smem.
-// key_limit_base: a (key, row) pair is visible iff key < seq_k and key <= row + diff.
-template <typename Cfg, int D, typename T>
+// A (key, row) pair is visible iff key <= key_bound(row, diff, seq_k - 1), i.e. key < seq_k and
+// key <= row + diff (the sum in int64: a row of the tile may lie past seq_q).
+template <typename Cfg, typename T>
 __device__ __forceinline__ void probs_and_grads(const Smem& s, int n0, int m0, int seq_k, int diff,
                                                 float scale_log2) {
   constexpr int NT = Cfg::kCols1 / 8;
@@ -119,18 +138,18 @@ __device__ __forceinline__ void probs_and_grads(const Smem& s, int n0, int m0, i
   float st[1][NT][4], dpt[1][NT][4];
   zero(st);
   zero(dpt);
-  warp_gemm<false, false, 1, NT, D, typename Cfg::KTile, typename Cfg::QTile>(
+  warp_gemm<false, false, 1, NT, Cfg::D, typename Cfg::KTile, typename Cfg::QTile>(
       st, static_cast<const T*>(s.k), key0, static_cast<const T*>(s.q), col0);
-  warp_gemm<false, false, 1, NT, D, typename Cfg::KTile, typename Cfg::QTile>(
+  warp_gemm<false, false, 1, NT, Cfg::D, typename Cfg::KTile, typename Cfg::QTile>(
       dpt, static_cast<const T*>(s.v), key0, static_cast<const T*>(s.dout), col0);
   // Masking is needed when a key of the strip is past the end or past the first row's limit.
-  const bool masked = n0 + key0 + 15 >= seq_k || n0 + key0 + 15 > m0 + col0 + diff;
+  const bool masked = n0 + key0 + 15 > key_bound(int64_t{m0} + col0, diff, seq_k - 1);
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int key = n0 + key0 + g + 8 * (i / 2), col = col0 + nt * 8 + 2 * t + i % 2;
-      const bool visible = !masked || (key < seq_k && key <= m0 + col + diff);
+      const bool visible = !masked || key <= key_bound(int64_t{m0} + col, diff, seq_k - 1);
       const float prob = visible ? ex2(st[0][nt][i] * scale_log2 - s.lse[col]) : 0.0f;
       st[0][nt][i] = prob;
       dpt[0][nt][i] = prob * (dpt[0][nt][i] - s.delta[col]);
@@ -141,7 +160,7 @@ __device__ __forceinline__ void probs_and_grads(const Smem& s, int n0, int m0, i
 }
 
 // Step 3: dq[rows m0.., :] += scale * dS K for this warp's [16 rows x kDims3 dims] tile.
-template <typename Cfg, int D, typename T>
+template <typename Cfg, typename T>
 __device__ __forceinline__ void accumulate_dq(const BwdParams& p, const Smem& s, int h, int m0) {
   constexpr int NT = Cfg::kDims3 / 8;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -189,10 +208,9 @@ __device__ __forceinline__ void add_dkdv(const BwdParams& p, float (&dk)[1][NT][
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(BwdConfig<D>::kThreads)
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
     flash_bwd_kernel(const BwdParams p, const int diff) {
-  using Cfg = BwdConfig<D>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, NT2 = Cfg::kDims2 / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Smem s = carve_smem<Cfg, T>(smem_raw);
@@ -200,7 +218,8 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
   const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * kBlockN;
   const int group = static_cast<int>(p.shape.heads_q / p.shape.heads_kv);
   const int seq_q = static_cast<int>(p.shape.seq_q), seq_k = static_cast<int>(p.shape.seq_k);
-  // Rows below first_row see none of this CTA's keys (first_row = n0 - diff under a causal mask).
+  // Rows below first_row see none of this CTA's keys (first_row = n0 - diff under a causal mask;
+  // n0 < 2^30 and diff >= -2^30, so the difference fits an int).
   const int first_row = max(0, n0 - diff);
   const int m_begin = first_row / kBlockM, m_blocks = (seq_q + kBlockM - 1) / kBlockM;
   const int steps = group * max(0, m_blocks - m_begin);
@@ -226,7 +245,7 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
     const int m0 = (m_begin + step % (m_blocks - m_begin)) * kBlockM;
     cp_async_wait_all();
     __syncthreads();  // Q, dO, lse, delta of this step visible; step 3 of the last step is done
-    probs_and_grads<Cfg, D, T>(s, n0, m0, seq_k, diff, scale_log2);
+    probs_and_grads<Cfg, T>(s, n0, m0, seq_k, diff, scale_log2);
     __syncthreads();  // P^T, dS^T complete
     warp_gemm<false, true, 1, NT2, kBlockM, typename Cfg::PTile, typename Cfg::QTile>(
         dv, static_cast<const T*>(s.pt), key0, static_cast<const T*>(s.dout), dim0);
@@ -238,28 +257,62 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
       const int next_m0 = (m_begin + (step + 1) % (m_blocks - m_begin)) * kBlockM;
       load_q_block<Cfg, T>(p, s, next_h, next_m0);
     }
-    accumulate_dq<Cfg, D, T>(p, s, h, m0);
+    accumulate_dq<Cfg, T>(p, s, h, m0);
   }
   add_dkdv<Cfg, NT2>(p, dk, dv, hk, n0);
 }
 
-template <typename T, int D>
+// The default tiling of each head-dim bucket and the smaller one for 99 KiB devices (Note
+// [Backward tilings and shared memory]).
+template <int D>
+struct BwdTilings;
+template <>
+struct BwdTilings<64> {
+  using Default = BwdConfig<64, 128, 64, 8>;
+  using Small = Default;
+};
+template <>
+struct BwdTilings<128> {
+  using Default = BwdConfig<128, 128, 64, 8>;
+  using Small = BwdConfig<128, 64, 64, 8>;
+};
+template <>
+struct BwdTilings<256> {
+  using Default = BwdConfig<256, 64, 64, 8>;
+  using Small = BwdConfig<256, 32, 32, 4>;
+};
+
+template <typename T, typename Cfg>
 void launch_bwd(const BwdParams& p, cudaStream_t stream) {
-  using Cfg = BwdConfig<D>;
-  const dim3 grid(static_cast<unsigned>((p.shape.seq_k + Cfg::kBlockN - 1) / Cfg::kBlockN),
-                  static_cast<unsigned>(p.shape.heads_kv), static_cast<unsigned>(p.shape.batch));
-  launch(flash_bwd_kernel<T, D>, "flash_bwd", grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p,
+  const dim3 grid = make_grid((p.shape.seq_k + Cfg::kBlockN - 1) / Cfg::kBlockN, p.shape.heads_kv,
+                              p.shape.batch, "flash_bwd");
+  launch(flash_bwd_kernel<T, Cfg>, "flash_bwd", grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p,
          causal_diff(p.mask));
+}
+
+// The first tiling of the bucket that fits this device's shared memory, else the SIMT kernels.
+template <typename T, int D>
+void launch_fitting(const BwdParams& p, cudaStream_t stream) {
+  using Tilings = BwdTilings<D>;
+  static_assert(Tilings::Small::kSmemBytes <= 99 * 1024, "the small tiling fits sm_86/89/120");
+  const int limit = max_smem_per_block();
+  if (Tilings::Default::kSmemBytes <= limit) {
+    launch_bwd<T, typename Tilings::Default>(p, stream);
+  } else if (Tilings::Small::kSmemBytes <= limit) {
+    launch_bwd<T, typename Tilings::Small>(p, stream);
+  } else {
+    simt_bwd(p, stream);
+  }
 }
 
 template <typename T>
 void dispatch_head_dim(const BwdParams& p, cudaStream_t stream) {
   if (p.shape.head_dim <= 64) {
-    launch_bwd<T, 64>(p, stream);
+    launch_fitting<T, 64>(p, stream);
   } else if (p.shape.head_dim <= 128) {
-    launch_bwd<T, 128>(p, stream);
+    launch_fitting<T, 128>(p, stream);
   } else {
-    launch_bwd<T, 256>(p, stream);
+    launch_fitting<T, 256>(p, stream);
   }
 }
 
@@ -273,8 +326,6 @@ bool use_tensor_cores(const BwdParams& p) {
 }
 
 }  // namespace
-
-void simt_bwd(const BwdParams& p, cudaStream_t stream);  // simt_fallback.cu
 
 void flash_bwd(const BwdParams& p, cudaStream_t stream) {
   check_shape(p.shape);

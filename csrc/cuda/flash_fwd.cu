@@ -158,12 +158,13 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
 
   // Keys [0, n_end) are visible to some row of this CTA; the last row sees keys <= its row + diff.
-  const int n_end = max(0, min(seq_k, m0 + kBlockM - 1 + diff + 1));
+  // Sums of a row and diff are taken in int64 (key_bound): m0 + kBlockM + diff can pass 2^31.
+  const int n_end = max(0, key_bound(int64_t{m0} + kBlockM - 1, diff, seq_k - 1) + 1);
   const int n_blocks = (n_end + kBlockN - 1) / kBlockN;
   // Last visible key of each of this thread's rows (global key index).
   const int g = (threadIdx.x % 32) / 4;
-  const int row_limit[2] = {min(seq_k - 1, m0 + warp_row + g + diff),
-                            min(seq_k - 1, m0 + warp_row + g + 8 + diff)};
+  const int row_limit[2] = {key_bound(int64_t{m0} + warp_row + g, diff, seq_k - 1),
+                            key_bound(int64_t{m0} + warp_row + g + 8, diff, seq_k - 1)};
 
   float o[D / 8][4];
   zero(o);
@@ -204,8 +205,9 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
 template <typename T, int D>
 void launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using Cfg = FwdConfig<D>;
-  const dim3 grid(static_cast<unsigned>((p.shape.seq_q + Cfg::kBlockM - 1) / Cfg::kBlockM),
-                  static_cast<unsigned>(p.shape.heads_q), static_cast<unsigned>(p.shape.batch));
+  static_assert(Cfg::kSmemBytes <= 99 * 1024, "fits every sm_80+ device (sm_86/89/120: 99 KiB)");
+  const dim3 grid = make_grid((p.shape.seq_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.shape.heads_q,
+                              p.shape.batch, "flash_fwd");
   launch(flash_fwd_kernel<T, D>, "flash_fwd", grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p,
          causal_diff(p.mask));
 }

@@ -1,9 +1,10 @@
-// Host-side helpers shared by the launchers: error checks, the tensor-core eligibility test and the
-// mask limits every kernel uses.
+// Host-side helpers shared by the launchers: error checks, the device's shared-memory limit, grid
+// limits, the tensor-core eligibility test and the mask limits every kernel uses.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -18,12 +19,49 @@ inline void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
-// Raises the dynamic shared-memory limit of `kernel` (needed above 48 KiB) and launches it.
+// Dynamic shared memory one block of the current device may use (opt-in limit,
+// cudaDevAttrMaxSharedMemoryPerBlockOptin): 227 KiB on sm_90, 163 KiB on sm_80/87, 99 KiB on
+// sm_86/89/120. Queried once per device.
+inline int max_smem_per_block() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices];  // 0: not queried yet
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  if (device < kMaxDevices) {
+    if (const int bytes = cached[device].load(std::memory_order_relaxed)) return bytes;
+  }
+  int bytes = 0;
+  check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  if (device < kMaxDevices) cached[device].store(bytes, std::memory_order_relaxed);
+  return bytes;
+}
+
+// A launch grid from 64-bit extents, or an error naming the limit (x < 2^31, y and z <= 65535).
+inline dim3 make_grid(int64_t x, int64_t y, int64_t z, const char* name) {
+  if (x > 0x7fffffff || y > 65535 || z > 65535) {
+    throw std::invalid_argument(std::string("ring_ext CUDA ") + name + ": launch grid (" +
+                                std::to_string(x) + ", " + std::to_string(y) + ", " +
+                                std::to_string(z) + ") exceeds CUDA's (2^31 - 1, 65535, 65535)");
+  }
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z));
+}
+
+// Launches `kernel` with `smem_bytes` of dynamic shared memory, raising the kernel's limit above
+// the default 48 KiB first. A tile that needs more than this device allows is an error that names
+// both numbers (callers pick a tiling that fits first; this is the last line of defence).
 template <typename... KernelArgs, typename... Args>
 void launch(void (*kernel)(KernelArgs...), const char* name, dim3 grid, int threads, int smem_bytes,
             cudaStream_t stream, const Args&... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   if (smem_bytes > 48 * 1024) {
+    const int limit = max_smem_per_block();
+    if (smem_bytes > limit) {
+      throw std::runtime_error(std::string("ring_ext CUDA ") + name + ": the kernel needs " +
+                               std::to_string(smem_bytes) +
+                               " bytes of shared memory per block, this device allows " +
+                               std::to_string(limit));
+    }
     check_cuda(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
         name);
@@ -60,13 +98,22 @@ inline void check_shape(const Shape& s) {
 }
 
 // Causal offset difference q_offset - k_offset, clamped to [-2^30, 2^30]: with rows and keys
-// below 2^30 (check_shape) `key <= row + diff` then never overflows an int and keeps its truth
-// value. Without a causal mask every key is visible, which the upper clamp value expresses.
+// below 2^30 (check_shape) `key <= row + diff` keeps its truth value, and for a row that exists
+// `row + diff` fits an int. Bounds of a whole tile (whose last row may lie past seq_q) are
+// computed in int64 (key_bound). Without a causal mask every key is visible, which the upper
+// clamp value expresses.
 inline int causal_diff(const Mask& m) {
   constexpr int64_t kLim = int64_t{1} << 30;
   if (m.kind != MaskKind::kCausal) return static_cast<int>(kLim);
   const int64_t diff = m.q_offset - m.k_offset;
   return static_cast<int>(diff > kLim ? kLim : (diff < -kLim ? -kLim : diff));
+}
+
+// min(limit, row + diff), the last key visible to `row`, for a tile row that may lie past seq_q
+// (0 <= row < 2^31): the sum is taken in int64 and the result, >= -2^30, fits an int.
+__device__ __forceinline__ int key_bound(int64_t row, int diff, int limit) {
+  const int64_t bound = row + diff;
+  return bound < limit ? static_cast<int>(bound) : limit;
 }
 
 }  // namespace ring_ext::cuda

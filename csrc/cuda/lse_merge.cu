@@ -24,7 +24,7 @@ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 template <typename T>
 __global__ void lse_merge_kernel(const MergeParams p) {
   const int lane = threadIdx.x % 32, b = blockIdx.z, h = blockIdx.y;
-  const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
+  const int64_t row = int64_t{blockIdx.x} * kRowsPerBlock + threadIdx.x / 32;
   if (row >= p.shape.seq_q) return;
   float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + row;
   const float block_lse =
@@ -46,8 +46,9 @@ __global__ void lse_merge_kernel(const MergeParams p) {
 }  // namespace
 
 void lse_merge(const MergeParams& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((p.shape.seq_q + kRowsPerBlock - 1) / kRowsPerBlock),
-                  static_cast<unsigned>(p.shape.heads_q), static_cast<unsigned>(p.shape.batch));
+  // Batch and heads above 65535 (grid y, z) are an error naming the limit, not a failed launch.
+  const dim3 grid = make_grid((p.shape.seq_q + kRowsPerBlock - 1) / kRowsPerBlock, p.shape.heads_q,
+                              p.shape.batch, "lse_merge");
   const int threads = 32 * kRowsPerBlock;
   switch (p.block_dtype) {
     case DType::kFloat32:

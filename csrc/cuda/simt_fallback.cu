@@ -1,11 +1,30 @@
 // SIMT attention kernels for what the tensor-core path does not take: float32 inputs, head dims
-// that are not a multiple of 8 or above 256, and tensors whose rows are not 16-byte aligned.
+// that are not a multiple of 8 or above 256, tensors whose rows are not 16-byte aligned, and
+// devices whose shared memory fits no tensor-core backward tiling.
 //
 // Note [SIMT fallback tiling]
-// One warp per query row; lane L holds dims L, L + 32, ... (at most kPerLane of them, so
+// Forward: one warp per query row; lane L holds dims L, L + 32, ... (at most kPerLane of them, so
 // head_dim <= 32 * kPerLane). Keys are walked one at a time: a warp-wide shuffle reduction gives
-// the score, and the row keeps an online softmax (forward) or accumulates dq in registers while
-// adding dk/dv with float32 atomics (backward). Simple and exact in float32, not fast.
+// the score and the row keeps an online softmax.
+//
+// Backward: one CTA owns kBlockN consecutive keys of one (batch, kv head), like the tensor-core
+// backward. Warp w holds kKeysPerWarp of them in registers (rows of K and V, and their dK and dV
+// accumulators; lane L holds dims L, L + 32, ..., P of them) and the CTA walks every row of every
+// q head of its GQA group that can see one of its keys:
+//
+//   per row i (all warps, staggered):  s_j = q_i . k_j, dp_j = dout_i . v_j   (warp reductions)
+//                                      p_j = exp(scale s_j - lse_i), ds_j = p_j (dp_j - delta_i)
+//                                      dV_j += p_j dout_i, dK_j += ds_j q_i   (registers)
+//                                      dq_tile[i] += sum_j ds_j k_j    (shared-memory atomics)
+//   per kRows rows:                    dq[rows] += scale dq_tile       (one global atomic per
+//                                                                       (row, dim) per CTA)
+//   at the end:                        dk, dv[keys] += dK, dV          (plain stores, no atomics)
+//
+// dK and dV are therefore deterministic (one CTA owns its keys for every q head of the group);
+// dq's last bits depend on the order of the atomics, as in the tensor-core backward.
+//
+// Accuracy: float32 accumulation with IEEE expf, logf and division (the CUDA build does not use
+// --use_fast_math), so float32 inputs get float32-accurate results; not fast.
 #include <cmath>
 #include <stdexcept>
 
@@ -35,12 +54,12 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// x[i] = row[lane + 32 i] as float, 0 past head_dim.
-template <typename T>
-__device__ __forceinline__ void load_row(float (&x)[kPerLane], const T* row, int head_dim) {
+// x[i] = row[lane + 32 i] as float, 0 past head_dim (element loads: any alignment).
+template <typename T, int P>
+__device__ __forceinline__ void load_row(float (&x)[P], const T* row, int head_dim) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
+  for (int i = 0; i < P; ++i) {
     const int d = lane + 32 * i;
     x[i] = d < head_dim ? to_float(row[d]) : 0.0f;
   }
@@ -104,61 +123,163 @@ __global__ void simt_fwd_kernel(const FwdParams p, const int diff) {
   }
 }
 
-template <typename T>
-__global__ void simt_bwd_kernel(const BwdParams p, const int diff) {
-  const int lane = threadIdx.x % 32, b = blockIdx.z, h = blockIdx.y;
-  const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
-  const int hk = h / (p.shape.heads_q / p.shape.heads_kv), head_dim = p.shape.head_dim;
-  if (row >= p.shape.seq_q) return;
-  const float lse = p.lse[b * p.lse_stride.batch + h * p.lse_stride.head + row];
-  const float delta = p.delta[b * p.delta_stride.batch + h * p.delta_stride.head + row];
-  if (lse == -INFINITY) return;  // the row saw no key: no gradient flows through it
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
-  float* dk = p.dk + b * p.dk_stride.batch + hk * p.dk_stride.head;
-  float* dv = p.dv + b * p.dv_stride.batch + hk * p.dv_stride.head;
-  float q[kPerLane], dout[kPerLane], dq[kPerLane] = {};
-  load_row(q,
-           static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head +
-               row * p.q_stride.seq,
-           head_dim);
-  load_row(dout,
-           static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head +
-               row * p.dout_stride.seq,
-           head_dim);
-  const int last_key = min(static_cast<int>(p.shape.seq_k) - 1, row + diff);
-  for (int j = 0; j <= last_key; ++j) {
-    const float prob = expf(dot_row(q, k + j * p.k_stride.seq, head_dim) * p.scale - lse);
-    const float ds = prob * (dot_row(dout, v + j * p.v_stride.seq, head_dim) - delta);
-    float kj[kPerLane];
-    load_row(kj, k + j * p.k_stride.seq, head_dim);
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const int d = lane + 32 * i;
-      dq[i] += ds * kj[i];
-      if (d < head_dim) {
-        atomicAdd(dk + j * p.dk_stride.seq + d, p.scale * ds * q[i]);
-        atomicAdd(dv + j * p.dv_stride.seq + d, prob * dout[i]);
-      }
-    }
-  }
-  float* dq_row = p.dq + b * p.dq_stride.batch + h * p.dq_stride.head + row * p.dq_stride.seq;
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int d = lane + 32 * i;
-    if (d < head_dim) dq_row[d] += p.scale * dq[i];
+// P dims per lane (head_dim <= 32 P); kKeysPerWarp keys per warp keep K, V, dK, dV at 64 registers.
+template <int P>
+struct SimtBwdConfig {
+  static constexpr int kWarps = 8, kThreads = 32 * kWarps;
+  static constexpr int kKeysPerWarp = 16 / P;
+  static constexpr int kBlockN = kWarps * kKeysPerWarp;  // 64, 32, 16 keys for P = 2, 4, 8
+  static constexpr int kRows = 16;                       // rows per dq flush (16 KiB at P = 8)
+};
+
+// dq[rows r0.., :] += scale * tile, then zeroes the tile; every thread of the CTA takes part.
+template <int P, int kRows>
+__device__ __forceinline__ void flush_dq(float (&tile)[kRows][32 * P], float* dq, int64_t ld,
+                                         int r0, int rows, int head_dim, float scale) {
+  for (int i = threadIdx.x; i < rows * 32 * P; i += blockDim.x) {
+    const int r = i / (32 * P), d = i % (32 * P);
+    const float x = tile[r][d];
+    if (x != 0.0f && d < head_dim) atomicAdd(dq + (r0 + r) * ld + d, scale * x);
+    tile[r][d] = 0.0f;
   }
 }
 
-template <typename Params>
-dim3 row_grid(const Params& p) {
-  return dim3(static_cast<unsigned>((p.shape.seq_q + kRowsPerBlock - 1) / kRowsPerBlock),
-              static_cast<unsigned>(p.shape.heads_q), static_cast<unsigned>(p.shape.batch));
+template <typename T, int P>
+__global__ void __launch_bounds__(SimtBwdConfig<P>::kThreads)
+    simt_bwd_kernel(const BwdParams p, const int diff) {
+  using Cfg = SimtBwdConfig<P>;
+  constexpr int KPW = Cfg::kKeysPerWarp, kRows = Cfg::kRows;
+  __shared__ float dq_tile[kRows][32 * P];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * Cfg::kBlockN;
+  const int group = static_cast<int>(p.shape.heads_q / p.shape.heads_kv);
+  const int seq_q = static_cast<int>(p.shape.seq_q), seq_k = static_cast<int>(p.shape.seq_k);
+  const int head_dim = static_cast<int>(p.shape.head_dim);
+  // Rows below first_row see none of this CTA's keys (n0 < 2^30, diff >= -2^30: fits an int).
+  const int first_row = max(0, n0 - diff);
+  if (first_row >= seq_q) return;  // the whole CTA: no barrier is skipped by part of it
+
+  // This warp's keys: key0 + j for j < KPW; keys past seq_k stay zero and are never visible.
+  const int key0 = n0 + warp * KPW;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
+  float kr[KPW][P], vr[KPW][P], dk[KPW][P] = {}, dv[KPW][P] = {};
+#pragma unroll
+  for (int j = 0; j < KPW; ++j) {
+    const bool valid = key0 + j < seq_k;
+    load_row(kr[j], k + (valid ? key0 + j : 0) * p.k_stride.seq, valid ? head_dim : 0);
+    load_row(vr[j], v + (valid ? key0 + j : 0) * p.v_stride.seq, valid ? head_dim : 0);
+  }
+  for (int i = threadIdx.x; i < kRows * 32 * P; i += blockDim.x) (&dq_tile[0][0])[i] = 0.0f;
+  __syncthreads();
+
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
+    const T* dout =
+        static_cast<const T*>(p.dout) + b * p.dout_stride.batch + h * p.dout_stride.head;
+    const float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head;
+    const float* delta = p.delta + b * p.delta_stride.batch + h * p.delta_stride.head;
+    float* dq = p.dq + b * p.dq_stride.batch + h * p.dq_stride.head;
+    for (int r0 = first_row; r0 < seq_q; r0 += kRows) {
+      const int rows = min(kRows, seq_q - r0);
+      for (int i = 0; i < rows; ++i) {
+        // Warps start on different rows so that fewer shared-memory atomics hit one address.
+        const int r = (i + warp) % rows, row = r0 + r;
+        const float row_lse = lse[row];
+        // A row that saw no key has no gradient; one that sees none of this warp's keys adds
+        // nothing (row + diff fits an int: row < 2^30, |diff| <= 2^30). Both are warp-uniform.
+        const int last_key = min(seq_k - 1, row + diff);
+        if (row_lse == -INFINITY || last_key < key0) continue;
+        const float row_delta = delta[row];
+        float qr[P], dor[P];
+        load_row(qr, q + row * p.q_stride.seq, head_dim);
+        load_row(dor, dout + row * p.dout_stride.seq, head_dim);
+        float s[KPW], dp[KPW];
+#pragma unroll
+        for (int j = 0; j < KPW; ++j) {
+          s[j] = 0.0f;
+          dp[j] = 0.0f;
+#pragma unroll
+          for (int e = 0; e < P; ++e) {
+            s[j] += qr[e] * kr[j][e];
+            dp[j] += dor[e] * vr[j][e];
+          }
+        }
+#pragma unroll
+        for (int m = 16; m > 0; m /= 2) {
+#pragma unroll
+          for (int j = 0; j < KPW; ++j) {
+            s[j] += __shfl_xor_sync(0xffffffff, s[j], m);
+            dp[j] += __shfl_xor_sync(0xffffffff, dp[j], m);
+          }
+        }
+        float dq_part[P] = {};
+#pragma unroll
+        for (int j = 0; j < KPW; ++j) {
+          const float prob = key0 + j <= last_key ? expf(s[j] * p.scale - row_lse) : 0.0f;
+          const float ds = prob * (dp[j] - row_delta);
+#pragma unroll
+          for (int e = 0; e < P; ++e) {
+            dv[j][e] += prob * dor[e];
+            dk[j][e] += ds * qr[e];
+            dq_part[e] += ds * kr[j][e];
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < P; ++e) {
+          if (lane + 32 * e < head_dim) atomicAdd(&dq_tile[r][lane + 32 * e], dq_part[e]);
+        }
+      }
+      __syncthreads();  // dq_tile complete for rows [r0, r0 + rows)
+      flush_dq<P, kRows>(dq_tile, dq, p.dq_stride.seq, r0, rows, head_dim, p.scale);
+      __syncthreads();  // dq_tile zero again
+    }
+  }
+
+  // The CTA owns its keys: add dK (scaled) and dV once, without atomics.
+  float* dk_out = p.dk + b * p.dk_stride.batch + hk * p.dk_stride.head;
+  float* dv_out = p.dv + b * p.dv_stride.batch + hk * p.dv_stride.head;
+#pragma unroll
+  for (int j = 0; j < KPW; ++j) {
+    if (key0 + j >= seq_k) break;
+#pragma unroll
+    for (int e = 0; e < P; ++e) {
+      const int d = lane + 32 * e;
+      if (d < head_dim) {
+        dk_out[(key0 + j) * p.dk_stride.seq + d] += p.scale * dk[j][e];
+        dv_out[(key0 + j) * p.dv_stride.seq + d] += dv[j][e];
+      }
+    }
+  }
+}
+
+dim3 row_grid(const FwdParams& p) {
+  return make_grid((p.shape.seq_q + kRowsPerBlock - 1) / kRowsPerBlock, p.shape.heads_q,
+                   p.shape.batch, "simt_fwd");
 }
 
 void check_simt_head_dim(const Shape& s) {
   if (s.head_dim > 32 * kPerLane) {
     throw std::invalid_argument("ring_ext CUDA: head_dim must be <= 256");
+  }
+}
+
+template <typename T, int P>
+void launch_simt_bwd(const BwdParams& p, cudaStream_t stream) {
+  using Cfg = SimtBwdConfig<P>;
+  const dim3 grid = make_grid((p.shape.seq_k + Cfg::kBlockN - 1) / Cfg::kBlockN, p.shape.heads_kv,
+                              p.shape.batch, "simt_bwd");
+  launch(simt_bwd_kernel<T, P>, "simt_bwd", grid, Cfg::kThreads, 0, stream, p, causal_diff(p.mask));
+}
+
+template <typename T>
+void dispatch_simt_bwd(const BwdParams& p, cudaStream_t stream) {
+  if (p.shape.head_dim <= 64) {
+    launch_simt_bwd<T, 2>(p, stream);
+  } else if (p.shape.head_dim <= 128) {
+    launch_simt_bwd<T, 4>(p, stream);
+  } else {
+    launch_simt_bwd<T, 8>(p, stream);
   }
 }
 
@@ -180,15 +301,13 @@ void simt_fwd(const FwdParams& p, cudaStream_t stream) {
 
 void simt_bwd(const BwdParams& p, cudaStream_t stream) {
   check_simt_head_dim(p.shape);
-  const int threads = 32 * kRowsPerBlock, diff = causal_diff(p.mask);
   switch (p.in_dtype) {
     case DType::kFloat32:
-      return launch(simt_bwd_kernel<float>, "simt_bwd", row_grid(p), threads, 0, stream, p, diff);
+      return dispatch_simt_bwd<float>(p, stream);
     case DType::kBFloat16:
-      return launch(simt_bwd_kernel<__nv_bfloat16>, "simt_bwd", row_grid(p), threads, 0, stream, p,
-                    diff);
+      return dispatch_simt_bwd<__nv_bfloat16>(p, stream);
     case DType::kFloat16:
-      return launch(simt_bwd_kernel<__half>, "simt_bwd", row_grid(p), threads, 0, stream, p, diff);
+      return dispatch_simt_bwd<__half>(p, stream);
   }
 }
 
