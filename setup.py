@@ -8,6 +8,9 @@ Environment (read here and nowhere else at build time):
                           sm_90a machine code (H100/H200), and sm_80 PTX that the driver JIT-compiles on newer
                           GPUs (Blackwell sm_100/120). "X.Y+PTX" embeds PTX for X.Y next to its machine code;
                           a list without +PTX runs on the listed GPUs only (a warning says so).
+  RING_EXT_CPU_ISAS       auto (default) | portable. auto: on x86-64 the AVX-512 and AVX2 kernels are built
+                          next to the portable baseline and picked at run time; on other hosts (aarch64:
+                          GH200, GB200) only the baseline. portable: only the baseline, on any host.
   RING_EXT_PTXAS_VERBOSE  1 prints ptxas register/spill reports for every kernel.
   MAX_JOBS                parallel compile jobs (ninja), honoured by torch's BuildExtension.
   CUDA_HOME               the CUDA toolkit, e.g. /usr/local/cuda.
@@ -15,6 +18,7 @@ Environment (read here and nowhere else at build time):
 
 import glob
 import os
+import platform
 import re
 import shutil
 import sys
@@ -25,6 +29,7 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0+PTX;9.0a"
+X86_ISA_SOURCES = ("csrc/cpu/kernels_avx512.cpp", "csrc/cpu/kernels_avx2.cpp")  # x86-64 only
 
 
 def want_cuda() -> bool:
@@ -82,20 +87,36 @@ def arch_flags(archs: list) -> list:
     return flags
 
 
-def write_build_info(cuda: bool, archs: list) -> None:
+def cpu_isas() -> list:
+    """The CPU kernel builds: x86 ISAs only on x86-64 hosts and unless RING_EXT_CPU_ISAS=portable."""
+    mode = os.environ.get("RING_EXT_CPU_ISAS", "auto").lower()
+    if mode not in ("auto", "portable"):
+        sys.exit(f"RING_EXT_CPU_ISAS must be auto or portable, got {mode!r}")
+    x86_64 = platform.machine().lower() in ("x86_64", "amd64")
+    return ["avx512", "avx2", "baseline"] if mode == "auto" and x86_64 else ["baseline"]
+
+
+def write_build_info(cuda: bool, archs: list, isas: list) -> None:
     with open(os.path.join(ROOT, "ring_ext", "_build_info.py"), "w") as f:
         f.write("# Written by setup.py at build time.\n")
         f.write(f"CUDA = {cuda!r}\nCUDA_ARCHS = {archs!r}\nBUILT_WITH_TORCH = {torch.__version__!r}\n")
+        f.write(f"CPU_ISAS = {isas!r}\n")
 
 
 def extension():
     cuda = want_cuda()
     archs = parse_archs(os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)) if cuda else []
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    isas = cpu_isas()
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    if "avx2" not in isas:
+        cpu_sources = [s for s in cpu_sources if s not in X86_ISA_SOURCES]
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp")) + cpu_sources
     sources += sorted(glob.glob("csrc/ring/*.cpp"))
     # C++20: torch >= 2.14 headers need it. -fopenmp: at::parallel_for is a header template compiled
     # here, which runs serially unless _OPENMP is defined (torch's wheel ships the libgomp it uses).
     cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+    if "avx2" not in isas:
+        cxx.append("-DRING_EXT_CPU_PORTABLE_ONLY")  # dispatch.cpp: the baseline kernels only
     args = {"cxx": cxx}
     kwargs = {}
     if cuda:
@@ -109,7 +130,7 @@ def extension():
         args["nvcc"] = nvcc
         args["cxx"] = cxx + ["-DRING_EXT_WITH_CUDA"]
         kwargs["include_dirs"] = pip_cuda_includes()  # our -gencode flags replace torch's own
-    write_build_info(cuda, archs)
+    write_build_info(cuda, archs, isas)
     make = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
     return make(
         "ring_ext._C",

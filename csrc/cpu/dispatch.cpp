@@ -1,6 +1,16 @@
 // Picks the kernels' instruction set once, from what this CPU supports. Each kernels_<isa>.cpp
-// compiles flash_impl.h into namespace ring_ext::cpu::<isa>.
+// compiles flash_impl.h into namespace ring_ext::cpu::<isa>. The AVX-512 and AVX2 builds exist only
+// on x86-64, and not at all with RING_EXT_CPU_ISAS=portable (setup.py then defines
+// RING_EXT_CPU_PORTABLE_ONLY and leaves their files out); elsewhere (aarch64: GH200, GB200) the
+// portable baseline is the only build and needs no detection.
 #include "kernels.h"
+
+// The same condition guards kernels_avx512.cpp and kernels_avx2.cpp.
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(RING_EXT_CPU_PORTABLE_ONLY)
+#define RING_EXT_CPU_X86_ISAS 1
+#else
+#define RING_EXT_CPU_X86_ISAS 0
+#endif
 
 namespace ring_ext::cpu {
 
@@ -10,8 +20,10 @@ namespace ring_ext::cpu {
   void flash_bwd(const BwdParams& p, ParallelFor parallel_for);   \
   void lse_merge(const MergeParams& p, ParallelFor parallel_for); \
   }
+#if RING_EXT_CPU_X86_ISAS
 RING_EXT_DECLARE_ISA(avx512)
 RING_EXT_DECLARE_ISA(avx2)
+#endif
 RING_EXT_DECLARE_ISA(baseline)
 #undef RING_EXT_DECLARE_ISA
 
@@ -20,12 +32,14 @@ namespace {
 enum class Isa { kAvx512, kAvx2, kBaseline };
 
 Isa detect() {
+#if RING_EXT_CPU_X86_ISAS
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512bf16"))
     return Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
   return Isa::kBaseline;
 }
 
@@ -44,6 +58,7 @@ const char* isa() {
   }
 }
 
+#if RING_EXT_CPU_X86_ISAS
 #define RING_EXT_DISPATCH(fn, ...)      \
   switch (kIsa) {                       \
     case Isa::kAvx512:                  \
@@ -53,6 +68,9 @@ const char* isa() {
     default:                            \
       return baseline::fn(__VA_ARGS__); \
   }
+#else
+#define RING_EXT_DISPATCH(fn, ...) return baseline::fn(__VA_ARGS__);
+#endif
 
 void flash_fwd(const FwdParams& p, ParallelFor pf) { RING_EXT_DISPATCH(flash_fwd, p, pf) }
 void flash_bwd(const BwdParams& p, ParallelFor pf) { RING_EXT_DISPATCH(flash_bwd, p, pf) }

@@ -1,6 +1,10 @@
 // The CPU kernels compiled for the avx2 instruction set (dispatch.cpp picks one at run time).
 // Every shared header comes before the target pragma, so only code in namespace
 // ring_ext::cpu::avx2 is compiled for this target (no inline function differs between builds).
+// x86-64 only: setup.py and CMakeLists.txt leave this file out elsewhere and with
+// RING_EXT_CPU_ISAS=portable; the guard (the same as in dispatch.cpp) keeps it empty if it is
+// compiled anyway.
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(RING_EXT_CPU_PORTABLE_ONLY)
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,3 +24,4 @@
 #include "tiles_generic.h"
 #include "flash_impl.h"
 // clang-format on
+#endif

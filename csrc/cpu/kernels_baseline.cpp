@@ -14,7 +14,7 @@
 #include "convert.h"
 #include "kernels.h"
 
-// baseline x86-64: no target pragma
+// no target pragma: the compiler's default for the host (x86-64 SSE2; aarch64 NEON)
 #define RING_EXT_CPU_ISA baseline
 // clang-format off: the tile primitives come first, flash_impl.h is written against them
 #include "tiles_generic.h"
