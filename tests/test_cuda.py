@@ -1,12 +1,15 @@
 """CUDA kernels (tensor-core forward/backward, SIMT fallback, LSE merge) against the float64 oracle.
 
 Everything here needs a CUDA device and a build with the CUDA part; elsewhere the module is collected
-and skipped with the reason. The oracle runs in float64 on the GPU; the rule (tests/tolerances.py): at most
-twice the error of PyTorch's own attention in the same dtype on the GPU, LSE tightly.
+and skipped with the reason ("no CUDA device" on a machine without a GPU). The oracle runs in float64 on
+the GPU; the rule (tests/tolerances.py): at most twice the error of PyTorch's own attention in the same
+dtype on the GPU, LSE tightly. Tests that target one kernel family (tensor cores or SIMT) also check,
+with the profiler, that this family is the one that ran.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -45,13 +48,61 @@ def make_qkv(b, sq, sk, hq, hkv, d, dtype, seed):
     return q, k, v
 
 
-def check_fwd_bwd(q, k, v, *, causal, q_offset=0, k_offset=0, seed=0, out_fp32=False):
+@contextlib.contextmanager
+def kernels_launched():
+    """Yields a list that, after the block, holds the names of the ring_ext CUDA kernels launched in it."""
+    names: list[str] = []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        yield names
+        torch.cuda.synchronize()
+    names += sorted({e.name for e in prof.events() if "ring_ext" in e.name and "_kernel" in e.name})
+
+
+KERNEL_FAMILIES = {
+    "tensor_core": ("flash_fwd_kernel", "flash_bwd_kernel"),
+    "simt": ("simt_fwd_kernel", "simt_bwd_kernel"),
+}
+
+
+def assert_family(names: list[str], family: str) -> None:
+    """The forward and backward kernels of `family` ran, and none of the other family."""
+    if not names:
+        pytest.skip("the profiler saw no ring_ext kernel (CUPTI unavailable?): the path taken is unknown")
+    other = "simt" if family == "tensor_core" else "tensor_core"
+    for kernel in KERNEL_FAMILIES[family]:
+        assert any(kernel in n for n in names), f"expected {kernel}, the kernels were {names}"
+    for kernel in KERNEL_FAMILIES[other]:
+        assert not any(kernel in n for n in names), f"{kernel} ran, expected {family} only: {names}"
+
+
+def misaligned_qkv(b, s, hq, hkv, d, dtype, seed):
+    """q, k, v as views at an odd element offset into wider tensors (not copied): their first rows are
+    not 16-byte aligned and their head strides are odd (rows start at every alignment), so only the SIMT
+    kernels may read them."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    qbase = torch.randn(b, s, hq, d + 1, generator=g, device=DEV).to(dtype)
+    kvbase = torch.randn(b, s, hkv, 2 * d + 1, generator=g, device=DEV).to(dtype)
+    q, k, v = qbase[..., 1:], kvbase[..., 1 : d + 1], kvbase[..., d + 1 :]
+    assert all(
+        t.storage_offset() % 2 == 1 and t.data_ptr() % 16 != 0 and t.stride(2) % 2 == 1 for t in (q, k, v)
+    )
+    return q, k, v
+
+
+def check_fwd_bwd(q, k, v, *, causal, q_offset=0, k_offset=0, seed=0, out_fp32=False, family=None):
     """Forward (out, lse) and backward (dq, dk, dv) of the fwd op against the float64 oracle, with
-    PyTorch's attention in the same dtype as the yardstick."""
+    PyTorch's attention in the same dtype as the yardstick. q, k, v reach the op as given (views stay
+    views: a misaligned input stays misaligned). family: the kernel family that must have run."""
     dtype = q.dtype
     scale = 1.0 / math.sqrt(q.shape[-1])
-    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out, lse = torch.ops.ring_ext.fwd(qg, kg, vg, scale, causal, q_offset, k_offset, out_fp32)
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    g = torch.Generator(device=DEV).manual_seed(seed + 1)
+    dout = torch.randn(q.shape, generator=g, device=DEV).to(dtype)
+    with kernels_launched() if family else contextlib.nullcontext([]) as names:
+        out, lse = torch.ops.ring_ext.fwd(qg, kg, vg, scale, causal, q_offset, k_offset, out_fp32)
+        out.backward(dout.to(out.dtype))
+    if family:
+        assert_family(names, family)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = attention_reference(
         q64, k64, v64, causal=causal, scale=scale, q_offset=q_offset, k_offset=k_offset
@@ -59,9 +110,6 @@ def check_fwd_bwd(q, k, v, *, causal, q_offset=0, k_offset=0, seed=0, out_fp32=F
     assert out.dtype == (torch.float32 if out_fp32 else dtype)
     assert out.device == q.device and lse.device == q.device
     assert_lse(lse, ref_lse.detach())
-    g = torch.Generator(device=DEV).manual_seed(seed + 1)
-    dout = torch.randn(out.shape, generator=g, device=DEV).to(dtype)
-    out.backward(dout.to(out.dtype))
     ref_out.backward(dout.double())
     assert all(t.grad.dtype == dtype for t in (qg, kg, vg))
     baseline = torch_attention(
@@ -105,12 +153,49 @@ def test_odd_lengths(sq, sk, causal):
         (140, 140, 10, 20),  # the first 10 rows see nothing
         (33, 129, 200, 0),  # every key visible
         (256, 256, 1 << 40, (1 << 40) + 128),  # huge global offsets
+        (200, 300, (1 << 30) - 50, 0),  # difference just below the 2^30 clamp: every key visible
+        (130, 260, 1 << 30, 0),  # difference at the clamp
+        (150, 150, (1 << 31) + 5, 1 << 31),  # offsets past int32, small difference
+        (100, 300, 0, (1 << 30) - 100),  # keys far after the queries: every row sees nothing
+        (100, 300, 0, (1 << 31) + 100),  # the same past int32 (the difference is clamped at -2^30)
     ],
 )
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_causal_offsets(sq, sk, q_offset, k_offset, dtype):
-    q, k, v = make_qkv(2, sq, sk, 2, 1, 64, dtype, seed=sq + sk)
+@pytest.mark.parametrize(
+    "dtype,head_dim", [(torch.bfloat16, 64), (torch.float16, 64), (torch.float32, 64), (torch.bfloat16, 33)]
+)
+def test_causal_offsets(sq, sk, q_offset, k_offset, dtype, head_dim):
+    """Tensor-core kernels (bf16/fp16, head_dim 64) and SIMT kernels (float32; bf16 with head_dim 33)."""
+    q, k, v = make_qkv(2, sq, sk, 2, 1, head_dim, dtype, seed=sq + sk)
     check_fwd_bwd(q, k, v, causal=True, q_offset=q_offset, k_offset=k_offset)
+
+
+def test_last_rows_of_a_2_30_row_block():
+    """The forward's last CTA at rows near 2^30 with q_offset - k_offset = 2^30: its visible-key bound,
+    row + diff, passes 2^31 and must be taken in int64. Forward only (the backward of a 2^30-row block
+    walks every row in one CTA per key block: minutes); needs ~36 GB of GPU memory."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 40e9:
+        pytest.skip(f"needs 40 GB of free GPU memory, {free / 1e9:.0f} GB free")
+    sq, scale, q_offset = (1 << 30) - 64, 0.35, 1 << 30
+    g = torch.Generator(device=DEV).manual_seed(7)
+    q = torch.randn(1, sq, 1, 8, generator=g, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, 96, 1, 8, generator=g, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(1, 96, 1, 8, generator=g, device=DEV, dtype=torch.bfloat16)
+    out = lse = None
+    try:
+        out, lse = torch.ops.ring_ext.fwd(q, k, v, scale, True, q_offset, 0)
+        for first in (0, sq - 300):
+            rows = slice(first, first + 300)
+            qs = q[:, rows]
+            ref, ref_lse = attention_reference(
+                qs.double(), k.double(), v.double(), causal=True, scale=scale, q_offset=q_offset + first
+            )
+            base = torch_attention(qs, k, v, causal=True, scale=scale, q_offset=q_offset + first)[0]
+            assert_close_to_oracle(out[:, rows], ref, base, f"rows {first}..{first + 299}")
+            assert_lse(lse[:, :, rows], ref_lse, f"lse rows {first}..{first + 299}")
+    finally:  # the frame of a failure must not hold 36 GB through the later tests
+        del q, out, lse
+        torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -147,11 +232,88 @@ def test_layouts_through_strides(layout, dtype):
     assert_attention(got, expected, torch_attention(q, k, v, dout, causal=True), f"{layout} {dtype}")
 
 
-def test_unaligned_rows_take_the_fallback():
-    """Row starts that are not 16-byte aligned (odd element offset) go to the SIMT kernels."""
-    base = torch.randn(1, 90, 2, 64 * 3 + 1, device=DEV).to(torch.bfloat16)
-    q, k, v = base[..., 1:65], base[..., 65:129], base[..., 129:193]
-    check_fwd_bwd(q, k, v, causal=True)
+@pytest.mark.parametrize("dtype", HALF_DTYPES + [torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_misaligned_views_take_the_simt_kernels(dtype, causal):
+    """Views at an odd element offset (rows not 16-byte aligned), passed as views: the SIMT kernels run
+    (head_dim 64 would take the tensor cores if aligned) and match the oracle, GQA included."""
+    q, k, v = misaligned_qkv(2, 150, 4, 2, 64, dtype, seed=13)
+    check_fwd_bwd(q, k, v, causal=causal, family="simt")
+
+
+def test_aligned_half_inputs_take_the_tensor_cores():
+    """The counterpart: the same shapes, aligned, in bf16 take the tensor-core kernels."""
+    q, k, v = make_qkv(2, 150, 150, 4, 2, 64, torch.bfloat16, seed=13)
+    check_fwd_bwd(q, k, v, causal=True, family="tensor_core")
+
+
+@pytest.mark.parametrize("head_dim", [7, 33, 100])
+@pytest.mark.parametrize("dtype", HALF_DTYPES + [torch.float32])
+def test_head_dims_not_multiple_of_8(head_dim, dtype):
+    """Head dims the tensor cores cannot take (not a multiple of 8) run on the SIMT kernels, in every
+    dtype, with GQA, causal, and lengths that are not multiples of any tile."""
+    q, k, v = make_qkv(2, 157, 203, 4, 2, head_dim, dtype, seed=head_dim)
+    check_fwd_bwd(q, k, v, causal=True, q_offset=46, family="simt")
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES + [torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dim_256_batched(dtype, causal):
+    """D = 256 (the largest tiles: 4-warp forward, 64-key backward) with batch > 1 and GQA; float32 on
+    the SIMT kernels (8 dims per lane, 16 keys per CTA)."""
+    q, k, v = make_qkv(3, 211, 333, 4, 2, 256, dtype, seed=256)
+    family = "simt" if dtype == torch.float32 else "tensor_core"
+    check_fwd_bwd(q, k, v, causal=causal, family=family)
+
+
+def test_long_sequence():
+    """A 16k-token causal block (bf16, GQA, head_dim 128) forward and backward against the oracle."""
+    q, k, v = make_qkv(1, 16384, 16384, 2, 1, 128, torch.bfloat16, seed=16)
+    check_fwd_bwd(q, k, v, causal=True, family="tensor_core")
+
+
+def test_simt_float32_error(record_property):
+    """The float32 SIMT kernels (built without --use_fast_math: IEEE expf, logf, division) are as
+    accurate as PyTorch's float32 attention; the measured errors land in the JUnit report
+    (tools/gpu_check.sh copies them into its summary)."""
+    q, k, v = make_qkv(2, 257, 300, 4, 2, 64, torch.float32, seed=32)
+    scale, dout = 0.125, torch.randn(2, 257, 4, 64, device=DEV)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    with kernels_launched() as names:
+        out, lse = torch.ops.ring_ext.fwd(qg, kg, vg, scale, True, 43, 0)
+        out.backward(dout)
+    assert_family(names, "simt")
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = attention_reference(q64, k64, v64, causal=True, scale=scale, q_offset=43)
+    expected = [ref.detach(), *torch.autograd.grad(ref, (q64, k64, v64), dout.double())]
+    got = [out.detach(), qg.grad, kg.grad, vg.grad]
+    baseline = torch_attention(q, k, v, dout, causal=True, scale=scale, q_offset=43)
+    for name, ours, exp, theirs in zip(("out", "dq", "dk", "dv"), got, expected, baseline):
+        err = ((ours.double() - exp).norm() / exp.norm()).item()
+        torch_err = ((theirs.double() - exp).norm() / exp.norm()).item()
+        record_property(f"simt_fp32_rel_l2_{name}", f"{err:.2e} (PyTorch float32: {torch_err:.2e})")
+    assert_lse(lse, ref_lse.detach())
+    assert_attention(got, expected, baseline, "SIMT float32")
+
+
+@pytest.mark.parametrize(
+    "dtype,head_dim,family",
+    [(torch.bfloat16, 128, "tensor_core"), (torch.float32, 64, "simt"), (torch.bfloat16, 33, "simt")],
+)
+def test_backward_dk_dv_deterministic(dtype, head_dim, family):
+    """dK and dV are written once by the CTA that owns their keys (no atomics): bitwise identical over
+    runs, in both kernel families. dq is accumulated with atomics and only close."""
+    q, k, v = make_qkv(2, 300, 300, 4, 1, head_dim, dtype, seed=5)
+    out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.1, True)
+    dout = torch.randn_like(out)
+    with kernels_launched() as names:
+        first = torch.ops.ring_ext.bwd(dout, q, k, v, out, lse, 0.1, True)
+    if names:  # else the profiler saw nothing; the determinism below still holds whichever ran
+        assert any(KERNEL_FAMILIES[family][1] in n for n in names), names
+    for _ in range(3):
+        again = torch.ops.ring_ext.bwd(dout, q, k, v, out, lse, 0.1, True)
+        assert torch.equal(again[1], first[1]) and torch.equal(again[2], first[2])
+        torch.testing.assert_close(again[0], first[0], rtol=1e-2, atol=1e-3)
 
 
 def test_matches_cpu_kernels():
