@@ -1,5 +1,6 @@
-// Every schema of the ring_ext namespace, in one place. Kernels are registered per backend in
-// csrc/cpu/ops_cpu.cpp and csrc/cuda/ops_cuda.cpp; fake kernels and autograd live in
+// Every schema of the ring_ext namespace, in one place. Kernels are registered per backend, all of
+// a backend's in one file: csrc/cpu/ops_cpu.cpp and csrc/cuda/ops_cuda.cpp; ring_schedule, which
+// has no tensors, is defined here with its kernel. Fake kernels and autograd live in
 // ring_ext/ops.py.
 //
 // Tensor convention of the block ops: q/out/dout [batch, seq_q, heads_q, head_dim],
@@ -7,6 +8,8 @@
 // lse/delta float32 [batch, heads_q, seq_q]. See csrc/common/params.h.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "ring/ring.h"
 
 // Importing ring_ext._C loads this library, which runs the registrations below.
 PyMODINIT_FUNC PyInit__C(void) {
@@ -37,21 +40,23 @@ TORCH_LIBRARY(ring_ext, m) {
   m.def("merge_(Tensor(a!) out, Tensor(b!) lse, Tensor block_out, Tensor block_lse) -> ()");
   // Context-parallel attention of this rank's shards q [b, s, hq, d], k/v [b, s, hkv, d] (any
   // strides), over process groups given by name (c10d::resolve_process_group). algo is the
-  // --context-parallel-algo; group is the ring's group, inner_group/outer_group the double ring's
+  // --context-parallel-algo; ring_group is the ring's group, inner_group/outer_group the double
+  // ring's
   // ("" for the plain ring), ulysses_group Ulysses' (hybrid). Causal shards are zigzag
   // (ring_ext/sharding.py). Returns out [b, s, hq, d] in q's dtype, dense in `layout` (bshd, sbhd,
   // bnsd, sbh: Note [Output contract] in csrc/ring/attention.cpp), lse float32 [b, hq, s].
   m.def(
-      "attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, str algo, str group, "
+      "attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, str algo, str ring_group, "
       "str inner_group=\"\", str outer_group=\"\", str ulysses_group=\"\", bool overlap=True, "
       "str layout=\"bshd\") -> (Tensor out, Tensor lse)");
   // Gradients of attention given its final out and lse; dq/dk/dv in the dtype and strides of q/k/v.
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float "
       "scale, "
-      "bool causal, str algo, str group, str inner_group=\"\", str outer_group=\"\", "
+      "bool causal, str algo, str ring_group, str inner_group=\"\", str outer_group=\"\", "
       "str ulysses_group=\"\", bool overlap=True, Tensor? dlse=None) -> (Tensor dq, Tensor dk, "
       "Tensor dv)");
-  // The ring schedule of one rank, flattened (tests): per step [src, n_items, 7 fields per item].
-  m.def("ring_schedule(str algo, int cp_size, int rank, int window, bool causal) -> int[]");
+  // The ring schedule of one rank, flattened (tests): csrc/ring/ring.h, schedule_op.
+  m.def("ring_schedule(str algo, int cp_size, int rank, int window, bool causal) -> int[]",
+        &ring_ext::ring::schedule_op);
 }

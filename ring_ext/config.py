@@ -73,11 +73,6 @@ class CPConfig:
             return self.context_parallel_size // self.ulysses_degree_in_cp
         return self.context_parallel_size
 
-    @property
-    def default_layout(self) -> str:
-        """The layout the flags select: bnsd with --megatron-cp-in-bnsd, else MindSpeed's sbh."""
-        return "bnsd" if self.megatron_cp_in_bnsd else "sbh"
-
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CPConfig:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

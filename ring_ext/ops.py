@@ -65,7 +65,7 @@ torch.library.register_autograd("ring_ext::fwd", _fwd_backward, setup_context=_f
 
 # Context-parallel attention (csrc/ring): fakes and autograd. Shapes follow the local shards.
 @torch.library.register_fake("ring_ext::attention")
-def _attention_fake(q, k, v, scale, causal, algo, group, *args, **kwargs):
+def _attention_fake(q, k, v, scale, causal, algo, ring_group, *args, **kwargs):
     layout = _attention_args(args, kwargs)["layout"]
     return empty_in_layout(q, layout), _row_stats(q)
 

@@ -47,7 +47,7 @@ def test_flags_round_trip():
         )
     )
     assert cfg == ring_ext.CPConfig(8, "hybrid_cp_algo", True, "general", True, 2, 2)
-    assert cfg.ring_size == 4 and not cfg.causal and cfg.default_layout == "bnsd"
+    assert cfg.ring_size == 4 and not cfg.causal and cfg.megatron_cp_in_bnsd
 
 
 def test_bad_flag_choices_exit():

@@ -1,9 +1,10 @@
-// CPU registrations: the shared ATen glue (common/block_ops.h) with the CPU kernels, threaded by
-// at::parallel_for.
+// CPU registrations, all of them: the shared ATen glue (common/block_ops.h) with the CPU kernels,
+// threaded by at::parallel_for, and context-parallel attention (ring/attention.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../common/block_ops.h"
+#include "../ring/attention.h"
 #include "kernels.h"
 
 namespace ring_ext {
@@ -24,4 +25,8 @@ struct CpuBackend {
 }  // namespace
 }  // namespace ring_ext
 
-TORCH_LIBRARY_IMPL(ring_ext, CPU, m) { ring_ext::register_block_ops<ring_ext::CpuBackend>(m); }
+// Every CPU kernel of the ring_ext namespace: the block ops and context-parallel attention.
+TORCH_LIBRARY_IMPL(ring_ext, CPU, m) {
+  ring_ext::register_block_ops<ring_ext::CpuBackend>(m);
+  ring_ext::register_cp_ops(m);
+}

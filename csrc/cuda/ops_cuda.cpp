@@ -1,10 +1,12 @@
-// CUDA registrations: the shared ATen glue (common/block_ops.h) with the CUDA kernel launchers.
-// The glue holds a DeviceGuard for the inputs' device, so each launcher queues its kernel on that
-// device's current stream; nothing here synchronises the host.
+// CUDA registrations, all of them (block ops and context-parallel attention): the shared ATen glue
+// (common/block_ops.h) with the CUDA kernel launchers. The glue holds a DeviceGuard for the inputs'
+// device, so each launcher queues its kernel on that device's current stream; nothing here
+// synchronises the host.
 #include <ATen/cuda/CUDAContext.h>
 #include <torch/library.h>
 
 #include "../common/block_ops.h"
+#include "../ring/attention.h"
 #include "kernels.h"
 
 namespace ring_ext {
@@ -21,4 +23,8 @@ struct CudaBackend {
 }  // namespace
 }  // namespace ring_ext
 
-TORCH_LIBRARY_IMPL(ring_ext, CUDA, m) { ring_ext::register_block_ops<ring_ext::CudaBackend>(m); }
+// Every CUDA kernel of the ring_ext namespace: the block ops and context-parallel attention.
+TORCH_LIBRARY_IMPL(ring_ext, CUDA, m) {
+  ring_ext::register_block_ops<ring_ext::CudaBackend>(m);
+  ring_ext::register_cp_ops(m);
+}

@@ -1,12 +1,14 @@
 // torch.ops.ring_ext.attention / attention_bwd: context-parallel attention of this rank's shards,
-// dispatched on --context-parallel-algo. One device-generic implementation, registered for CPU and
-// (in CUDA builds) CUDA.
+// dispatched on --context-parallel-algo. One device-generic implementation; each backend's
+// registration file registers it (attention.h).
 //
 //   megatron_cp_algo  ring / double ring over the ring groups                      (ring.h)
 //   ulysses_cp_algo   all-to-all to head shards, the block kernel, all-to-all back  (ulysses.h)
 //   hybrid_cp_algo    all-to-all inside the Ulysses group, the ring across groups  (both)
 //
 // Every check that can fail runs before the first transfer, on every rank alike (the shapes agree).
+#include "attention.h"
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -193,16 +195,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
 }
 
 }  // namespace
+
+void register_cp_ops(torch::Library& m) {
+  m.impl("attention", &attention_op);
+  m.impl("attention_bwd", &attention_bwd_op);
+}
+
 }  // namespace ring_ext
-
-TORCH_LIBRARY_IMPL(ring_ext, CPU, m) {
-  m.impl("attention", &ring_ext::attention_op);
-  m.impl("attention_bwd", &ring_ext::attention_bwd_op);
-}
-
-#ifdef RING_EXT_WITH_CUDA
-TORCH_LIBRARY_IMPL(ring_ext, CUDA, m) {
-  m.impl("attention", &ring_ext::attention_op);
-  m.impl("attention_bwd", &ring_ext::attention_bwd_op);
-}
-#endif

@@ -264,8 +264,6 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
   return {dq, dkv[0], dkv[1]};
 }
 
-namespace {
-
 // Flattened schedule for tests: per step [src, n_items, n_hops, then 7 fields per item, then 4 per
 // hop (payload, link, send_to, recv_from)].
 std::vector<int64_t> schedule_op(const std::string& algo, int64_t cp_size, int64_t rank,
@@ -291,8 +289,6 @@ std::vector<int64_t> schedule_op(const std::string& algo, int64_t cp_size, int64
   return flat;
 }
 
-}  // namespace
-
 Algo parse_algo(const std::string& name) {
   if (name == "megatron_cp_algo") return Algo::kRing;
   if (name == "ulysses_cp_algo") return Algo::kUlysses;
@@ -309,7 +305,3 @@ void check_ring_algo(Algo algo) {
 
 }  // namespace ring
 }  // namespace ring_ext
-
-TORCH_LIBRARY_IMPL(ring_ext, CompositeImplicitAutograd, m) {
-  m.impl("ring_schedule", &ring_ext::ring::schedule_op);
-}

@@ -6,6 +6,7 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "comm.h"
 #include "schedule.h"
@@ -48,6 +49,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
                                                         const at::Tensor& lse,
                                                         const at::Tensor& delta,
                                                         const RingSetup& s);
+
+// torch.ops.ring_ext.ring_schedule (tests): per step [src, n_items, n_hops, 7 fields per item,
+// 4 per hop]; defined with its schema in csrc/ops.cpp.
+std::vector<int64_t> schedule_op(const std::string& algo, int64_t cp_size, int64_t rank,
+                                 int64_t window, bool causal);
 
 }  // namespace ring
 }  // namespace ring_ext
