@@ -89,7 +89,14 @@ def _cp_attention(q, k, v, ctx, layout, causal, scale, head_dim, check_consisten
             overlap=ctx.config.use_cp_send_recv_overlap,
             window=ctx.config.cp_window_size,
         )
-    out, _lse = torch.ops.ring_ext.attention(
+    out, _lse = cp_op(qv, kv, vv, ctx, scale, layout)
+    return from_bshd(out, layout)  # a view: out is dense in layout (Note [Output contract])
+
+
+def cp_op(qv, kv, vv, ctx, scale: float, layout: str = "bshd"):
+    """torch.ops.ring_ext.attention on [b, s, h, d] views of this rank's shards with ctx's algorithm and
+    groups: (out dense in `layout`, float32 lse [b, hq, s_local]). No checks: attention() makes them."""
+    return torch.ops.ring_ext.attention(
         qv,
         kv,
         vv,
@@ -103,4 +110,3 @@ def _cp_attention(q, k, v, ctx, layout, causal, scale, head_dim, check_consisten
         ctx.config.use_cp_send_recv_overlap,
         layout,
     )
-    return from_bshd(out, layout)  # a view: out is dense in layout (Note [Output contract])

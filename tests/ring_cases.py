@@ -12,6 +12,7 @@ import itertools
 import torch
 
 import ring_ext
+from ring_ext.attention import cp_op
 from ring_ext.layouts import SEQ_DIM, from_bshd, to_bshd
 from ring_ext.reference import attention_reference
 
@@ -111,19 +112,7 @@ def local_lse(ctx, case: Case, q, k, v) -> torch.Tensor:
     returns only the output)."""
     qv, kv, vv = (to_bshd(t.detach(), case.layout, case.head_dim) for t in (q, k, v))
     scale = case.head_dim**-0.5 if case.softmax_scale is None else case.softmax_scale
-    _, lse = torch.ops.ring_ext.attention(
-        qv,
-        kv,
-        vv,
-        scale,
-        ctx.causal,
-        ctx.algo,
-        ctx.ring_group_name,
-        ctx.inner_group_name,
-        ctx.outer_group_name,
-        ctx.ulysses_group_name,
-        ctx.config.use_cp_send_recv_overlap,
-    )
+    _, lse = cp_op(qv, kv, vv, ctx, scale)
     return lse.contiguous()
 
 
