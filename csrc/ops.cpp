@@ -9,6 +9,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/kernels.h"
 #include "ring/ring.h"
 
 // Importing ring_ext._C loads this library, which runs the registrations below.
@@ -59,4 +62,7 @@ TORCH_LIBRARY(ring_ext, m) {
   // The ring schedule of one rank, flattened (tests): csrc/ring/ring.h, schedule_op.
   m.def("ring_schedule(str algo, int cp_size, int rank, int window, bool causal) -> int[]",
         &ring_ext::ring::schedule_op);
+  // The instruction set the CPU kernels dispatched to on this machine: avx512, avx2 or baseline
+  // (ring_ext.build_info()["cpu_isa"]; benchmarks print it, since it decides CPU speed).
+  m.def("cpu_isa() -> str", [] { return std::string(ring_ext::cpu::isa()); });
 }

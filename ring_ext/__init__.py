@@ -28,7 +28,9 @@ __all__ = [
 
 
 def build_info() -> dict:
-    """What this installation was built with: {'cuda', 'cuda_archs', 'torch_version', ...}."""
+    """What this installation was built with and runs on: {'cuda', 'cuda_archs', 'torch_version',
+    'built_with_torch', 'cpu_isa'} (cpu_isa: the CPU kernels' instruction set here: avx512, avx2 or
+    baseline)."""
     from . import _build_info
 
     cuda_registered = torch._C._dispatch_has_kernel_for_dispatch_key("ring_ext::fwd", "CUDA")
@@ -37,4 +39,5 @@ def build_info() -> dict:
         "cuda_archs": list(_build_info.CUDA_ARCHS),
         "torch_version": torch.__version__,
         "built_with_torch": _build_info.BUILT_WITH_TORCH,
+        "cpu_isa": torch.ops.ring_ext.cpu_isa(),
     }

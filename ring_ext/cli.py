@@ -426,7 +426,8 @@ def main(argv=None) -> None:
         print(json.dumps(rows, indent=1))
     else:
         print(
-            f"b={args.batch} h={args.heads} kv_heads={args.kv_heads or args.heads} d={args.head_dim}; "
+            f"b={args.batch} h={args.heads} kv_heads={args.kv_heads or args.heads} d={args.head_dim} "
+            f"cpu_isa={torch.ops.ring_ext.cpu_isa()}; "
             f"max_rel_err: output and gradients vs full attention on one process (fp32)"
         )
         print_table(rows)

@@ -128,6 +128,7 @@ SAMPLES = {
     "attention": (_attention_samples, None),
     "attention_bwd": (_attention_bwd_samples, None),
     "ring_schedule": (_ring_schedule_samples, ("test_schema", "test_faketensor")),
+    "cpu_isa": (lambda group: iter([((), {})]), ("test_schema", "test_faketensor")),
 }
 
 
@@ -173,6 +174,7 @@ def test_compile_fullgraph_matches_eager():
 
 def test_build_info():
     info = ring_ext.build_info()
+    assert info["cpu_isa"] in ("avx512", "avx2", "baseline")
     assert isinstance(info["cuda"], bool)
     assert isinstance(info["cuda_archs"], list)
     assert info["torch_version"] == torch.__version__
