@@ -79,12 +79,12 @@ int64_t ulysses_degree(const Groups& g, const Tensor& q, const Tensor& k) {
 // acc in ref's dtype and strides (at::empty_like's): acc itself when it already is and owns its
 // whole storage (so no output aliases another), else a copy.
 Tensor like(const Tensor& acc, const Tensor& ref) {
-  Tensor dest = at::empty_like(ref);
   const bool owned = acc.storage().nbytes() == static_cast<size_t>(acc.nbytes());
-  if (owned && acc.scalar_type() == dest.scalar_type() && acc.strides() == dest.strides()) {
+  if (owned && acc.scalar_type() == ref.scalar_type() && ref.is_non_overlapping_and_dense() &&
+      acc.strides() == ref.strides()) {
     return acc;
   }
-  return dest.copy_(acc);
+  return at::empty_like(ref).copy_(acc);
 }
 
 // Note [Output contract]

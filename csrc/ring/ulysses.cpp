@@ -31,19 +31,6 @@ namespace {
 
 using c10d::ProcessGroup;
 
-// Equal-split all-to-all along dim 0 of send [P, ...]; returns recv [P(src), ...].
-at::Tensor all_to_all(const at::Tensor& send, ProcessGroup& pg) {
-  at::Tensor in = send.contiguous();
-  at::Tensor out = at::empty_like(in);
-  std::vector<int64_t> equal_splits;
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-  pg.alltoall_base(out, in, equal_splits, equal_splits)
-      ->wait();  // all_to_all_single in newer torch
-#pragma GCC diagnostic pop
-  return out;
-}
-
 // The bytes [offset, offset + one destination's bytes of `like`) of every row of buf [P, row],
 // viewed as like's dtype and shape [P, ...].
 at::Tensor slot(const at::Tensor& buf, int64_t offset, const at::Tensor& like) {
@@ -98,12 +85,13 @@ at::Tensor as_seq(const at::Tensor& recv) { return recv.flatten(0, 1).permute({1
 at::Tensor as_rows_seq(const at::Tensor& recv) {
   return recv.permute({1, 2, 0, 3}).flatten(2, 3).contiguous();
 }
-// Received [P(src), sl, b, h, d] (head groups) -> a new [b, sl, P*h, d] (the un-permute's copy).
-at::Tensor as_heads(const at::Tensor& recv) {
+// Received [P(src), sl, b, h, d] (head groups) -> [b, sl, P*h, d], written into `dest` (any
+// strides) when given, else into a new tensor: the un-permute is the one copy.
+at::Tensor as_heads(const at::Tensor& recv, at::Tensor dest = {}) {
   const int64_t P = recv.size(0), sl = recv.size(1), b = recv.size(2), h = recv.size(3);
-  at::Tensor x = at::empty({b, sl, P * h, recv.size(4)}, recv.options());
-  x.unflatten(2, {P, h}).copy_(recv.permute({2, 1, 0, 3, 4}));
-  return x;
+  if (!dest.defined()) dest = at::empty({b, sl, P * h, recv.size(4)}, recv.options());
+  dest.unflatten(2, {P, h}).copy_(recv.permute({2, 1, 0, 3, 4}));
+  return dest;
 }
 // Received [P(src), b, h, sl] (head groups) -> a new [b, P*h, sl].
 at::Tensor as_rows_heads(const at::Tensor& recv) {
@@ -146,9 +134,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   // Rounded before the trip back: nothing is accumulated after this point.
   const auto back =
       all_to_all({seq_to_dst(out_h.to(out.scalar_type()), P), rows_seq_to_dst(lse_h, P)}, *pg);
-  const int64_t h = out_h.size(2);
-  out.unflatten(2, {P, h}).copy_(back[0].permute({2, 1, 0, 3, 4}));  // [b, sl, P, H/P, d]
-  return {out, as_rows_heads(back[1])};                              // lse [b, H, sl]
+  return {as_heads(back[0], out), as_rows_heads(back[1])};  // out [b, sl, H, d], lse [b, H, sl]
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
