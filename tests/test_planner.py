@@ -110,18 +110,23 @@ def check_hops_match(table, cp, window):
             for h in step.hops:
                 to = ring_rank(cp, window, r, h.link, h.send_to)
                 frm = ring_rank(cp, window, r, h.link, h.recv_from)
-                assert any(
-                    p.what == h.what
-                    and p.link == h.link
-                    and ring_rank(cp, window, to, p.link, p.recv_from) == r
-                    for p in table[to][t].hops
-                ), f"rank {r} step {t}: {h.what} to {to}, which does not receive it"
-                assert any(
-                    p.what == h.what
-                    and p.link == h.link
-                    and ring_rank(cp, window, frm, p.link, p.send_to) == r
-                    for p in table[frm][t].hops
-                ), f"rank {r} step {t}: {h.what} from {frm}, which does not send it"
+                assert _answers(table, cp, window, t, to, h, "recv_from", r), (
+                    f"rank {r} step {t}: {h.what} to {to}, which does not receive it"
+                )
+                assert _answers(table, cp, window, t, frm, h, "send_to", r), (
+                    f"rank {r} step {t}: {h.what} from {frm}, which does not send it"
+                )
+
+
+def _answers(table, cp, window, step, peer, hop, field, me):
+    """Whether `peer` has at `step` a hop of the same payload and group whose `field` (send_to or
+    recv_from) is rank `me`."""
+    return any(
+        p.what == hop.what
+        and p.link == hop.link
+        and ring_rank(cp, window, peer, p.link, getattr(p, field)) == me
+        for p in table[peer][step].hops
+    )
 
 
 def check_blocks_follow_hops(table, cp, window):
