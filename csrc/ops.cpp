@@ -59,6 +59,11 @@ TORCH_LIBRARY(ring_ext, m) {
       "bool causal, str algo, str ring_group, str inner_group=\"\", str outer_group=\"\", "
       "str ulysses_group=\"\", bool overlap=True, Tensor? dlse=None) -> (Tensor dq, Tensor dk, "
       "Tensor dv)");
+  // The collectives of the Python API (unshard, the cross-rank check, the training-loop helpers),
+  // over a group given by name; device-generic, registered with the attention kernels. Every
+  // tensor they give c10d is theirs alone: Note [Tensors handed to c10d] in csrc/ring/comm.h.
+  m.def("all_gather(Tensor x, str group) -> Tensor[]");
+  m.def("all_reduce_(Tensor(a!)[] xs, str group, str op=\"sum\") -> ()");
   // The ring schedule of one rank, flattened (tests): csrc/ring/ring.h, schedule_op.
   m.def("ring_schedule(str algo, int cp_size, int rank, int window, bool causal) -> int[]",
         &ring_ext::ring::schedule_op);

@@ -100,9 +100,8 @@ def train(steps: int, seq: int, ctx=None, batch: int = 2, lr: float = 1e-2, seed
         opt.zero_grad()
         loss.backward()
         if ctx is not None:
-            for p in model.parameters():
-                dist.all_reduce(p.grad)
-            dist.all_reduce(loss := loss.detach())
+            ring_ext.reduce_gradients(model.parameters(), ctx)
+            loss = ring_ext.all_reduce(loss.detach(), ctx)
         opt.step()
         losses.append(loss.item())
     return losses

@@ -9,6 +9,7 @@ import torch
 
 from . import ops  # noqa: F401  (fake kernels and autograd of the block ops)
 from .attention import attention
+from .collectives import all_reduce, reduce_gradients
 from .config import CPConfig, add_arguments
 from .context import CPContext, initialize
 from .ffn import blockwise_ffn
@@ -18,10 +19,12 @@ __all__ = [
     "CPConfig",
     "CPContext",
     "add_arguments",
+    "all_reduce",
     "attention",
     "blockwise_ffn",
     "build_info",
     "initialize",
+    "reduce_gradients",
     "shard",
     "unshard",
 ]

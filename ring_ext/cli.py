@@ -222,7 +222,8 @@ def _timed(fn, device) -> float:
 
 def _slowest_rank(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    # ring_ext's own collective, not dist.all_reduce: docs/reliability.md, Teardown.
+    torch.ops.ring_ext.all_reduce_([t], dist.group.WORLD.group_name, "max")
     return t.item()
 
 

@@ -110,3 +110,15 @@ def _attention_backward(ctx, dout, dlse):
 torch.library.register_autograd(
     "ring_ext::attention", _attention_backward, setup_context=_attention_setup_context
 )
+
+
+# The collectives of the Python API (ring_ext/collectives.py): shapes only.
+@torch.library.register_fake("ring_ext::all_gather")
+def _all_gather_fake(x, group):
+    size = torch.distributed.distributed_c10d._resolve_process_group(group).size()
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(size)]
+
+
+@torch.library.register_fake("ring_ext::all_reduce_")
+def _all_reduce_fake(xs, group, op="sum"):
+    return None

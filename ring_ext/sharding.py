@@ -23,9 +23,8 @@ unshard is the exact inverse of shard: all-gather over the context's group, then
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from . import validation
+from . import collectives, validation
 
 
 def chunk_order(mode: str, cp_size: int, rank: int, ulysses_degree: int = 1) -> list[int]:
@@ -84,8 +83,7 @@ def shard(x: torch.Tensor, ctx, seq_dim: int) -> torch.Tensor:
 def unshard(x: torch.Tensor, ctx, seq_dim: int) -> torch.Tensor:
     """Inverse of shard: the full sequence on every rank (all-gather over ctx.group + un-permute)."""
     seq_dim = validation.check_unshard(x, ctx, seq_dim)
-    parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(ctx.cp_size)]
-    dist.all_gather(parts, x.contiguous(), group=ctx.group)
+    parts = collectives.all_gather(x, ctx)
     return unshard_parts(parts, seq_dim, ctx.sharding, _ring_ulysses(ctx))
 
 

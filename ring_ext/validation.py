@@ -24,6 +24,7 @@ import struct
 import torch
 import torch.distributed as dist
 
+from . import collectives
 from .layouts import LAYOUTS, to_bshd
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -229,8 +230,7 @@ def check_consistency(ctx, device: torch.device, **fields) -> None:
     mine = torch.tensor([c for code in codes for c in code], dtype=torch.int64)
     if device.type != "cpu":
         mine = mine.to(device)
-    everyone = [torch.empty_like(mine) for _ in range(ctx.cp_size)]
-    dist.all_gather(everyone, mine, group=ctx.group)
+    everyone = collectives.all_gather(mine, ctx)
     rows = [t.cpu().tolist() for t in everyone]
     if all(r == rows[0] for r in rows):
         return

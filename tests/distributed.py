@@ -11,6 +11,7 @@ than a hang. The first exception of any rank is re-raised in pytest with the wor
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import socket
 import time
@@ -27,6 +28,7 @@ def free_port() -> int:
 
 
 def _worker(rank, fn, world_size, cases, port, pg_timeout_s, threads, results):
+    faulthandler.enable(all_threads=True)  # a rank that aborts prints every thread's Python stack
     torch.set_num_threads(threads)
     dist.init_process_group(
         "gloo",

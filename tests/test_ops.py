@@ -118,6 +118,16 @@ def _ring_schedule_samples(group):
     yield ("megatron_cp_algo", 4, 1, 2, True), {}
 
 
+def _all_gather_samples(group):
+    yield (torch.randn(3, 4), group), {}
+    yield (torch.randn(4, 3).t(), group), {}  # non-contiguous
+
+
+def _all_reduce_samples(group):
+    yield ([torch.randn(3, 4), torch.randn(5)], group), {}
+    yield ([torch.randn(2, dtype=torch.float64)], group, "max"), {}
+
+
 # op -> (samples(group_name), opcheck's test_utils or None for all of them). The ring ops run over a
 # one-rank Gloo group; ring_schedule has no tensors, so only its schema and fake kernel are checked.
 SAMPLES = {
@@ -127,6 +137,8 @@ SAMPLES = {
     "merge_": (_merge_samples, None),
     "attention": (_attention_samples, None),
     "attention_bwd": (_attention_bwd_samples, None),
+    "all_gather": (_all_gather_samples, None),
+    "all_reduce_": (_all_reduce_samples, None),
     "ring_schedule": (_ring_schedule_samples, ("test_schema", "test_faketensor")),
     "cpu_isa": (lambda group: iter([((), {})]), ("test_schema", "test_faketensor")),
 }

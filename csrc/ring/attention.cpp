@@ -199,6 +199,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
 void register_cp_ops(torch::Library& m) {
   m.impl("attention", &attention_op);
   m.impl("attention_bwd", &attention_bwd_op);
+  m.impl("all_gather", &ring::all_gather_op);
+  m.impl("all_reduce_", &ring::all_reduce_op);
 }
 
 }  // namespace ring_ext

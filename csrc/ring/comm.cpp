@@ -1,10 +1,24 @@
 // See comm.h.
 #include "comm.h"
 
+#include <ATen/ATen.h>
+
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
 namespace ring_ext {
 namespace ring {
+
+namespace {
+
+// A new TensorImpl over t's storage that refers to no other tensor: created below the view-tracking
+// key, so it has no autograd view metadata pointing at t (which Python may own). Note [Tensors
+// handed to c10d].
+at::Tensor unowned_alias(const at::Tensor& t) {
+  at::AutoDispatchBelowADInplaceOrView below_views;
+  return at::alias(t);
+}
+
+}  // namespace
 
 Group resolve_group(const std::string& name, const char* what) {
   TORCH_CHECK(!name.empty(), "ring_ext: ", what, " process group name is empty");
@@ -38,7 +52,8 @@ Transfer& Transfer::operator=(Transfer&& other) noexcept {
 Transfer exchange(const Group& group, const at::Tensor& out, int64_t dst, const at::Tensor& in,
                   int64_t src, int tag) {
   TORCH_INTERNAL_ASSERT(out.is_contiguous() && in.is_contiguous());
-  std::vector<at::Tensor> send_buf{out}, recv_buf{in};
+  // Aliases: the backend may hold its buffers past wait() (Note [Tensors handed to c10d]).
+  std::vector<at::Tensor> send_buf{unowned_alias(out)}, recv_buf{unowned_alias(in)};
   Transfer t;
   const c10::DeviceType device = out.device().type();
   const bool coalesce = group->getBackend(device)->supportsCoalescing();
@@ -53,6 +68,41 @@ Transfer exchange(const Group& group, const at::Tensor& out, int64_t dst, const 
   t.works_.push_back(send);
   t.works_.push_back(recv);
   return t;
+}
+
+std::vector<at::Tensor> all_gather_op(const at::Tensor& x, const std::string& group) {
+  const Group pg = resolve_group(group, "all_gather");
+  std::vector<at::Tensor> in{unowned_alias(x.contiguous())};
+  std::vector<std::vector<at::Tensor>> parts(1);
+  for (int r = 0; r < pg->getSize(); ++r) parts[0].push_back(at::empty_like(in[0]));
+  pg->allgather(parts, in)->wait();
+  std::vector<at::Tensor> out;  // new TensorImpls for Python; the Work keeps its own
+  for (const at::Tensor& part : parts[0]) out.push_back(unowned_alias(part));
+  return out;
+}
+
+void all_reduce_op(at::TensorList xs, const std::string& group, const std::string& op) {
+  TORCH_CHECK(op == "sum" || op == "max", "ring_ext.all_reduce: op must be 'sum' or 'max', got '",
+              op, "'");
+  if (xs.empty()) return;
+  for (const at::Tensor& x : xs) {
+    TORCH_CHECK(x.scalar_type() == xs[0].scalar_type() && x.device() == xs[0].device(),
+                "ring_ext.all_reduce: every tensor must have the dtype and device of the first (",
+                xs[0].scalar_type(), ", ", xs[0].device(), "), got ", x.scalar_type(), ", ",
+                x.device());
+  }
+  const Group pg = resolve_group(group, "all_reduce");
+  std::vector<at::Tensor> flat_parts;
+  for (const at::Tensor& x : xs) flat_parts.push_back(x.reshape(-1));
+  std::vector<at::Tensor> flat{at::cat(flat_parts)};  // ours alone (Note [Tensors handed to c10d])
+  c10d::AllreduceOptions options;
+  options.reduceOp = op == "sum" ? c10d::ReduceOp::SUM : c10d::ReduceOp::MAX;
+  pg->allreduce(flat, options)->wait();
+  int64_t offset = 0;
+  for (const at::Tensor& x : xs) {
+    x.copy_(flat[0].narrow(0, offset, x.numel()).view(x.sizes()));
+    offset += x.numel();
+  }
 }
 
 }  // namespace ring

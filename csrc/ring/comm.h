@@ -1,5 +1,20 @@
 // Point-to-point transfers of the ring over a c10d process group (ulysses.cpp has the
-// all-to-alls). Device-generic: Gloo with CPU tensors, NCCL with CUDA tensors.
+// all-to-alls), and the two collectives of the Python API (all_gather for unshard and the
+// cross-rank check, all_reduce_ for the training-loop helpers). Device-generic: Gloo with CPU
+// tensors, NCCL with CUDA tensors.
+//
+// Note [Tensors handed to c10d]
+// -----------------------------
+// A collective's Work keeps its tensors until the backend's own thread (a Gloo worker, the NCCL
+// watchdog) lets go of it, which can be after the caller's wait() returned. If that is the last
+// reference to a tensor Python has seen, the thread must take the GIL to free the Python object;
+// if the interpreter is finalising by then (a rank exiting right after its last collective, with
+// its process group kept alive past destroy_process_group, e.g. by a cached context or by
+// torch._dynamo), CPython ends the thread with pthread_exit inside a noexcept destructor and the
+// process aborts: "terminate called without an active exception" (docs/reliability.md,
+// Teardown). So every tensor ring_ext gives c10d is a C++-only object made here: a buffer we
+// allocated, or an alias (a new TensorImpl over the caller's storage) of the caller's tensor;
+// what we return to Python is never the object the Work holds.
 //
 // Note [Streams and waits]
 // ------------------------
@@ -56,6 +71,13 @@ class Transfer {
 // Posts send(out -> dst) and recv(in <- src), group-local ranks; both buffers contiguous.
 Transfer exchange(const Group& group, const at::Tensor& out, int64_t dst, const at::Tensor& in,
                   int64_t src, int tag);
+
+// ring_ext::all_gather: every rank's x (same shape and dtype on every rank), in group-rank order.
+std::vector<at::Tensor> all_gather_op(const at::Tensor& x, const std::string& group);
+
+// ring_ext::all_reduce_: reduces xs (one dtype and device) over the group in place, op "sum" or
+// "max", with one collective over a flat buffer.
+void all_reduce_op(at::TensorList xs, const std::string& group, const std::string& op);
 
 }  // namespace ring
 }  // namespace ring_ext

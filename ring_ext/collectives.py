@@ -1,0 +1,42 @@
+"""The collectives of the Python API over a context's CP group: unshard's all-gather, the cross-rank
+check, and the training-loop helpers (all_reduce, reduce_gradients).
+
+They run as the C++ ops ring_ext::all_gather and ring_ext::all_reduce_, which give c10d only tensors
+Python never sees (Note [Tensors handed to c10d] in csrc/ring/comm.h). A `dist.all_gather` or
+`dist.all_reduce` on Python tensors instead can abort a rank at exit: the backend's thread may drop
+the last reference to such a tensor while the interpreter is finalising (docs/reliability.md,
+Teardown). Use these for the CP group's reductions in a training loop.
+
+    loss = ring_ext.all_reduce(loss.detach(), ctx)     # the full-sequence loss, for logging
+    ring_ext.reduce_gradients(model.parameters(), ctx)   # after backward: gradients summed over CP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def all_gather(x: torch.Tensor, ctx) -> list[torch.Tensor]:
+    """Every CP rank's x (same shape and dtype on every rank), in group-rank order."""
+    return list(torch.ops.ring_ext.all_gather(x, ctx.group.group_name))
+
+
+def all_reduce(x: torch.Tensor, ctx, op: str = "sum") -> torch.Tensor:
+    """x reduced over the CP group ("sum" or "max"), as a new tensor; x is left as it was."""
+    out = x.detach().clone()
+    torch.ops.ring_ext.all_reduce_([out], ctx.group.group_name, op)
+    return out
+
+
+def reduce_gradients(parameters: Iterable[torch.Tensor], ctx) -> None:
+    """Sums the .grad of every parameter over the CP group, in place: each CP rank's loss is its
+    share of the full-sequence loss, so the sum is the full sequence's gradient. One collective per
+    (dtype, device); parameters without a gradient are skipped (every rank must agree on which)."""
+    grads: dict[tuple, list[torch.Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            grads.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for group in grads.values():
+        torch.ops.ring_ext.all_reduce_(group, ctx.group.group_name, "sum")
