@@ -1,4 +1,4 @@
-"""python -m ring_ext demo | bench: see ring_ext/cli.py."""
+"""python -m ring_ext demo | bench | plan: see ring_ext/cli.py."""
 
 from .cli import main
 

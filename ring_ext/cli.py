@@ -1,7 +1,8 @@
-"""`python -m ring_ext`: the demo and the benchmark of every context-parallel algorithm.
+"""`python -m ring_ext`: the demo and the benchmark of every context-parallel algorithm, and the planner.
 
     python -m ring_ext demo                      # 4 Gloo ranks on this machine, every algorithm, verified
     python -m ring_ext bench --cp-sizes 1,2,4 --plot cp.png --json
+    python -m ring_ext plan --seq 131072 --heads 32 --nodes 2 --intra-gbps 400 --inter-gbps 50 --tflops 400
     torchrun --nproc-per-node 8 -m ring_ext demo # the launched group (NCCL on CUDA), CP size 8
 
 Without a launcher the command spawns --context-parallel-size CPU processes over Gloo (default 4; bench:
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from . import planner
 from .attention import attention
 from .config import CPConfig, add_arguments, launched_by_torchrun
 from .context import initialize
@@ -404,12 +406,21 @@ def build_parser() -> argparse.ArgumentParser:
                 help="comma list of CP sizes, one spawned Gloo world each (default 1,2,4); "
                 "under torchrun the launched world (the default)",
             )
+    planner.add_plan_arguments(
+        sub.add_parser("plan", help="predict the best CP layout for a cluster (docs/planner.md)")
+    )
     return parser
 
 
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        try:
+            print(planner.run(args))
+        except ValueError as e:
+            parser.error(f"plan: {e}")
+        return
     if launched_by_torchrun():
         rows = run_torchrun(args)
         if rows is None:

@@ -1,0 +1,133 @@
+"""The CP-layout planner (ring_ext/planner.py, docs/planner.md): which layouts it enumerates, the model's
+limits and hand-computed cases, its rankings on a two-level cluster, and the `plan` subcommand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ring_ext import planner
+from ring_ext.cli import main
+from ring_ext.planner import Cluster, Layout, Shape, layouts, predict, rank_layouts
+
+GB = 1e9
+
+
+def _names(shape, cp):
+    return {(p.algo, p.ulysses_degree, p.window, p.overlap) for p in layouts(shape, cp)}
+
+
+def test_layouts_are_every_runnable_configuration():
+    got = _names(Shape(seq=1024, heads=8, head_dim=64), 8)
+    want = {("ring", 1, 1, o) for o in (True, False)}
+    want |= {("double_ring", 1, w, o) for w in (2, 4) for o in (True, False)}
+    want |= {("ulysses", 8, 1, True)}
+    want |= {("hybrid", 2, w, o) for w in (1, 2) for o in (True, False)}  # ring of 4: window 2
+    want |= {("hybrid", 4, 1, o) for o in (True, False)}  # ring of 2: no double ring
+    assert got == want
+    # Ulysses needs the q heads to split over the degree; hybrid only over its own degree.
+    got6 = _names(Shape(seq=1024, heads=6, head_dim=64), 4)
+    assert not any(a == "ulysses" for a, *_ in got6)
+    assert {("hybrid", 2, 1, True), ("hybrid", 2, 1, False)} <= got6
+    assert _names(Shape(seq=64, heads=4, head_dim=8), 1) == {("ring", 1, 1, True)}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_free_links_cost_nothing(causal):
+    shape = Shape(seq=4096, heads=8, kv_heads=2, head_dim=64, causal=causal)
+    cluster = Cluster(2, 4, math.inf, math.inf, 1e12, 0.0, 0.0)
+    fwd, bwd = planner.attention_flops(shape)
+    for p in rank_layouts(shape, cluster):
+        assert p.exposed_comm_s == pytest.approx(0.0, abs=1e-12), p.layout
+        assert p.seconds == pytest.approx((fwd + bwd) / 8 / 1e12), p.layout
+
+
+def test_plain_ring_by_hand():
+    # 4 ranks on one node, K/V block 2 * 1 * 256 * 2 * 64 * 2 bytes; dK/dV in float32.
+    shape = Shape(seq=1024, heads=4, kv_heads=2, head_dim=64, dtype="bf16")
+    bw, lat, rate = 1e9, 1e-5, 1e11
+    cluster = Cluster(1, 4, bw, bw, rate, lat, lat)
+    fwd_flops = 4 * 4 * 1024**2 * 64 / 2
+    c_f, c_b = fwd_flops / 4 / rate / 4, 2.5 * fwd_flops / 4 / rate / 4  # per step
+    kv, dkv = 2 * 256 * 2 * 64 * 2, 2 * 256 * 2 * 64 * 4
+    hop_f, hop_b = lat + kv / bw, lat + (kv + dkv) / bw
+    for overlap in (True, False):
+        p = predict(shape, cluster, Layout("ring", 4, overlap=overlap))
+        step = (lambda c, h: max(c, h)) if overlap else (lambda c, h: c + h)
+        want = c_f + 3 * step(c_f, hop_f) + c_b + 3 * step(c_b, hop_b)
+        assert p.seconds == pytest.approx(want)
+        assert p.bytes_sent == 3 * kv + 3 * (kv + dkv) + dkv
+
+
+def test_overlap_never_slower_and_more_ranks_less_memory():
+    shape = Shape(seq=32768, heads=16, kv_heads=4, head_dim=128)
+    cluster = Cluster(2, 8, 100 * GB, 10 * GB, 100e12)
+    preds = {p.layout: p for p in rank_layouts(shape, cluster)}
+    for layout, p in preds.items():
+        if layout.overlap and layout.ring > 1:  # Ulysses has no ring to overlap
+            off = preds[Layout(layout.algo, layout.cp, layout.ulysses_degree, layout.window, False)]
+            assert p.seconds <= off.seconds + 1e-15, layout
+    small = predict(shape, Cluster(1, 8, 100 * GB, 10 * GB, 100e12), Layout("ring", 4))
+    large = predict(shape, cluster, Layout("ring", 16))
+    assert large.peak_bytes < small.peak_bytes
+
+
+def test_two_level_cluster_prefers_node_local_traffic():
+    # Slow inter-node links: the double ring with node-sized windows beats the plain ring, and hybrid
+    # with node-local all-to-alls beats Ulysses across both nodes.
+    shape = Shape(seq=65536, heads=32, kv_heads=8, head_dim=128)
+    cluster = Cluster(2, 4, 200 * GB, 2 * GB, 400e12)
+    t = {p.layout: p.seconds for p in rank_layouts(shape, cluster)}
+    assert t[Layout("double_ring", 8, window=4)] < t[Layout("ring", 8)]
+    assert t[Layout("hybrid", 8, 4, 1)] < t[Layout("ulysses", 8, 8)]
+    assert min(t.values()) == rank_layouts(shape, cluster)[0].seconds
+
+
+def test_bad_plans_are_rejected():
+    shape = Shape(seq=1004, heads=8, head_dim=64)
+    cluster = Cluster(1, 4, GB, GB, 1e12)
+    with pytest.raises(ValueError, match="divisible by 2 \\* cp = 8"):
+        rank_layouts(shape, cluster)
+    with pytest.raises(ValueError, match="cluster's 4 ranks"):
+        rank_layouts(Shape(seq=1024, heads=8, head_dim=64), cluster, cp=8)
+
+
+def test_plan_command(capsys, tmp_path):
+    main(
+        [
+            "plan",
+            "--seq",
+            "8192",
+            "--heads",
+            "8",
+            "--head-dim",
+            "64",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "2",
+            "--intra-gbps",
+            "100",
+            "--inter-gbps",
+            "10",
+            "--tflops",
+            "50",
+            "--plot",
+            str(tmp_path / "p.png"),
+        ]
+    )
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "ms" not in line]
+    times = [float(r.split("|")[2]) for r in rows]
+    assert len(rows) == len(layouts(Shape(seq=8192, heads=8, head_dim=64), 4)) and times == sorted(times)
+    assert (tmp_path / "p.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["plan", "--seq", "8192", "--heads", "8"])
+    assert "--tflops" in capsys.readouterr().err
+
+
+def test_plan_calibrate(capsys):
+    main(["plan", "--calibrate", "--seq", "512", "--heads", "4", "--head-dim", "32", "--gpus-per-node", "2"])
+    out = capsys.readouterr().out
+    assert "calibrated here" in out and "| ring overlap |" in out
