@@ -398,6 +398,11 @@ def run(args) -> str:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if shape.heads % shape.hkv != 0:
         raise ValueError(f"--heads {shape.heads} must be a multiple of --kv-heads {shape.hkv}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib (pip install matplotlib, or ring_ext[plot])") from None
     header = []
     if args.calibrate:
         flops = measure_flops(shape, args.threads_per_rank)

@@ -93,38 +93,33 @@ def test_bad_plans_are_rejected():
         rank_layouts(Shape(seq=1024, heads=8, head_dim=64), cluster, cp=8)
 
 
-def test_plan_command(capsys, tmp_path):
-    main(
-        [
-            "plan",
-            "--seq",
-            "8192",
-            "--heads",
-            "8",
-            "--head-dim",
-            "64",
-            "--nodes",
-            "2",
-            "--gpus-per-node",
-            "2",
-            "--intra-gbps",
-            "100",
-            "--inter-gbps",
-            "10",
-            "--tflops",
-            "50",
-            "--plot",
-            str(tmp_path / "p.png"),
-        ]
-    )
+PLAN = ["plan", "--seq", "8192", "--heads", "8", "--head-dim", "64", "--nodes", "2", "--gpus-per-node", "2"]
+RATES = ["--intra-gbps", "100", "--inter-gbps", "10", "--tflops", "50"]
+
+
+def test_plan_command(capsys):
+    main(PLAN + RATES)
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "ms" not in line]
     times = [float(r.split("|")[2]) for r in rows]
     assert len(rows) == len(layouts(Shape(seq=8192, heads=8, head_dim=64), 4)) and times == sorted(times)
-    assert (tmp_path / "p.png").stat().st_size > 0
     with pytest.raises(SystemExit):
-        main(["plan", "--seq", "8192", "--heads", "8"])
+        main(PLAN)
     assert "--tflops" in capsys.readouterr().err
+
+
+def test_plan_plot(capsys, tmp_path):
+    """--plot writes the picture with matplotlib installed, else says what to install (both checked)."""
+    path = tmp_path / "p.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit):
+            main(PLAN + RATES + ["--plot", str(path)])
+        assert "--plot needs matplotlib" in capsys.readouterr().err
+        return
+    main(PLAN + RATES + ["--plot", str(path)])
+    assert path.stat().st_size > 0 and f"plot: {path}" in capsys.readouterr().out
 
 
 def test_plan_calibrate(capsys):
