@@ -161,7 +161,7 @@ def _all_to_all(cluster: Cluster, layout: Layout, nbytes: float, rank: int = 0) 
         return 0.0
     group = [rank - rank % u + i for i in range(u)]
     chunk = nbytes / u
-    far = sum(1 for r in group if r != rank and _link(cluster, rank, r)[0] == cluster.inter_bw)
+    far = sum(1 for r in group if r // cluster.gpus_per_node != rank // cluster.gpus_per_node)
     near = u - 1 - far
     t_near = near * chunk / cluster.intra_bw + (cluster.intra_latency if near else 0.0)
     t_far = far * chunk / cluster.inter_bw + (cluster.inter_latency if far else 0.0)
@@ -238,7 +238,9 @@ def measure_flops(shape: Shape, threads: int = 1, repeats: int = 3) -> float:
 
     import ring_ext
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[shape.dtype]
+    from .cli import DTYPES  # cli imports this module at load time, so not at the top
+
+    dtype = DTYPES[shape.dtype]
     seq = min(shape.seq, 2048)
     probe = dataclasses.replace(shape, seq=seq)
     g = torch.Generator().manual_seed(0)
