@@ -23,22 +23,25 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(ring_ext, m) {
   // Blockwise flash attention of one (q block, kv block) pair; causal is at global offsets
   // (key j visible to row i iff k_offset + j <= q_offset + i). out_fp32 keeps the partial output
-  // in float32 for the ring's merge.
+  // in float32 for the ring's merge. visible (int64 [2, seq_q], with causal=False) replaces the
+  // mask by per-row key intervals [visible[0, i], visible[1, i]), non-decreasing in i: packed
+  // documents and sliding windows (MaskKind::kRows in csrc/common/params.h).
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal, int q_offset=0, int k_offset=0, "
-      "bool out_fp32=False) -> (Tensor out, Tensor lse)");
+      "bool out_fp32=False, Tensor? visible=None) -> (Tensor out, Tensor lse)");
   // Gradients of fwd, given the final out and lse of each row (and the gradient of lse, if any).
   // Returns q/k/v's dtype.
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, bool "
       "causal, "
-      "int q_offset=0, int k_offset=0, Tensor? dlse=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "int q_offset=0, int k_offset=0, Tensor? dlse=None, Tensor? visible=None) -> (Tensor dq, "
+      "Tensor dk, Tensor dv)");
   // The ring's backward step: adds this block pair's gradients into float32 accumulators.
   // delta = rowsum(dout * out) of the final out, float32 [batch, heads_q, seq_q].
   m.def(
       "bwd_acc(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, float scale, "
-      "bool causal, int q_offset, int k_offset, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> "
-      "()");
+      "bool causal, int q_offset, int k_offset, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, "
+      "Tensor? visible=None) -> ()");
   // Folds a partial (block_out, block_lse) into the running float32 (out, lse), in place.
   m.def("merge_(Tensor(a!) out, Tensor(b!) lse, Tensor block_out, Tensor block_lse) -> ()");
   // Context-parallel attention of this rank's shards q [b, s, hq, d], k/v [b, s, hkv, d] (any
@@ -48,17 +51,21 @@ TORCH_LIBRARY(ring_ext, m) {
   // ("" for the plain ring), ulysses_group Ulysses' (hybrid). Causal shards are zigzag
   // (ring_ext/sharding.py). Returns out [b, s, hq, d] in q's dtype, dense in `layout` (bshd, sbhd,
   // bnsd, sbh: Note [Output contract] in csrc/ring/attention.cpp), lse float32 [b, hq, s].
+  // visible (packed documents, sliding windows; with causal=False): the key intervals of every
+  // source block, int64 [sources, 2, rows]: one source per ring rank for the ring and hybrid
+  // (rows = the ring's block), one for Ulysses (rows = the gathered sequence); Note [Per-source key
+  // intervals] in csrc/ring/ring.cpp, ring_ext/packing.py.
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, str algo, str ring_group, "
       "str inner_group=\"\", str outer_group=\"\", str ulysses_group=\"\", bool overlap=True, "
-      "str layout=\"bshd\") -> (Tensor out, Tensor lse)");
+      "str layout=\"bshd\", Tensor? visible=None) -> (Tensor out, Tensor lse)");
   // Gradients of attention given its final out and lse; dq/dk/dv in the dtype and strides of q/k/v.
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float "
       "scale, "
       "bool causal, str algo, str ring_group, str inner_group=\"\", str outer_group=\"\", "
-      "str ulysses_group=\"\", bool overlap=True, Tensor? dlse=None) -> (Tensor dq, Tensor dk, "
-      "Tensor dv)");
+      "str ulysses_group=\"\", bool overlap=True, Tensor? dlse=None, Tensor? visible=None) -> "
+      "(Tensor dq, Tensor dk, Tensor dv)");
   // The collectives of the Python API (unshard, the cross-rank check, the training-loop helpers),
   // over a group given by name; device-generic, registered with the attention kernels. Every
   // tensor they give c10d is theirs alone: Note [Tensors handed to c10d] in csrc/ring/comm.h.

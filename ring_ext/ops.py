@@ -23,19 +23,19 @@ def _row_stats(q: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.register_fake("ring_ext::fwd")
-def _fwd_fake(q, k, v, scale, causal, q_offset=0, k_offset=0, out_fp32=False):
+def _fwd_fake(q, k, v, scale, causal, q_offset=0, k_offset=0, out_fp32=False, visible=None):
     q = _dim_contiguous(q)
     out = torch.empty_like(q, dtype=torch.float32 if out_fp32 else q.dtype)
     return out, _row_stats(q)
 
 
 @torch.library.register_fake("ring_ext::bwd")
-def _bwd_fake(dout, q, k, v, out, lse, scale, causal, q_offset=0, k_offset=0, dlse=None):
+def _bwd_fake(dout, q, k, v, out, lse, scale, causal, q_offset=0, k_offset=0, dlse=None, visible=None):
     return tuple(torch.empty_like(t, dtype=q.dtype) for t in (q, k, v))
 
 
 @torch.library.register_fake("ring_ext::bwd_acc")
-def _bwd_acc_fake(dout, q, k, v, lse, delta, scale, causal, q_offset, k_offset, dq, dk, dv):
+def _bwd_acc_fake(dout, q, k, v, lse, delta, scale, causal, q_offset, k_offset, dq, dk, dv, visible=None):
     return None
 
 
@@ -45,19 +45,20 @@ def _merge_fake(out, lse, block_out, block_lse):
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, scale, causal, q_offset, k_offset, _out_fp32 = inputs
+    q, k, v, scale, causal, q_offset, k_offset, _out_fp32, *visible = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale, ctx.causal, ctx.q_offset, ctx.k_offset = scale, causal, q_offset, k_offset
+    ctx.visible = visible[0] if visible else None  # int64 key intervals, not differentiable
 
 
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.ring_ext.bwd(
-        dout.to(q.dtype), q, k, v, out, lse, ctx.scale, ctx.causal, ctx.q_offset, ctx.k_offset, dlse
+        dout.to(q.dtype), q, k, v, out, lse, ctx.scale, ctx.causal, ctx.q_offset, ctx.k_offset, dlse, ctx.visible
     )
-    # One slot per input of fwd: q, k, v, scale, causal, q_offset, k_offset, out_fp32.
-    return dq, dk, dv, None, None, None, None, None
+    # One slot per input of fwd: q, k, v, scale, causal, q_offset, k_offset, out_fp32, visible.
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 torch.library.register_autograd("ring_ext::fwd", _fwd_backward, setup_context=_fwd_setup_context)

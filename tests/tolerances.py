@@ -78,14 +78,19 @@ def max_row_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((a - e).norm(dim=-1) / norms.clamp_min(floor)).max().item()
 
 
-def torch_attention(q, k, v, dout=None, *, causal: bool, scale=None, q_offset: int = 0, k_offset: int = 0):
+def torch_attention(
+    q, k, v, dout=None, *, causal: bool, scale=None, q_offset: int = 0, k_offset: int = 0, mask=None
+):
     """PyTorch's own attention in q's dtype on q's device, [b, s, h, d] in and out (k, v may have fewer
     heads): [out], or [out, dq, dk, dv] when dout is given. The mask is the oracle's (ring_ext.reference:
-    top-left causal, keys at k_offset + j visible to rows at q_offset + i >= it)."""
+    top-left causal, keys at k_offset + j visible to rows at q_offset + i >= it), or `mask` ([sq, sk] bool)
+    when given; rows that see no key give 0 (SDPA's NaN there is replaced)."""
     grad = dout is not None
     qs, ks, vs = (t.detach().transpose(1, 2).requires_grad_(grad) for t in (q, k, v))  # [b, h, s, d]
-    mask, is_causal = None, False
-    if causal and q_offset == k_offset:
+    is_causal = False
+    if mask is not None:
+        mask = mask.to(q.device)
+    elif causal and q_offset == k_offset:
         is_causal = True
     elif causal:
         mask = visible(q.shape[1], k.shape[1], True, q_offset, k_offset, q.device)
@@ -94,9 +99,9 @@ def torch_attention(q, k, v, dout=None, *, causal: bool, scale=None, q_offset: i
             qs, ks, vs, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
         )
         if not grad:
-            return [out.detach().transpose(1, 2)]
+            return [out.detach().nan_to_num(0.0).transpose(1, 2)]
         grads = torch.autograd.grad(out, (qs, ks, vs), dout.transpose(1, 2))
-    return [t.transpose(1, 2) for t in (out.detach(), *grads)]
+    return [t.nan_to_num(0.0).transpose(1, 2) for t in (out.detach(), *grads)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@
 #include <c10/core/DeviceGuard.h>
 
 #include <cmath>
+#include <optional>
 
 namespace ring_ext {
 namespace {
@@ -96,7 +97,34 @@ void check_scale(double scale) {
                     "ring_ext: scale must be a finite non-zero number, got ", scale);
 }
 
-Mask mask_of(bool causal, int64_t q_offset, int64_t k_offset) {
+// visible: int64 [2, seq_q], row i sees keys [visible[0, i], visible[1, i]), both rows
+// non-decreasing (MaskKind::kRows; ring_ext/packing.py builds them). It replaces the causal mask.
+std::optional<at::Tensor> check_visible(const std::optional<at::Tensor>& visible, bool causal,
+                                        const Shape& s, const at::Tensor& q) {
+  if (!visible.has_value()) return std::nullopt;
+  const at::Tensor& t = *visible;
+  TORCH_CHECK_VALUE(!causal, "ring_ext: give causal=False with visible (the key intervals already ",
+                    "hold the mask)");
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.dim() == 2 && t.size(0) == 2 &&
+                        t.size(1) == s.seq_q,
+                    "ring_ext: visible must be int64 [2, ", s.seq_q, "] (begin and end of each ",
+                    "query row's visible keys), got ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == q.device(), "ring_ext: visible must be on ", q.device(),
+                    ", got ", t.device());
+  at::Tensor c = t.contiguous();
+  if (c.is_cpu() && s.seq_q > 1) {  // the kernels' tile skipping relies on monotone intervals
+    TORCH_CHECK_VALUE((c.narrow(1, 1, s.seq_q - 1) >= c.narrow(1, 0, s.seq_q - 1)).all().item<bool>(),
+                      "ring_ext: visible's begins and ends must be non-decreasing along the rows");
+  }
+  return c;
+}
+
+Mask mask_of(bool causal, int64_t q_offset, int64_t k_offset,
+             const std::optional<at::Tensor>& visible) {
+  if (visible.has_value()) {
+    const int64_t* rows = visible->data_ptr<int64_t>();
+    return {MaskKind::kRows, 0, 0, rows, rows + visible->size(1)};
+  }
   return {causal ? MaskKind::kCausal : MaskKind::kNone, q_offset, k_offset};
 }
 
@@ -110,9 +138,11 @@ at::Tensor row_delta(const at::Tensor& dout, const at::Tensor& out) {
 std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const at::Tensor& q_in,
                                              const at::Tensor& k_in, const at::Tensor& v_in,
                                              double scale, bool causal, int64_t q_offset,
-                                             int64_t k_offset, bool out_fp32) {
+                                             int64_t k_offset, bool out_fp32,
+                                             const std::optional<at::Tensor>& visible_in) {
   const Shape shape = check_qkv(q_in, k_in, v_in);
   check_scale(scale);
+  const std::optional<at::Tensor> visible = check_visible(visible_in, causal, shape, q_in);
   c10::DeviceGuard guard(q_in.device());
   const at::Tensor q = dim_contiguous(q_in), k = dim_contiguous(k_in), v = dim_contiguous(v_in);
   at::Tensor out = at::empty_like(q, out_fp32 ? at::kFloat : q.scalar_type());
@@ -133,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const 
   p.in_dtype = dtype_of(q, "q");
   p.out_dtype = dtype_of(out, "out");
   p.scale = static_cast<float>(scale);
-  p.mask = mask_of(causal, q_offset, k_offset);
+  p.mask = mask_of(causal, q_offset, k_offset, visible);
   if (shape.batch * shape.heads_q * shape.seq_q > 0) kernels.fwd(p);
   return {out, lse};
 }
@@ -142,9 +172,10 @@ void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout_in, const
                    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& lse_in,
                    const at::Tensor& delta_in, double scale, bool causal, int64_t q_offset,
                    int64_t k_offset, const at::Tensor& dq, const at::Tensor& dk,
-                   const at::Tensor& dv) {
+                   const at::Tensor& dv, const std::optional<at::Tensor>& visible_in) {
   const Shape shape = check_qkv(q_in, k_in, v_in);
   check_scale(scale);
+  const std::optional<at::Tensor> visible = check_visible(visible_in, causal, shape, q_in);
   check_like(dout_in, "dout", q_in, "q", /*same_dtype=*/true);
   check_rows(lse_in, "lse", shape, q_in);
   check_rows(delta_in, "delta", shape, q_in);
@@ -177,14 +208,15 @@ void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout_in, const
   p.shape = shape;
   p.in_dtype = dtype_of(q, "q");
   p.scale = static_cast<float>(scale);
-  p.mask = mask_of(causal, q_offset, k_offset);
+  p.mask = mask_of(causal, q_offset, k_offset, visible);
   if (shape.batch * shape.heads_q * shape.seq_q * shape.seq_k > 0) kernels.bwd(p);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_bwd(
     const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
-    int64_t q_offset, int64_t k_offset, const std::optional<at::Tensor>& dlse) {
+    int64_t q_offset, int64_t k_offset, const std::optional<at::Tensor>& dlse,
+    const std::optional<at::Tensor>& visible) {
   check_qkv(q, k, v);
   check_scale(scale);
   check_like(out, "out", q, "q", /*same_dtype=*/false);
@@ -196,7 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_bwd(
   // d lse_i / d S_ij = P_ij, so a gradient on lse folds into delta: dS = P * (dP - (delta - dlse)).
   at::Tensor delta = row_delta(dout, out);
   if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);
-  block_bwd_acc(kernels, dout, q, k, v, lse, delta, scale, causal, q_offset, k_offset, dq, dk, dv);
+  block_bwd_acc(kernels, dout, q, k, v, lse, delta, scale, causal, q_offset, k_offset, dq, dk, dv,
+                visible);
   return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
 }
 

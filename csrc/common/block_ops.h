@@ -22,18 +22,20 @@ struct BlockKernels {
 std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const at::Tensor& q,
                                              const at::Tensor& k, const at::Tensor& v, double scale,
                                              bool causal, int64_t q_offset, int64_t k_offset,
-                                             bool out_fp32);
+                                             bool out_fp32,
+                                             const std::optional<at::Tensor>& visible);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_bwd(
     const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
-    int64_t q_offset, int64_t k_offset, const std::optional<at::Tensor>& dlse);
+    int64_t q_offset, int64_t k_offset, const std::optional<at::Tensor>& dlse,
+    const std::optional<at::Tensor>& visible);
 
 void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q,
                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                    const at::Tensor& delta, double scale, bool causal, int64_t q_offset,
                    int64_t k_offset, const at::Tensor& dq, const at::Tensor& dk,
-                   const at::Tensor& dv);
+                   const at::Tensor& dv, const std::optional<at::Tensor>& visible);
 
 void block_merge(const BlockKernels& kernels, const at::Tensor& out, const at::Tensor& lse,
                  const at::Tensor& block_out, const at::Tensor& block_lse);
@@ -47,21 +49,25 @@ template <typename Backend>
 void register_block_ops(torch::Library& m) {
   using at::Tensor;
   m.impl("fwd", [](const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool causal,
-                   int64_t q_offset, int64_t k_offset, bool out_fp32) {
-    return block_fwd(Backend::kKernels, q, k, v, scale, causal, q_offset, k_offset, out_fp32);
+                   int64_t q_offset, int64_t k_offset, bool out_fp32,
+                   const std::optional<Tensor>& visible) {
+    return block_fwd(Backend::kKernels, q, k, v, scale, causal, q_offset, k_offset, out_fp32,
+                     visible);
   });
   m.impl("bwd", [](const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& out, const Tensor& lse, double scale, bool causal,
-                   int64_t q_offset, int64_t k_offset, const std::optional<Tensor>& dlse) {
+                   int64_t q_offset, int64_t k_offset, const std::optional<Tensor>& dlse,
+                   const std::optional<Tensor>& visible) {
     return block_bwd(Backend::kKernels, dout, q, k, v, out, lse, scale, causal, q_offset, k_offset,
-                     dlse);
+                     dlse, visible);
   });
   m.impl("bwd_acc",
          [](const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
             const Tensor& lse, const Tensor& delta, double scale, bool causal, int64_t q_offset,
-            int64_t k_offset, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+            int64_t k_offset, const Tensor& dq, const Tensor& dk, const Tensor& dv,
+            const std::optional<Tensor>& visible) {
            block_bwd_acc(Backend::kKernels, dout, q, k, v, lse, delta, scale, causal, q_offset,
-                         k_offset, dq, dk, dv);
+                         k_offset, dq, dk, dv, visible);
          });
   m.impl("merge_", [](const Tensor& out, const Tensor& lse, const Tensor& block_out,
                       const Tensor& block_lse) {

@@ -13,13 +13,16 @@ namespace ring_ext {
 
 enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Which keys a query row may see. Positions are global: query row i sits at position
-// q_offset + i, key column j at k_offset + j.
+// Which keys a query row may see (docs/design.md, "Mask model"). Positions are global: query row i
+// sits at position q_offset + i, key column j at k_offset + j.
 //   kNone:   every key.
 //   kCausal: key j is visible to row i iff k_offset + j <= q_offset + i.
-// With q_offset == k_offset this is the usual (top-left aligned) causal mask of
+//   kRows:   key j is visible to row i iff row_begin[i] <= j < row_end[i]; both arrays are
+//            non-decreasing in i (packed documents and sliding windows: the host derives them from
+//            each token's document and position, ring_ext/packing.py).
+// With q_offset == k_offset, kCausal is the usual (top-left aligned) causal mask of
 // F.scaled_dot_product_attention(is_causal=True). A row that sees no key gets out = 0, lse = -inf.
-enum class MaskKind : int32_t { kNone = 0, kCausal = 1 };
+enum class MaskKind : int32_t { kNone = 0, kCausal = 1, kRows = 2 };
 
 struct Strides {
   int64_t batch = 0, seq = 0, head = 0;  // head_dim stride is always 1
@@ -36,6 +39,8 @@ struct Shape {
 struct Mask {
   MaskKind kind = MaskKind::kNone;
   int64_t q_offset = 0, k_offset = 0;
+  const int64_t* row_begin = nullptr;  // kRows: [seq_q] each, on the kernel's device
+  const int64_t* row_end = nullptr;
 };
 
 // out, lse = attention(q, k, v). out is written (not accumulated) in out_dtype; lse in float32.

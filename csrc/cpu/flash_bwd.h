@@ -129,10 +129,12 @@ void bwd_pair(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t 
       std::fill(dprow, dprow + n_pad, 0.0f);
       continue;
     }
-    const int64_t end = std::clamp<int64_t>(visible_end(p.mask, q0 + i, sh.seq_k) - k0, 0, nk);
+    const KeySpan keys = visible_keys(p.mask, q0 + i, sh.seq_k);
+    const int64_t begin = std::clamp<int64_t>(keys.begin - k0, 0, nk);
+    const int64_t end = std::clamp<int64_t>(keys.end - k0, begin, nk);
     // A row that saw no key (lse = -inf) has P = 0: exp(s - inf) = 0.
     const float row_lse = lse[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse[i];
-    bwd_row(srow, dprow, end, n_pad, p.scale, row_lse, delta[i]);
+    bwd_row(srow, dprow, begin, end, n_pad, p.scale, row_lse, delta[i]);
   }
   Operand<T> pt, dst, ds;
   bwd_operands(ws, nq_pad, n_pad, pt, dst, ds);
@@ -169,11 +171,11 @@ void bwd_task(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t 
   pack_kn(k, kBlockK, dpad, ws.tmp.data(), ws.k_kn.data());
   std::fill(ws.dk.begin(), ws.dk.end(), 0.0f);
   std::fill(ws.dv.begin(), ws.dv.end(), 0.0f);
-  const int64_t first_row = first_row_seeing(p.mask, k0, sh.seq_q);
-  const int64_t qb_begin =
-      first_row < sh.seq_q ? first_row / kBwdBlockQ : ceil_div(sh.seq_q, kBwdBlockQ);
+  const KeySpan rows_in = rows_seeing(p.mask, k0, k0 + nk, sh.seq_q, sh.seq_k);
+  const int64_t qb_begin = rows_in.begin / kBwdBlockQ;
+  const int64_t qb_end = rows_in.end > rows_in.begin ? ceil_div(rows_in.end, kBwdBlockQ) : qb_begin;
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t qb = qb_begin; qb * kBwdBlockQ < sh.seq_q; ++qb)
+    for (int64_t qb = qb_begin; qb < qb_end; ++qb)
       bwd_pair(p, rows, b, hk * group + g, qb, k0, nk, dpad, ws,
                dq_part + (g * sh.seq_q + qb * kBwdBlockQ) * dpad);
   add_rows(ws.dk.data(), dpad, nk, d, p.scale,

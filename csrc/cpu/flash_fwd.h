@@ -66,14 +66,16 @@ void softmax_step(const FwdParams& p, FwdWorkspace<T>& ws, int64_t q0, int64_t n
   for (int64_t i = 0; i < nq; ++i) {
     const float* srow = ws.s.data() + i * kFwdBlockK;
     T* prow = ws.p.data() + i * kFwdBlockK;
-    const int64_t end = std::clamp<int64_t>(visible_end(p.mask, q0 + i, p.shape.seq_k) - k0, 0, nk);
-    const float m_new = std::max(ws.m[i], scaled_max(srow, end, p.scale));
+    const KeySpan keys = visible_keys(p.mask, q0 + i, p.shape.seq_k);
+    const int64_t begin = std::clamp<int64_t>(keys.begin - k0, 0, nk);
+    const int64_t end = std::clamp<int64_t>(keys.end - k0, begin, nk);
+    const float m_new = std::max(ws.m[i], scaled_max(srow, begin, end, p.scale));
     if (m_new == kNegInf) {  // nothing visible yet: P = 0, state unchanged
       std::fill(prow, prow + n_pad, T(0));
       continue;
     }
     const float alpha = std::exp(ws.m[i] - m_new);
-    ws.l[i] = ws.l[i] * alpha + exp_row(srow, end, n_pad, p.scale, m_new, prow);
+    ws.l[i] = ws.l[i] * alpha + exp_row(srow, begin, end, n_pad, p.scale, m_new, prow);
     ws.m[i] = m_new;
     if (alpha != 1.0f) scale_row(ws.acc.data() + i * dpad, dpad, alpha);
   }
@@ -106,8 +108,10 @@ void fwd_task(const FwdParams& p, const PackedKV<T>& kv, int64_t b, int64_t h, i
   std::fill(ws.m.begin(), ws.m.end(), kNegInf);
   std::fill(ws.l.begin(), ws.l.end(), 0.0f);
   std::fill(ws.acc.begin(), ws.acc.end(), 0.0f);
-  const int64_t k_end = visible_end(p.mask, q0 + nq - 1, sh.seq_k);
-  for (int64_t k0 = 0; k0 < k_end; k0 += kFwdBlockK) {
+  // The key blocks some row of the task sees: skipped blocks cost nothing (Note [CPU flash tiling]).
+  const int64_t k_begin = visible_keys(p.mask, q0, sh.seq_k).begin / kFwdBlockK * kFwdBlockK;
+  const int64_t k_end = visible_keys(p.mask, q0 + nq - 1, sh.seq_k).end;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kFwdBlockK) {
     const int64_t nk = std::min(kFwdBlockK, k_end - k0), kb = k0 / kFwdBlockK;
     // S [nq, kFwdBlockK] = Q [nq, d] K^T [d, nk]
     gemm(ws.q.data(), dpad, step, kv.kt_block(b, hk, kb), kFwdBlockK * step, nq, round_up(nk, 16),

@@ -21,14 +21,18 @@
 //
 // Forward: K/V of every (batch, kv head, key block) are packed once per call. One task = (batch,
 // q head, block of kBlockQ query rows): pack Q, then walk the key blocks with the online softmax,
-// S = Q K^T, running max m and sum l, O = O * exp(m_old - m) + P V. Causal masks stop at the last
-// block a row of the task can see and mask only blocks that straddle the diagonal.
+// S = Q K^T, running max m and sum l, O = O * exp(m_old - m) + P V. The task visits only the key
+// blocks between the first key its first row sees and the last key its last row sees (every mask is
+// a monotone interval per row: visible_keys); inside a block, keys outside a row's interval are
+// masked lane by lane. So blocks outside a causal diagonal, a document or a sliding window cost
+// nothing, and the cost follows the visible pairs up to the tile edges.
 // Backward: Q/dO of every (batch, q head, block of kBwdBlockQ rows) are packed once per call
 // (larger row blocks than the forward's: they are the k loop of dK and dV). One task =
 // (batch, kv head, key block), so dK/dV of a key block have one writer; it walks the q heads of its
 // GQA group and the query blocks that can see the block: P = exp(S - lse), dV += P^T dO,
 // dP = dO V^T, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K. dQ goes to a float32 partial per
-// (chunk of tasks, kv head), summed in a fixed order after the parallel loop (deterministic).
+// (chunk of tasks, kv head), summed in a fixed order after the parallel loop (deterministic). The
+// query blocks a key block visits are the contiguous range of rows that see it (rows_seeing).
 // Parallelism stays good when batch * heads is 1: tasks are per block, and causal tasks are dealt
 // in zigzag order (0, n-1, 1, n-2, ...) so contiguous chunks get equal work.
 // Memory: packed copies of the inputs and the dQ partials, O(seq * head_dim); never O(seq^2).
@@ -174,16 +178,48 @@ void pack_nk(const RowBlock& src, int64_t dpad, int64_t width, T* tmp, T* dst) {
 // ---- masks
 // ----------------------------------------------------------------------------------------
 
-// Keys j < visible_end(qi) of [0, seq_k) are visible to query row qi.
-inline int64_t visible_end(const Mask& mask, int64_t qi, int64_t seq_k) {
-  if (mask.kind == MaskKind::kNone) return seq_k;
-  return std::clamp<int64_t>(mask.q_offset + qi - mask.k_offset + 1, 0, seq_k);
+// The keys [begin, end) of [0, seq_k) visible to query row qi. Every mask kind is an interval per
+// row whose ends never decrease with qi (params.h), so a tile of rows [q0, q1) sees keys
+// [begin(q0), end(q1 - 1)) at most and every key of [begin(q1 - 1), end(q0)).
+struct KeySpan {
+  int64_t begin, end;
+};
+
+inline KeySpan visible_keys(const Mask& mask, int64_t qi, int64_t seq_k) {
+  switch (mask.kind) {
+    case MaskKind::kNone:
+      return {0, seq_k};
+    case MaskKind::kCausal:
+      return {0, std::clamp<int64_t>(mask.q_offset + qi - mask.k_offset + 1, 0, seq_k)};
+    case MaskKind::kRows:
+      return {std::clamp<int64_t>(mask.row_begin[qi], 0, seq_k),
+              std::clamp<int64_t>(mask.row_end[qi], 0, seq_k)};
+  }
+  return {0, 0};
 }
 
-// First query row that sees key k (rows before it see nothing of keys >= k).
-inline int64_t first_row_seeing(const Mask& mask, int64_t k, int64_t seq_q) {
-  if (mask.kind == MaskKind::kNone) return 0;
-  return std::clamp<int64_t>(mask.k_offset + k - mask.q_offset, 0, seq_q);
+// The rows [begin, end) of [0, seq_q) that see some key of [k0, k1) (a contiguous range, since the
+// row intervals are monotone): end(row) > k0 and begin(row) < k1.
+inline KeySpan rows_seeing(const Mask& mask, int64_t k0, int64_t k1, int64_t seq_q,
+                           int64_t seq_k) {
+  auto first_row = [&](auto&& pred) {  // the first row with pred(row), pred monotone false -> true
+    int64_t lo = 0, hi = seq_q;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (pred(mid)) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    return lo;
+  };
+  if (mask.kind == MaskKind::kNone) return {0, seq_q};
+  if (mask.kind == MaskKind::kCausal)
+    return {std::clamp<int64_t>(mask.k_offset + k0 - mask.q_offset, 0, seq_q), seq_q};
+  const int64_t begin = first_row([&](int64_t i) { return visible_keys(mask, i, seq_k).end > k0; });
+  const int64_t end = first_row([&](int64_t i) { return visible_keys(mask, i, seq_k).begin >= k1; });
+  return {begin, std::max(begin, end)};
 }
 
 // ---- merge

@@ -175,6 +175,11 @@ inline __mmask16 valid_lanes(int64_t j0, int64_t n) {
   return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
+// Lanes begin <= j0 + l < end of a 16-lane chunk starting at j0.
+inline __mmask16 valid_lanes(int64_t j0, int64_t begin, int64_t end) {
+  return valid_lanes(j0, end) & __mmask16(~valid_lanes(j0, begin));
+}
+
 // 16 float32 -> 16 bf16 (round to nearest even), and back.
 inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 inline __m512 from_bf16(__m256i h) {
@@ -182,24 +187,25 @@ inline __m512 from_bf16(__m256i h) {
 }
 
 // max_j scale * s[j] over j < n; -inf when n <= 0.
-inline float scaled_max(const float* s, int64_t n, float scale) {
+inline float scaled_max(const float* s, int64_t begin, int64_t end, float scale) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 mx = neg_inf;
   const __m512 sc = _mm512_set1_ps(scale);
-  for (int64_t j = 0; j < n; j += 16) {
+  for (int64_t j = begin / 16 * 16; j < end; j += 16) {
     const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), sc);
-    mx = _mm512_mask_max_ps(mx, valid_lanes(j, n), mx, x);
+    mx = _mm512_mask_max_ps(mx, valid_lanes(j, begin, end), mx, x);
   }
   return _mm512_reduce_max_ps(mx);
 }
 
-// p[j] = exp(scale * s[j] - shift) for j < n, 0 for n <= j < n_pad; returns sum_j p[j] (of the
-// stored values, so bf16 P and its row sum agree).
-inline float exp_row(const float* s, int64_t n, int64_t n_pad, float scale, float shift, float* p) {
+// p[j] = exp(scale * s[j] - shift) for begin <= j < end, 0 elsewhere in [0, n_pad); returns
+// sum_j p[j] (of the stored values, so bf16 P and its row sum agree).
+inline float exp_row(const float* s, int64_t begin, int64_t end, int64_t n_pad, float scale,
+                     float shift, float* p) {
   __m512 sum = _mm512_setzero_ps();
   const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
   for (int64_t j = 0; j < n_pad; j += 16) {
-    const __m512 e = _mm512_maskz_mov_ps(valid_lanes(j, n),
+    const __m512 e = _mm512_maskz_mov_ps(valid_lanes(j, begin, end),
                                          exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, sh)));
     _mm512_storeu_ps(p + j, e);
     sum = _mm512_add_ps(sum, e);
@@ -207,12 +213,12 @@ inline float exp_row(const float* s, int64_t n, int64_t n_pad, float scale, floa
   return _mm512_reduce_add_ps(sum);
 }
 
-inline float exp_row(const float* s, int64_t n, int64_t n_pad, float scale, float shift,
-                     uint16_t* p) {
+inline float exp_row(const float* s, int64_t begin, int64_t end, int64_t n_pad, float scale,
+                     float shift, uint16_t* p) {
   __m512 sum = _mm512_setzero_ps();
   const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
   for (int64_t j = 0; j < n_pad; j += 16) {
-    const __m512 e = _mm512_maskz_mov_ps(valid_lanes(j, n),
+    const __m512 e = _mm512_maskz_mov_ps(valid_lanes(j, begin, end),
                                          exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, sh)));
     const __m256i h = to_bf16(e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), h);
@@ -227,13 +233,13 @@ inline void scale_row(float* x, int64_t n, float alpha) {
     _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_loadu_ps(x + j), a));
 }
 
-// Backward softmax of one row, in place: s -> P = exp(scale * s - lse) (0 for j >= n),
+// Backward softmax of one row, in place: s -> P = exp(scale * s - lse) (0 outside [begin, end)),
 // dp -> dS = P * (dP - delta).
-inline void bwd_row(float* s, float* dp, int64_t n, int64_t n_pad, float scale, float lse,
-                    float delta) {
+inline void bwd_row(float* s, float* dp, int64_t begin, int64_t end, int64_t n_pad, float scale,
+                    float lse, float delta) {
   const __m512 sc = _mm512_set1_ps(scale), l = _mm512_set1_ps(lse), dl = _mm512_set1_ps(delta);
   for (int64_t j = 0; j < n_pad; j += 16) {
-    const __m512 pj = _mm512_maskz_mov_ps(valid_lanes(j, n),
+    const __m512 pj = _mm512_maskz_mov_ps(valid_lanes(j, begin, end),
                                           exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, l)));
     _mm512_storeu_ps(s + j, pj);
     _mm512_storeu_ps(dp + j, _mm512_mul_ps(pj, _mm512_sub_ps(_mm512_loadu_ps(dp + j), dl)));

@@ -51,21 +51,22 @@ inline void gemm(const float* a, int64_t sm, int64_t sk, const float* b, int64_t
   }
 }
 
-// max_j scale * s[j] over j < n; -inf when n <= 0.
-inline float scaled_max(const float* s, int64_t n, float scale) {
+// max_j scale * s[j] over begin <= j < end; -inf when the range is empty.
+inline float scaled_max(const float* s, int64_t begin, int64_t end, float scale) {
   float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, scale * s[j]);
+  for (int64_t j = begin; j < end; ++j) mx = std::max(mx, scale * s[j]);
   return mx;
 }
 
-// p[j] = exp(scale * s[j] - shift) for j < n, 0 for n <= j < n_pad; returns sum_j p[j].
-inline float exp_row(const float* s, int64_t n, int64_t n_pad, float scale, float shift, float* p) {
+// p[j] = exp(scale * s[j] - shift) for begin <= j < end, 0 elsewhere in [0, n_pad); returns
+// sum_j p[j].
+inline float exp_row(const float* s, int64_t begin, int64_t end, int64_t n_pad, float scale,
+                     float shift, float* p) {
   float sum = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    p[j] = fast_exp(scale * s[j] - shift);
+  for (int64_t j = 0; j < n_pad; ++j) {
+    p[j] = j >= begin && j < end ? fast_exp(scale * s[j] - shift) : 0.0f;
     sum += p[j];
   }
-  for (int64_t j = std::max<int64_t>(n, 0); j < n_pad; ++j) p[j] = 0.0f;
   return sum;
 }
 
@@ -73,12 +74,12 @@ inline void scale_row(float* x, int64_t n, float alpha) {
   for (int64_t j = 0; j < n; ++j) x[j] *= alpha;
 }
 
-// Backward softmax of one row, in place: s -> P = exp(scale * s - lse) (0 for j >= n),
+// Backward softmax of one row, in place: s -> P = exp(scale * s - lse) (0 outside [begin, end)),
 // dp -> dS = P * (dP - delta).
-inline void bwd_row(float* s, float* dp, int64_t n, int64_t n_pad, float scale, float lse,
-                    float delta) {
+inline void bwd_row(float* s, float* dp, int64_t begin, int64_t end, int64_t n_pad, float scale,
+                    float lse, float delta) {
   for (int64_t j = 0; j < n_pad; ++j) {
-    const float pj = j < n ? fast_exp(scale * s[j] - lse) : 0.0f;
+    const float pj = j >= begin && j < end ? fast_exp(scale * s[j] - lse) : 0.0f;
     s[j] = pj;
     dp[j] = pj * (dp[j] - delta);
   }

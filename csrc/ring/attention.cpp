@@ -76,6 +76,15 @@ int64_t ulysses_degree(const Groups& g, const Tensor& q, const Tensor& k) {
   return degree;
 }
 
+// Ulysses' kRows mask: one source, [1, 2, s], for the gathered sequence (ranks' shards in rank order,
+// increasing global order: ring_ext/packing.py), or nullopt for the offset mask.
+std::optional<Tensor> ulysses_visible(const std::optional<Tensor>& visible, bool causal, int64_t rows,
+                                      const Tensor& q) {
+  if (!visible.has_value()) return std::nullopt;
+  TORCH_CHECK_VALUE(!causal, "ring_ext: give causal=False with visible (the intervals hold the mask)");
+  return ring::prepare_visible(visible, 1, rows, q.device())[0];
+}
+
 // acc in ref's dtype and strides (at::empty_like's): acc itself when it already is and owns its
 // whole storage (so no output aliases another), else a copy.
 Tensor like(const Tensor& acc, const Tensor& ref) {
@@ -117,7 +126,8 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
                                         double scale, bool causal, const std::string& algo,
                                         const std::string& group, const std::string& inner,
                                         const std::string& outer, const std::string& ulysses_group,
-                                        bool overlap, const std::string& layout) {
+                                        bool overlap, const std::string& layout,
+                                        const std::optional<Tensor>& visible) {
   check_shards(q, k, v, scale);
   const Tensor out = empty_in_layout(q, layout);  // Note [Output contract]
   const Groups g{group, inner, outer, ulysses_group};
@@ -125,22 +135,24 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
   const ring::Options opt{scale, causal, overlap};
   switch (ring::parse_algo(algo)) {
     case ring::Algo::kRing: {
-      const ring::RingSetup s = ring::make_setup(g.ring_names(), opt, q.size(1));
+      const ring::RingSetup s = ring::make_setup(g.ring_names(), opt, q.size(1), visible, q.device());
       auto [acc, lse] = ring::forward(q, k, v, s);
       return {out.copy_(acc), lse};
     }
     case ring::Algo::kUlysses: {
-      ulysses_degree(g, q, k);
+      const int64_t u = ulysses_degree(g, q, k);
+      const std::optional<Tensor> rows = ulysses_visible(visible, causal, q.size(1) * u, q);
       return ulysses::forward(
           q, k, v, g.ulysses,
           [&](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
-            return block_ops().fwd.call(qh, kh, vh, scale, causal, 0, 0, /*out_fp32=*/false);
+            return block_ops().fwd.call(qh, kh, vh, scale, causal, 0, 0, /*out_fp32=*/false, rows);
           },
           out);
     }
     case ring::Algo::kHybrid: {
       const int64_t u = ulysses_degree(g, q, k);
-      const ring::RingSetup s = ring::make_setup(g.ring_names(), opt, q.size(1) * u);
+      const ring::RingSetup s =
+          ring::make_setup(g.ring_names(), opt, q.size(1) * u, visible, q.device());
       return ulysses::forward(
           q, k, v, g.ulysses,
           [&](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
@@ -156,11 +168,12 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
 std::tuple<Tensor, Tensor, Tensor> block_backward(const Tensor& dout, const Tensor& q,
                                                   const Tensor& k, const Tensor& v,
                                                   const Tensor& lse, const Tensor& delta,
-                                                  double scale, bool causal) {
+                                                  double scale, bool causal,
+                                                  const std::optional<Tensor>& rows) {
   Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
   Tensor dk = at::zeros(k.sizes(), k.options().dtype(at::kFloat));
   Tensor dv = at::zeros(v.sizes(), v.options().dtype(at::kFloat));
-  block_ops().bwd_acc.call(dout, q, k, v, lse, delta, scale, causal, 0, 0, dq, dk, dv);
+  block_ops().bwd_acc.call(dout, q, k, v, lse, delta, scale, causal, 0, 0, dq, dk, dv, rows);
   return {dq, dk, dv};
 }
 
@@ -168,7 +181,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& lse, double scale, bool causal, const std::string& algo, const std::string& group,
     const std::string& inner, const std::string& outer, const std::string& ulysses_group,
-    bool overlap, const std::optional<Tensor>& dlse) {
+    bool overlap, const std::optional<Tensor>& dlse, const std::optional<Tensor>& visible) {
   check_shards(q, k, v, scale);
   const Groups g{group, inner, outer, ulysses_group};
   check_backend(ring::parse_algo(algo) == ring::Algo::kUlysses ? g.ulysses : g.ring, q);
@@ -177,7 +190,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
   int64_t u = 1;
   if (which != ring::Algo::kRing) u = ulysses_degree(g, q, k);
   std::optional<ring::RingSetup> s;
-  if (which != ring::Algo::kUlysses) s = ring::make_setup(g.ring_names(), opt, q.size(1) * u);
+  std::optional<Tensor> rows;
+  if (which != ring::Algo::kUlysses) {
+    s = ring::make_setup(g.ring_names(), opt, q.size(1) * u, visible, q.device());
+  } else {
+    rows = ulysses_visible(visible, causal, q.size(1) * u, q);
+  }
   // delta of the final out; a gradient on lse folds in (d lse / d S = P).
   Tensor delta = row_delta(dout, out);
   if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);
@@ -188,7 +206,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
                               [&](const Tensor& d, const Tensor& qh, const Tensor& kh,
                                   const Tensor& vh, const Tensor& l, const Tensor& dl) {
                                 if (which == ring::Algo::kUlysses)
-                                  return block_backward(d, qh, kh, vh, l, dl, scale, causal);
+                                  return block_backward(d, qh, kh, vh, l, dl, scale, causal, rows);
                                 return ring::backward(d, qh, kh, vh, l, dl, *s);
                               });
   return {like(dq, q), like(dk, k), like(dv, v)};  // one rounding, in the inputs' strides

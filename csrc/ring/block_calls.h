@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <optional>
 #include <tuple>
 
 namespace ring_ext {
@@ -13,24 +14,19 @@ using at::Tensor;
 
 // The registered block ops, called through the dispatcher (CPU or CUDA kernels alike).
 struct BlockOps {
-  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                      double, bool, int64_t, int64_t, bool)>
-      fwd = c10::Dispatcher::singleton()
-                .findSchemaOrThrow("ring_ext::fwd", "")
-                .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                  double, bool, int64_t, int64_t, bool)>();
+  using Fwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double, bool,
+                                         int64_t, int64_t, bool, const std::optional<Tensor>&);
+  using BwdAcc = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                      const Tensor&, double, bool, int64_t, int64_t, const Tensor&, const Tensor&,
+                      const Tensor&, const std::optional<Tensor>&);
+  c10::TypedOperatorHandle<Fwd> fwd =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ring_ext::fwd", "").typed<Fwd>();
   c10::TypedOperatorHandle<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&)> merge =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("ring_ext::merge_", "")
           .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
-  c10::TypedOperatorHandle<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const Tensor&, const Tensor&, double, bool, int64_t, int64_t,
-                                const Tensor&, const Tensor&, const Tensor&)>
-      bwd_acc = c10::Dispatcher::singleton()
-                    .findSchemaOrThrow("ring_ext::bwd_acc", "")
-                    .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const Tensor&, const Tensor&, double, bool, int64_t, int64_t,
-                                const Tensor&, const Tensor&, const Tensor&)>();
+  c10::TypedOperatorHandle<BwdAcc> bwd_acc =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ring_ext::bwd_acc", "").typed<BwdAcc>();
 };
 
 inline const BlockOps& block_ops() {

@@ -13,6 +13,16 @@
 // keeps the error independent of the ring size (rounding to bf16 at every hop adds one bf16
 // rounding per rank); the cost is bytes: per backward step a rank sends K/V in the input dtype plus
 // dK/dV in float32, i.e. 3x the bytes of a forward step for bf16 inputs and 2x for float32.
+//
+// Note [Per-source key intervals]
+// -------------------------------
+// Packed documents and sliding windows (ring_ext/packing.py) replace the zigzag offsets by a mask
+// per (local rows, source block): every rank holds the same number of rows (padded at its end),
+// each block lists its tokens in increasing global order, so the keys of src's block that local row
+// i sees are one interval, visible[src][:, i]. The Python side computes all of them from
+// cu_seqlens (no communication: every rank knows every rank's tokens). Each step is then one item,
+// all local rows x the held block, with the kernels' kRows mask; a step whose block no local row
+// sees computes nothing (the block still moves on: the ring's later ranks need it).
 #include "ring.h"
 
 #include <ATen/ATen.h>
@@ -52,7 +62,28 @@ void check_window_groups(const RingSetup& s) {
 
 }  // namespace
 
-RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_len) {
+std::vector<Tensor> prepare_visible(const std::optional<Tensor>& visible, int64_t count,
+                                    int64_t rows, c10::Device device,
+                                    std::vector<bool>* any_visible) {
+  if (!visible.has_value()) return {};
+  const Tensor& v = *visible;
+  TORCH_CHECK_VALUE(v.scalar_type() == at::kLong && v.dim() == 3 && v.size(0) == count &&
+                        v.size(1) == 2 && v.size(2) == rows,
+                    "ring_ext: visible must be int64 [", count, " source blocks, 2, ", rows,
+                    " rows], got ", v.scalar_type(), " ", v.sizes());
+  if (any_visible) {
+    const Tensor host = v.cpu();
+    for (int64_t src = 0; src < count; ++src)
+      any_visible->push_back((host[src][1] > host[src][0]).any().item<bool>());
+  }
+  const Tensor on_device = v.to(device).contiguous();
+  std::vector<Tensor> out;
+  for (int64_t src = 0; src < count; ++src) out.push_back(on_device[src]);
+  return out;
+}
+
+RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_len,
+                     const std::optional<Tensor>& visible, c10::Device device) {
   RingSetup s;
   s.ring = resolve_group(names.ring, "ring");
   s.rank = s.ring->getRank();
@@ -69,6 +100,9 @@ RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_
   s.causal = opt.causal;
   s.overlap = opt.overlap;
   s.scale = opt.scale;
+  TORCH_CHECK_VALUE(!visible.has_value() || !opt.causal,
+                    "ring_ext: give causal=False with visible (the intervals hold the mask)");
+  s.visible = prepare_visible(visible, s.topo.cp_size, local_len, device, &s.any_visible);
   return s;
 }
 
@@ -86,6 +120,17 @@ Rows rows_of(const WorkItem& w, int64_t chunk) {
 
 // K and V in one buffer, so each hop is one transfer: [2, b, s, heads_kv, d] contiguous.
 Tensor pack_kv(const Tensor& k, const Tensor& v) { return at::stack({k, v}); }
+
+// The kRows mask of src's block (Note [Per-source key intervals]); nullopt: the schedule's offsets.
+std::optional<Tensor> visible_for(const RingSetup& s, int64_t src) {
+  if (s.visible.empty()) return std::nullopt;
+  return s.visible[src];
+}
+
+// True when no local row sees src's block: the step computes nothing.
+bool nothing_visible(const RingSetup& s, int64_t src) {
+  return !s.visible.empty() && !s.any_visible[src];
+}
 
 Step plan_at(const RingSetup& s, int64_t step) {
   return plan_step(Algo::kRing, s.topo.cp_size, s.rank, step, s.topo.window, s.causal);
@@ -150,11 +195,13 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   // *is* the running result: no zero-filled start and no merge into it.
   Tensor out_acc, lse;
   for_each_block(s, pack_kv(k, v), [&](int64_t, const Step& st, const Tensor& held) {
+    if (nothing_visible(s, st.src)) return;
     for (const WorkItem& item : st.items) {
       const Rows r = rows_of(item, s.chunk);
       auto [block_out, block_lse] = ops.fwd.call(
           q.narrow(1, r.q0, r.nq), held[0].narrow(1, r.k0, r.nk), held[1].narrow(1, r.k0, r.nk),
-          s.scale, item.causal, r.q_offset, r.k_offset, /*out_fp32=*/true);
+          s.scale, item.causal, r.q_offset, r.k_offset, /*out_fp32=*/true,
+          visible_for(s, st.src));
       if (!out_acc.defined() && r.q0 == 0 && r.nq == q.size(1)) {
         out_acc = block_out;
         lse = block_lse;
@@ -168,6 +215,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
                      block_lse);
     }
   });
+  if (!out_acc.defined()) {  // no local row saw any key (a rank of padding only)
+    out_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    lse = at::full({q.size(0), q.size(2), q.size(1)}, -INFINITY, q.options().dtype(at::kFloat));
+  }
   return {out_acc, lse};
 }
 
@@ -250,13 +301,13 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
   KvGrads grads(s, packed);
   for_each_block(s, packed, [&](int64_t step, const Step& st, const Tensor& held) {
     Tensor g = grads.begin_step(step);
-    for (const WorkItem& item : st.items) {
+    for (const WorkItem& item : nothing_visible(s, st.src) ? std::vector<WorkItem>{} : st.items) {
       const Rows r = rows_of(item, s.chunk);
       ops.bwd_acc.call(dout.narrow(1, r.q0, r.nq), q.narrow(1, r.q0, r.nq),
                        held[0].narrow(1, r.k0, r.nk), held[1].narrow(1, r.k0, r.nk),
                        lse.narrow(2, r.q0, r.nq), delta.narrow(2, r.q0, r.nq), s.scale, item.causal,
                        r.q_offset, r.k_offset, dq.narrow(1, r.q0, r.nq), g[0].narrow(1, r.k0, r.nk),
-                       g[1].narrow(1, r.k0, r.nk));
+                       g[1].narrow(1, r.k0, r.nk), visible_for(s, st.src));
     }
     grads.end_step(step, st, g);
   });

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -31,12 +32,26 @@ struct RingSetup {
   int64_t rank = 0, chunk = 0;  // chunk: rows per sharding chunk
   bool causal = false, overlap = true;
   double scale = 1.0;
+  // Packed documents / sliding windows (Note [Per-source key intervals] in ring.cpp): visible[src]
+  // is int64 [2, local rows] on the inputs' device, the keys of src's block each local row sees;
+  // any_visible[src] is false when no row sees any. Empty: the offset masks of the schedule.
+  std::vector<at::Tensor> visible;
+  std::vector<bool> any_visible;
   int64_t inner_rank() const { return rank % topo.window; }
   int64_t outer_rank() const { return rank / topo.window; }
 };
 
-// Resolves and checks the groups for shards of local_len rows; no communication.
-RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_len);
+// Resolves and checks the groups for shards of local_len rows on `device`, and the per-source key
+// intervals (empty, or one per ring rank); no communication.
+RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_len,
+                     const std::optional<at::Tensor>& visible = std::nullopt,
+                     c10::Device device = c10::Device(c10::kCPU));
+
+// visible [count, 2, rows] int64 (checked) as `count` [2, rows] tensors on `device`; fills
+// any_visible (computed on the host copy) when given. Empty without visible.
+std::vector<at::Tensor> prepare_visible(const std::optional<at::Tensor>& visible, int64_t count,
+                                        int64_t rows, c10::Device device,
+                                        std::vector<bool>* any_visible = nullptr);
 
 // q [b, s, hq, d], k/v [b, s, hkv, d] (this rank's shards, any strides) ->
 // out float32 [b, s, hq, d], lse float32 [b, hq, s].
