@@ -4,20 +4,30 @@ bshd  [b, s, h, d]
 sbhd  [s, b, h, d]
 bnsd  [b, h, s, d]      (--megatron-cp-in-bnsd)
 sbh   [s, b, h * d]     (MindSpeed's default; needs num_heads for q)
+thd   [t, h, d]         (packed documents: tokens of one row, batch 1; ring_ext/packing.py)
 """
 
 from __future__ import annotations
 
 import torch
 
-LAYOUTS = ("bshd", "sbhd", "bnsd", "sbh")
+LAYOUTS = ("bshd", "sbhd", "bnsd", "sbh", "thd")
 
 # Which dim of each layout holds the sequence.
-SEQ_DIM = {"bshd": 1, "sbhd": 0, "bnsd": 2, "sbh": 0}
+SEQ_DIM = {"bshd": 1, "sbhd": 0, "bnsd": 2, "sbh": 0, "thd": 0}
+
+# Layouts whose tensors are 3-D.
+THREE_D = ("sbh", "thd")
 
 # The memory order of each layout, outermost first, in dims of [b, s, h, d]; the C++ op allocates
 # its output the same way (Note [Output contract] in csrc/ring/attention.cpp).
-MEMORY_ORDER = {"bshd": (0, 1, 2, 3), "sbhd": (1, 0, 2, 3), "sbh": (1, 0, 2, 3), "bnsd": (0, 2, 1, 3)}
+MEMORY_ORDER = {
+    "bshd": (0, 1, 2, 3),
+    "sbhd": (1, 0, 2, 3),
+    "sbh": (1, 0, 2, 3),
+    "bnsd": (0, 2, 1, 3),
+    "thd": (0, 1, 2, 3),  # batch 1: the memory of bshd
+}
 
 
 def check_layout(layout: str) -> None:
@@ -38,11 +48,13 @@ def head_dim_of(q: torch.Tensor, layout: str, num_heads: int | None) -> int:
 
 def to_bshd(t: torch.Tensor, layout: str, head_dim: int) -> torch.Tensor:
     """A [b, s, h, d] view of t."""
-    expected = 3 if layout == "sbh" else 4
+    expected = 3 if layout in THREE_D else 4
     if t.dim() != expected:
         raise ValueError(f"layout {layout!r} expects {expected}-D tensors, got shape {tuple(t.shape)}")
     if layout == "bshd":
         return t
+    if layout == "thd":
+        return t.unsqueeze(0)  # [t, h, d] -> [1, t, h, d]
     if layout == "sbhd":
         return t.permute(1, 0, 2, 3)  # [s, b, h, d] -> [b, s, h, d]
     if layout == "bnsd":
@@ -64,6 +76,8 @@ def from_bshd(t: torch.Tensor, layout: str) -> torch.Tensor:
     """Inverse of to_bshd: a [b, s, h, d] tensor viewed in layout."""
     if layout == "bshd":
         return t
+    if layout == "thd":
+        return t.squeeze(0)  # [1, t, h, d] -> [t, h, d]
     if layout == "sbhd":
         return t.permute(1, 0, 2, 3)  # [b, s, h, d] -> [s, b, h, d]
     if layout == "bnsd":

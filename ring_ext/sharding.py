@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from . import collectives, validation
+from . import collectives, packing, validation
 
 
 def chunk_order(mode: str, cp_size: int, rank: int, ulysses_degree: int = 1) -> list[int]:
@@ -52,7 +52,8 @@ def shard_tensor(
     if x.shape[seq_dim] % n != 0:
         raise ValueError(
             f"sequence length {x.shape[seq_dim]} (dim {seq_dim}) must be divisible by {n} "
-            f"({mode} sharding over cp_size={cp_size})"
+            f"({mode} sharding over cp_size={cp_size}); for any length pass "
+            f"cu_seqlens=[0, {x.shape[seq_dim]}] (one document)"
         )
     chunks = x.chunk(n, dim=seq_dim)
     return torch.cat([chunks[c] for c in chunk_order(mode, cp_size, rank, ulysses_degree)], dim=seq_dim)
@@ -74,17 +75,50 @@ def unshard_parts(
     return torch.cat(ordered, dim=seq_dim)
 
 
-def shard(x: torch.Tensor, ctx, seq_dim: int) -> torch.Tensor:
-    """This rank's part of the full tensor x (identical on every rank), in ctx's order."""
+def shard(x: torch.Tensor, ctx, seq_dim: int, cu_seqlens=None) -> torch.Tensor:
+    """This rank's part of the full tensor x (identical on every rank), in ctx's order. With cu_seqlens
+    (packed documents, any lengths) the part is the token plan's (ring_ext/packing.py): this rank's
+    tokens in increasing order, as many as the plan gives it (ranks may differ by a few)."""
+    if cu_seqlens is not None:
+        seq_dim = validation.check_seq_dim(x, seq_dim)
+        cu = packing.check_cu_seqlens(cu_seqlens, x.shape[seq_dim])
+        mine = packing.rank_tokens(ctx, cu[-1], cu)[ctx.rank]
+        return x.index_select(seq_dim, mine[: packing.real_length(mine, cu[-1])].to(x.device))
     seq_dim = validation.check_shard(x, ctx, seq_dim)
     return shard_tensor(x, seq_dim, ctx.sharding, ctx.cp_size, ctx.rank, _ring_ulysses(ctx)).contiguous()
 
 
-def unshard(x: torch.Tensor, ctx, seq_dim: int) -> torch.Tensor:
+def unshard(x: torch.Tensor, ctx, seq_dim: int, cu_seqlens=None) -> torch.Tensor:
     """Inverse of shard: the full sequence on every rank (all-gather over ctx.group + un-permute)."""
+    if cu_seqlens is not None:
+        return _unshard_packed(x, ctx, seq_dim, packing.check_cu_seqlens(cu_seqlens))
     seq_dim = validation.check_unshard(x, ctx, seq_dim)
     parts = collectives.all_gather(x, ctx)
     return unshard_parts(parts, seq_dim, ctx.sharding, _ring_ulysses(ctx))
+
+
+def _unshard_packed(x: torch.Tensor, ctx, seq_dim: int, cu: tuple[int, ...]) -> torch.Tensor:
+    """unshard of a token plan's part: pad every part to the plan's length (all-gather needs equal
+    shapes), gather, and put each rank's tokens back at their global indices."""
+    seq_dim = validation.check_seq_dim(x, seq_dim)
+    validation.check_device(x, "x", ctx)
+    total = cu[-1]
+    tokens = packing.rank_tokens(ctx, total, cu)
+    counts = [packing.real_length(t, total) for t in tokens]
+    if x.shape[seq_dim] != counts[ctx.rank]:
+        raise ValueError(
+            f"x holds {x.shape[seq_dim]} tokens (dim {seq_dim}) but rank {ctx.rank}'s share of cu_seqlens "
+            f"is {counts[ctx.rank]}: pass what ring_ext.shard(..., cu_seqlens=cu) returned"
+        )
+    pad = list(x.shape)
+    pad[seq_dim] = len(tokens[0]) - counts[ctx.rank]
+    parts = collectives.all_gather(torch.cat([x, x.new_zeros(pad)], dim=seq_dim), ctx)
+    full = list(x.shape)
+    full[seq_dim] = total
+    out = x.new_empty(full)
+    for index, count, part in zip(tokens, counts, parts):
+        out.index_copy_(seq_dim, index[:count].to(x.device), part.narrow(seq_dim, 0, count))
+    return out
 
 
 def _ring_ulysses(ctx) -> int:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import collectives
-from .layouts import LAYOUTS, to_bshd
+from .layouts import LAYOUTS, THREE_D, to_bshd
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEAD_DIM_MAX = 256  # the kernels' limit (csrc/common/block_ops.cpp)
@@ -114,7 +114,7 @@ def check_qkv_tensors(q, k, v, layout: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    expected = 3 if layout == "sbh" else 4
+    expected = 3 if layout in THREE_D else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != expected:
             raise ValueError(f"{name} must be {expected}-D in layout {layout!r}, got shape {tuple(t.shape)}")
@@ -144,8 +144,9 @@ def check_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"head_dim must be in [1, {HEAD_DIM_MAX}], got {q.shape[3]}")
 
 
-def check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> None:
-    """[b, s, h, d] views of the local shards, against one another and the context's algorithm."""
+def check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, packed: bool = False) -> None:
+    """[b, s, h, d] views of the local shards, against one another and the context's algorithm.
+    packed: the shards follow a token plan (cu_seqlens), whose lengths attention() checks itself."""
     check_device(q, "q", ctx)
     check_bshd(q, k, v)
     if k.shape[1] != q.shape[1]:
@@ -162,7 +163,7 @@ def check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> None
                 f"kv heads ({heads_kv}) and the Ulysses degree ({u}) of {ctx.algo} must divide one another"
             )
     # The ring sees u local shards at once (hybrid) and, causal, splits them into 2 zigzag chunks.
-    if ctx.sharding == "zigzag" and (q.shape[1] * u) % 2 != 0:
+    if not packed and ctx.sharding == "zigzag" and (q.shape[1] * u) % 2 != 0:
         raise ValueError(
             f"local sequence length {q.shape[1]} must be divisible by 2 (zigzag sharding); "
             "shard with ring_ext.shard"
@@ -189,7 +190,8 @@ def check_shard(x, ctx, seq_dim: int) -> int:
     if x.shape[seq_dim] % n != 0:
         raise ValueError(
             f"sequence length {x.shape[seq_dim]} (dim {seq_dim}) must be divisible by {n} "
-            f"({ctx.sharding} sharding over cp_size={ctx.cp_size})"
+            f"({ctx.sharding} sharding over cp_size={ctx.cp_size}); for any length pass "
+            f"cu_seqlens=[0, {x.shape[seq_dim]}] (one document) to shard, attention and unshard"
         )
     return seq_dim
 
