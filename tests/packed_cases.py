@@ -96,7 +96,8 @@ def run_packed_case(rank: int, world_size: int, case: PackedCase):
     out, _ = attention_reference(q64, k64, v64, causal=False, mask=mask)
     expected = [out.detach(), *torch.autograd.grad(out, (q64, k64, v64), dout.double())]
     baseline = torch_attention(q, k, v, dout, causal=False, mask=mask)
-    assert_attention(got, expected, baseline, f"rank {rank}/{world_size} {case}")
+    # dq rows of queries that see few keys are ill-conditioned (tolerances.assert_attention)
+    assert_attention(got, expected, baseline, f"rank {rank}/{world_size} {case}", dq_rows=mask.sum(1) >= 4)
 
 
 def lognormal_docs(total: int, n_docs: int, seed: int) -> tuple[int, ...]:

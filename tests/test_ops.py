@@ -25,6 +25,15 @@ def _fwd_samples(group):
         yield (q, k, v, 0.25, False), {"out_fp32": True}
     q, k, v = _qkv(True, torch.bfloat16)
     yield (q.transpose(0, 1).contiguous().transpose(0, 1), k, v, 0.3, True), {}  # strided q
+    q, k, v = _qkv(True)
+    yield (q, k, v, 0.25, False), {"visible": _visible(q, k)}  # packed documents, a window
+
+
+def _visible(q, k):
+    """Key intervals of two documents with a sliding window (ring_ext/packing.py)."""
+    from ring_ext.packing import visible_keys
+
+    return visible_keys(torch.arange(q.shape[1]), torch.arange(k.shape[1]), (0, 4, k.shape[1]), True, 3)
 
 
 def _bwd_samples(group):
@@ -33,6 +42,8 @@ def _bwd_samples(group):
     dout = torch.randn_like(out)
     yield (dout, q, k, v, out, lse, 0.25, True), {}
     yield (dout, q, k, v, out, lse, 0.25, True, 0, 0), {"dlse": torch.randn_like(lse)}
+    out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.25, False, visible=_visible(q, k))
+    yield (dout, q, k, v, out, lse, 0.25, False), {"visible": _visible(q, k)}
 
 
 def _bwd_acc_samples(group):
@@ -42,6 +53,7 @@ def _bwd_acc_samples(group):
     delta = (dout * out).sum(-1).transpose(1, 2).contiguous()
     acc = [torch.randn(t.shape) for t in (q, k, v)]
     yield (dout, q, k, v, lse, delta, 0.25, False, 0, 0, *acc), {}
+    yield (dout, q, k, v, lse, delta, 0.25, False, 0, 0, *acc), {"visible": _visible(q, k)}
 
 
 def _merge_samples(group):
@@ -83,10 +95,13 @@ def _attention_args(group, algo, layout, causal, requires_grad):
 
 
 def _attention_samples(group):
-    """Every algorithm x layout (the output strides are part of the contract), causal and not."""
+    """Every algorithm x layout (the output strides are part of the contract), causal and not; and
+    packed documents (per-source key intervals) for every algorithm."""
     for algo in ALGOS:
         for i, layout in enumerate(LAYOUTS):
             yield _attention_args(group, algo, layout, causal=i % 2 == 0, requires_grad=True)
+        args, kwargs = _attention_args(group, algo, "bshd", causal=False, requires_grad=True)
+        yield args, {**kwargs, "visible": _visible(args[0], args[1])[None]}
 
 
 def _attention_bwd_samples(group):

@@ -152,10 +152,23 @@ def assert_close_to_oracle(actual, expected, baseline, what: str = "", grad: boo
     assert verdict.ok, str(verdict)
 
 
-def assert_attention(got, expected, baseline, what: str = "", names=("out", "dq", "dk", "dv")) -> None:
-    """assert_close_to_oracle for each of (out, dq, dk, dv)."""
+def assert_attention(
+    got, expected, baseline, what: str = "", names=("out", "dq", "dk", "dv"), dq_rows=None
+) -> None:
+    """assert_close_to_oracle for each of (out, dq, dk, dv).
+
+    dq_rows (bool [seq], packed documents and windows): the rows whose dq is held to the worst-row
+    measure; the whole-tensor measure still covers every row. A query that sees only a few keys (the
+    first tokens of every document) has an ill-conditioned dq, sum_j P_j (dP_j - D) with D from the
+    rounded output: measured 28 u in float16 for a row of two keys, bit for bit what the dense kernel
+    gives on that document alone (tests/test_packed.py), so no floor fits it without blinding the row
+    measure elsewhere."""
     assert len(got) == len(expected) == len(baseline)
     for name, a, e, b in zip(names, got, expected, baseline):
+        if name == "dq" and dq_rows is not None:
+            verdict = judge(a, e, b, f"{what} dq (all rows)", grad=True)
+            assert verdict.err <= verdict.bound, str(verdict)
+            a, e, b = (t[:, dq_rows] for t in (a, e, b))
         assert_close_to_oracle(a, e, b, f"{what} {name}", grad=name != "out")
 
 

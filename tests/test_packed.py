@@ -1,0 +1,242 @@
+"""Packed documents and sliding windows on one process: the key intervals against the per-pair mask,
+the token plan (pure: coverage, order, balance, token bound), the kernels against the float64 oracle
+with block-diagonal and banded masks, the public API and its bad-input errors."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+import ring_ext
+from ring_ext.packing import check_cu_seqlens, pairs_before, plan_tokens, visible_keys
+from ring_ext.reference import attention_reference, packed_visible
+
+from packed_cases import lognormal_docs
+from tolerances import assert_attention, assert_lse, torch_attention
+
+MIXES = {
+    "tiny_and_empty": (1, 2, 0, 37, 5, 3),
+    "one_prime_doc": (61,),
+    "empties_first": (0, 0, 3, 20, 1, 1, 9, 0),
+    "lognormal": lognormal_docs(300, 9, seed=7),
+}
+
+
+def cu_of(docs) -> tuple[int, ...]:
+    cu = [0]
+    for n in docs:
+        cu.append(cu[-1] + n)
+    return tuple(cu)
+
+
+def intervals_to_mask(vis: torch.Tensor, n_keys: int) -> torch.Tensor:
+    j = torch.arange(n_keys)[None, :]
+    return (j >= vis[0][:, None]) & (j < vis[1][:, None])
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, 1, 4, 1000])
+def test_visible_keys_is_the_mask_model(mix, causal, window):
+    """On blocks that are sorted subsets of the tokens plus padding (as the plan gives ranks), the
+    intervals reproduce the per-pair mask exactly, and never move backwards."""
+    cu = cu_of(MIXES[mix])
+    total = cu[-1]
+    g = torch.Generator().manual_seed(zlib.crc32(repr((mix, causal, window)).encode()))
+    for _ in range(4):
+        q_index = torch.cat([torch.sort(torch.randperm(total, generator=g)[: total // 2]).values, total + torch.arange(3)])
+        k_index = torch.cat([torch.sort(torch.randperm(total, generator=g)[: total // 3]).values, total + torch.arange(2)])
+        vis = visible_keys(q_index, k_index, cu, causal, window)
+        assert torch.equal(intervals_to_mask(vis, len(k_index)), packed_visible(q_index, k_index, cu, causal, window))
+        assert (vis[:, 1:] >= vis[:, :-1]).all()
+
+
+def test_pairs_before_counts_the_mask():
+    for length in (1, 2, 7, 30):
+        for causal in (True, False):
+            for window in (None, 1, 3, 50):
+                mask = packed_visible(torch.arange(length), torch.arange(length), (0, length), causal, window)
+                for x in range(length + 1):
+                    assert pairs_before(x, length, causal, window) == int(mask[:x].sum()), (length, causal, window, x)
+
+
+@pytest.mark.parametrize("groups,members", [(1, 1), (2, 1), (3, 1), (4, 1), (8, 1), (1, 4), (2, 2), (4, 2), (3, 3)])
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_plan_covers_every_token_once_in_order(groups, members, mix):
+    cu = cu_of(MIXES[mix])
+    total = cu[-1]
+    plan = plan_tokens(cu, groups, members, True)
+    assert len(plan) == groups * members
+    assert len({len(t) for t in plan}) == 1, "every rank holds the same padded length"
+    real = torch.cat([t[t < total] for t in plan])
+    assert torch.equal(torch.sort(real).values, torch.arange(total)), "every token exactly once"
+    for g in range(groups):  # a ring member's block (its ranks' tokens gathered) is increasing, padding last
+        block = torch.cat(plan[g * members : (g + 1) * members])
+        assert (block[1:] > block[:-1]).all()
+
+
+def _pairs_per_rank(plan, cu, causal=True):
+    total = cu[-1]
+    out = []
+    for t in plan:
+        idx = t[t < total]
+        out.append(int(packed_visible(idx, torch.arange(total), cu, causal).sum()))
+    return out
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_plan_balance(cp, seed):
+    """Causal work (visible pairs) per rank within 5% of the mean for lognormal mixes, and tokens per rank
+    within S / cp + 2 * n_docs (issue targets; the balance table of benchmarks/bench_varlen.py is larger)."""
+    docs = lognormal_docs(4096, 12, seed)
+    cu = cu_of(docs)
+    plan = plan_tokens(cu, cp, 1, True)
+    pairs = _pairs_per_rank(plan, cu)
+    assert max(pairs) / (sum(pairs) / cp) <= 1.05, pairs
+    assert max(int((t < cu[-1]).sum()) for t in plan) <= 4096 / cp + 2 * len(docs)
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+
+# dq rows of queries seeing fewer keys are ill-conditioned (tolerances.assert_attention, dq_rows).
+MIN_KEYS_FOR_ROW_CHECK = 4
+
+
+def check_packed(q, k, v, cu, causal, window, seed):
+    total = q.shape[1]
+    index = torch.arange(total)
+    vis = visible_keys(index, index, cu, causal, window)
+    mask = packed_visible(index, index, cu, causal, window)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = torch.ops.ring_ext.fwd(qg, kg, vg, scale, False, visible=vis)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = attention_reference(q64, k64, v64, causal=False, scale=scale, mask=mask)
+    assert_lse(lse, ref_lse.detach())
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(q.dtype)
+    out.backward(dout)
+    ref.backward(dout.double())
+    baseline = torch_attention(q, k, v, dout, causal=False, scale=scale, mask=mask)
+    got = [out.detach(), qg.grad, kg.grad, vg.grad]
+    well_conditioned = mask.sum(1) >= MIN_KEYS_FOR_ROW_CHECK
+    assert_attention(
+        got,
+        [ref.detach(), q64.grad, k64.grad, v64.grad],
+        baseline,
+        f"{q.dtype} {cu} {causal} {window}",
+        dq_rows=well_conditioned,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, 1, 13, 200])
+def test_kernels_block_diagonal_and_banded(dtype, causal, window):
+    """Documents across tile edges (64/128 rows), lengths 0, 1 and more than a tile, GQA, with and
+    without windows smaller than, equal to and larger than a tile."""
+    docs = (1, 0, 130, 2, 64, 65, 0, 190)
+    seed = zlib.crc32(repr((str(dtype), causal, window)).encode())
+    g = torch.Generator().manual_seed(seed)
+    total = sum(docs)
+    q = torch.randn(1, total, 4, 32, generator=g).to(dtype)
+    k, v = (torch.randn(1, total, 2, 32, generator=g).to(dtype) for _ in range(2))
+    check_packed(q, k, v, cu_of(docs), causal, window, seed)
+
+
+def test_rows_that_see_nothing_give_zero_and_minus_inf():
+    """Padding rows (intervals empty) get out 0 and lse -inf, their gradients 0, never NaN."""
+    total, pad = 70, 5
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, total + pad, 2, 16, generator=g).requires_grad_() for _ in range(3))
+    index = torch.arange(total + pad)
+    vis = visible_keys(index, index, (0, 30, total), True)
+    out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.25, False, visible=vis)
+    assert torch.equal(out[:, total:], torch.zeros_like(out[:, total:]))
+    assert torch.isneginf(lse[..., total:]).all() and torch.isfinite(lse[..., :total]).all()
+    out.backward(torch.randn_like(out))
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+        assert torch.equal(t.grad[:, total:], torch.zeros_like(t.grad[:, total:]))
+
+
+# ---- the public API ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["thd", "bshd", "sbhd", "bnsd"])
+@pytest.mark.parametrize("mix", ["tiny_and_empty", "lognormal"])
+def test_attention_packed_one_process(layout, mix):
+    cu = cu_of(MIXES[mix])
+    total = cu[-1]
+    g = torch.Generator().manual_seed(zlib.crc32(f"{layout}{mix}".encode()))
+    q, k, v = (torch.randn(1, total, 4, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    to = ring_ext.layouts.from_bshd
+    args = [(to(t, layout) if layout != "thd" else t[0]).float() for t in (q, k, v)]
+    out = ring_ext.attention(*args, layout=layout, causal=True, cu_seqlens=torch.tensor(cu))
+    index = torch.arange(total)
+    ref, _ = attention_reference(q, k, v, causal=False, mask=packed_visible(index, index, cu, True))
+    got = ring_ext.layouts.to_bshd(out, layout, 16)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_layout_none_with_cu_seqlens_is_thd():
+    q = torch.randn(10, 2, 8)
+    out = ring_ext.attention(q, q, q, causal=True, cu_seqlens=[0, 4, 10])
+    assert out.shape == q.shape
+
+
+def test_dense_sliding_window_any_batch():
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 150, 4, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    for causal in (True, False):
+        out = ring_ext.attention(q.float(), k.float(), v.float(), causal=causal, sliding_window=20)
+        index = torch.arange(150)
+        ref, _ = attention_reference(q, k, v, causal=False, mask=packed_visible(index, index, (0, 150), causal, 20))
+        torch.testing.assert_close(out.float(), ref.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_window_of_one_is_each_token_alone():
+    v = torch.randn(1, 40, 2, 8)
+    out = ring_ext.attention(torch.randn(1, 40, 2, 8), torch.randn(1, 40, 2, 8), v, causal=True, sliding_window=1)
+    torch.testing.assert_close(out, v)
+
+
+@pytest.mark.parametrize(
+    "cu,match",
+    [
+        ([1, 10], "start with 0"),
+        ([0, 6, 4, 10], "non-decreasing"),
+        ([0, 4, 9], "end with the packed sequence length 10"),
+        (torch.tensor([0.0, 10.0]), "integer tensor"),
+        (torch.tensor([[0, 10]]), "1-D"),
+        ([0], "at least one document"),
+    ],
+)
+def test_bad_cu_seqlens(cu, match):
+    q = torch.randn(10, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        ring_ext.attention(q, q, q, causal=True, cu_seqlens=cu)
+
+
+def test_bad_packed_calls():
+    q = torch.randn(2, 10, 2, 8)
+    with pytest.raises(ValueError, match="batch must be 1"):
+        ring_ext.attention(q, q, q, causal=True, cu_seqlens=[0, 10])
+    for w in (0, -3, True, 2.5):
+        with pytest.raises(ValueError, match="sliding_window must be an int >= 1"):
+            ring_ext.attention(q, q, q, causal=True, sliding_window=w)
+    with pytest.raises(ValueError, match="k and v must have q's length 10"):
+        ring_ext.attention(q, q[:, :7], q[:, :7], causal=True, sliding_window=3)
+    with pytest.raises(ValueError, match="causal=False with visible"):
+        torch.ops.ring_ext.fwd(q, q, q, 0.3, True, visible=torch.zeros(2, 10, dtype=torch.long))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        bad = torch.tensor([[0] * 10, [5, 4] + [9] * 8])
+        torch.ops.ring_ext.fwd(q, q, q, 0.3, False, visible=bad)
+
+
+def test_check_cu_seqlens_accepts_sequences_and_tensors():
+    assert check_cu_seqlens([0, 3, 3, 8], 8) == (0, 3, 3, 8)
+    assert check_cu_seqlens(torch.tensor([0, 8], dtype=torch.int32)) == (0, 8)
