@@ -83,7 +83,9 @@ def attention(
     visible = None
     if cu is not None or window is not None or layout == "thd":
         visible = _local_intervals(qv, kv, cu, bool(causal), window)
-    out, _lse = torch.ops.ring_ext.fwd(qv, kv, vv, scale, bool(causal) and visible is None, 0, 0, False, visible)
+    out, _lse = torch.ops.ring_ext.fwd(
+        qv, kv, vv, scale, bool(causal) and visible is None, 0, 0, False, visible
+    )
     # fwd's output follows q's memory order; the contract is dense in the layout (one copy only
     # when q's memory order differs from its layout).
     return from_bshd(out, layout).contiguous()

@@ -55,7 +55,18 @@ def _fwd_setup_context(ctx, inputs, output):
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.ring_ext.bwd(
-        dout.to(q.dtype), q, k, v, out, lse, ctx.scale, ctx.causal, ctx.q_offset, ctx.k_offset, dlse, ctx.visible
+        dout.to(q.dtype),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        ctx.scale,
+        ctx.causal,
+        ctx.q_offset,
+        ctx.k_offset,
+        dlse,
+        ctx.visible,
     )
     # One slot per input of fwd: q, k, v, scale, causal, q_offset, k_offset, out_fp32, visible.
     return dq, dk, dv, None, None, None, None, None, None

@@ -44,13 +44,13 @@ def check_cu_seqlens(cu_seqlens, total: int | None = None) -> tuple[int, ...]:
     else:
         values = tuple(int(x) for x in cu_seqlens)
     if len(values) < 2 or values[0] != 0:
-        raise ValueError(f"cu_seqlens must start with 0 and hold at least one document, got {list(values)[:8]}")
+        raise ValueError(
+            f"cu_seqlens must start with 0 and hold at least one document, got {list(values)[:8]}"
+        )
     if any(b < a for a, b in zip(values, values[1:])):
         raise ValueError("cu_seqlens must be non-decreasing (document lengths >= 0)")
     if total is not None and values[-1] != total:
-        raise ValueError(
-            f"cu_seqlens must end with the packed sequence length {total}, got {values[-1]}"
-        )
+        raise ValueError(f"cu_seqlens must end with the packed sequence length {total}, got {values[-1]}")
     return values
 
 
@@ -123,7 +123,9 @@ def plan_tokens(
         shares = []  # (cost, ranges) of zigzag pair c
         for c in range(groups):
             pair = (pieces[c], pieces[2 * groups - 1 - c])
-            pair_cost = sum(pairs_before(b, length, causal, None) - pairs_before(a, length, causal, None) for a, b in pair)
+            pair_cost = sum(
+                pairs_before(b, length, causal, None) - pairs_before(a, length, causal, None) for a, b in pair
+            )
             shares.append((pair_cost, [(start + a, start + b) for a, b in pair if b > a]))
 
         def worst(rot: int) -> tuple[int, int]:
@@ -157,7 +159,9 @@ def dense_tokens(sharding: str, cp_size: int, members: int, total: int) -> tuple
     n = num_chunks(sharding, cp_size)
     size = total // n
     return tuple(
-        torch.cat([torch.arange(c * size, (c + 1) * size) for c in chunk_order(sharding, cp_size, r, members)])
+        torch.cat(
+            [torch.arange(c * size, (c + 1) * size) for c in chunk_order(sharding, cp_size, r, members)]
+        )
         for r in range(cp_size)
     )
 
@@ -191,7 +195,12 @@ def rank_tokens(ctx, total: int, cu_seqlens: tuple[int, ...] | None) -> tuple[to
 
 @functools.lru_cache(maxsize=64)
 def _block_intervals(
-    tokens: tuple[torch.Tensor, ...], groups: int, members: int, rank: int, cu: tuple[int, ...], causal: bool,
+    tokens: tuple[torch.Tensor, ...],
+    groups: int,
+    members: int,
+    rank: int,
+    cu: tuple[int, ...],
+    causal: bool,
     window: int | None,
 ) -> torch.Tensor:
     blocks = [torch.cat(tokens[g * members : (g + 1) * members]) for g in range(groups)]

@@ -68,11 +68,14 @@ def run_packed_case(rank: int, world_size: int, case: PackedCase):
     total = cu[-1]
     g = torch.Generator().manual_seed(case.seed)
     shape_q, shape_kv = (1, total, case.heads_q, case.head_dim), (1, total, case.heads_kv, case.head_dim)
-    q, k, v, dout = (torch.randn(sh, generator=g).to(case.dtype) for sh in (shape_q, shape_kv, shape_kv, shape_q))
+    q, k, v, dout = (
+        torch.randn(sh, generator=g).to(case.dtype) for sh in (shape_q, shape_kv, shape_kv, shape_q)
+    )
     seq_dim = SEQ_DIM[case.layout]
     packing = {} if case.dense else {"cu_seqlens": torch.tensor(cu)}
     local = [
-        ring_ext.shard(from_bshd(t, case.layout).contiguous(), ctx, seq_dim, **packing) for t in (q, k, v, dout)
+        ring_ext.shard(from_bshd(t, case.layout).contiguous(), ctx, seq_dim, **packing)
+        for t in (q, k, v, dout)
     ]
     ql, kl, vl = (t.requires_grad_() for t in local[:3])
     out_l = ring_ext.attention(

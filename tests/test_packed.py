@@ -9,12 +9,12 @@ import zlib
 
 import pytest
 import torch
+from packed_cases import lognormal_docs
 
 import ring_ext
 from ring_ext.packing import check_cu_seqlens, pairs_before, plan_tokens, visible_keys
 from ring_ext.reference import attention_reference, packed_visible
 
-from packed_cases import lognormal_docs
 from tolerances import assert_attention, assert_lse, torch_attention
 
 MIXES = {
@@ -47,10 +47,16 @@ def test_visible_keys_is_the_mask_model(mix, causal, window):
     total = cu[-1]
     g = torch.Generator().manual_seed(zlib.crc32(repr((mix, causal, window)).encode()))
     for _ in range(4):
-        q_index = torch.cat([torch.sort(torch.randperm(total, generator=g)[: total // 2]).values, total + torch.arange(3)])
-        k_index = torch.cat([torch.sort(torch.randperm(total, generator=g)[: total // 3]).values, total + torch.arange(2)])
+        q_index = torch.cat(
+            [torch.sort(torch.randperm(total, generator=g)[: total // 2]).values, total + torch.arange(3)]
+        )
+        k_index = torch.cat(
+            [torch.sort(torch.randperm(total, generator=g)[: total // 3]).values, total + torch.arange(2)]
+        )
         vis = visible_keys(q_index, k_index, cu, causal, window)
-        assert torch.equal(intervals_to_mask(vis, len(k_index)), packed_visible(q_index, k_index, cu, causal, window))
+        assert torch.equal(
+            intervals_to_mask(vis, len(k_index)), packed_visible(q_index, k_index, cu, causal, window)
+        )
         assert (vis[:, 1:] >= vis[:, :-1]).all()
 
 
@@ -60,10 +66,17 @@ def test_pairs_before_counts_the_mask():
             for window in (None, 1, 3, 50):
                 mask = packed_visible(torch.arange(length), torch.arange(length), (0, length), causal, window)
                 for x in range(length + 1):
-                    assert pairs_before(x, length, causal, window) == int(mask[:x].sum()), (length, causal, window, x)
+                    assert pairs_before(x, length, causal, window) == int(mask[:x].sum()), (
+                        length,
+                        causal,
+                        window,
+                        x,
+                    )
 
 
-@pytest.mark.parametrize("groups,members", [(1, 1), (2, 1), (3, 1), (4, 1), (8, 1), (1, 4), (2, 2), (4, 2), (3, 3)])
+@pytest.mark.parametrize(
+    "groups,members", [(1, 1), (2, 1), (3, 1), (4, 1), (8, 1), (1, 4), (2, 2), (4, 2), (3, 3)]
+)
 @pytest.mark.parametrize("mix", sorted(MIXES))
 def test_plan_covers_every_token_once_in_order(groups, members, mix):
     cu = cu_of(MIXES[mix])
@@ -194,13 +207,17 @@ def test_dense_sliding_window_any_batch():
     for causal in (True, False):
         out = ring_ext.attention(q.float(), k.float(), v.float(), causal=causal, sliding_window=20)
         index = torch.arange(150)
-        ref, _ = attention_reference(q, k, v, causal=False, mask=packed_visible(index, index, (0, 150), causal, 20))
+        ref, _ = attention_reference(
+            q, k, v, causal=False, mask=packed_visible(index, index, (0, 150), causal, 20)
+        )
         torch.testing.assert_close(out.float(), ref.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_window_of_one_is_each_token_alone():
     v = torch.randn(1, 40, 2, 8)
-    out = ring_ext.attention(torch.randn(1, 40, 2, 8), torch.randn(1, 40, 2, 8), v, causal=True, sliding_window=1)
+    out = ring_ext.attention(
+        torch.randn(1, 40, 2, 8), torch.randn(1, 40, 2, 8), v, causal=True, sliding_window=1
+    )
     torch.testing.assert_close(out, v)
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from packed_cases import PackedCase, context, lognormal_docs, run_packed_case
 
 import ring_ext
+
 from distributed import run_distributed
-from packed_cases import PackedCase, context, lognormal_docs, run_packed_case
 
 RING, ULYSSES, HYBRID = "megatron_cp_algo", "ulysses_cp_algo", "hybrid_cp_algo"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16

@@ -105,16 +105,17 @@ std::optional<at::Tensor> check_visible(const std::optional<at::Tensor>& visible
   const at::Tensor& t = *visible;
   TORCH_CHECK_VALUE(!causal, "ring_ext: give causal=False with visible (the key intervals already ",
                     "hold the mask)");
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.dim() == 2 && t.size(0) == 2 &&
-                        t.size(1) == s.seq_q,
-                    "ring_ext: visible must be int64 [2, ", s.seq_q, "] (begin and end of each ",
-                    "query row's visible keys), got ", t.scalar_type(), " ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == q.device(), "ring_ext: visible must be on ", q.device(),
-                    ", got ", t.device());
+  TORCH_CHECK_VALUE(
+      t.scalar_type() == at::kLong && t.dim() == 2 && t.size(0) == 2 && t.size(1) == s.seq_q,
+      "ring_ext: visible must be int64 [2, ", s.seq_q, "] (begin and end of each ",
+      "query row's visible keys), got ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == q.device(), "ring_ext: visible must be on ", q.device(), ", got ",
+                    t.device());
   at::Tensor c = t.contiguous();
   if (c.is_cpu() && s.seq_q > 1) {  // the kernels' tile skipping relies on monotone intervals
-    TORCH_CHECK_VALUE((c.narrow(1, 1, s.seq_q - 1) >= c.narrow(1, 0, s.seq_q - 1)).all().item<bool>(),
-                      "ring_ext: visible's begins and ends must be non-decreasing along the rows");
+    TORCH_CHECK_VALUE(
+        (c.narrow(1, 1, s.seq_q - 1) >= c.narrow(1, 0, s.seq_q - 1)).all().item<bool>(),
+        "ring_ext: visible's begins and ends must be non-decreasing along the rows");
   }
   return c;
 }

@@ -61,14 +61,13 @@ void register_block_ops(torch::Library& m) {
     return block_bwd(Backend::kKernels, dout, q, k, v, out, lse, scale, causal, q_offset, k_offset,
                      dlse, visible);
   });
-  m.impl("bwd_acc",
-         [](const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-            const Tensor& lse, const Tensor& delta, double scale, bool causal, int64_t q_offset,
-            int64_t k_offset, const Tensor& dq, const Tensor& dk, const Tensor& dv,
-            const std::optional<Tensor>& visible) {
-           block_bwd_acc(Backend::kKernels, dout, q, k, v, lse, delta, scale, causal, q_offset,
-                         k_offset, dq, dk, dv, visible);
-         });
+  m.impl("bwd_acc", [](const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                       const Tensor& lse, const Tensor& delta, double scale, bool causal,
+                       int64_t q_offset, int64_t k_offset, const Tensor& dq, const Tensor& dk,
+                       const Tensor& dv, const std::optional<Tensor>& visible) {
+    block_bwd_acc(Backend::kKernels, dout, q, k, v, lse, delta, scale, causal, q_offset, k_offset,
+                  dq, dk, dv, visible);
+  });
   m.impl("merge_", [](const Tensor& out, const Tensor& lse, const Tensor& block_out,
                       const Tensor& block_lse) {
     block_merge(Backend::kKernels, out, lse, block_out, block_lse);

@@ -108,7 +108,8 @@ void fwd_task(const FwdParams& p, const PackedKV<T>& kv, int64_t b, int64_t h, i
   std::fill(ws.m.begin(), ws.m.end(), kNegInf);
   std::fill(ws.l.begin(), ws.l.end(), 0.0f);
   std::fill(ws.acc.begin(), ws.acc.end(), 0.0f);
-  // The key blocks some row of the task sees: skipped blocks cost nothing (Note [CPU flash tiling]).
+  // The key blocks some row of the task sees: skipped blocks cost nothing (Note [CPU flash
+  // tiling]).
   const int64_t k_begin = visible_keys(p.mask, q0, sh.seq_k).begin / kFwdBlockK * kFwdBlockK;
   const int64_t k_end = visible_keys(p.mask, q0 + nq - 1, sh.seq_k).end;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kFwdBlockK) {

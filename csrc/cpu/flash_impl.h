@@ -200,8 +200,7 @@ inline KeySpan visible_keys(const Mask& mask, int64_t qi, int64_t seq_k) {
 
 // The rows [begin, end) of [0, seq_q) that see some key of [k0, k1) (a contiguous range, since the
 // row intervals are monotone): end(row) > k0 and begin(row) < k1.
-inline KeySpan rows_seeing(const Mask& mask, int64_t k0, int64_t k1, int64_t seq_q,
-                           int64_t seq_k) {
+inline KeySpan rows_seeing(const Mask& mask, int64_t k0, int64_t k1, int64_t seq_q, int64_t seq_k) {
   auto first_row = [&](auto&& pred) {  // the first row with pred(row), pred monotone false -> true
     int64_t lo = 0, hi = seq_q;
     while (lo < hi) {
@@ -218,7 +217,8 @@ inline KeySpan rows_seeing(const Mask& mask, int64_t k0, int64_t k1, int64_t seq
   if (mask.kind == MaskKind::kCausal)
     return {std::clamp<int64_t>(mask.k_offset + k0 - mask.q_offset, 0, seq_q), seq_q};
   const int64_t begin = first_row([&](int64_t i) { return visible_keys(mask, i, seq_k).end > k0; });
-  const int64_t end = first_row([&](int64_t i) { return visible_keys(mask, i, seq_k).begin >= k1; });
+  const int64_t end =
+      first_row([&](int64_t i) { return visible_keys(mask, i, seq_k).begin >= k1; });
   return {begin, std::max(begin, end)};
 }
 

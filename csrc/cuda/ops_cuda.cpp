@@ -15,9 +15,10 @@ namespace {
 // The CUDA kernels take the offset masks only; per-row key intervals (packed documents, sliding
 // windows) are CPU-only for now and refused here, never run as a different mask.
 void check_mask(const Mask& m) {
-  TORCH_CHECK_NOT_IMPLEMENTED(m.kind != MaskKind::kRows,
-                              "ring_ext: packed documents (cu_seqlens) and sliding windows are not ",
-                              "implemented in the CUDA kernels yet; run them on CPU tensors");
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      m.kind != MaskKind::kRows,
+      "ring_ext: packed documents (cu_seqlens) and sliding windows are not ",
+      "implemented in the CUDA kernels yet; run them on CPU tensors");
 }
 
 struct CudaBackend {

@@ -76,12 +76,13 @@ int64_t ulysses_degree(const Groups& g, const Tensor& q, const Tensor& k) {
   return degree;
 }
 
-// Ulysses' kRows mask: one source, [1, 2, s], for the gathered sequence (ranks' shards in rank order,
-// increasing global order: ring_ext/packing.py), or nullopt for the offset mask.
-std::optional<Tensor> ulysses_visible(const std::optional<Tensor>& visible, bool causal, int64_t rows,
-                                      const Tensor& q) {
+// Ulysses' kRows mask: one source, [1, 2, s], for the gathered sequence (ranks' shards in rank
+// order, increasing global order: ring_ext/packing.py), or nullopt for the offset mask.
+std::optional<Tensor> ulysses_visible(const std::optional<Tensor>& visible, bool causal,
+                                      int64_t rows, const Tensor& q) {
   if (!visible.has_value()) return std::nullopt;
-  TORCH_CHECK_VALUE(!causal, "ring_ext: give causal=False with visible (the intervals hold the mask)");
+  TORCH_CHECK_VALUE(!causal,
+                    "ring_ext: give causal=False with visible (the intervals hold the mask)");
   return ring::prepare_visible(visible, 1, rows, q.device())[0];
 }
 
@@ -135,7 +136,8 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
   const ring::Options opt{scale, causal, overlap};
   switch (ring::parse_algo(algo)) {
     case ring::Algo::kRing: {
-      const ring::RingSetup s = ring::make_setup(g.ring_names(), opt, q.size(1), visible, q.device());
+      const ring::RingSetup s =
+          ring::make_setup(g.ring_names(), opt, q.size(1), visible, q.device());
       auto [acc, lse] = ring::forward(q, k, v, s);
       return {out.copy_(acc), lse};
     }

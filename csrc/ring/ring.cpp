@@ -200,8 +200,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
       const Rows r = rows_of(item, s.chunk);
       auto [block_out, block_lse] = ops.fwd.call(
           q.narrow(1, r.q0, r.nq), held[0].narrow(1, r.k0, r.nk), held[1].narrow(1, r.k0, r.nk),
-          s.scale, item.causal, r.q_offset, r.k_offset, /*out_fp32=*/true,
-          visible_for(s, st.src));
+          s.scale, item.causal, r.q_offset, r.k_offset, /*out_fp32=*/true, visible_for(s, st.src));
       if (!out_acc.defined() && r.q0 == 0 && r.nq == q.size(1)) {
         out_acc = block_out;
         lse = block_lse;
