@@ -12,55 +12,77 @@ single-process attention. The causal/full choice comes from the model (`is_causa
 module.is_causal), the scale from `scaling`.
 
 Note [Nothing silently wrong]
-ring_ext computes plain causal or full attention over the whole (global) sequence. Every other pattern
-transformers asks for raises ValueError naming the setting, so a model is either right or refused:
+ring_ext computes causal or full attention over the whole (global) sequence, optionally restricted to
+packed documents and a sliding window (docs/design.md, Mask model). Every other pattern transformers
+asks for raises ValueError naming the setting, so a model is either right or refused:
 
-    attention argument / mask           honoured when                        otherwise
-    sliding_window, sliding/chunked     window >= whole sequence (local      ValueError (no window yet)
-      mask (config.sliding_window,        length x cp_size): a no-op
-      attention_chunk_size)
+    attention argument / mask           honoured                             otherwise
+    sliding_window, sliding mask        as ring_ext's sliding_window (a      -
+      (config.sliding_window)             query sees itself and w-1 keys
+                                          before it), with and without CP
+    chunked mask (attention_chunk_size) chunk >= whole sequence: a no-op     ValueError
     dropout                             0 (eval, or attention_dropout=0)     ValueError
     attention_mask                      None / 2-D all ones                  ValueError (padding, 4-D)
-    position_ids                        one plain sequence per row; with     ValueError (packed documents,
-                                          CP exactly shard(arange(S))          unsharded positions)
+    position_ids                        one plain sequence per row, or one   ValueError (jumps, packed
+                                          packed row (batch 1) whose           rows with CP but without
+                                          positions restart at 0 per           cu_seqlens, unsharded
+                                          document; with CP exactly the        positions)
+                                          shard of those positions
+    cu_seqlens (ring_ext's name), or    the packing of the whole row          ValueError if q and k
+      cu_seq_lens_q == cu_seq_lens_k                                          packings differ
+      (DataCollatorWithFlattening)
     mask overlays (or/and functions,    never                                ValueError
       token-type / image blocks)
-    softcap, s_aux (sinks), cu_seq_lens_*, max_length_*, position_bias,     ValueError when not None/False
-      head_mask, output_attentions, any unknown argument
+    softcap, s_aux (sinks), position_bias, head_mask, output_attentions,   ValueError when not None/False
+      any unknown argument
     keys longer than queries (KV cache decoding)                             ValueError
+
+Packed rows with CP: shard input_ids, position_ids and labels with shard_packed_batch (which also shifts
+the labels inside each document first) and pass cu_seqlens=batch["cu_seqlens"] to the model with
+cp_context; packed_loss gives each rank its share of the mean over the whole row.
 
 The mask builder registered with the attention function sees the mask transformers wants but not the
 CP context, so anything but a plain causal/full mask goes to the attention function as a _MaskCheck,
-judged there once per forward: the window against the global length, the positions against the shard,
-and the mask itself, evaluated and compared with causal/full attention on those positions. Under CP a
-zigzag shard looks like two packed documents to transformers; the check compares only pairs inside one
-contiguous run of positions and relies on the position check for the rest. Data-dependent checks
-(positions, mask evaluation) are skipped while torch.compile traces.
+judged there once per forward: the window and chunk against the global length, the positions against
+the shard, and the mask itself, evaluated and compared with the attention ring_ext will compute on those
+positions. Under CP a zigzag shard looks like two packed documents to transformers; the check compares
+only pairs inside one contiguous run of positions and relies on the position check for the rest.
+Data-dependent checks (positions, mask evaluation, packing derived from positions) are skipped while
+torch.compile traces: pass cu_seqlens explicitly to compile packed rows.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import packing
 from .attention import attention
+from .collectives import all_reduce
 from .sharding import shard
 
 NAME = "ring_ext"
 
-# Arguments that cannot change the attention result (position_ids is checked separately).
-_HARMLESS = frozenset({"position_ids", "use_cache", "output_hidden_states", "output_router_logits"})
+# Arguments that cannot change the attention result (position_ids and the packing are checked
+# separately; max_length_* only size flash-attention's varlen launch).
+_HARMLESS = frozenset(
+    {
+        "position_ids",
+        "use_cache",
+        "output_hidden_states",
+        "output_router_logits",
+        "max_length_q",
+        "max_length_k",
+    }
+)
 _UNSUPPORTED = {
     "softcap": "attention logit soft-capping (config.attn_logit_softcapping)",
     "s_aux": "attention sinks (gpt-oss)",
     "position_bias": "an additive position bias",
     "head_mask": "a head mask",
     "output_attentions": "returning attention weights",
-    **dict.fromkeys(
-        ["cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"],
-        "packed sequences (flash-attention varlen arguments, e.g. from DataCollatorWithFlattening)",
-    ),
 }
 _OTHER_IMPLEMENTATION = "use another attn_implementation (e.g. 'eager') for this model"
+WINDOW_SETTING = "config.sliding_window"
 
 
 def ring_ext_attention_forward(
@@ -84,28 +106,79 @@ def ring_ext_attention_forward(
             f"ring_ext attention needs as many keys as queries, got {key.shape[2]} keys for {seq} queries "
             f"(decoding with a KV cache); {_OTHER_IMPLEMENTATION} to generate"
         )
+    cu = _packing(
+        kwargs.pop("cu_seqlens", None), kwargs.pop("cu_seq_lens_q", None), kwargs.pop("cu_seq_lens_k", None)
+    )
     _check_arguments(kwargs)
     if dropout:
         raise ValueError(
             f"ring_ext attention has no attention dropout, got dropout={dropout} "
             "(set config.attention_dropout=0.0 or call model.eval())"
         )
-    total = seq * (cp_context.cp_size if cp_context is not None else 1)  # the whole sequence
-    if sliding_window is not None:
-        _check_window(f"config.sliding_window={sliding_window}", sliding_window, total)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     positions = kwargs.get("position_ids")
+    if cu is None and cp_context is None:
+        cu = _packing_from_positions(positions, seq)
+    total = cu[-1] if cu is not None else seq * (cp_context.cp_size if cp_context is not None else 1)
+    window = sliding_window
     if isinstance(attention_mask, _MaskCheck):
-        attention_mask.check(causal, positions, seq, cp_context, query.device)
+        window = attention_mask.check(causal, positions, seq, cp_context, query.device, cu, window)
     elif attention_mask is not None:
         raise ValueError(
             "ring_ext attention supports causal or full masks only, not an attention_mask tensor "
             f"of shape {tuple(attention_mask.shape)}: pass no attention_mask (or an all-ones one)"
         )
     elif cp_context is not None:
-        _check_positions(positions, seq, cp_context)
-    out = attention(query, key, value, cp_context, layout="bnsd", causal=causal, softmax_scale=scaling)
+        _check_positions(positions, seq, cp_context, cu)
+    if window is not None and window >= total:
+        window = None  # the window covers the whole sequence: plain attention
+    out = attention(
+        query,
+        key,
+        value,
+        cp_context,
+        layout="bnsd",
+        causal=causal,
+        softmax_scale=scaling,
+        cu_seqlens=cu,
+        sliding_window=window,
+    )
     return out.transpose(1, 2), None  # [b, h, s, d] -> [b, s, h, d]
+
+
+def _packing(cu_seqlens, cu_q, cu_k) -> tuple[int, ...] | None:
+    """The packing of the whole row: ring_ext's cu_seqlens, or flash-attention's varlen arguments
+    (queries and keys packed alike)."""
+    if cu_seqlens is not None:
+        return packing.check_cu_seqlens(cu_seqlens)
+    if cu_q is None and cu_k is None:
+        return None
+    if cu_q is None or cu_k is None or not torch.equal(cu_q.cpu(), cu_k.cpu()):
+        raise ValueError(
+            "ring_ext attention needs cu_seq_lens_q == cu_seq_lens_k (queries and keys packed alike), "
+            f"got {cu_q} and {cu_k}"
+        )
+    return packing.check_cu_seqlens(cu_q)
+
+
+def _packing_from_positions(positions: torch.Tensor | None, seq: int) -> tuple[int, ...] | None:
+    """Without CP: None for one plain sequence per row (any start), else the packing of a packed row
+    (batch 1, positions 0, 1, .. restarting at 0 for every document, as DataCollatorWithFlattening
+    gives)."""
+    if positions is None or torch.compiler.is_compiling():
+        return None
+    steps = torch.diff(positions, dim=-1)
+    if (steps == 1).all():
+        return None
+    restarts = positions[..., 1:] == 0
+    if positions.shape[0] != 1 or positions[0, 0] != 0 or ((steps != 1) & ~restarts).any():
+        raise ValueError(
+            "position_ids jump inside a row: ring_ext attention takes one plain sequence per row, or one "
+            "packed row (batch 1) whose positions restart at 0 for every document; "
+            f"{_OTHER_IMPLEMENTATION}"
+        )
+    starts = (torch.nonzero(restarts[0]).flatten() + 1).tolist()
+    return (0, *starts, seq)
 
 
 def _check_arguments(kwargs: dict) -> None:
@@ -119,38 +192,44 @@ def _check_arguments(kwargs: dict) -> None:
         )
 
 
-def _check_window(setting: str, window: int, total: int) -> None:
-    """A window (or chunk) of at least the whole sequence changes nothing; any smaller one raises."""
-    if total > window:
+def _check_chunk(setting: str, chunk: int, total: int) -> None:
+    """A chunk of at least the whole sequence changes nothing; any smaller one raises."""
+    if total > chunk:
         raise ValueError(
-            f"ring_ext attention has no sliding-window or chunked attention yet, and {setting} restricts "
-            f"attention over this {total}-token sequence (local length x cp_size). Set it to None "
-            "(Qwen2: use_sliding_window=False; models with config.layer_types: every layer "
-            f"'full_attention'), use a model without windowed layers, or {_OTHER_IMPLEMENTATION}"
+            f"ring_ext attention has no chunked attention, and {setting} splits this {total}-token sequence "
+            f"(local length x cp_size) into chunks; use a model without chunked layers, or {_OTHER_IMPLEMENTATION}"
         )
 
 
-def _expected_positions(seq: int, ctx, device) -> torch.Tensor:
-    """[seq] positions of this rank's tokens in the whole sequence."""
+def _expected_positions(seq: int, ctx, device, cu=None) -> torch.Tensor:
+    """[seq] positions of this rank's tokens: within their document, in the whole sequence."""
+    if cu is not None:
+        index = torch.arange(cu[-1])
+        starts = torch.tensor(cu)[torch.searchsorted(torch.tensor(cu), index, right=True) - 1]
+        within = (index - starts).to(device)
+        return within if ctx is None else shard(within, ctx, seq_dim=0, cu_seqlens=cu)
     if ctx is None:
         return torch.arange(seq, device=device)
     return shard(torch.arange(seq * ctx.cp_size, device=device), ctx, seq_dim=0)
 
 
-def _check_positions(positions: torch.Tensor | None, seq: int, ctx) -> None:
-    """Without CP: one plain sequence per row (any start). With CP: exactly this rank's shard of 0..S-1."""
+def _check_positions(positions: torch.Tensor | None, seq: int, ctx, cu=None) -> None:
+    """Without CP: one plain sequence per row (any start) or the packed row of cu. With CP: exactly this
+    rank's shard of the positions of 0..S-1 (restarting per document of cu)."""
     if positions is None or torch.compiler.is_compiling():
         return
-    offset = positions - _expected_positions(seq, ctx, positions.device)  # [b or 1, seq]
-    if ctx is None and not (offset == offset[..., :1]).all():
+    offset = positions - _expected_positions(seq, ctx, positions.device, cu)  # [b or 1, seq]
+    if ctx is None and cu is None and not (offset == offset[..., :1]).all():
         raise ValueError(
-            "position_ids restart or jump inside a row (packed documents): ring_ext attention would attend "
-            f"across documents; pass one sequence per row or {_OTHER_IMPLEMENTATION}"
+            "position_ids restart or jump inside a row (packed documents): pass cu_seqlens (or one "
+            f"sequence per row), or {_OTHER_IMPLEMENTATION}"
         )
-    if ctx is not None and (offset != 0).any():
+    if (ctx is not None or cu is not None) and (offset != 0).any():
+        what = "its documents' positions (restarting at 0 per document of cu_seqlens)" if cu else "0..S-1"
         raise ValueError(
-            "with cp_context, position_ids must be ring_ext.shard(torch.arange(S)[None], ctx, seq_dim=1) for the "
-            "whole sequence length S (packed documents and other positions are not supported)"
+            f"with cp_context, position_ids must be this rank's shard of {what}: ring_ext.shard(positions, "
+            "ctx, seq_dim=1[, cu_seqlens=cu]) of the whole row (for packed rows with CP pass cu_seqlens; "
+            "ring_ext.hf.shard_packed_batch does both)"
         )
 
 
@@ -163,23 +242,33 @@ class _MaskCheck:
         self.batch_size, self.q_offset, self.kv_offset = batch_size, q_offset, kv_offset
         self.passed = set()  # causal flags already checked: once per forward, not once per layer
 
-    def check(self, causal: bool, positions: torch.Tensor | None, seq: int, ctx, device) -> None:
-        if causal in self.passed:
-            return
-        if self.local_size is not None:
-            _check_window(
-                f"{self.setting}={self.local_size}", self.local_size, seq * (ctx.cp_size if ctx else 1)
-            )
+    def check(self, causal: bool, positions, seq: int, ctx, device, cu, window):
+        """Checks the mask once per forward; returns the sliding window to compute with (the attention
+        argument, or the mask's own when only the mask has one)."""
+        total = cu[-1] if cu is not None else seq * (ctx.cp_size if ctx else 1)
+        if self.local_size is not None and self.setting != WINDOW_SETTING:
+            _check_chunk(f"{self.setting}={self.local_size}", self.local_size, total)
+        elif self.local_size is not None:
+            if window is not None and window != self.local_size:
+                raise ValueError(
+                    f"the sliding-window mask ({self.setting}={self.local_size}) and the attention's "
+                    f"sliding_window={window} disagree"
+                )
+            window = self.local_size
+        if (causal, window) in self.passed:
+            return window
         if not torch.compiler.is_compiling():
-            _check_positions(positions, seq, ctx)
+            _check_positions(positions, seq, ctx, cu)
             if positions is None:
-                positions = _expected_positions(seq, ctx, device)
-            self._check_mask(causal, positions.expand(self.batch_size, seq))
-        self.passed.add(causal)
+                positions = _expected_positions(seq, ctx, device, cu)
+            self._check_mask(causal, positions.expand(self.batch_size, seq), window)
+        self.passed.add((causal, window))
+        return window
 
-    def _check_mask(self, causal: bool, pos: torch.Tensor) -> None:
-        """Evaluates the mask in query blocks; compares it with causal/full attention on the positions `pos`
-        [b, s], on pairs inside one contiguous run of positions (a CP shard holds several runs)."""
+    def _check_mask(self, causal: bool, pos: torch.Tensor, window: int | None) -> None:
+        """Evaluates the mask in query blocks; compares it with causal/full attention (within `window`) on
+        the positions `pos` [b, s], on pairs inside one contiguous run of positions (a CP shard and a
+        packed row hold several runs)."""
         from transformers.masking_utils import sdpa_mask
 
         batch, seq = pos.shape
@@ -197,7 +286,10 @@ class _MaskCheck:
                 allow_is_causal_skip=False,
                 device=pos.device,
             )[:, 0]  # [b, q1 - q0, s]
-            want = pos[:, q0:q1, None] >= pos[:, None, :] if causal else torch.ones_like(mask)
+            diff = pos[:, q0:q1, None] - pos[:, None, :]
+            want = diff >= 0 if causal else torch.ones_like(mask)
+            if window is not None:
+                want = want & (diff.abs() < window)
             same_run = run[:, q0:q1, None] == run[:, None, :]
             if ((mask != want) & same_run).any():
                 raise ValueError(
@@ -236,7 +328,7 @@ def _mask(
     if local_size is None and (allow_is_causal_skip or allow_is_bidirectional_skip):
         return None
     window = getattr(config, "sliding_window", None)
-    setting = "config.sliding_window" if window == local_size else "config.attention_chunk_size"
+    setting = WINDOW_SETTING if window == local_size else "config.attention_chunk_size"
     return _MaskCheck(mask_function, local_size, setting, batch_size, q_offset, kv_offset)
 
 
@@ -248,3 +340,48 @@ def register(name: str = NAME) -> str:
     AttentionInterface.register(name, ring_ext_attention_forward)
     AttentionMaskInterface.register(name, _mask)
     return name
+
+
+# ---- packed batches with context parallelism ----------------------------------------------------
+
+
+def shard_packed_batch(batch: dict, ctx, cu_seqlens=None, ignore_index: int = -100) -> dict:
+    """This rank's part of one packed row (batch 1): input_ids, position_ids and labels [1, S], as
+    DataCollatorWithFlattening gives them (positions restarting at 0 per document; cu_seqlens derived
+    from them when not given). Labels are shifted *before* sharding, inside each document (the last
+    token of a document predicts nothing: ignore_index), so no label crosses a shard or a document.
+    Returns input_ids, position_ids, labels (already shifted: use packed_loss, not the model's own loss)
+    and cu_seqlens (pass it to the model with cp_context). ctx=None: the whole row, labels shifted."""
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"a packed batch is one row: input_ids must be [1, S], got {tuple(ids.shape)}")
+    total = ids.shape[1]
+    cu = packing.check_cu_seqlens(cu_seqlens, total) if cu_seqlens is not None else None
+    if cu is None:
+        cu = _packing_from_positions(positions, total) or (0, total)
+    labels = batch.get("labels", ids)
+    shifted = torch.full_like(labels, ignore_index)
+    shifted[:, :-1] = labels[:, 1:]
+    last = torch.tensor(cu[1:], device=labels.device) - 1  # each document's last token
+    shifted[:, last[last >= 0]] = ignore_index
+    out = {
+        name: t if ctx is None else shard(t, ctx, seq_dim=1, cu_seqlens=cu)
+        for name, t in (("input_ids", ids), ("position_ids", positions), ("labels", shifted))
+    }
+    out["cu_seqlens"] = torch.tensor(cu)
+    return out
+
+
+def packed_loss(logits: torch.Tensor, labels: torch.Tensor, ctx, ignore_index: int = -100) -> torch.Tensor:
+    """This rank's share of the mean cross-entropy over every non-ignored token of the whole row:
+    sum over local tokens / the global count (one all-reduce of the count). Summed over the ranks (the
+    gradients by ring_ext.reduce_gradients) it equals the loss without CP for any token split; a mean of
+    per-rank means would not. labels as shard_packed_batch gives them (already shifted)."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    summed = torch.nn.functional.cross_entropy(
+        flat, labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
+    count = (labels != ignore_index).sum().to(torch.float32).reshape(1)
+    if ctx is not None:
+        count = all_reduce(count, ctx)
+    return summed / count.clamp_min(1.0)

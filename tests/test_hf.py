@@ -50,38 +50,38 @@ ARCHS = {  # name: (config class, settings beyond SMALL)
     "starcoder2": (transformers.Starcoder2Config, {}),
     "llama4": (transformers.Llama4TextConfig, {"num_local_experts": 2, "intermediate_size_mlp": 128}),
 }
-WINDOW = "config.sliding_window={}"
+CHUNK = "config.attention_chunk_size={}"
 QWEN_WINDOW = {"use_sliding_window": True, "max_window_layers": 1}  # layer 1 windowed
 
 # (arch, config overrides, None = matches the model's own attention / regex of the ValueError)
 MATRIX = [
     ("llama", {}, None),
     ("qwen2", {}, None),  # default use_sliding_window=False
-    ("qwen2", {**QWEN_WINDOW, "sliding_window": 8}, WINDOW.format(8)),
+    ("qwen2", {**QWEN_WINDOW, "sliding_window": 8}, None),
     ("qwen2", {**QWEN_WINDOW, "sliding_window": SEQ}, None),  # window = whole sequence: a no-op
     ("qwen3", {}, None),
     ("qwen2_moe", {}, None),
-    ("qwen2_moe", {**QWEN_WINDOW, "sliding_window": 8}, WINDOW.format(8)),  # window only in the mask
+    ("qwen2_moe", {**QWEN_WINDOW, "sliding_window": 8}, None),  # window only in the mask: honoured
     ("phi3", {}, None),
-    ("phi3", {"sliding_window": 8}, WINDOW.format(8)),
+    ("phi3", {"sliding_window": 8}, None),
     ("mistral", {"sliding_window": None}, None),
-    ("mistral", {"sliding_window": 8}, WINDOW.format(8)),
-    ("mistral", {"sliding_window": SEQ - 1}, WINDOW.format(SEQ - 1)),  # drops one key: must raise
+    ("mistral", {"sliding_window": 8}, None),
+    ("mistral", {"sliding_window": SEQ - 1}, None),  # drops one key: honoured, not a no-op
     ("mistral", {"sliding_window": SEQ}, None),
     ("gemma2", {"sliding_window": 8}, "soft-capping.*softcap=50.0"),  # the default softcap
-    ("gemma2", {"sliding_window": 8, "attn_logit_softcapping": None}, WINDOW.format(8)),
+    ("gemma2", {"sliding_window": 8, "attn_logit_softcapping": None}, None),
     ("gemma2", {"sliding_window": 64, "attn_logit_softcapping": None}, None),
-    ("gemma3", {"sliding_window": 8}, WINDOW.format(8)),
+    ("gemma3", {"sliding_window": 8}, None),
     ("gemma3", {"sliding_window": 64}, None),
     ("gpt_oss", {"sliding_window": 64}, "sinks"),
     ("cohere", {}, None),
-    ("cohere2", {"sliding_window": 8}, WINDOW.format(8)),
+    ("cohere2", {"sliding_window": 8}, None),
     ("cohere2", {"sliding_window": 64}, None),
     ("olmo2", {}, None),
     ("granite", {}, None),
     ("starcoder2", {"sliding_window": None}, None),
-    ("starcoder2", {"sliding_window": 8}, WINDOW.format(8)),
-    ("llama4", {"attention_chunk_size": 8}, "config.attention_chunk_size=8"),
+    ("starcoder2", {"sliding_window": 8}, None),
+    ("llama4", {"attention_chunk_size": 8}, CHUNK.format(8)),
     ("llama4", {"attention_chunk_size": 64}, None),
 ]
 
@@ -166,15 +166,41 @@ def test_padding_mask_is_rejected():
         ring_ext.hf.ring_ext_attention_forward(torch.nn.Module(), q, q, q, torch.ones(1, 1, 4, 4))
 
 
-def test_packed_documents_are_rejected():
+def per_document_logits(model, ids, cu):
+    """The model's own (eager) attention run on each document alone: what a packed row must give."""
+    return torch.cat([logits_of(model, "eager", ids[:, a:b]) for a, b in zip(cu, cu[1:]) if b > a], dim=1)
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("mistral", {"sliding_window": 5}), ("qwen2", {})])
+def test_packed_row_matches_each_document_alone(arch, overrides):
+    """A packed row (positions restarting per document, as DataCollatorWithFlattening gives; or its
+    flash-attention varlen arguments) equals the model run on every document separately."""
+    name = ring_ext.hf.register()
+    model, ids = tiny_model(arch, **overrides), random_ids(batch=1)
+    cu = [0, 10, 11, 11, SEQ]
+    positions = torch.cat([torch.arange(b - a) for a, b in zip(cu, cu[1:])])[None]
+    expected = per_document_logits(model, ids, cu)
+    got = logits_of(model, name, ids, position_ids=positions, use_cache=False)
+    assert_rel_l2(got, expected, torch.float32, f"{arch} packed by positions")
+    varlen = torch.tensor(cu, dtype=torch.int32)
+    got = logits_of(
+        model, name, ids, position_ids=positions, use_cache=False, cu_seq_lens_q=varlen, cu_seq_lens_k=varlen
+    )
+    assert_rel_l2(got, expected, torch.float32, f"{arch} packed by cu_seq_lens")
+
+
+def test_bad_packing_is_rejected():
     name = ring_ext.hf.register()
     model, ids = tiny_model("llama"), random_ids()
-    positions = torch.cat([torch.arange(10), torch.arange(SEQ - 10)])[None]  # two documents per row
-    with pytest.raises(ValueError, match="packed documents"):
+    positions = torch.cat([torch.arange(10), torch.arange(SEQ - 10)])[None].expand(2, -1)  # batch 2
+    with pytest.raises(ValueError, match="batch 1"):
         logits_of(model, name, ids, position_ids=positions, use_cache=False)
-    cu = torch.tensor([0, 10, SEQ], dtype=torch.int32)
-    with pytest.raises(ValueError, match="packed sequences"):
-        logits_of(model, name, ids[:1], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=14, max_length_k=14)
+    jump = torch.cat([torch.arange(10), torch.arange(SEQ - 10) + 30])[None]
+    with pytest.raises(ValueError, match="jump"):
+        logits_of(model, name, ids[:1], position_ids=jump, use_cache=False)
+    a, b = torch.tensor([0, 10, SEQ]), torch.tensor([0, 12, SEQ])
+    with pytest.raises(ValueError, match="cu_seq_lens_q == cu_seq_lens_k"):
+        logits_of(model, name, ids[:1], cu_seq_lens_q=a, cu_seq_lens_k=b)
 
 
 def test_attention_dropout_in_training_is_rejected():
@@ -226,6 +252,11 @@ def test_mask_overlays_are_rejected():
         ring_ext.hf.ring_ext_attention_forward(torch.nn.Module(), q, q, q, mask)
 
 
+# What makes each architecture's window active (Qwen2: only with use_sliding_window; Gemma2: without
+# its default soft-capping, which ring_ext refuses).
+ARCH_WINDOW = {"qwen2": QWEN_WINDOW, "gemma2": {"attn_logit_softcapping": None}}
+
+
 @dataclasses.dataclass(frozen=True)
 class HFCase:
     algo: str
@@ -240,14 +271,21 @@ class HFCase:
 
 
 def run_hf_case(rank: int, world_size: int, case: HFCase):
-    """Every rank: the model on its shard with CP, compared with the model's own SDPA attention on the
+    """Every rank: the model on its shard with CP, compared with the model's own SDPA (Gemma2: eager) attention on the
     whole sequence in one process; or, for a case that cannot be honoured, the same ValueError."""
     name = ring_ext.hf.register()
-    extra = {} if case.arch == "llama" else {"sliding_window": case.sliding_window}
+    extra = (
+        {}
+        if case.arch == "llama"
+        else {"sliding_window": case.sliding_window, **ARCH_WINDOW.get(case.arch, {})}
+    )
     model = tiny_model(case.arch, causal=case.causal, **extra)
     ids = random_ids(seq=case.seq, seed=2)
     positions = torch.arange(case.seq)[None].expand(2, -1)
-    ref_logits, ref_grads = logits_and_grads(model, "sdpa", ids, positions)
+    ref_impl = (
+        "eager" if case.arch == "gemma2" else "sdpa"
+    )  # gemma2 has no SDPA; eager ignores is_causal=False
+    ref_logits, ref_grads = logits_and_grads(model, ref_impl, ids, positions)
     cfg = ring_ext.CPConfig(
         context_parallel_size=world_size,
         context_parallel_algo=case.algo,
@@ -281,8 +319,63 @@ def test_context_parallel_matches_the_models_own_attention():
         HFCase("hybrid_cp_algo", ulysses_degree=2),
         # the window covers the whole 32-token sequence: a no-op, honoured
         HFCase("megatron_cp_algo", arch="mistral", sliding_window=32, use_cache=False),
-        # 8 tokens per rank fit a window of 16, the 32-token sequence does not: every rank raises
-        HFCase("megatron_cp_algo", arch="mistral", sliding_window=16, error=WINDOW.format(16)),
+        # windows smaller than the sequence, through the ring, Ulysses and hybrid
+        HFCase("megatron_cp_algo", arch="mistral", sliding_window=6),
+        HFCase("ulysses_cp_algo", arch="qwen2", sliding_window=5),
+        HFCase("hybrid_cp_algo", ulysses_degree=2, arch="gemma2", sliding_window=9),
         HFCase("megatron_cp_algo", sharded_positions=False, error="position_ids must be"),
     ]
     run_distributed(run_hf_case, 4, cases, timeout_s=300)
+
+
+def run_hf_packed_case(rank: int, world_size: int, case):
+    """A packed row (documents of uneven lengths, positions restarting per document) trained one step
+    with CP (shard_packed_batch, packed_loss, reduce_gradients) gives the loss and parameter gradients of
+    the same row without CP (per-document positions, labels shifted inside documents)."""
+    algo, arch, window = case
+    name = ring_ext.hf.register()
+    extra = {} if window is None else {"sliding_window": window, **ARCH_WINDOW.get(arch, {})}
+    model = tiny_model(arch, **extra)
+    docs = [7, 1, 0, 13, 2, 10]
+    cu = [0]
+    for n in docs:
+        cu.append(cu[-1] + n)
+    ids = random_ids(batch=1, seq=cu[-1], seed=5)
+    positions = torch.cat([torch.arange(n) for n in docs])[None]
+    batch = {"input_ids": ids, "position_ids": positions, "labels": ids}
+
+    def step(ctx, parts):
+        model.set_attn_implementation(name)
+        model.zero_grad()
+        kwargs = {} if ctx is None else {"cp_context": ctx, "cu_seqlens": parts["cu_seqlens"]}
+        logits = model(
+            parts["input_ids"], position_ids=parts["position_ids"], use_cache=False, **kwargs
+        ).logits
+        loss = ring_ext.hf.packed_loss(logits, parts["labels"], ctx)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    cfg = ring_ext.CPConfig(
+        context_parallel_size=world_size,
+        context_parallel_algo=algo,
+        ulysses_degree_in_cp=2 if algo == "hybrid_cp_algo" else None,
+    )
+    ctx = ring_ext.initialize(cfg)
+    whole = ring_ext.hf.shard_packed_batch(batch, None)  # the whole row, labels shifted
+    ref_loss, ref_grads = step(None, whole)
+    loss, _ = step(ctx, ring_ext.hf.shard_packed_batch(batch, ctx))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    ring_ext.reduce_gradients(model.parameters(), ctx)
+    total = ring_ext.all_reduce(loss, ctx)
+    assert_rel_l2(total, ref_loss, torch.float32, f"{case} loss")
+    for g, r in zip(grads, ref_grads):
+        assert_rel_l2(g, r, torch.float32, f"{case} param grad")
+
+
+def test_packed_training_with_cp_matches_without():
+    cases = [
+        ("megatron_cp_algo", "llama", None),
+        ("ulysses_cp_algo", "mistral", 4),
+        ("hybrid_cp_algo", "qwen2", 6),
+    ]
+    run_distributed(run_hf_packed_case, 4, cases, timeout_s=300)
