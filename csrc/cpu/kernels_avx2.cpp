@@ -5,6 +5,8 @@
 // RING_EXT_CPU_ISAS=portable; the guard (the same as in dispatch.cpp) keeps it empty if it is
 // compiled anyway.
 #if (defined(__x86_64__) || defined(_M_X64)) && !defined(RING_EXT_CPU_PORTABLE_ONLY)
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,6 +22,8 @@
 
 #pragma GCC target("avx2,fma,f16c,bmi2")
 #define RING_EXT_CPU_ISA avx2
+#define RING_EXT_AVX2_TILES \
+  1  // tiles_generic.h's AVX2 gemm and row operations (Note [AVX2 micro-kernel])
 // clang-format off: the tile primitives come first, flash_impl.h is written against them
 #include "tiles_generic.h"
 #include "flash_impl.h"
