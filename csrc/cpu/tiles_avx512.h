@@ -186,7 +186,7 @@ inline __m512 from_bf16(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// max_j scale * s[j] over j < n; -inf when n <= 0.
+// max_j scale * s[j] over begin <= j < end; -inf when the range is empty.
 inline float scaled_max(const float* s, int64_t begin, int64_t end, float scale) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 mx = neg_inf;
