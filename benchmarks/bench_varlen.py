@@ -8,8 +8,9 @@
        sdpa loop   F.scaled_dot_product_attention(is_causal=True) per document
        dense       ring_ext.attention over the whole row, causal, no document mask (what packing
                    costs without a document mask, and the wrong answer)
-2. Context parallelism, packed: 2 Gloo ranks x 1 thread (megatron_cp_algo, causal) against one
-   process x 2 threads on the same row; the one-process time is taken before and after the ranks run.
+2. Context parallelism: 2 Gloo ranks x 1 thread (megatron_cp_algo, causal) against one process x 2
+   threads on the same row, packed and (for scale) dense causal over the whole row; the one-process time
+   is taken before and after the ranks run.
 3. The token plan's balance (ring_ext/packing.py): max/mean visible pairs per rank and the most
    tokens a rank holds against S/cp + 2 n_docs, for cp 2-16 over several lognormal mixes.
 
@@ -170,23 +171,25 @@ def cp_table(total: int, n_docs: int, repeats: int) -> list[str]:
     from distributed import run_distributed
 
     rows = [
-        f"### 2 Gloo ranks x 1 thread vs one process x 2 threads, packed causal, S = {total}, {n_docs} documents",
+        f"### 2 Gloo ranks x 1 thread vs one process x 2 threads, causal, S = {total} ({n_docs} documents when packed)",
         "",
-        "| dtype | one process ms (before) | 2 ranks ms | one process ms (after) | 2 ranks / one process |",
-        "|---|---|---|---|---|",
+        "| dtype | row | one process ms (before) | 2 ranks ms | one process ms (after) | 2 ranks / one process |",
+        "|---|---|---|---|---|---|",
     ]
     cu = cu_of(lognormal_docs(total, n_docs, seed=0))
     for name, dtype in DTYPES.items():
         q, k, v = inputs(total, dtype)
         torch.set_num_threads(2)
-        before = interleaved({"p": packed(q, k, v, cu)}, repeats)["p"]
-        ranks = run_distributed(cp_worker, 2, [(total, n_docs, name, repeats)], collect=True, timeout_s=900)[
-            0
-        ]
-        after = interleaved({"p": packed(q, k, v, cu)}, repeats)["p"]
-        one = (before + after) / 2
-        rows.append(f"| {name} | {before:.1f} | {ranks:.1f} | {after:.1f} | {ranks / one:.2f} |")
-        print(rows[-1], flush=True)
+        for packed_row in (True, False):
+            one_fn = packed(q, k, v, cu) if packed_row else dense(q, k, v)
+            before = interleaved({"p": one_fn}, repeats)["p"]
+            case = (total, n_docs, name, repeats, packed_row)
+            ranks = run_distributed(cp_worker, 2, [case], collect=True, timeout_s=900)[0]
+            after = interleaved({"p": one_fn}, repeats)["p"]
+            one = (before + after) / 2
+            what = "packed" if packed_row else "dense causal"
+            rows.append(f"| {name} | {what} | {before:.1f} | {ranks:.1f} | {after:.1f} | {ranks / one:.2f} |")
+            print(rows[-1], flush=True)
     return rows
 
 

@@ -151,8 +151,7 @@ def _cp_masked(q, k, v, ctx, layout, causal, scale, head_dim, cu, window, check_
     pad = len(mine) - count
     if pad:
         qv, kv, vv = (torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1) for t in (qv, kv, vv))
-    op_layout = "bshd" if layout == "thd" else layout
-    out, _lse = cp_op(qv, kv, vv, ctx, scale, op_layout, causal=False, visible=visible)
+    out, _lse = cp_op(qv, kv, vv, ctx, scale, layout, causal=False, visible=visible)
     return from_bshd(out[:, :count] if pad else out, layout)
 
 
@@ -188,6 +187,8 @@ def cp_op(qv, kv, vv, ctx, scale: float, layout: str = "bshd", causal: bool | No
     """torch.ops.ring_ext.attention on [b, s, h, d] views of this rank's shards with ctx's algorithm and
     groups: (out dense in `layout`, float32 lse [b, hq, s_local]). No checks: attention() makes them.
     visible: the key intervals of packed documents / windows, with causal=False."""
+    if layout == "thd":
+        layout = "bshd"  # [1, t, h, d]: the memory of bshd
     return torch.ops.ring_ext.attention(
         qv,
         kv,

@@ -35,6 +35,7 @@ CASES = {
         PackedCase(TINY, algo=ULYSSES, heads_q=4, heads_kv=2, layout="bnsd"),
         PackedCase(EMPTIES, algo=ULYSSES, causal=False, sliding_window=1, heads_q=2, heads_kv=1, dtype=BF16),
         PackedCase((8, 16), dense=True, sliding_window=3, layout="sbhd"),
+        PackedCase((8, 16), dense=True, layout="thd"),  # thd without cu_seqlens: one dense sequence
         PackedCase((40,), dense=True, algo=ULYSSES, sliding_window=200, heads_q=2, heads_kv=2),
     ],
     3: [
