@@ -145,16 +145,16 @@ def one_process_table(total: int, n_docs: int, repeats: int) -> list[str]:
 
 
 def cp_worker(rank: int, world_size: int, case):
-    total, n_docs, dtype_name, repeats = case
+    total, n_docs, dtype_name, repeats, packed_row = case
     torch.set_num_threads(1)
     ctx = ring_ext.initialize(
         ring_ext.CPConfig(context_parallel_size=world_size, context_parallel_algo="megatron_cp_algo")
     )
-    cu = torch.tensor(cu_of(lognormal_docs(total, n_docs, seed=0)))
-    q, k, v = (ring_ext.shard(t, ctx, 0, cu_seqlens=cu) for t in inputs(total, DTYPES[dtype_name]))
+    kw = {"cu_seqlens": torch.tensor(cu_of(lognormal_docs(total, n_docs, seed=0)))} if packed_row else {}
+    q, k, v = (ring_ext.shard(t, ctx, 0, **kw) for t in inputs(total, DTYPES[dtype_name]))
 
     def step():
-        fwd_bwd(lambda a, b, c: ring_ext.attention(a, b, c, ctx, layout="thd", cu_seqlens=cu), q, k, v)
+        fwd_bwd(lambda a, b, c: ring_ext.attention(a, b, c, ctx, layout="thd", **kw), q, k, v)
 
     step()
     times = []
