@@ -31,24 +31,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
+from packed_cases import cu_of, lognormal_docs  # noqa: E402
+
 import ring_ext  # noqa: E402
 from ring_ext.packing import plan_tokens  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def lognormal_docs(total: int, n_docs: int, seed: int) -> list[int]:
-    from packed_cases import lognormal_docs as draw
-
-    return list(draw(total, n_docs, seed))
-
-
-def cu_of(docs) -> list[int]:
-    cu = [0]
-    for n in docs:
-        cu.append(cu[-1] + n)
-    return cu
 
 
 def fwd_bwd(fn, *inputs):

@@ -81,7 +81,7 @@ def attention(
         raise ValueError("causal must be True or False when no context is given")
     qv, kv, vv = (to_bshd(t, layout, head_dim) for t in (q, k, v))
     visible = None
-    if cu is not None or window is not None or layout == "thd":
+    if cu is not None or window is not None:
         visible = _local_intervals(qv, kv, cu, bool(causal), window)
     out, _lse = torch.ops.ring_ext.fwd(
         qv, kv, vv, scale, bool(causal) and visible is None, 0, 0, False, visible
@@ -96,8 +96,7 @@ def _local_intervals(qv, kv, cu, causal: bool, window):
     total = qv.shape[1]
     if kv.shape[1] != total:
         raise ValueError(
-            f"with cu_seqlens, sliding_window or layout 'thd', k and v must have q's length {total}, "
-            f"got {kv.shape[1]}"
+            f"with cu_seqlens or sliding_window, k and v must have q's length {total}, got {kv.shape[1]}"
         )
     if cu is not None:
         if qv.shape[0] != 1:

@@ -184,27 +184,36 @@ def ring_shape(ctx) -> tuple[int, int]:
     return ctx.cp_size, 1
 
 
+def _layout(ctx) -> tuple:
+    """What decides which tokens each rank of ctx holds, as a hashable key (the caches below must not
+    key on tensors: those hash by identity)."""
+    groups, members = ring_shape(ctx)
+    return groups, members, ctx.sharding, ctx.algo == "hybrid_cp_algo", ctx.causal
+
+
+@functools.lru_cache(maxsize=64)
+def _tokens(layout: tuple, total: int, cu_seqlens: tuple[int, ...] | None) -> tuple[torch.Tensor, ...]:
+    groups, members, sharding, hybrid, causal = layout
+    if cu_seqlens is None:
+        return dense_tokens(sharding, groups * members, members if hybrid else 1, total)
+    return plan_tokens(cu_seqlens, groups, members, causal)
+
+
 def rank_tokens(ctx, total: int, cu_seqlens: tuple[int, ...] | None) -> tuple[torch.Tensor, ...]:
     """The global indices every rank of ctx holds (padding last): the token plan for packed documents,
-    the dense sharding (sharding.py) otherwise."""
-    groups, members = ring_shape(ctx)
-    if cu_seqlens is None:
-        return dense_tokens(ctx.sharding, ctx.cp_size, members if ctx.algo == "hybrid_cp_algo" else 1, total)
-    return plan_tokens(cu_seqlens, groups, members, ctx.causal)
+    the dense sharding (sharding.py) otherwise. Cached."""
+    return _tokens(_layout(ctx), total, cu_seqlens)
 
 
 @functools.lru_cache(maxsize=64)
 def _block_intervals(
-    tokens: tuple[torch.Tensor, ...],
-    groups: int,
-    members: int,
-    rank: int,
-    cu: tuple[int, ...],
-    causal: bool,
-    window: int | None,
+    layout: tuple, rank: int, total: int, cu_seqlens: tuple[int, ...] | None, window: int | None
 ) -> torch.Tensor:
+    groups, members, _, _, causal = layout
+    tokens = _tokens(layout, total, cu_seqlens)
     blocks = [torch.cat(tokens[g * members : (g + 1) * members]) for g in range(groups)]
     mine = blocks[rank // members]
+    cu = cu_seqlens if cu_seqlens is not None else (0, total)
     return torch.stack([visible_keys(mine, src, cu, causal, window) for src in blocks])
 
 
@@ -212,7 +221,4 @@ def block_intervals(ctx, total: int, cu_seqlens: tuple[int, ...] | None, window:
     """The `visible` argument of torch.ops.ring_ext.attention for this rank, int64 [sources, 2, rows]:
     the key intervals of this rank's ring block against every source block (one per ring member;
     Ulysses has one block, the whole sequence). Cached: a model calls it once per layer alike."""
-    groups, members = ring_shape(ctx)
-    tokens = rank_tokens(ctx, total, cu_seqlens)
-    cu = cu_seqlens if cu_seqlens is not None else (0, total)
-    return _block_intervals(tokens, groups, members, ctx.rank, cu, ctx.causal, window)
+    return _block_intervals(_layout(ctx), ctx.rank, total, cu_seqlens, window)

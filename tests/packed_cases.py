@@ -14,6 +14,7 @@ import ring_ext
 from ring_ext.layouts import SEQ_DIM, from_bshd, to_bshd
 from ring_ext.reference import attention_reference, packed_visible
 
+from ring_cases import Case, context  # one cached context per configuration, any case with .config()
 from tolerances import assert_attention, torch_attention
 
 
@@ -35,31 +36,20 @@ class PackedCase:
     seed: int = 0
 
     def config(self, world_size: int) -> ring_ext.CPConfig:
-        return ring_ext.CPConfig(
-            context_parallel_size=world_size,
-            context_parallel_algo=self.algo,
-            ulysses_degree_in_cp=self.ulysses_degree,
-            attention_mask_type="causal" if self.causal else "general",
-            cp_window_size=self.window,
-            use_cp_send_recv_overlap=self.overlap,
-        )
+        fields = ("algo", "ulysses_degree", "causal", "window", "overlap")
+        return Case(**{f: getattr(self, f) for f in fields}).config(world_size)
 
     @property
     def cu_seqlens(self) -> list[int]:
-        cu = [0]
-        for n in self.docs:
-            cu.append(cu[-1] + n)
-        return cu
+        return cu_of(self.docs)
 
 
-_CONTEXTS: dict = {}
-
-
-def context(case: PackedCase, world_size: int):
-    cfg = case.config(world_size)
-    if cfg not in _CONTEXTS:
-        _CONTEXTS[cfg] = ring_ext.initialize(cfg)
-    return _CONTEXTS[cfg]
+def cu_of(docs) -> list[int]:
+    """cu_seqlens of document lengths."""
+    cu = [0]
+    for n in docs:
+        cu.append(cu[-1] + n)
+    return cu
 
 
 def run_packed_case(rank: int, world_size: int, case: PackedCase):

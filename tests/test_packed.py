@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import zlib
 
+import packed_cases
 import pytest
 import torch
 from packed_cases import lognormal_docs
@@ -26,10 +27,7 @@ MIXES = {
 
 
 def cu_of(docs) -> tuple[int, ...]:
-    cu = [0]
-    for n in docs:
-        cu.append(cu[-1] + n)
-    return tuple(cu)
+    return tuple(packed_cases.cu_of(docs))
 
 
 def intervals_to_mask(vis: torch.Tensor, n_keys: int) -> torch.Tensor:

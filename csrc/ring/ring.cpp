@@ -194,6 +194,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   // lse [b, hq, s]. A block that covers every local row before anything else (the diagonal step)
   // *is* the running result: no zero-filled start and no merge into it.
   Tensor out_acc, lse;
+  auto start_empty = [&] {  // out 0, lse -inf: no key seen yet
+    out_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    lse = at::full({q.size(0), q.size(2), q.size(1)}, -INFINITY, q.options().dtype(at::kFloat));
+  };
   for_each_block(s, pack_kv(k, v), [&](int64_t, const Step& st, const Tensor& held) {
     if (nothing_visible(s, st.src)) return;
     for (const WorkItem& item : st.items) {
@@ -206,18 +210,12 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
         lse = block_lse;
         continue;
       }
-      if (!out_acc.defined()) {
-        out_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
-        lse = at::full({q.size(0), q.size(2), q.size(1)}, -INFINITY, q.options().dtype(at::kFloat));
-      }
+      if (!out_acc.defined()) start_empty();
       ops.merge.call(out_acc.narrow(1, r.q0, r.nq), lse.narrow(2, r.q0, r.nq), block_out,
                      block_lse);
     }
   });
-  if (!out_acc.defined()) {  // no local row saw any key (a rank of padding only)
-    out_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
-    lse = at::full({q.size(0), q.size(2), q.size(1)}, -INFINITY, q.options().dtype(at::kFloat));
-  }
+  if (!out_acc.defined()) start_empty();  // no local row saw any key (a rank of padding only)
   return {out_acc, lse};
 }
 
@@ -300,7 +298,9 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
   KvGrads grads(s, packed);
   for_each_block(s, packed, [&](int64_t step, const Step& st, const Tensor& held) {
     Tensor g = grads.begin_step(step);
-    for (const WorkItem& item : nothing_visible(s, st.src) ? std::vector<WorkItem>{} : st.items) {
+    // A block nobody here sees adds nothing, but its gradient partial still moves on (end_step).
+    const std::vector<WorkItem> none;
+    for (const WorkItem& item : nothing_visible(s, st.src) ? none : st.items) {
       const Rows r = rows_of(item, s.chunk);
       ops.bwd_acc.call(dout.narrow(1, r.q0, r.nq), q.narrow(1, r.q0, r.nq),
                        held[0].narrow(1, r.k0, r.nk), held[1].narrow(1, r.k0, r.nk),
