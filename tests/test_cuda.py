@@ -17,7 +17,8 @@ import torch
 
 import ring_ext
 from ring_ext.layouts import from_bshd, to_bshd
-from ring_ext.reference import attention_reference, merge_reference
+from ring_ext.packing import visible_keys
+from ring_ext.reference import attention_reference, merge_reference, packed_visible
 
 from distributed import free_port
 from tolerances import assert_attention, assert_close_to_oracle, assert_lse, assert_rel_l2, torch_attention
@@ -212,6 +213,92 @@ def test_rows_without_keys_are_zero_not_nan():
     dq, dk, dv = torch.ops.ring_ext.bwd(torch.randn_like(out), q, k, v, out, lse, 0.125, True, 0, 150)
     assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
     assert (dq[:, :150] == 0).all()
+
+
+# Packed documents and sliding windows (MaskKind::kRows): documents across the tensor-core tiles (64 and
+# 128 rows, 64/128-key blocks), lengths 0, 1 and more than a tile, padding rows that see nothing.
+PACKED_DOCS = (1, 0, 130, 2, 64, 65, 0, 190, 7)
+PACKED_PAD = 9
+# dq rows of queries that see fewer keys are ill-conditioned (tolerances.assert_attention, dq_rows).
+MIN_KEYS_FOR_ROW_CHECK = 4
+
+
+def check_packed(q, k, v, cu, causal, window, seed, family=None):
+    """fwd (intervals from ring_ext.packing) and its backward against the float64 oracle with the
+    per-pair mask of the mask model; rows past cu[-1] are padding (no keys: out 0, lse -inf)."""
+    rows = q.shape[1]
+    index = torch.arange(rows)
+    vis = visible_keys(index, index, cu, causal, window).to(DEV)
+    mask = packed_visible(index, index, cu, causal, window).to(DEV)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    g = torch.Generator(device=DEV).manual_seed(seed + 1)
+    dout = torch.randn(q.shape, generator=g, device=DEV).to(q.dtype)
+    with kernels_launched() if family else contextlib.nullcontext([]) as names:
+        out, lse = torch.ops.ring_ext.fwd(qg, kg, vg, scale, False, visible=vis)
+        out.backward(dout)
+    if family:
+        assert_family(names, family)
+    sees = mask.any(1)
+    assert torch.isneginf(lse[..., ~sees]).all() and (out[:, ~sees] == 0).all()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = attention_reference(q64, k64, v64, causal=False, scale=scale, mask=mask)
+    assert_lse(lse, ref_lse.detach())
+    ref.backward(dout.double())
+    baseline = torch_attention(q, k, v, dout, causal=False, scale=scale, mask=mask)
+    assert_attention(
+        [out.detach(), qg.grad, kg.grad, vg.grad],
+        [ref.detach(), q64.grad, k64.grad, v64.grad],
+        baseline,
+        f"{q.dtype} {cu} causal={causal} window={window}",
+        dq_rows=mask.sum(1) >= MIN_KEYS_FOR_ROW_CHECK,
+    )
+
+
+def packed_cu():
+    cu = [0]
+    for n in PACKED_DOCS:
+        cu.append(cu[-1] + n)
+    return tuple(cu)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES + [torch.float32])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, 1, 13, 200])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_packed_and_windowed_masks(dtype, causal, window, head_dim):
+    """Block-diagonal and banded masks on the tensor-core kernels (half dtypes) and the SIMT kernels
+    (float32), GQA, every head-dim bucket."""
+    cu = packed_cu()
+    seed = 1000 + 7 * head_dim + (window or 0) + causal
+    q, k, v = make_qkv(1, cu[-1] + PACKED_PAD, cu[-1] + PACKED_PAD, 4, 2, head_dim, dtype, seed)
+    family = "simt" if dtype == torch.float32 else "tensor_core"
+    check_packed(q, k, v, cu, causal, window, seed, family=family if head_dim == 128 else None)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("window", [None, 13])
+def test_packed_masks_on_misaligned_views_take_the_simt_kernels(dtype, window):
+    cu = packed_cu()
+    q, k, v = misaligned_qkv(1, cu[-1] + PACKED_PAD, 4, 2, 64, dtype, seed=77)
+    check_packed(q, k, v, cu, True, window, 77, family="simt")
+
+
+def test_packed_attention_api_thd():
+    """ring_ext.attention(layout="thd", cu_seqlens=...) on CUDA tensors, forward and backward."""
+    cu = packed_cu()
+    q, k, v = (t[0].requires_grad_() for t in make_qkv(1, cu[-1], cu[-1], 4, 2, 64, torch.bfloat16, 91))
+    out = ring_ext.attention(q, k, v, layout="thd", causal=True, cu_seqlens=torch.tensor(cu))
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    index = torch.arange(cu[-1])
+    mask = packed_visible(index, index, cu, True).to(DEV)
+    q64, k64, v64 = (t.detach().double()[None].requires_grad_() for t in (q, k, v))
+    ref, _ = attention_reference(q64, k64, v64, causal=False, mask=mask)
+    expected = [ref.detach(), *torch.autograd.grad(ref, (q64, k64, v64), dout.double()[None])]
+    got = [out.detach()[None], q.grad[None], k.grad[None], v.grad[None]]
+    baseline = torch_attention(q[None], k[None], v[None], dout[None], causal=False, mask=mask)
+    assert_attention(got, expected, baseline, "thd packed", dq_rows=mask.sum(1) >= MIN_KEYS_FOR_ROW_CHECK)
 
 
 @pytest.mark.parametrize("layout", ["sbhd", "bnsd", "sbh"])
@@ -418,25 +505,32 @@ def nccl_group():
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed_window"])
 @pytest.mark.parametrize(
     "algo,extra",
     [("ulysses_cp_algo", {}), ("megatron_cp_algo", {}), ("hybrid_cp_algo", {"ulysses_degree_in_cp": 1})],
 )
-def test_cp_attention_cp1_on_a_side_stream(nccl_group, algo, extra):
+def test_cp_attention_cp1_on_a_side_stream(nccl_group, algo, extra, packed):
     """Every algorithm through the CUDA ring driver on one rank equals the oracle, forward and backward,
-    and its outputs are ready on the caller's (non-default) stream."""
+    and its outputs are ready on the caller's (non-default) stream; packed: documents and a window."""
     cfg = ring_ext.CPConfig(context_parallel_size=1, context_parallel_algo=algo, **extra)
     ctx = ring_ext.initialize(cfg, group=nccl_group)
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 256, 256, 4, 2, 128, torch.bfloat16, seed=51))
+    cu, window = ((0, 3, 100, 101, 256), 40) if packed else (None, None)
+    kwargs = {"cu_seqlens": torch.tensor(cu), "sliding_window": window} if packed else {}
     dout = torch.randn_like(q)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        out = ring_ext.attention(q, k, v, ctx, layout="bshd")
+        out = ring_ext.attention(q, k, v, ctx, layout="bshd", **kwargs)
         out.backward(dout)
         result = [out.detach().clone(), q.grad.clone(), k.grad.clone(), v.grad.clone()]
     side.synchronize()
+    index = torch.arange(256)
+    mask = packed_visible(index, index, cu, True, window).to(DEV) if packed else None
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, _ = attention_reference(q64, k64, v64, causal=True)
+    ref, _ = attention_reference(q64, k64, v64, causal=not packed, mask=mask)
     expected = [ref.detach(), *torch.autograd.grad(ref, (q64, k64, v64), dout.double())]
-    assert_attention(result, expected, torch_attention(q, k, v, dout, causal=True), algo)
+    baseline = torch_attention(q, k, v, dout, causal=not packed, mask=mask)
+    dq_rows = mask.sum(1) >= MIN_KEYS_FOR_ROW_CHECK if packed else None
+    assert_attention(result, expected, baseline, algo, dq_rows=dq_rows)

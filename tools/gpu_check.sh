@@ -166,7 +166,8 @@ cat >"$OUT/sanitize_cases.py" <<'EOF'
 
 import torch
 
-import ring_ext  # noqa: F401  (registers torch.ops.ring_ext)
+import ring_ext  # registers torch.ops.ring_ext
+import ring_ext.packing
 
 g = torch.Generator(device="cuda").manual_seed(0)
 
@@ -194,6 +195,21 @@ for name, ((q, k, v), causal, q_offset) in CASES.items():
     torch.cuda.synchronize()
     assert all(torch.isfinite(t).all() for t in (out, *grads)), name
     print("ok:", name, flush=True)
+# Per-row key intervals (packed documents [0, 3, 70, 71, 130] with a window of 9, rows 130.. padding).
+rows = torch.arange(140)
+visible = ring_ext.packing.visible_keys(rows, rows, (0, 3, 70, 71, 130), True, 9).to("cuda")
+for name, dtype, d, misaligned in [
+    ("tensor cores bf16 d64", torch.bfloat16, 64, False),
+    ("tensor cores fp16 d256", torch.float16, 256, False),
+    ("simt fp32 d64", torch.float32, 64, False),
+    ("simt bf16 d40 misaligned", torch.bfloat16, 40, True),
+]:
+    q, k, v = qkv(1, 140, 140, 2, 1, d, dtype, misaligned)
+    out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.2, False, visible=visible)
+    grads = torch.ops.ring_ext.bwd(torch.randn_like(out), q, k, v, out, lse, 0.2, False, visible=visible)
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(t).all() for t in (out, *grads)), name
+    print("ok: packed window", name, flush=True)
 for dtype in (torch.float32, torch.bfloat16):
     out, lse = torch.randn(1, 37, 3, 72, device="cuda"), torch.randn(1, 3, 37, device="cuda")
     lse[:, :, :4] = -torch.inf

@@ -4,8 +4,8 @@
 // One CTA owns kBlockN keys of one (batch, kv head) and walks every (q head of its GQA group,
 // q block of kBlockM rows) that can see them; dK and dV stay in registers for the whole walk.
 //
-//   smem: K, V [kBlockN x D]   Q, dO [kBlockM x D]   P^T, dS^T [kBlockN x kBlockM]   lse, delta
-//   [kBlockM]
+//   smem: K, V [kBlockN x D]   Q, dO [kBlockM x D]   P^T, dS^T [kBlockN x kBlockM]
+//         lse, delta, first and last visible key [kBlockM]
 //
 //   step 1  S^T = K Q^T, dP^T = V dO^T         warps tile [kBlockN x kBlockM] in 16-key strips
 //           P^T = exp(scale S^T - lse), dS^T = P^T * (dP^T - delta)   -> smem (16-bit)
@@ -18,7 +18,9 @@
 // of additions, hence the last bits of dq, is not deterministic). dK/dV are deterministic: one CTA
 // owns its keys for every q head of the GQA group and adds into dk/dv once, without atomics.
 // Rows past seq_q get lse = +inf (P = 0) and rows with lse = -inf (no visible key) likewise; keys
-// past seq_k and causally hidden pairs are masked to P = 0. Softmax runs in log2 units.
+// past seq_k and hidden pairs are masked to P = 0. The CTA walks only the q blocks holding rows
+// that see its keys (RowKeys::rows_seeing, Note [Row key ranges on the device]). Softmax runs in
+// log2 units.
 //
 // Note [Backward tilings and shared memory]
 // The tiling is a template parameter (BwdConfig<D, kBlockN, kBlockM, kWarps>); each head-dim
@@ -26,9 +28,9 @@
 // fits the device's opt-in limit (max_smem_per_block), else the SIMT kernels (which need 16 KiB):
 //
 //   D     default (N x M, warps)   smem       small (N x M, warps)   smem
-//   64    128 x 64, 8              80.5 KiB   -
-//   128   128 x 64, 8              128.5 KiB  64 x 64, 8             80.5 KiB
-//   256    64 x 64, 8              144.5 KiB  32 x 32, 4             68.3 KiB
+//   64    128 x 64, 8              81 KiB     -
+//   128   128 x 64, 8              129 KiB    64 x 64, 8             81 KiB
+//   256    64 x 64, 8              145 KiB    32 x 32, 4             68.5 KiB
 //
 // sm_80/87 (163 KiB) and sm_90 (227 KiB) take the defaults; sm_86/89/120 (99 KiB) the small
 // tilings for D > 64. The small tilings keep each warp's register tiles (dK, dV, dq) the same size.
@@ -70,7 +72,7 @@ struct BwdConfig {
   static_assert(kWarps % kKeyStrips == 0 && kWarps % kRowStrips == 0, "warp grid");
   static_assert(kCols1 % 16 == 0 && kDims2 % 16 == 0 && kDims3 % 16 == 0, "two n-tiles per load");
   static constexpr int kSmemBytes =
-      (2 * KTile::kElems + 2 * QTile::kElems + 2 * PTile::kElems) * 2 + 2 * kBlockM * 4;
+      (2 * KTile::kElems + 2 * QTile::kElems + 2 * PTile::kElems) * 2 + 4 * kBlockM * 4;
 };
 
 struct Smem {
@@ -82,6 +84,8 @@ struct Smem {
   void* dst;
   float* lse;    // log2 units; +inf for rows that must contribute nothing
   float* delta;  // [kBlockM]
+  int* first;    // [kBlockM] first and last key each row sees; rows past seq_q see none
+  int* last;
 };
 
 template <typename Cfg, typename T>
@@ -97,13 +101,16 @@ __device__ __forceinline__ Smem carve_smem(unsigned char* raw) {
   s.lse = reinterpret_cast<float*>(base + 2 * Cfg::KTile::kElems + 2 * Cfg::QTile::kElems +
                                    2 * Cfg::PTile::kElems);
   s.delta = s.lse + Cfg::kBlockM;
+  s.first = reinterpret_cast<int*>(s.delta + Cfg::kBlockM);
+  s.last = s.first + Cfg::kBlockM;
   return s;
 }
 
-// Starts loading Q, dO (cp.async) and lse, delta (plain loads) of q head h, rows [m0, m0 +
-// kBlockM).
+// Starts loading Q, dO (cp.async) and lse, delta, the key ranges (plain loads) of q head h, rows
+// [m0, m0 + kBlockM).
 template <typename Cfg, typename T>
-__device__ __forceinline__ void load_q_block(const BwdParams& p, const Smem& s, int h, int m0) {
+__device__ __forceinline__ void load_q_block(const BwdParams& p, const RowKeys& keys, const Smem& s,
+                                             int h, int m0) {
   const int b = blockIdx.z, seq_q = static_cast<int>(p.shape.seq_q);
   const int head_dim = static_cast<int>(p.shape.head_dim);
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
@@ -116,22 +123,25 @@ __device__ __forceinline__ void load_q_block(const BwdParams& p, const Smem& s, 
   for (int i = threadIdx.x; i < Cfg::kBlockM; i += Cfg::kThreads) {
     const int row = m0 + i;
     float lse = INFINITY, delta = 0.0f;
+    int first = keys.seq_k, last = -1;  // rows past seq_q: no key (first stays >= every key)
     if (row < seq_q) {
       lse = p.lse[b * p.lse_stride.batch + h * p.lse_stride.head + row];
       lse = lse == -INFINITY ? INFINITY : lse * kLog2e;
       delta = p.delta[b * p.delta_stride.batch + h * p.delta_stride.head + row];
+      first = keys.first(row);
+      last = keys.last(row);
     }
     s.lse[i] = lse;
     s.delta[i] = delta;
+    s.first[i] = first;
+    s.last[i] = last;
   }
 }
 
 // Step 1 for this warp's [16 keys x kCols1 rows] strip: P^T and dS^T into smem.
-// A (key, row) pair is visible iff key <= key_bound(row, diff, seq_k - 1), i.e. key < seq_k and
-// key <= row + diff (the sum in int64: a row of the tile may lie past seq_q).
+// A (key, row) pair is visible iff first[row] <= key <= last[row] (smem, from load_q_block).
 template <typename Cfg, typename T>
-__device__ __forceinline__ void probs_and_grads(const Smem& s, int n0, int m0, int seq_k, int diff,
-                                                float scale_log2) {
+__device__ __forceinline__ void probs_and_grads(const Smem& s, int n0, float scale_log2) {
   constexpr int NT = Cfg::kCols1 / 8;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int key0 = (warp % Cfg::kKeyStrips) * 16, col0 = (warp / Cfg::kKeyStrips) * Cfg::kCols1;
@@ -142,14 +152,15 @@ __device__ __forceinline__ void probs_and_grads(const Smem& s, int n0, int m0, i
       st, static_cast<const T*>(s.k), key0, static_cast<const T*>(s.q), col0);
   warp_gemm<false, false, 1, NT, Cfg::D, typename Cfg::KTile, typename Cfg::QTile>(
       dpt, static_cast<const T*>(s.v), key0, static_cast<const T*>(s.dout), col0);
-  // Masking is needed when a key of the strip is past the end or past the first row's limit.
-  const bool masked = n0 + key0 + 15 > key_bound(int64_t{m0} + col0, diff, seq_k - 1);
+  // Masking is needed when a key of the strip lies before the last column's first key or after
+  // the first column's last key (both ends are monotone over the rows; padding rows see nothing).
+  const bool masked = n0 + key0 < s.first[col0 + Cfg::kCols1 - 1] || n0 + key0 + 15 > s.last[col0];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int key = n0 + key0 + g + 8 * (i / 2), col = col0 + nt * 8 + 2 * t + i % 2;
-      const bool visible = !masked || key <= key_bound(int64_t{m0} + col, diff, seq_k - 1);
+      const bool visible = !masked || (key >= s.first[col] && key <= s.last[col]);
       const float prob = visible ? ex2(st[0][nt][i] * scale_log2 - s.lse[col]) : 0.0f;
       st[0][nt][i] = prob;
       dpt[0][nt][i] = prob * (dpt[0][nt][i] - s.delta[col]);
@@ -210,19 +221,19 @@ __device__ __forceinline__ void add_dkdv(const BwdParams& p, float (&dk)[1][NT][
 
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
-    flash_bwd_kernel(const BwdParams p, const int diff) {
+    flash_bwd_kernel(const BwdParams p, const RowKeys keys) {
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, NT2 = Cfg::kDims2 / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Smem s = carve_smem<Cfg, T>(smem_raw);
 
   const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * kBlockN;
   const int group = static_cast<int>(p.shape.heads_q / p.shape.heads_kv);
-  const int seq_q = static_cast<int>(p.shape.seq_q), seq_k = static_cast<int>(p.shape.seq_k);
-  // Rows below first_row see none of this CTA's keys (first_row = n0 - diff under a causal mask;
-  // n0 < 2^30 and diff >= -2^30, so the difference fits an int).
-  const int first_row = max(0, n0 - diff);
-  const int m_begin = first_row / kBlockM, m_blocks = (seq_q + kBlockM - 1) / kBlockM;
-  const int steps = group * max(0, m_blocks - m_begin);
+  const int seq_k = static_cast<int>(p.shape.seq_k);
+  // Only the q blocks holding rows that see one of this CTA's keys.
+  const int2 rows = keys.rows_seeing(n0, min(n0 + kBlockN, seq_k));
+  const int m_begin = rows.x / kBlockM;
+  const int m_count = rows.x < rows.y ? (rows.y + kBlockM - 1) / kBlockM - m_begin : 0;
+  const int steps = group * m_count;
   if (steps == 0) return;
   const float scale_log2 = p.scale * kLog2e;
 
@@ -233,7 +244,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                                                 head_dim);
   load_tile<typename Cfg::KTile, Cfg::kThreads>(static_cast<T*>(s.v), v, p.v_stride.seq, n0, seq_k,
                                                 head_dim);
-  load_q_block<Cfg, T>(p, s, hk * group, m_begin * kBlockM);
+  load_q_block<Cfg, T>(p, keys, s, hk * group, m_begin * kBlockM);
 
   const int warp = threadIdx.x / 32;
   const int key0 = (warp % Cfg::kKeyStrips) * 16, dim0 = (warp / Cfg::kKeyStrips) * Cfg::kDims2;
@@ -241,11 +252,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   zero(dk);
   zero(dv);
   for (int step = 0; step < steps; ++step) {
-    const int h = hk * group + step / (m_blocks - m_begin);
-    const int m0 = (m_begin + step % (m_blocks - m_begin)) * kBlockM;
+    const int h = hk * group + step / m_count;
+    const int m0 = (m_begin + step % m_count) * kBlockM;
     cp_async_wait_all();
     __syncthreads();  // Q, dO, lse, delta of this step visible; step 3 of the last step is done
-    probs_and_grads<Cfg, T>(s, n0, m0, seq_k, diff, scale_log2);
+    probs_and_grads<Cfg, T>(s, n0, scale_log2);
     __syncthreads();  // P^T, dS^T complete
     warp_gemm<false, true, 1, NT2, kBlockM, typename Cfg::PTile, typename Cfg::QTile>(
         dv, static_cast<const T*>(s.pt), key0, static_cast<const T*>(s.dout), dim0);
@@ -253,9 +264,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         dk, static_cast<const T*>(s.dst), key0, static_cast<const T*>(s.q), dim0);
     __syncthreads();  // every warp is done with Q, dO, lse, delta
     if (step + 1 < steps) {
-      const int next_h = hk * group + (step + 1) / (m_blocks - m_begin);
-      const int next_m0 = (m_begin + (step + 1) % (m_blocks - m_begin)) * kBlockM;
-      load_q_block<Cfg, T>(p, s, next_h, next_m0);
+      const int next_h = hk * group + (step + 1) / m_count;
+      const int next_m0 = (m_begin + (step + 1) % m_count) * kBlockM;
+      load_q_block<Cfg, T>(p, keys, s, next_h, next_m0);
     }
     accumulate_dq<Cfg, T>(p, s, h, m0);
   }
@@ -287,7 +298,7 @@ void launch_bwd(const BwdParams& p, cudaStream_t stream) {
   const dim3 grid = make_grid((p.shape.seq_k + Cfg::kBlockN - 1) / Cfg::kBlockN, p.shape.heads_kv,
                               p.shape.batch, "flash_bwd");
   launch(flash_bwd_kernel<T, Cfg>, "flash_bwd", grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p,
-         causal_diff(p.mask));
+         row_keys(p.mask, p.shape));
 }
 
 // The first tiling of the bucket that fits this device's shared memory, else the SIMT kernels.

@@ -54,12 +54,12 @@ struct RowState {
 };
 
 // s (raw scores of a 16 x kBlockN warp tile) -> probabilities relative to the updated row max;
-// rescales o and the running sums. key_limit[r] is the last visible key (block-local) of row r,
+// rescales o and the running sums. Row r sees the block-local keys [key_lo[r], key_hi[r]],
 // applied only when `masked`.
 template <int NS, int NO>
 __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO][4], RowState& st,
                                                float scale_log2, bool masked,
-                                               const int (&key_limit)[2]) {
+                                               const int (&key_lo)[2], const int (&key_hi)[2]) {
   const int t = threadIdx.x % 4;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -69,7 +69,8 @@ __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO]
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float x = s[nt][2 * r + e] * scale_log2;
-        if (masked && nt * 8 + 2 * t + e > key_limit[r]) x = -INFINITY;
+        const int key = nt * 8 + 2 * t + e;
+        if (masked && (key < key_lo[r] || key > key_hi[r])) x = -INFINITY;
         s[nt][2 * r + e] = x;
         mx = fmaxf(mx, x);
       }
@@ -138,7 +139,7 @@ __device__ __forceinline__ void store_out(const FwdParams& p, float (&o)[NO][4],
 
 template <typename T, int D>
 __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
-    flash_fwd_kernel(const FwdParams p, const int diff) {
+    flash_fwd_kernel(const FwdParams p, const RowKeys keys) {
   using Cfg = FwdConfig<D>;
   using QTile = typename Cfg::QTile;
   using KTile = typename Cfg::KTile;
@@ -157,26 +158,28 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
 
-  // Keys [0, n_end) are visible to some row of this CTA; the last row sees keys <= its row + diff.
-  // Sums of a row and diff are taken in int64 (key_bound): m0 + kBlockM + diff can pass 2^31.
-  const int n_end = max(0, key_bound(int64_t{m0} + kBlockM - 1, diff, seq_k - 1) + 1);
-  const int n_blocks = (n_end + kBlockN - 1) / kBlockN;
-  // Last visible key of each of this thread's rows (global key index).
+  // Key blocks [nb_begin, nb_end) hold every key some row of this CTA sees: from the first row's
+  // first key to the last row's last (Note [Row key ranges on the device]; the last row may lie
+  // past seq_q, so row sums are taken in int64).
+  const int nb_begin = keys.first(m0) / kBlockN;
+  const int nb_end = (max(0, keys.last(int64_t{m0} + kBlockM - 1) + 1) + kBlockN - 1) / kBlockN;
+  // First and last visible key of each of this thread's rows (global key indices).
   const int g = (threadIdx.x % 32) / 4;
-  const int row_limit[2] = {key_bound(int64_t{m0} + warp_row + g, diff, seq_k - 1),
-                            key_bound(int64_t{m0} + warp_row + g + 8, diff, seq_k - 1)};
+  const int64_t rows[2] = {int64_t{m0} + warp_row + g, int64_t{m0} + warp_row + g + 8};
+  const int row_first[2] = {keys.first(rows[0]), keys.first(rows[1])};
+  const int row_last[2] = {keys.last(rows[0]), keys.last(rows[1])};
 
   float o[D / 8][4];
   zero(o);
   RowState st;
   const float scale_log2 = p.scale * kLog2e;
 
-  if (n_blocks > 0) {
+  if (nb_begin < nb_end) {
     load_tile<QTile, kThreads>(sQ, q, p.q_stride.seq, m0, seq_q, head_dim);
-    load_tile<KTile, kThreads>(sK, k, p.k_stride.seq, 0, seq_k, head_dim);
+    load_tile<KTile, kThreads>(sK, k, p.k_stride.seq, nb_begin * kBlockN, seq_k, head_dim);
     cp_async_commit();
   }
-  for (int nb = 0; nb < n_blocks; ++nb) {
+  for (int nb = nb_begin; nb < nb_end; ++nb) {
     const int n0 = nb * kBlockN;
     cp_async_wait_all();
     __syncthreads();  // K_nb visible; every warp is done with V_{nb-1}
@@ -186,14 +189,17 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
     float s[1][kBlockN / 8][4];  // [16 rows, kBlockN keys] of this warp
     zero(s);
     warp_gemm<false, false, 1, kBlockN / 8, D, QTile, KTile>(s, sQ, warp_row, sK, 0);
-    // Masking is needed when some key of the block lies past the end or past a row's limit.
-    const bool masked = n0 + kBlockN - 1 > min(row_limit[0], row_limit[1]);
-    const int key_limit[2] = {row_limit[0] - n0, row_limit[1] - n0};
-    online_softmax(s[0], o, st, scale_log2, masked, key_limit);
+    // Masking is needed when some key of the block lies outside one of the thread's row ranges
+    // (the key range ends at seq_k - 1, so keys past the end are masked too).
+    const bool masked =
+        n0 < max(row_first[0], row_first[1]) || n0 + kBlockN - 1 > min(row_last[0], row_last[1]);
+    const int key_lo[2] = {row_first[0] - n0, row_first[1] - n0};
+    const int key_hi[2] = {row_last[0] - n0, row_last[1] - n0};
+    online_softmax(s[0], o, st, scale_log2, masked, key_lo, key_hi);
 
     cp_async_wait_all();
     __syncthreads();  // V_nb visible; every warp is done with K_nb
-    if (nb + 1 < n_blocks) {
+    if (nb + 1 < nb_end) {
       load_tile<KTile, kThreads>(sK, k, p.k_stride.seq, n0 + kBlockN, seq_k, head_dim);
       cp_async_commit();
     }
@@ -209,7 +215,7 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream) {
   const dim3 grid = make_grid((p.shape.seq_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.shape.heads_q,
                               p.shape.batch, "flash_fwd");
   launch(flash_fwd_kernel<T, D>, "flash_fwd", grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p,
-         causal_diff(p.mask));
+         row_keys(p.mask, p.shape));
 }
 
 template <typename T>

@@ -12,25 +12,10 @@
 namespace ring_ext {
 namespace {
 
-// The CUDA kernels take the offset masks only; per-row key intervals (packed documents, sliding
-// windows) are CPU-only for now and refused here, never run as a different mask.
-void check_mask(const Mask& m) {
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      m.kind != MaskKind::kRows,
-      "ring_ext: packed documents (cu_seqlens) and sliding windows are not ",
-      "implemented in the CUDA kernels yet; run them on CPU tensors");
-}
-
 struct CudaBackend {
   static constexpr BlockKernels kKernels{
-      [](const FwdParams& p) {
-        check_mask(p.mask);
-        cuda::flash_fwd(p, at::cuda::getCurrentCUDAStream());
-      },
-      [](const BwdParams& p) {
-        check_mask(p.mask);
-        cuda::flash_bwd(p, at::cuda::getCurrentCUDAStream());
-      },
+      [](const FwdParams& p) { cuda::flash_fwd(p, at::cuda::getCurrentCUDAStream()); },
+      [](const BwdParams& p) { cuda::flash_bwd(p, at::cuda::getCurrentCUDAStream()); },
       [](const MergeParams& p) { cuda::lse_merge(p, at::cuda::getCurrentCUDAStream()); },
   };
 };

@@ -85,7 +85,7 @@ __device__ __forceinline__ void store_value(void* base, int64_t idx, float x, DT
 }
 
 template <typename T>
-__global__ void simt_fwd_kernel(const FwdParams p, const int diff) {
+__global__ void simt_fwd_kernel(const FwdParams p, const RowKeys keys) {
   const int lane = threadIdx.x % 32, b = blockIdx.z, h = blockIdx.y;
   const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
   const int hk = h / (p.shape.heads_q / p.shape.heads_kv), head_dim = p.shape.head_dim;
@@ -98,8 +98,8 @@ __global__ void simt_fwd_kernel(const FwdParams p, const int diff) {
                row * p.q_stride.seq,
            head_dim);
   float max = -INFINITY, sum = 0.0f;
-  const int last_key = min(static_cast<int>(p.shape.seq_k) - 1, row + diff);
-  for (int j = 0; j <= last_key; ++j) {
+  const int last_key = keys.last(row);
+  for (int j = keys.first(row); j <= last_key; ++j) {
     const float x = dot_row(q, k + j * p.k_stride.seq, head_dim) * p.scale;
     const float new_max = fmaxf(max, x);
     const float alpha = expf(max - new_max), prob = expf(x - new_max);
@@ -146,18 +146,19 @@ __device__ __forceinline__ void flush_dq(float (&tile)[kRows][32 * P], float* dq
 
 template <typename T, int P>
 __global__ void __launch_bounds__(SimtBwdConfig<P>::kThreads)
-    simt_bwd_kernel(const BwdParams p, const int diff) {
+    simt_bwd_kernel(const BwdParams p, const RowKeys keys) {
   using Cfg = SimtBwdConfig<P>;
   constexpr int KPW = Cfg::kKeysPerWarp, kRows = Cfg::kRows;
   __shared__ float dq_tile[kRows][32 * P];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * Cfg::kBlockN;
   const int group = static_cast<int>(p.shape.heads_q / p.shape.heads_kv);
-  const int seq_q = static_cast<int>(p.shape.seq_q), seq_k = static_cast<int>(p.shape.seq_k);
+  const int seq_k = static_cast<int>(p.shape.seq_k);
   const int head_dim = static_cast<int>(p.shape.head_dim);
-  // Rows below first_row see none of this CTA's keys (n0 < 2^30, diff >= -2^30: fits an int).
-  const int first_row = max(0, n0 - diff);
-  if (first_row >= seq_q) return;  // the whole CTA: no barrier is skipped by part of it
+  // Only rows [rows_seen.x, rows_seen.y) see one of this CTA's keys (Note [Row key ranges on the
+  // device]).
+  const int2 rows_seen = keys.rows_seeing(n0, min(n0 + Cfg::kBlockN, seq_k));
+  if (rows_seen.x >= rows_seen.y) return;  // the whole CTA: no barrier is skipped by part of it
 
   // This warp's keys: key0 + j for j < KPW; keys past seq_k stay zero and are never visible.
   const int key0 = n0 + warp * KPW;
@@ -180,16 +181,16 @@ __global__ void __launch_bounds__(SimtBwdConfig<P>::kThreads)
     const float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head;
     const float* delta = p.delta + b * p.delta_stride.batch + h * p.delta_stride.head;
     float* dq = p.dq + b * p.dq_stride.batch + h * p.dq_stride.head;
-    for (int r0 = first_row; r0 < seq_q; r0 += kRows) {
-      const int rows = min(kRows, seq_q - r0);
+    for (int r0 = rows_seen.x; r0 < rows_seen.y; r0 += kRows) {
+      const int rows = min(kRows, rows_seen.y - r0);
       for (int i = 0; i < rows; ++i) {
         // Warps start on different rows so that fewer shared-memory atomics hit one address.
         const int r = (i + warp) % rows, row = r0 + r;
         const float row_lse = lse[row];
         // A row that saw no key has no gradient; one that sees none of this warp's keys adds
-        // nothing (row + diff fits an int: row < 2^30, |diff| <= 2^30). Both are warp-uniform.
-        const int last_key = min(seq_k - 1, row + diff);
-        if (row_lse == -INFINITY || last_key < key0) continue;
+        // nothing. Both are warp-uniform.
+        const int first_key = keys.first(row), last_key = keys.last(row);
+        if (row_lse == -INFINITY || last_key < key0 || first_key >= key0 + KPW) continue;
         const float row_delta = delta[row];
         float qr[P], dor[P];
         load_row(qr, q + row * p.q_stride.seq, head_dim);
@@ -216,7 +217,8 @@ __global__ void __launch_bounds__(SimtBwdConfig<P>::kThreads)
         float dq_part[P] = {};
 #pragma unroll
         for (int j = 0; j < KPW; ++j) {
-          const float prob = key0 + j <= last_key ? expf(s[j] * p.scale - row_lse) : 0.0f;
+          const bool visible = key0 + j >= first_key && key0 + j <= last_key;
+          const float prob = visible ? expf(s[j] * p.scale - row_lse) : 0.0f;
           const float ds = prob * (dp[j] - row_delta);
 #pragma unroll
           for (int e = 0; e < P; ++e) {
@@ -269,7 +271,8 @@ void launch_simt_bwd(const BwdParams& p, cudaStream_t stream) {
   using Cfg = SimtBwdConfig<P>;
   const dim3 grid = make_grid((p.shape.seq_k + Cfg::kBlockN - 1) / Cfg::kBlockN, p.shape.heads_kv,
                               p.shape.batch, "simt_bwd");
-  launch(simt_bwd_kernel<T, P>, "simt_bwd", grid, Cfg::kThreads, 0, stream, p, causal_diff(p.mask));
+  launch(simt_bwd_kernel<T, P>, "simt_bwd", grid, Cfg::kThreads, 0, stream, p,
+         row_keys(p.mask, p.shape));
 }
 
 template <typename T>
@@ -287,15 +290,16 @@ void dispatch_simt_bwd(const BwdParams& p, cudaStream_t stream) {
 
 void simt_fwd(const FwdParams& p, cudaStream_t stream) {
   check_simt_head_dim(p.shape);
-  const int threads = 32 * kRowsPerBlock, diff = causal_diff(p.mask);
+  const int threads = 32 * kRowsPerBlock;
+  const RowKeys keys = row_keys(p.mask, p.shape);
   switch (p.in_dtype) {
     case DType::kFloat32:
-      return launch(simt_fwd_kernel<float>, "simt_fwd", row_grid(p), threads, 0, stream, p, diff);
+      return launch(simt_fwd_kernel<float>, "simt_fwd", row_grid(p), threads, 0, stream, p, keys);
     case DType::kBFloat16:
       return launch(simt_fwd_kernel<__nv_bfloat16>, "simt_fwd", row_grid(p), threads, 0, stream, p,
-                    diff);
+                    keys);
     case DType::kFloat16:
-      return launch(simt_fwd_kernel<__half>, "simt_fwd", row_grid(p), threads, 0, stream, p, diff);
+      return launch(simt_fwd_kernel<__half>, "simt_fwd", row_grid(p), threads, 0, stream, p, keys);
   }
 }
 

@@ -71,8 +71,14 @@ std::vector<Tensor> prepare_visible(const std::optional<Tensor>& visible, int64_
                         v.size(1) == 2 && v.size(2) == rows,
                     "ring_ext: visible must be int64 [", count, " source blocks, 2, ", rows,
                     " rows], got ", v.scalar_type(), " ", v.sizes());
+  // The one host copy of the intervals: checked here for every device (the kernels' tile skipping
+  // relies on monotone intervals; the CUDA block ops do not check them, Note [Row key ranges on
+  // the device] in csrc/cuda/launch.cuh).
+  const Tensor host = v.cpu();
+  TORCH_CHECK_VALUE(
+      rows < 2 || (host.narrow(2, 1, rows - 1) >= host.narrow(2, 0, rows - 1)).all().item<bool>(),
+      "ring_ext: visible's begins and ends must be non-decreasing along the rows");
   if (any_visible) {
-    const Tensor host = v.cpu();
     for (int64_t src = 0; src < count; ++src)
       any_visible->push_back((host[src][1] > host[src][0]).any().item<bool>());
   }
