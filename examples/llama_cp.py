@@ -47,12 +47,12 @@ class Block(nn.Module):
         self.wo = nn.Linear(dim, dim, bias=False)
         self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, rope: Rope, ctx) -> torch.Tensor:  # x [b, s, dim]
+    def forward(self, x: torch.Tensor, rope: Rope, ctx, cu_seqlens=None) -> torch.Tensor:  # x [b, s, dim]
         b, s, _ = x.shape
         h = self.norm1(x)
         q = rope(self.wq(h).view(b, s, self.heads, self.head_dim))
         k, v = self.wkv(h).view(b, s, 2, self.kv_heads, self.head_dim).unbind(2)
-        attn = ring_ext.attention(q, rope(k), v, ctx, layout="bshd", causal=True)  # [b, s, heads, d]
+        attn = ring_ext.attention(q, rope(k), v, ctx, layout="bshd", causal=True, cu_seqlens=cu_seqlens)
         x = x + self.wo(attn.flatten(-2))
         return x + ring_ext.blockwise_ffn(self.norm2(x), self.ffn, self.ffn_chunk, dim=1)
 
@@ -65,11 +65,13 @@ class TinyLlama(nn.Module):
         self.norm = nn.RMSNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx=None) -> torch.Tensor:
-        rope = Rope(self.blocks[0].head_dim, positions)
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx=None, cu_seqlens=None) -> torch.Tensor:
+        """ids [b, s] and positions [s] (or [1, s]) of this rank's tokens; cu_seqlens: packed documents
+        (batch 1), positions restarting per document."""
+        rope = Rope(self.blocks[0].head_dim, positions.flatten())
         x = self.embed(ids)
         for block in self.blocks:
-            x = block(x, rope, ctx)
+            x = block(x, rope, ctx, cu_seqlens)
         return self.head(self.norm(x))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def all_gather(x: torch.Tensor, ctx) -> list[torch.Tensor]:
@@ -25,18 +26,29 @@ def all_gather(x: torch.Tensor, ctx) -> list[torch.Tensor]:
 
 def all_reduce(x: torch.Tensor, ctx, op: str = "sum") -> torch.Tensor:
     """x reduced over the CP group ("sum" or "max"), as a new tensor; x is left as it was."""
+    return all_reduce_over(x, ctx.group, op)
+
+
+def all_reduce_over(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
+    """x reduced over `group` (a process group or a 1-D DeviceMesh, e.g. mesh["dp"]), as a new
+    tensor, through ring_ext's own collective (the Teardown note above)."""
+    from .context import _process_group  # not at the top: context imports this module (validation)
+
     out = x.detach().clone()
-    torch.ops.ring_ext.all_reduce_([out], ctx.group.group_name, op)
+    torch.ops.ring_ext.all_reduce_([out], _process_group(group).group_name, op)
     return out
 
 
 def reduce_gradients(parameters: Iterable[torch.Tensor], ctx) -> None:
     """Sums the .grad of every parameter over the CP group, in place: each CP rank's loss is its
     share of the full-sequence loss, so the sum is the full sequence's gradient. One collective per
-    (dtype, device); parameters without a gradient are skipped (every rank must agree on which)."""
+    (dtype, device); parameters without a gradient are skipped (every rank must agree on which).
+    A DTensor gradient (FSDP2's fully_shard over a data-parallel mesh dimension) has its local shard
+    summed: the CP ranks of one data-parallel coordinate hold the same shards."""
     grads: dict[tuple, list[torch.Tensor]] = {}
     for p in parameters:
         if p.grad is not None:
-            grads.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            grads.setdefault((grad.dtype, grad.device), []).append(grad)
     for group in grads.values():
         torch.ops.ring_ext.all_reduce_(group, ctx.group.group_name, "sum")

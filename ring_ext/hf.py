@@ -39,7 +39,9 @@ asks for raises ValueError naming the setting, so a model is either right or ref
 
 Packed rows with CP: shard input_ids, position_ids and labels with shard_packed_batch (which also shifts
 the labels inside each document first) and pass cu_seqlens=batch["cu_seqlens"] to the model with
-cp_context; packed_loss gives each rank its share of the mean over the whole row.
+cp_context; packed_loss gives each rank its share of the mean over the whole row (over the global
+batch with data_parallel=mesh["dp"]: FSDP2 / DDP replicas), reported_loss the value to log. These
+helpers need no transformers: examples/llama_fsdp_cp.py uses them for its own model.
 
 The mask builder registered with the attention function sees the mask transformers wants but not the
 CP context, so anything but a plain causal/full mask goes to the attention function as a _MaskCheck,
@@ -57,7 +59,8 @@ import torch
 
 from . import packing
 from .attention import attention
-from .collectives import all_reduce
+from .collectives import all_reduce, all_reduce_over
+from .context import _process_group
 from .sharding import shard
 
 NAME = "ring_ext"
@@ -372,11 +375,20 @@ def shard_packed_batch(batch: dict, ctx, cu_seqlens=None, ignore_index: int = -1
     return out
 
 
-def packed_loss(logits: torch.Tensor, labels: torch.Tensor, ctx, ignore_index: int = -100) -> torch.Tensor:
+def packed_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ctx, ignore_index: int = -100, data_parallel=None
+) -> torch.Tensor:
     """This rank's share of the mean cross-entropy over every non-ignored token of the whole row:
     sum over local tokens / the global count (one all-reduce of the count). Summed over the ranks (the
     gradients by ring_ext.reduce_gradients) it equals the loss without CP for any token split; a mean of
-    per-rank means would not. labels as shard_packed_batch gives them (already shifted)."""
+    per-rank means would not. labels as shard_packed_batch gives them (already shifted); any model, any
+    batch (the mean is over every token of every row).
+
+    data_parallel (a process group or 1-D DeviceMesh of the data-parallel replicas, e.g. mesh["dp"];
+    each replica its own rows): the count is taken over every replica too, and the loss multiplied by
+    the replica count, which undoes the mean that FSDP2 and DDP take over it. Their averaged gradients,
+    summed over CP by ring_ext.reduce_gradients, are then the gradients of the mean over every token of
+    the global batch, however unevenly the tokens (or ignored labels) fall on replicas and ranks."""
     flat = logits.reshape(-1, logits.shape[-1]).float()
     summed = torch.nn.functional.cross_entropy(
         flat, labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
@@ -384,4 +396,20 @@ def packed_loss(logits: torch.Tensor, labels: torch.Tensor, ctx, ignore_index: i
     count = (labels != ignore_index).sum().to(torch.float32).reshape(1)
     if ctx is not None:
         count = all_reduce(count, ctx)
-    return summed / count.clamp_min(1.0)
+    replicas = 1
+    if data_parallel is not None:
+        count = all_reduce_over(count, data_parallel)
+        replicas = torch.distributed.get_world_size(_process_group(data_parallel))
+    return summed * replicas / count.clamp_min(1.0)
+
+
+def reported_loss(loss: torch.Tensor, ctx, data_parallel=None) -> float:
+    """The loss of the whole global batch, the same on every rank (for logging): packed_loss summed
+    over the CP group, averaged over the data-parallel replicas."""
+    total = loss.detach().float().reshape(1)
+    if ctx is not None:
+        total = all_reduce(total, ctx)
+    if data_parallel is not None:
+        replicas = torch.distributed.get_world_size(_process_group(data_parallel))
+        total = all_reduce_over(total, data_parallel) / replicas
+    return total.item()
