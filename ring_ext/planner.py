@@ -260,6 +260,61 @@ def measure_flops(shape: Shape, threads: int = 1, repeats: int = 3) -> float:
     return sum(attention_flops(probe)) / best
 
 
+def _flops_worker(rank: int, shape: Shape, threads: int, repeats: int, start, out) -> None:
+    start.wait()  # every process measures at the same time
+    out.put(measure_flops(shape, threads, repeats))
+
+
+def measure_flops_together(shape: Shape, threads: int = 1, processes: int = 1, repeats: int = 3) -> float:
+    """measure_flops in `processes` processes at once, their mean rate: ranks on one machine share its
+    memory bandwidth and clock, so each of several runs slower than one alone (measured here: 2
+    processes on 2 cores ~25 % slower each than one process)."""
+    if processes <= 1:
+        return measure_flops(shape, threads, repeats)
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(processes), ctx.SimpleQueue()
+    procs = mp.start_processes(
+        _flops_worker,
+        args=(shape, threads, repeats, start, out),
+        nprocs=processes,
+        join=False,
+        start_method="spawn",
+    )
+    rates = [out.get() for _ in range(processes)]
+    procs.join()
+    return sum(rates) / len(rates)
+
+
+def calibrated_flops(shape: Shape, ranks: int, threads: int = 1) -> tuple[float, str]:
+    """The kernel rate per rank when `ranks` ranks of `threads` threads run on this machine: measured
+    with as many processes at once as the cores hold, then cut to each rank's share of the cores when
+    the ranks outnumber them. Returns (flops/s, how it was measured)."""
+    cores = _cores()
+    together = max(1, min(ranks, cores // threads))
+    share = shared_cores(ranks, threads, cores)
+    flops = measure_flops_together(shape, threads, together) * share
+    how = f"{threads} thread, {together} process{'es' if together > 1 else ''} at once"
+    if share < 1:
+        how += f", x {share:.2f}: {ranks} ranks share {cores} cores"
+    return flops, how
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def shared_cores(ranks: int, threads_per_rank: int, cores: int | None = None) -> float:
+    """The share of its threads' cores one rank gets when `ranks` processes of threads_per_rank threads
+    run on `cores` cores (this machine's by default): 1 when they fit, else cores / threads wanted. The
+    calibrated kernel rate is one process's alone; ranks that outnumber the cores split them."""
+    cores = _cores() if cores is None else cores
+    return min(1.0, cores / (ranks * threads_per_rank))
+
+
 def _bandwidth_worker(rank: int, port: int, sizes: list[int], out) -> None:
     import datetime
 
@@ -407,10 +462,11 @@ def run(args) -> str:
             raise ValueError("--plot needs matplotlib (pip install matplotlib, or ring_ext[plot])") from None
     header = []
     if args.calibrate:
-        flops = measure_flops(shape, args.threads_per_rank)
+        ranks = args.cp if args.cp is not None else args.nodes * args.gpus_per_node
+        flops, how = calibrated_flops(shape, ranks, args.threads_per_rank)
         bw, lat = measure_link()
         header.append(
-            f"calibrated here: kernels {flops / 1e9:.1f} GFLOP/s per rank ({args.threads_per_rank} thread), "
+            f"calibrated here: kernels {flops / 1e9:.1f} GFLOP/s per rank ({how}), "
             f"Gloo link {bw / 1e9:.2f} GB/s, latency {lat * 1e6:.0f} us (used for both links)"
         )
         intra = inter = bw

@@ -126,3 +126,10 @@ def test_plan_calibrate(capsys):
     main(["plan", "--calibrate", "--seq", "512", "--heads", "4", "--head-dim", "32", "--gpus-per-node", "2"])
     out = capsys.readouterr().out
     assert "calibrated here" in out and "| ring overlap |" in out
+
+
+def test_calibrated_rate_is_shared_by_ranks_that_outnumber_the_cores():
+    assert planner.shared_cores(2, 1, cores=2) == 1.0
+    assert planner.shared_cores(4, 1, cores=2) == 0.5
+    assert planner.shared_cores(3, 2, cores=2) == pytest.approx(1 / 3)
+    assert planner.shared_cores(1, 1, cores=16) == 1.0
