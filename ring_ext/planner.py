@@ -27,6 +27,8 @@ class Shape:
     batch: int = 1
     dtype: str = "bf16"
     causal: bool = True
+    window: int | None = None  # sliding_window (docs/design.md, Mask model)
+    doc_lengths: tuple[int, ...] | None = None  # packed documents, summing to seq (None: one)
 
     @property
     def hkv(self) -> int:
@@ -50,6 +52,7 @@ class Cluster:
     flops_per_s: float
     intra_latency: float = 5e-6
     inter_latency: float = 2e-5
+    mem_bw: float = math.inf  # device memory bytes/s, for the forward's LSE merges (inf: free)
 
     @property
     def size(self) -> int:
@@ -107,10 +110,16 @@ def layouts(shape: Shape, cp: int) -> list[Layout]:
 def attention_flops(shape: Shape) -> tuple[float, float]:
     """(forward, backward) flops of the whole layer: QK^T and PV are 2 * S^2 * d each per head and batch
     (2 flops per multiply-add); the backward recomputes P and does dV, dP, dQ, dK: 2.5x the forward.
-    Causal: half the pairs."""
-    fwd = 4.0 * shape.batch * shape.heads * shape.seq**2 * shape.head_dim
-    if shape.causal:
-        fwd /= 2
+    Causal: half the pairs. With a window or packed documents: 4 d flops per visible pair, counted
+    exactly per document (the kernels skip what no query sees, up to tile edges)."""
+    if shape.window is None and shape.doc_lengths is None:
+        pairs = shape.seq**2 / (2 if shape.causal else 1)
+    else:
+        from .packing import pairs_before  # torch-free arithmetic, but packing imports torch
+
+        docs = shape.doc_lengths or (shape.seq,)
+        pairs = sum(pairs_before(n, n, shape.causal, shape.window) for n in docs)
+    fwd = 4.0 * shape.batch * shape.heads * pairs * shape.head_dim
     return fwd, 2.5 * fwd
 
 
@@ -191,7 +200,13 @@ def predict(shape: Shape, cluster: Cluster, layout: Layout) -> Prediction:
     # seq*u/cp tokens of heads/u heads: the K/V block it passes has the plain ring's size.
     block_kv = 2 * b * (shape.seq // ring) * max(1, kv_heads_after // u) * d * e
     block_dkv = 2 * b * (shape.seq // ring) * max(1, kv_heads_after // u) * d * 4  # float32 gradients
-    fwd_ring, fwd_exposed = _ring_phase(cluster, layout, fwd_c / ring, block_kv, 0, u)
+    # Each forward step but the first folds its partial into the running output: ring_ext's merge_
+    # reads the float32 output and partial and writes the output (12 bytes per element, plus the LSEs),
+    # memory-bound work on the compute side of the step.
+    q_elems = b * (shape.seq // ring) * (shape.heads // u) * d
+    merge = (12 * q_elems + 12 * q_elems // d) / cluster.mem_bw if ring > 1 else 0.0
+    fwd_ring, fwd_exposed = _ring_phase(cluster, layout, fwd_c / ring + merge, block_kv, 0, u)
+    fwd_ring -= merge  # the first step has nothing to merge
     bwd_ring, bwd_exposed = _ring_phase(cluster, layout, bwd_c / ring, block_kv + block_dkv, 0, u)
     ring_sent = (ring - 1) * block_kv + (ring - 1) * (block_kv + block_dkv) + (block_dkv if ring > 1 else 0)
 
@@ -223,7 +238,7 @@ def rank_layouts(shape: Shape, cluster: Cluster, cp: int | None = None) -> list[
     cp = cluster.size if cp is None else cp
     if cp < 1 or cp > cluster.size:
         raise ValueError(f"cp must be between 1 and the cluster's {cluster.size} ranks, got {cp}")
-    if shape.seq % (2 * cp) != 0:
+    if shape.doc_lengths is None and shape.seq % (2 * cp) != 0:  # packed rows take any length
         raise ValueError(f"seq {shape.seq} must be divisible by 2 * cp = {2 * cp} (zigzag shards)")
     preds = [predict(shape, cluster, layout) for layout in layouts(shape, cp)]
     return sorted(preds, key=lambda p: (p.seconds, p.peak_bytes))
@@ -423,6 +438,10 @@ def add_plan_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
     p.add_argument("--attention-mask-type", choices=("causal", "general"), default="causal")
+    p.add_argument("--sliding-window", type=int, default=None, help="sliding_window of the layer")
+    p.add_argument(
+        "--doc-lengths", default=None, help="packed documents: comma list of lengths summing to --seq"
+    )
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node")
     p.add_argument("--cp", type=int, default=None, help="CP size (default: every rank of the cluster)")
@@ -432,11 +451,31 @@ def add_plan_arguments(p) -> None:
     p.add_argument("--inter-latency-us", type=float, default=20.0)
     p.add_argument("--tflops", type=float, default=None, help="attention kernel rate per rank, TFLOP/s")
     p.add_argument(
+        "--mem-gbps",
+        type=float,
+        default=None,
+        help="device memory bandwidth, GB/s (the LSE merges; default: free)",
+    )
+    p.add_argument(
         "--calibrate", action="store_true", help="measure this machine's kernel rate and Gloo link (CPU)"
     )
     p.add_argument("--threads-per-rank", type=int, default=1, help="for --calibrate's kernel rate")
     p.add_argument("--top", type=int, default=None, help="print only the best N layouts")
     p.add_argument("--plot", metavar="FILE.png", help="predicted time per layout (matplotlib)")
+
+
+def _doc_lengths(text: str | None, seq: int) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        lengths = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--doc-lengths must be a comma list of integers, got {text!r}") from None
+    if min(lengths) < 0 or sum(lengths) != seq:
+        raise ValueError(
+            f"--doc-lengths must be >= 0 and sum to --seq {seq}, got {text} (sum {sum(lengths)})"
+        )
+    return lengths
 
 
 def run(args) -> str:
@@ -449,7 +488,11 @@ def run(args) -> str:
         batch=args.batch,
         dtype=args.dtype,
         causal=args.attention_mask_type == "causal",
+        window=args.sliding_window,
+        doc_lengths=_doc_lengths(args.doc_lengths, args.seq),
     )
+    if args.sliding_window is not None and args.sliding_window < 1:
+        raise ValueError(f"--sliding-window must be >= 1, got {args.sliding_window}")
     for name in ("seq", "heads", "head_dim", "batch", "nodes", "gpus_per_node"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -487,7 +530,8 @@ def run(args) -> str:
         inter = (args.inter_gbps if args.inter_gbps is not None else args.intra_gbps) * 1e9
         flops = args.tflops * 1e12
         intra_lat, inter_lat = args.intra_latency_us * 1e-6, args.inter_latency_us * 1e-6
-    cluster = Cluster(args.nodes, args.gpus_per_node, intra, inter, flops, intra_lat, inter_lat)
+    mem = args.mem_gbps * 1e9 if args.mem_gbps is not None else math.inf
+    cluster = Cluster(args.nodes, args.gpus_per_node, intra, inter, flops, intra_lat, inter_lat, mem)
     preds = rank_layouts(shape, cluster, args.cp)
     if args.plot:
         plot(preds, args.plot)

@@ -133,3 +133,48 @@ def test_calibrated_rate_is_shared_by_ranks_that_outnumber_the_cores():
     assert planner.shared_cores(4, 1, cores=2) == 0.5
     assert planner.shared_cores(3, 2, cores=2) == pytest.approx(1 / 3)
     assert planner.shared_cores(1, 1, cores=16) == 1.0
+
+
+def test_merges_cost_memory_traffic_on_the_forward_ring_only():
+    """Each forward step but the first merges 12 bytes per output element (plus the LSEs) at mem_bw;
+    Ulysses (no ring) merges nothing."""
+    shape = Shape(seq=4096, heads=8, head_dim=64)
+    free = Cluster(1, 4, math.inf, math.inf, 1e12)
+    slow = Cluster(1, 4, math.inf, math.inf, 1e12, mem_bw=1e9)
+    ring = Layout("ring", 4, overlap=True)
+    q_elems = 4096 // 4 * 8 * 64
+    merge = (12 * q_elems + 12 * q_elems // 64) / 1e9
+    assert predict(shape, slow, ring).seconds == pytest.approx(predict(shape, free, ring).seconds + 3 * merge)
+    uly = Layout("ulysses", 4, ulysses_degree=4)
+    assert predict(shape, slow, uly).seconds == predict(shape, free, uly).seconds
+
+
+def test_windows_and_documents_count_visible_pairs():
+    """A window or packed documents cut the flops to the visible pairs (counted per document, as the
+    kernels skip tiles), and nothing else in the model changes: the same bytes move."""
+    dense = Shape(seq=4096, heads=8, head_dim=64)
+    fwd, bwd = planner.attention_flops(dense)
+    assert fwd == 4 * 8 * 64 * 4096**2 / 2 and bwd == 2.5 * fwd
+    windowed = Shape(seq=4096, heads=8, head_dim=64, window=256)
+    pairs = 256 * 257 // 2 + (4096 - 256) * 256
+    assert planner.attention_flops(windowed)[0] == 4 * 8 * 64 * pairs
+    packed = Shape(seq=4096, heads=8, head_dim=64, doc_lengths=(1000, 0, 3096))
+    pairs = 1000 * 1001 // 2 + 3096 * 3097 // 2
+    assert planner.attention_flops(packed)[0] == 4 * 8 * 64 * pairs
+    cluster = Cluster(1, 4, 1e9, 1e9, 1e12)
+    ring = Layout("ring", 4, overlap=False)
+    assert predict(shape=windowed, cluster=cluster, layout=ring).bytes_sent == (
+        predict(dense, cluster, ring).bytes_sent
+    )
+    assert predict(windowed, cluster, ring).seconds < predict(dense, cluster, ring).seconds
+
+
+def test_plan_command_with_window_and_documents(capsys):
+    main(PLAN + RATES + ["--sliding-window", "512"])
+    assert "| ring overlap |" in capsys.readouterr().out
+    seq = int(PLAN[PLAN.index("--seq") + 1])
+    main(PLAN + RATES + ["--doc-lengths", f"{seq - 7},7"])
+    assert "| ring overlap |" in capsys.readouterr().out
+    for bad in (["--doc-lengths", "5,6"], ["--doc-lengths", "a,b"], ["--sliding-window", "0"]):
+        with pytest.raises(SystemExit):
+            main(PLAN + RATES + bad)
