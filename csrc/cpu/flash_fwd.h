@@ -58,12 +58,13 @@ struct FwdWorkspace {
         l(kBlockQ) {}
 };
 
-// Online softmax over one key block [k0, k0 + nk): S -> P, updates m and l, rescales O.
+// Online softmax of the task's rows [r0, r1) over one key block [k0, k0 + nk): S -> P, updates m
+// and l, rescales O.
 template <typename T>
-void softmax_step(const FwdParams& p, FwdWorkspace<T>& ws, int64_t q0, int64_t nq, int64_t k0,
-                  int64_t nk, int64_t dpad) {
+void softmax_step(const FwdParams& p, FwdWorkspace<T>& ws, int64_t q0, int64_t r0, int64_t r1,
+                  int64_t k0, int64_t nk, int64_t dpad) {
   const int64_t n_pad = round_up(nk, 16);
-  for (int64_t i = 0; i < nq; ++i) {
+  for (int64_t i = r0; i < r1; ++i) {
     const float* srow = ws.s.data() + i * kFwdBlockK;
     T* prow = ws.p.data() + i * kFwdBlockK;
     const KeySpan keys = visible_keys(p.mask, q0 + i, p.shape.seq_k);
@@ -114,13 +115,21 @@ void fwd_task(const FwdParams& p, const PackedKV<T>& kv, int64_t b, int64_t h, i
   const int64_t k_end = visible_keys(p.mask, q0 + nq - 1, sh.seq_k).end;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kFwdBlockK) {
     const int64_t nk = std::min(kFwdBlockK, k_end - k0), kb = k0 / kFwdBlockK;
-    // S [nq, kFwdBlockK] = Q [nq, d] K^T [d, nk]
-    gemm(ws.q.data(), dpad, step, kv.kt_block(b, hk, kb), kFwdBlockK * step, nq, round_up(nk, 16),
-         ceil_div(sh.head_dim, step), ws.s.data(), kFwdBlockK, /*accumulate=*/false);
-    softmax_step(p, ws, q0, nq, k0, nk, dpad);
-    // O [nq, dpad] += P [nq, nk] V [nk, dpad]
-    gemm(ws.p.data(), kFwdBlockK, step, kv.v_block(b, hk, kb), dpad * step, nq, dpad,
-         ceil_div(nk, step), ws.acc.data(), dpad, /*accumulate=*/true);
+    // Only the task's rows [r0, r1) that see a key of this block (a contiguous range: the intervals
+    // are monotone), so a task that straddles a document boundary pays for each document's rows
+    // against that document's keys only.
+    int64_t r0 = 0, r1 = nq;
+    while (r0 < nq && visible_keys(p.mask, q0 + r0, sh.seq_k).end <= k0) ++r0;
+    while (r1 > r0 && visible_keys(p.mask, q0 + r1 - 1, sh.seq_k).begin >= k0 + nk) --r1;
+    if (r0 == r1) continue;
+    // S [r1 - r0, kFwdBlockK] = Q [rows, d] K^T [d, nk]
+    gemm(ws.q.data() + r0 * dpad, dpad, step, kv.kt_block(b, hk, kb), kFwdBlockK * step, r1 - r0,
+         round_up(nk, 16), ceil_div(sh.head_dim, step), ws.s.data() + r0 * kFwdBlockK, kFwdBlockK,
+         /*accumulate=*/false);
+    softmax_step(p, ws, q0, r0, r1, k0, nk, dpad);
+    // O [rows, dpad] += P [rows, nk] V [nk, dpad]
+    gemm(ws.p.data() + r0 * kFwdBlockK, kFwdBlockK, step, kv.v_block(b, hk, kb), dpad * step,
+         r1 - r0, dpad, ceil_div(nk, step), ws.acc.data() + r0 * dpad, dpad, /*accumulate=*/true);
   }
   fwd_finish(p, ws, b, h, q0, nq, dpad);
 }
