@@ -126,26 +126,28 @@ __device__ __forceinline__ int clamp_key(int64_t key, int seq_k) {
 // rows [r0, r1] sees no key outside [first(r0), last(r1)] and needs no per-pair mask for keys in
 // [first(r1), last(r0)]; the keys [k0, k1) are seen by one contiguous range of rows (rows_seeing).
 // The offset masks (kNone, kCausal) are computed from diff; kRows reads the per-row intervals,
-// rows past seq_q (tile padding) taking the last row's. The intervals are trusted to be monotone
-// here: the host checks them where they enter (block ops on CPU tensors, the CP ops always).
+// rows past seq_q (tile padding) taking the last row's (the forward never stores them; the backward
+// gives its padding rows no key at all). The intervals are trusted to be monotone here: the host
+// checks them where they enter (block ops on CPU tensors, the CP ops always).
 struct RowKeys {
-  const int64_t* begin = nullptr;  // kRows: [seq_q] each, on the device; nullptr otherwise
+  bool rows = false;               // kRows: read begin/end; else the offset mask of diff
+  const int64_t* begin = nullptr;  // kRows: [seq_q] each, on the device
   const int64_t* end = nullptr;
   int diff = 0;  // offset masks: first(r) = 0, last(r) = min(r + diff, seq_k - 1)
   int seq_q = 0, seq_k = 0;
 
   __device__ __forceinline__ int first(int64_t row) const {
-    if (begin == nullptr) return 0;
+    if (!rows) return 0;
     return clamp_key(begin[row < seq_q ? row : seq_q - 1], seq_k);
   }
   __device__ __forceinline__ int last(int64_t row) const {
-    if (begin == nullptr) return key_bound(row, diff, seq_k - 1);
+    if (!rows) return key_bound(row, diff, seq_k - 1);
     return clamp_key(end[row < seq_q ? row : seq_q - 1], seq_k) - 1;
   }
   // The rows [x, y) of [0, seq_q) that see some key of [k0, k1) (0 <= k0 < k1 <= seq_k):
   // last(r) >= k0 and first(r) < k1. Every thread searches alike (the loads are broadcasts).
   __device__ int2 rows_seeing(int k0, int k1) const {
-    if (begin == nullptr) return make_int2(min(max(0, k0 - diff), seq_q), seq_q);
+    if (!rows) return make_int2(min(max(0, k0 - diff), seq_q), seq_q);
     int lo = 0, hi = seq_q;  // first row with last(r) >= k0
     while (lo < hi) {
       const int mid = (lo + hi) / 2;
@@ -170,6 +172,7 @@ struct RowKeys {
 inline RowKeys row_keys(const Mask& m, const Shape& s) {
   RowKeys keys;
   if (m.kind == MaskKind::kRows) {
+    keys.rows = true;
     keys.begin = m.row_begin;
     keys.end = m.row_end;
   }
