@@ -13,11 +13,11 @@ import contextlib
 import math
 
 import pytest
+import test_packed
 import torch
 
 import ring_ext
 from ring_ext.layouts import from_bshd, to_bshd
-from ring_ext.packing import visible_keys
 from ring_ext.reference import attention_reference, merge_reference, packed_visible
 
 from distributed import free_port
@@ -220,39 +220,15 @@ def test_rows_without_keys_are_zero_not_nan():
 PACKED_DOCS = (1, 0, 130, 2, 64, 65, 0, 190, 7)
 PACKED_PAD = 9
 # dq rows of queries that see fewer keys are ill-conditioned (tolerances.assert_attention, dq_rows).
-MIN_KEYS_FOR_ROW_CHECK = 4
+MIN_KEYS_FOR_ROW_CHECK = test_packed.MIN_KEYS_FOR_ROW_CHECK
 
 
 def check_packed(q, k, v, cu, causal, window, seed, family=None):
-    """fwd (intervals from ring_ext.packing) and its backward against the float64 oracle with the
-    per-pair mask of the mask model; rows past cu[-1] are padding (no keys: out 0, lse -inf)."""
-    rows = q.shape[1]
-    index = torch.arange(rows)
-    vis = visible_keys(index, index, cu, causal, window).to(DEV)
-    mask = packed_visible(index, index, cu, causal, window).to(DEV)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    g = torch.Generator(device=DEV).manual_seed(seed + 1)
-    dout = torch.randn(q.shape, generator=g, device=DEV).to(q.dtype)
+    """tests/test_packed.py's check on CUDA tensors; family: the kernel family that must have run."""
     with kernels_launched() if family else contextlib.nullcontext([]) as names:
-        out, lse = torch.ops.ring_ext.fwd(qg, kg, vg, scale, False, visible=vis)
-        out.backward(dout)
+        test_packed.check_packed(q, k, v, cu, causal, window, seed)
     if family:
         assert_family(names, family)
-    sees = mask.any(1)
-    assert torch.isneginf(lse[..., ~sees]).all() and (out[:, ~sees] == 0).all()
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = attention_reference(q64, k64, v64, causal=False, scale=scale, mask=mask)
-    assert_lse(lse, ref_lse.detach())
-    ref.backward(dout.double())
-    baseline = torch_attention(q, k, v, dout, causal=False, scale=scale, mask=mask)
-    assert_attention(
-        [out.detach(), qg.grad, kg.grad, vg.grad],
-        [ref.detach(), q64.grad, k64.grad, v64.grad],
-        baseline,
-        f"{q.dtype} {cu} causal={causal} window={window}",
-        dq_rows=mask.sum(1) >= MIN_KEYS_FOR_ROW_CHECK,
-    )
 
 
 def packed_cu():

@@ -118,17 +118,22 @@ MIN_KEYS_FOR_ROW_CHECK = 4
 
 
 def check_packed(q, k, v, cu, causal, window, seed):
-    total = q.shape[1]
-    index = torch.arange(total)
-    vis = visible_keys(index, index, cu, causal, window)
-    mask = packed_visible(index, index, cu, causal, window)
+    """fwd with the intervals of ring_ext.packing, and its backward, against the float64 oracle with the
+    per-pair mask, on q's device (tests/test_cuda.py runs it on CUDA). Rows past cu[-1] are padding: they
+    see nothing (out 0, lse -inf)."""
+    rows, device = q.shape[1], q.device
+    index = torch.arange(rows)
+    vis = visible_keys(index, index, cu, causal, window).to(device)
+    mask = packed_visible(index, index, cu, causal, window).to(device)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out, lse = torch.ops.ring_ext.fwd(qg, kg, vg, scale, False, visible=vis)
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    sees = mask.any(1)
+    assert torch.isneginf(lse[..., ~sees]).all() and (out[:, ~sees] == 0).all()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, ref_lse = attention_reference(q64, k64, v64, causal=False, scale=scale, mask=mask)
     assert_lse(lse, ref_lse.detach())
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(q.dtype)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, q.dtype)
     out.backward(dout)
     ref.backward(dout.double())
     baseline = torch_attention(q, k, v, dout, causal=False, scale=scale, mask=mask)
