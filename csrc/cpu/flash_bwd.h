@@ -114,11 +114,20 @@ void bwd_pair(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t 
   const int64_t q0 = qb * kBwdBlockQ, nq = std::min(kBwdBlockQ, sh.seq_q - q0);
   const int64_t nq_pad = round_up(nq, step), n_pad = round_up(nk, 16), off = rows.offset(b, h, qb);
   const int64_t d_steps = ceil_div(sh.head_dim, step);
-  // S [nq, nk] = Q K^T; dP [nq, nk] = dO V^T
-  gemm(rows.q_a.data() + off, dpad, step, ws.kt.data(), kBlockK * step, nq, n_pad, d_steps,
-       ws.s.data(), kBlockK, false);
-  gemm(rows.dout_a.data() + off, dpad, step, ws.vt.data(), kBlockK * step, nq, n_pad, d_steps,
-       ws.dp.data(), kBlockK, false);
+  // Only the key columns [c0, c1) some row of the block sees (from its first row's first key to its
+  // last row's last: the intervals are monotone), c0 on a 16-column boundary: a query block of one
+  // document skips the keys of the document before it in a key block that straddles the boundary.
+  const int64_t c0 =
+      std::clamp<int64_t>(visible_keys(p.mask, q0, sh.seq_k).begin - k0, 0, nk) / 16 * 16;
+  const int64_t c1 =
+      std::clamp<int64_t>(visible_keys(p.mask, q0 + nq - 1, sh.seq_k).end - k0, 0, nk);
+  if (c1 <= c0) return;
+  const int64_t nc = round_up(c1 - c0, 16);  // c0 + nc <= n_pad
+  // S [nq, nc] = Q K^T; dP [nq, nc] = dO V^T (columns c0.. of the [rows][kBlockK] tiles)
+  gemm(rows.q_a.data() + off, dpad, step, ws.kt.data() + c0 * step, kBlockK * step, nq, nc, d_steps,
+       ws.s.data() + c0, kBlockK, false);
+  gemm(rows.dout_a.data() + off, dpad, step, ws.vt.data() + c0 * step, kBlockK * step, nq, nc,
+       d_steps, ws.dp.data() + c0, kBlockK, false);
   const float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + q0;
   const float* delta = p.delta + b * p.delta_stride.batch + h * p.delta_stride.head + q0;
   for (int64_t i = 0; i < nq_pad; ++i) {
@@ -130,23 +139,25 @@ void bwd_pair(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t 
       continue;
     }
     const KeySpan keys = visible_keys(p.mask, q0 + i, sh.seq_k);
-    const int64_t begin = std::clamp<int64_t>(keys.begin - k0, 0, nk);
-    const int64_t end = std::clamp<int64_t>(keys.end - k0, begin, nk);
+    const int64_t begin = std::clamp<int64_t>(keys.begin - k0, c0, c1);
+    const int64_t end = std::clamp<int64_t>(keys.end - k0, begin, c1);
     // A row that saw no key (lse = -inf) has P = 0: exp(s - inf) = 0.
     const float row_lse = lse[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse[i];
-    bwd_row(srow, dprow, begin, end, n_pad, p.scale, row_lse, delta[i]);
+    bwd_row(srow + c0, dprow + c0, begin - c0, end - c0, nc, p.scale, row_lse, delta[i]);
   }
   Operand<T> pt, dst, ds;
   bwd_operands(ws, nq_pad, n_pad, pt, dst, ds);
   const T* dout_kn = PackedRows<T>::kn(rows.dout_a, rows.dout_kn, off);
   const T* q_kn = PackedRows<T>::kn(rows.q_a, rows.q_kn, off);
-  // dV [nk, dpad] += P^T dO; dK [nk, dpad] += dS^T Q; dQ [nq, dpad] += dS K
-  gemm(pt.data, pt.sm, pt.sk, dout_kn, dpad * step, nk, dpad, nq_pad / step, ws.dv.data(), dpad,
-       true);
-  gemm(dst.data, dst.sm, dst.sk, q_kn, dpad * step, nk, dpad, nq_pad / step, ws.dk.data(), dpad,
-       true);
-  gemm(ds.data, ds.sm, ds.sk, ws.k_kn.data(), dpad * step, nq, dpad, ceil_div(nk, step), dq, dpad,
-       true);
+  // dV [keys c0..c1, dpad] += P^T dO; dK [keys c0..c1, dpad] += dS^T Q; dQ [nq, dpad] += dS K. Key
+  // j of P^T / dS^T is at data + j * sm; key pair kk of dS at data + kk * sk, so key c0 (even) at
+  // c0.
+  gemm(pt.data + c0 * pt.sm, pt.sm, pt.sk, dout_kn, dpad * step, c1 - c0, dpad, nq_pad / step,
+       ws.dv.data() + c0 * dpad, dpad, true);
+  gemm(dst.data + c0 * dst.sm, dst.sm, dst.sk, q_kn, dpad * step, c1 - c0, dpad, nq_pad / step,
+       ws.dk.data() + c0 * dpad, dpad, true);
+  gemm(ds.data + c0, ds.sm, ds.sk, ws.k_kn.data() + c0 * dpad, dpad * step, nq, dpad,
+       ceil_div(c1 - c0, step), dq, dpad, true);
 }
 
 // dst[i * row_stride + c] += alpha * src[i * dpad + c] for i < rows, c < d.
