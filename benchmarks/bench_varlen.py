@@ -156,7 +156,7 @@ def cp_worker(rank: int, world_size: int, case):
     return statistics.median(times) * 1e3
 
 
-def cp_table(total: int, n_docs: int, repeats: int) -> list[str]:
+def cp_table(total: int, n_docs: int, repeats: int, rows_of=(True, False)) -> list[str]:
     from distributed import run_distributed
 
     rows = [
@@ -169,7 +169,7 @@ def cp_table(total: int, n_docs: int, repeats: int) -> list[str]:
     for name, dtype in DTYPES.items():
         q, k, v = inputs(total, dtype)
         torch.set_num_threads(2)
-        for packed_row in (True, False):
+        for packed_row in rows_of:
             one_fn = packed(q, k, v, cu) if packed_row else dense(q, k, v)
             before = interleaved({"p": one_fn}, repeats)["p"]
             case = (total, n_docs, name, repeats, packed_row)
@@ -218,6 +218,9 @@ def main():
     parser.add_argument("--docs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--skip-cp", action="store_true", help="leave out the 2-rank table")
+    parser.add_argument(
+        "--cp-packed-only", action="store_true", help="only the 2-rank table's packed rows (nothing else)"
+    )
     parser.add_argument("--out", default=None, help="also write the tables to this markdown file")
     args = parser.parse_args()
     total = args.seq or (4096 if args.quick else 16384)
@@ -225,6 +228,9 @@ def main():
     print(
         f"cpu_isa={ring_ext.build_info()['cpu_isa']} torch={torch.__version__} load={os.getloadavg()[0]:.2f}"
     )
+    if args.cp_packed_only:
+        print("\n".join(cp_table(total, args.docs, repeats, rows_of=(True,))))
+        return
     rows = one_process_table(total, args.docs, repeats)
     if not args.skip_cp:
         rows += [""] + cp_table(total, args.docs, repeats)
