@@ -24,15 +24,19 @@
 // S = Q K^T, running max m and sum l, O = O * exp(m_old - m) + P V. The task visits only the key
 // blocks between the first key its first row sees and the last key its last row sees (every mask is
 // a monotone interval per row: visible_keys); inside a block, keys outside a row's interval are
-// masked lane by lane. So blocks outside a causal diagonal, a document or a sliding window cost
-// nothing, and the cost follows the visible pairs up to the tile edges.
+// masked lane by lane. Within a visited block only the task's rows that see it take part (a task
+// straddling a document boundary computes each document's rows against that document's keys).
+// So blocks outside a causal diagonal, a document or a sliding window cost nothing, and the cost
+// follows the visible pairs up to the tile edges.
 // Backward: Q/dO of every (batch, q head, block of kBwdBlockQ rows) are packed once per call
 // (larger row blocks than the forward's: they are the k loop of dK and dV). One task =
 // (batch, kv head, key block), so dK/dV of a key block have one writer; it walks the q heads of its
 // GQA group and the query blocks that can see the block: P = exp(S - lse), dV += P^T dO,
 // dP = dO V^T, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K. dQ goes to a float32 partial per
 // (chunk of tasks, kv head), summed in a fixed order after the parallel loop (deterministic). The
-// query blocks a key block visits are the contiguous range of rows that see it (rows_seeing).
+// query blocks a key block visits are the contiguous range of rows that see it (rows_seeing), and
+// each (query block, key block) pair computes only the key columns its rows see (from 16-column
+// boundaries), in all five products.
 // Parallelism stays good when batch * heads is 1: tasks are per block, and causal tasks are dealt
 // in zigzag order (0, n-1, 1, n-2, ...) so contiguous chunks get equal work.
 // Memory: packed copies of the inputs and the dQ partials, O(seq * head_dim); never O(seq^2).
