@@ -138,16 +138,12 @@ def main() -> None:
     shape = planner.Shape(seq=args.seq, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype)
     bw, lat = planner.measure_link()
     sizes = [int(x) for x in args.cp_sizes.split(",")]
-    # One measurement for every size (it is noisy here: two runs of it can differ by 30 %), as
-    # planner.calibrated_flops takes it: as many processes at once as the cores hold, then each rank's
-    # share of the cores.
-    together = min(planner._cores(), max(sizes))
-    base = planner.measure_flops_together(shape, 1, together, repeats=5)
-    print(f"calibrated: kernels {base / 1e9:.1f} GFLOP/s per process, {together} processes at once")
-    rates = {cp: (base * planner.shared_cores(cp, 1),) for cp in sizes}
-    for cp, (flops,) in rates.items():
-        print(f"  cp={cp}: {flops / 1e9:.1f} GFLOP/s per rank")
-    print(f"Gloo link {bw / 1e9:.2f} GB/s, latency {lat * 1e6:.0f} us; {planner._cores()} cores")
+    rates = planner.calibrated_rates(shape, sizes, threads=1, repeats=5)
+    for cp, flops in rates.items():
+        print(
+            f"calibrated for cp={cp}: kernels {flops / 1e9:.1f} GFLOP/s per rank (planner.calibrated_rates)"
+        )
+    print(f"Gloo link {bw / 1e9:.2f} GB/s, latency {lat * 1e6:.0f} us; {planner.machine_cores()} cores")
     measured = {}
     for overlap in (False, True):
         for row in measure(args, overlap):
@@ -160,7 +156,7 @@ def main() -> None:
             gpus_per_node=layout.cp,
             intra_bw=bw,
             inter_bw=bw,
-            flops_per_s=rates[layout.cp][0],
+            flops_per_s=rates[layout.cp],
             intra_latency=lat,
             inter_latency=lat,
         )

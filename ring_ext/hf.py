@@ -396,11 +396,9 @@ def packed_loss(
     count = (labels != ignore_index).sum().to(torch.float32).reshape(1)
     if ctx is not None:
         count = all_reduce(count, ctx)
-    replicas = 1
     if data_parallel is not None:
         count = all_reduce_over(count, data_parallel)
-        replicas = torch.distributed.get_world_size(_process_group(data_parallel))
-    return summed * replicas / count.clamp_min(1.0)
+    return summed * _replicas(data_parallel) / count.clamp_min(1.0)
 
 
 def reported_loss(loss: torch.Tensor, ctx, data_parallel=None) -> float:
@@ -410,6 +408,10 @@ def reported_loss(loss: torch.Tensor, ctx, data_parallel=None) -> float:
     if ctx is not None:
         total = all_reduce(total, ctx)
     if data_parallel is not None:
-        replicas = torch.distributed.get_world_size(_process_group(data_parallel))
-        total = all_reduce_over(total, data_parallel) / replicas
+        total = all_reduce_over(total, data_parallel) / _replicas(data_parallel)
     return total.item()
+
+
+def _replicas(data_parallel) -> int:
+    """How many data-parallel replicas FSDP2 / DDP average over (1 without a group)."""
+    return 1 if data_parallel is None else torch.distributed.get_world_size(_process_group(data_parallel))

@@ -302,21 +302,27 @@ def measure_flops_together(shape: Shape, threads: int = 1, processes: int = 1, r
     return sum(rates) / len(rates)
 
 
+def calibrated_rates(shape: Shape, rank_counts, threads: int = 1, repeats: int = 3) -> dict[int, float]:
+    """The kernel rate per rank when that many ranks of `threads` threads run on this machine, for each
+    count: measured with as many processes at once as the cores hold (once per distinct number), then
+    cut to each rank's share of the cores when the ranks outnumber them."""
+    cores = machine_cores()
+    together = {r: max(1, min(r, cores // threads)) for r in rank_counts}
+    rate = {n: measure_flops_together(shape, threads, n, repeats) for n in set(together.values())}
+    return {r: rate[together[r]] * shared_cores(r, threads, cores) for r in rank_counts}
+
+
 def calibrated_flops(shape: Shape, ranks: int, threads: int = 1) -> tuple[float, str]:
-    """The kernel rate per rank when `ranks` ranks of `threads` threads run on this machine: measured
-    with as many processes at once as the cores hold, then cut to each rank's share of the cores when
-    the ranks outnumber them. Returns (flops/s, how it was measured)."""
-    cores = _cores()
-    together = max(1, min(ranks, cores // threads))
-    share = shared_cores(ranks, threads, cores)
-    flops = measure_flops_together(shape, threads, together) * share
+    """calibrated_rates for one rank count, with how it was measured (for the plan's header)."""
+    cores = machine_cores()
+    together, share = max(1, min(ranks, cores // threads)), shared_cores(ranks, threads, cores)
     how = f"{threads} thread, {together} process{'es' if together > 1 else ''} at once"
     if share < 1:
         how += f", x {share:.2f}: {ranks} ranks share {cores} cores"
-    return flops, how
+    return calibrated_rates(shape, [ranks], threads)[ranks], how
 
 
-def _cores() -> int:
+def machine_cores() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -326,7 +332,7 @@ def shared_cores(ranks: int, threads_per_rank: int, cores: int | None = None) ->
     """The share of its threads' cores one rank gets when `ranks` processes of threads_per_rank threads
     run on `cores` cores (this machine's by default): 1 when they fit, else cores / threads wanted. The
     calibrated kernel rate is one process's alone; ranks that outnumber the cores split them."""
-    cores = _cores() if cores is None else cores
+    cores = machine_cores() if cores is None else cores
     return min(1.0, cores / (ranks * threads_per_rank))
 
 

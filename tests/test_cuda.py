@@ -218,6 +218,7 @@ def test_rows_without_keys_are_zero_not_nan():
 # Packed documents and sliding windows (MaskKind::kRows): documents across the tensor-core tiles (64 and
 # 128 rows, 64/128-key blocks), lengths 0, 1 and more than a tile, padding rows that see nothing.
 PACKED_DOCS = (1, 0, 130, 2, 64, 65, 0, 190, 7)
+PACKED_CU = test_packed.cu_of(PACKED_DOCS)
 PACKED_PAD = 9
 # dq rows of queries that see fewer keys are ill-conditioned (tolerances.assert_attention, dq_rows).
 MIN_KEYS_FOR_ROW_CHECK = test_packed.MIN_KEYS_FOR_ROW_CHECK
@@ -231,13 +232,6 @@ def check_packed(q, k, v, cu, causal, window, seed, family=None):
         assert_family(names, family)
 
 
-def packed_cu():
-    cu = [0]
-    for n in PACKED_DOCS:
-        cu.append(cu[-1] + n)
-    return tuple(cu)
-
-
 @pytest.mark.parametrize("dtype", HALF_DTYPES + [torch.float32])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window", [None, 1, 13, 200])
@@ -245,7 +239,7 @@ def packed_cu():
 def test_packed_and_windowed_masks(dtype, causal, window, head_dim):
     """Block-diagonal and banded masks on the tensor-core kernels (half dtypes) and the SIMT kernels
     (float32), GQA, every head-dim bucket."""
-    cu = packed_cu()
+    cu = PACKED_CU
     seed = 1000 + 7 * head_dim + (window or 0) + causal
     q, k, v = make_qkv(1, cu[-1] + PACKED_PAD, cu[-1] + PACKED_PAD, 4, 2, head_dim, dtype, seed)
     family = "simt" if dtype == torch.float32 else "tensor_core"
@@ -255,14 +249,14 @@ def test_packed_and_windowed_masks(dtype, causal, window, head_dim):
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("window", [None, 13])
 def test_packed_masks_on_misaligned_views_take_the_simt_kernels(dtype, window):
-    cu = packed_cu()
+    cu = PACKED_CU
     q, k, v = misaligned_qkv(1, cu[-1] + PACKED_PAD, 4, 2, 64, dtype, seed=77)
     check_packed(q, k, v, cu, True, window, 77, family="simt")
 
 
 def test_packed_attention_api_thd():
     """ring_ext.attention(layout="thd", cu_seqlens=...) on CUDA tensors, forward and backward."""
-    cu = packed_cu()
+    cu = PACKED_CU
     q, k, v = (t[0].requires_grad_() for t in make_qkv(1, cu[-1], cu[-1], 4, 2, 64, torch.bfloat16, 91))
     out = ring_ext.attention(q, k, v, layout="thd", causal=True, cu_seqlens=torch.tensor(cu))
     dout = torch.randn_like(out)

@@ -178,3 +178,19 @@ def test_plan_command_with_window_and_documents(capsys):
     for bad in (["--doc-lengths", "5,6"], ["--doc-lengths", "a,b"], ["--sliding-window", "0"]):
         with pytest.raises(SystemExit):
             main(PLAN + RATES + bad)
+
+
+def test_calibrated_rates_measure_once_per_concurrency(monkeypatch):
+    """Ranks that fit the cores are measured that many at once; more ranks reuse the all-cores rate and
+    get their share of it; each concurrency is measured once."""
+    calls = []
+
+    def together(shape, threads, processes, repeats):
+        calls.append(processes)
+        return 100.0 / processes  # slower each when more run at once
+
+    monkeypatch.setattr(planner, "measure_flops_together", together)
+    monkeypatch.setattr(planner, "machine_cores", lambda: 2)
+    rates = planner.calibrated_rates(Shape(seq=64, heads=2, head_dim=8), [1, 2, 4, 8])
+    assert rates == {1: 100.0, 2: 50.0, 4: 25.0, 8: 12.5}
+    assert sorted(calls) == [1, 2]

@@ -148,24 +148,23 @@ struct RowKeys {
   // last(r) >= k0 and first(r) < k1. Every thread searches alike (the loads are broadcasts).
   __device__ int2 rows_seeing(int k0, int k1) const {
     if (!rows) return make_int2(min(max(0, k0 - diff), seq_q), seq_q);
-    int lo = 0, hi = seq_q;  // first row with last(r) >= k0
+    const int x = first_row(0, [&](int r) { return last(r) >= k0; });
+    return make_int2(x, first_row(x, [&](int r) { return first(r) >= k1; }));
+  }
+
+  // The first row of [lo, seq_q) with pred(row), seq_q if none (pred false, then true, along rows).
+  template <typename Pred>
+  __device__ int first_row(int lo, Pred pred) const {
+    int hi = seq_q;
     while (lo < hi) {
       const int mid = (lo + hi) / 2;
-      if (last(mid) >= k0)
+      if (pred(mid)) {
         hi = mid;
-      else
+      } else {
         lo = mid + 1;
+      }
     }
-    const int x = lo;
-    hi = seq_q;  // first row at or after x with first(r) >= k1
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (first(mid) >= k1)
-        hi = mid;
-      else
-        lo = mid + 1;
-    }
-    return make_int2(x, lo);
+    return lo;
   }
 };
 
