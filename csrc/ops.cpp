@@ -54,23 +54,27 @@ TORCH_LIBRARY(ring_ext, m) {
   // visible (packed documents, sliding windows; with causal=False): the key intervals of every
   // source block, int64 [sources, 2, rows]: one source per ring rank for the ring and hybrid
   // (rows = the ring's block), one for Ulysses (rows = the gathered sequence); Note [Per-source key
-  // intervals] in csrc/ring/ring.cpp, ring_ext/packing.py.
+  // intervals] in csrc/ring/ring.cpp, ring_ext/packing.py. needed (ring and hybrid, with visible;
+  // int64 [ring ranks, sources, 2]): the rows [lo, hi) of each source block that each ring rank
+  // sees, so the ring moves nothing else (Note [Moving only what is seen]); absent: every row.
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, str algo, str ring_group, "
       "str inner_group=\"\", str outer_group=\"\", str ulysses_group=\"\", bool overlap=True, "
-      "str layout=\"bshd\", Tensor? visible=None) -> (Tensor out, Tensor lse)");
+      "str layout=\"bshd\", Tensor? visible=None, Tensor? needed=None) -> (Tensor out, Tensor lse)");
   // Gradients of attention given its final out and lse; dq/dk/dv in the dtype and strides of q/k/v.
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float "
       "scale, "
       "bool causal, str algo, str ring_group, str inner_group=\"\", str outer_group=\"\", "
-      "str ulysses_group=\"\", bool overlap=True, Tensor? dlse=None, Tensor? visible=None) -> "
-      "(Tensor dq, Tensor dk, Tensor dv)");
+      "str ulysses_group=\"\", bool overlap=True, Tensor? dlse=None, Tensor? visible=None, "
+      "Tensor? needed=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   // The collectives of the Python API (unshard, the cross-rank check, the training-loop helpers),
   // over a group given by name; device-generic, registered with the attention kernels. Every
   // tensor they give c10d is theirs alone: Note [Tensors handed to c10d] in csrc/ring/comm.h.
   m.def("all_gather(Tensor x, str group) -> Tensor[]");
   m.def("all_reduce_(Tensor(a!)[] xs, str group, str op=\"sum\") -> ()");
+  // Bytes the ring's point-to-point transfers have sent from this process (benchmarks, tests).
+  m.def("sent_bytes() -> int", &ring_ext::ring::sent_bytes_op);
   // The ring schedule of one rank, flattened (tests): csrc/ring/ring.h, schedule_op.
   m.def("ring_schedule(str algo, int cp_size, int rank, int window, bool causal) -> int[]",
         &ring_ext::ring::schedule_op);

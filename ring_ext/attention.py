@@ -74,7 +74,7 @@ def attention(
     window = packing.check_window(sliding_window)
     cu = None if cu_seqlens is None else packing.check_cu_seqlens(cu_seqlens)
     if ctx is not None:
-        if cu is not None or window is not None:
+        if cu is not None or window is not None or ctx.dense_needs_intervals:
             return _cp_masked(q, k, v, ctx, layout, causal, scale, head_dim, cu, window, check_consistency)
         return _cp_attention(q, k, v, ctx, layout, causal, scale, head_dim, check_consistency)
     if causal is None:
@@ -146,11 +146,11 @@ def _cp_masked(q, k, v, ctx, layout, causal, scale, head_dim, cu, window, check_
             cu_seqlens=signature,
             sliding_window=window or 0,
         )
-    visible = packing.block_intervals(ctx, total, cu, window)
+    visible, needed = packing.block_intervals(ctx, total, cu, window)
     pad = len(mine) - count
     if pad:
         qv, kv, vv = (torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1) for t in (qv, kv, vv))
-    out, _lse = cp_op(qv, kv, vv, ctx, scale, layout, causal=False, visible=visible)
+    out, _lse = cp_op(qv, kv, vv, ctx, scale, layout, causal=False, visible=visible, needed=needed)
     return from_bshd(out[:, :count] if pad else out, layout)
 
 
@@ -182,10 +182,13 @@ def _cp_attention(q, k, v, ctx, layout, causal, scale, head_dim, check_consisten
     return from_bshd(out, layout)  # a view: out is dense in layout (Note [Output contract])
 
 
-def cp_op(qv, kv, vv, ctx, scale: float, layout: str = "bshd", causal: bool | None = None, visible=None):
+def cp_op(
+    qv, kv, vv, ctx, scale: float, layout: str = "bshd", causal: bool | None = None, visible=None, needed=None
+):
     """torch.ops.ring_ext.attention on [b, s, h, d] views of this rank's shards with ctx's algorithm and
     groups: (out dense in `layout`, float32 lse [b, hq, s_local]). No checks: attention() makes them.
-    visible: the key intervals of packed documents / windows, with causal=False."""
+    visible, needed: the key intervals of packed documents / windows (with causal=False) and the rows
+    the ring moves (packing.block_intervals)."""
     if layout == "thd":
         layout = "bshd"  # [1, t, h, d]: the memory of bshd
     return torch.ops.ring_ext.attention(
@@ -202,4 +205,5 @@ def cp_op(qv, kv, vv, ctx, scale: float, layout: str = "bshd", causal: bool | No
         ctx.config.use_cp_send_recv_overlap,
         layout,
         visible,
+        needed,
     )

@@ -7,6 +7,11 @@
 --megatron-cp-in-bnsd              BNSD layout instead of the default SBH
 --cp-window-size W                 default 1; W > 1: double ring with inner rings of W ranks
 --ulysses-degree-in-cp U           hybrid: Ulysses inside groups of U ranks, ring across them
+--cp-sliding-window W              ring_ext's own: every attention layer has a sliding window of
+                                   W tokens; shards are contiguous pieces (a windowed layer is a
+                                   halo exchange) instead of zigzag ones (balanced for full causal
+                                   layers). Each ring_ext.attention call still passes its own
+                                   sliding_window (docs/design.md, "Token placement")
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class CPConfig:
     megatron_cp_in_bnsd: bool = False
     cp_window_size: int = 1
     ulysses_degree_in_cp: int | None = None
+    cp_sliding_window: int | None = None
 
     def __post_init__(self):
         cp = _positive_int(self.context_parallel_size, "context_parallel_size")
@@ -42,6 +48,8 @@ class CPConfig:
         for name in ("use_cp_send_recv_overlap", "megatron_cp_in_bnsd"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.cp_sliding_window is not None:
+            _positive_int(self.cp_sliding_window, "cp_sliding_window")
         window = _positive_int(self.cp_window_size, "cp_window_size")
         ring = cp
         if self.context_parallel_algo == "hybrid_cp_algo":
@@ -94,6 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--megatron-cp-in-bnsd", action="store_true")
     g.add_argument("--cp-window-size", type=int, default=1)
     g.add_argument("--ulysses-degree-in-cp", type=int, default=None)
+    g.add_argument("--cp-sliding-window", type=int, default=None)
     return parser
 
 

@@ -107,12 +107,15 @@ def _pieces(length: int, n: int) -> list[tuple[int, int]]:
 
 @functools.lru_cache(maxsize=64)
 def plan_tokens(
-    cu_seqlens: tuple[int, ...], groups: int, members: int = 1, causal: bool = True
+    cu_seqlens: tuple[int, ...], groups: int, members: int = 1, causal: bool = True, window: int | None = None
 ) -> tuple[torch.Tensor, ...]:
     """The token plan (module docstring): for each of groups * members ranks (rank = group * members +
     member, Note [Hybrid rank layout] in context.py) an int64 [local_len] tensor of the global indices
-    it holds, increasing, padding (S + j) last. Pure: every rank computes the same plan."""
+    it holds, increasing, padding (S + j) last. Pure: every rank computes the same plan. window (the
+    context's --cp-sliding-window): contiguous pieces instead of the zigzag (_contiguous_plan)."""
     total = cu_seqlens[-1]
+    if window is not None:
+        return _pad_plan(_contiguous_plan(cu_seqlens, groups, causal, window), members, total)
     owned: list[list[tuple[int, int]]] = [[] for _ in range(groups)]  # global [a, b) ranges
     cost = [0] * groups
     for start, end in zip(cu_seqlens, cu_seqlens[1:]):
@@ -141,6 +144,31 @@ def plan_tokens(
         torch.cat([torch.arange(a, b) for a, b in ranges]) if ranges else torch.zeros(0, dtype=torch.int64)
         for ranges in owned
     ]
+    return _pad_plan(lists, members, total)
+
+
+def _contiguous_plan(cu_seqlens: tuple[int, ...], groups: int, causal: bool, window: int) -> list[torch.Tensor]:
+    """Windowed placement: the packed sequence cut into `groups` consecutive pieces of equal visible
+    pairs under a window of `window` tokens (a token at position p of a document of n tokens sees
+    min(p + 1, w) keys, causal, or min(p + w, n) - max(p - w + 1, 0), general). A windowed layer then
+    needs only its neighbours' edge tokens: Note [Moving only what is seen] in csrc/ring/ring.cpp."""
+    total = cu_seqlens[-1]
+    cu = torch.tensor(cu_seqlens, dtype=torch.int64)
+    index = torch.arange(total)
+    doc = torch.searchsorted(cu, index, right=True) - 1
+    pos, length = index - cu[doc], cu[doc + 1] - cu[doc]
+    if causal:
+        cost = torch.clamp(pos + 1, max=window)
+    else:
+        cost = torch.minimum(pos + window, length) - torch.clamp(pos - window + 1, min=0)
+    before = torch.cumsum(cost, 0) - cost  # pairs of the tokens before each one
+    targets = torch.arange(1, groups) * int(cost.sum()) // groups
+    cuts = [0, *torch.searchsorted(before, targets).tolist(), total]
+    return [torch.arange(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+def _pad_plan(lists: list[torch.Tensor], members: int, total: int) -> tuple[torch.Tensor, ...]:
+    """Each member's tokens padded to the longest (a multiple of members), cut into members pieces."""
     longest = max(len(x) for x in lists)
     padded_len = -(-max(longest, 1) // members) * members
     local_len = padded_len // members
@@ -188,15 +216,16 @@ def _layout(ctx) -> tuple:
     """What decides which tokens each rank of ctx holds, as a hashable key (the caches below must not
     key on tensors: those hash by identity)."""
     groups, members = ring_shape(ctx)
-    return groups, members, ctx.sharding, ctx.algo == "hybrid_cp_algo", ctx.causal
+    hybrid = ctx.algo == "hybrid_cp_algo"
+    return groups, members, ctx.sharding, hybrid, ctx.causal, ctx.config.cp_sliding_window
 
 
 @functools.lru_cache(maxsize=64)
 def _tokens(layout: tuple, total: int, cu_seqlens: tuple[int, ...] | None) -> tuple[torch.Tensor, ...]:
-    groups, members, sharding, hybrid, causal = layout
+    groups, members, sharding, hybrid, causal, window = layout
     if cu_seqlens is None:
         return dense_tokens(sharding, groups * members, members if hybrid else 1, total)
-    return plan_tokens(cu_seqlens, groups, members, causal)
+    return plan_tokens(cu_seqlens, groups, members, causal, window)
 
 
 def rank_tokens(ctx, total: int, cu_seqlens: tuple[int, ...] | None) -> tuple[torch.Tensor, ...]:
@@ -205,20 +234,46 @@ def rank_tokens(ctx, total: int, cu_seqlens: tuple[int, ...] | None) -> tuple[to
     return _tokens(_layout(ctx), total, cu_seqlens)
 
 
-@functools.lru_cache(maxsize=64)
-def _block_intervals(
-    layout: tuple, rank: int, total: int, cu_seqlens: tuple[int, ...] | None, window: int | None
+def _member_intervals(
+    layout: tuple, member: int, total: int, cu_seqlens: tuple[int, ...] | None, window: int | None
 ) -> torch.Tensor:
-    groups, members, _, _, causal = layout
+    groups, members, _, _, causal, _ = layout
     tokens = _tokens(layout, total, cu_seqlens)
     blocks = [torch.cat(tokens[g * members : (g + 1) * members]) for g in range(groups)]
-    mine = blocks[rank // members]
     cu = cu_seqlens if cu_seqlens is not None else (0, total)
-    return torch.stack([visible_keys(mine, src, cu, causal, window) for src in blocks])
+    return torch.stack([visible_keys(blocks[member], src, cu, causal, window) for src in blocks])
 
 
-def block_intervals(ctx, total: int, cu_seqlens: tuple[int, ...] | None, window: int | None) -> torch.Tensor:
-    """The `visible` argument of torch.ops.ring_ext.attention for this rank, int64 [sources, 2, rows]:
-    the key intervals of this rank's ring block against every source block (one per ring member;
-    Ulysses has one block, the whole sequence). Cached: a model calls it once per layer alike."""
-    return _block_intervals(_layout(ctx), ctx.rank, total, cu_seqlens, window)
+_block_intervals = functools.lru_cache(maxsize=64)(_member_intervals)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_needed(
+    layout: tuple, total: int, cu_seqlens: tuple[int, ...] | None, window: int | None
+) -> torch.Tensor:
+    groups = layout[0]
+    needed = torch.zeros(groups, groups, 2, dtype=torch.int64)
+    for member in range(groups):
+        begin, end = _member_intervals(layout, member, total, cu_seqlens, window).unbind(1)
+        seen = end > begin
+        lo = torch.where(seen, begin, begin.shape[-1]).amin(-1)
+        hi = torch.where(seen, end, 0).amax(-1)
+        needed[member] = torch.stack([lo, hi], -1) * (hi > lo)[:, None]
+    return needed
+
+
+def block_intervals(
+    ctx, total: int, cu_seqlens: tuple[int, ...] | None, window: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The `visible` and `needed` arguments of torch.ops.ring_ext.attention for this rank.
+
+    visible, int64 [sources, 2, rows]: the key intervals of this rank's ring block against every
+    source block (one per ring member; Ulysses has one block, the whole sequence). needed, int64
+    [members, sources, 2] (None for Ulysses): the rows [lo, hi) of every source block that each ring
+    member's rows see, their hull ([0, 0) for none), which is all the ring moves (Note [Moving only
+    what is seen] in csrc/ring/ring.cpp). Cached: a model calls it once per layer alike."""
+    layout = _layout(ctx)
+    visible = _block_intervals(layout, ctx.rank // layout[1], total, cu_seqlens, window)
+    if ctx.algo == "ulysses_cp_algo":
+        return visible, None
+    return visible, _block_needed(layout, total, cu_seqlens, window)

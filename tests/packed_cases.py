@@ -27,6 +27,7 @@ class PackedCase:
     window: int = 1  # --cp-window-size (double ring)
     sliding_window: int | None = None
     dense: bool = False  # no cu_seqlens: a dense sequence (S divisible as the sharding needs)
+    placement: int | None = None  # --cp-sliding-window: contiguous token placement
     overlap: bool = True
     layout: str = "thd"
     dtype: torch.dtype = torch.float32
@@ -37,7 +38,8 @@ class PackedCase:
 
     def config(self, world_size: int) -> ring_ext.CPConfig:
         fields = ("algo", "ulysses_degree", "causal", "window", "overlap")
-        return Case(**{f: getattr(self, f) for f in fields}).config(world_size)
+        config = Case(**{f: getattr(self, f) for f in fields}).config(world_size)
+        return dataclasses.replace(config, cp_sliding_window=self.placement)
 
     @property
     def cu_seqlens(self) -> list[int]:

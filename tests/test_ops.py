@@ -102,6 +102,9 @@ def _attention_samples(group):
             yield _attention_args(group, algo, layout, causal=i % 2 == 0, requires_grad=True)
         args, kwargs = _attention_args(group, algo, "bshd", causal=False, requires_grad=True)
         yield args, {**kwargs, "visible": _visible(args[0], args[1])[None]}
+        if algo != "ulysses_cp_algo":  # the ring's rows to move: one rank sees rows [0, s)
+            needed = torch.tensor([[[0, args[0].shape[1]]]])
+            yield args, {**kwargs, "visible": _visible(args[0], args[1])[None], "needed": needed}
 
 
 def _attention_bwd_samples(group):
@@ -156,6 +159,7 @@ SAMPLES = {
     "all_reduce_": (_all_reduce_samples, None),
     "ring_schedule": (_ring_schedule_samples, ("test_schema", "test_faketensor")),
     "cpu_isa": (lambda group: iter([((), {})]), ("test_schema", "test_faketensor")),
+    "sent_bytes": (lambda group: iter([((), {})]), ("test_schema", "test_faketensor")),
 }
 
 

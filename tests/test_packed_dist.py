@@ -2,7 +2,9 @@
 backward against the float64 oracle (tests/packed_cases.py): ring, double ring, Ulysses and hybrid;
 causal and general; thd and the 4-D layouts; GQA; fp32/bf16/fp16; document lengths 0, 1, 2, fewer
 than cp, more than S/cp, totals divisible by nothing, a single document; windows of 1, smaller than a
-tile, around S/cp and larger than S; a dense sequence with a window. One spawn per world size."""
+tile, around S/cp and larger than S; a dense sequence with a window; the windowed token placement
+(--cp-sliding-window: contiguous pieces) under windowed and full layers. One spawn per world size.
+test_halo_bytes counts what the ring moves under a window (Note [Moving only what is seen])."""
 
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ CASES = {
         PackedCase((8, 16), dense=True, sliding_window=3, layout="sbhd"),
         PackedCase((8, 16), dense=True, layout="thd"),  # thd without cu_seqlens: one dense sequence
         PackedCase((40,), dense=True, algo=ULYSSES, sliding_window=200, heads_q=2, heads_kv=2),
+        PackedCase((8, 16), dense=True, sliding_window=3, placement=3, layout="sbhd"),
+        PackedCase(lognormal_docs(101, 7, 1), sliding_window=9, placement=9, dtype=BF16),
     ],
     3: [
         PackedCase(TINY, dtype=BF16),
@@ -44,6 +48,10 @@ CASES = {
         PackedCase(lognormal_docs(97, 11, 2), algo=ULYSSES, heads_q=6, heads_kv=3, dtype=F16),
         PackedCase(EMPTIES, algo=ULYSSES, sliding_window=2, heads_q=3, heads_kv=1, layout="sbh"),
         PackedCase((2,), heads_q=4, heads_kv=4),  # fewer tokens than ranks: padding-only ranks
+        PackedCase((8, 16), dense=True, placement=4),  # a full layer on the windowed placement
+        PackedCase((8, 16), dense=True, sliding_window=11, placement=11, overlap=False),  # w > S/cp
+        PackedCase(TINY, causal=False, sliding_window=5, placement=5, layout="sbh"),
+        PackedCase(lognormal_docs(97, 11, 2), placement=6, dtype=F16),
     ],
     4: [
         PackedCase(TINY + (70,), window=2, overlap=False),
@@ -52,6 +60,9 @@ CASES = {
         PackedCase(EMPTIES, window=2, sliding_window=2, layout="sbh", dtype=F16),
         PackedCase(ONE, algo=ULYSSES, heads_q=8, heads_kv=4, sliding_window=16),
         PackedCase((16, 16), dense=True, algo=HYBRID, ulysses_degree=2, sliding_window=5),
+        PackedCase(TINY + (70,), window=2, sliding_window=8, placement=8),
+        PackedCase((16, 16), dense=True, algo=HYBRID, ulysses_degree=2, sliding_window=5, placement=5),
+        PackedCase(EMPTIES, algo=ULYSSES, sliding_window=3, placement=3, heads_q=4, heads_kv=4),
     ],
     8: [
         PackedCase(lognormal_docs(203, 13, 4), window=4),
@@ -59,6 +70,8 @@ CASES = {
         PackedCase(lognormal_docs(120, 5, 5), algo=HYBRID, ulysses_degree=4, heads_q=8, heads_kv=4),
         PackedCase(EMPTIES, algo=HYBRID, ulysses_degree=2, sliding_window=3, layout="sbhd"),
         PackedCase((2,), algo=ULYSSES, heads_q=8, heads_kv=8),
+        PackedCase(lognormal_docs(203, 13, 4), window=4, sliding_window=20, placement=20, dtype=BF16),
+        PackedCase((32, 32), dense=True, algo=HYBRID, ulysses_degree=2, sliding_window=7, placement=7),
     ],
 }
 
@@ -93,3 +106,47 @@ def bad_packed_calls(rank: int, world_size: int, case):
 
 def test_packed_bad_input_every_rank():
     run_distributed(bad_packed_calls, 3, [None], timeout_s=120)
+
+
+HALO_ROWS, HEADS_KV, HEAD_DIM = 8, 1, 8  # rows per rank (L), K/V heads, head_dim
+
+
+def expected_rows(rank: int, world_size: int, window: int) -> tuple[int, int]:
+    """(K/V rows, K/V-gradient rows) one rank sends per layer under a causal window over contiguous
+    shards of L rows: block r is seen by rank r + 1 (its last w - 1 rows, all L when w > L) and, when
+    w > L + 1, by rank r + 2 (its last w - 1 - L rows), which it reaches through rank r + 1."""
+    L, last = HALO_ROWS, world_size - 1
+    near, far = min(window - 1, L), max(window - 1 - L, 0)
+    kv = near * (rank < last) + far * (1 <= rank < last)  # own block onward; the one held at step 1
+    grad = near * (rank >= 1) + far * (rank >= 2)  # the rows seen of blocks r - 1 and r - 2, home
+    return kv, grad
+
+
+def halo_bytes(rank: int, world_size: int, window: int):
+    case = PackedCase(
+        (HALO_ROWS * world_size,),
+        dense=True,
+        placement=window,
+        heads_q=2,
+        heads_kv=HEADS_KV,
+        head_dim=HEAD_DIM,
+    )
+    ctx = context(case, world_size)
+    g = torch.Generator().manual_seed(window)
+    full = [torch.randn(1, HALO_ROWS * world_size, h, HEAD_DIM, generator=g) for h in (2, 1, 1)]
+    q, k, v = (ring_ext.shard(t, ctx, 1).requires_grad_() for t in full)
+    before = torch.ops.ring_ext.sent_bytes()
+    out = ring_ext.attention(q, k, v, ctx, layout="bshd", sliding_window=window)
+    forward = torch.ops.ring_ext.sent_bytes() - before
+    out.backward(torch.randn_like(out))
+    backward = torch.ops.ring_ext.sent_bytes() - before - forward
+    row = 2 * HEADS_KV * HEAD_DIM * 4  # a K row and a V row, float32; their gradients alike
+    kv, grad = expected_rows(rank, world_size, window)
+    assert (forward, backward) == (kv * row, (kv + grad) * row), (rank, window, forward, backward, kv, grad)
+
+
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_halo_bytes(world_size):
+    """Contiguous shards under a causal window: the ring moves only the halo (one per rank when
+    w <= S/cp + 1), in forward and backward, and nothing at all for w = 1."""
+    run_distributed(halo_bytes, world_size, [1, 2, 5, HALO_ROWS + 1, HALO_ROWS + 4], timeout_s=120)

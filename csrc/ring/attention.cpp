@@ -78,8 +78,11 @@ int64_t ulysses_degree(const Groups& g, const Tensor& q, const Tensor& k) {
 
 // Ulysses' kRows mask: one source, [1, 2, s], for the gathered sequence (ranks' shards in rank
 // order, increasing global order: ring_ext/packing.py), or nullopt for the offset mask.
-std::optional<Tensor> ulysses_visible(const std::optional<Tensor>& visible, bool causal,
+std::optional<Tensor> ulysses_visible(const std::optional<Tensor>& visible,
+                                      const std::optional<Tensor>& needed, bool causal,
                                       int64_t rows, const Tensor& q) {
+  TORCH_CHECK_VALUE(!needed.has_value(),
+                    "ring_ext: needed is the ring's; ulysses_cp_algo takes needed=None");
   if (!visible.has_value()) return std::nullopt;
   TORCH_CHECK_VALUE(!causal,
                     "ring_ext: give causal=False with visible (the intervals hold the mask)");
@@ -128,7 +131,8 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
                                         const std::string& group, const std::string& inner,
                                         const std::string& outer, const std::string& ulysses_group,
                                         bool overlap, const std::string& layout,
-                                        const std::optional<Tensor>& visible) {
+                                        const std::optional<Tensor>& visible,
+                                        const std::optional<Tensor>& needed) {
   check_shards(q, k, v, scale);
   const Tensor out = empty_in_layout(q, layout);  // Note [Output contract]
   const Groups g{group, inner, outer, ulysses_group};
@@ -137,13 +141,13 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
   switch (ring::parse_algo(algo)) {
     case ring::Algo::kRing: {
       const ring::RingSetup s =
-          ring::make_setup(g.ring_names(), opt, q.size(1), visible, q.device());
+          ring::make_setup(g.ring_names(), opt, q.size(1), visible, needed, q.device());
       auto [acc, lse] = ring::forward(q, k, v, s);
       return {out.copy_(acc), lse};
     }
     case ring::Algo::kUlysses: {
       const int64_t u = ulysses_degree(g, q, k);
-      const std::optional<Tensor> rows = ulysses_visible(visible, causal, q.size(1) * u, q);
+      const std::optional<Tensor> rows = ulysses_visible(visible, needed, causal, q.size(1) * u, q);
       return ulysses::forward(
           q, k, v, g.ulysses,
           [&](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
@@ -154,7 +158,7 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
     case ring::Algo::kHybrid: {
       const int64_t u = ulysses_degree(g, q, k);
       const ring::RingSetup s =
-          ring::make_setup(g.ring_names(), opt, q.size(1) * u, visible, q.device());
+          ring::make_setup(g.ring_names(), opt, q.size(1) * u, visible, needed, q.device());
       return ulysses::forward(
           q, k, v, g.ulysses,
           [&](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
@@ -183,7 +187,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& lse, double scale, bool causal, const std::string& algo, const std::string& group,
     const std::string& inner, const std::string& outer, const std::string& ulysses_group,
-    bool overlap, const std::optional<Tensor>& dlse, const std::optional<Tensor>& visible) {
+    bool overlap, const std::optional<Tensor>& dlse, const std::optional<Tensor>& visible,
+    const std::optional<Tensor>& needed) {
   check_shards(q, k, v, scale);
   const Groups g{group, inner, outer, ulysses_group};
   check_backend(ring::parse_algo(algo) == ring::Algo::kUlysses ? g.ulysses : g.ring, q);
@@ -194,9 +199,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
   std::optional<ring::RingSetup> s;
   std::optional<Tensor> rows;
   if (which != ring::Algo::kUlysses) {
-    s = ring::make_setup(g.ring_names(), opt, q.size(1) * u, visible, q.device());
+    s = ring::make_setup(g.ring_names(), opt, q.size(1) * u, visible, needed, q.device());
   } else {
-    rows = ulysses_visible(visible, causal, q.size(1) * u, q);
+    rows = ulysses_visible(visible, needed, causal, q.size(1) * u, q);
   }
   // delta of the final out; a gradient on lse folds in (d lse / d S = P).
   Tensor delta = row_delta(dout, out);

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
+
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
 namespace ring_ext {
@@ -17,6 +19,9 @@ at::Tensor unowned_alias(const at::Tensor& t) {
   at::AutoDispatchBelowADInplaceOrView below_views;
   return at::alias(t);
 }
+
+// Every byte exchange() has sent in this process (benchmarks and the transfer tests read it).
+std::atomic<int64_t> sent_bytes_{0};
 
 }  // namespace
 
@@ -51,24 +56,31 @@ Transfer& Transfer::operator=(Transfer&& other) noexcept {
 
 Transfer exchange(const Group& group, const at::Tensor& out, int64_t dst, const at::Tensor& in,
                   int64_t src, int tag) {
-  TORCH_INTERNAL_ASSERT(out.is_contiguous() && in.is_contiguous());
-  // Aliases: the backend may hold its buffers past wait() (Note [Tensors handed to c10d]).
-  std::vector<at::Tensor> send_buf{unowned_alias(out)}, recv_buf{unowned_alias(in)};
+  TORCH_INTERNAL_ASSERT((!out.defined() || out.is_contiguous()) &&
+                        (!in.defined() || in.is_contiguous()));
   Transfer t;
-  const c10::DeviceType device = out.device().type();
+  if (!out.defined() && !in.defined()) return t;
+  const c10::DeviceType device = (out.defined() ? out : in).device().type();
   const bool coalesce = group->getBackend(device)->supportsCoalescing();
   if (coalesce) group->startCoalescing(device);
-  auto send = group->send(send_buf, static_cast<int>(dst), tag);
-  auto recv = group->recv(recv_buf, static_cast<int>(src), tag);
-  if (coalesce) {
-    auto work = group->endCoalescing(device);
-    if (work) t.works_.push_back(work);
-    return t;
+  // Aliases: the backend may hold its buffers past wait() (Note [Tensors handed to c10d]).
+  if (out.defined()) {
+    std::vector<at::Tensor> send_buf{unowned_alias(out)};
+    t.works_.push_back(group->send(send_buf, static_cast<int>(dst), tag));
+    sent_bytes_ += static_cast<int64_t>(out.nbytes());
   }
-  t.works_.push_back(send);
-  t.works_.push_back(recv);
+  if (in.defined()) {
+    std::vector<at::Tensor> recv_buf{unowned_alias(in)};
+    t.works_.push_back(group->recv(recv_buf, static_cast<int>(src), tag));
+  }
+  if (coalesce) {
+    t.works_.clear();  // the coalesced work stands for both
+    if (auto work = group->endCoalescing(device)) t.works_.push_back(work);
+  }
   return t;
 }
+
+int64_t sent_bytes_op() { return sent_bytes_.load(); }
 
 std::vector<at::Tensor> all_gather_op(const at::Tensor& x, const std::string& group) {
   const Group pg = resolve_group(group, "all_gather");

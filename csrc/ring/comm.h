@@ -68,9 +68,13 @@ class Transfer {
   std::vector<c10::intrusive_ptr<c10d::Work>> works_;
 };
 
-// Posts send(out -> dst) and recv(in <- src), group-local ranks; both buffers contiguous.
+// Posts send(out -> dst) and recv(in <- src), group-local ranks; buffers contiguous, an undefined
+// one not posted.
 Transfer exchange(const Group& group, const at::Tensor& out, int64_t dst, const at::Tensor& in,
                   int64_t src, int tag);
+
+// ring_ext::sent_bytes: the bytes exchange() has sent in this process so far.
+int64_t sent_bytes_op();
 
 // ring_ext::all_gather: every rank's x (same shape and dtype on every rank), in group-rank order.
 std::vector<at::Tensor> all_gather_op(const at::Tensor& x, const std::string& group);

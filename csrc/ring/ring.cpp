@@ -22,7 +22,22 @@
 // i sees are one interval, visible[src][:, i]. The Python side computes all of them from
 // cu_seqlens (no communication: every rank knows every rank's tokens). Each step is then one item,
 // all local rows x the held block, with the kernels' kRows mask; a step whose block no local row
-// sees computes nothing (the block still moves on: the ring's later ranks need it).
+// sees computes nothing.
+//
+// Note [Moving only what is seen]
+// -------------------------------
+// With key intervals the ring moves, of each block, only the rows its later holders see. Python
+// passes `needed` [cp, cp, 2]: the hull of the rows of src's block that rank r's rows see (every
+// rank computes the same from the token plan). A hop carries the hull of need[h][src] over the
+// holders h it feeds: the rest of the round for an inner hop, every later round for an outer one.
+// Both ends compute it from the schedule, and a hop with nothing to carry is not posted. The hulls
+// only shrink along a block's path, so what a rank holds always contains what it sees; the step
+// computes on those rows, its intervals shifted onto them. Contiguous shards under a causal window
+// w <= S/cp: rank r sends rank r+1 the last w-1 rows of its block and nothing else moves (a halo
+// exchange). In backward the K/V gradient does not travel with the block (it would have to carry
+// every row the block set out with): each holder sends the float32 gradient of the rows it sees
+// straight home to the block's owner, one transfer per step as in Note [K/V gradients], and the
+// owner adds what comes home into its float32 dK/dV.
 #include "ring.h"
 
 #include <ATen/ATen.h>
@@ -88,8 +103,47 @@ std::vector<Tensor> prepare_visible(const std::optional<Tensor>& visible, int64_
   return out;
 }
 
+namespace {
+
+// need for make_setup (Note [Moving only what is seen]): checked against the rows this rank's own
+// intervals see; every row of every block without `needed`.
+std::vector<Span> prepare_needed(const std::optional<Tensor>& needed, const RingSetup& s) {
+  const int64_t cp = s.topo.cp_size;
+  if (!needed.has_value()) return std::vector<Span>(cp * cp, Span{0, s.rows});
+  const Tensor& n = *needed;
+  TORCH_CHECK_VALUE(n.scalar_type() == at::kLong && n.dim() == 3 && n.size(0) == cp &&
+                        n.size(1) == cp && n.size(2) == 2,
+                    "ring_ext: needed must be int64 [", cp, " ranks, ", cp, " sources, 2], got ",
+                    n.scalar_type(), " ", n.sizes());
+  const Tensor host = n.cpu().contiguous();
+  const int64_t* p = host.data_ptr<int64_t>();
+  std::vector<Span> out;
+  for (int64_t i = 0; i < cp * cp; ++i) {
+    const Span sp{p[2 * i], p[2 * i + 1]};
+    TORCH_CHECK_VALUE(sp.empty() || (sp.lo >= 0 && sp.hi <= s.rows),
+                      "ring_ext: needed's rows must lie in [0, ", s.rows, "), got [", sp.lo, ", ",
+                      sp.hi, ")");
+    out.push_back(sp.empty() ? Span{} : sp);
+  }
+  for (int64_t src = 0; src < cp; ++src) {  // our own rows: what the kernels will read
+    const Tensor v = s.visible[src].cpu();
+    const Tensor seen = v[1] > v[0];
+    if (!seen.any().item<bool>()) continue;
+    const Span mine = out[s.rank * cp + src];
+    const int64_t lo = v[0].masked_select(seen).min().item<int64_t>();
+    const int64_t hi = v[1].masked_select(seen).max().item<int64_t>();
+    TORCH_CHECK_VALUE(mine.lo <= lo && hi <= mine.hi, "ring_ext: needed[", s.rank, "][", src,
+                      "] = [", mine.lo, ", ", mine.hi, ") must hold the rows visible sees, [", lo,
+                      ", ", hi, ")");
+  }
+  return out;
+}
+
+}  // namespace
+
 RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_len,
-                     const std::optional<Tensor>& visible, c10::Device device) {
+                     const std::optional<Tensor>& visible, const std::optional<Tensor>& needed,
+                     c10::Device device) {
   RingSetup s;
   s.ring = resolve_group(names.ring, "ring");
   s.rank = s.ring->getRank();
@@ -109,6 +163,12 @@ RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_
   TORCH_CHECK_VALUE(!visible.has_value() || !opt.causal,
                     "ring_ext: give causal=False with visible (the intervals hold the mask)");
   s.visible = prepare_visible(visible, s.topo.cp_size, local_len, device, &s.any_visible);
+  s.rows = local_len;
+  if (s.masked()) {
+    s.need = prepare_needed(needed, s);
+  } else {
+    TORCH_CHECK_VALUE(!needed.has_value(), "ring_ext: needed comes with visible");
+  }
   return s;
 }
 
@@ -127,15 +187,31 @@ Rows rows_of(const WorkItem& w, int64_t chunk) {
 // K and V in one buffer, so each hop is one transfer: [2, b, s, heads_kv, d] contiguous.
 Tensor pack_kv(const Tensor& k, const Tensor& v) { return at::stack({k, v}); }
 
-// The kRows mask of src's block (Note [Per-source key intervals]); nullopt: the schedule's offsets.
-std::optional<Tensor> visible_for(const RingSetup& s, int64_t src) {
-  if (s.visible.empty()) return std::nullopt;
-  return s.visible[src];
-}
+// A block as a rank holds it: rows [base, base + kv.size(2)) of src's K/V pack (all of them
+// without key intervals; Note [Moving only what is seen]). Undefined: no row of it is here.
+struct Held {
+  Tensor kv;
+  int64_t base = 0;
+};
 
 // True when no local row sees src's block: the step computes nothing.
 bool nothing_visible(const RingSetup& s, int64_t src) {
   return !s.visible.empty() && !s.any_visible[src];
+}
+
+// The keys one work item reads from the held block: its rows of the held K/V pack and the kRows
+// mask shifted onto them (nullopt: the schedule's offsets).
+struct Keys {
+  int64_t k0, nk;  // rows of held.kv
+  std::optional<Tensor> visible;
+};
+
+Keys keys_of(const RingSetup& s, const Held& held, int64_t src, const Rows& r) {
+  if (!s.masked()) return {r.k0, r.nk, std::nullopt};
+  const Span mine = s.need_of(s.rank, src);  // the masked schedule's one item: all local rows
+  Tensor visible = s.visible[src];
+  if (mine.lo != 0 || mine.size() != s.rows) visible = (visible - mine.lo).clamp(0, mine.size());
+  return {mine.lo - held.base, mine.size(), visible};
 }
 
 Step plan_at(const RingSetup& s, int64_t step) {
@@ -149,35 +225,78 @@ const Hop* find_hop(const Step& st, Payload what) {
   return nullptr;
 }
 
-// Posts one hop of the schedule: send `out` and receive into `in` over the hop's group.
-Transfer post(const RingSetup& s, const Hop& h, const Tensor& out, const Tensor& in) {
-  const Group& group = h.link == Link::kInner ? s.inner : h.link == Link::kOuter ? s.outer : s.ring;
-  return exchange(group, out, h.send_to, in, h.recv_from, tag_of(h.what));
+const Group& group_of(const RingSetup& s, Link link) {
+  return link == Link::kInner ? s.inner : link == Link::kOuter ? s.outer : s.ring;
 }
 
-// Runs visit(step, plan, held K/V block) for every step, moving the blocks by the plan's K/V hops
+// The rows of src's block that a K/V hop posted at `step` carries: what the holders it feeds see
+// (Note [Moving only what is seen]); every row without key intervals.
+Span carried(const RingSetup& s, int64_t src, int64_t step, Payload what) {
+  if (!s.masked()) return {0, s.rows};
+  const int64_t round_end = (step / s.topo.window + 1) * s.topo.window;
+  const int64_t from = what == Payload::kKv ? step + 1 : round_end;
+  const int64_t to = what == Payload::kKv ? round_end : s.topo.cp_size;
+  Span hull{s.rows, 0};
+  for (int64_t t = from; t < to; ++t) {
+    const Span n = s.need_of(holder(s.topo, src, t), src);
+    if (n.empty()) continue;
+    hull = {std::min(hull.lo, n.lo), std::max(hull.hi, n.hi)};
+  }
+  return hull.empty() ? Span{} : hull;
+}
+
+// The first `rows` rows' worth of buf as a contiguous [2, b, rows, hkv, d] block.
+Tensor rows_in(const Tensor& buf, int64_t rows) {
+  std::vector<int64_t> sizes = buf.sizes().vec();
+  sizes[2] = rows;
+  return buf.view(-1).narrow(0, 0, c10::multiply_integers(sizes)).view(sizes);
+}
+
+// Rows `rows` of a held block (or of a gradient in its shape), contiguous for c10d.
+Tensor held_rows(const Tensor& kv, int64_t base, Span rows) {
+  if (rows.lo == base && rows.size() == kv.size(2)) return kv;
+  return kv.narrow(2, rows.lo - base, rows.size()).contiguous();
+}
+
+// Posts a K/V hop of the schedule at `step`: sends what `held` (src's block) carries on, receives
+// what the block next_src carries into buf; `next` is that block once the transfer is waited.
+Transfer pass_on(const RingSetup& s, const Hop& h, int64_t step, const Held& held, int64_t src,
+                 int64_t next_src, const Tensor& buf, Held& next) {
+  const Span out = carried(s, src, step, h.what), in = carried(s, next_src, step, h.what);
+  next = {in.empty() ? Tensor() : rows_in(buf, in.size()), in.lo};
+  return exchange(group_of(s, h.link), out.empty() ? Tensor() : held_rows(held.kv, held.base, out),
+                  h.send_to, next.kv, h.recv_from, tag_of(h.what));
+}
+
+// Runs visit(step, plan, held block) for every step, moving the blocks by the plan's K/V hops
 // (Note [Double ring schedule]): a round's outer hop is posted before its inner steps, each inner
 // hop before the step's compute (after it, and waited at once, without overlap).
 template <typename Visit>
 void for_each_block(const RingSetup& s, const Tensor& local_kv, Visit&& visit) {
   const int64_t w = s.topo.window, n_out = s.topo.outer();
-  Tensor round_start = local_kv;
-  Tensor outer_next = n_out > 1 ? at::empty_like(local_kv) : Tensor();
+  Held round_start{local_kv, 0}, outer_next;
+  Tensor start_buf = local_kv, outer_buf = n_out > 1 ? at::empty_like(local_kv) : Tensor();
   Tensor inner_buf[2] = {w > 1 ? at::empty_like(local_kv) : Tensor(),
                          w > 2 ? at::empty_like(local_kv) : Tensor()};
   for (int64_t so = 0; so < n_out; ++so) {
     const Step first = plan_at(s, so * w);
     const Hop* outer_hop = find_hop(first, Payload::kOuterKv);
-    auto post_outer = [&] { return post(s, *outer_hop, round_start, outer_next); };
+    auto post_outer = [&] {
+      return pass_on(s, *outer_hop, so * w, round_start, first.src,
+                     source(s.topo, s.rank, (so + 1) * w), outer_buf, outer_next);
+    };
     Transfer outer;
     if (outer_hop && s.overlap) outer = post_outer();
-    Tensor held = round_start;
+    Held held = round_start;
     for (int64_t si = 0; si < w; ++si) {
       const int64_t step = so * w + si;
       const Step st = si == 0 ? first : plan_at(s, step);
       const Hop* kv_hop = find_hop(st, Payload::kKv);
-      const Tensor next = kv_hop ? inner_buf[si % 2] : Tensor();
-      auto post_inner = [&] { return post(s, *kv_hop, held, next); };
+      Held next;
+      auto post_inner = [&] {
+        return pass_on(s, *kv_hop, step, held, st.src, source(s.topo, s.rank, step + 1),
+                       inner_buf[si % 2], next);
+      };
       Transfer inner;
       if (kv_hop && s.overlap) inner = post_inner();
       visit(step, st, held);
@@ -187,7 +306,10 @@ void for_each_block(const RingSetup& s, const Tensor& local_kv, Visit&& visit) {
     }
     if (outer_hop && !s.overlap) outer = post_outer();
     outer.wait();
-    if (outer_hop) std::swap(round_start, outer_next);
+    if (outer_hop) {
+      round_start = outer_next;
+      std::swap(start_buf, outer_buf);  // the old round start is sent: its buffer takes the next
+    }
   }
 }
 
@@ -204,13 +326,15 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
     out_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
     lse = at::full({q.size(0), q.size(2), q.size(1)}, -INFINITY, q.options().dtype(at::kFloat));
   };
-  for_each_block(s, pack_kv(k, v), [&](int64_t, const Step& st, const Tensor& held) {
+  for_each_block(s, pack_kv(k, v), [&](int64_t, const Step& st, const Held& held) {
     if (nothing_visible(s, st.src)) return;
     for (const WorkItem& item : st.items) {
       const Rows r = rows_of(item, s.chunk);
-      auto [block_out, block_lse] = ops.fwd.call(
-          q.narrow(1, r.q0, r.nq), held[0].narrow(1, r.k0, r.nk), held[1].narrow(1, r.k0, r.nk),
-          s.scale, item.causal, r.q_offset, r.k_offset, /*out_fp32=*/true, visible_for(s, st.src));
+      const Keys keys = keys_of(s, held, st.src, r);
+      auto [block_out, block_lse] =
+          ops.fwd.call(q.narrow(1, r.q0, r.nq), held.kv[0].narrow(1, keys.k0, keys.nk),
+                       held.kv[1].narrow(1, keys.k0, keys.nk), s.scale, item.causal, r.q_offset,
+                       r.k_offset, /*out_fp32=*/true, keys.visible);
       if (!out_acc.defined() && r.q0 == 0 && r.nq == q.size(1)) {
         out_acc = block_out;
         lse = block_lse;
@@ -227,22 +351,30 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
 
 namespace {
 
-// The float32 K/V gradients on their way round the ring: Note [K/V gradients].
+// The float32 K/V gradients on their way round the ring: Note [K/V gradients]; with key
+// intervals, straight home from every holder (Note [Moving only what is seen]).
 class KvGrads {
  public:
   KvGrads(const RingSetup& s, const Tensor& packed)
-      : s_(s), sizes_(packed.sizes().vec()), f32_(packed.options().dtype(at::kFloat)) {}
+      : s_(s), sizes_(packed.sizes().vec()), f32_(packed.options().dtype(at::kFloat)) {
+    if (s_.masked()) home_ = at::zeros(sizes_, f32_);
+  }
 
-  // A zeroed buffer for this step's contribution.
-  Tensor begin_step(int64_t step) {
+  // A zeroed buffer for this step's contribution (src's block), in the held block's shape;
+  // undefined when, with key intervals, there is nothing to send home.
+  Tensor begin_step(int64_t step, int64_t src, const Held& held) {
+    if (s_.masked()) {
+      return s_.need_of(s_.rank, src).empty() ? Tensor() : at::zeros(held.kv.sizes(), f32_);
+    }
     Tensor& g = bufs_[(step % s_.topo.window) % 2];
     if (!g.defined()) return g = at::zeros(sizes_, f32_);
     return g.zero_();
   }
 
   // Adds the partial from the previous holder and sends the sum on (or home at a round's end), as
-  // the step's plan says.
-  void end_step(int64_t step, const Step& st, Tensor& g) {
+  // the step's plan says; with key intervals, sends the rows this rank saw home.
+  void end_step(int64_t step, const Step& st, Tensor& g, const Held& held) {
+    if (s_.masked()) return send_home(step, st.src, g, held.base);
     if (has_incoming_) {
       incoming_.wait();
       g.add_(incoming_buf_);
@@ -250,7 +382,8 @@ class KvGrads {
     }
     if (const Hop* on = find_hop(st, Payload::kKvGrad)) {
       if (!incoming_buf_.defined()) incoming_buf_ = at::empty(sizes_, f32_);
-      incoming_ = post(s_, *on, g, incoming_buf_);
+      incoming_ = exchange(group_of(s_, on->link), g, on->send_to, incoming_buf_, on->recv_from,
+                           tag_of(on->what));
       has_incoming_ = true;
       if (!s_.overlap) incoming_.wait();
       return;
@@ -263,7 +396,8 @@ class KvGrads {
     }
     // The first partial to come home becomes home_ itself; later ones (double ring) are added.
     if (!home_in_.defined()) home_in_ = at::empty(sizes_, f32_);
-    home_xfer_ = post(s_, *home, g, home_in_);
+    home_rows_ = {0, s_.rows};
+    home_xfer_ = exchange(s_.ring, g, home->send_to, home_in_, home->recv_from, tag_of(home->what));
     std::swap(bufs_[(step % s_.topo.window) % 2], spare_);  // keep the buffer in flight untouched
     if (!s_.overlap) settle_home();
   }
@@ -275,11 +409,31 @@ class KvGrads {
   }
 
  private:
+  // Key intervals: the gradient of the rows of src's block this rank saw goes to src; the rows
+  // rank `from` saw of ours come home. Posted after the step's compute, added at the next step.
+  void send_home(int64_t step, int64_t src, const Tensor& g, int64_t base) {
+    settle_home();
+    const Span mine = s_.need_of(s_.rank, src);
+    if (src == s_.rank) {  // our own block, held whole
+      if (!mine.empty()) home_.narrow(2, mine.lo, mine.size()).add_(g.narrow(2, mine.lo, mine.size()));
+      return;
+    }
+    const int64_t from = holder(s_.topo, s_.rank, step);
+    home_rows_ = s_.need_of(from, s_.rank);
+    std::vector<int64_t> sizes = sizes_;
+    sizes[2] = home_rows_.size();
+    home_in_ = home_rows_.empty() ? Tensor() : at::empty(sizes, f32_);
+    home_xfer_ = exchange(s_.ring, mine.empty() ? Tensor() : held_rows(g, base, mine), src,
+                          home_in_, from, tag_of(Payload::kGradHome));
+    if (!s_.overlap) settle_home();
+  }
+
   void settle_home() {
     if (!home_xfer_.pending()) return;
     home_xfer_.wait();
+    if (!home_in_.defined()) return;
     if (home_.defined()) {
-      home_.add_(home_in_);
+      home_.narrow(2, home_rows_.lo, home_rows_.size()).add_(home_in_);
     } else {
       home_ = std::exchange(home_in_, Tensor());  // no zero-filled start, no add
     }
@@ -289,6 +443,7 @@ class KvGrads {
   std::vector<int64_t> sizes_;
   at::TensorOptions f32_;
   Tensor home_, bufs_[2], spare_, incoming_buf_, home_in_;
+  Span home_rows_;  // the rows of our block home_in_ brings
   Transfer incoming_, home_xfer_;
   bool has_incoming_ = false;  // a partial from the previous holder is due at the next step
 };
@@ -302,19 +457,21 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
   Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // [b, s, hq, d]
   const Tensor packed = pack_kv(k, v);
   KvGrads grads(s, packed);
-  for_each_block(s, packed, [&](int64_t step, const Step& st, const Tensor& held) {
-    Tensor g = grads.begin_step(step);
-    // A block nobody here sees adds nothing, but its gradient partial still moves on (end_step).
+  for_each_block(s, packed, [&](int64_t step, const Step& st, const Held& held) {
+    Tensor g = grads.begin_step(step, st.src, held);
+    // A block nobody here sees adds nothing, but the gradients still move (end_step).
     const std::vector<WorkItem> none;
     for (const WorkItem& item : nothing_visible(s, st.src) ? none : st.items) {
       const Rows r = rows_of(item, s.chunk);
+      const Keys keys = keys_of(s, held, st.src, r);
       ops.bwd_acc.call(dout.narrow(1, r.q0, r.nq), q.narrow(1, r.q0, r.nq),
-                       held[0].narrow(1, r.k0, r.nk), held[1].narrow(1, r.k0, r.nk),
-                       lse.narrow(2, r.q0, r.nq), delta.narrow(2, r.q0, r.nq), s.scale, item.causal,
-                       r.q_offset, r.k_offset, dq.narrow(1, r.q0, r.nq), g[0].narrow(1, r.k0, r.nk),
-                       g[1].narrow(1, r.k0, r.nk), visible_for(s, st.src));
+                       held.kv[0].narrow(1, keys.k0, keys.nk),
+                       held.kv[1].narrow(1, keys.k0, keys.nk), lse.narrow(2, r.q0, r.nq),
+                       delta.narrow(2, r.q0, r.nq), s.scale, item.causal, r.q_offset, r.k_offset,
+                       dq.narrow(1, r.q0, r.nq), g[0].narrow(1, keys.k0, keys.nk),
+                       g[1].narrow(1, keys.k0, keys.nk), keys.visible);
     }
-    grads.end_step(step, st, g);
+    grads.end_step(step, st, g, held);
   });
   const Tensor dkv = grads.finish();
   return {dq, dkv[0], dkv[1]};

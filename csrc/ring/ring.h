@@ -25,6 +25,13 @@ struct Options {
   bool overlap = true;  // post each transfer before the compute it hides behind
 };
 
+// Rows [lo, hi) of a block.
+struct Span {
+  int64_t lo = 0, hi = 0;
+  int64_t size() const { return hi - lo; }
+  bool empty() const { return hi <= lo; }
+};
+
 // Everything the loop needs to know about this rank's place in the (double) ring.
 struct RingSetup {
   Group ring, inner, outer;  // inner == ring for the plain ring; outer null with one window
@@ -37,14 +44,23 @@ struct RingSetup {
   // any_visible[src] is false when no row sees any. Empty: the offset masks of the schedule.
   std::vector<at::Tensor> visible;
   std::vector<bool> any_visible;
+  // need[r * cp + src]: the rows of src's block that ring rank r's rows see (their hull), which
+  // is all the masked ring moves (Note [Moving only what is seen] in ring.cpp). Every row of every
+  // block without `needed`; empty without visible.
+  std::vector<Span> need;
+  int64_t rows = 0;  // rows of every block
+  bool masked() const { return !visible.empty(); }
+  Span need_of(int64_t r, int64_t src) const { return need[r * topo.cp_size + src]; }
   int64_t inner_rank() const { return rank % topo.window; }
   int64_t outer_rank() const { return rank / topo.window; }
 };
 
-// Resolves and checks the groups for shards of local_len rows on `device`, and the per-source key
-// intervals (empty, or one per ring rank); no communication.
+// Resolves and checks the groups for shards of local_len rows on `device`, the per-source key
+// intervals (empty, or one per ring rank) and the rows every rank needs of every block (needed,
+// int64 [cp, cp, 2]; optional with visible); no communication.
 RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_len,
                      const std::optional<at::Tensor>& visible = std::nullopt,
+                     const std::optional<at::Tensor>& needed = std::nullopt,
                      c10::Device device = c10::Device(c10::kCPU));
 
 // visible [count, 2, rows] int64 (checked) as `count` [2, rows] tensors on `device`; fills
