@@ -60,7 +60,8 @@ TORCH_LIBRARY(ring_ext, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, str algo, str ring_group, "
       "str inner_group=\"\", str outer_group=\"\", str ulysses_group=\"\", bool overlap=True, "
-      "str layout=\"bshd\", Tensor? visible=None, Tensor? needed=None) -> (Tensor out, Tensor lse)");
+      "str layout=\"bshd\", Tensor? visible=None, Tensor? needed=None) -> (Tensor out, Tensor "
+      "lse)");
   // Gradients of attention given its final out and lse; dq/dk/dv in the dtype and strides of q/k/v.
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float "

@@ -147,7 +147,9 @@ def plan_tokens(
     return _pad_plan(lists, members, total)
 
 
-def _contiguous_plan(cu_seqlens: tuple[int, ...], groups: int, causal: bool, window: int) -> list[torch.Tensor]:
+def _contiguous_plan(
+    cu_seqlens: tuple[int, ...], groups: int, causal: bool, window: int
+) -> list[torch.Tensor]:
     """Windowed placement: the packed sequence cut into `groups` consecutive pieces of equal visible
     pairs under a window of `window` tokens (a token at position p of a document of n tokens sees
     min(p + 1, w) keys, causal, or min(p + w, n) - max(p - w + 1, 0), general). A windowed layer then

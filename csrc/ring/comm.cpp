@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 
 #include <atomic>
-
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
 namespace ring_ext {

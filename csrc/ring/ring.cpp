@@ -415,7 +415,8 @@ class KvGrads {
     settle_home();
     const Span mine = s_.need_of(s_.rank, src);
     if (src == s_.rank) {  // our own block, held whole
-      if (!mine.empty()) home_.narrow(2, mine.lo, mine.size()).add_(g.narrow(2, mine.lo, mine.size()));
+      if (!mine.empty())
+        home_.narrow(2, mine.lo, mine.size()).add_(g.narrow(2, mine.lo, mine.size()));
       return;
     }
     const int64_t from = holder(s_.topo, s_.rank, step);
