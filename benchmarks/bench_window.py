@@ -3,10 +3,11 @@
 1. One process, forward+backward, [1, S, h, d] causal, interleaved (every window and full causal in
    one loop, median of the repeats): time and its ratio to full causal, next to the share of visible
    pairs (what an ideal kernel would cost).
-2. 2 Gloo ranks x 1 thread, the ring (megatron_cp_algo) and Ulysses: time per fwd+bwd (the slowest
-   rank's) and the forward bytes each rank sends per layer, as sent today: the ring still moves every
-   K/V block whatever the window (skipping the blocks a window never needs is not built yet), Ulysses
-   moves q, k, v and out once each.
+2. 2 Gloo ranks x 1 thread: the ring (megatron_cp_algo) on the default zigzag placement and on the
+   windowed one (--cp-sliding-window w: contiguous shards), and Ulysses. Time per fwd+bwd (the slowest
+   rank's) and the bytes the busiest rank sends in the forward and in the backward, counted by
+   torch.ops.ring_ext.sent_bytes() (ring transfers and all-to-alls alike), next to one K/V halo of
+   w - 1 rows (what a rank of contiguous shards needs from its neighbour).
 
     python benchmarks/bench_window.py            # S = 32768 one process, 16384 on 2 ranks
     python benchmarks/bench_window.py --quick    # S = 8192 / 4096
@@ -69,47 +70,57 @@ def one_process(total: int, windows: list[int], repeats: int) -> list[str]:
 
 
 def cp_worker(rank: int, world_size: int, case):
-    algo, total, window, repeats = case
+    algo, placement, total, window, repeats = case
     torch.set_num_threads(1)
-    cfg = ring_ext.CPConfig(context_parallel_size=world_size, context_parallel_algo=algo)
+    cfg = ring_ext.CPConfig(
+        context_parallel_size=world_size, context_parallel_algo=algo, cp_sliding_window=placement
+    )
     ctx = ring_ext.initialize(cfg)
     g = torch.Generator().manual_seed(0)
     full = [torch.randn(1, total, HEADS, HEAD_DIM, generator=g).to(torch.bfloat16) for _ in range(3)]
-    q, k, v = (ring_ext.shard(t, ctx, 1) for t in full)
-    fwd_bwd(q, k, v, ctx=ctx, sliding_window=window)
+    q, k, v = (ring_ext.shard(t, ctx, 1).requires_grad_() for t in full)
+    before = torch.ops.ring_ext.sent_bytes()
+    out = ring_ext.attention(q, k, v, ctx, sliding_window=window)
+    forward = torch.ops.ring_ext.sent_bytes() - before
+    out.backward(torch.ones_like(out))
+    backward = torch.ops.ring_ext.sent_bytes() - before - forward
     times = []
     for _ in range(repeats):
         ring_ext.all_reduce(torch.zeros(1), ctx)
         start = time.perf_counter()
         fwd_bwd(q, k, v, ctx=ctx, sliding_window=window)
         times.append(ring_ext.all_reduce(torch.tensor([time.perf_counter() - start]), ctx, op="max").item())
-    return statistics.median(times) * 1e3
+    sent = ring_ext.all_reduce(torch.tensor([forward, backward], dtype=torch.float64), ctx, op="max")
+    return statistics.median(times) * 1e3, int(sent[0]), int(sent[1])
 
 
-def sent_bytes(algo: str, total: int, world: int) -> int:
-    """Forward bytes one rank sends per layer, as the code does today (bf16, K/V heads = q heads)."""
-    local = total // world * HEADS * HEAD_DIM * 2
-    if algo == "megatron_cp_algo":
-        return (world - 1) * 2 * local  # K and V, every step
-    return 4 * local * (world - 1) // world  # q, k, v in; out back
+def halo_bytes(window: int | None) -> int:
+    """One K/V halo: the w - 1 rows before a contiguous shard, K and V, bf16."""
+    return 0 if window is None else 2 * (window - 1) * HEADS * HEAD_DIM * 2
 
 
 def two_ranks(total: int, windows: list[int], repeats: int) -> list[str]:
     from distributed import run_distributed
 
     rows = [
-        f"### 2 Gloo ranks x 1 thread, S = {total}, bf16, causal, fwd+bwd (slowest rank)",
+        f"### 2 Gloo ranks x 1 thread, S = {total}, bf16, h={HEADS} d={HEAD_DIM}, causal, fwd+bwd (slowest rank)",
         "",
-        "| algorithm | window | ms | / full causal | forward bytes sent per rank |",
-        "|---|---|---|---|---|",
+        "| algorithm | placement | window | ms | / zigzag ring, full | forward bytes sent | backward bytes sent | one K/V halo |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for algo in ("megatron_cp_algo", "ulysses_cp_algo"):
-        cases = [(algo, total, w, repeats) for w in (None, *windows)]
-        ms = run_distributed(cp_worker, 2, cases, collect=True, timeout_s=1800)
-        for (_, _, w, _), t in zip(cases, ms):
-            rows.append(
-                f"| {algo} | {w or 'full'} | {t:.1f} | {t / ms[0]:.3f} | {sent_bytes(algo, total, 2)} |"
-            )
+    setups = [("megatron_cp_algo", False), ("megatron_cp_algo", True), ("ulysses_cp_algo", False)]
+    cases = []
+    for algo, windowed in setups:
+        for w in (None, *windows):
+            placement = (w or total) if windowed else None
+            cases.append((algo, placement, total, w, repeats))
+    results = run_distributed(cp_worker, 2, cases, collect=True, timeout_s=3600)
+    base = results[0][0]
+    for (algo, placement, _, w, _), (ms, fwd, bwd) in zip(cases, results):
+        where = "contiguous" if placement or algo == "ulysses_cp_algo" else "zigzag"
+        rows.append(
+            f"| {algo} | {where} | {w or 'full'} | {ms:.1f} | {ms / base:.3f} | {fwd} | {bwd} | {halo_bytes(w)} |"
+        )
     return rows
 
 

@@ -10,6 +10,7 @@ run, best first. The model is docs/planner.md; every function here is pure excep
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 
@@ -62,13 +63,15 @@ class Cluster:
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """One configuration: algo (ulysses / ring / double_ring / hybrid), Ulysses degree u (1 for the
-    rings), ring size cp // u, double-ring window (1: plain ring), overlap of transfers and compute."""
+    rings), ring size cp // u, double-ring window (1: plain ring), overlap of transfers and compute, and
+    the token placement (docs/design.md, Token placement)."""
 
     algo: str
     cp: int
     ulysses_degree: int = 1
     window: int = 1
     overlap: bool = True
+    placement: str = "zigzag"  # token placement of a causal ring: zigzag, or contiguous (--cp-sliding-window)
 
     @property
     def ring(self) -> int:
@@ -101,6 +104,10 @@ def layouts(shape: Shape, cp: int) -> list[Layout]:
             ring = cp // u
             windows = [1] + [w for w in range(2, ring) if ring % w == 0]
             out += [Layout("hybrid", cp, u, w, o) for w in windows for o in (True, False)]
+    if shape.window is not None and shape.causal:  # every ring layout again on contiguous shards
+        out += [
+            dataclasses.replace(x, placement="contiguous") for x in out if x.algo != "ulysses" and x.ring > 1
+        ]
     return out
 
 
@@ -130,35 +137,112 @@ def _link(cluster: Cluster, a: int, b: int) -> tuple[float, float]:
 
 
 def _hop_time(cluster: Cluster, pairs, nbytes: float) -> float:
-    """Time of the slowest of the (src, dst) transfers of nbytes that happen at the same time."""
+    """Time of the slowest of the (src, dst) transfers of nbytes that happen at the same time (none:
+    0)."""
+    if nbytes <= 0:
+        return 0.0
     return max(lat + nbytes / bw for bw, lat in (_link(cluster, a, b) for a, b in pairs))
 
 
-def _ring_phase(cluster, layout, step_compute, nbytes, first_rank=0, stride=1) -> tuple[float, float]:
+def _ring_phase(cluster, layout, step_compute, hops, first_rank=0, stride=1) -> tuple[float, float]:
     """(time, exposed transfer time) of one pass of a (double) ring over `layout.ring` members that
-    are `stride` ranks apart, each step computing step_compute and moving nbytes per rank. A plain
-    ring has ring - 1 transfers; a double ring of window w has ring/w - 1 outer hops (between windows,
-    each overlapping the w steps of its inner round when overlap is on) and w - 1 inner hops per round."""
-    ring, w = layout.ring, layout.window
+    are `stride` ranks apart, each step computing step_compute. hops = (inner, outer): the bytes per
+    rank of each step's inner hop (ring entries, 0 where none) and of each round's outer hop (ring/w
+    entries). A plain ring has ring - 1 inner hops; a double ring of window w has w - 1 inner hops per
+    round and ring/w - 1 outer hops (between windows, each overlapping the w steps of its inner round
+    when overlap is on)."""
+    ring = layout.ring
+    w = layout.window if layout.window > 1 else ring  # the plain ring: one round of the whole ring
     members = [first_rank + i * stride for i in range(ring)]
     if ring == 1:
         return step_compute, 0.0
-    if w == 1:
-        hop = _hop_time(cluster, [(members[i], members[(i + 1) % ring]) for i in range(ring)], nbytes)
-        step = max(step_compute, hop) if layout.overlap else step_compute + hop
-        total = step_compute + (ring - 1) * step
-        return total, total - ring * step_compute
+    inner_bytes, outer_bytes = hops
     inner = [(members[i], members[(i // w) * w + (i + 1) % w]) for i in range(ring)]
     outer = [(members[i], members[(i + w) % ring]) for i in range(ring)]
-    inner_hop, outer_hop = _hop_time(cluster, inner, nbytes), _hop_time(cluster, outer, nbytes)
-    rounds = ring // w
-    inner_step = max(step_compute, inner_hop) if layout.overlap else step_compute + inner_hop
-    round_time = step_compute + (w - 1) * inner_step
+
+    def step(t: int) -> float:  # the step's compute and the hop that brings the next block
+        hop = _hop_time(cluster, inner, inner_bytes[t])
+        return max(step_compute, hop) if layout.overlap else step_compute + hop
+
+    rounds = [sum(step(so * w + si) for si in range(w)) for so in range(ring // w)]
+    outer_hops = [_hop_time(cluster, outer, n) for n in outer_bytes]
     if layout.overlap:  # the next window's block travels during this round
-        total = round_time + (rounds - 1) * max(round_time, outer_hop)
+        total = rounds[0] + sum(max(r, o) for r, o in zip(rounds[1:], outer_hops))
     else:
-        total = rounds * round_time + (rounds - 1) * outer_hop
+        total = sum(rounds) + sum(outer_hops[: len(rounds) - 1])
     return total, total - ring * step_compute
+
+
+# ---- what the ring moves under a window (Note [Moving only what is seen] in csrc/ring/ring.cpp) --------
+
+
+def _member_ranges(placement: str, ring: int, seq: int) -> list[list[tuple[int, int]]]:
+    """The global token ranges [a, b) of each ring member's block, in block order."""
+    if placement == "contiguous":
+        n = seq // ring
+        return [[(m * n, (m + 1) * n)] for m in range(ring)]
+    c = seq // (2 * ring)
+    return [[(m * c, (m + 1) * c), ((2 * ring - 1 - m) * c, (2 * ring - m) * c)] for m in range(ring)]
+
+
+def _seen_rows(queries, keys, causal: bool, window: int) -> tuple[int, int]:
+    """The hull [lo, hi) of the rows of a block of `keys` ranges (in block order) that some query of the
+    `queries` ranges sees under the window ((0, 0): none)."""
+    lo, hi, base = None, None, 0
+    for c, d in keys:
+        for a, b in queries:  # queries [a, b) see keys [a - w + 1, b - 1] (causal) or to b + w - 2
+            first, last = max(c, a - window + 1), min(d - 1, b - 1 if causal else b + window - 2)
+            if first <= last:
+                lo = base + first - c if lo is None else min(lo, base + first - c)
+                hi = base + last - c + 1 if hi is None else max(hi, base + last - c + 1)
+        base += d - c
+    return (lo, hi) if lo is not None else (0, 0)
+
+
+def window_rows(shape: Shape, layout: Layout) -> dict[str, list]:
+    """The rows (tokens) the ring moves under shape.window, from the same rule as ring_ext's driver:
+    a hop carries the hull of what the holders it feeds see, a K/V gradient goes home from each holder
+    that saw some of it. Over the ring's members (dense sequence, the layout's placement):
+        inner[t]   the most rows any member sends at step t's inner hop (0: none)
+        outer[so]  the same for round so's outer hop
+        grad[t]    the most gradient rows any member sends home after step t
+        total[m]   member m's K/V rows over the forward's hops and its gradient rows, (kv, grad)"""
+    placement = layout.placement if shape.causal else "contiguous"  # a general mask is never zigzag
+    window = layout.window if layout.window > 1 else layout.ring
+    return _window_rows(shape.seq, shape.causal, shape.window, layout.ring, window, placement)
+
+
+@functools.lru_cache(maxsize=256)
+def _window_rows(seq: int, causal: bool, window: int, ring: int, w: int, placement: str) -> dict[str, list]:
+    n_out = ring // w
+    blocks = _member_ranges(placement, ring, seq)
+    need = [[_seen_rows(blocks[r], blocks[s], causal, window) for s in range(ring)] for r in range(ring)]
+
+    def source(r: int, t: int) -> int:  # Note [Double ring schedule]
+        return ((r // w - t // w) % n_out) * w + (r % w - t % w) % w
+
+    def holder(s: int, t: int) -> int:
+        return ((s // w + t // w) % n_out) * w + (s % w + t % w) % w
+
+    def carried(s: int, t: int, steps) -> int:
+        spans = [need[holder(s, u)][s] for u in steps if need[holder(s, u)][s][1] > need[holder(s, u)][s][0]]
+        return max(h for _, h in spans) - min(lo for lo, _ in spans) if spans else 0
+
+    inner, outer, grad = [0] * ring, [0] * n_out, [0] * ring
+    kv_total, grad_total = [0] * ring, [0] * ring
+    for r in range(ring):
+        for t in range(ring):
+            round_end = (t // w + 1) * w
+            if t % w + 1 < w:
+                rows = carried(source(r, t), t, range(t + 1, round_end))
+                inner[t], kv_total[r] = max(inner[t], rows), kv_total[r] + rows
+            if t % w == 0 and t // w + 1 < n_out:
+                rows = carried(source(r, t), t, range(round_end, ring))
+                outer[t // w], kv_total[r] = max(outer[t // w], rows), kv_total[r] + rows
+            if t > 0:
+                lo, hi = need[r][source(r, t)]
+                grad[t], grad_total[r] = max(grad[t], hi - lo), grad_total[r] + hi - lo
+    return {"inner": inner, "outer": outer, "grad": grad, "total": list(zip(kv_total, grad_total))}
 
 
 def _all_to_all(cluster: Cluster, layout: Layout, nbytes: float, rank: int = 0) -> float:
@@ -198,17 +282,31 @@ def predict(shape: Shape, cluster: Cluster, layout: Layout) -> Prediction:
 
     # The ring over cp/u members u apart, on blocks of cp/ring... after the all-to-all each rank holds
     # seq*u/cp tokens of heads/u heads: the K/V block it passes has the plain ring's size.
-    block_kv = 2 * b * (shape.seq // ring) * max(1, kv_heads_after // u) * d * e
-    block_dkv = 2 * b * (shape.seq // ring) * max(1, kv_heads_after // u) * d * 4  # float32 gradients
+    row_kv = 2 * b * max(1, kv_heads_after // u) * d * e  # one token of the K/V block
+    row_dkv = row_kv // e * 4  # its float32 gradient
+    block_kv, block_dkv = (shape.seq // ring) * row_kv, (shape.seq // ring) * row_dkv
+    n_out = ring // (layout.window if layout.window > 1 else ring)
+    if shape.window is None:  # every block moves whole (packed documents too: each spans the ring)
+        inner = [block_kv if (t + 1) % (ring // n_out) else 0 for t in range(ring)]
+        fwd_hops = (inner, [block_kv] * n_out)
+        bwd_hops = ([n and n + block_dkv for n in inner], [block_kv] * n_out)
+        ring_sent = (
+            (ring - 1) * block_kv + (ring - 1) * (block_kv + block_dkv) + (block_dkv if ring > 1 else 0)
+        )
+    else:  # only the rows the window lets some rank see
+        rows = window_rows(shape, layout)
+        fwd_hops = ([n * row_kv for n in rows["inner"]], [n * row_kv for n in rows["outer"]])
+        grad_next = rows["grad"][1:] + [0]  # step t's gradient goes home while step t + 1 computes
+        bwd_hops = ([n * row_kv + g * row_dkv for n, g in zip(rows["inner"], grad_next)], fwd_hops[1])
+        ring_sent = max(2 * kv * row_kv + g * row_dkv for kv, g in rows["total"])
     # Each forward step but the first folds its partial into the running output: ring_ext's merge_
     # reads the float32 output and partial and writes the output (12 bytes per element, plus the LSEs),
     # memory-bound work on the compute side of the step.
     q_elems = b * (shape.seq // ring) * (shape.heads // u) * d
     merge = (12 * q_elems + 12 * q_elems // d) / cluster.mem_bw if ring > 1 else 0.0
-    fwd_ring, fwd_exposed = _ring_phase(cluster, layout, fwd_c / ring + merge, block_kv, 0, u)
+    fwd_ring, fwd_exposed = _ring_phase(cluster, layout, fwd_c / ring + merge, fwd_hops, 0, u)
     fwd_ring -= merge  # the first step has nothing to merge
-    bwd_ring, bwd_exposed = _ring_phase(cluster, layout, bwd_c / ring, block_kv + block_dkv, 0, u)
-    ring_sent = (ring - 1) * block_kv + (ring - 1) * (block_kv + block_dkv) + (block_dkv if ring > 1 else 0)
+    bwd_ring, bwd_exposed = _ring_phase(cluster, layout, bwd_c / ring, bwd_hops, 0, u)
 
     seconds = fwd_ring + bwd_ring + a2a_fwd + a2a_bwd
     # Peak per rank in the backward: q, k, v, out, dout, lse, the float32 dq/dk/dv accumulators of the
@@ -398,6 +496,8 @@ def describe(layout: Layout) -> str:
         parts.append(f"u={layout.ulysses_degree} ring={layout.ring}")
     if layout.window > 1:
         parts.append(f"window={layout.window}")
+    if layout.placement != "zigzag":
+        parts.append(layout.placement)
     if layout.algo != "ulysses" and layout.ring > 1:
         parts.append("overlap" if layout.overlap else "no overlap")
     return " ".join(parts)

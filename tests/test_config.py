@@ -44,9 +44,11 @@ def test_flags_round_trip():
             "2",
             "--ulysses-degree-in-cp",
             "2",
+            "--cp-sliding-window",
+            "4096",
         )
     )
-    assert cfg == ring_ext.CPConfig(8, "hybrid_cp_algo", True, "general", True, 2, 2)
+    assert cfg == ring_ext.CPConfig(8, "hybrid_cp_algo", True, "general", True, 2, 2, 4096)
     assert cfg.ring_size == 4 and not cfg.causal and cfg.megatron_cp_in_bnsd
 
 
@@ -70,6 +72,7 @@ def test_bad_flag_choices_exit():
             "cp_window_size",
         ),
         (dict(cp_window_size=0), "cp_window_size"),
+        (dict(cp_sliding_window=0), "cp_sliding_window"),
         (dict(context_parallel_size=4, context_parallel_algo="hybrid_cp_algo"), "ulysses_degree_in_cp"),
         (
             dict(context_parallel_size=4, context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=3),

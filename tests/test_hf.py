@@ -267,6 +267,7 @@ class HFCase:
     sliding_window: int | None = None
     use_cache: bool = True  # False: no cache, so transformers sees the zigzag shard as packed documents
     sharded_positions: bool = True
+    placement: int | None = None  # --cp-sliding-window: contiguous token placement
     error: str | None = None
 
 
@@ -291,6 +292,7 @@ def run_hf_case(rank: int, world_size: int, case: HFCase):
         context_parallel_algo=case.algo,
         ulysses_degree_in_cp=case.ulysses_degree,
         attention_mask_type="causal" if case.causal else "general",
+        cp_sliding_window=case.placement,
     )
     ctx = ring_ext.initialize(cfg)
     ids_l, pos_l = (ring_ext.shard(t, ctx, seq_dim=1) for t in (ids, positions))
@@ -323,6 +325,9 @@ def test_context_parallel_matches_the_models_own_attention():
         HFCase("megatron_cp_algo", arch="mistral", sliding_window=6),
         HFCase("ulysses_cp_algo", arch="qwen2", sliding_window=5),
         HFCase("hybrid_cp_algo", ulysses_degree=2, arch="gemma2", sliding_window=9),
+        # the windowed placement: a window model, and Qwen2's full layer 0 on contiguous shards
+        HFCase("megatron_cp_algo", arch="mistral", sliding_window=6, placement=6),
+        HFCase("hybrid_cp_algo", ulysses_degree=2, arch="qwen2", sliding_window=5, placement=5),
         HFCase("megatron_cp_algo", sharded_positions=False, error="position_ids must be"),
     ]
     run_distributed(run_hf_case, 4, cases, timeout_s=300)

@@ -111,6 +111,23 @@ def test_plan_balance(cp, seed):
     assert max(int((t < cu[-1]).sum()) for t in plan) <= 4096 / cp + 2 * len(docs)
 
 
+@pytest.mark.parametrize("cp", [2, 3, 8])
+@pytest.mark.parametrize("causal", [True, False])
+def test_windowed_plan_is_contiguous_and_balanced(cp, causal):
+    """--cp-sliding-window: every member holds one run of consecutive tokens, in rank order, with windowed
+    work (visible pairs under the window) within two tokens' worth of each other."""
+    window = 64
+    cu = cu_of(lognormal_docs(4096, 12, 0))
+    total = cu[-1]
+    plan = plan_tokens(cu, cp, 2, causal, window)
+    blocks = [torch.cat(plan[g * 2 : g * 2 + 2]) for g in range(cp)]
+    real = [b[b < total] for b in blocks]
+    assert torch.equal(torch.cat(real), torch.arange(total)), "consecutive pieces, in rank order"
+    pairs = [int(packed_visible(r, torch.arange(total), cu, causal, window).sum()) for r in real]
+    token = window if causal else 2 * window - 1  # the most keys one token sees
+    assert max(pairs) - min(pairs) <= 2 * token, pairs
+
+
 # ---- kernels ------------------------------------------------------------------------------------
 
 # dq rows of queries seeing fewer keys are ill-conditioned (tolerances.assert_attention, dq_rows).

@@ -13,6 +13,7 @@ import torch
 from packed_cases import PackedCase, context, lognormal_docs, run_packed_case
 
 import ring_ext
+from ring_ext import planner
 
 from distributed import run_distributed
 
@@ -122,18 +123,15 @@ def expected_rows(rank: int, world_size: int, window: int) -> tuple[int, int]:
     return kv, grad
 
 
-def halo_bytes(rank: int, world_size: int, window: int):
-    case = PackedCase(
-        (HALO_ROWS * world_size,),
-        dense=True,
-        placement=window,
-        heads_q=2,
-        heads_kv=HEADS_KV,
-        head_dim=HEAD_DIM,
-    )
-    ctx = context(case, world_size)
+def halo_bytes(rank: int, world_size: int, case):
+    """What the ring sends in one forward and one backward, counted by sent_bytes, against the rule of
+    expected_rows (contiguous shards, plain ring) and against the planner's count (every case)."""
+    window, contiguous, cp_window = case
+    seq = HALO_ROWS * world_size
+    placement = window if contiguous else None  # --cp-sliding-window, else zigzag shards
+    ctx = context(PackedCase((seq,), dense=True, placement=placement, window=cp_window), world_size)
     g = torch.Generator().manual_seed(window)
-    full = [torch.randn(1, HALO_ROWS * world_size, h, HEAD_DIM, generator=g) for h in (2, 1, 1)]
+    full = [torch.randn(1, seq, h, HEAD_DIM, generator=g) for h in (2, HEADS_KV, HEADS_KV)]
     q, k, v = (ring_ext.shard(t, ctx, 1).requires_grad_() for t in full)
     before = torch.ops.ring_ext.sent_bytes()
     out = ring_ext.attention(q, k, v, ctx, layout="bshd", sliding_window=window)
@@ -141,12 +139,23 @@ def halo_bytes(rank: int, world_size: int, window: int):
     out.backward(torch.randn_like(out))
     backward = torch.ops.ring_ext.sent_bytes() - before - forward
     row = 2 * HEADS_KV * HEAD_DIM * 4  # a K row and a V row, float32; their gradients alike
-    kv, grad = expected_rows(rank, world_size, window)
-    assert (forward, backward) == (kv * row, (kv + grad) * row), (rank, window, forward, backward, kv, grad)
+    shape = planner.Shape(seq=seq, heads=2, head_dim=HEAD_DIM, kv_heads=HEADS_KV, dtype="fp32", window=window)
+    algo = "ring" if cp_window == 1 else "double_ring"
+    where = "contiguous" if contiguous else "zigzag"
+    kv, grad = planner.window_rows(
+        shape, planner.Layout(algo, world_size, window=cp_window, placement=where)
+    )["total"][rank]
+    if contiguous and cp_window == 1:
+        assert (kv, grad) == expected_rows(rank, world_size, window), (rank, case, kv, grad)
+    assert (forward, backward) == (kv * row, (kv + grad) * row), (rank, case, forward, backward, kv, grad)
 
 
 @pytest.mark.parametrize("world_size", [3, 4])
 def test_halo_bytes(world_size):
-    """Contiguous shards under a causal window: the ring moves only the halo (one per rank when
-    w <= S/cp + 1), in forward and backward, and nothing at all for w = 1."""
-    run_distributed(halo_bytes, world_size, [1, 2, 5, HALO_ROWS + 1, HALO_ROWS + 4], timeout_s=120)
+    """Windows move only what is seen: contiguous shards under a causal window send one halo per rank
+    (w <= S/cp + 1) and nothing at all for w = 1; zigzag shards and the double ring send what the
+    planner counts (ring_ext.planner.window_rows), forward and backward."""
+    windows = [1, 2, 5, HALO_ROWS + 1, HALO_ROWS + 4]
+    cp_windows = [1, 2] if world_size == 4 else [1]
+    cases = [(w, contiguous, c) for w in windows for contiguous in (True, False) for c in cp_windows]
+    run_distributed(halo_bytes, world_size, cases, timeout_s=120)

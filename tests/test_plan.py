@@ -3,6 +3,7 @@ limits and hand-computed cases, its rankings on a two-level cluster, and the `pl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -151,7 +152,8 @@ def test_merges_cost_memory_traffic_on_the_forward_ring_only():
 
 def test_windows_and_documents_count_visible_pairs():
     """A window or packed documents cut the flops to the visible pairs (counted per document, as the
-    kernels skip tiles), and nothing else in the model changes: the same bytes move."""
+    kernels skip tiles). Packed documents move every block; a window only the rows some rank sees
+    (a halo on contiguous shards; tests/test_packed_dist.py checks these counts against the ring)."""
     dense = Shape(seq=4096, heads=8, head_dim=64)
     fwd, bwd = planner.attention_flops(dense)
     assert fwd == 4 * 8 * 64 * 4096**2 / 2 and bwd == 2.5 * fwd
@@ -163,10 +165,14 @@ def test_windows_and_documents_count_visible_pairs():
     assert planner.attention_flops(packed)[0] == 4 * 8 * 64 * pairs
     cluster = Cluster(1, 4, 1e9, 1e9, 1e12)
     ring = Layout("ring", 4, overlap=False)
-    assert predict(shape=windowed, cluster=cluster, layout=ring).bytes_sent == (
-        predict(dense, cluster, ring).bytes_sent
-    )
+    assert predict(packed, cluster, ring).bytes_sent == predict(dense, cluster, ring).bytes_sent
+    assert predict(windowed, cluster, ring).bytes_sent < predict(dense, cluster, ring).bytes_sent
     assert predict(windowed, cluster, ring).seconds < predict(dense, cluster, ring).seconds
+    # Contiguous shards: the busiest rank sends 255 K/V rows forward, again backward, and the float32
+    # gradient of the 255 rows it saw of its neighbour's block; a row is 2 * 8 heads * 64 * 2 bytes.
+    halo = dataclasses.replace(ring, placement="contiguous")
+    assert predict(windowed, cluster, halo).bytes_sent == 2 * 255 * 2048 + 255 * 4096
+    assert "contiguous" in {p.layout.placement for p in rank_layouts(windowed, cluster)}
 
 
 def test_plan_command_with_window_and_documents(capsys):

@@ -19,7 +19,7 @@ at::Tensor unowned_alias(const at::Tensor& t) {
   return at::alias(t);
 }
 
-// Every byte exchange() has sent in this process (benchmarks and the transfer tests read it).
+// Every byte sent to another rank from this process (benchmarks and the transfer tests read it).
 std::atomic<int64_t> sent_bytes_{0};
 
 }  // namespace
@@ -66,7 +66,7 @@ Transfer exchange(const Group& group, const at::Tensor& out, int64_t dst, const 
   if (out.defined()) {
     std::vector<at::Tensor> send_buf{unowned_alias(out)};
     t.works_.push_back(group->send(send_buf, static_cast<int>(dst), tag));
-    sent_bytes_ += static_cast<int64_t>(out.nbytes());
+    count_sent(static_cast<int64_t>(out.nbytes()));
   }
   if (in.defined()) {
     std::vector<at::Tensor> recv_buf{unowned_alias(in)};
@@ -78,6 +78,8 @@ Transfer exchange(const Group& group, const at::Tensor& out, int64_t dst, const 
   }
   return t;
 }
+
+void count_sent(int64_t bytes) { sent_bytes_ += bytes; }
 
 int64_t sent_bytes_op() { return sent_bytes_.load(); }
 

@@ -73,8 +73,10 @@ class Transfer {
 Transfer exchange(const Group& group, const at::Tensor& out, int64_t dst, const at::Tensor& in,
                   int64_t src, int tag);
 
-// ring_ext::sent_bytes: the bytes exchange() has sent in this process so far.
+// ring_ext::sent_bytes: the bytes this process has sent to other ranks so far, by exchange() and
+// by Ulysses' all-to-alls (which report theirs with count_sent).
 int64_t sent_bytes_op();
+void count_sent(int64_t bytes);
 
 // ring_ext::all_gather: every rank's x (same shape and dtype on every rank), in group-rank order.
 std::vector<at::Tensor> all_gather_op(const at::Tensor& x, const std::string& group);

@@ -26,6 +26,8 @@
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include "comm.h"
+
 namespace ring_ext::ulysses {
 namespace {
 
@@ -56,6 +58,8 @@ std::vector<at::Tensor> all_to_all(const std::vector<at::Tensor>& parts, Process
   pg.alltoall_base(recv, send, equal_splits, equal_splits)
       ->wait();  // all_to_all_single in newer torch
 #pragma GCC diagnostic pop
+  ring::count_sent(static_cast<int64_t>(send.nbytes()) / pg.getSize() *
+                   (pg.getSize() - 1));  // own row stays
   std::vector<at::Tensor> out;
   for (size_t i = 0; i < parts.size(); ++i) out.push_back(slot(recv, offsets[i], parts[i]));
   return out;
