@@ -170,7 +170,7 @@ def _ring_phase(cluster, layout, step_compute, hops, first_rank=0, stride=1) -> 
         total = rounds[0] + sum(max(r, o) for r, o in zip(rounds[1:], outer_hops))
     else:
         total = sum(rounds) + sum(outer_hops[: len(rounds) - 1])
-    return total, total - ring * step_compute
+    return total, max(0.0, total - ring * step_compute)  # max: no -0.00 from rounding
 
 
 # ---- what the ring moves under a window (Note [Moving only what is seen] in csrc/ring/ring.cpp) --------

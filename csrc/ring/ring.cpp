@@ -78,8 +78,7 @@ void check_window_groups(const RingSetup& s) {
 }  // namespace
 
 std::vector<Tensor> prepare_visible(const std::optional<Tensor>& visible, int64_t count,
-                                    int64_t rows, c10::Device device,
-                                    std::vector<bool>* any_visible) {
+                                    int64_t rows, c10::Device device, std::vector<Span>* seen) {
   if (!visible.has_value()) return {};
   const Tensor& v = *visible;
   TORCH_CHECK_VALUE(v.scalar_type() == at::kLong && v.dim() == 3 && v.size(0) == count &&
@@ -93,9 +92,16 @@ std::vector<Tensor> prepare_visible(const std::optional<Tensor>& visible, int64_
   TORCH_CHECK_VALUE(
       rows < 2 || (host.narrow(2, 1, rows - 1) >= host.narrow(2, 0, rows - 1)).all().item<bool>(),
       "ring_ext: visible's begins and ends must be non-decreasing along the rows");
-  if (any_visible) {
-    for (int64_t src = 0; src < count; ++src)
-      any_visible->push_back((host[src][1] > host[src][0]).any().item<bool>());
+  if (seen) {
+    for (int64_t src = 0; src < count; ++src) {
+      const Tensor rows_seeing = host[src][1] > host[src][0];
+      if (!rows_seeing.any().item<bool>()) {
+        seen->push_back({});
+        continue;
+      }
+      seen->push_back({host[src][0].masked_select(rows_seeing).min().item<int64_t>(),
+                       host[src][1].masked_select(rows_seeing).max().item<int64_t>()});
+    }
   }
   const Tensor on_device = v.to(device).contiguous();
   std::vector<Tensor> out;
@@ -126,15 +132,10 @@ std::vector<Span> prepare_needed(const std::optional<Tensor>& needed, const Ring
     out.push_back(sp.empty() ? Span{} : sp);
   }
   for (int64_t src = 0; src < cp; ++src) {  // our own rows: what the kernels will read
-    const Tensor v = s.visible[src].cpu();
-    const Tensor seen = v[1] > v[0];
-    if (!seen.any().item<bool>()) continue;
-    const Span mine = out[s.rank * cp + src];
-    const int64_t lo = v[0].masked_select(seen).min().item<int64_t>();
-    const int64_t hi = v[1].masked_select(seen).max().item<int64_t>();
-    TORCH_CHECK_VALUE(mine.lo <= lo && hi <= mine.hi, "ring_ext: needed[", s.rank, "][", src,
-                      "] = [", mine.lo, ", ", mine.hi, ") must hold the rows visible sees, [", lo,
-                      ", ", hi, ")");
+    const Span mine = out[s.rank * cp + src], seen = s.seen[src];
+    TORCH_CHECK_VALUE(seen.empty() || (mine.lo <= seen.lo && seen.hi <= mine.hi),
+                      "ring_ext: needed[", s.rank, "][", src, "] = [", mine.lo, ", ", mine.hi,
+                      ") must hold the rows visible sees, [", seen.lo, ", ", seen.hi, ")");
   }
   return out;
 }
@@ -162,7 +163,7 @@ RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_
   s.scale = opt.scale;
   TORCH_CHECK_VALUE(!visible.has_value() || !opt.causal,
                     "ring_ext: give causal=False with visible (the intervals hold the mask)");
-  s.visible = prepare_visible(visible, s.topo.cp_size, local_len, device, &s.any_visible);
+  s.visible = prepare_visible(visible, s.topo.cp_size, local_len, device, &s.seen);
   s.rows = local_len;
   if (s.masked()) {
     s.need = prepare_needed(needed, s);
@@ -195,9 +196,7 @@ struct Held {
 };
 
 // True when no local row sees src's block: the step computes nothing.
-bool nothing_visible(const RingSetup& s, int64_t src) {
-  return !s.visible.empty() && !s.any_visible[src];
-}
+bool nothing_visible(const RingSetup& s, int64_t src) { return s.masked() && s.seen[src].empty(); }
 
 // The keys one work item reads from the held block: its rows of the held K/V pack and the kRows
 // mask shifted onto them (nullopt: the schedule's offsets).
@@ -208,7 +207,7 @@ struct Keys {
 
 Keys keys_of(const RingSetup& s, const Held& held, int64_t src, const Rows& r) {
   if (!s.masked()) return {r.k0, r.nk, std::nullopt};
-  const Span mine = s.need_of(s.rank, src);  // the masked schedule's one item: all local rows
+  const Span mine = s.seen[src];  // the masked schedule's one item: all local rows
   Tensor visible = s.visible[src];
   if (mine.lo != 0 || mine.size() != s.rows) visible = (visible - mine.lo).clamp(0, mine.size());
   return {mine.lo - held.base, mine.size(), visible};

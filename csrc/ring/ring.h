@@ -41,9 +41,10 @@ struct RingSetup {
   double scale = 1.0;
   // Packed documents / sliding windows (Note [Per-source key intervals] in ring.cpp): visible[src]
   // is int64 [2, local rows] on the inputs' device, the keys of src's block each local row sees;
-  // any_visible[src] is false when no row sees any. Empty: the offset masks of the schedule.
+  // seen[src] is the hull of those keys (empty when no row sees any). Empty vectors: the offset
+  // masks of the schedule.
   std::vector<at::Tensor> visible;
-  std::vector<bool> any_visible;
+  std::vector<Span> seen;
   // need[r * cp + src]: the rows of src's block that ring rank r's rows see (their hull), which
   // is all the masked ring moves (Note [Moving only what is seen] in ring.cpp). Every row of every
   // block without `needed`; empty without visible.
@@ -63,11 +64,12 @@ RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_
                      const std::optional<at::Tensor>& needed = std::nullopt,
                      c10::Device device = c10::Device(c10::kCPU));
 
-// visible [count, 2, rows] int64 (checked) as `count` [2, rows] tensors on `device`; fills
-// any_visible (computed on the host copy) when given. Empty without visible.
+// visible [count, 2, rows] int64 (checked) as `count` [2, rows] tensors on `device`; fills seen
+// (the hull of each source's visible keys, computed on the host copy) when given. Empty without
+// visible.
 std::vector<at::Tensor> prepare_visible(const std::optional<at::Tensor>& visible, int64_t count,
                                         int64_t rows, c10::Device device,
-                                        std::vector<bool>* any_visible = nullptr);
+                                        std::vector<Span>* seen = nullptr);
 
 // q [b, s, hq, d], k/v [b, s, hkv, d] (this rank's shards, any strides) ->
 // out float32 [b, s, hq, d], lse float32 [b, hq, s].
