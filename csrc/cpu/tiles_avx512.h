@@ -48,7 +48,7 @@ void gemm_tile(const float* a, int64_t sm, int64_t sk, const float* b, int64_t l
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v)
-      acc[i][v] = accumulate ? _mm512_loadu_ps(c + i * ldc + 16 * v) : _mm512_setzero_ps();
+      acc[i][v] = _mm512_setzero_ps();  // C is added at the end: Note [Blocked accumulation]
   for (int64_t kk = 0; kk < k; ++kk) {
     __m512 bv[NV];
 #pragma GCC unroll 4
@@ -63,7 +63,10 @@ void gemm_tile(const float* a, int64_t sm, int64_t sk, const float* b, int64_t l
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
+    for (int v = 0; v < NV; ++v) {
+      float* cv = c + i * ldc + 16 * v;
+      _mm512_storeu_ps(cv, accumulate ? _mm512_add_ps(_mm512_loadu_ps(cv), acc[i][v]) : acc[i][v]);
+    }
 }
 
 template <int MR, int NV>
@@ -74,7 +77,7 @@ void gemm_tile(const uint16_t* a, int64_t sm, int64_t sk, const uint16_t* b, int
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v)
-      acc[i][v] = accumulate ? _mm512_loadu_ps(c + i * ldc + 16 * v) : _mm512_setzero_ps();
+      acc[i][v] = _mm512_setzero_ps();  // C is added at the end: Note [Blocked accumulation]
   for (int64_t kk = 0; kk < k; ++kk) {
     __m512bh bv[NV];
 #pragma GCC unroll 4
@@ -91,7 +94,10 @@ void gemm_tile(const uint16_t* a, int64_t sm, int64_t sk, const uint16_t* b, int
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
+    for (int v = 0; v < NV; ++v) {
+      float* cv = c + i * ldc + 16 * v;
+      _mm512_storeu_ps(cv, accumulate ? _mm512_add_ps(_mm512_loadu_ps(cv), acc[i][v]) : acc[i][v]);
+    }
 }
 
 template <typename T>
