@@ -144,13 +144,14 @@ def _hop_time(cluster: Cluster, pairs, nbytes: float) -> float:
     return max(lat + nbytes / bw for bw, lat in (_link(cluster, a, b) for a, b in pairs))
 
 
-def _ring_phase(cluster, layout, step_compute, hops, first_rank=0, stride=1) -> tuple[float, float]:
+def _ring_phase(cluster, layout, step_compute, hops, first_rank=0, stride=1, tail=0.0) -> tuple[float, float]:
     """(time, exposed transfer time) of one pass of a (double) ring over `layout.ring` members that
     are `stride` ranks apart, each step computing step_compute. hops = (inner, outer): the bytes per
-    rank of each step's inner hop (ring entries, 0 where none) and of each round's outer hop (ring/w
-    entries). A plain ring has ring - 1 inner hops; a double ring of window w has w - 1 inner hops per
-    round and ring/w - 1 outer hops (between windows, each overlapping the w steps of its inner round
-    when overlap is on)."""
+    rank of what moves during each step (ring entries, 0 where nothing) and of each round's outer hop
+    (ring/w entries). A plain ring has ring - 1 inner hops; a double ring of window w has w - 1 inner
+    hops per round and ring/w - 1 outer hops (between windows, each overlapping the w steps of its
+    inner round when overlap is on). tail: bytes sent after the last step, with nothing to hide
+    behind (the last gradient home)."""
     ring = layout.ring
     w = layout.window if layout.window > 1 else ring  # the plain ring: one round of the whole ring
     members = [first_rank + i * stride for i in range(ring)]
@@ -165,11 +166,12 @@ def _ring_phase(cluster, layout, step_compute, hops, first_rank=0, stride=1) -> 
         return max(step_compute, hop) if layout.overlap else step_compute + hop
 
     rounds = [sum(step(so * w + si) for si in range(w)) for so in range(ring // w)]
-    outer_hops = [_hop_time(cluster, outer, n) for n in outer_bytes]
-    if layout.overlap:  # the next window's block travels during this round
-        total = rounds[0] + sum(max(r, o) for r, o in zip(rounds[1:], outer_hops))
+    outer_hops = [_hop_time(cluster, outer, n) for n in outer_bytes[: len(rounds) - 1]]  # the last: none
+    if layout.overlap:  # round so's outer hop brings the next round's block while round so runs
+        total = sum(max(r, o) for r, o in zip(rounds, outer_hops)) + rounds[-1]
     else:
-        total = sum(rounds) + sum(outer_hops[: len(rounds) - 1])
+        total = sum(rounds) + sum(outer_hops)
+    total += _hop_time(cluster, inner, tail)
     return total, max(0.0, total - ring * step_compute)  # max: no -0.00 from rounding
 
 
@@ -224,8 +226,8 @@ def _window_rows(seq: int, causal: bool, window: int, ring: int, w: int, placeme
     def holder(s: int, t: int) -> int:
         return ((s // w + t // w) % n_out) * w + (s % w + t % w) % w
 
-    def carried(s: int, t: int, steps) -> int:
-        spans = [need[holder(s, u)][s] for u in steps if need[holder(s, u)][s][1] > need[holder(s, u)][s][0]]
+    def carried(s: int, steps) -> int:  # the hull of what src's holders at `steps` see
+        spans = [span for span in (need[holder(s, u)][s] for u in steps) if span[1] > span[0]]
         return max(h for _, h in spans) - min(lo for lo, _ in spans) if spans else 0
 
     inner, outer, grad = [0] * ring, [0] * n_out, [0] * ring
@@ -234,10 +236,10 @@ def _window_rows(seq: int, causal: bool, window: int, ring: int, w: int, placeme
         for t in range(ring):
             round_end = (t // w + 1) * w
             if t % w + 1 < w:
-                rows = carried(source(r, t), t, range(t + 1, round_end))
+                rows = carried(source(r, t), range(t + 1, round_end))
                 inner[t], kv_total[r] = max(inner[t], rows), kv_total[r] + rows
             if t % w == 0 and t // w + 1 < n_out:
-                rows = carried(source(r, t), t, range(round_end, ring))
+                rows = carried(source(r, t), range(round_end, ring))
                 outer[t // w], kv_total[r] = max(outer[t // w], rows), kv_total[r] + rows
             if t > 0:
                 lo, hi = need[r][source(r, t)]
@@ -293,11 +295,13 @@ def predict(shape: Shape, cluster: Cluster, layout: Layout) -> Prediction:
         ring_sent = (
             (ring - 1) * block_kv + (ring - 1) * (block_kv + block_dkv) + (block_dkv if ring > 1 else 0)
         )
+        bwd_tail = 0.0
     else:  # only the rows the window lets some rank see
         rows = window_rows(shape, layout)
         fwd_hops = ([n * row_kv for n in rows["inner"]], [n * row_kv for n in rows["outer"]])
-        grad_next = rows["grad"][1:] + [0]  # step t's gradient goes home while step t + 1 computes
-        bwd_hops = ([n * row_kv + g * row_dkv for n, g in zip(rows["inner"], grad_next)], fwd_hops[1])
+        grad_prev = [0] + rows["grad"][:-1]  # step t's gradient goes home while step t + 1 computes
+        bwd_hops = ([n * row_kv + g * row_dkv for n, g in zip(rows["inner"], grad_prev)], fwd_hops[1])
+        bwd_tail = rows["grad"][-1] * row_dkv  # the last step's, waited at the end
         ring_sent = max(2 * kv * row_kv + g * row_dkv for kv, g in rows["total"])
     # Each forward step but the first folds its partial into the running output: ring_ext's merge_
     # reads the float32 output and partial and writes the output (12 bytes per element, plus the LSEs),
@@ -306,7 +310,7 @@ def predict(shape: Shape, cluster: Cluster, layout: Layout) -> Prediction:
     merge = (12 * q_elems + 12 * q_elems // d) / cluster.mem_bw if ring > 1 else 0.0
     fwd_ring, fwd_exposed = _ring_phase(cluster, layout, fwd_c / ring + merge, fwd_hops, 0, u)
     fwd_ring -= merge  # the first step has nothing to merge
-    bwd_ring, bwd_exposed = _ring_phase(cluster, layout, bwd_c / ring, bwd_hops, 0, u)
+    bwd_ring, bwd_exposed = _ring_phase(cluster, layout, bwd_c / ring, bwd_hops, 0, u, bwd_tail)
 
     seconds = fwd_ring + bwd_ring + a2a_fwd + a2a_bwd
     # Peak per rank in the backward: q, k, v, out, dout, lse, the float32 dq/dk/dv accumulators of the

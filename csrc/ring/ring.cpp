@@ -92,15 +92,16 @@ std::vector<Tensor> prepare_visible(const std::optional<Tensor>& visible, int64_
   TORCH_CHECK_VALUE(
       rows < 2 || (host.narrow(2, 1, rows - 1) >= host.narrow(2, 0, rows - 1)).all().item<bool>(),
       "ring_ext: visible's begins and ends must be non-decreasing along the rows");
-  if (seen) {
+  if (seen) {  // blocks hold `rows` keys: intervals past them are clamped, as the kernels do
     for (int64_t src = 0; src < count; ++src) {
-      const Tensor rows_seeing = host[src][1] > host[src][0];
+      const Tensor begin = host[src][0].clamp(0, rows), end = host[src][1].clamp(0, rows);
+      const Tensor rows_seeing = end > begin;
       if (!rows_seeing.any().item<bool>()) {
         seen->push_back({});
         continue;
       }
-      seen->push_back({host[src][0].masked_select(rows_seeing).min().item<int64_t>(),
-                       host[src][1].masked_select(rows_seeing).max().item<int64_t>()});
+      seen->push_back({begin.masked_select(rows_seeing).min().item<int64_t>(),
+                       end.masked_select(rows_seeing).max().item<int64_t>()});
     }
   }
   const Tensor on_device = v.to(device).contiguous();
