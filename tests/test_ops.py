@@ -132,6 +132,22 @@ def test_attention_output_is_dense_in_layout(world):
             assert fake.stride() == out.stride(), (algo, layout, fake.stride(), out.stride())
 
 
+def test_ring_reads_out_of_range_intervals_as_the_kernels_do(world):
+    """A direct call's key intervals past the block's rows (no `needed`) mean what the kernels make of
+    them, the interval clamped to the block: the ring gives the clamped intervals' result."""
+    args, kwargs = _attention_args(world.group_name, "megatron_cp_algo", "bshd", False, False)
+    rows = args[0].shape[1]
+    clamped = _visible(args[0], args[1])
+    wide = clamped.clone()
+    wide[0, 0], wide[1, -1] = (
+        -3,
+        rows + (1 << 40),
+    )  # the first row begins before 0, the last ends past the block
+    want, _ = torch.ops.ring_ext.attention(*args, **kwargs, visible=clamped[None])
+    got, _ = torch.ops.ring_ext.attention(*args, **kwargs, visible=wide[None])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def _ring_schedule_samples(group):
     yield ("megatron_cp_algo", 4, 1, 2, True), {}
 
