@@ -10,6 +10,10 @@ and each point's deviation from it, which stays within 10% when memory falls as 
     python benchmarks/bench_memory.py                       # s = 8k..64k, cp = 1, 2, 4 (long)
     python benchmarks/bench_memory.py --sizes 8192 16384    # quicker
     python benchmarks/bench_memory.py --soak 200 --sizes 4096 --cps 2   # memory over 200 iterations
+
+Algorithm "sdpa" is the baseline: one process (cp = 1 only) running F.scaled_dot_product_attention
+over the whole sequence. Columns "/ sdpa" and "x cp / cp=1" compare each peak with that baseline and
+with the same algorithm's cp = 1 peak scaled by 1/cp, when those ran in the same invocation.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -53,19 +58,29 @@ def measure(rank, world, job):
     name, seq, heads, dim, iterations = job
     exact_peaks()
     torch.set_num_threads(max(1, 2 // world))
-    ctx = ring_ext.initialize(algo_config(name, world))
+    if name == "sdpa":  # [b, s, h, d] tensors seen as [b, h, s, d], as a model calls SDPA
+
+        def attend(q, k, v):
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+    else:
+        ctx = ring_ext.initialize(algo_config(name, world))
+
+        def attend(q, k, v):
+            return ring_ext.attention(q, k, v, ctx, layout="bshd")
+
     g = torch.Generator().manual_seed(rank)
     shape = (1, seq // world, heads, dim)
     q, k, v, dout = (torch.randn(shape, generator=g, dtype=torch.bfloat16) for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_()
     warm = [t[:, :256].detach().clone().requires_grad_() for t in (q, k, v)]  # one-time set-up (threads,
-    ring_ext.attention(*warm, ctx, layout="bshd").backward(dout[:, :256])  # lazy inits) is not the peak
+    attend(*warm).backward(dout[:, :256])  # lazy inits) is not the peak
     del warm
     rss = []
     with PeakRSS() as m:
         for _ in range(iterations):
-            out = ring_ext.attention(q, k, v, ctx, layout="bshd")
+            out = attend(q, k, v)
             out.backward(dout)
             del out
             q.grad = k.grad = v.grad = None
@@ -89,7 +104,7 @@ def refit(path: str) -> None:
     by_algo: dict = {}
     for line in open(path):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 6 and cells[1].isdigit():
+        if len(cells) in (6, 8) and cells[1].isdigit() and cells[0] != "sdpa":
             s, cp, peak = int(cells[1]), int(cells[2]), float(cells[4])
             by_algo.setdefault(cells[0], []).append((s // cp, peak, s, cp))
     for name, points in by_algo.items():
@@ -114,7 +129,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     p.add_argument("--cps", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--algos", nargs="+", default=["ring", "ulysses", "hybrid"])
+    p.add_argument("--algos", nargs="+", default=["sdpa", "ring", "ulysses", "hybrid"])
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--soak", type=int, default=0, help="iterations per world (memory growth mode)")
@@ -131,12 +146,15 @@ def main() -> None:
         print("| algorithm | s | cp | RSS after it 20 (MiB) | after last | growth |")
         print("|---|---|---|---|---|---|")
     else:
-        print("| algorithm | s | cp | inputs/rank (MiB) | peak/rank (MiB) | time (s) |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "| algorithm | s | cp | inputs/rank (MiB) | peak/rank (MiB) | time (s) | / sdpa | x cp / cp=1 |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+    peaks = {}  # (algorithm, s, cp) -> peak MiB
     for name in a.algos:
         points = []
         for s in a.sizes:
-            for cp in a.cps:
+            for cp in [1] if name == "sdpa" else a.cps:
                 job = (name, s, a.heads, a.dim, iterations)
                 rows = run_distributed(measure, cp, [job], collect=True, timeout_s=3600, pg_timeout_s=1800)[0]
                 if a.soak:
@@ -145,13 +163,17 @@ def main() -> None:
                             f"| {name} | {s} | {cp} (rank {r}) | {row[2]:.1f} | {row[3]:.1f} | {row[3] - row[2]:+.1f} |"
                         )
                     continue
-                peak = max(r[0] for r in rows)
+                peak = peaks[name, s, cp] = max(r[0] for r in rows)
                 points.append((s // cp, peak, s, cp))
+                vs_sdpa = f"{peak / peaks['sdpa', s, 1]:.2f}" if ("sdpa", s, 1) in peaks else "-"
+                vs_cp1 = f"{peak * cp / peaks[name, s, 1]:.2f}" if (name, s, 1) in peaks else "-"
                 print(
-                    f"| {name} | {s} | {cp} | {local_mib(s, cp):.0f} | {peak:.0f} | {max(r[1] for r in rows):.1f} |",
+                    f"| {name} | {s} | {cp} | {local_mib(s, cp):.0f} | {peak:.0f} | {max(r[1] for r in rows):.1f}"
+                    f" | {vs_sdpa} | {vs_cp1} |",
                     flush=True,
                 )
-        report_fit(name, points)
+        if name != "sdpa":
+            report_fit(name, points)
         time.sleep(0.5)
 
 

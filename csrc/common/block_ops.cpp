@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -136,8 +137,18 @@ Mask mask_of(bool causal, int64_t q_offset, int64_t k_offset,
 }  // namespace
 
 at::Tensor row_delta(const at::Tensor& dout, const at::Tensor& out) {
-  // [b, s, h, d] -> [b, s, h] -> [b, h, s]
-  return (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).transpose(1, 2).contiguous();
+  // [b, s, h, d] -> [b, h, s], in at most 8 slices of heads: the float32 copies of dout and out
+  // exist for one slice at a time, not for the whole block (docs/design.md, Memory per rank).
+  const int64_t heads = out.size(2), step = (heads + 7) / 8;
+  at::Tensor delta = at::empty({out.size(0), heads, out.size(1)}, out.options().dtype(at::kFloat));
+  for (int64_t h = 0; h < heads; h += step) {
+    const int64_t n = std::min(step, heads - h);
+    delta.narrow(1, h, n).copy_(
+        (dout.narrow(2, h, n).to(at::kFloat) * out.narrow(2, h, n).to(at::kFloat))
+            .sum(-1)
+            .transpose(1, 2));
+  }
+  return delta;
 }
 
 std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const at::Tensor& q_in,

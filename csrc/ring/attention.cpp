@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -89,6 +90,73 @@ std::optional<Tensor> ulysses_visible(const std::optional<Tensor>& visible,
   return ring::prepare_visible(visible, 1, rows, q.device())[0];
 }
 
+// Note [Head groups]
+// ------------------
+// Attention is independent per K/V head (with the q heads of its GQA group), so a call may run its
+// heads in groups, one after the other. On CPU every context-parallel call runs one K/V head at a
+// time: the float32 accumulators (out, dq, dK/dV), the ring's blocks and gradients in flight and
+// the kernels' packed copies then exist for one head only, and what a rank holds beyond its inputs
+// and outputs is a small fraction of them (docs/design.md, Memory per rank). The ring then moves
+// each group's blocks separately: the same bytes in G times the messages, each still a whole
+// block of one head (S/cp x d elements). Ulysses' all-to-alls are unchanged: the grouping is
+// inside, around the kernel. On CUDA a call takes every head at once: one launch per block must
+// fill the GPU, and each message costs NCCL a launch (measuring a grouped CUDA ring awaits a GPU).
+int64_t head_groups(const Tensor& k) { return k.device().is_cpu() ? k.size(-2) : 1; }
+
+// Group g of G of x's heads: [b, s, h, d], or [b, P, sl, h, d] (Ulysses' received chunks, copied
+// into [b, s, h / G, d] here, one group at a time); lse and delta [b, h, s] with dim 1.
+Tensor heads(const Tensor& x, int64_t g, int64_t G, int64_t dim = 2) {
+  if (x.dim() == 5) dim = 3;
+  const int64_t n = x.size(dim) / G;
+  const Tensor group = x.narrow(dim, g * n, n);
+  return x.dim() == 5 ? group.flatten(1, 2) : group;
+}
+
+// The [b, s, h, d] shape of x ([b, s, h, d] or [b, P, sl, h, d]).
+std::vector<int64_t> seq_shape(const Tensor& x) {
+  if (x.dim() == 4) return x.sizes().vec();
+  return {x.size(0), x.size(1) * x.size(2), x.size(3), x.size(4)};
+}
+
+using GroupFwd =
+    std::function<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>;
+using GroupBwd = std::function<std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>;
+
+// Runs fwd on each head group (Note [Head groups]), writing its output into dest's heads (rounded
+// to dest's dtype); returns lse, float32 [b, hq, s].
+Tensor forward_by_heads(const Tensor& q, const Tensor& k, const Tensor& v, const GroupFwd& fwd,
+                        const Tensor& dest) {
+  const int64_t G = head_groups(k);
+  Tensor lse;
+  for (int64_t g = 0; g < G; ++g) {
+    auto [out, group_lse] = fwd(heads(q, g, G), heads(k, g, G), heads(v, g, G));
+    heads(dest, g, G).copy_(out);
+    if (G == 1) return group_lse;
+    if (!lse.defined()) {
+      const std::vector<int64_t> shape = seq_shape(q);
+      lse = at::empty({shape[0], shape[2], shape[1]}, group_lse.options());
+    }
+    heads(lse, g, G, 1).copy_(group_lse);
+  }
+  return lse;
+}
+
+// Runs bwd (float32 gradients) on each head group, writing them into dq, dk, dv (rounded to their
+// dtypes).
+void backward_by_heads(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                       const Tensor& lse, const Tensor& delta, const GroupBwd& bwd,
+                       const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  const int64_t G = head_groups(k);
+  for (int64_t g = 0; g < G; ++g) {
+    auto [dq_g, dk_g, dv_g] = bwd(heads(dout, g, G), heads(q, g, G), heads(k, g, G), heads(v, g, G),
+                                  heads(lse, g, G, 1), heads(delta, g, G, 1));
+    heads(dq, g, G).copy_(dq_g);
+    heads(dk, g, G).copy_(dk_g);
+    heads(dv, g, G).copy_(dv_g);
+  }
+}
+
 // acc in ref's dtype and strides (at::empty_like's): acc itself when it already is and owns its
 // whole storage (so no output aliases another), else a copy.
 Tensor like(const Tensor& acc, const Tensor& ref) {
@@ -142,16 +210,26 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
     case ring::Algo::kRing: {
       const ring::RingSetup s =
           ring::make_setup(g.ring_names(), opt, q.size(1), visible, needed, q.device());
-      auto [acc, lse] = ring::forward(q, k, v, s);
-      return {out.copy_(acc), lse};
+      const Tensor lse = forward_by_heads(
+          q, k, v,
+          [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
+            return ring::forward(qg, kg, vg, s);
+          },
+          out);
+      return {out, lse};
     }
     case ring::Algo::kUlysses: {
       const int64_t u = ulysses_degree(g, q, k);
       const std::optional<Tensor> rows = ulysses_visible(visible, needed, causal, q.size(1) * u, q);
+      const GroupFwd kernel = [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
+        return block_ops().fwd.call(qg, kg, vg, scale, causal, 0, 0, /*out_fp32=*/false, rows);
+      };
       return ulysses::forward(
           q, k, v, g.ulysses,
           [&](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
-            return block_ops().fwd.call(qh, kh, vh, scale, causal, 0, 0, /*out_fp32=*/false, rows);
+            Tensor out_h = at::empty(seq_shape(qh), qh.options());
+            Tensor lse_h = forward_by_heads(qh, kh, vh, kernel, out_h);
+            return std::make_tuple(out_h, lse_h);
           },
           out);
     }
@@ -159,10 +237,15 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
       const int64_t u = ulysses_degree(g, q, k);
       const ring::RingSetup s =
           ring::make_setup(g.ring_names(), opt, q.size(1) * u, visible, needed, q.device());
+      const GroupFwd ring_fwd = [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
+        return ring::forward(qg, kg, vg, s);
+      };
       return ulysses::forward(
           q, k, v, g.ulysses,
           [&](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
-            return ring::forward(qh, kh, vh, s);
+            Tensor out_h = at::empty(seq_shape(qh), qh.options());
+            Tensor lse_h = forward_by_heads(qh, kh, vh, ring_fwd, out_h);
+            return std::make_tuple(out_h, lse_h);
           },
           out);
     }
@@ -206,17 +289,31 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
   // delta of the final out; a gradient on lse folds in (d lse / d S = P).
   Tensor delta = row_delta(dout, out);
   if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);
-  auto [dq, dk, dv] =  // float32
-      which == ring::Algo::kRing
-          ? ring::backward(dout, q, k, v, lse, delta, *s)
-          : ulysses::backward(dout, q, k, v, lse, delta, g.ulysses,
-                              [&](const Tensor& d, const Tensor& qh, const Tensor& kh,
-                                  const Tensor& vh, const Tensor& l, const Tensor& dl) {
-                                if (which == ring::Algo::kUlysses)
-                                  return block_backward(d, qh, kh, vh, l, dl, scale, causal, rows);
-                                return ring::backward(d, qh, kh, vh, l, dl, *s);
-                              });
-  return {like(dq, q), like(dk, k), like(dv, v)};  // one rounding, in the inputs' strides
+  const GroupBwd group_bwd = [&](const Tensor& d, const Tensor& qg, const Tensor& kg,
+                                 const Tensor& vg, const Tensor& l, const Tensor& dl) {
+    if (which == ring::Algo::kUlysses)
+      return block_backward(d, qg, kg, vg, l, dl, scale, causal, rows);
+    return ring::backward(d, qg, kg, vg, l, dl, *s);
+  };
+  if (which == ring::Algo::kRing) {  // one rounding per group, into the inputs' strides
+    Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+    backward_by_heads(dout, q, k, v, lse, delta, group_bwd, dq, dk, dv);
+    return {dq, dk, dv};
+  }
+  // Ulysses' head shards round each group too, except K/V gradients whose GQA copies are summed
+  // after the trip back (those travel in float32): Note [One all-to-all per direction].
+  const int64_t r = ulysses::kv_replication(q.size(2), k.size(2), u);
+  auto [dq, dk, dv] = ulysses::backward(
+      dout, q, k, v, lse, delta, g.ulysses,
+      [&](const Tensor& d, const Tensor& qh, const Tensor& kh, const Tensor& vh, const Tensor& l,
+          const Tensor& dl) {
+        const at::TensorOptions kv = kh.options().dtype(r == 1 ? kh.scalar_type() : at::kFloat);
+        Tensor dqh = at::empty(seq_shape(qh), qh.options()), dkh = at::empty(seq_shape(kh), kv),
+               dvh = at::empty(seq_shape(vh), kv);
+        backward_by_heads(d, qh, kh, vh, l, dl, group_bwd, dqh, dkh, dvh);
+        return std::make_tuple(dqh, dkh, dvh);
+      });
+  return {like(dq, q), like(dk, k), like(dv, v)};  // in the inputs' dtype and strides
 }
 
 }  // namespace

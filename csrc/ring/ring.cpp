@@ -12,7 +12,10 @@
 // home becomes dK/dV); the owner rounds to the input dtype once, at the end. Travelling in float32
 // keeps the error independent of the ring size (rounding to bf16 at every hop adds one bf16
 // rounding per rank); the cost is bytes: per backward step a rank sends K/V in the input dtype plus
-// dK/dV in float32, i.e. 3x the bytes of a forward step for bf16 inputs and 2x for float32.
+// dK/dV in float32, i.e. 3x the bytes of a forward step for bf16 inputs and 2x for float32. Each
+// float32 buffer exists while it is computed into or in flight: a step's contribution, the partial
+// arriving for the next step, the sum on its way (three at most, per head group: docs/design.md,
+// Memory per rank).
 //
 // Note [Per-source key intervals]
 // -------------------------------
@@ -272,12 +275,13 @@ Transfer pass_on(const RingSetup& s, const Hop& h, int64_t step, const Held& hel
 // (Note [Double ring schedule]): a round's outer hop is posted before its inner steps, each inner
 // hop before the step's compute (after it, and waited at once, without overlap).
 template <typename Visit>
-void for_each_block(const RingSetup& s, const Tensor& local_kv, Visit&& visit) {
+void for_each_block(const RingSetup& s, Tensor local_kv, Visit&& visit) {
   const int64_t w = s.topo.window, n_out = s.topo.outer();
-  Held round_start{local_kv, 0}, outer_next;
-  Tensor start_buf = local_kv, outer_buf = n_out > 1 ? at::empty_like(local_kv) : Tensor();
   Tensor inner_buf[2] = {w > 1 ? at::empty_like(local_kv) : Tensor(),
                          w > 2 ? at::empty_like(local_kv) : Tensor()};
+  Tensor outer_buf = n_out > 1 ? at::empty_like(local_kv) : Tensor();
+  Tensor start_buf = n_out > 1 ? local_kv : Tensor();
+  Held round_start{std::move(local_kv), 0}, outer_next;  // a single ring drops it once passed on
   for (int64_t so = 0; so < n_out; ++so) {
     const Step first = plan_at(s, so * w);
     const Hop* outer_hop = find_hop(first, Payload::kOuterKv);
@@ -287,7 +291,7 @@ void for_each_block(const RingSetup& s, const Tensor& local_kv, Visit&& visit) {
     };
     Transfer outer;
     if (outer_hop && s.overlap) outer = post_outer();
-    Held held = round_start;
+    Held held = n_out > 1 ? round_start : std::exchange(round_start, Held{});
     for (int64_t si = 0; si < w; ++si) {
       const int64_t step = so * w + si;
       const Step st = si == 0 ? first : plan_at(s, step);
@@ -352,7 +356,8 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
 namespace {
 
 // The float32 K/V gradients on their way round the ring: Note [K/V gradients]; with key
-// intervals, straight home from every holder (Note [Moving only what is seen]).
+// intervals, straight home from every holder (Note [Moving only what is seen]). Every buffer lives
+// while it is computed into or in flight, no longer (docs/design.md, Memory per rank).
 class KvGrads {
  public:
   KvGrads(const RingSetup& s, const Tensor& packed)
@@ -362,43 +367,38 @@ class KvGrads {
 
   // A zeroed buffer for this step's contribution (src's block), in the held block's shape;
   // undefined when, with key intervals, there is nothing to send home.
-  Tensor begin_step(int64_t step, int64_t src, const Held& held) {
+  Tensor begin_step(int64_t src, const Held& held) {
     if (s_.masked()) {
       return s_.need_of(s_.rank, src).empty() ? Tensor() : at::zeros(held.kv.sizes(), f32_);
     }
-    Tensor& g = bufs_[(step % s_.topo.window) % 2];
-    if (!g.defined()) return g = at::zeros(sizes_, f32_);
-    return g.zero_();
+    return at::zeros(sizes_, f32_);
   }
 
   // Adds the partial from the previous holder and sends the sum on (or home at a round's end), as
   // the step's plan says; with key intervals, sends the rows this rank saw home.
-  void end_step(int64_t step, const Step& st, Tensor& g, const Held& held) {
+  void end_step(int64_t step, const Step& st, const Tensor& g, const Held& held) {
     if (s_.masked()) return send_home(step, st.src, g, held.base);
-    if (has_incoming_) {
+    if (incoming_buf_.defined()) {  // the partial posted at the previous step
       incoming_.wait();
-      g.add_(incoming_buf_);
-      has_incoming_ = false;
+      g.add_(std::exchange(incoming_buf_, Tensor()));
     }
     if (const Hop* on = find_hop(st, Payload::kKvGrad)) {
-      if (!incoming_buf_.defined()) incoming_buf_ = at::empty(sizes_, f32_);
+      incoming_buf_ = at::empty(sizes_, f32_);
       incoming_ = exchange(group_of(s_, on->link), g, on->send_to, incoming_buf_, on->recv_from,
                            tag_of(on->what));
-      has_incoming_ = true;
       if (!s_.overlap) incoming_.wait();
       return;
     }
     settle_home();
     const Hop* home = find_hop(st, Payload::kGradHome);
-    if (!home) {  // cp_size 1: the block is our own
-      home_ = home_.defined() ? home_.add_(g) : g.clone();
+    if (!home) {  // cp_size 1: the block is our own, and this is its one step
+      home_ = g;
       return;
     }
     // The first partial to come home becomes home_ itself; later ones (double ring) are added.
-    if (!home_in_.defined()) home_in_ = at::empty(sizes_, f32_);
+    home_in_ = at::empty(sizes_, f32_);
     home_rows_ = {0, s_.rows};
     home_xfer_ = exchange(s_.ring, g, home->send_to, home_in_, home->recv_from, tag_of(home->what));
-    std::swap(bufs_[(step % s_.topo.window) % 2], spare_);  // keep the buffer in flight untouched
     if (!s_.overlap) settle_home();
   }
 
@@ -443,10 +443,9 @@ class KvGrads {
   const RingSetup& s_;
   std::vector<int64_t> sizes_;
   at::TensorOptions f32_;
-  Tensor home_, bufs_[2], spare_, incoming_buf_, home_in_;
-  Span home_rows_;  // the rows of our block home_in_ brings
+  Tensor home_, incoming_buf_, home_in_;  // incoming_buf_: a partial due at the next step
+  Span home_rows_;                        // the rows of our block home_in_ brings
   Transfer incoming_, home_xfer_;
-  bool has_incoming_ = false;  // a partial from the previous holder is due at the next step
 };
 
 }  // namespace
@@ -456,10 +455,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
                                             const RingSetup& s) {
   const BlockOps& ops = block_ops();
   Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // [b, s, hq, d]
-  const Tensor packed = pack_kv(k, v);
+  Tensor packed = pack_kv(k, v);
   KvGrads grads(s, packed);
-  for_each_block(s, packed, [&](int64_t step, const Step& st, const Held& held) {
-    Tensor g = grads.begin_step(step, st.src, held);
+  for_each_block(s, std::move(packed), [&](int64_t step, const Step& st, const Held& held) {
+    Tensor g = grads.begin_step(st.src, held);
     // A block nobody here sees adds nothing, but the gradients still move (end_step).
     const std::vector<WorkItem> none;
     for (const WorkItem& item : nothing_visible(s, st.src) ? none : st.items) {

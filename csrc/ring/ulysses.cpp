@@ -6,16 +6,19 @@
 //
 //     send [P(dst), sl, b, H/P, d]  --all-to-all-->  recv [P(src), sl, b, H/P, d]
 //
-// recv is [s, b, H/P, d] in sequence order, i.e. a strided view of [b, s, H/P, d] that the kernels
-// read in place. The way back sends sequence chunk j of the head-sharded result to rank j. Row
-// statistics (lse, delta [b, H, sl]) travel the same way, as [P(dst), b, H/P, sl].
+// recv is [s, b, H/P, d] in sequence order, read as a view [b, P, sl, H/P, d] (Note [One all-to-all
+// per direction] puts several tensors in one buffer, so P and sl are two strides). The way back
+// sends sequence chunk j of the head-sharded result to rank j. Row statistics (lse, delta [b, H,
+// sl]) travel the same way, as [P(dst), b, H/P, sl].
 //
 // Note [One all-to-all per direction]
 // Every tensor that crosses in one direction shares one all-to-all: each is packed as bytes into
 // its slot of one [P(dst), bytes] buffer (slots 8-byte aligned, so any dtype views its slot in
 // place), whatever its dtype. Forward: q, k, v in; out and lse back. Backward: q, k, v, dout, lse,
-// delta in; dq, dk, dv back. Four collective launches per layer instead of fourteen, the same
-// bytes, and the same values bit for bit.
+// delta in; dq, dk, dv back, in the inputs' dtype (rounded once, by the kernel's caller), except
+// dK/dV with GQA copies (r > 1), which travel in float32 and are rounded after their sum. Four
+// collective launches per layer instead of fourteen, the same bytes, and the same values bit for
+// bit.
 //
 // GQA/MQA: K/V with fewer heads than P repeat each head just enough (kv heads x r = P) to split,
 // never up to the q heads; backward sums the r copies' gradients.
@@ -25,6 +28,7 @@
 
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <tuple>
 
 #include "comm.h"
 
@@ -40,9 +44,21 @@ at::Tensor slot(const at::Tensor& buf, int64_t offset, const at::Tensor& like) {
   return buf.narrow(1, offset, bytes).view(like.scalar_type()).view(like.sizes());
 }
 
+// Gloo's work may hold the send buffer past wait() (Note [Tensors handed to c10d] in comm.h), which
+// would keep a copy of every input alive through the kernels. A waited CPU all-to-all never reads
+// it again, so its memory is returned now. On CUDA, wait() does not block the host and NCCL may
+// still be reading: the buffer is left to the work.
+void release_sent(const at::Tensor& send) {
+  if (!send.is_cpu()) return;
+  c10::StorageImpl* storage = send.storage().unsafeGetStorageImpl();
+  storage->set_data_ptr_noswap(c10::DataPtr(nullptr, send.device()));
+  storage->set_nbytes(0);
+}
+
 // Note [One all-to-all per direction]: parts[i] [P(dst), ...] (any dtype and strides) ->
 // [P(src), ...] of the same shape and dtype, views of one receive buffer.
 std::vector<at::Tensor> all_to_all(const std::vector<at::Tensor>& parts, ProcessGroup& pg) {
+  if (pg.getSize() == 1) return parts;  // a group of one: nothing moves, nothing is copied
   std::vector<int64_t> offsets;
   int64_t row = 0;
   for (const at::Tensor& x : parts) {
@@ -58,6 +74,7 @@ std::vector<at::Tensor> all_to_all(const std::vector<at::Tensor>& parts, Process
   pg.alltoall_base(recv, send, equal_splits, equal_splits)
       ->wait();  // all_to_all_single in newer torch
 #pragma GCC diagnostic pop
+  release_sent(send);
   ring::count_sent(static_cast<int64_t>(send.nbytes()) / pg.getSize() *
                    (pg.getSize() - 1));  // own row stays
   std::vector<at::Tensor> out;
@@ -83,8 +100,10 @@ at::Tensor rows_seq_to_dst(const at::Tensor& x, int64_t P) {
   return x.unflatten(2, {P, x.size(2) / P}).permute({2, 0, 1, 3});
 }
 
-// Received [P(src), sl, b, h, d] (sequence chunks) -> [b, s, h, d], a view the kernels read.
-at::Tensor as_seq(const at::Tensor& recv) { return recv.flatten(0, 1).permute({1, 0, 2, 3}); }
+// Received [P(src), sl, b, h, d] (sequence chunks) -> [b, P, sl, h, d], a view: the parts share
+// each source's row of the buffer, so the sequence is not one stride and flattening copies. The
+// inner functions copy one head group at a time (Note [Head groups] in attention.cpp).
+at::Tensor as_seq(const at::Tensor& recv) { return recv.permute({2, 0, 1, 3, 4}); }
 // Received [P(src), b, h, sl] (sequence chunks) -> [b, h, s], contiguous along s.
 at::Tensor as_rows_seq(const at::Tensor& recv) {
   return recv.permute({1, 2, 0, 3}).flatten(2, 3).contiguous();
@@ -131,10 +150,13 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            const InnerFwd& inner, const at::Tensor& out) {
   auto pg = c10d::resolve_process_group(group);
   const int64_t P = pg->getSize(), r = kv_replication(q.size(2), k.size(2), P);
-  const auto in = all_to_all(
-      {heads_to_dst(q, P), heads_to_dst(repeat_kv(k, r), P), heads_to_dst(repeat_kv(v, r), P)},
-      *pg);
-  auto [out_h, lse_h] = inner(as_seq(in[0]), as_seq(in[1]), as_seq(in[2]));  // [b, s, H/P, d]
+  at::Tensor out_h, lse_h;  // [b, s, H/P, d], [b, H/P, s]
+  {                         // the gathered q, k, v are freed before the trip back
+    const auto in = all_to_all(
+        {heads_to_dst(q, P), heads_to_dst(repeat_kv(k, r), P), heads_to_dst(repeat_kv(v, r), P)},
+        *pg);
+    std::tie(out_h, lse_h) = inner(as_seq(in[0]), as_seq(in[1]), as_seq(in[2]));
+  }
   // Rounded before the trip back: nothing is accumulated after this point.
   const auto back =
       all_to_all({seq_to_dst(out_h.to(out.scalar_type()), P), rows_seq_to_dst(lse_h, P)}, *pg);
@@ -149,13 +171,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
                                                         const InnerBwd& inner) {
   auto pg = c10d::resolve_process_group(group);
   const int64_t P = pg->getSize(), r = kv_replication(q.size(2), k.size(2), P);
-  const auto in = all_to_all(
-      {heads_to_dst(q, P), heads_to_dst(repeat_kv(k, r), P), heads_to_dst(repeat_kv(v, r), P),
-       heads_to_dst(dout.to(q.scalar_type()), P), rows_to_dst(lse, P), rows_to_dst(delta, P)},
-      *pg);
-  auto [dqh, dkh, dvh] = inner(as_seq(in[3]), as_seq(in[0]), as_seq(in[1]), as_seq(in[2]),
-                               as_rows_seq(in[4]), as_rows_seq(in[5]));  // float32, head-sharded
-  // Gradients travel back in float32; the caller rounds them once, after the GQA copies are summed.
+  at::Tensor dqh, dkh, dvh;  // head-sharded, in the dtypes inner chose
+  {                          // the gathered inputs are freed before the trip back
+    const auto in = all_to_all(
+        {heads_to_dst(q, P), heads_to_dst(repeat_kv(k, r), P), heads_to_dst(repeat_kv(v, r), P),
+         heads_to_dst(dout.to(q.scalar_type()), P), rows_to_dst(lse, P), rows_to_dst(delta, P)},
+        *pg);
+    std::tie(dqh, dkh, dvh) = inner(as_seq(in[3]), as_seq(in[0]), as_seq(in[1]), as_seq(in[2]),
+                                    as_rows_seq(in[4]), as_rows_seq(in[5]));
+  }
   const auto back = all_to_all({seq_to_dst(dqh, P), seq_to_dst(dkh, P), seq_to_dst(dvh, P)}, *pg);
   return {as_heads(back[0]), sum_kv_copies(as_heads(back[1]), r),
           sum_kv_copies(as_heads(back[2]), r)};

@@ -11,9 +11,12 @@
 namespace ring_ext::ulysses {
 
 // Attention of head-sharded tensors over the whole (Ulysses-gathered) sequence. Plain Ulysses runs
-// the block kernel; hybrid runs the ring over the ring group.
+// the block kernel; hybrid runs the ring over the ring group. q, k, v (and dout) come as views
+// [b, P, sl, h, d] of the receive buffer: the sequence s = P * sl in P chunks; lse and delta as
+// [b, h, s]; results are [b, s, h, d].
 //   fwd(q, k, v) -> (out [b, s, h, d] in q's dtype or float32, lse float32 [b, h, s])
-//   bwd(dout, q, k, v, lse, delta) -> (dq, dk, dv) float32, delta = rowsum(dout * out)
+//   bwd(dout, q, k, v, lse, delta) -> (dq, dk, dv), delta = rowsum(dout * out); in the inputs'
+//     dtype, or float32 where more is summed after the trip back (dK/dV of replicated GQA heads)
 using InnerFwd = std::function<std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&)>;
 using InnerBwd = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
@@ -31,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& v, const std::string& group,
                                            const InnerFwd& inner, const at::Tensor& out);
 
-// Float32 gradients of forward, contiguous [b, s_local, heads, d], given forward's lse and
+// Gradients of forward (inner's dtypes), contiguous [b, s_local, heads, d], given forward's lse and
 // delta = rowsum(dout * out) (minus any gradient on lse), both float32 [b, hq, s_local].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
                                                         const at::Tensor& k, const at::Tensor& v,
