@@ -142,6 +142,15 @@ Tensor forward_by_heads(const Tensor& q, const Tensor& k, const Tensor& v, const
   return lse;
 }
 
+// Ulysses' inner forward: fwd on each head group of the gathered heads, into a new [b, s, h, d].
+ulysses::InnerFwd gathered_by_heads(GroupFwd fwd) {
+  return [fwd = std::move(fwd)](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
+    Tensor out_h = at::empty(seq_shape(qh), qh.options());
+    Tensor lse_h = forward_by_heads(qh, kh, vh, fwd, out_h);
+    return std::make_tuple(out_h, lse_h);
+  };
+}
+
 // Runs bwd (float32 gradients) on each head group, writing them into dq, dk, dv (rounded to their
 // dtypes).
 void backward_by_heads(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -224,14 +233,7 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
       const GroupFwd kernel = [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
         return block_ops().fwd.call(qg, kg, vg, scale, causal, 0, 0, /*out_fp32=*/false, rows);
       };
-      return ulysses::forward(
-          q, k, v, g.ulysses,
-          [&](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
-            Tensor out_h = at::empty(seq_shape(qh), qh.options());
-            Tensor lse_h = forward_by_heads(qh, kh, vh, kernel, out_h);
-            return std::make_tuple(out_h, lse_h);
-          },
-          out);
+      return ulysses::forward(q, k, v, g.ulysses, gathered_by_heads(kernel), out);
     }
     case ring::Algo::kHybrid: {
       const int64_t u = ulysses_degree(g, q, k);
@@ -240,14 +242,7 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
       const GroupFwd ring_fwd = [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
         return ring::forward(qg, kg, vg, s);
       };
-      return ulysses::forward(
-          q, k, v, g.ulysses,
-          [&](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
-            Tensor out_h = at::empty(seq_shape(qh), qh.options());
-            Tensor lse_h = forward_by_heads(qh, kh, vh, ring_fwd, out_h);
-            return std::make_tuple(out_h, lse_h);
-          },
-          out);
+      return ulysses::forward(q, k, v, g.ulysses, gathered_by_heads(ring_fwd), out);
     }
   }
   TORCH_CHECK(false, "unreachable");
