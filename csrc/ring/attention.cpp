@@ -142,9 +142,11 @@ Tensor forward_by_heads(const Tensor& q, const Tensor& k, const Tensor& v, const
   return lse;
 }
 
-// Ulysses' inner forward: fwd on each head group of the gathered heads, into a new [b, s, h, d].
+// Ulysses' inner forward: fwd on each head group of the gathered heads, into a new [b, s, h, d]
+// (one group: fwd's own output, which ulysses::forward rounds).
 ulysses::InnerFwd gathered_by_heads(GroupFwd fwd) {
   return [fwd = std::move(fwd)](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
+    if (head_groups(kh) == 1) return fwd(heads(qh, 0, 1), heads(kh, 0, 1), heads(vh, 0, 1));
     Tensor out_h = at::empty(seq_shape(qh), qh.options());
     Tensor lse_h = forward_by_heads(qh, kh, vh, fwd, out_h);
     return std::make_tuple(out_h, lse_h);

@@ -14,8 +14,9 @@
 // rounding per rank); the cost is bytes: per backward step a rank sends K/V in the input dtype plus
 // dK/dV in float32, i.e. 3x the bytes of a forward step for bf16 inputs and 2x for float32. Each
 // float32 buffer exists while it is computed into or in flight: a step's contribution, the partial
-// arriving for the next step, the sum on its way (three at most, per head group: docs/design.md,
-// Memory per rank).
+// arriving for the next step, the sum on its way, and the partial coming home (docs/design.md,
+// Memory per rank). A double ring with overlap also keeps the previous round's trip home in flight
+// until the next round ends, and its dK/dV from the second round on.
 //
 // Note [Per-source key intervals]
 // -------------------------------

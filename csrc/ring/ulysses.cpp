@@ -56,7 +56,8 @@ void release_sent(const at::Tensor& send) {
 }
 
 // Note [One all-to-all per direction]: parts[i] [P(dst), ...] (any dtype and strides) ->
-// [P(src), ...] of the same shape and dtype, views of one receive buffer.
+// [P(src), ...] of the same shape and dtype, views of one receive buffer (for a group of one, the
+// parts themselves, in their strides: the callers only read them).
 std::vector<at::Tensor> all_to_all(const std::vector<at::Tensor>& parts, ProcessGroup& pg) {
   if (pg.getSize() == 1) return parts;  // a group of one: nothing moves, nothing is copied
   std::vector<int64_t> offsets;

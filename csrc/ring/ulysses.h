@@ -12,8 +12,8 @@ namespace ring_ext::ulysses {
 
 // Attention of head-sharded tensors over the whole (Ulysses-gathered) sequence. Plain Ulysses runs
 // the block kernel; hybrid runs the ring over the ring group. q, k, v (and dout) come as views
-// [b, P, sl, h, d] of the receive buffer: the sequence s = P * sl in P chunks; lse and delta as
-// [b, h, s]; results are [b, s, h, d].
+// [b, P, sl, h, d] of the receive buffer (of the inputs themselves when P = 1): the sequence s = P
+// * sl in P chunks; lse and delta as [b, h, s]; results are [b, s, h, d].
 //   fwd(q, k, v) -> (out [b, s, h, d] in q's dtype or float32, lse float32 [b, h, s])
 //   bwd(dout, q, k, v, lse, delta) -> (dq, dk, dv), delta = rowsum(dout * out); in the inputs'
 //     dtype, or float32 where more is summed after the trip back (dK/dV of replicated GQA heads)
