@@ -44,17 +44,6 @@ at::Tensor slot(const at::Tensor& buf, int64_t offset, const at::Tensor& like) {
   return buf.narrow(1, offset, bytes).view(like.scalar_type()).view(like.sizes());
 }
 
-// Gloo's work may hold the send buffer past wait() (Note [Tensors handed to c10d] in comm.h), which
-// would keep a copy of every input alive through the kernels. A waited CPU all-to-all never reads
-// it again, so its memory is returned now. On CUDA, wait() does not block the host and NCCL may
-// still be reading: the buffer is left to the work.
-void release_sent(const at::Tensor& send) {
-  if (!send.is_cpu()) return;
-  c10::StorageImpl* storage = send.storage().unsafeGetStorageImpl();
-  storage->set_data_ptr_noswap(c10::DataPtr(nullptr, send.device()));
-  storage->set_nbytes(0);
-}
-
 // Note [One all-to-all per direction]: parts[i] [P(dst), ...] (any dtype and strides) ->
 // [P(src), ...] of the same shape and dtype, views of one receive buffer (for a group of one, the
 // parts themselves, in their strides: the callers only read them).
@@ -75,7 +64,6 @@ std::vector<at::Tensor> all_to_all(const std::vector<at::Tensor>& parts, Process
   pg.alltoall_base(recv, send, equal_splits, equal_splits)
       ->wait();  // all_to_all_single in newer torch
 #pragma GCC diagnostic pop
-  release_sent(send);
   ring::count_sent(static_cast<int64_t>(send.nbytes()) / pg.getSize() *
                    (pg.getSize() - 1));  // own row stays
   std::vector<at::Tensor> out;
