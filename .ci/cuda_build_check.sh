@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # CUDA build check (no GPU needed): builds ring_ext with its CUDA kernels against a CUDA build of torch
 # for the default TORCH_CUDA_ARCH_LIST (8.0+PTX;9.0a), prints the ptxas resource report of the
-# kernels, fails on register spills in any kernel, fails unless the library embeds sm_80 and sm_90a
-# code and sm_80 PTX (cuobjdump: newer GPUs such as sm_86/89/100/120 JIT the PTX), then imports the
-# package, checks the CUDA registrations and that every CUDA test skips with "no CUDA device".
+# kernels (every candidate tiling included), fails on register spills in any kernel, fails unless the
+# library embeds sm_80 and sm_90a code and sm_80 PTX (cuobjdump: newer GPUs such as sm_86/89/100/120
+# JIT the PTX), then imports the package, checks the CUDA registrations and the candidate tilings, and
+# that every CUDA test (-m cuda) skips with "no CUDA device".
 #
 # Needs python3 and nvcc (CUDA_HOME, default /usr/local/cuda); cuobjdump from CUDA_HOME, PATH or the
 # copy triton ships in the venv. Makes the venv RING_EXT_CUDA_VENV (default .venv-cuda; reused when
@@ -126,16 +127,24 @@ assert {"ring_ext::attention", "ring_ext::attention_bwd", "ring_ext::fwd"} <= se
 for op in ops:
     assert has(op, "CUDA"), op
 print("cuda_build_check: CUDA kernels registered for", ", ".join(o.split("::")[1] for o in ops))
+# The candidate tilings (Note [Candidate tilings]): every head-dim bucket of both kernels is compiled,
+# with 2-3 forward tilings each and 3 backward tilings for the benchmarked head dims 64 and 128.
+tilings = info["cuda_tilings"]
+count = {(k, d): sum(t.startswith(f"{k}/{d}/") for t in tilings) for k in ("fwd", "bwd") for d in (64, 128, 256)}
+assert all(count[("fwd", d)] >= 2 for d in (64, 128, 256)), count
+assert count[("bwd", 64)] >= 3 and count[("bwd", 128)] >= 3 and count[("bwd", 256)] >= 1, count
+print("cuda_build_check: candidate tilings", ", ".join(tilings))
 EOF
 )
-# The CUDA tests must be collected and skip cleanly here (no GPU); they run in tools/gpu_check.sh.
-# pytest imports ring_ext from the scratch tree, so give that tree the library just built.
+# The CUDA tests (the CUDA variants of the shared kernel suite, and the CUDA-only file) must be
+# collected and skip cleanly here (no GPU); they run in tools/gpu_check.sh. pytest imports ring_ext
+# from the scratch tree, so give that tree the library just built.
 cp "$LIB" "$SCRATCH/ring_ext/"
-(cd "$SCRATCH" && "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs >"$SCRATCH/tests.log" 2>&1) || true
+(cd "$SCRATCH" && "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m cuda tests/test_kernels.py tests/test_cuda.py -rs >"$SCRATCH/tests.log" 2>&1) || true
 tail -3 "$SCRATCH/tests.log"
 # Every test must be collected and skipped for exactly this reason (no other skip, no failure).
-if ! grep -qE '^[0-9]+ skipped in' "$SCRATCH/tests.log" || grep -E '^SKIPPED' "$SCRATCH/tests.log" | grep -vq ': no CUDA device$'; then
-  echo "cuda_build_check: tests/test_cuda.py must skip every test with the reason 'no CUDA device'" >&2
+if ! grep -qE '^[0-9]+ skipped(, [0-9]+ deselected)? in' "$SCRATCH/tests.log" || grep -E '^SKIPPED' "$SCRATCH/tests.log" | grep -vq ': no CUDA device$'; then
+  echo "cuda_build_check: every CUDA test (-m cuda) must skip with the reason 'no CUDA device'" >&2
   exit 1
 fi
 echo "cuda_build_check: OK in $((SECONDS - start)) s"

@@ -10,9 +10,30 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "cpu/kernels.h"
 #include "ring/ring.h"
+#ifdef RING_EXT_WITH_CUDA
+#include "cuda/tilings.h"
+#endif
+
+namespace {
+
+// The candidate tilings compiled into the CUDA kernels ("fwd/128/m128n64w8", ..., the default of
+// each head-dim bucket first; Note [Candidate tilings] in csrc/cuda/flash_fwd.cu); none without
+// CUDA.
+std::vector<std::string> cuda_tilings() {
+#ifdef RING_EXT_WITH_CUDA
+  std::vector<std::string> names = ring_ext::cuda::fwd_tilings();
+  for (std::string& name : ring_ext::cuda::bwd_tilings()) names.push_back(std::move(name));
+  return names;
+#else
+  return {};
+#endif
+}
+
+}  // namespace
 
 // Importing ring_ext._C loads this library, which runs the registrations below.
 PyMODINIT_FUNC PyInit__C(void) {
@@ -82,4 +103,7 @@ TORCH_LIBRARY(ring_ext, m) {
   // The instruction set the CPU kernels dispatched to on this machine: avx512, avx2 or baseline
   // (ring_ext.build_info()["cpu_isa"]; benchmarks print it, since it decides CPU speed).
   m.def("cpu_isa() -> str", [] { return std::string(ring_ext::cpu::isa()); });
+  // The CUDA kernels' candidate tilings (ring_ext.build_info()["cuda_tilings"]); the environment
+  // variables RING_EXT_CUDA_FWD_TILING / RING_EXT_CUDA_BWD_TILING pick one (docs/cuda.md).
+  m.def("cuda_tilings() -> str[]", &cuda_tilings);
 }

@@ -31,15 +31,17 @@ __all__ = [
 
 
 def build_info() -> dict:
-    """What this installation was built with and runs on: {'cuda', 'cuda_archs', 'torch_version',
-    'built_with_torch', 'cpu_isa'} (cpu_isa: the CPU kernels' instruction set here: avx512, avx2 or
-    baseline)."""
+    """What this installation was built with and runs on: {'cuda', 'cuda_archs', 'cuda_tilings',
+    'torch_version', 'built_with_torch', 'cpu_isa'} (cpu_isa: the CPU kernels' instruction set here:
+    avx512, avx2 or baseline; cuda_tilings: the CUDA kernels' candidate tilings, "fwd/<head dim
+    bucket>/<name>", the default of each bucket first, docs/cuda.md)."""
     from . import _build_info
 
     cuda_registered = torch._C._dispatch_has_kernel_for_dispatch_key("ring_ext::fwd", "CUDA")
     return {
         "cuda": bool(_build_info.CUDA and cuda_registered),
         "cuda_archs": list(_build_info.CUDA_ARCHS),
+        "cuda_tilings": list(torch.ops.ring_ext.cuda_tilings()),
         "torch_version": torch.__version__,
         "built_with_torch": _build_info.BUILT_WITH_TORCH,
         "cpu_isa": torch.ops.ring_ext.cpu_isa(),

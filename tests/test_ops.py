@@ -176,6 +176,7 @@ SAMPLES = {
     "ring_schedule": (_ring_schedule_samples, ("test_schema", "test_faketensor")),
     "cpu_isa": (lambda group: iter([((), {})]), ("test_schema", "test_faketensor")),
     "sent_bytes": (lambda group: iter([((), {})]), ("test_schema", "test_faketensor")),
+    "cuda_tilings": (lambda group: iter([((), {})]), ("test_schema", "test_faketensor")),
 }
 
 
@@ -224,4 +225,13 @@ def test_build_info():
     assert info["cpu_isa"] in ("avx512", "avx2", "baseline")
     assert isinstance(info["cuda"], bool)
     assert isinstance(info["cuda_archs"], list)
+    # The candidate tilings of the CUDA kernels: none without CUDA; with it, "fwd|bwd/<bucket>/<name>"
+    # for every head-dim bucket of both kernels (.ci/cuda_build_check.sh counts them).
+    tilings = info["cuda_tilings"]
+    assert isinstance(tilings, list)
+    if not info["cuda"]:
+        assert tilings == []
+    else:
+        buckets = {tuple(t.split("/")[:2]) for t in tilings}
+        assert buckets == {(k, d) for k in ("fwd", "bwd") for d in ("64", "128", "256")}, tilings
     assert info["torch_version"] == torch.__version__

@@ -136,7 +136,7 @@ MIN_KEYS_FOR_ROW_CHECK = 4
 
 def check_packed(q, k, v, cu, causal, window, seed):
     """fwd with the intervals of ring_ext.packing, and its backward, against the float64 oracle with the
-    per-pair mask, on q's device (tests/test_cuda.py runs it on CUDA). Rows past cu[-1] are padding: they
+    per-pair mask, on q's device (tests/test_kernels.py runs it on every device). Rows past cu[-1] are padding: they
     see nothing (out 0, lse -inf)."""
     rows, device = q.shape[1], q.device
     index = torch.arange(rows)
@@ -165,19 +165,8 @@ def check_packed(q, k, v, cu, causal, window, seed):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("window", [None, 1, 13, 200])
-def test_kernels_block_diagonal_and_banded(dtype, causal, window):
-    """Documents across tile edges (64/128 rows), lengths 0, 1 and more than a tile, GQA, with and
-    without windows smaller than, equal to and larger than a tile."""
-    docs = (1, 0, 130, 2, 64, 65, 0, 190)
-    seed = zlib.crc32(repr((str(dtype), causal, window)).encode())
-    g = torch.Generator().manual_seed(seed)
-    total = sum(docs)
-    q = torch.randn(1, total, 4, 32, generator=g).to(dtype)
-    k, v = (torch.randn(1, total, 2, 32, generator=g).to(dtype) for _ in range(2))
-    check_packed(q, k, v, cu_of(docs), causal, window, seed)
+# The kernels on block-diagonal and banded masks, on every device: tests/test_kernels.py
+# (test_packed_and_windowed_masks and the misaligned and thd cases next to it).
 
 
 def test_rows_that_see_nothing_give_zero_and_minus_inf():

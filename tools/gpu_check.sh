@@ -4,19 +4,22 @@
 #   tools/gpu_check.sh [--dry-run] [OUTDIR]        (OUTDIR default: out/gpu_check)
 #
 # Parts, in this order, each time-boxed; a failed part does not stop the later ones (only a failed
-# build or missing prerequisites do), and the whole run keeps to BUDGET_S (default 450 s):
+# build or missing prerequisites do), and the whole run keeps to BUDGET_S (default 470 s):
 #
 #   prereqs     python + torch (CUDA build) + a GPU, nvcc, ninja, pytest, NCCL, compute-sanitizer:
 #               checked first; whatever is missing is named
 #   build       python setup.py build_ext --inplace for this GPU's arch (TORCH_CUDA_ARCH_LIST overrides),
 #               ptxas report (registers, spills) into ptxas.txt                             <= 200 s
-#   tests       pytest tests/test_kernels.py tests/test_cuda.py (the CUDA kernels against the float64
-#               oracle, every path: tensor cores, SIMT, merge), JUnit XML                   <= 170 s
+#   tests       pytest -m cuda tests/test_kernels.py tests/test_cuda.py (the CUDA variants of the shared
+#               kernel suite and the CUDA-only tests against the float64 oracle, every path: tensor
+#               cores, SIMT, merge, every candidate tiling), JUnit XML                      <= 170 s
 #   cp          CP attention at cp=1 over NCCL on a side stream (test_cuda.py -k cp_attention) <= 40 s
 #   memcheck    compute-sanitizer --tool memcheck over one forward and one backward of every
-#               kernel family (tensor cores d 64/128/256, SIMT fp32/odd dims/misaligned, merge) <= 50 s
+#               kernel family (tensor cores d 64/128/256, SIMT fp32/odd dims/misaligned, merge) and
+#               of every candidate tiling                                                   <= 50 s
 #   racecheck   the same cases under --tool racecheck                                       <= 50 s
-#   bench       benchmarks/bench_cuda.py: TFLOP/s against PyTorch's SDPA backends        <= 90 s
+#   bench       benchmarks/bench_cuda.py: TFLOP/s of every candidate tiling against PyTorch's SDPA
+#               backends, the winner per shape                                              <= 150 s
 #
 # Writes into OUTDIR: gpu_check.log (everything), summary.md (pass/fail per part, the GPU, the SIMT
 # float32 errors, the TFLOP/s table), build.log, ptxas.txt, tests.log, tests.xml, cp.log, memcheck.log,
@@ -30,7 +33,7 @@
 #
 # Environment: PYTHON (default python3: the venv with torch), CUDA_HOME (default /usr/local/cuda),
 # TORCH_CUDA_ARCH_LIST (default: the GPU's own arch, 9.0a on H100/H200), MAX_JOBS (default nproc),
-# BUDGET_S (default 450).
+# BUDGET_S (default 470).
 set -uo pipefail
 
 DRY=0
@@ -49,10 +52,10 @@ PY=${PYTHON:-python3}
 if PY_PATH=$(command -v "$PY" 2>/dev/null); then export PATH="$(dirname "$PY_PATH"):$PATH"; fi
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-BUDGET_S=${BUDGET_S:-450}
+BUDGET_S=${BUDGET_S:-470}
 START=$SECONDS
 PARTS=(prereqs build tests cp memcheck racecheck bench)
-declare -A STATUS SECS DETAIL BOX=([build]=200 [tests]=170 [cp]=40 [memcheck]=50 [racecheck]=50 [bench]=90)
+declare -A STATUS SECS DETAIL BOX=([build]=200 [tests]=170 [cp]=40 [memcheck]=50 [racecheck]=50 [bench]=150)
 for part in "${PARTS[@]}"; do STATUS[$part]="not run" SECS[$part]=0 DETAIL[$part]=""; done
 
 say() { echo "gpu_check: $*"; }
@@ -162,7 +165,10 @@ export TORCH_CUDA_ARCH_LIST RING_EXT_CUDA=1 RING_EXT_PTXAS_VERBOSE=1
 
 # ---- the sanitizer cases: one forward and one backward per kernel family, tiny and ragged ------------
 cat >"$OUT/sanitize_cases.py" <<'EOF'
-"""One forward + backward of every ring_ext kernel family on tiny ragged shapes (for compute-sanitizer)."""
+"""One forward + backward of every ring_ext kernel family and candidate tiling on tiny ragged shapes (for
+compute-sanitizer)."""
+
+import os
 
 import torch
 
@@ -210,6 +216,19 @@ for name, dtype, d, misaligned in [
     torch.cuda.synchronize()
     assert all(torch.isfinite(t).all() for t in (out, *grads)), name
     print("ok: packed window", name, flush=True)
+# Every candidate tiling (Note [Candidate tilings]), chosen through its environment variable: causal at
+# an offset with GQA, so that the backward walks several q blocks (its double-buffered loads included).
+ENV = {"fwd": "RING_EXT_CUDA_FWD_TILING", "bwd": "RING_EXT_CUDA_BWD_TILING"}
+for entry in ring_ext.build_info()["cuda_tilings"]:
+    kernel, head_dim, name = entry.split("/")
+    os.environ[ENV[kernel]] = name
+    q, k, v = qkv(1, 150, 200, 4, 2, int(head_dim), torch.bfloat16)
+    out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.2, True, 60, 0)
+    grads = torch.ops.ring_ext.bwd(torch.randn_like(out), q, k, v, out, lse, 0.2, True, 60, 0)
+    torch.cuda.synchronize()
+    del os.environ[ENV[kernel]]
+    assert all(torch.isfinite(t).all() for t in (out, *grads)), entry
+    print("ok: tiling", entry, flush=True)
 for dtype in (torch.float32, torch.bfloat16):
     out, lse = torch.randn(1, 37, 3, 72, device="cuda"), torch.randn(1, 3, 37, device="cuda")
     lse[:, :, :4] = -torch.inf
@@ -225,7 +244,7 @@ plan() {
 == gpu_check plan (OUTDIR $OUT, budget $BUDGET_S s)
   prereqs    done above
   build      RING_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS $PY setup.py build_ext --inplace   (<= ${BOX[build]} s)
-  tests      $PY -m pytest tests/test_kernels.py tests/test_cuda.py -k 'not cp_attention' --junitxml tests.xml   (<= ${BOX[tests]} s)
+  tests      $PY -m pytest -m cuda tests/test_kernels.py tests/test_cuda.py -k 'not cp_attention' --junitxml tests.xml   (<= ${BOX[tests]} s)
   cp         $PY -m pytest tests/test_cuda.py -k cp_attention   (<= ${BOX[cp]} s)
   memcheck   ${SANITIZER:-compute-sanitizer (missing)} --tool memcheck ${SAN_FILTER[*]} $PY sanitize_cases.py   (<= ${BOX[memcheck]} s)
   racecheck  ${SANITIZER:-compute-sanitizer (missing)} --tool racecheck ${SAN_FILTER[*]} $PY sanitize_cases.py   (<= ${BOX[racecheck]} s)
@@ -293,7 +312,7 @@ if ((DRY)); then
   bash -n "$0" || ok=0
   if ((have_py)) || "$PY" -c 'import torch' 2>/dev/null; then
     "$PY" -m py_compile "$OUT/sanitize_cases.py" && say "sanitize_cases.py compiles" || ok=0
-    if "$PY" -m pytest -q -p no:cacheprovider --collect-only tests/test_kernels.py tests/test_cuda.py >"$OUT/collect.log" 2>&1; then
+    if "$PY" -m pytest -q -p no:cacheprovider --collect-only -m cuda tests/test_kernels.py tests/test_cuda.py >"$OUT/collect.log" 2>&1; then
       say "tests collect: $(tail -1 "$OUT/collect.log")"
     else
       tail -20 "$OUT/collect.log"
@@ -330,7 +349,7 @@ fi
 DETAIL[build]="$("$PY" -c 'import ring_ext; print(ring_ext.build_info())' 2>&1 | tail -1)"
 
 # ---- tests, CP over NCCL, sanitizers, benchmark -------------------------------------------------------
-run_part tests "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_cuda.py \
+run_part tests "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -rs -m cuda tests/test_kernels.py tests/test_cuda.py \
   -k "not cp_attention" --junitxml="$OUT/tests.xml"
 DETAIL[tests]+="$(grep -E '[0-9]+ (passed|failed|skipped)' "$OUT/tests.log" | tail -1)"
 # On a GPU every CUDA test must run: one that skips (no memory, no profiler data) is named in summary.md.

@@ -23,22 +23,32 @@
 // log2 units.
 //
 // Note [Backward tilings and shared memory]
-// The tiling is a template parameter (BwdConfig<D, kBlockN, kBlockM, kWarps>); each head-dim
-// bucket has a default and a smaller one, and the launcher takes the first whose shared memory
-// fits the device's opt-in limit (max_smem_per_block), else the SIMT kernels (which need 16 KiB):
+// The tiling is a template parameter (BwdConfig<D, kBlockN, kBlockM, kWarps, kDoubleQdo>); each
+// head-dim bucket has its candidates (Note [Candidate tilings] in flash_fwd.cu), the default first,
+// and a small tiling for 99 KiB devices. Unless RING_EXT_CUDA_BWD_TILING names one, the launcher
+// takes the default if its shared memory fits the device's opt-in limit (max_smem_per_block), else
+// the small one, else the SIMT kernels (which need 16 KiB):
 //
-//   D     default (N x M, warps)   smem       small (N x M, warps)   smem
-//   64    128 x 64, 8              81 KiB     -
-//   128   128 x 64, 8              129 KiB    64 x 64, 8             81 KiB
-//   256    64 x 64, 8              145 KiB    32 x 32, 4             68.5 KiB
+//   D     default (name, smem)   other candidates (smem)                  small (smem)
+//   64    m64n128w8, 81 KiB      m64n128w8d (98), m128n128w8 (130)        -
+//   128   m64n128w8, 129 KiB     m64n128w8d (162), m128n64w8 (130)        m64n64w8 (81)
+//   256   m64n64w8, 145 KiB      -                                        m32n32w4 (68.5)
 //
-// sm_80/87 (163 KiB) and sm_90 (227 KiB) take the defaults; sm_86/89/120 (99 KiB) the small
-// tilings for D > 64. The small tilings keep each warp's register tiles (dK, dV, dq) the same size.
+// (m<rows per step>n<keys per CTA>w<warps>; d: Q, dO, lse, delta and the key ranges are
+// double-buffered, so the next step's loads overlap all three steps of this one, one barrier
+// fewer per step.) sm_80/87 (163 KiB) and sm_90 (227 KiB) take the defaults; sm_86/89/120 (99 KiB)
+// the small tilings for D > 64. The small tilings keep each warp's register tiles (dK, dV, dq) the
+// same size.
+#include <algorithm>
 #include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "kernels.h"
 #include "launch.cuh"
 #include "mma.cuh"
+#include "tilings.h"
 
 namespace ring_ext::cuda {
 
@@ -54,9 +64,11 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-template <int D_, int kBlockN_, int kBlockM_, int kWarps_>
+template <int D_, int kBlockN_, int kBlockM_, int kWarps_, bool kDoubleQdo_ = false>
 struct BwdConfig {
   static constexpr int D = D_;
+  static constexpr bool kDoubleQdo = kDoubleQdo_;
+  static constexpr int kQBuffers = kDoubleQdo ? 2 : 1;  // Q, dO, lse, delta, key ranges
   static constexpr int kWarps = kWarps_, kThreads = 32 * kWarps;
   static constexpr int kBlockN = kBlockN_;  // keys per CTA
   static constexpr int kBlockM = kBlockM_;  // q rows per step
@@ -71,8 +83,10 @@ struct BwdConfig {
   static constexpr int kDims3 = D / (kWarps / kRowStrips);
   static_assert(kWarps % kKeyStrips == 0 && kWarps % kRowStrips == 0, "warp grid");
   static_assert(kCols1 % 16 == 0 && kDims2 % 16 == 0 && kDims3 % 16 == 0, "two n-tiles per load");
+  static constexpr int kRowBytes = 4 * kBlockM * 4;  // lse, delta, first, last
   static constexpr int kSmemBytes =
-      (2 * KTile::kElems + 2 * QTile::kElems + 2 * PTile::kElems) * 2 + 4 * kBlockM * 4;
+      (2 * KTile::kElems + 2 * PTile::kElems) * 2 + kQBuffers * (2 * QTile::kElems * 2 + kRowBytes);
+  static std::string name() { return tiling_name(kBlockM, kBlockN, kWarps, false, kDoubleQdo); }
 };
 
 struct Smem {
@@ -88,18 +102,20 @@ struct Smem {
   int* last;
 };
 
+// Layout: K, V, P^T, dS^T, then per Q buffer: Q, dO, lse, delta, first, last.
 template <typename Cfg, typename T>
-__device__ __forceinline__ Smem carve_smem(unsigned char* raw) {
+__device__ __forceinline__ Smem carve_smem(unsigned char* raw, int buffer) {
   T* base = reinterpret_cast<T*>(raw);
   Smem s;
   s.k = base;
   s.v = base + Cfg::KTile::kElems;
-  s.q = base + 2 * Cfg::KTile::kElems;
-  s.dout = base + 2 * Cfg::KTile::kElems + Cfg::QTile::kElems;
-  s.pt = base + 2 * Cfg::KTile::kElems + 2 * Cfg::QTile::kElems;
-  s.dst = base + 2 * Cfg::KTile::kElems + 2 * Cfg::QTile::kElems + Cfg::PTile::kElems;
-  s.lse = reinterpret_cast<float*>(base + 2 * Cfg::KTile::kElems + 2 * Cfg::QTile::kElems +
-                                   2 * Cfg::PTile::kElems);
+  s.pt = base + 2 * Cfg::KTile::kElems;
+  s.dst = base + 2 * Cfg::KTile::kElems + Cfg::PTile::kElems;
+  unsigned char* qbuf = raw + (2 * Cfg::KTile::kElems + 2 * Cfg::PTile::kElems) * 2 +
+                        buffer * (2 * Cfg::QTile::kElems * 2 + Cfg::kRowBytes);
+  s.q = qbuf;
+  s.dout = reinterpret_cast<T*>(qbuf) + Cfg::QTile::kElems;
+  s.lse = reinterpret_cast<float*>(qbuf + 2 * Cfg::QTile::kElems * 2);
   s.delta = s.lse + Cfg::kBlockM;
   s.first = reinterpret_cast<int*>(s.delta + Cfg::kBlockM);
   s.last = s.first + Cfg::kBlockM;
@@ -224,7 +240,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     flash_bwd_kernel(const BwdParams p, const RowKeys keys) {
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, NT2 = Cfg::kDims2 / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Smem s = carve_smem<Cfg, T>(smem_raw);
 
   const int b = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * kBlockN;
   const int group = static_cast<int>(p.shape.heads_q / p.shape.heads_kv);
@@ -236,15 +251,19 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int steps = group * m_count;
   if (steps == 0) return;
   const float scale_log2 = p.scale * kLog2e;
+  // Step i reads the q block (q head hk * group + i / m_count, rows from step_m0(i)).
+  const auto step_head = [&](int i) { return hk * group + i / m_count; };
+  const auto step_m0 = [&](int i) { return (m_begin + i % m_count) * kBlockM; };
 
   const int head_dim = static_cast<int>(p.shape.head_dim);
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
-  load_tile<typename Cfg::KTile, Cfg::kThreads>(static_cast<T*>(s.k), k, p.k_stride.seq, n0, seq_k,
-                                                head_dim);
-  load_tile<typename Cfg::KTile, Cfg::kThreads>(static_cast<T*>(s.v), v, p.v_stride.seq, n0, seq_k,
-                                                head_dim);
-  load_q_block<Cfg, T>(p, keys, s, hk * group, m_begin * kBlockM);
+  const Smem first_buffer = carve_smem<Cfg, T>(smem_raw, 0);
+  load_tile<typename Cfg::KTile, Cfg::kThreads>(static_cast<T*>(first_buffer.k), k, p.k_stride.seq,
+                                                n0, seq_k, head_dim);
+  load_tile<typename Cfg::KTile, Cfg::kThreads>(static_cast<T*>(first_buffer.v), v, p.v_stride.seq,
+                                                n0, seq_k, head_dim);
+  load_q_block<Cfg, T>(p, keys, first_buffer, step_head(0), step_m0(0));
 
   const int warp = threadIdx.x / 32;
   const int key0 = (warp % Cfg::kKeyStrips) * 16, dim0 = (warp / Cfg::kKeyStrips) * Cfg::kDims2;
@@ -252,44 +271,47 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   zero(dk);
   zero(dv);
   for (int step = 0; step < steps; ++step) {
-    const int h = hk * group + step / m_count;
-    const int m0 = (m_begin + step % m_count) * kBlockM;
+    const Smem s = carve_smem<Cfg, T>(smem_raw, step % Cfg::kQBuffers);
     cp_async_wait_all();
-    __syncthreads();  // Q, dO, lse, delta of this step visible; step 3 of the last step is done
+    __syncthreads();  // this step's Q, dO, lse, delta visible; the last step is done everywhere
+    if (Cfg::kDoubleQdo && step + 1 < steps) {  // into the buffer the last step read
+      load_q_block<Cfg, T>(p, keys, carve_smem<Cfg, T>(smem_raw, (step + 1) % 2),
+                           step_head(step + 1), step_m0(step + 1));
+    }
     probs_and_grads<Cfg, T>(s, n0, scale_log2);
     __syncthreads();  // P^T, dS^T complete
     warp_gemm<false, true, 1, NT2, kBlockM, typename Cfg::PTile, typename Cfg::QTile>(
         dv, static_cast<const T*>(s.pt), key0, static_cast<const T*>(s.dout), dim0);
     warp_gemm<false, true, 1, NT2, kBlockM, typename Cfg::PTile, typename Cfg::QTile>(
         dk, static_cast<const T*>(s.dst), key0, static_cast<const T*>(s.q), dim0);
-    __syncthreads();  // every warp is done with Q, dO, lse, delta
-    if (step + 1 < steps) {
-      const int next_h = hk * group + (step + 1) / m_count;
-      const int next_m0 = (m_begin + (step + 1) % m_count) * kBlockM;
-      load_q_block<Cfg, T>(p, keys, s, next_h, next_m0);
+    if (!Cfg::kDoubleQdo && step + 1 < steps) {
+      __syncthreads();  // every warp is done with Q, dO, lse, delta: reload them
+      load_q_block<Cfg, T>(p, keys, s, step_head(step + 1), step_m0(step + 1));
     }
-    accumulate_dq<Cfg, T>(p, s, h, m0);
+    accumulate_dq<Cfg, T>(p, s, step_head(step), step_m0(step));
   }
   add_dkdv<Cfg, NT2>(p, dk, dv, hk, n0);
 }
 
-// The default tiling of each head-dim bucket and the smaller one for 99 KiB devices (Note
-// [Backward tilings and shared memory]).
+// The candidates of each head-dim bucket, default first, and the small tiling for 99 KiB devices
+// (Note [Backward tilings and shared memory]).
 template <int D>
-struct BwdTilings;
+struct BwdCandidates;
 template <>
-struct BwdTilings<64> {
-  using Default = BwdConfig<64, 128, 64, 8>;
-  using Small = Default;
+struct BwdCandidates<64> {
+  using List = std::tuple<BwdConfig<64, 128, 64, 8>, BwdConfig<64, 128, 64, 8, true>,
+                          BwdConfig<64, 128, 128, 8>>;
+  using Small = BwdConfig<64, 128, 64, 8>;
 };
 template <>
-struct BwdTilings<128> {
-  using Default = BwdConfig<128, 128, 64, 8>;
+struct BwdCandidates<128> {
+  using List = std::tuple<BwdConfig<128, 128, 64, 8>, BwdConfig<128, 128, 64, 8, true>,
+                          BwdConfig<128, 64, 128, 8>>;
   using Small = BwdConfig<128, 64, 64, 8>;
 };
 template <>
-struct BwdTilings<256> {
-  using Default = BwdConfig<256, 64, 64, 8>;
+struct BwdCandidates<256> {
+  using List = std::tuple<BwdConfig<256, 64, 64, 8>>;
   using Small = BwdConfig<256, 32, 32, 4>;
 };
 
@@ -301,29 +323,50 @@ void launch_bwd(const BwdParams& p, cudaStream_t stream) {
          row_keys(p.mask, p.shape));
 }
 
-// The first tiling of the bucket that fits this device's shared memory, else the SIMT kernels.
-template <typename T, int D>
-void launch_fitting(const BwdParams& p, cudaStream_t stream) {
-  using Tilings = BwdTilings<D>;
-  static_assert(Tilings::Small::kSmemBytes <= 99 * 1024, "the small tiling fits sm_86/89/120");
+// The candidate named by RING_EXT_CUDA_BWD_TILING (an error naming the device's limit if it does
+// not fit, from launch); unset: the default if it fits this device's shared memory, else the small
+// tiling, else the SIMT kernels.
+template <typename T, typename Small, typename Default, typename... Others>
+void launch_chosen(const BwdParams& p, cudaStream_t stream, std::tuple<Default, Others...>*) {
+  static_assert(Small::kSmemBytes <= 99 * 1024, "the small tiling fits sm_86/89/120");
+  static const std::vector<std::string> names{Default::name(), Others::name()...};
+  const int chosen = chosen_tiling(TiledKernel::kBwd, Default::D, names);
+  if (chosen == 0) return launch_bwd<T, Default>(p, stream);
+  if (chosen > 0) {
+    [[maybe_unused]] int i = 1;
+    ((i++ == chosen ? launch_bwd<T, Others>(p, stream) : void()), ...);
+    return;
+  }
   const int limit = max_smem_per_block();
-  if (Tilings::Default::kSmemBytes <= limit) {
-    launch_bwd<T, typename Tilings::Default>(p, stream);
-  } else if (Tilings::Small::kSmemBytes <= limit) {
-    launch_bwd<T, typename Tilings::Small>(p, stream);
+  if (Default::kSmemBytes <= limit) {
+    launch_bwd<T, Default>(p, stream);
+  } else if (Small::kSmemBytes <= limit) {
+    launch_bwd<T, Small>(p, stream);
   } else {
     simt_bwd(p, stream);
   }
 }
 
+template <typename T, int D>
+void launch_bucket(const BwdParams& p, cudaStream_t stream) {
+  using Candidates = BwdCandidates<D>;
+  launch_chosen<T, typename Candidates::Small>(p, stream,
+                                               static_cast<typename Candidates::List*>(nullptr));
+}
+
+template <typename... Cfgs>
+void add_names(std::vector<std::string>& out, std::tuple<Cfgs...>*) {
+  (out.push_back("bwd/" + std::to_string(Cfgs::D) + "/" + Cfgs::name()), ...);
+}
+
 template <typename T>
 void dispatch_head_dim(const BwdParams& p, cudaStream_t stream) {
   if (p.shape.head_dim <= 64) {
-    launch_fitting<T, 64>(p, stream);
+    launch_bucket<T, 64>(p, stream);
   } else if (p.shape.head_dim <= 128) {
-    launch_fitting<T, 128>(p, stream);
+    launch_bucket<T, 128>(p, stream);
   } else {
-    launch_fitting<T, 256>(p, stream);
+    launch_bucket<T, 256>(p, stream);
   }
 }
 
@@ -337,6 +380,14 @@ bool use_tensor_cores(const BwdParams& p) {
 }
 
 }  // namespace
+
+std::vector<std::string> bwd_tilings() {
+  std::vector<std::string> names;
+  add_names(names, static_cast<BwdCandidates<64>::List*>(nullptr));
+  add_names(names, static_cast<BwdCandidates<128>::List*>(nullptr));
+  add_names(names, static_cast<BwdCandidates<256>::List*>(nullptr));
+  return names;
+}
 
 void flash_bwd(const BwdParams& p, cudaStream_t stream) {
   check_shape(p.shape);

@@ -1,11 +1,12 @@
 // Blockwise flash attention forward on tensor cores (bf16/fp16 in, float32 accumulate).
 //
 // Note [Forward tiling]
-// One CTA owns kBlockM = 16 * kWarps query rows of one (batch, head) and walks the visible key
-// blocks of kBlockN keys; warp w owns query rows [16 w, 16 w + 16) and every key/dim column:
+// One CTA owns kBlockM = 16 * kRowTiles * kWarps query rows of one (batch, head) and walks the
+// visible key blocks of kBlockN keys; warp w owns the query rows [w R, w R + R), R = 16 kRowTiles,
+// and every key/dim column:
 //
 //        smem:  Q [kBlockM x D]   K [kBlockN x D]   V [kBlockN x D]      (swizzled, 16-bit)
-//        regs:  S = Q K^T  per warp 16 x kBlockN       O per warp 16 x D  (float32)
+//        regs:  S = Q K^T  per warp R x kBlockN       O per warp R x D  (float32)
 //
 //   iteration j:   wait K_j | issue V_j load | S = Q K_j^T | mask, online softmax, rescale O
 //                  wait V_j | issue K_{j+1} load | O += P V_j        (P packed from S, never in
@@ -18,11 +19,30 @@
 // (rows). The online softmax runs in log2 units (scores * scale * log2 e); a row that has seen no
 // visible key keeps max = -inf and uses 0 as its exponent base, so it stays at l = 0, O = 0 and
 // ends with out = 0, lse = -inf.
+//
+// Note [Candidate tilings]
+// Each head-dim bucket is compiled in 2-3 tilings (FwdCandidates here, BwdCandidates in
+// flash_bwd.cu), named m<rows>n<keys>w<warps> plus p when the k loop's fragments are
+// double-buffered (warp_gemm, kPipelined) and d when the backward's Q/dO are. The first of each
+// bucket is the default; the environment variables RING_EXT_CUDA_FWD_TILING and
+// RING_EXT_CUDA_BWD_TILING (read at every launch, tilings.h) run another, so that
+// benchmarks/bench_cuda.py can time them all in one process. The defaults stay until a GPU run
+// picks (docs/cuda.md, "Candidate tilings"). Forward candidates:
+//
+//   D     default            candidates
+//   64    m128n64w8          m128n64w8p, m128n64w4p (FlashAttention-2's 4 warps x 32 rows)
+//   128   m128n64w8          m128n64w8p, m128n32w4p (64 keys would spill registers)
+//   256   m64n32w4           m64n32w4p
+
 #include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "kernels.h"
 #include "launch.cuh"
 #include "mma.cuh"
+#include "tilings.h"
 
 namespace ring_ext::cuda {
 namespace {
@@ -36,15 +56,38 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-template <int D>
+// kWarps warps of kRowTiles 16-row tiles each; kPipelined: double-buffered fragments in Q K^T.
+template <int D_, int kWarps_, int kRowTiles_, int kBlockN_, bool kPipelined_>
 struct FwdConfig {
-  static constexpr int kWarps = D <= 128 ? 8 : 4;
-  static constexpr int kBlockM = 16 * kWarps;
-  static constexpr int kBlockN = D <= 128 ? 64 : 32;
+  static constexpr int D = D_, kWarps = kWarps_, kRowTiles = kRowTiles_, kBlockN = kBlockN_;
+  static constexpr bool kPipelined = kPipelined_;
+  static constexpr int kWarpRows = 16 * kRowTiles;
+  static constexpr int kBlockM = kWarpRows * kWarps;
   static constexpr int kThreads = 32 * kWarps;
   using QTile = SmemTile<kBlockM, D>;
   using KTile = SmemTile<kBlockN, D>;
   static constexpr int kSmemBytes = (QTile::kElems + 2 * KTile::kElems) * 2;
+  static_assert(kSmemBytes <= 99 * 1024, "fits every sm_80+ device (sm_86/89/120: 99 KiB)");
+  static std::string name() { return tiling_name(kBlockM, kBlockN, kWarps, kPipelined, false); }
+};
+
+// The tilings of each head-dim bucket, default first (Note [Candidate tilings]).
+template <int D>
+struct FwdCandidates;
+template <>
+struct FwdCandidates<64> {
+  using List = std::tuple<FwdConfig<64, 8, 1, 64, false>, FwdConfig<64, 8, 1, 64, true>,
+                          FwdConfig<64, 4, 2, 64, true>>;
+};
+template <>
+struct FwdCandidates<128> {
+  // 4 x 32 rows with 64 keys spills at D = 128 (255 registers): 32 keys.
+  using List = std::tuple<FwdConfig<128, 8, 1, 64, false>, FwdConfig<128, 8, 1, 64, true>,
+                          FwdConfig<128, 4, 2, 32, true>>;
+};
+template <>
+struct FwdCandidates<256> {
+  using List = std::tuple<FwdConfig<256, 4, 1, 32, false>, FwdConfig<256, 4, 1, 32, true>>;
 };
 
 // Per-thread running softmax state of its two rows (g and g + 8 of the warp's 16).
@@ -137,12 +180,12 @@ __device__ __forceinline__ void store_out(const FwdParams& p, float (&o)[NO][4],
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(FwdConfig<D>::kThreads)
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
     flash_fwd_kernel(const FwdParams p, const RowKeys keys) {
-  using Cfg = FwdConfig<D>;
   using QTile = typename Cfg::QTile;
   using KTile = typename Cfg::KTile;
+  constexpr int D = Cfg::D, MT = Cfg::kRowTiles;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kThreads = Cfg::kThreads;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);  // [kBlockM, D]
@@ -153,7 +196,8 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
   const int seq_q = static_cast<int>(p.shape.seq_q), seq_k = static_cast<int>(p.shape.seq_k);
   const int head_dim = static_cast<int>(p.shape.head_dim);
   // Last row block first: under a causal mask it has the most keys, so the long CTAs start early.
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM, warp_row = (threadIdx.x / 32) * 16;
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
+  const int warp_row = (threadIdx.x / 32) * Cfg::kWarpRows;
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
@@ -163,15 +207,23 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
   // past seq_q, so row sums are taken in int64).
   const int nb_begin = keys.first(m0) / kBlockN;
   const int nb_end = (max(0, keys.last(int64_t{m0} + kBlockM - 1) + 1) + kBlockN - 1) / kBlockN;
-  // First and last visible key of each of this thread's rows (global key indices).
+  // First and last visible key of each of this thread's rows (global key indices): rows g and
+  // g + 8 of each of the warp's 16-row tiles.
   const int g = (threadIdx.x % 32) / 4;
-  const int64_t rows[2] = {int64_t{m0} + warp_row + g, int64_t{m0} + warp_row + g + 8};
-  const int row_first[2] = {keys.first(rows[0]), keys.first(rows[1])};
-  const int row_last[2] = {keys.last(rows[0]), keys.last(rows[1])};
+  int row_first[MT][2], row_last[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = int64_t{m0} + warp_row + 16 * mt + g + 8 * r;
+      row_first[mt][r] = keys.first(row);
+      row_last[mt][r] = keys.last(row);
+    }
+  }
 
-  float o[D / 8][4];
+  float o[MT][D / 8][4];
   zero(o);
-  RowState st;
+  RowState st[MT];
   const float scale_log2 = p.scale * kLog2e;
 
   if (nb_begin < nb_end) {
@@ -186,16 +238,20 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
     load_tile<KTile, kThreads>(sV, v, p.v_stride.seq, n0, seq_k, head_dim);
     cp_async_commit();
 
-    float s[1][kBlockN / 8][4];  // [16 rows, kBlockN keys] of this warp
+    float s[MT][kBlockN / 8][4];  // [R rows, kBlockN keys] of this warp
     zero(s);
-    warp_gemm<false, false, 1, kBlockN / 8, D, QTile, KTile>(s, sQ, warp_row, sK, 0);
-    // Masking is needed when some key of the block lies outside one of the thread's row ranges
-    // (the key range ends at seq_k - 1, so keys past the end are masked too).
-    const bool masked =
-        n0 < max(row_first[0], row_first[1]) || n0 + kBlockN - 1 > min(row_last[0], row_last[1]);
-    const int key_lo[2] = {row_first[0] - n0, row_first[1] - n0};
-    const int key_hi[2] = {row_last[0] - n0, row_last[1] - n0};
-    online_softmax(s[0], o, st, scale_log2, masked, key_lo, key_hi);
+    warp_gemm<false, false, MT, kBlockN / 8, D, QTile, KTile, T, Cfg::kPipelined>(s, sQ, warp_row,
+                                                                                  sK, 0);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      // Masking is needed when some key of the block lies outside one of the thread's row ranges
+      // (the key range ends at seq_k - 1, so keys past the end are masked too).
+      const bool masked = n0 < max(row_first[mt][0], row_first[mt][1]) ||
+                          n0 + kBlockN - 1 > min(row_last[mt][0], row_last[mt][1]);
+      const int key_lo[2] = {row_first[mt][0] - n0, row_first[mt][1] - n0};
+      const int key_hi[2] = {row_last[mt][0] - n0, row_last[mt][1] - n0};
+      online_softmax(s[mt], o[mt], st[mt], scale_log2, masked, key_lo, key_hi);
+    }
 
     cp_async_wait_all();
     __syncthreads();  // V_nb visible; every warp is done with K_nb
@@ -203,29 +259,48 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
       load_tile<KTile, kThreads>(sK, k, p.k_stride.seq, n0 + kBlockN, seq_k, head_dim);
       cp_async_commit();
     }
-    warp_gemm_reg_a<D / 8, kBlockN, KTile>(o, s[0], sV, 0);
+    warp_gemm_reg_a<MT, D / 8, kBlockN, KTile>(o, s, sV, 0);
   }
-  store_out<T>(p, o, st, m0 + warp_row);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) store_out<T>(p, o[mt], st[mt], m0 + warp_row + 16 * mt);
+}
+
+template <typename T, typename Cfg>
+void launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  const dim3 grid = make_grid((p.shape.seq_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.shape.heads_q,
+                              p.shape.batch, "flash_fwd");
+  launch(flash_fwd_kernel<T, Cfg>, "flash_fwd", grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p,
+         row_keys(p.mask, p.shape));
+}
+
+// The candidate chosen by RING_EXT_CUDA_FWD_TILING, else the default (the first).
+template <typename T, typename... Cfgs>
+void launch_chosen(const FwdParams& p, cudaStream_t stream, std::tuple<Cfgs...>*) {
+  const int D = std::tuple_element_t<0, std::tuple<Cfgs...>>::D;
+  static const std::vector<std::string> names{Cfgs::name()...};
+  const int chosen = std::max(0, chosen_tiling(TiledKernel::kFwd, D, names));
+  int i = 0;
+  ((i++ == chosen ? launch_fwd<T, Cfgs>(p, stream) : void()), ...);
 }
 
 template <typename T, int D>
-void launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  using Cfg = FwdConfig<D>;
-  static_assert(Cfg::kSmemBytes <= 99 * 1024, "fits every sm_80+ device (sm_86/89/120: 99 KiB)");
-  const dim3 grid = make_grid((p.shape.seq_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.shape.heads_q,
-                              p.shape.batch, "flash_fwd");
-  launch(flash_fwd_kernel<T, D>, "flash_fwd", grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p,
-         row_keys(p.mask, p.shape));
+void launch_bucket(const FwdParams& p, cudaStream_t stream) {
+  launch_chosen<T>(p, stream, static_cast<typename FwdCandidates<D>::List*>(nullptr));
+}
+
+template <typename... Cfgs>
+void add_names(std::vector<std::string>& out, std::tuple<Cfgs...>*) {
+  (out.push_back("fwd/" + std::to_string(Cfgs::D) + "/" + Cfgs::name()), ...);
 }
 
 template <typename T>
 void dispatch_head_dim(const FwdParams& p, cudaStream_t stream) {
   if (p.shape.head_dim <= 64) {
-    launch_fwd<T, 64>(p, stream);
+    launch_bucket<T, 64>(p, stream);
   } else if (p.shape.head_dim <= 128) {
-    launch_fwd<T, 128>(p, stream);
+    launch_bucket<T, 128>(p, stream);
   } else {
-    launch_fwd<T, 256>(p, stream);
+    launch_bucket<T, 256>(p, stream);
   }
 }
 
@@ -241,6 +316,14 @@ bool use_tensor_cores(const FwdParams& p) {
 }  // namespace
 
 void simt_fwd(const FwdParams& p, cudaStream_t stream);  // simt_fallback.cu
+
+std::vector<std::string> fwd_tilings() {
+  std::vector<std::string> names;
+  add_names(names, static_cast<FwdCandidates<64>::List*>(nullptr));
+  add_names(names, static_cast<FwdCandidates<128>::List*>(nullptr));
+  add_names(names, static_cast<FwdCandidates<256>::List*>(nullptr));
+  return names;
+}
 
 void flash_fwd(const FwdParams& p, cudaStream_t stream) {
   check_shape(p.shape);
