@@ -6,17 +6,24 @@
 // --------------------
 // In backward each rank keeps Q, dO, O, LSE and dQ; K/V blocks travel exactly as in forward and
 // the K/V gradient of a block travels with it along the inner ring, in float32: a rank adds its
-// contribution (computed into a zeroed float32 buffer while the partial from the previous rank is
-// still in flight) to that partial and sends the sum on. At the end of each inner round the partial
-// goes straight home to the block's owner, which adds it into its float32 dK/dV (the first partial
-// home becomes dK/dV); the owner rounds to the input dtype once, at the end. Travelling in float32
-// keeps the error independent of the ring size (rounding to bf16 at every hop adds one bf16
-// rounding per rank); the cost is bytes: per backward step a rank sends K/V in the input dtype plus
-// dK/dV in float32, i.e. 3x the bytes of a forward step for bf16 inputs and 2x for float32. Each
-// float32 buffer exists while it is computed into or in flight: a step's contribution, the partial
-// arriving for the next step, the sum on its way, and the partial coming home (docs/design.md,
-// Memory per rank). A double ring with overlap also keeps the previous round's trip home in flight
-// until the next round ends, and its dK/dV from the second round on.
+// contribution to the partial from the previous rank and sends the sum on; the first holder of a
+// block starts from zeros. At the end of each inner round the partial goes straight home to the
+// block's owner, which adds it into its float32 dK/dV (the first partial home becomes dK/dV); the
+// owner rounds to the input dtype once, at the end. Travelling in float32 keeps the error
+// independent of the ring size (rounding to bf16 at every hop adds one bf16 rounding per rank);
+// the cost is bytes: per backward step a rank sends K/V in the input dtype plus dK/dV in float32,
+// i.e. 3x the bytes of a forward step for bf16 inputs and 2x for float32.
+//
+// When the partial is waited for is a choice between memory and overlap. On CPU a rank waits for
+// it at the start of the step (it was sent at the end of the last one, while this rank posted the
+// same) and computes into it: during a step's compute one float32 block exists, and the wait also
+// frees the sum sent at the last step. The transfer then no longer hides behind compute (on Gloo it
+// takes about 1-2% of a step's compute; the K/V blocks still arrive a step ahead). On CUDA the
+// compute stream would idle for that transfer, so the step computes into a zeroed buffer while the
+// partial arrives, and adds it after: three float32 blocks during compute (the contribution, the
+// partial arriving, the sum on its way). Then the partial coming home (docs/design.md, Memory per
+// rank). A double ring with overlap also keeps the previous round's trip home in flight until the
+// next round ends, and its dK/dV from the second round on.
 //
 // Note [Per-source key intervals]
 // -------------------------------
@@ -362,21 +369,31 @@ namespace {
 class KvGrads {
  public:
   KvGrads(const RingSetup& s, const Tensor& packed)
-      : s_(s), sizes_(packed.sizes().vec()), f32_(packed.options().dtype(at::kFloat)) {
+      : s_(s),
+        sizes_(packed.sizes().vec()),
+        f32_(packed.options().dtype(at::kFloat)),
+        into_partial_(!packed.is_cuda()) {
     if (s_.masked()) home_ = at::zeros(sizes_, f32_);
   }
 
-  // A zeroed buffer for this step's contribution (src's block), in the held block's shape;
-  // undefined when, with key intervals, there is nothing to send home.
+  // The buffer this step's contribution (src's block) is added into. On CPU, the partial of src's
+  // block from the previous holder when one is due (Note [K/V gradients]: waiting for it here also
+  // frees the sum this rank sent at the last step); else, and on CUDA, a zeroed buffer in the held
+  // block's shape. Undefined when, with key intervals, there is nothing to send home.
   Tensor begin_step(int64_t src, const Held& held) {
     if (s_.masked()) {
       return s_.need_of(s_.rank, src).empty() ? Tensor() : at::zeros(held.kv.sizes(), f32_);
     }
+    if (incoming_buf_.defined() && into_partial_) {
+      incoming_.wait();
+      return std::exchange(incoming_buf_, Tensor());
+    }
     return at::zeros(sizes_, f32_);
   }
 
-  // Adds the partial from the previous holder and sends the sum on (or home at a round's end), as
-  // the step's plan says; with key intervals, sends the rows this rank saw home.
+  // Adds the partial from the previous holder if it is still due (CUDA) and sends the sum on (or
+  // home at a round's end), as the step's plan says; with key intervals, sends the rows this rank
+  // saw home.
   void end_step(int64_t step, const Step& st, const Tensor& g, const Held& held) {
     if (s_.masked()) return send_home(step, st.src, g, held.base);
     if (incoming_buf_.defined()) {  // the partial posted at the previous step
@@ -444,6 +461,7 @@ class KvGrads {
   const RingSetup& s_;
   std::vector<int64_t> sizes_;
   at::TensorOptions f32_;
+  const bool into_partial_;  // compute into the arriving partial (CPU), Note [K/V gradients]
   Tensor home_, incoming_buf_, home_in_;  // incoming_buf_: a partial due at the next step
   Span home_rows_;                        // the rows of our block home_in_ brings
   Transfer incoming_, home_xfer_;
