@@ -98,9 +98,10 @@ std::optional<Tensor> ulysses_visible(const std::optional<Tensor>& visible,
 // the kernels' packed copies then exist for one head only, and what a rank holds beyond its inputs
 // and outputs is a small fraction of them (docs/design.md, Memory per rank). The ring then moves
 // each group's blocks separately: the same bytes in G times the messages, each still a whole
-// block of one head (S/cp x d elements). Ulysses' all-to-alls are unchanged: the grouping is
-// inside, around the kernel. On CUDA a call takes every head at once: one launch per block must
-// fill the GPU, and each message costs NCCL a launch (measuring a grouped CUDA ring awaits a GPU).
+// block of one head (S/cp x d elements). Ulysses moves its heads one group at a time as well
+// (Note [Ulysses head groups] in ulysses.cpp), so a rank gathers one head's sequence at a time. On
+// CUDA a call takes every head at once: one launch per block must fill the GPU, and each message
+// costs NCCL a launch (measuring a grouped CUDA ring awaits a GPU).
 int64_t head_groups(const Tensor& k) { return k.device().is_cpu() ? k.size(-2) : 1; }
 
 // Group g of G of x's heads: [b, s, h, d], or [b, P, sl, h, d] (Ulysses' received chunks, copied
@@ -235,7 +236,8 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
       const GroupFwd kernel = [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
         return block_ops().fwd.call(qg, kg, vg, scale, causal, 0, 0, /*out_fp32=*/false, rows);
       };
-      return ulysses::forward(q, k, v, g.ulysses, gathered_by_heads(kernel), out);
+      return ulysses::forward(q, k, v, g.ulysses, gathered_by_heads(kernel), out,
+                              head_groups(k) > 1);
     }
     case ring::Algo::kHybrid: {
       const int64_t u = ulysses_degree(g, q, k);
@@ -244,7 +246,8 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
       const GroupFwd ring_fwd = [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
         return ring::forward(qg, kg, vg, s);
       };
-      return ulysses::forward(q, k, v, g.ulysses, gathered_by_heads(ring_fwd), out);
+      return ulysses::forward(q, k, v, g.ulysses, gathered_by_heads(ring_fwd), out,
+                              head_groups(k) > 1);
     }
   }
   TORCH_CHECK(false, "unreachable");
@@ -309,7 +312,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
                dvh = at::empty(seq_shape(vh), kv);
         backward_by_heads(d, qh, kh, vh, l, dl, group_bwd, dqh, dkh, dvh);
         return std::make_tuple(dqh, dkh, dvh);
-      });
+      },
+      head_groups(k) > 1);
   return {like(dq, q), like(dk, k), like(dv, v)};  // in the inputs' dtype and strides
 }
 

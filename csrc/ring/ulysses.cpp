@@ -22,6 +22,16 @@
 //
 // GQA/MQA: K/V with fewer heads than P repeat each head just enough (kv heads x r = P) to split,
 // never up to the q heads; backward sums the r copies' gradients.
+//
+// Note [Ulysses head groups]
+// On CPU (Note [Head groups] in attention.cpp) the heads a rank gathers travel one K/V head group
+// at a time: each all-to-all of one direction moves group g of every destination's head shard (its
+// K/V head with the q heads of its GQA group), the inner attention runs on it, and its result goes
+// back before the next group comes in. A rank then holds one group's gathered sequence (inputs,
+// float32 working set, the all-to-all's send and receive buffers) instead of all its H/P heads',
+// for G times the collective launches (G = K/V heads per rank after the repeat below), the same
+// bytes and the same values bit for bit. On CUDA G = 1: the all-to-alls of Note [One all-to-all per
+// direction], whose launches cost NCCL latency.
 #include "ulysses.h"
 
 #include <ATen/ATen.h>
@@ -97,20 +107,27 @@ at::Tensor as_seq(const at::Tensor& recv) { return recv.permute({2, 0, 1, 3, 4})
 at::Tensor as_rows_seq(const at::Tensor& recv) {
   return recv.permute({1, 2, 0, 3}).flatten(2, 3).contiguous();
 }
-// Received [P(src), sl, b, h, d] (head groups) -> [b, sl, P*h, d], written into `dest` (any
-// strides) when given, else into a new tensor: the un-permute is the one copy.
-at::Tensor as_heads(const at::Tensor& recv, at::Tensor dest = {}) {
-  const int64_t P = recv.size(0), sl = recv.size(1), b = recv.size(2), h = recv.size(3);
-  if (!dest.defined()) dest = at::empty({b, sl, P * h, recv.size(4)}, recv.options());
-  dest.unflatten(2, {P, h}).copy_(recv.permute({2, 1, 0, 3, 4}));
-  return dest;
+// Head group g of G of what each destination gets ([P(dst), sl, b, H/P, d] from heads_to_dst, or
+// [P(dst), b, H/P, sl] from rows_to_dst with dim 2): Note [Ulysses head groups].
+at::Tensor group_of(const at::Tensor& x, int64_t g, int64_t G, int64_t dim = 3) {
+  const int64_t n = x.size(dim) / G;
+  return x.narrow(dim, g * n, n);
 }
-// Received [P(src), b, h, sl] (head groups) -> a new [b, P*h, sl].
-at::Tensor as_rows_heads(const at::Tensor& recv) {
-  const int64_t P = recv.size(0), b = recv.size(1), h = recv.size(2);
-  at::Tensor x = at::empty({b, P * h, recv.size(3)}, recv.options());
-  x.unflatten(1, {P, h}).copy_(recv.permute({1, 0, 2, 3}));
-  return x;
+// Received [P(src), sl, b, n, d] (group g of every source's head shard) -> the heads of group g
+// in dest [b, sl, H, d] (heads p*H/P + g*n .. of each source p), written in place: the
+// un-permute is the one copy.
+void store_heads(const at::Tensor& recv, const at::Tensor& dest, int64_t g, int64_t G) {
+  const int64_t P = recv.size(0);
+  dest.unflatten(2, {P, dest.size(2) / P})
+      .narrow(3, g * recv.size(3), recv.size(3))
+      .copy_(recv.permute({2, 1, 0, 3, 4}));
+}
+// Received [P(src), b, n, sl] -> the rows of group g in dest [b, H, sl].
+void store_rows_heads(const at::Tensor& recv, const at::Tensor& dest, int64_t g, int64_t G) {
+  const int64_t P = recv.size(0);
+  dest.unflatten(1, {P, dest.size(1) / P})
+      .narrow(2, g * recv.size(2), recv.size(2))
+      .copy_(recv.permute({1, 0, 2, 3}));
 }
 
 at::Tensor repeat_kv(const at::Tensor& x, int64_t r) {
@@ -134,22 +151,34 @@ int64_t kv_replication(int64_t heads_q, int64_t heads_kv, int64_t degree) {
   return degree / heads_kv;
 }
 
+int64_t head_group_count(int64_t heads_kv, int64_t r, int64_t P, bool by_head) {
+  return by_head ? heads_kv * r / P : 1;
+}
+
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const std::string& group,
-                                           const InnerFwd& inner, const at::Tensor& out) {
+                                           const InnerFwd& inner, const at::Tensor& out,
+                                           bool by_head) {
   auto pg = c10d::resolve_process_group(group);
   const int64_t P = pg->getSize(), r = kv_replication(q.size(2), k.size(2), P);
-  at::Tensor out_h, lse_h;  // [b, s, H/P, d], [b, H/P, s]
-  {                         // the gathered q, k, v are freed before the trip back
-    const auto in = all_to_all(
-        {heads_to_dst(q, P), heads_to_dst(repeat_kv(k, r), P), heads_to_dst(repeat_kv(v, r), P)},
-        *pg);
-    std::tie(out_h, lse_h) = inner(as_seq(in[0]), as_seq(in[1]), as_seq(in[2]));
+  const int64_t G = head_group_count(k.size(2), r, P, by_head);
+  const at::Tensor qd = heads_to_dst(q, P), kd = heads_to_dst(repeat_kv(k, r), P),
+                   vd = heads_to_dst(repeat_kv(v, r), P);
+  const at::Tensor lse =
+      at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  for (int64_t g = 0; g < G; ++g) {  // Note [Ulysses head groups]
+    at::Tensor out_h, lse_h;         // [b, s, n, d], [b, n, s]
+    {                                // the gathered q, k, v are freed before the trip back
+      const auto in = all_to_all({group_of(qd, g, G), group_of(kd, g, G), group_of(vd, g, G)}, *pg);
+      std::tie(out_h, lse_h) = inner(as_seq(in[0]), as_seq(in[1]), as_seq(in[2]));
+    }
+    // Rounded before the trip back: nothing is accumulated after this point.
+    const auto back =
+        all_to_all({seq_to_dst(out_h.to(out.scalar_type()), P), rows_seq_to_dst(lse_h, P)}, *pg);
+    store_heads(back[0], out, g, G);  // out [b, sl, H, d]
+    store_rows_heads(back[1], lse, g, G);
   }
-  // Rounded before the trip back: nothing is accumulated after this point.
-  const auto back =
-      all_to_all({seq_to_dst(out_h.to(out.scalar_type()), P), rows_seq_to_dst(lse_h, P)}, *pg);
-  return {as_heads(back[0], out), as_rows_heads(back[1])};  // out [b, sl, H, d], lse [b, H, sl]
+  return {out, lse};  // lse [b, H, sl]
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
@@ -157,21 +186,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
                                                         const at::Tensor& lse,
                                                         const at::Tensor& delta,
                                                         const std::string& group,
-                                                        const InnerBwd& inner) {
+                                                        const InnerBwd& inner, bool by_head) {
   auto pg = c10d::resolve_process_group(group);
   const int64_t P = pg->getSize(), r = kv_replication(q.size(2), k.size(2), P);
-  at::Tensor dqh, dkh, dvh;  // head-sharded, in the dtypes inner chose
-  {                          // the gathered inputs are freed before the trip back
-    const auto in = all_to_all(
-        {heads_to_dst(q, P), heads_to_dst(repeat_kv(k, r), P), heads_to_dst(repeat_kv(v, r), P),
-         heads_to_dst(dout.to(q.scalar_type()), P), rows_to_dst(lse, P), rows_to_dst(delta, P)},
-        *pg);
-    std::tie(dqh, dkh, dvh) = inner(as_seq(in[3]), as_seq(in[0]), as_seq(in[1]), as_seq(in[2]),
-                                    as_rows_seq(in[4]), as_rows_seq(in[5]));
+  const int64_t G = head_group_count(k.size(2), r, P, by_head);
+  const at::Tensor qd = heads_to_dst(q, P), kd = heads_to_dst(repeat_kv(k, r), P),
+                   vd = heads_to_dst(repeat_kv(v, r), P),
+                   dd = heads_to_dst(dout.to(q.scalar_type()), P), ld = rows_to_dst(lse, P),
+                   deltad = rows_to_dst(delta, P);
+  at::Tensor dq, dk, dv;  // [b, sl, heads, d] in the dtypes inner chose; dk, dv with r copies
+  for (int64_t g = 0; g < G; ++g) {  // Note [Ulysses head groups]
+    at::Tensor dqh, dkh, dvh;        // head-sharded
+    {                                // the gathered inputs are freed before the trip back
+      const auto in =
+          all_to_all({group_of(qd, g, G), group_of(kd, g, G), group_of(vd, g, G),
+                      group_of(dd, g, G), group_of(ld, g, G, 2), group_of(deltad, g, G, 2)},
+                     *pg);
+      std::tie(dqh, dkh, dvh) = inner(as_seq(in[3]), as_seq(in[0]), as_seq(in[1]), as_seq(in[2]),
+                                      as_rows_seq(in[4]), as_rows_seq(in[5]));
+    }
+    const auto back = all_to_all({seq_to_dst(dqh, P), seq_to_dst(dkh, P), seq_to_dst(dvh, P)}, *pg);
+    if (g == 0) {
+      dq = at::empty(q.sizes(), dqh.options());
+      dk = at::empty({k.size(0), k.size(1), k.size(2) * r, k.size(3)}, dkh.options());
+      dv = at::empty(dk.sizes(), dvh.options());
+    }
+    store_heads(back[0], dq, g, G);
+    store_heads(back[1], dk, g, G);
+    store_heads(back[2], dv, g, G);
   }
-  const auto back = all_to_all({seq_to_dst(dqh, P), seq_to_dst(dkh, P), seq_to_dst(dvh, P)}, *pg);
-  return {as_heads(back[0]), sum_kv_copies(as_heads(back[1]), r),
-          sum_kv_copies(as_heads(back[2]), r)};
+  return {dq, sum_kv_copies(dk, r), sum_kv_copies(dv, r)};
 }
 
 }  // namespace ring_ext::ulysses

@@ -30,9 +30,11 @@ int64_t kv_replication(int64_t heads_q, int64_t heads_kv, int64_t degree);
 // q [b, s_local, hq, d], k/v [b, s_local, hkv, d] -> (out, lse float32 [b, hq, s_local]), the
 // output written into `out` [b, s_local, hq, d] (any strides and dtype, e.g. dense in the caller's
 // layout) and returned.
+// by_head: one K/V head group at a time (CPU; Note [Ulysses head groups] in ulysses.cpp).
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const std::string& group,
-                                           const InnerFwd& inner, const at::Tensor& out);
+                                           const InnerFwd& inner, const at::Tensor& out,
+                                           bool by_head);
 
 // Gradients of forward (inner's dtypes), contiguous [b, s_local, heads, d], given forward's lse and
 // delta = rowsum(dout * out) (minus any gradient on lse), both float32 [b, hq, s_local].
@@ -41,6 +43,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
                                                         const at::Tensor& lse,
                                                         const at::Tensor& delta,
                                                         const std::string& group,
-                                                        const InnerBwd& inner);
+                                                        const InnerBwd& inner, bool by_head);
 
 }  // namespace ring_ext::ulysses
