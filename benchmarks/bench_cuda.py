@@ -2,8 +2,8 @@
 backends (flash, efficient, cuDNN), and the winner per shape.
 
 TFLOP/s of forward and backward (through autograd, as a model would call them), bf16, [batch, seq,
-heads, head_dim] with batch * seq = --tokens (default 16k) and heads * head_dim = 2048, for head_dim
-64/128, seq 2k..16k, causal and full. FLOPs follow the FlashAttention convention: forward 4 b h s^2 d
+heads, head_dim] with batch * seq = --tokens (16k and 128k tokens by default) and heads * head_dim =
+2048, for head_dim 64/128, seq 2k..16k, causal and full. FLOPs follow the FlashAttention convention: forward 4 b h s^2 d
 (half of it when causal), backward 2.5x the forward.
 
 Candidates (Note [Candidate tilings] in csrc/cuda/flash_fwd.cu): ring_ext.build_info()["cuda_tilings"]
@@ -12,7 +12,7 @@ RING_EXT_CUDA_BWD_TILING), and its output (or gradients) must match the default 
 bf16-sized relative L2 error (2e-2) before it is timed: a candidate that does not match is reported
 WRONG and cannot win. Writes bench_cuda.md and bench_cuda.json to --out.
 
-    python benchmarks/bench_cuda.py --out /tmp/bench [--seqs 2048 8192] [--dims 128] [--budget 240]
+    python benchmarks/bench_cuda.py --out /tmp/bench [--tokens 16384] [--seqs 2048 8192] [--dims 128] [--budget 240]
 """
 
 from __future__ import annotations
@@ -186,35 +186,41 @@ def fmt(row: dict | None, key: str) -> str:
     return f"{row[key]:.0f}"
 
 
-def markdown(rows: list, tokens: int, device: str) -> str:
+def shape_of(row: dict) -> tuple:
+    return (row["tokens"], row["head_dim"], row["seq"], row["causal"])
+
+
+def markdown(rows: list, device: str) -> str:
     lines = [
-        f"TFLOP/s, bf16, batch*seq = {tokens}, heads*head_dim = {MODEL_DIM}, {device}",
+        f"TFLOP/s, bf16, batch*seq = tokens, heads*head_dim = {MODEL_DIM}, {device}",
         "",
-        "| head_dim | seq | mask | impl | fwd | bwd | note |",
-        "|---|---|---|---|---|---|---|",
+        "| tokens | head_dim | seq | mask | impl | fwd | bwd | note |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    shapes = sorted({(r["head_dim"], r["seq"], r["causal"]) for r in rows})
-    for d, s, c in shapes:
-        for r in (r for r in rows if (r["head_dim"], r["seq"], r["causal"]) == (d, s, c)):
+    shapes = sorted({shape_of(r) for r in rows})
+    for shape in shapes:
+        t, d, s, c = shape
+        for r in (r for r in rows if shape_of(r) == shape):
             note = r.get("error", "default" if r.get("default") else "")
             lines.append(
-                f"| {d} | {s} | {'causal' if c else 'full'} | {r['impl']} | {fmt(r, 'fwd_tflops')} "
+                f"| {t} | {d} | {s} | {'causal' if c else 'full'} | {r['impl']} | {fmt(r, 'fwd_tflops')} "
                 f"| {fmt(r, 'bwd_tflops')} | {note} |"
             )
     lines += [
         "",
         "Winners (fastest tiling that matches the default; ratio to the best SDPA backend):",
         "",
-        "| head_dim | seq | mask | fwd winner | TFLOP/s | x best SDPA | bwd winner | TFLOP/s | x best SDPA |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| tokens | head_dim | seq | mask | fwd winner | TFLOP/s | x best SDPA | bwd winner | TFLOP/s | x best SDPA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for d, s, c in shapes:
+    for shape in shapes:
+        t, d, s, c = shape
         cells = []
         for kernel in ("fwd", "bwd"):
             key = f"{kernel}_tflops"
-            shape = [r for r in rows if (r["head_dim"], r["seq"], r["causal"]) == (d, s, c) and key in r]
-            ours = [r for r in shape if r.get("kernel") == kernel]
-            sdpa = [r for r in shape if r["impl"] in SDPA_BACKENDS]
+            timed = [r for r in rows if shape_of(r) == shape and key in r]
+            ours = [r for r in timed if r.get("kernel") == kernel]
+            sdpa = [r for r in timed if r["impl"] in SDPA_BACKENDS]
             best = max(ours, key=lambda r: r[key], default=None)
             best_sdpa = max(sdpa, key=lambda r: r[key], default=None)
             if best is None:
@@ -226,14 +232,14 @@ def markdown(rows: list, tokens: int, device: str) -> str:
                 f"{best[key]:.0f}",
                 ratio,
             ]
-        lines.append(f"| {d} | {s} | {'causal' if c else 'full'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {t} | {d} | {s} | {'causal' if c else 'full'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".", help="folder for bench_cuda.md and bench_cuda.json")
-    parser.add_argument("--tokens", type=int, default=16384, help="batch * seq")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 131072], help="batch * seq")
     parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 8192, 16384])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--impls", nargs="+", default=["ring_ext", *SDPA_BACKENDS])
@@ -241,18 +247,26 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     start, rows = time.monotonic(), []
-    # Most important first: d=128, s=8k, causal is the target shape.
-    shapes = [(d, s, c) for d in sorted(args.dims, reverse=True) for s in args.seqs for c in (True, False)]
-    shapes.sort(key=lambda x: (x != (128, 8192, True), x))
-    for d, s, c in shapes:
+    # Most important first: d=128, s=8k, causal is the target shape; the smallest token count first.
+    shapes = [
+        (t, d, s, c)
+        for t in sorted(args.tokens)
+        for d in sorted(args.dims, reverse=True)
+        for s in args.seqs
+        for c in (True, False)
+    ]
+    shapes.sort(key=lambda x: (x[1:] != (128, 8192, True), x))
+    for t, d, s, c in shapes:
         if time.monotonic() - start > args.budget:
-            print(f"budget of {args.budget:.0f} s spent: skipping d={d} s={s} causal={c} and later shapes")
+            print(
+                f"budget of {args.budget:.0f} s spent: skipping tokens={t} d={d} s={s} causal={c} and later shapes"
+            )
             break
-        for row in bench_shape(args.tokens, s, d, c, args.impls):
+        for row in bench_shape(t, s, d, c, args.impls):
             rows.append(row)
             print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
-    table = markdown(rows, args.tokens, torch.cuda.get_device_name())
+    table = markdown(rows, torch.cuda.get_device_name())
     print(table)
     with open(os.path.join(args.out, "bench_cuda.md"), "w") as f:
         f.write(table)
