@@ -116,18 +116,23 @@ at::Tensor group_of(const at::Tensor& x, int64_t g, int64_t G, int64_t dim = 3) 
 // Received [P(src), sl, b, n, d] (group g of every source's head shard) -> the heads of group g
 // in dest [b, sl, H, d] (heads p*H/P + g*n .. of each source p), written in place: the
 // un-permute is the one copy.
-void store_heads(const at::Tensor& recv, const at::Tensor& dest, int64_t g, int64_t G) {
+void store_heads(const at::Tensor& recv, const at::Tensor& dest, int64_t g) {
   const int64_t P = recv.size(0);
   dest.unflatten(2, {P, dest.size(2) / P})
       .narrow(3, g * recv.size(3), recv.size(3))
       .copy_(recv.permute({2, 1, 0, 3, 4}));
 }
 // Received [P(src), b, n, sl] -> the rows of group g in dest [b, H, sl].
-void store_rows_heads(const at::Tensor& recv, const at::Tensor& dest, int64_t g, int64_t G) {
+void store_rows_heads(const at::Tensor& recv, const at::Tensor& dest, int64_t g) {
   const int64_t P = recv.size(0);
   dest.unflatten(1, {P, dest.size(1) / P})
       .narrow(2, g * recv.size(2), recv.size(2))
       .copy_(recv.permute({1, 0, 2, 3}));
+}
+
+// How many groups the heads travel in (Note [Ulysses head groups]): the K/V heads each rank gets.
+int64_t head_group_count(int64_t heads_kv, int64_t r, int64_t P, bool by_head) {
+  return by_head ? heads_kv * r / P : 1;
 }
 
 at::Tensor repeat_kv(const at::Tensor& x, int64_t r) {
@@ -151,10 +156,6 @@ int64_t kv_replication(int64_t heads_q, int64_t heads_kv, int64_t degree) {
   return degree / heads_kv;
 }
 
-int64_t head_group_count(int64_t heads_kv, int64_t r, int64_t P, bool by_head) {
-  return by_head ? heads_kv * r / P : 1;
-}
-
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const std::string& group,
                                            const InnerFwd& inner, const at::Tensor& out,
@@ -175,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
     // Rounded before the trip back: nothing is accumulated after this point.
     const auto back =
         all_to_all({seq_to_dst(out_h.to(out.scalar_type()), P), rows_seq_to_dst(lse_h, P)}, *pg);
-    store_heads(back[0], out, g, G);  // out [b, sl, H, d]
-    store_rows_heads(back[1], lse, g, G);
+    store_heads(back[0], out, g);  // out [b, sl, H, d]
+    store_rows_heads(back[1], lse, g);
   }
   return {out, lse};  // lse [b, H, sl]
 }
@@ -211,9 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
       dk = at::empty({k.size(0), k.size(1), k.size(2) * r, k.size(3)}, dkh.options());
       dv = at::empty(dk.sizes(), dvh.options());
     }
-    store_heads(back[0], dq, g, G);
-    store_heads(back[1], dk, g, G);
-    store_heads(back[2], dv, g, G);
+    store_heads(back[0], dq, g);
+    store_heads(back[1], dk, g);
+    store_heads(back[2], dv, g);
   }
   return {dq, sum_kv_copies(dk, r), sum_kv_copies(dv, r)};
 }
