@@ -3,12 +3,11 @@ backends (flash, efficient, cuDNN), and the winner per shape.
 
 TFLOP/s of forward and backward (through autograd, as a model would call them), bf16, [batch, seq,
 heads, head_dim] with batch * seq = --tokens (16k and 128k tokens by default) and heads * head_dim =
-2048, for head_dim 64/128, seq 2k..16k, causal and full. FLOPs follow the FlashAttention convention: forward 4 b h s^2 d
-(half of it when causal), backward 2.5x the forward.
+2048, for head_dim 64/128, seq 2k..16k, causal and full. FLOPs follow the FlashAttention convention:
+forward 4 b h s^2 d (half of it when causal), backward 2.5x the forward.
 
-Candidates (Note [Candidate tilings] in csrc/cuda/flash_fwd.cu): ring_ext.build_info()["cuda_tilings"]
-lists them; each forward candidate runs under RING_EXT_CUDA_FWD_TILING=<name> (the backward under
-RING_EXT_CUDA_BWD_TILING), and its output (or gradients) must match the default tiling's within a
+Candidates (Note [Candidate tilings] in csrc/cuda/flash_fwd.cu): ring_ext.cuda_tilings lists them and runs
+each (RING_EXT_CUDA_FWD_TILING / RING_EXT_CUDA_BWD_TILING), and its output (or gradients) must match the default tiling's within a
 bf16-sized relative L2 error (2e-2) before it is timed: a candidate that does not match is reported
 WRONG and cannot win. Writes bench_cuda.md and bench_cuda.json to --out.
 
@@ -18,7 +17,6 @@ WRONG and cannot win. Writes bench_cuda.md and bench_cuda.json to --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -27,7 +25,7 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import ring_ext
+from ring_ext import cuda_tilings  # also registers torch.ops.ring_ext
 
 MODEL_DIM = 2048
 SDPA_BACKENDS = {
@@ -35,7 +33,6 @@ SDPA_BACKENDS = {
     "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
     "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
 }
-ENV = {"fwd": "RING_EXT_CUDA_FWD_TILING", "bwd": "RING_EXT_CUDA_BWD_TILING"}
 MATCH_TOL = 2e-2  # relative L2 of a candidate against the default tiling (bf16 rounding of P and dS)
 
 
@@ -57,27 +54,6 @@ def time_ms(fn, min_time_s: float = 0.2, max_iters: int = 50) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
-
-
-def candidates(kernel: str, head_dim: int) -> list[str]:
-    """The tilings of `kernel` ("fwd"/"bwd") for head_dim's bucket, the default first."""
-    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
-    names = ring_ext.build_info()["cuda_tilings"]
-    return [n.split("/")[2] for n in names if n.startswith(f"{kernel}/{bucket}/")]
-
-
-@contextlib.contextmanager
-def tiling(kernel: str, name: str | None):
-    """Runs the block with RING_EXT_CUDA_<kernel>_TILING=name (None: unset, the default)."""
-    old = os.environ.pop(ENV[kernel], None)
-    if name is not None:
-        os.environ[ENV[kernel]] = name
-    try:
-        yield
-    finally:
-        os.environ.pop(ENV[kernel], None)
-        if old is not None:
-            os.environ[ENV[kernel]] = old
 
 
 def make_inputs(tokens: int, seq: int, head_dim: int):
@@ -150,7 +126,7 @@ def bench_shape(tokens: int, seq: int, head_dim: int, causal: bool, impls: list[
     dout = torch.randn_like(out)
     ref_grads = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
     for kernel in ("fwd", "bwd"):
-        for i, name in enumerate(candidates(kernel, head_dim)):
+        for i, name in enumerate(cuda_tilings.names(kernel, head_dim)):
             row = {
                 **base,
                 "impl": f"ring_ext {kernel} {name}",
@@ -159,7 +135,7 @@ def bench_shape(tokens: int, seq: int, head_dim: int, causal: bool, impls: list[
                 "default": i == 0,
             }
             try:
-                with tiling(kernel, name):
+                with cuda_tilings.chosen(kernel, name):
                     if kernel == "fwd":
                         with torch.no_grad():
                             err = rel_l2(ours(q, k, v), ref_out)

@@ -18,6 +18,7 @@ from devices import CUDA_MARKS, assert_family, expect_family, kernels_launched, 
 from test_kernels import PACKED_CU, PACKED_PAD, check_fwd_bwd
 
 import ring_ext
+from ring_ext import cuda_tilings
 from ring_ext.reference import attention_reference, packed_visible
 
 from distributed import free_port
@@ -113,39 +114,32 @@ def test_runs_on_the_current_stream():
     assert torch.equal(out, expected)
 
 
-TILING_ENV = {"fwd": "RING_EXT_CUDA_FWD_TILING", "bwd": "RING_EXT_CUDA_BWD_TILING"}
-
-
-def tilings(kernel: str, bucket: int) -> list[str]:
-    """The compiled tilings of `kernel` for head-dim bucket `bucket`, the default first."""
-    names = ring_ext.build_info()["cuda_tilings"]
-    return [n.split("/")[2] for n in names if n.startswith(f"{kernel}/{bucket}/")]
-
-
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
-def test_candidate_tilings(kernel, head_dim, monkeypatch):
+def test_candidate_tilings(kernel, head_dim):
     """Every candidate tiling (Note [Candidate tilings] in csrc/cuda/flash_fwd.cu), chosen through its
     environment variable, against the oracle: a causal block at an offset with GQA and lengths that fill
     no tile, and packed documents with a window (per-row key intervals), forward and backward."""
-    names = tilings(kernel, head_dim)
+    names = cuda_tilings.names(kernel, head_dim)
     assert names, f"no {kernel} tiling for head dim {head_dim}: {ring_ext.build_info()['cuda_tilings']}"
     for i, name in enumerate(names):
-        monkeypatch.setenv(TILING_ENV[kernel], name)
         seed = 300 + 10 * i + head_dim
-        q, k, v = make_qkv(2, 203, 250, 4, 2, head_dim, torch.bfloat16, seed, DEV)
-        with expect_family(DEV, "tensor_core"):
-            check_fwd_bwd(q, k, v, causal=True, q_offset=47)
-        rows = PACKED_CU[-1] + PACKED_PAD
-        q, k, v = make_qkv(1, rows, rows, 4, 2, head_dim, torch.float16, seed, DEV)
-        test_packed.check_packed(q, k, v, PACKED_CU, True, 13, seed)
+        with cuda_tilings.chosen(kernel, name):
+            q, k, v = make_qkv(2, 203, 250, 4, 2, head_dim, torch.bfloat16, seed, DEV)
+            with expect_family(DEV, "tensor_core"):
+                check_fwd_bwd(q, k, v, causal=True, q_offset=47)
+            rows = PACKED_CU[-1] + PACKED_PAD
+            q, k, v = make_qkv(1, rows, rows, 4, 2, head_dim, torch.float16, seed, DEV)
+            test_packed.check_packed(q, k, v, PACKED_CU, True, 13, seed)
 
 
-def test_unknown_tiling_names_the_choices(monkeypatch):
-    monkeypatch.setenv("RING_EXT_CUDA_FWD_TILING", "m1n1w1")
+def test_unknown_tiling_names_the_choices():
     q, k, v = make_qkv(1, 64, 64, 2, 2, 64, torch.bfloat16, seed=1, device=DEV)
-    with pytest.raises(
-        (RuntimeError, ValueError), match=r"RING_EXT_CUDA_FWD_TILING=m1n1w1 is not a tiling.*m128n64w8"
+    with (
+        cuda_tilings.chosen("fwd", "m1n1w1"),
+        pytest.raises(
+            (RuntimeError, ValueError), match=r"RING_EXT_CUDA_FWD_TILING=m1n1w1 is not a tiling.*m128n64w8"
+        ),
     ):
         torch.ops.ring_ext.fwd(q, k, v, 0.125, True)
 

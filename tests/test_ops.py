@@ -4,6 +4,8 @@ cannot decay when an op is added."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -235,3 +237,19 @@ def test_build_info():
         buckets = {tuple(t.split("/")[:2]) for t in tilings}
         assert buckets == {(k, d) for k in ("fwd", "bwd") for d in ("64", "128", "256")}, tilings
     assert info["torch_version"] == torch.__version__
+
+
+def test_cuda_tilings_chosen_restores_the_environment(monkeypatch):
+    """ring_ext.cuda_tilings: the names of a bucket are the build's list ([] without CUDA), and chosen()
+    sets its kernel's variable for the block only, restoring what was there (set or unset)."""
+    from ring_ext import cuda_tilings
+
+    listed = ring_ext.build_info()["cuda_tilings"]
+    assert cuda_tilings.names("fwd", 128) == [t.split("/")[2] for t in listed if t.startswith("fwd/128/")]
+    monkeypatch.delenv(cuda_tilings.ENV["fwd"], raising=False)
+    monkeypatch.setenv(cuda_tilings.ENV["bwd"], "outer")
+    with cuda_tilings.chosen("fwd", "m128n64w8p"), cuda_tilings.chosen("bwd", None):
+        assert os.environ[cuda_tilings.ENV["fwd"]] == "m128n64w8p"
+        assert cuda_tilings.ENV["bwd"] not in os.environ
+    assert cuda_tilings.ENV["fwd"] not in os.environ
+    assert os.environ[cuda_tilings.ENV["bwd"]] == "outer"

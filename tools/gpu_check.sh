@@ -168,11 +168,10 @@ cat >"$OUT/sanitize_cases.py" <<'EOF'
 """One forward + backward of every ring_ext kernel family and candidate tiling on tiny ragged shapes (for
 compute-sanitizer)."""
 
-import os
-
 import torch
 
 import ring_ext  # registers torch.ops.ring_ext
+import ring_ext.cuda_tilings
 import ring_ext.packing
 
 g = torch.Generator(device="cuda").manual_seed(0)
@@ -216,17 +215,15 @@ for name, dtype, d, misaligned in [
     torch.cuda.synchronize()
     assert all(torch.isfinite(t).all() for t in (out, *grads)), name
     print("ok: packed window", name, flush=True)
-# Every candidate tiling (Note [Candidate tilings]), chosen through its environment variable: causal at
-# an offset with GQA, so that the backward walks several q blocks (its double-buffered loads included).
-ENV = {"fwd": "RING_EXT_CUDA_FWD_TILING", "bwd": "RING_EXT_CUDA_BWD_TILING"}
+# Every candidate tiling (Note [Candidate tilings]), chosen through ring_ext.cuda_tilings: causal at an
+# offset with GQA, so that the backward walks several q blocks (its double-buffered loads included).
 for entry in ring_ext.build_info()["cuda_tilings"]:
     kernel, head_dim, name = entry.split("/")
-    os.environ[ENV[kernel]] = name
-    q, k, v = qkv(1, 150, 200, 4, 2, int(head_dim), torch.bfloat16)
-    out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.2, True, 60, 0)
-    grads = torch.ops.ring_ext.bwd(torch.randn_like(out), q, k, v, out, lse, 0.2, True, 60, 0)
-    torch.cuda.synchronize()
-    del os.environ[ENV[kernel]]
+    with ring_ext.cuda_tilings.chosen(kernel, name):
+        q, k, v = qkv(1, 150, 200, 4, 2, int(head_dim), torch.bfloat16)
+        out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.2, True, 60, 0)
+        grads = torch.ops.ring_ext.bwd(torch.randn_like(out), q, k, v, out, lse, 0.2, True, 60, 0)
+        torch.cuda.synchronize()
     assert all(torch.isfinite(t).all() for t in (out, *grads)), entry
     print("ok: tiling", entry, flush=True)
 for dtype in (torch.float32, torch.bfloat16):

@@ -39,7 +39,6 @@
 // fewer per step.) sm_80/87 (163 KiB) and sm_90 (227 KiB) take the defaults; sm_86/89/120 (99 KiB)
 // the small tilings for D > 64. The small tilings keep each warp's register tiles (dK, dV, dq) the
 // same size.
-#include <algorithm>
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -329,7 +328,8 @@ void launch_bwd(const BwdParams& p, cudaStream_t stream) {
 template <typename T, typename Small, typename Default, typename... Others>
 void launch_chosen(const BwdParams& p, cudaStream_t stream, std::tuple<Default, Others...>*) {
   static_assert(Small::kSmemBytes <= 99 * 1024, "the small tiling fits sm_86/89/120");
-  static const std::vector<std::string> names{Default::name(), Others::name()...};
+  static const std::vector<std::string> names =
+      names_of(static_cast<std::tuple<Default, Others...>*>(nullptr));
   const int chosen = chosen_tiling(TiledKernel::kBwd, Default::D, names);
   if (chosen == 0) return launch_bwd<T, Default>(p, stream);
   if (chosen > 0) {
@@ -354,11 +354,6 @@ void launch_bucket(const BwdParams& p, cudaStream_t stream) {
                                                static_cast<typename Candidates::List*>(nullptr));
 }
 
-template <typename... Cfgs>
-void add_names(std::vector<std::string>& out, std::tuple<Cfgs...>*) {
-  (out.push_back("bwd/" + std::to_string(Cfgs::D) + "/" + Cfgs::name()), ...);
-}
-
 template <typename T>
 void dispatch_head_dim(const BwdParams& p, cudaStream_t stream) {
   if (p.shape.head_dim <= 64) {
@@ -381,13 +376,7 @@ bool use_tensor_cores(const BwdParams& p) {
 
 }  // namespace
 
-std::vector<std::string> bwd_tilings() {
-  std::vector<std::string> names;
-  add_names(names, static_cast<BwdCandidates<64>::List*>(nullptr));
-  add_names(names, static_cast<BwdCandidates<128>::List*>(nullptr));
-  add_names(names, static_cast<BwdCandidates<256>::List*>(nullptr));
-  return names;
-}
+std::vector<std::string> bwd_tilings() { return bucket_tilings<BwdCandidates>("bwd"); }
 
 void flash_bwd(const BwdParams& p, cudaStream_t stream) {
   check_shape(p.shape);

@@ -277,7 +277,8 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream) {
 template <typename T, typename... Cfgs>
 void launch_chosen(const FwdParams& p, cudaStream_t stream, std::tuple<Cfgs...>*) {
   const int D = std::tuple_element_t<0, std::tuple<Cfgs...>>::D;
-  static const std::vector<std::string> names{Cfgs::name()...};
+  static const std::vector<std::string> names =
+      names_of(static_cast<std::tuple<Cfgs...>*>(nullptr));
   const int chosen = std::max(0, chosen_tiling(TiledKernel::kFwd, D, names));
   int i = 0;
   ((i++ == chosen ? launch_fwd<T, Cfgs>(p, stream) : void()), ...);
@@ -286,11 +287,6 @@ void launch_chosen(const FwdParams& p, cudaStream_t stream, std::tuple<Cfgs...>*
 template <typename T, int D>
 void launch_bucket(const FwdParams& p, cudaStream_t stream) {
   launch_chosen<T>(p, stream, static_cast<typename FwdCandidates<D>::List*>(nullptr));
-}
-
-template <typename... Cfgs>
-void add_names(std::vector<std::string>& out, std::tuple<Cfgs...>*) {
-  (out.push_back("fwd/" + std::to_string(Cfgs::D) + "/" + Cfgs::name()), ...);
 }
 
 template <typename T>
@@ -317,13 +313,7 @@ bool use_tensor_cores(const FwdParams& p) {
 
 void simt_fwd(const FwdParams& p, cudaStream_t stream);  // simt_fallback.cu
 
-std::vector<std::string> fwd_tilings() {
-  std::vector<std::string> names;
-  add_names(names, static_cast<FwdCandidates<64>::List*>(nullptr));
-  add_names(names, static_cast<FwdCandidates<128>::List*>(nullptr));
-  add_names(names, static_cast<FwdCandidates<256>::List*>(nullptr));
-  return names;
-}
+std::vector<std::string> fwd_tilings() { return bucket_tilings<FwdCandidates>("fwd"); }
 
 void flash_fwd(const FwdParams& p, cudaStream_t stream) {
   check_shape(p.shape);

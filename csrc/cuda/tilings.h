@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace ring_ext::cuda {
@@ -21,6 +22,27 @@ std::vector<std::string> bwd_tilings();
 inline std::string tiling_name(int rows, int keys, int warps, bool pipelined, bool double_qdo) {
   return "m" + std::to_string(rows) + "n" + std::to_string(keys) + "w" + std::to_string(warps) +
          (pipelined ? "p" : "") + (double_qdo ? "d" : "");
+}
+
+// The names of a bucket's tilings (a std::tuple of configs, each with D and name()), in order.
+template <typename... Cfgs>
+std::vector<std::string> names_of(std::tuple<Cfgs...>*) {
+  return {Cfgs::name()...};
+}
+
+// "<kernel>/<D>/<name>" for every tiling of Candidates<64>, <128> and <256> (each with a List of
+// configs), in order: what fwd_tilings and bwd_tilings return.
+template <template <int> class Candidates>
+std::vector<std::string> bucket_tilings(const std::string& kernel) {
+  std::vector<std::string> out;
+  const auto add = [&](int D, const std::vector<std::string>& names) {
+    for (const std::string& name : names)
+      out.push_back(kernel + "/" + std::to_string(D) + "/" + name);
+  };
+  add(64, names_of(static_cast<typename Candidates<64>::List*>(nullptr)));
+  add(128, names_of(static_cast<typename Candidates<128>::List*>(nullptr)));
+  add(256, names_of(static_cast<typename Candidates<256>::List*>(nullptr)));
+  return out;
 }
 
 // The index in `names` (the tilings of head-dim bucket `head_dim`) of the tiling named by

@@ -372,7 +372,7 @@ class KvGrads {
       : s_(s),
         sizes_(packed.sizes().vec()),
         f32_(packed.options().dtype(at::kFloat)),
-        into_partial_(!packed.is_cuda()) {
+        into_partial_(packed.device().is_cpu()) {
     if (s_.masked()) home_ = at::zeros(sizes_, f32_);
   }
 
