@@ -1,9 +1,10 @@
 """ring_ext's CPU attention against PyTorch's CPU flash attention (F.scaled_dot_product_attention).
 
 Both run in the same process on the same tensors ([b, h, s, d], the "bnsd" layout for ring_ext),
-interleaved with a large torch.mm of the same dtype (ours, theirs, mm, ours, theirs, mm, ...), and
-each time is the median of the repeats, so the noise of a shared machine hits all three alike. The
-mm gives the matmul ceiling of that row, and each kernel's GFLOP/s is shown as a fraction of it.
+interleaved (ours, theirs, ours, theirs, ...), and each time is the median of the repeats, so the
+noise of a shared machine hits both alike. Each kernel's GFLOP/s is shown as a fraction of the CPU's
+arithmetic peak for the row's dtype, measured before and after the table with an FMA loop
+(benchmarks/peak.py; the larger of the two), not of torch.mm, which on AMD takes a slower MKL path.
 
 FLOPs: forward 4 * b * h * s^2 * d (two matmuls), forward+backward 3.5x that (five more matmuls in
 the backward, counted as 2.5 forwards, as flash-attention does); causal counts half.
@@ -22,6 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from peak import fma_peak
 
 import ring_ext
 
@@ -57,12 +59,6 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def matmul_runner(dtype: torch.dtype, n: int = 2048):
-    """(callable, flops) of an n x n x n torch.mm in dtype: the matmul ceiling."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return (lambda: torch.mm(a, b)), 2 * n**3
 
 
 def make_runners(dtype: torch.dtype, d: int, s: int, causal: bool, backward: bool):
@@ -117,33 +113,44 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = args.shapes or default_shapes(args.quick)
 
+    peak_before = fma_peak(args.threads)
     lines = [
         f"ring_ext CPU kernels vs F.scaled_dot_product_attention, torch {torch.__version__}, "
-        f"b={BATCH}, h={HEADS}, {args.threads} threads. ceil = GFLOP/s of a 2048^3 torch.mm of the "
-        "row's dtype, timed interleaved with the row. ratio = ours / SDPA time (< 1: ours faster). "
-        f"Causal FLOPs counted as half. Load average at start: {os.getloadavg()[0]:.1f}.",
+        f"cpu_isa={ring_ext.build_info()['cpu_isa']}, b={BATCH}, h={HEADS}, {args.threads} threads. "
+        "% peak = GFLOP/s over the FMA-loop peak of the row's dtype (benchmarks/peak.py). "
+        "ratio = ours / SDPA time (< 1: ours faster). Causal FLOPs counted as half. "
+        f"Load average at start: {os.getloadavg()[0]:.1f}.",
         "",
-        "| dtype | d | s | mask | pass | ours ms | SDPA ms | ours GFLOP/s | SDPA GFLOP/s | ceil GFLOP/s "
-        "| ours % ceil | SDPA % ceil | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dtype | d | s | mask | pass | ours ms | SDPA ms | ours GFLOP/s | SDPA GFLOP/s "
+        "| ours % peak | SDPA % peak | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
+    rows = []
     for dtype_name, d, s, causal in shapes:
-        mm, mm_flops = matmul_runner(DTYPES[dtype_name])
         for backward in (False, True):
             repeats = args.repeats or (5 if s < 8192 else 3)
             ours, sdpa = make_runners(DTYPES[dtype_name], d, s, causal, backward)
-            t_ours, t_sdpa, t_mm = bench_interleaved([ours, sdpa, mm], repeats)
+            t_ours, t_sdpa = bench_interleaved([ours, sdpa], repeats)
             flops = 4 * BATCH * HEADS * s * s * d * (3.5 if backward else 1.0) * (0.5 if causal else 1.0)
-            g_ours, g_sdpa, g_mm = flops / t_ours / 1e9, flops / t_sdpa / 1e9, mm_flops / t_mm / 1e9
-            row = (
-                f"| {dtype_name} | {d} | {s} | {'causal' if causal else 'full'} | "
-                f"{'fwd+bwd' if backward else 'fwd'} | {t_ours * 1e3:.1f} | {t_sdpa * 1e3:.1f} | "
-                f"{g_ours:.0f} | {g_sdpa:.0f} | {g_mm:.0f} | {100 * g_ours / g_mm:.0f}% | "
-                f"{100 * g_sdpa / g_mm:.0f}% | {t_ours / t_sdpa:.2f} |"
-            )
-            lines.append(row)
-            print(row, flush=True)
+            rows.append((dtype_name, d, s, causal, backward, t_ours, t_sdpa, flops))
+            print(f"{rows[-1][:5]}: ours {t_ours * 1e3:.1f} ms, SDPA {t_sdpa * 1e3:.1f} ms", flush=True)
+    peak_after = fma_peak(args.threads)
+    peak = {k: max(peak_before[k], peak_after[k]) for k in peak_before}
+    for dtype_name, d, s, causal, backward, t_ours, t_sdpa, flops in rows:
+        g_ours, g_sdpa = flops / t_ours / 1e9, flops / t_sdpa / 1e9
+        lines.append(
+            f"| {dtype_name} | {d} | {s} | {'causal' if causal else 'full'} | "
+            f"{'fwd+bwd' if backward else 'fwd'} | {t_ours * 1e3:.1f} | {t_sdpa * 1e3:.1f} | "
+            f"{g_ours:.0f} | {g_sdpa:.0f} | {100 * g_ours / peak[dtype_name]:.0f}% | "
+            f"{100 * g_sdpa / peak[dtype_name]:.0f}% | {t_ours / t_sdpa:.2f} |"
+        )
+    lines.append(
+        "\nFMA-loop peak, GFLOP/s (before / after the table): "
+        + ", ".join(f"{k} {peak_before[k]:.0f} / {peak_after[k]:.0f}" for k in peak)
+        + "."
+    )
+    print("\n".join(lines[2:]), flush=True)
     lines.append(f"\nLoad average at end: {os.getloadavg()[0]:.1f}.")
     print(lines[-1], flush=True)
     if args.out:

@@ -12,7 +12,8 @@ and each point's deviation from it, which stays within 10% when memory falls as 
     python benchmarks/bench_memory.py --soak 200 --sizes 4096 --cps 2   # memory over 200 iterations
 
 Algorithm "sdpa" is the baseline: one process (cp = 1 only) running F.scaled_dot_product_attention
-over the whole sequence. Columns "/ sdpa" and "x cp / cp=1" compare each peak with that baseline and
+over the whole sequence; "local" is ring_ext's own kernels over the whole sequence in one process
+(cp = 1 only, no context: every head in one call, the kernels' own working set). Columns "/ sdpa" and "x cp / cp=1" compare each peak with that baseline and
 with the same algorithm's cp = 1 peak scaled by 1/cp, when those ran in the same invocation.
 """
 
@@ -63,6 +64,10 @@ def measure(rank, world, job):
         def attend(q, k, v):
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+    elif name == "local":
+
+        def attend(q, k, v):
+            return ring_ext.attention(q, k, v, layout="bshd", causal=True)
     else:
         ctx = ring_ext.initialize(algo_config(name, world))
 
@@ -89,6 +94,9 @@ def measure(rank, world, job):
     rows = [None] * world
     dist.all_gather_object(rows, row)
     return rows
+
+
+ONE_PROCESS = ("sdpa", "local")  # run at cp = 1 only
 
 
 def fit(points):
@@ -129,7 +137,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     p.add_argument("--cps", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--algos", nargs="+", default=["sdpa", "ring", "ulysses", "hybrid"])
+    p.add_argument(
+        "--algos", nargs="+", default=["sdpa", "ring", "ulysses", "hybrid"], help="also: local (see above)"
+    )
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--soak", type=int, default=0, help="iterations per world (memory growth mode)")
@@ -154,7 +164,7 @@ def main() -> None:
     for name in a.algos:
         points = []
         for s in a.sizes:
-            for cp in [1] if name == "sdpa" else a.cps:
+            for cp in [1] if name in ONE_PROCESS else a.cps:
                 job = (name, s, a.heads, a.dim, iterations)
                 rows = run_distributed(measure, cp, [job], collect=True, timeout_s=3600, pg_timeout_s=1800)[0]
                 if a.soak:
@@ -172,7 +182,7 @@ def main() -> None:
                     f" | {vs_sdpa} | {vs_cp1} |",
                     flush=True,
                 )
-        if name != "sdpa":
+        if name not in ONE_PROCESS:
             report_fit(name, points)
         time.sleep(0.5)
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from packed_cases import cu_of, lognormal_docs  # noqa: E402
+from peak import fma_peak  # noqa: E402
 
 import ring_ext  # noqa: E402
 from ring_ext.packing import plan_tokens  # noqa: E402
@@ -103,16 +104,26 @@ def inputs(total: int, dtype, seed: int = 0):
     return [torch.randn(total, HEADS, HEAD_DIM, generator=g).to(dtype) for _ in range(3)]
 
 
+def percent_of_peak(flops: float, ms: float, peak_gflops: float) -> str:
+    return f"{100 * flops / (ms * 1e-3) / 1e9 / peak_gflops:.0f}%"
+
+
 def one_process_table(total: int, n_docs: int, repeats: int) -> list[str]:
+    peak = fma_peak(torch.get_num_threads())
     rows = [
         f"### One process, S = {total}, {n_docs} lognormal documents, h={HEADS} d={HEAD_DIM}, fwd+bwd, "
         f"{torch.get_num_threads()} threads",
         "",
+        "% peak: the documents' fwd+bwd FLOPs (3.5 x 4 h d sum L^2 / 2, as bench_kernels counts causal) per "
+        f"second over the FMA-loop peak of the dtype (benchmarks/peak.py: {peak['fp32']:.0f} GFLOP/s fp32, "
+        f"{peak['bf16']:.0f} bf16).",
+        "",
         "| dtype | packed ms | loop ms | SDPA loop ms | dense causal ms | packed / loop | SDPA loop / packed "
-        "| dense / packed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dense / packed | packed % peak | SDPA loop % peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     cu = cu_of(lognormal_docs(total, n_docs, seed=0))
+    flops = 3.5 * 4 * HEADS * HEAD_DIM * sum((b - a) ** 2 / 2 for a, b in zip(cu, cu[1:]))
     for name, dtype in DTYPES.items():
         q, k, v = inputs(total, dtype)
         t = interleaved(
@@ -126,7 +137,8 @@ def one_process_table(total: int, n_docs: int, repeats: int) -> list[str]:
         )
         rows.append(
             f"| {name} | {t['packed']:.1f} | {t['loop']:.1f} | {t['sdpa']:.1f} | {t['dense']:.1f} "
-            f"| {t['packed'] / t['loop']:.2f} | {t['sdpa'] / t['packed']:.2f} | {t['dense'] / t['packed']:.2f} |"
+            f"| {t['packed'] / t['loop']:.2f} | {t['sdpa'] / t['packed']:.2f} | {t['dense'] / t['packed']:.2f} "
+            f"| {percent_of_peak(flops, t['packed'], peak[name])} | {percent_of_peak(flops, t['sdpa'], peak[name])} |"
         )
         print(rows[-1], flush=True)
     rows.append(f"\ndocument lengths: {[b - a for a, b in zip(cu, cu[1:])]}")

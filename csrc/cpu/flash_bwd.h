@@ -4,50 +4,47 @@
 
 namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 
-// Q and dO per (batch, q head, query block), packed once per call: A tiles (left operands of
-// S = Q K^T, dP = dO V^T) and KN tiles (right operands of dK += dS^T Q, dV += P^T dO). For float
-// the KN tile is the A tile, so kn() returns a().
+// Q and dO of the q heads of one (batch, kv head) (Note [Packed heads]), per (q head of the GQA
+// group, query block): A tiles (left operands of S = Q K^T, dP = dO V^T) and KN tiles (right
+// operands of dK += dS^T Q, dV += P^T dO). For float the KN tile is the A tile, so kn() returns
+// a().
 template <typename T>
-struct PackedRows {
-  int64_t heads_q, blocks, size;
+struct HeadRows {
+  int64_t blocks = 0, size = 0;
   std::vector<T> q_a, q_kn, dout_a, dout_kn;
 
-  int64_t offset(int64_t b, int64_t h, int64_t qb) const {
-    return ((b * heads_q + h) * blocks + qb) * size;
-  }
+  int64_t offset(int64_t g, int64_t qb) const { return (g * blocks + qb) * size; }
   static const T* kn(const std::vector<T>& a, const std::vector<T>& kn, int64_t off) {
     return (kStep<T> == 1 ? a.data() : kn.data()) + off;
   }
 };
 
 template <typename T>
-PackedRows<T> pack_rows(const BwdParams& p, int64_t dpad, ParallelFor parallel_for) {
+void pack_head_rows(const BwdParams& p, int64_t b, int64_t hk, int64_t dpad, HeadRows<T>& rows) {
   const Shape& sh = p.shape;
-  PackedRows<T> rows{sh.heads_q, ceil_div(sh.seq_q, kBwdBlockQ), kBwdBlockQ * dpad, {}, {}, {}, {}};
-  const int64_t n = sh.batch * sh.heads_q * rows.blocks;
+  const int64_t group = sh.heads_q / sh.heads_kv;
+  rows.blocks = ceil_div(sh.seq_q, kBwdBlockQ);
+  rows.size = kBwdBlockQ * dpad;
+  const int64_t n = group * rows.blocks;
   rows.q_a.resize(n * rows.size);
   rows.dout_a.resize(n * rows.size);
   if (kStep<T> != 1) {
     rows.q_kn.resize(n * rows.size);
     rows.dout_kn.resize(n * rows.size);
   }
-  parallel_for(n, [&](int64_t begin, int64_t end) {
-    std::vector<T> tmp(sh.head_dim);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t qb = t % rows.blocks, bh = t / rows.blocks;
-      const int64_t b = bh / sh.heads_q, h = bh % sh.heads_q, q0 = qb * kBwdBlockQ;
-      const int64_t nq = std::min(kBwdBlockQ, sh.seq_q - q0);
-      const RowBlock q = rows_of(p.q, p.in_dtype, p.q_stride, b, h, q0, nq, sh.head_dim);
-      const RowBlock dout = rows_of(p.dout, p.in_dtype, p.dout_stride, b, h, q0, nq, sh.head_dim);
-      pack_a(q, kBwdBlockQ, dpad, rows.q_a.data() + t * rows.size);
-      pack_a(dout, kBwdBlockQ, dpad, rows.dout_a.data() + t * rows.size);
-      if (kStep<T> != 1) {
-        pack_kn(q, kBwdBlockQ, dpad, tmp.data(), rows.q_kn.data() + t * rows.size);
-        pack_kn(dout, kBwdBlockQ, dpad, tmp.data(), rows.dout_kn.data() + t * rows.size);
-      }
+  std::vector<T> tmp(sh.head_dim);
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t h = hk * group + t / rows.blocks, q0 = t % rows.blocks * kBwdBlockQ;
+    const int64_t nq = std::min(kBwdBlockQ, sh.seq_q - q0);
+    const RowBlock q = rows_of(p.q, p.in_dtype, p.q_stride, b, h, q0, nq, sh.head_dim);
+    const RowBlock dout = rows_of(p.dout, p.in_dtype, p.dout_stride, b, h, q0, nq, sh.head_dim);
+    pack_a(q, kBwdBlockQ, dpad, rows.q_a.data() + t * rows.size);
+    pack_a(dout, kBwdBlockQ, dpad, rows.dout_a.data() + t * rows.size);
+    if (kStep<T> != 1) {
+      pack_kn(q, kBwdBlockQ, dpad, tmp.data(), rows.q_kn.data() + t * rows.size);
+      pack_kn(dout, kBwdBlockQ, dpad, tmp.data(), rows.dout_kn.data() + t * rows.size);
     }
-  });
-  return rows;
+  }
 }
 
 // Per-thread scratch of one backward task (one key block).
@@ -104,15 +101,16 @@ void bwd_operands(BwdWorkspace<T>& ws, int64_t nq_pad, int64_t n_pad, Operand<T>
   }
 }
 
-// One (query block qb of q head h) x (key block [k0, k0 + nk)) pair; ws holds the packed key block.
-// dq points at the rows of the block in the task's float32 dQ partial ([rows][dpad], unscaled).
+// One (query block qb of q head h, the g-th of its GQA group) x (key block [k0, k0 + nk)) pair; ws
+// holds the packed key block, rows the packed Q/dO of the group. dq points at the rows of the block
+// in the task's float32 dQ partial ([rows][dpad], unscaled).
 template <typename T>
-void bwd_pair(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t h, int64_t qb,
-              int64_t k0, int64_t nk, int64_t dpad, BwdWorkspace<T>& ws, float* dq) {
+void bwd_pair(const BwdParams& p, const HeadRows<T>& rows, int64_t b, int64_t h, int64_t g,
+              int64_t qb, int64_t k0, int64_t nk, int64_t dpad, BwdWorkspace<T>& ws, float* dq) {
   constexpr int64_t step = kStep<T>;
   const Shape& sh = p.shape;
   const int64_t q0 = qb * kBwdBlockQ, nq = std::min(kBwdBlockQ, sh.seq_q - q0);
-  const int64_t nq_pad = round_up(nq, step), n_pad = round_up(nk, 16), off = rows.offset(b, h, qb);
+  const int64_t nq_pad = round_up(nq, step), n_pad = round_up(nk, 16), off = rows.offset(g, qb);
   const int64_t d_steps = ceil_div(sh.head_dim, step);
   // Only the key columns [c0, c1) some row of the block sees (from its first row's first key to its
   // last row's last: the intervals are monotone), c0 on a 16-column boundary: a query block of one
@@ -147,8 +145,8 @@ void bwd_pair(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t 
   }
   Operand<T> pt, dst, ds;
   bwd_operands(ws, nq_pad, n_pad, pt, dst, ds);
-  const T* dout_kn = PackedRows<T>::kn(rows.dout_a, rows.dout_kn, off);
-  const T* q_kn = PackedRows<T>::kn(rows.q_a, rows.q_kn, off);
+  const T* dout_kn = HeadRows<T>::kn(rows.dout_a, rows.dout_kn, off);
+  const T* q_kn = HeadRows<T>::kn(rows.q_a, rows.q_kn, off);
   // dV [keys c0..c1, dpad] += P^T dO; dK [keys c0..c1, dpad] += dS^T Q; dQ [nq, dpad] += dS K. Key
   // j of P^T / dS^T is at data + j * sm; key pair kk of dS at data + kk * sk, so key c0 (even) at
   // c0.
@@ -170,7 +168,7 @@ inline void add_rows(const float* src, int64_t dpad, int64_t rows, int64_t d, fl
 // One task: key block kb of kv head hk against every query block (of every q head of the GQA group)
 // that can see it. dq_part is the group's float32 dQ partial [group][seq_q][dpad].
 template <typename T>
-void bwd_task(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t hk, int64_t kb,
+void bwd_task(const BwdParams& p, const HeadRows<T>& rows, int64_t b, int64_t hk, int64_t kb,
               int64_t dpad, BwdWorkspace<T>& ws, float* dq_part) {
   const Shape& sh = p.shape;
   const int64_t d = sh.head_dim, group = sh.heads_q / sh.heads_kv;
@@ -187,7 +185,7 @@ void bwd_task(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t 
   const int64_t qb_end = rows_in.end > rows_in.begin ? ceil_div(rows_in.end, kBwdBlockQ) : qb_begin;
   for (int64_t g = 0; g < group; ++g)
     for (int64_t qb = qb_begin; qb < qb_end; ++qb)
-      bwd_pair(p, rows, b, hk * group + g, qb, k0, nk, dpad, ws,
+      bwd_pair(p, rows, b, hk * group + g, g, qb, k0, nk, dpad, ws,
                dq_part + (g * sh.seq_q + qb * kBwdBlockQ) * dpad);
   add_rows(ws.dk.data(), dpad, nk, d, p.scale,
            p.dk + b * p.dk_stride.batch + hk * p.dk_stride.head + k0 * p.dk_stride.seq,
@@ -197,31 +195,38 @@ void bwd_task(const BwdParams& p, const PackedRows<T>& rows, int64_t b, int64_t 
            p.dv_stride.seq);
 }
 
-// The dQ of one (batch, kv head) segment computed by one chunk of tasks (see add_dq_partials).
+// p.dq += scale * dq for the q heads of (batch, kv head) `head`; dq is [group][seq_q][dpad].
+inline void add_dq(const BwdParams& p, int64_t head, const float* dq, int64_t dpad) {
+  const Shape& sh = p.shape;
+  const int64_t group = sh.heads_q / sh.heads_kv, b = head / sh.heads_kv;
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = head % sh.heads_kv * group + g;
+    add_rows(dq + g * sh.seq_q * dpad, dpad, sh.seq_q, sh.head_dim, p.scale,
+             p.dq + b * p.dq_stride.batch + h * p.dq_stride.head, p.dq_stride.seq);
+  }
+}
+
+// The dQ of one (batch, kv head) computed by one chunk of tasks that holds only some of its tasks.
 struct DqPartial {
-  int64_t segment, first_task;
+  int64_t head, first_task;
   std::vector<float> dq;  // [group][seq_q][dpad], unscaled
 };
 
-// p.dq += scale * (sum of the partials), each segment's partials in task order, so the result does
-// not depend on which thread finished first.
+// Adds the partials of the heads split between chunks, each head's in task order, so the result
+// does not depend on which thread finished first; heads in parallel.
 inline void add_dq_partials(const BwdParams& p, std::vector<DqPartial>& parts, int64_t dpad,
                             ParallelFor parallel_for) {
   std::sort(parts.begin(), parts.end(), [](const DqPartial& a, const DqPartial& b) {
-    return a.segment != b.segment ? a.segment < b.segment : a.first_task < b.first_task;
+    return a.head != b.head ? a.head < b.head : a.first_task < b.first_task;
   });
-  const Shape& sh = p.shape;
-  const int64_t group = sh.heads_q / sh.heads_kv;
-  parallel_for(sh.batch * sh.heads_q, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / sh.heads_q, h = bh % sh.heads_q;
-      const int64_t segment = b * sh.heads_kv + h / group, g = h % group;
-      float* dq = p.dq + b * p.dq_stride.batch + h * p.dq_stride.head;
-      for (const DqPartial& part : parts)
-        if (part.segment == segment)
-          add_rows(part.dq.data() + g * sh.seq_q * dpad, dpad, sh.seq_q, sh.head_dim, p.scale, dq,
-                   p.dq_stride.seq);
-    }
+  std::vector<size_t> starts;  // the first part of each head
+  for (size_t i = 0; i < parts.size(); ++i)
+    if (i == 0 || parts[i].head != parts[i - 1].head) starts.push_back(i);
+  starts.push_back(parts.size());
+  parallel_for(int64_t(starts.size()) - 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      for (size_t j = starts[i]; j < starts[i + 1]; ++j)
+        add_dq(p, parts[j].head, parts[j].dq.data(), dpad);
   });
 }
 
@@ -230,26 +235,30 @@ void flash_bwd_tiled(const BwdParams& p, ParallelFor parallel_for) {
   const Shape& sh = p.shape;
   const int64_t dpad = round_up(sh.head_dim, 16), k_blocks = ceil_div(sh.seq_k, kBlockK);
   const int64_t dq_size = sh.heads_q / sh.heads_kv * sh.seq_q * dpad;
-  const PackedRows<T> rows = pack_rows<T>(p, dpad, parallel_for);
+  // Tasks (batch, kv head, key block), k_blocks per head (Note [Packed heads]).
+  PackedHeads<HeadRows<T>> heads(sh.batch * sh.heads_kv, k_blocks);
   std::mutex mutex;
   std::vector<DqPartial> parts;
   parallel_for(sh.batch * sh.heads_kv * k_blocks, [&](int64_t begin, int64_t end) {
     BwdWorkspace<T> ws(sh.head_dim, dpad);
-    DqPartial part{-1, begin, {}};
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t segment = t / k_blocks, kb = zigzag(t % k_blocks, k_blocks);
-      if (segment != part.segment) {
-        if (part.segment >= 0) {
+    std::vector<float> dq(dq_size);
+    for_tasks_by_head(
+        heads, k_blocks, begin, end,
+        [&](int64_t head, HeadRows<T>& rows) {
+          pack_head_rows(p, head / sh.heads_kv, head % sh.heads_kv, dpad, rows);
+        },
+        [&](int64_t head, int64_t first, int64_t stop, const HeadRows<T>& rows) {
+          std::fill(dq.begin(), dq.end(), 0.0f);
+          for (int64_t t = first; t < stop; ++t)
+            bwd_task(p, rows, head / sh.heads_kv, head % sh.heads_kv,
+                     zigzag(t % k_blocks, k_blocks), dpad, ws, dq.data());
+          if (stop - first == k_blocks) {  // the head's only writer of dq: add at once
+            add_dq(p, head, dq.data(), dpad);
+            return;
+          }
           std::lock_guard<std::mutex> lock(mutex);
-          parts.push_back(std::move(part));
-        }
-        part = DqPartial{segment, t, std::vector<float>(dq_size, 0.0f)};
-      }
-      bwd_task(p, rows, segment / sh.heads_kv, segment % sh.heads_kv, kb, dpad, ws, part.dq.data());
-    }
-    if (part.segment < 0) return;
-    std::lock_guard<std::mutex> lock(mutex);
-    parts.push_back(std::move(part));
+          parts.push_back(DqPartial{head, first, dq});
+        });
   });
   add_dq_partials(p, parts, dpad, parallel_for);
 }

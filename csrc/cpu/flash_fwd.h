@@ -4,44 +4,29 @@
 
 namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 
-// K as NK tiles (K^T) and V as KN tiles, per (batch, kv head, key block), packed once per call.
+// K as NK tiles (K^T) and V as KN tiles of every key block of one (batch, kv head) (Note [Packed
+// heads]).
 template <typename T>
-struct PackedKV {
-  int64_t heads_kv, blocks, kt_size, v_size;
-  std::vector<T> kt, v;
-
-  int64_t index(int64_t b, int64_t hk, int64_t kb) const {
-    return (b * heads_kv + hk) * blocks + kb;
-  }
-  const T* kt_block(int64_t b, int64_t hk, int64_t kb) const {
-    return kt.data() + index(b, hk, kb) * kt_size;
-  }
-  const T* v_block(int64_t b, int64_t hk, int64_t kb) const {
-    return v.data() + index(b, hk, kb) * v_size;
-  }
+struct HeadKV {
+  std::vector<T> kt, v;  // [blocks][dpad][kFwdBlockK] (by k steps), [blocks][kFwdBlockK][dpad]
+  const T* kt_block(int64_t kb, int64_t dpad) const { return kt.data() + kb * dpad * kFwdBlockK; }
+  const T* v_block(int64_t kb, int64_t dpad) const { return v.data() + kb * kFwdBlockK * dpad; }
 };
 
 template <typename T>
-PackedKV<T> pack_kv(const FwdParams& p, int64_t dpad, ParallelFor parallel_for) {
+void pack_head_kv(const FwdParams& p, int64_t b, int64_t hk, int64_t dpad, HeadKV<T>& kv) {
   const Shape& sh = p.shape;
-  PackedKV<T> kv{
-      sh.heads_kv, ceil_div(sh.seq_k, kFwdBlockK), dpad * kFwdBlockK, kFwdBlockK * dpad, {}, {}};
-  const int64_t n = sh.batch * sh.heads_kv * kv.blocks;
-  kv.kt.resize(n * kv.kt_size);
-  kv.v.resize(n * kv.v_size);
-  parallel_for(n, [&](int64_t begin, int64_t end) {
-    std::vector<T> tmp(sh.head_dim);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t kb = t % kv.blocks, bh = t / kv.blocks;
-      const int64_t b = bh / sh.heads_kv, hk = bh % sh.heads_kv, k0 = kb * kFwdBlockK;
-      const int64_t rows = std::min(kFwdBlockK, sh.seq_k - k0);
-      const RowBlock k = rows_of(p.k, p.in_dtype, p.k_stride, b, hk, k0, rows, sh.head_dim);
-      const RowBlock v = rows_of(p.v, p.in_dtype, p.v_stride, b, hk, k0, rows, sh.head_dim);
-      pack_nk(k, dpad, kFwdBlockK, tmp.data(), kv.kt.data() + t * kv.kt_size);
-      pack_kn(v, kFwdBlockK, dpad, tmp.data(), kv.v.data() + t * kv.v_size);
-    }
-  });
-  return kv;
+  const int64_t blocks = ceil_div(sh.seq_k, kFwdBlockK), size = dpad * kFwdBlockK;
+  kv.kt.resize(blocks * size);
+  kv.v.resize(blocks * size);
+  std::vector<T> tmp(sh.head_dim);
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const int64_t k0 = kb * kFwdBlockK, rows = std::min(kFwdBlockK, sh.seq_k - k0);
+    const RowBlock k = rows_of(p.k, p.in_dtype, p.k_stride, b, hk, k0, rows, sh.head_dim);
+    const RowBlock v = rows_of(p.v, p.in_dtype, p.v_stride, b, hk, k0, rows, sh.head_dim);
+    pack_nk(k, dpad, kFwdBlockK, tmp.data(), kv.kt.data() + kb * size);
+    pack_kn(v, kFwdBlockK, dpad, tmp.data(), kv.v.data() + kb * size);
+  }
 }
 
 // Per-thread scratch of one forward task.
@@ -97,13 +82,14 @@ void fwd_finish(const FwdParams& p, FwdWorkspace<T>& ws, int64_t b, int64_t h, i
   }
 }
 
-// One task: query rows [q0, q0 + kBlockQ) of q head h against every key block they can see.
+// One task: query rows [q0, q0 + kBlockQ) of q head h against every key block they can see; kv is
+// h's kv head, packed.
 template <typename T>
-void fwd_task(const FwdParams& p, const PackedKV<T>& kv, int64_t b, int64_t h, int64_t q0,
+void fwd_task(const FwdParams& p, const HeadKV<T>& kv, int64_t b, int64_t h, int64_t q0,
               int64_t dpad, FwdWorkspace<T>& ws) {
   constexpr int64_t step = kStep<T>;
   const Shape& sh = p.shape;
-  const int64_t hk = h / (sh.heads_q / sh.heads_kv), nq = std::min(kBlockQ, sh.seq_q - q0);
+  const int64_t nq = std::min(kBlockQ, sh.seq_q - q0);
   const RowBlock q = rows_of(p.q, p.in_dtype, p.q_stride, b, h, q0, nq, sh.head_dim);
   pack_a(q, kBlockQ, dpad, ws.q.data());
   std::fill(ws.m.begin(), ws.m.end(), kNegInf);
@@ -123,12 +109,12 @@ void fwd_task(const FwdParams& p, const PackedKV<T>& kv, int64_t b, int64_t h, i
     while (r1 > r0 && visible_keys(p.mask, q0 + r1 - 1, sh.seq_k).begin >= k0 + nk) --r1;
     if (r0 == r1) continue;
     // S [r1 - r0, kFwdBlockK] = Q [rows, d] K^T [d, nk]
-    gemm(ws.q.data() + r0 * dpad, dpad, step, kv.kt_block(b, hk, kb), kFwdBlockK * step, r1 - r0,
+    gemm(ws.q.data() + r0 * dpad, dpad, step, kv.kt_block(kb, dpad), kFwdBlockK * step, r1 - r0,
          round_up(nk, 16), ceil_div(sh.head_dim, step), ws.s.data() + r0 * kFwdBlockK, kFwdBlockK,
          /*accumulate=*/false);
     softmax_step(p, ws, q0, r0, r1, k0, nk, dpad);
     // O [rows, dpad] += P [rows, nk] V [nk, dpad]
-    gemm(ws.p.data() + r0 * kFwdBlockK, kFwdBlockK, step, kv.v_block(b, hk, kb), dpad * step,
+    gemm(ws.p.data() + r0 * kFwdBlockK, kFwdBlockK, step, kv.v_block(kb, dpad), dpad * step,
          r1 - r0, dpad, ceil_div(nk, step), ws.acc.data() + r0 * dpad, dpad, /*accumulate=*/true);
   }
   fwd_finish(p, ws, b, h, q0, nq, dpad);
@@ -138,13 +124,23 @@ template <typename T>
 void flash_fwd_tiled(const FwdParams& p, ParallelFor parallel_for) {
   const Shape& sh = p.shape;
   const int64_t dpad = round_up(sh.head_dim, 16), q_blocks = ceil_div(sh.seq_q, kBlockQ);
-  const PackedKV<T> kv = pack_kv<T>(p, dpad, parallel_for);
+  // Tasks (batch, q head, query block), numbered by (batch, kv head) first: the q heads of a GQA
+  // group are consecutive.
+  const int64_t tasks_per_head = sh.heads_q / sh.heads_kv * q_blocks;
+  PackedHeads<HeadKV<T>> heads(sh.batch * sh.heads_kv, tasks_per_head);
   parallel_for(sh.batch * sh.heads_q * q_blocks, [&](int64_t begin, int64_t end) {
     FwdWorkspace<T> ws(dpad);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t qb = zigzag(t % q_blocks, q_blocks), bh = t / q_blocks;
-      fwd_task(p, kv, bh / sh.heads_q, bh % sh.heads_q, qb * kBlockQ, dpad, ws);
-    }
+    for_tasks_by_head(
+        heads, tasks_per_head, begin, end,
+        [&](int64_t head, HeadKV<T>& kv) {
+          pack_head_kv(p, head / sh.heads_kv, head % sh.heads_kv, dpad, kv);
+        },
+        [&](int64_t, int64_t first, int64_t stop, const HeadKV<T>& kv) {
+          for (int64_t t = first; t < stop; ++t) {
+            const int64_t qb = zigzag(t % q_blocks, q_blocks), bh = t / q_blocks;
+            fwd_task(p, kv, bh / sh.heads_q, bh % sh.heads_q, qb * kBlockQ, dpad, ws);
+          }
+        });
   });
 }
 

@@ -19,30 +19,34 @@
 // operand of P V, dS K) and row-pair [rows/2][kBlockK][2] tiles (transposed left operand of
 // P^T dO, dS^T Q); float uses the float32 tiles directly, transposed by strides.
 //
-// Forward: K/V of every (batch, kv head, key block) are packed once per call. One task = (batch,
-// q head, block of kBlockQ query rows): pack Q, then walk the key blocks with the online softmax,
-// S = Q K^T, running max m and sum l, O = O * exp(m_old - m) + P V. The task visits only the key
-// blocks between the first key its first row sees and the last key its last row sees (every mask is
-// a monotone interval per row: visible_keys); inside a block, keys outside a row's interval are
-// masked lane by lane. Within a visited block only the task's rows that see it take part (a task
-// straddling a document boundary computes each document's rows against that document's keys).
-// So blocks outside a causal diagonal, a document or a sliding window cost nothing, and the cost
-// follows the visible pairs up to the tile edges.
-// Backward: Q/dO of every (batch, q head, block of kBwdBlockQ rows) are packed once per call
-// (larger row blocks than the forward's: they are the k loop of dK and dV). One task =
-// (batch, kv head, key block), so dK/dV of a key block have one writer; it walks the q heads of its
-// GQA group and the query blocks that can see the block: P = exp(S - lse), dV += P^T dO,
-// dP = dO V^T, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K. dQ goes to a float32 partial per
-// (chunk of tasks, kv head), summed in a fixed order after the parallel loop (deterministic). The
-// query blocks a key block visits are the contiguous range of rows that see it (rows_seeing), and
-// each (query block, key block) pair computes only the key columns its rows see (from 16-column
-// boundaries), in all five products.
+// Forward: K/V of each (batch, kv head) are packed once per call, by the first task on that head
+// (Note [Packed heads]). One task = (batch, q head, block of kBlockQ query rows): pack Q, then walk
+// the key blocks with the online softmax, S = Q K^T, running max m and sum l,
+// O = O * exp(m_old - m) + P V. The task visits only the key blocks between the first key its
+// first row sees and the last key its last row sees (every mask is a monotone interval per row:
+// visible_keys); inside a block, keys outside a row's interval are masked lane by lane. Within a
+// visited block only the task's rows that see it take part (a task straddling a document boundary
+// computes each document's rows against that document's keys). So blocks outside a causal
+// diagonal, a document or a sliding window cost nothing, and the cost follows the visible pairs up
+// to the tile edges.
+// Backward: Q/dO of the q heads of each (batch, kv head), in blocks of kBwdBlockQ rows (larger
+// than the forward's: they are the k loop of dK and dV), are packed once per call the same way.
+// One task = (batch, kv head, key block), so dK/dV of a key block have one writer; it walks the q
+// heads of its GQA group and the query blocks that can see the block: P = exp(S - lse),
+// dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K. dQ goes to a float32
+// partial per (chunk of tasks, kv head): added to dq when the chunk holds all of the head's tasks,
+// else summed with the other chunks' in a fixed order after the parallel loop (deterministic
+// either way). The query blocks a key block visits are the contiguous range of rows that see it
+// (rows_seeing), and each (query block, key block) pair computes only the key columns its rows see
+// (from 16-column boundaries), in all five products.
 // Parallelism stays good when batch * heads is 1: tasks are per block, and causal tasks are dealt
 // in zigzag order (0, n-1, 1, n-2, ...) so contiguous chunks get equal work.
-// Memory: packed copies of the inputs and the dQ partials, O(seq * head_dim); never O(seq^2).
+// Memory: the packed heads in use (Note [Packed heads]) and a dQ partial per thread (plus one per
+// head shared by two chunks), O(seq * head_dim); never O(seq^2).
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -176,6 +180,58 @@ void pack_nk(const RowBlock& src, int64_t dpad, int64_t width, T* tmp, T* dst) {
     load_tile_row(src, i, tmp);
     for (int64_t c = 0; c < src.d; ++c)
       dst[(c / step) * width * step + i * step + c % step] = tmp[c];
+  }
+}
+
+// Note [Packed heads]
+// The forward packs K/V, the backward Q/dO, per (batch, kv head): a "head" here. Tasks run head by
+// head and each thread takes a contiguous range of them, so a head is used by the one or few
+// threads whose ranges cover its tasks. The first of them packs it, the others wait for that and
+// share it, and the last one to finish its tasks there frees it: a call holds the packed copies of
+// the heads its threads are on (one head when a call has one, as context-parallel calls on CPU
+// do), never a copy of every head and never two copies of one.
+template <typename Pack>
+class PackedHeads {
+ public:
+  PackedHeads(int64_t heads, int64_t tasks_per_head) : slots_(heads) {
+    for (Slot& slot : slots_) slot.remaining = tasks_per_head;
+  }
+
+  // Head `head`, packed by pack(Pack&) if no thread has packed it yet.
+  template <typename PackFn>
+  const Pack& get(int64_t head, PackFn&& pack) {
+    Slot& slot = slots_[head];
+    std::call_once(slot.packed, [&] { pack(slot.pack); });
+    return slot.pack;
+  }
+
+  // The caller has run `tasks` tasks of `head` and reads it no more; the last user frees it.
+  void done(int64_t head, int64_t tasks) {
+    Slot& slot = slots_[head];
+    if (slot.remaining.fetch_sub(tasks, std::memory_order_acq_rel) == tasks) slot.pack = Pack{};
+  }
+
+ private:
+  struct Slot {
+    std::once_flag packed;
+    std::atomic<int64_t> remaining{0};
+    Pack pack;
+  };
+  std::vector<Slot> slots_;
+};
+
+// Walks a thread's range [begin, end) of tasks numbered head by head (tasks_per_head each): for
+// each head it meets, run(head, first, stop, packed) runs the tasks [first, stop) of that head,
+// with the head packed by pack(head, Pack&) if no thread has packed it yet.
+template <typename Pack, typename PackFn, typename RunFn>
+void for_tasks_by_head(PackedHeads<Pack>& heads, int64_t tasks_per_head, int64_t begin, int64_t end,
+                       PackFn&& pack, RunFn&& run) {
+  for (int64_t first = begin; first < end;) {
+    const int64_t head = first / tasks_per_head;
+    const int64_t stop = std::min(end, (head + 1) * tasks_per_head);
+    run(head, first, stop, heads.get(head, [&](Pack& dst) { pack(head, dst); }));
+    heads.done(head, stop - first);
+    first = stop;
   }
 }
 

@@ -2,6 +2,7 @@
 // Every shared header comes before the target pragma, so only code in namespace
 // ring_ext::cpu::baseline is compiled for this target (no inline function differs between builds).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

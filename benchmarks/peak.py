@@ -1,0 +1,43 @@
+"""This CPU's arithmetic peak (GFLOP/s), from the FMA loop of benchmarks/fma_peak.cpp.
+
+The ceiling the benchmarks report their kernels against (torch.mm is not one: on AMD it takes a slower
+MKL path). Compiled with the host's C++ compiler ($CXX, else g++) for this CPU (-march=native on
+x86-64, -mcpu=native elsewhere) into the temp directory, once per source version.
+
+    python benchmarks/peak.py            # fp32 and bf16 GFLOP/s for 1 and 2 threads
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fma_peak.cpp")
+
+
+def _binary() -> str:
+    with open(SOURCE, "rb") as f:
+        digest = hashlib.sha1(f.read()).hexdigest()[:12]
+    path = os.path.join(tempfile.gettempdir(), f"ring_ext_fma_peak_{digest}")
+    if not os.path.exists(path):
+        cxx = os.environ.get("CXX", "g++")
+        arch = "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"
+        cmd = [cxx, "-O2", "-ffp-contract=fast", arch, "-pthread", SOURCE, "-o", f"{path}.{os.getpid()}"]
+        subprocess.run(cmd, check=True)
+        os.replace(f"{path}.{os.getpid()}", path)  # whole or absent, if two runs build it at once
+    return path
+
+
+def fma_peak(threads: int) -> dict[str, float]:
+    """{"fp32": GFLOP/s, "bf16": GFLOP/s} of `threads` threads doing only fused multiply-adds."""
+    out = subprocess.run([_binary(), str(threads)], check=True, capture_output=True, text=True).stdout
+    return {name: float(value) for name, value in (line.split() for line in out.splitlines())}
+
+
+if __name__ == "__main__":
+    for n in (1, 2) if len(sys.argv) < 2 else (int(sys.argv[1]),):
+        print(f"{n} thread(s): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in fma_peak(n).items()))
