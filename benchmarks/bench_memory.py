@@ -13,8 +13,9 @@ and each point's deviation from it, which stays within 10% when memory falls as 
 
 Algorithm "sdpa" is the baseline: one process (cp = 1 only) running F.scaled_dot_product_attention
 over the whole sequence; "local" is ring_ext's own kernels over the whole sequence in one process
-(cp = 1 only, no context: every head in one call, the kernels' own working set). Columns "/ sdpa" and "x cp / cp=1" compare each peak with that baseline and
-with the same algorithm's cp = 1 peak scaled by 1/cp, when those ran in the same invocation.
+(cp = 1 only, no context: every head in one call, the kernels' own working set). Columns "/ sdpa"
+and "x cp / cp=1" compare each peak with that baseline and with the same algorithm's cp = 1 peak
+scaled by 1/cp, when those ran in the same invocation.
 """
 
 from __future__ import annotations
