@@ -6,12 +6,14 @@ heads, head_dim] with batch * seq = --tokens (16k and 128k tokens by default) an
 2048, for head_dim 64/128, seq 2k..16k, causal and full. FLOPs follow the FlashAttention convention:
 forward 4 b h s^2 d (half of it when causal), backward 2.5x the forward.
 
-Candidates (Note [Candidate tilings] in csrc/cuda/flash_fwd.cu): ring_ext.cuda_tilings lists them and runs
-each (RING_EXT_CUDA_FWD_TILING / RING_EXT_CUDA_BWD_TILING), and its output (or gradients) must match the default tiling's within a
-bf16-sized relative L2 error (2e-2) before it is timed: a candidate that does not match is reported
-WRONG and cannot win. Writes bench_cuda.md and bench_cuda.json to --out.
+Candidates (Note [Candidate tilings] in csrc/cuda/flash_fwd.cu): ring_ext.cuda_tilings lists them and
+runs each (RING_EXT_CUDA_FWD_TILING / RING_EXT_CUDA_BWD_TILING); its output (or gradients) must match
+the default tiling's within a bf16-sized relative L2 error (2e-2) before it is timed: a candidate
+that does not match is reported WRONG and cannot win. Writes bench_cuda.md and bench_cuda.json to
+--out.
 
-    python benchmarks/bench_cuda.py --out /tmp/bench [--tokens 16384] [--seqs 2048 8192] [--dims 128] [--budget 240]
+    python benchmarks/bench_cuda.py --out /tmp/bench [--tokens 16384] [--seqs 2048 8192] [--dims 128]
+        [--budget 240]
 """
 
 from __future__ import annotations
