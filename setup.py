@@ -111,7 +111,7 @@ def extension():
     if "avx2" not in isas:
         cpu_sources = [s for s in cpu_sources if s not in X86_ISA_SOURCES]
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp")) + cpu_sources
-    sources += sorted(glob.glob("csrc/ring/*.cpp"))
+    sources += sorted(glob.glob("csrc/cp/*.cpp"))
     # C++20: torch >= 2.14 headers need it. -fopenmp: at::parallel_for is a header template compiled
     # here, which runs serially unless _OPENMP is defined (torch's wheel ships the libgomp it uses).
     cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
-#include "ring/ring.h"
+#include "cp/ring.h"
 #ifdef RING_EXT_WITH_CUDA
 #include "cuda/tilings.h"
 #endif
@@ -71,11 +71,11 @@ TORCH_LIBRARY(ring_ext, m) {
   // ring's
   // ("" for the plain ring), ulysses_group Ulysses' (hybrid). Causal shards are zigzag
   // (ring_ext/sharding.py). Returns out [b, s, hq, d] in q's dtype, dense in `layout` (bshd, sbhd,
-  // bnsd, sbh: Note [Output contract] in csrc/ring/attention.cpp), lse float32 [b, hq, s].
+  // bnsd, sbh: Note [Output contract] in csrc/cp/attention.cpp), lse float32 [b, hq, s].
   // visible (packed documents, sliding windows; with causal=False): the key intervals of every
   // source block, int64 [sources, 2, rows]: one source per ring rank for the ring and hybrid
   // (rows = the ring's block), one for Ulysses (rows = the gathered sequence); Note [Per-source key
-  // intervals] in csrc/ring/ring.cpp, ring_ext/packing.py. needed (ring and hybrid, with visible;
+  // intervals] in csrc/cp/ring.cpp, ring_ext/packing.py. needed (ring and hybrid, with visible;
   // int64 [ring ranks, sources, 2]): the rows [lo, hi) of each source block that each ring rank
   // sees, so the ring moves nothing else (Note [Moving only what is seen]); absent: every row.
   m.def(
@@ -92,12 +92,12 @@ TORCH_LIBRARY(ring_ext, m) {
       "Tensor? needed=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   // The collectives of the Python API (unshard, the cross-rank check, the training-loop helpers),
   // over a group given by name; device-generic, registered with the attention kernels. Every
-  // tensor they give c10d is theirs alone: Note [Tensors handed to c10d] in csrc/ring/comm.h.
+  // tensor they give c10d is theirs alone: Note [Tensors handed to c10d] in csrc/cp/comm.h.
   m.def("all_gather(Tensor x, str group) -> Tensor[]");
   m.def("all_reduce_(Tensor(a!)[] xs, str group, str op=\"sum\") -> ()");
   // Bytes the ring's point-to-point transfers have sent from this process (benchmarks, tests).
   m.def("sent_bytes() -> int", &ring_ext::ring::sent_bytes_op);
-  // The ring schedule of one rank, flattened (tests): csrc/ring/ring.h, schedule_op.
+  // The ring schedule of one rank, flattened (tests): csrc/cp/ring.h, schedule_op.
   m.def("ring_schedule(str algo, int cp_size, int rank, int window, bool causal) -> int[]",
         &ring_ext::ring::schedule_op);
   // The instruction set the CPU kernels dispatched to on this machine: avx512, avx2 or baseline

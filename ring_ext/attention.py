@@ -114,7 +114,7 @@ def _intervals(cu: tuple[int, ...], causal: bool, window) -> torch.Tensor:
 def _cp_masked(q, k, v, ctx, layout, causal, scale, head_dim, cu, window, check_consistency):
     """Context-parallel attention of packed documents (cu) and/or a sliding window: the token plan's
     shards, padded to the plan's length here, with the key intervals of every source block
-    (ring_ext/packing.py; Note [Per-source key intervals] in csrc/ring/ring.cpp)."""
+    (ring_ext/packing.py; Note [Per-source key intervals] in csrc/cp/ring.cpp)."""
     validation.check_causal(causal, ctx)
     qv, kv, vv = (to_bshd(t, layout, head_dim) for t in (q, k, v))
     validation.check_shards(qv, kv, vv, ctx, packed=cu is not None)

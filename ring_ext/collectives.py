@@ -2,7 +2,7 @@
 check, and the training-loop helpers (all_reduce, reduce_gradients).
 
 They run as the C++ ops ring_ext::all_gather and ring_ext::all_reduce_, which give c10d only tensors
-Python never sees (Note [Tensors handed to c10d] in csrc/ring/comm.h). A `dist.all_gather` or
+Python never sees (Note [Tensors handed to c10d] in csrc/cp/comm.h). A `dist.all_gather` or
 `dist.all_reduce` on Python tensors instead can abort a rank at exit: the backend's thread may drop
 the last reference to such a tensor while the interpreter is finalising (docs/reliability.md,
 Teardown). Use these for the CP group's reductions in a training loop.

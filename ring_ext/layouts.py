@@ -20,7 +20,7 @@ SEQ_DIM = {"bshd": 1, "sbhd": 0, "bnsd": 2, "sbh": 0, "thd": 0}
 THREE_D = ("sbh", "thd")
 
 # The memory order of each layout, outermost first, in dims of [b, s, h, d]; the C++ op allocates
-# its output the same way (Note [Output contract] in csrc/ring/attention.cpp).
+# its output the same way (Note [Output contract] in csrc/cp/attention.cpp).
 MEMORY_ORDER = {
     "bshd": (0, 1, 2, 3),
     "sbhd": (1, 0, 2, 3),

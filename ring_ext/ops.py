@@ -75,7 +75,7 @@ def _fwd_backward(ctx, dout, dlse):
 torch.library.register_autograd("ring_ext::fwd", _fwd_backward, setup_context=_fwd_setup_context)
 
 
-# Context-parallel attention (csrc/ring): fakes and autograd. Shapes follow the local shards.
+# Context-parallel attention (csrc/cp): fakes and autograd. Shapes follow the local shards.
 @torch.library.register_fake("ring_ext::attention")
 def _attention_fake(q, k, v, scale, causal, algo, ring_group, *args, **kwargs):
     layout = _attention_args(args, kwargs)["layout"]

@@ -153,7 +153,7 @@ def _contiguous_plan(
     """Windowed placement: the packed sequence cut into `groups` consecutive pieces of equal visible
     pairs under a window of `window` tokens (a token at position p of a document of n tokens sees
     min(p + 1, w) keys, causal, or min(p + w, n) - max(p - w + 1, 0), general). A windowed layer then
-    needs only its neighbours' edge tokens: Note [Moving only what is seen] in csrc/ring/ring.cpp."""
+    needs only its neighbours' edge tokens: Note [Moving only what is seen] in csrc/cp/ring.cpp."""
     total = cu_seqlens[-1]
     cu = torch.tensor(cu_seqlens, dtype=torch.int64)
     index = torch.arange(total)
@@ -273,7 +273,7 @@ def block_intervals(
     source block (one per ring member; Ulysses has one block, the whole sequence). needed, int64
     [members, sources, 2] (None for Ulysses): the rows [lo, hi) of every source block that each ring
     member's rows see, their hull ([0, 0) for none), which is all the ring moves (Note [Moving only
-    what is seen] in csrc/ring/ring.cpp). Cached: a model calls it once per layer alike."""
+    what is seen] in csrc/cp/ring.cpp). Cached: a model calls it once per layer alike."""
     layout = _layout(ctx)
     visible = _block_intervals(layout, ctx.rank // layout[1], total, cu_seqlens, window)
     if ctx.algo == "ulysses_cp_algo":

@@ -175,7 +175,7 @@ def _ring_phase(cluster, layout, step_compute, hops, first_rank=0, stride=1, tai
     return total, max(0.0, total - ring * step_compute)  # max: no -0.00 from rounding
 
 
-# ---- what the ring moves under a window (Note [Moving only what is seen] in csrc/ring/ring.cpp) --------
+# ---- what the ring moves under a window (Note [Moving only what is seen] in csrc/cp/ring.cpp) --------
 
 
 def _member_ranges(placement: str, ring: int, seq: int) -> list[list[tuple[int, int]]]:

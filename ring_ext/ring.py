@@ -1,4 +1,4 @@
-"""The ring schedule seen from Python (tests, docs): csrc/ring/schedule.h through ring_ext::ring_schedule."""
+"""The ring schedule seen from Python (tests, docs): csrc/cp/schedule.h through ring_ext::ring_schedule."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class WorkItem(NamedTuple):
 
 
 class Hop(NamedTuple):
-    """One send/recv pair of a step (csrc/ring/schedule.h): ranks are those of `link`'s group."""
+    """One send/recv pair of a step (csrc/cp/schedule.h): ranks are those of `link`'s group."""
 
     what: str  # "kv", "outer_kv", "kv_grad" or "grad_home"
     link: str  # "inner", "outer" or "ring"

@@ -2,7 +2,7 @@
 
     contiguous   rank r holds chunk r of cp equal chunks (general mask, Ulysses)
     zigzag       rank r holds chunks r and 2cp-1-r of 2cp equal chunks, in that order (causal ring;
-                 csrc/ring/schedule.h, Note [Zigzag causal schedule])
+                 csrc/cp/schedule.h, Note [Zigzag causal schedule])
 
     cp = 4, zigzag: chunks 0 1 2 3 4 5 6 7  ->  rank 0: [0 7]  rank 1: [1 6]  rank 2: [2 5]  rank 3: [3 4]
 

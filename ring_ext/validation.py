@@ -8,7 +8,7 @@ any communication. Exception types:
     TypeError     an argument of the wrong kind (not a tensor, not a CPConfig)
     RuntimeError  torch.distributed not initialised
 
-The C++ op (csrc/ring/attention.cpp, csrc/common/block_ops.cpp) repeats the checks it can make from
+The C++ op (csrc/cp/attention.cpp, csrc/common/block_ops.cpp) repeats the checks it can make from
 its own arguments, as a second line of defence for callers of torch.ops.ring_ext.attention.
 
 check_consistency (debug, off by default) is the one check that communicates: a single all-gather of

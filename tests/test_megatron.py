@@ -1,4 +1,4 @@
-"""Megatron-style code on ring_ext (Note [Output contract] in csrc/ring/attention.cpp): q, k, v from one
+"""Megatron-style code on ring_ext (Note [Output contract] in csrc/cp/attention.cpp): q, k, v from one
 fused QKV projection (`proj(x).chunk(3, -1)`, strided views), the context layer `.view()`-ed and fed to
 the output linear, in MindSpeed's two layouts (sbh, and bnsd under --megatron-cp-in-bnsd), with every
 algorithm, eagerly and under torch.compile(fullgraph=True) (inductor: it asserts the fake kernel's

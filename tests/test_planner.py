@@ -1,4 +1,4 @@
-"""The ring schedules as pure functions (csrc/ring/schedule.h via ring_ext.ring.schedule): no tensors.
+"""The ring schedules as pure functions (csrc/cp/schedule.h via ring_ext.ring.schedule): no tensors.
 
 The schedule is the whole plan: the work items of every step and every transfer (hop). These tests
 move blocks and gradients by the hops alone, so a dropped, duplicated or misdirected hop fails them

@@ -14,7 +14,7 @@ threads run at SCHED_IDLE, so a worker that completed a collective waits until t
 and the main thread goes straight from its last collective to exit with its context (and so its
 process group) still cached. With torch's own collectives on Python tensors this loses a rank in about
 two runs of five (`python tests/test_teardown.py` measures both); ring_ext's collectives give c10d
-only tensors Python never saw (Note [Tensors handed to c10d], csrc/ring/comm.h), so no run may lose
+only tensors Python never saw (Note [Tensors handed to c10d], csrc/cp/comm.h), so no run may lose
 a rank.
 """
 

@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 #include "../common/block_ops.h"
-#include "../ring/attention.h"
+#include "../cp/attention.h"
 #include "kernels.h"
 
 namespace ring_ext {
