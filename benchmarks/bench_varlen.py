@@ -11,7 +11,7 @@
 2. Context parallelism: 2 Gloo ranks x 1 thread (megatron_cp_algo, causal) against one process x 2
    threads on the same row, packed and (for scale) dense causal over the whole row; the one-process time
    is taken before and after the ranks run.
-3. The token plan's balance (ring_ext/packing.py): max/mean visible pairs per rank and the most
+3. The packed placement's balance (ring_ext/placement.py): max/mean visible pairs per rank and the most
    tokens a rank holds against S/cp + 2 n_docs, for cp 2-16 over several lognormal mixes.
 
     python benchmarks/bench_varlen.py                   # S = 16384, bf16 and fp32 (~10 minutes)
@@ -35,7 +35,7 @@ from packed_cases import cu_of, lognormal_docs  # noqa: E402
 from peak import fma_peak  # noqa: E402
 
 import ring_ext  # noqa: E402
-from ring_ext.packing import plan_tokens  # noqa: E402
+from ring_ext.placement import plan_tokens  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

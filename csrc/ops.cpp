@@ -47,49 +47,171 @@ TORCH_LIBRARY(ring_ext, m) {
   // in float32 for the ring's merge. visible (int64 [2, seq_q], with causal=False) replaces the
   // mask by per-row key intervals [visible[0, i], visible[1, i]), non-decreasing in i: packed
   // documents and sliding windows (MaskKind::kRows in csrc/common/params.h).
-  m.def(
-      "fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal, int q_offset=0, int k_offset=0, "
-      "bool out_fp32=False, Tensor? visible=None) -> (Tensor out, Tensor lse)");
+  // clang-format off
+  m.def("fwd("
+        "Tensor q, "
+        "Tensor k, "
+        "Tensor v, "
+        "float scale, "
+        "bool causal, "
+        "int q_offset=0, "
+        "int k_offset=0, "
+        "bool out_fp32=False, "
+        "Tensor? visible=None"
+        ") -> (Tensor out, Tensor lse)");
+  // clang-format on
   // Gradients of fwd, given the final out and lse of each row (and the gradient of lse, if any).
   // Returns q/k/v's dtype.
-  m.def(
-      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, bool "
-      "causal, "
-      "int q_offset=0, int k_offset=0, Tensor? dlse=None, Tensor? visible=None) -> (Tensor dq, "
-      "Tensor dk, Tensor dv)");
+  // clang-format off
+  m.def("bwd("
+        "Tensor dout, "
+        "Tensor q, "
+        "Tensor k, "
+        "Tensor v, "
+        "Tensor out, "
+        "Tensor lse, "
+        "float scale, "
+        "bool causal, "
+        "int q_offset=0, "
+        "int k_offset=0, "
+        "Tensor? dlse=None, "
+        "Tensor? visible=None"
+        ") -> (Tensor dq, Tensor dk, Tensor dv)");
+  // clang-format on
   // The ring's backward step: adds this block pair's gradients into float32 accumulators.
   // delta = rowsum(dout * out) of the final out, float32 [batch, heads_q, seq_q].
-  m.def(
-      "bwd_acc(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, float scale, "
-      "bool causal, int q_offset, int k_offset, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, "
-      "Tensor? visible=None) -> ()");
+  // clang-format off
+  m.def("bwd_acc("
+        "Tensor dout, "
+        "Tensor q, "
+        "Tensor k, "
+        "Tensor v, "
+        "Tensor lse, "
+        "Tensor delta, "
+        "float scale, "
+        "bool causal, "
+        "int q_offset, "
+        "int k_offset, "
+        "Tensor(a!) dq, "
+        "Tensor(b!) dk, "
+        "Tensor(c!) dv, "
+        "Tensor? visible=None"
+        ") -> ()");
+  // clang-format on
   // Folds a partial (block_out, block_lse) into the running float32 (out, lse), in place.
   m.def("merge_(Tensor(a!) out, Tensor(b!) lse, Tensor block_out, Tensor block_lse) -> ()");
   // Context-parallel attention of this rank's shards q [b, s, hq, d], k/v [b, s, hkv, d] (any
   // strides), over process groups given by name (c10d::resolve_process_group). algo is the
   // --context-parallel-algo; ring_group is the ring's group, inner_group/outer_group the double
-  // ring's
-  // ("" for the plain ring), ulysses_group Ulysses' (hybrid). Causal shards are zigzag
-  // (ring_ext/sharding.py). Returns out [b, s, hq, d] in q's dtype, dense in `layout` (bshd, sbhd,
+  // ring's ("" for the plain ring), ulysses_group Ulysses' (hybrid). Causal shards are zigzag
+  // (ring_ext/placement.py). Returns out [b, s, hq, d] in q's dtype, dense in `layout` (bshd, sbhd,
   // bnsd, sbh: Note [Output contract] in csrc/cp/attention.cpp), lse float32 [b, hq, s].
   // visible (packed documents, sliding windows; with causal=False): the key intervals of every
   // source block, int64 [sources, 2, rows]: one source per ring rank for the ring and hybrid
   // (rows = the ring's block), one for Ulysses (rows = the gathered sequence); Note [Per-source key
-  // intervals] in csrc/cp/ring.cpp, ring_ext/packing.py. needed (ring and hybrid, with visible;
+  // intervals] in csrc/cp/ring.cpp, ring_ext/placement.py. needed (ring and hybrid, with visible;
   // int64 [ring ranks, sources, 2]): the rows [lo, hi) of each source block that each ring rank
   // sees, so the ring moves nothing else (Note [Moving only what is seen]); absent: every row.
-  m.def(
-      "attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, str algo, str ring_group, "
-      "str inner_group=\"\", str outer_group=\"\", str ulysses_group=\"\", bool overlap=True, "
-      "str layout=\"bshd\", Tensor? visible=None, Tensor? needed=None) -> (Tensor out, Tensor "
-      "lse)");
+  // rows: the length every rank's shard counts as in the blocks that move (a placement's longest
+  // shard); a shorter q is this rank's real tokens, padded inside the buffers the op fills anyway
+  // (Note [Shards of unequal length] in csrc/cp/attention.cpp); 0: q's length.
+  // check_group (a group of every CP rank; "" skips the check) and signature (what the caller
+  // adds to the call's description, e.g. a hash of cu_seqlens): Note [Cross-rank check] in
+  // csrc/cp/consistency.h.
+  // clang-format off
+  m.def("attention("
+        "Tensor q, "
+        "Tensor k, "
+        "Tensor v, "
+        "float scale, "
+        "bool causal, "
+        "str algo, "
+        "str ring_group, "
+        "str inner_group=\"\", "
+        "str outer_group=\"\", "
+        "str ulysses_group=\"\", "
+        "bool overlap=True, "
+        "str layout=\"bshd\", "
+        "Tensor? visible=None, "
+        "Tensor? needed=None, "
+        "int rows=0, "
+        "str check_group=\"\", "
+        "int signature=0"
+        ") -> (Tensor out, Tensor lse)");
   // Gradients of attention given its final out and lse; dq/dk/dv in the dtype and strides of q/k/v.
-  m.def(
-      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float "
-      "scale, "
-      "bool causal, str algo, str ring_group, str inner_group=\"\", str outer_group=\"\", "
-      "str ulysses_group=\"\", bool overlap=True, Tensor? dlse=None, Tensor? visible=None, "
-      "Tensor? needed=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("attention_bwd("
+        "Tensor dout, "
+        "Tensor q, "
+        "Tensor k, "
+        "Tensor v, "
+        "Tensor out, "
+        "Tensor lse, "
+        "float scale, "
+        "bool causal, "
+        "str algo, "
+        "str ring_group, "
+        "str inner_group=\"\", "
+        "str outer_group=\"\", "
+        "str ulysses_group=\"\", "
+        "bool overlap=True, "
+        "Tensor? dlse=None, "
+        "Tensor? visible=None, "
+        "Tensor? needed=None, "
+        "int rows=0"
+        ") -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Attention under a mask described by values: packed documents (cu_seqlens, int64 [n_docs + 1],
+  // None: one document of the whole sequence) and/or a sliding window (0: none). The placement and
+  // the key intervals are computed inside the op from cu_seqlens' values, so torch.compile traces
+  // a call without reading them (no graph break, no recompilation when only document lengths
+  // change). Its kernel is Python (ring_ext/masked.py), for every device; it calls attention, or
+  // fwd with algo "" (one process). rank, cp_size, ulysses_degree and cp_sliding_window (0: none)
+  // describe the placement (ring_ext/placement.py); the rest is attention's.
+  m.def("masked_attention("
+        "Tensor q, "
+        "Tensor k, "
+        "Tensor v, "
+        "Tensor? cu_seqlens, "
+        "int sliding_window, "
+        "float scale, "
+        "bool causal, "
+        "str algo, "
+        "int rank, "
+        "int cp_size, "
+        "int ulysses_degree, "
+        "int cp_sliding_window, "
+        "str ring_group, "
+        "str inner_group, "
+        "str outer_group, "
+        "str ulysses_group, "
+        "bool overlap, "
+        "str layout, "
+        "str check_group"
+        ") -> (Tensor out, Tensor lse)");
+  // Gradients of masked_attention, in the dtype and strides of q/k/v.
+  m.def("masked_attention_bwd("
+        "Tensor dout, "
+        "Tensor q, "
+        "Tensor k, "
+        "Tensor v, "
+        "Tensor out, "
+        "Tensor lse, "
+        "Tensor? dlse, "
+        "Tensor? cu_seqlens, "
+        "int sliding_window, "
+        "float scale, "
+        "bool causal, "
+        "str algo, "
+        "int rank, "
+        "int cp_size, "
+        "int ulysses_degree, "
+        "int cp_sliding_window, "
+        "str ring_group, "
+        "str inner_group, "
+        "str outer_group, "
+        "str ulysses_group, "
+        "bool overlap"
+        ") -> (Tensor dq, Tensor dk, Tensor dv)");
+  // clang-format on
   // The collectives of the Python API (unshard, the cross-rank check, the training-loop helpers),
   // over a group given by name; device-generic, registered with the attention kernels. Every
   // tensor they give c10d is theirs alone: Note [Tensors handed to c10d] in csrc/cp/comm.h.

@@ -57,20 +57,6 @@ class CPContext:
         return self.config.causal
 
     @property
-    def sharding(self) -> str:
-        """How shard() splits the sequence: zigzag for a causal ring (plain or hybrid), unless every
-        layer has a sliding window (--cp-sliding-window); else contiguous (ring_ext/sharding.py)."""
-        if self.causal and self.algo != "ulysses_cp_algo" and self.config.cp_sliding_window is None:
-            return "zigzag"
-        return "contiguous"
-
-    @property
-    def dense_needs_intervals(self) -> bool:
-        """True when a dense call cannot use the ring's offset masks: causal ring attention over
-        contiguous shards (--cp-sliding-window) goes by key intervals (ring_ext/packing.py)."""
-        return self.causal and self.algo != "ulysses_cp_algo" and self.sharding == "contiguous"
-
-    @property
     def ulysses_degree(self) -> int:
         """Ranks of one all-to-all: the CP size for Ulysses, --ulysses-degree-in-cp for hybrid, else 1."""
         if self.algo == "ulysses_cp_algo":

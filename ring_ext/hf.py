@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import torch
 
-from . import packing
+from . import masks
 from .attention import attention
 from .collectives import all_reduce, all_reduce_over
 from .context import _process_group
@@ -153,7 +153,7 @@ def _packing(cu_seqlens, cu_q, cu_k) -> tuple[int, ...] | None:
     """The packing of the whole row: ring_ext's cu_seqlens, or flash-attention's varlen arguments
     (queries and keys packed alike)."""
     if cu_seqlens is not None:
-        return packing.check_cu_seqlens(cu_seqlens)
+        return masks.check_cu_seqlens(cu_seqlens)
     if cu_q is None and cu_k is None:
         return None
     if cu_q is None or cu_k is None or not torch.equal(cu_q.cpu(), cu_k.cpu()):
@@ -161,7 +161,7 @@ def _packing(cu_seqlens, cu_q, cu_k) -> tuple[int, ...] | None:
             "ring_ext attention needs cu_seq_lens_q == cu_seq_lens_k (queries and keys packed alike), "
             f"got {cu_q} and {cu_k}"
         )
-    return packing.check_cu_seqlens(cu_q)
+    return masks.check_cu_seqlens(cu_q)
 
 
 def _packing_from_positions(positions: torch.Tensor | None, seq: int) -> tuple[int, ...] | None:
@@ -359,7 +359,7 @@ def shard_packed_batch(batch: dict, ctx, cu_seqlens=None, ignore_index: int = -1
     if ids.dim() != 2 or ids.shape[0] != 1:
         raise ValueError(f"a packed batch is one row: input_ids must be [1, S], got {tuple(ids.shape)}")
     total = ids.shape[1]
-    cu = packing.check_cu_seqlens(cu_seqlens, total) if cu_seqlens is not None else None
+    cu = masks.check_cu_seqlens(cu_seqlens, total) if cu_seqlens is not None else None
     if cu is None:
         cu = _packing_from_positions(positions, total) or (0, total)
     labels = batch.get("labels", ids)

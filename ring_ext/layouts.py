@@ -4,7 +4,7 @@ bshd  [b, s, h, d]
 sbhd  [s, b, h, d]
 bnsd  [b, h, s, d]      (--megatron-cp-in-bnsd)
 sbh   [s, b, h * d]     (MindSpeed's default; needs num_heads for q)
-thd   [t, h, d]         (packed documents: tokens of one row, batch 1; ring_ext/packing.py)
+thd   [t, h, d]         (packed documents: tokens of one row, batch 1; ring_ext/masks.py)
 """
 
 from __future__ import annotations
@@ -30,20 +30,20 @@ MEMORY_ORDER = {
 }
 
 
-def check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-
-
-def head_dim_of(q: torch.Tensor, layout: str, num_heads: int | None) -> int:
-    """head_dim from q; for sbh it is hidden / num_heads."""
-    if layout != "sbh":
-        return q.shape[-1]
-    if num_heads is None:
-        raise ValueError("num_heads is required with layout 'sbh' ([s, b, heads * head_dim])")
-    if num_heads < 1 or q.shape[-1] % num_heads != 0:
-        raise ValueError(f"num_heads must divide q's hidden size {q.shape[-1]}, got num_heads={num_heads}")
-    return q.shape[-1] // num_heads
+def resolve_layout(layout: str | None, q: torch.Tensor, ctx, packed: bool = False) -> str:
+    """The layout a call means: the one given, else "thd" for 3-D packed inputs, "bshd" without a
+    context, and with one "bnsd" under --megatron-cp-in-bnsd, else "sbh" (3-D) or "bshd" (4-D)."""
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        return layout
+    if packed and q.dim() == 3:
+        return "thd"
+    if ctx is None:
+        return "bshd"
+    if ctx.config.megatron_cp_in_bnsd:
+        return "bnsd"
+    return "sbh" if q.dim() == 3 else "bshd"
 
 
 def to_bshd(t: torch.Tensor, layout: str, head_dim: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the library that defines the ring_ext ops)
+from . import masked  # noqa: F401  (the Python kernels of masked_attention and its backward)
 from .layouts import empty_in_layout
 
 
@@ -104,12 +105,16 @@ def _attention_args(positional, keywords) -> dict:
     return named
 
 
+# What attention takes and attention_bwd does not: the output's layout (gradients come in the
+# strides of q, k, v) and the cross-rank check (the backward replays a checked call).
+_FORWARD_ONLY = ("layout", "check_group", "signature")
+
+
 def _attention_setup_context(ctx, inputs, output):
     q, k, v, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = dict(zip(_ATTENTION_ARGS, rest))
-    ctx.args.pop("layout")  # attention_bwd returns gradients in the strides of q, k, v
+    ctx.args = {name: value for name, value in zip(_ATTENTION_ARGS, rest) if name not in _FORWARD_ONLY}
 
 
 def _attention_backward(ctx, dout, dlse):
@@ -122,6 +127,43 @@ def _attention_backward(ctx, dout, dlse):
 torch.library.register_autograd(
     "ring_ext::attention", _attention_backward, setup_context=_attention_setup_context
 )
+
+
+# Attention under a mask given by values (ring_ext/masked.py): fakes and autograd.
+@torch.library.register_fake("ring_ext::masked_attention")
+def _masked_attention_fake(q, k, v, cu_seqlens, sliding_window, scale, causal, algo, rank, cp_size,
+                           ulysses_degree, cp_sliding_window, ring_group, inner_group, outer_group,
+                           ulysses_group, overlap, layout, check_group):  # fmt: skip
+    return empty_in_layout(q, layout), _row_stats(q)
+
+
+@torch.library.register_fake("ring_ext::masked_attention_bwd")
+def _masked_attention_bwd_fake(dout, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# The arguments of masked_attention in schema order (csrc/ops.cpp).
+_MASKED_ARGS = tuple(a.name for a in torch.ops.ring_ext.masked_attention.default._schema.arguments)
+
+
+def _masked_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, *rest = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.cu_seqlens = cu_seqlens  # int64 values, not differentiable
+    ctx.args = {name: value for name, value in zip(_MASKED_ARGS[4:], rest) if name not in _FORWARD_ONLY}
+
+
+def _masked_backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.ring_ext.masked_attention_bwd(
+        dout.to(q.dtype), q, k, v, out, lse, dlse, ctx.cu_seqlens, **ctx.args
+    )
+    # One slot per input of masked_attention: q, k, v, then cu_seqlens and the non-tensor arguments.
+    return (dq, dk, dv) + (None,) * (len(_MASKED_ARGS) - 3)
+
+
+torch.library.register_autograd("ring_ext::masked_attention", _masked_backward, setup_context=_masked_setup_context)
 
 
 # The collectives of the Python API (ring_ext/collectives.py): shapes only.

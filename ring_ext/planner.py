@@ -122,7 +122,7 @@ def attention_flops(shape: Shape) -> tuple[float, float]:
     if shape.window is None and shape.doc_lengths is None:
         pairs = shape.seq**2 / (2 if shape.causal else 1)
     else:
-        from .packing import pairs_before  # torch-free arithmetic, but packing imports torch
+        from .masks import pairs_before  # torch-free arithmetic, but masks imports torch
 
         docs = shape.doc_lengths or (shape.seq,)
         pairs = sum(pairs_before(n, n, shape.causal, shape.window) for n in docs)

@@ -9,23 +9,21 @@ any communication. Exception types:
     RuntimeError  torch.distributed not initialised
 
 The C++ op (csrc/cp/attention.cpp, csrc/common/block_ops.cpp) repeats the checks it can make from
-its own arguments, as a second line of defence for callers of torch.ops.ring_ext.attention.
-
-check_consistency (debug, off by default) is the one check that communicates: a single all-gather of
-a small signature of the call, so that ranks passing different shapes or settings all get a
-ValueError naming the disagreeing ranks instead of a hang or garbage.
+its own arguments, as a second line of defence for callers of torch.ops.ring_ext.attention. Nothing
+here communicates: the cross-rank check (ranks that were handed different calls) runs inside the op,
+Note [Cross-rank check] in csrc/cp/consistency.h; the values of cu_seqlens are checked inside the op
+too (ring_ext/masked.py), so that torch.compile never reads them.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 
 import torch
 import torch.distributed as dist
 
-from . import collectives
-from .layouts import LAYOUTS, THREE_D, to_bshd
+from . import placement
+from .layouts import THREE_D
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEAD_DIM_MAX = 256  # the kernels' limit (csrc/common/block_ops.cpp)
@@ -82,11 +80,6 @@ def check_device(t: torch.Tensor, name: str, ctx) -> None:
 
 
 # ---- attention ---------------------------------------------------------------------------------
-
-
-def check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 def check_scale(softmax_scale) -> float:
@@ -163,98 +156,19 @@ def check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, packed:
                 f"kv heads ({heads_kv}) and the Ulysses degree ({u}) of {ctx.algo} must divide one another"
             )
     # The ring sees u local shards at once (hybrid) and, causal, splits them into 2 zigzag chunks.
-    if not packed and ctx.sharding == "zigzag" and (q.shape[1] * u) % 2 != 0:
+    if not packed and placement.scheme(ctx).sharding == "zigzag" and (q.shape[1] * u) % 2 != 0:
         raise ValueError(
             f"local sequence length {q.shape[1]} must be divisible by 2 (zigzag sharding); "
             "shard with ring_ext.shard"
         )
 
 
-# ---- shard / unshard ---------------------------------------------------------------------------
-
-
-def check_seq_dim(x, seq_dim: int, what: str = "x") -> int:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if isinstance(seq_dim, bool) or not isinstance(seq_dim, int) or not -x.dim() <= seq_dim < x.dim():
-        raise ValueError(
-            f"seq_dim must be an int in [{-x.dim()}, {x.dim()}) for a {x.dim()}-D tensor, got {seq_dim!r}"
-        )
-    return seq_dim % x.dim()
-
-
-def check_shard(x, ctx, seq_dim: int) -> int:
-    """shard(): the full length must split into the context's chunks."""
-    seq_dim = check_seq_dim(x, seq_dim)
-    n = 2 * ctx.cp_size if ctx.sharding == "zigzag" else ctx.cp_size
-    if x.shape[seq_dim] % n != 0:
-        raise ValueError(
-            f"sequence length {x.shape[seq_dim]} (dim {seq_dim}) must be divisible by {n} "
-            f"({ctx.sharding} sharding over cp_size={ctx.cp_size}); for any length pass "
-            f"cu_seqlens=[0, {x.shape[seq_dim]}] (one document) to shard, attention and unshard"
-        )
-    return seq_dim
-
-
-def check_unshard(x, ctx, seq_dim: int) -> int:
-    """unshard(): a local part shard() could have produced, on a device the group serves."""
-    seq_dim = check_seq_dim(x, seq_dim)
-    check_device(x, "x", ctx)
-    per_rank = 2 if ctx.sharding == "zigzag" else 1
-    if x.shape[seq_dim] % per_rank != 0:
-        raise ValueError(
-            f"local sequence length {x.shape[seq_dim]} (dim {seq_dim}) must be divisible by {per_rank} "
-            f"({ctx.sharding} sharding); pass what ring_ext.shard returned"
-        )
-    return seq_dim
-
-
-# ---- the optional cross-rank check -------------------------------------------------------------
-
-_MAX_DIMS = 5
-
-
-def _encode(value) -> list[int]:
-    """A fixed-length int64 encoding per kind of field: shapes padded, floats by their bits."""
-    if isinstance(value, (tuple, list, torch.Size)):
-        return [len(value), *value, *([-1] * (_MAX_DIMS - len(value)))]
-    if isinstance(value, float):
-        return [struct.unpack("<q", struct.pack("<d", value))[0]]
-    if isinstance(value, str):
-        return [int.from_bytes(value.encode()[:7].ljust(7, b"\0"), "little")]
-    return [int(value)]
-
-
-def check_consistency(ctx, device: torch.device, **fields) -> None:
-    """Raises ValueError on every rank unless every rank of ctx.group passed the same fields (str
-    values compared by their first 7 bytes). One all-gather of a few dozen int64 values."""
-    codes = [_encode(v) for v in fields.values()]
-    mine = torch.tensor([c for code in codes for c in code], dtype=torch.int64)
-    if device.type != "cpu":
-        mine = mine.to(device)
-    everyone = collectives.all_gather(mine, ctx)
-    rows = [t.cpu().tolist() for t in everyone]
-    if all(r == rows[0] for r in rows):
-        return
-    start, bad = 0, []
-    for name, code in zip(fields, codes):
-        seg = [tuple(r[start : start + len(code)]) for r in rows]
-        if len(set(seg)) > 1:
-            bad.append(f"{name} (ranks {[r for r, s in enumerate(seg) if s != seg[0]]} differ from rank 0)")
-        start += len(code)
-    raise ValueError(
-        f"check_consistency: the ranks of the CP group passed different calls: {'; '.join(bad)}; "
-        f"this rank ({ctx.rank}) passed {fields}. Every rank must pass the same shapes, dtypes and settings"
-    )
-
-
-def check_num_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, num_heads) -> None:
-    """sbh ([s, b, heads * head_dim]) needs num_heads (of q); k and v then split into whole heads.
-    Then, in every layout, the heads and shapes of q, k, v against one another (check_bshd), so that
-    bad shapes raise ValueError here with or without a context, never the kernels' RuntimeError."""
+def check_num_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, num_heads) -> int:
+    """head_dim of q in `layout`: its last dim, or for sbh ([s, b, heads * head_dim]) hidden /
+    num_heads, which must then split k and v into whole heads. The [b, s, h, d] views are checked
+    against one another by check_bshd."""
     if layout != "sbh":
-        check_bshd(*(to_bshd(t, layout, q.shape[-1]) for t in (q, k, v)))
-        return
+        return q.shape[-1]
     if num_heads is None:
         raise ValueError("num_heads is required with layout 'sbh' ([s, b, heads * head_dim])")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
@@ -268,4 +182,17 @@ def check_num_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: s
                 f"{name}'s hidden size {t.shape[-1]} must be a multiple of head_dim {head_dim} "
                 f"(q's hidden {q.shape[-1]} / num_heads {num_heads})"
             )
-    check_bshd(*(to_bshd(t, layout, head_dim) for t in (q, k, v)))
+    return head_dim
+
+
+# ---- shard / unshard ---------------------------------------------------------------------------
+
+
+def check_seq_dim(x, seq_dim: int, what: str = "x") -> int:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(seq_dim, bool) or not isinstance(seq_dim, int) or not -x.dim() <= seq_dim < x.dim():
+        raise ValueError(
+            f"seq_dim must be an int in [{-x.dim()}, {x.dim()}) for a {x.dim()}-D tensor, got {seq_dim!r}"
+        )
+    return seq_dim % x.dim()

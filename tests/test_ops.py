@@ -32,8 +32,8 @@ def _fwd_samples(group):
 
 
 def _visible(q, k):
-    """Key intervals of two documents with a sliding window (ring_ext/packing.py)."""
-    from ring_ext.packing import visible_keys
+    """Key intervals of two documents with a sliding window (ring_ext/masks.py)."""
+    from ring_ext.masks import visible_keys
 
     return visible_keys(torch.arange(q.shape[1]), torch.arange(k.shape[1]), (0, 4, k.shape[1]), True, 3)
 
@@ -107,6 +107,11 @@ def _attention_samples(group):
         if algo != "ulysses_cp_algo":  # the ring's rows to move: one rank sees rows [0, s)
             needed = torch.tensor([[[0, args[0].shape[1]]]])
             yield args, {**kwargs, "visible": _visible(args[0], args[1])[None], "needed": needed}
+        # Blocks longer than the shard (Note [Shards of unequal length]) and the cross-rank check.
+        rows = args[0].shape[1] + 3
+        queries = rows if algo != "megatron_cp_algo" else args[0].shape[1]  # gathered, or real rows
+        visible = torch.stack([torch.zeros(queries, dtype=torch.int64), torch.arange(queries).clamp(max=8) + 1])
+        yield args, {**kwargs, "visible": visible[None], "rows": rows, "check_group": group, "signature": 7}
 
 
 def _attention_bwd_samples(group):
@@ -116,6 +121,36 @@ def _attention_bwd_samples(group):
             out, lse = torch.ops.ring_ext.attention(*args, **kwargs)
             q, k, v, *rest = args
             yield (_layout_view(torch.randn(out.shape), layout), q, k, v, out, lse, *rest), {}
+
+
+def _masked_args(group, algo, layout, causal, requires_grad, cu, window):
+    """Arguments of ring_ext::masked_attention: one process (algo "") or a one-rank world."""
+    q, k, v = _shards(requires_grad, layout)
+    ulysses = group if algo == "ulysses_cp_algo" or algo == "hybrid_cp_algo" else ""
+    ring = group if algo and algo != "ulysses_cp_algo" else ""
+    mask = (cu, window, 0.35, causal, algo, 0, 1, 1, 0)
+    return (q, k, v, *mask, ring, "", "", ulysses, True, layout, group if algo else ""), {}
+
+
+def _masked_attention_samples(group):
+    """Packed documents (cu_seqlens as a tensor) and/or a sliding window, in one process and through
+    every algorithm, every layout."""
+    cu = torch.tensor([0, 3, 8])
+    for algo in ("", *ALGOS):
+        for i, layout in enumerate(LAYOUTS):
+            yield _masked_args(group, algo, layout, i % 2 == 0, True, cu, 0)
+        yield _masked_args(group, algo, "bshd", True, True, None, 3)
+        yield _masked_args(group, algo, "bnsd", False, True, cu, 2)
+
+
+def _masked_attention_bwd_samples(group):
+    cu = torch.tensor([0, 5, 8])
+    for algo in ("", *ALGOS):
+        args, _ = _masked_args(group, algo, "bshd", True, False, cu, 3)
+        out, lse = torch.ops.ring_ext.masked_attention(*args)
+        q, k, v, *mask = args[:12]
+        groups = args[12:17]
+        yield (torch.randn(out.shape), q, k, v, out, lse, None, *mask, *groups), {}
 
 
 def test_attention_output_is_dense_in_layout(world):
@@ -173,6 +208,8 @@ SAMPLES = {
     "merge_": (_merge_samples, None),
     "attention": (_attention_samples, None),
     "attention_bwd": (_attention_bwd_samples, None),
+    "masked_attention": (_masked_attention_samples, None),
+    "masked_attention_bwd": (_masked_attention_bwd_samples, None),
     "all_gather": (_all_gather_samples, None),
     "all_reduce_": (_all_reduce_samples, None),
     "ring_schedule": (_ring_schedule_samples, ("test_schema", "test_faketensor")),

@@ -13,7 +13,8 @@ import torch
 from packed_cases import lognormal_docs
 
 import ring_ext
-from ring_ext.packing import check_cu_seqlens, pairs_before, plan_tokens, visible_keys
+from ring_ext.masks import check_cu_seqlens, pairs_before, visible_keys
+from ring_ext.placement import plan_tokens
 from ring_ext.reference import attention_reference, packed_visible
 
 from tolerances import assert_attention, assert_lse, torch_attention
@@ -135,7 +136,7 @@ MIN_KEYS_FOR_ROW_CHECK = 4
 
 
 def check_packed(q, k, v, cu, causal, window, seed):
-    """fwd with the intervals of ring_ext.packing, and its backward, against the float64 oracle with the
+    """fwd with the intervals of ring_ext.masks, and its backward, against the float64 oracle with the
     per-pair mask, on q's device (tests/test_kernels.py runs it on every device). Rows past cu[-1] are padding: they
     see nothing (out 0, lse -inf)."""
     rows, device = q.shape[1], q.device

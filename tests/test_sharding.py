@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ring_ext.sharding import chunk_order, shard_tensor, unshard_parts
+from ring_ext.placement import chunk_order
+from ring_ext.sharding import shard_tensor, unshard_parts
 
 
 def test_zigzag_order_of_the_docstring():
@@ -33,7 +34,7 @@ def test_length_that_does_not_split_names_the_rule():
         shard_tensor(torch.zeros(2, 12), 1, "zigzag", 4, 0)
     with pytest.raises(ValueError, match="seq_dim"):
         shard_tensor(torch.zeros(2, 12), 2, "contiguous", 4, 0)
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ValueError, match="sharding must be"):
         chunk_order("striped", 4, 0)
 
 

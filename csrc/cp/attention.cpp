@@ -22,6 +22,7 @@
 #include "../common/block_ops.h"
 #include "block_calls.h"
 #include "comm.h"
+#include "consistency.h"
 #include "ring.h"
 #include "schedule.h"
 #include "ulysses.h"
@@ -87,7 +88,7 @@ std::optional<Tensor> ulysses_visible(const std::optional<Tensor>& visible,
   if (!visible.has_value()) return std::nullopt;
   TORCH_CHECK_VALUE(!causal,
                     "ring_ext: give causal=False with visible (the intervals hold the mask)");
-  return ring::prepare_visible(visible, 1, rows, q.device())[0];
+  return ring::prepare_visible(visible, 1, rows, rows, q.device())[0];
 }
 
 // Note [Head groups]
@@ -186,17 +187,17 @@ Tensor like(const Tensor& acc, const Tensor& ref) {
 // [b, s, h, d]), whatever the strides of q: Megatron-style code .view()s it, and the fake kernel
 // (ring_ext/ops.py) promises exactly these strides to torch.compile. The memory order of each
 // layout, outermost first, in dims of [b, s, h, d] (ring_ext/layouts.py, MEMORY_ORDER):
-//   bshd 0 1 2 3    sbhd, sbh 1 0 2 3    bnsd 0 2 1 3
+//   bshd, thd 0 1 2 3    sbhd, sbh 1 0 2 3    bnsd 0 2 1 3
 Tensor empty_in_layout(const Tensor& q, const std::string& layout) {
   std::vector<int64_t> order;
-  if (layout == "bshd") {
+  if (layout == "bshd" || layout == "thd") {  // thd: [1, t, h, d], the memory of bshd
     order = {0, 1, 2, 3};
   } else if (layout == "sbhd" || layout == "sbh") {
     order = {1, 0, 2, 3};
   } else if (layout == "bnsd") {
     order = {0, 2, 1, 3};
   } else {
-    TORCH_CHECK_VALUE(false, "ring_ext: layout must be bshd, sbhd, bnsd or sbh, got ", layout);
+    TORCH_CHECK_VALUE(false, "ring_ext: layout must be bshd, sbhd, bnsd, sbh or thd, got ", layout);
   }
   std::vector<int64_t> sizes, back(4);
   for (int64_t i = 0; i < 4; ++i) {
@@ -206,22 +207,42 @@ Tensor empty_in_layout(const Tensor& q, const std::string& layout) {
   return at::empty(sizes, q.options()).permute(back);  // memory in layout order, viewed as bshd
 }
 
+// Note [Shards of unequal length]
+// -------------------------------
+// A placement of packed documents or of a sliding window (ring_ext/placement.py) gives ranks a few
+// tokens more or fewer. The blocks that move are all `rows` long (the longest shard; rows = 0:
+// q's length), but q, k, v, the output and the gradients hold only this rank's real tokens: the
+// padding lives in buffers the op fills anyway, as zero rows at their end that no key interval
+// reaches: the ring's K/V pack (ring.cpp, pack_kv), Ulysses' all-to-all send buffers (ulysses.cpp)
+// and the rows that come back are cut to the real ones as they are stored. So the output is
+// dense in the caller's layout on every rank and no input is copied to be padded.
+int64_t block_rows(int64_t rows, const Tensor& q) {
+  if (rows == 0) return q.size(1);
+  TORCH_CHECK_VALUE(rows >= q.size(1), "ring_ext: rows (", rows,
+                    ") must be at least q's sequence length ", q.size(1));
+  return rows;
+}
+
 std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const Tensor& v,
                                         double scale, bool causal, const std::string& algo,
                                         const std::string& group, const std::string& inner,
                                         const std::string& outer, const std::string& ulysses_group,
                                         bool overlap, const std::string& layout,
                                         const std::optional<Tensor>& visible,
-                                        const std::optional<Tensor>& needed) {
+                                        const std::optional<Tensor>& needed, int64_t rows,
+                                        const std::string& check_group, int64_t signature) {
   check_shards(q, k, v, scale);
+  const int64_t local_len = block_rows(rows, q);
   const Tensor out = empty_in_layout(q, layout);  // Note [Output contract]
   const Groups g{group, inner, outer, ulysses_group};
   check_backend(ring::parse_algo(algo) == ring::Algo::kUlysses ? g.ulysses : g.ring, q);
+  cp::check_across_ranks(check_group, {q, k, v, local_len, scale, causal, algo, overlap, layout,
+                                       visible.has_value(), signature});
   const ring::Options opt{scale, causal, overlap};
   switch (ring::parse_algo(algo)) {
     case ring::Algo::kRing: {
-      const ring::RingSetup s =
-          ring::make_setup(g.ring_names(), opt, q.size(1), visible, needed, q.device());
+      const ring::RingSetup s = ring::make_setup(g.ring_names(), opt, local_len, q.size(1),
+                                                 visible, needed, q.device());
       const Tensor lse = forward_by_heads(
           q, k, v,
           [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
@@ -232,22 +253,24 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
     }
     case ring::Algo::kUlysses: {
       const int64_t u = ulysses_degree(g, q, k);
-      const std::optional<Tensor> rows = ulysses_visible(visible, needed, causal, q.size(1) * u, q);
+      const std::optional<Tensor> rows_mask =
+          ulysses_visible(visible, needed, causal, local_len * u, q);
       const GroupFwd kernel = [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
-        return block_ops().fwd.call(qg, kg, vg, scale, causal, 0, 0, /*out_fp32=*/false, rows);
+        return block_ops().fwd.call(qg, kg, vg, scale, causal, 0, 0, /*out_fp32=*/false,
+                                    rows_mask);
       };
       return ulysses::forward(q, k, v, g.ulysses, gathered_by_heads(kernel), out,
-                              head_groups(k) > 1);
+                              head_groups(k) > 1, local_len);
     }
     case ring::Algo::kHybrid: {
       const int64_t u = ulysses_degree(g, q, k);
-      const ring::RingSetup s =
-          ring::make_setup(g.ring_names(), opt, q.size(1) * u, visible, needed, q.device());
+      const ring::RingSetup s = ring::make_setup(g.ring_names(), opt, local_len * u,
+                                                 local_len * u, visible, needed, q.device());
       const GroupFwd ring_fwd = [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
         return ring::forward(qg, kg, vg, s);
       };
       return ulysses::forward(q, k, v, g.ulysses, gathered_by_heads(ring_fwd), out,
-                              head_groups(k) > 1);
+                              head_groups(k) > 1, local_len);
     }
   }
   TORCH_CHECK(false, "unreachable");
@@ -271,8 +294,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
     const Tensor& lse, double scale, bool causal, const std::string& algo, const std::string& group,
     const std::string& inner, const std::string& outer, const std::string& ulysses_group,
     bool overlap, const std::optional<Tensor>& dlse, const std::optional<Tensor>& visible,
-    const std::optional<Tensor>& needed) {
+    const std::optional<Tensor>& needed, int64_t rows) {
   check_shards(q, k, v, scale);
+  const int64_t local_len = block_rows(rows, q);
   const Groups g{group, inner, outer, ulysses_group};
   check_backend(ring::parse_algo(algo) == ring::Algo::kUlysses ? g.ulysses : g.ring, q);
   const ring::Options opt{scale, causal, overlap};
@@ -280,11 +304,14 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
   int64_t u = 1;
   if (which != ring::Algo::kRing) u = ulysses_degree(g, q, k);
   std::optional<ring::RingSetup> s;
-  std::optional<Tensor> rows;
-  if (which != ring::Algo::kUlysses) {
-    s = ring::make_setup(g.ring_names(), opt, q.size(1) * u, visible, needed, q.device());
+  std::optional<Tensor> rows_mask;
+  if (which == ring::Algo::kRing) {
+    s = ring::make_setup(g.ring_names(), opt, local_len, q.size(1), visible, needed, q.device());
+  } else if (which == ring::Algo::kHybrid) {
+    s = ring::make_setup(g.ring_names(), opt, local_len * u, local_len * u, visible, needed,
+                         q.device());
   } else {
-    rows = ulysses_visible(visible, needed, causal, q.size(1) * u, q);
+    rows_mask = ulysses_visible(visible, needed, causal, local_len * u, q);
   }
   // delta of the final out; a gradient on lse folds in (d lse / d S = P).
   Tensor delta = row_delta(dout, out);
@@ -292,7 +319,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
   const GroupBwd group_bwd = [&](const Tensor& d, const Tensor& qg, const Tensor& kg,
                                  const Tensor& vg, const Tensor& l, const Tensor& dl) {
     if (which == ring::Algo::kUlysses)
-      return block_backward(d, qg, kg, vg, l, dl, scale, causal, rows);
+      return block_backward(d, qg, kg, vg, l, dl, scale, causal, rows_mask);
     return ring::backward(d, qg, kg, vg, l, dl, *s);
   };
   if (which == ring::Algo::kRing) {  // one rounding per group, into the inputs' strides
@@ -313,7 +340,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
         backward_by_heads(d, qh, kh, vh, l, dl, group_bwd, dqh, dkh, dvh);
         return std::make_tuple(dqh, dkh, dvh);
       },
-      head_groups(k) > 1);
+      head_groups(k) > 1, local_len);
   return {like(dq, q), like(dk, k), like(dv, v)};  // in the inputs' dtype and strides
 }
 

@@ -89,9 +89,11 @@ void check_window_groups(const RingSetup& s) {
 }  // namespace
 
 std::vector<Tensor> prepare_visible(const std::optional<Tensor>& visible, int64_t count,
-                                    int64_t rows, c10::Device device, std::vector<Span>* seen) {
+                                    int64_t q_rows, int64_t k_rows, c10::Device device,
+                                    std::vector<Span>* seen) {
   if (!visible.has_value()) return {};
   const Tensor& v = *visible;
+  const int64_t rows = q_rows;
   TORCH_CHECK_VALUE(v.scalar_type() == at::kLong && v.dim() == 3 && v.size(0) == count &&
                         v.size(1) == 2 && v.size(2) == rows,
                     "ring_ext: visible must be int64 [", count, " source blocks, 2, ", rows,
@@ -103,9 +105,9 @@ std::vector<Tensor> prepare_visible(const std::optional<Tensor>& visible, int64_
   TORCH_CHECK_VALUE(
       rows < 2 || (host.narrow(2, 1, rows - 1) >= host.narrow(2, 0, rows - 1)).all().item<bool>(),
       "ring_ext: visible's begins and ends must be non-decreasing along the rows");
-  if (seen) {  // blocks hold `rows` keys: intervals past them are clamped, as the kernels do
+  if (seen) {  // blocks hold k_rows keys: intervals past them are clamped, as the kernels do
     for (int64_t src = 0; src < count; ++src) {
-      const Tensor begin = host[src][0].clamp(0, rows), end = host[src][1].clamp(0, rows);
+      const Tensor begin = host[src][0].clamp(0, k_rows), end = host[src][1].clamp(0, k_rows);
       const Tensor rows_seeing = end > begin;
       if (!rows_seeing.any().item<bool>()) {
         seen->push_back({});
@@ -155,8 +157,8 @@ std::vector<Span> prepare_needed(const std::optional<Tensor>& needed, const Ring
 }  // namespace
 
 RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_len,
-                     const std::optional<Tensor>& visible, const std::optional<Tensor>& needed,
-                     c10::Device device) {
+                     int64_t q_rows, const std::optional<Tensor>& visible,
+                     const std::optional<Tensor>& needed, c10::Device device) {
   RingSetup s;
   s.ring = resolve_group(names.ring, "ring");
   s.rank = s.ring->getRank();
@@ -175,8 +177,12 @@ RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_
   s.scale = opt.scale;
   TORCH_CHECK_VALUE(!visible.has_value() || !opt.causal,
                     "ring_ext: give causal=False with visible (the intervals hold the mask)");
-  s.visible = prepare_visible(visible, s.topo.cp_size, local_len, device, &s.seen);
+  TORCH_CHECK_VALUE(q_rows == local_len || (visible.has_value() && q_rows < local_len),
+                    "ring_ext: q holds ", q_rows, " rows but the ring's blocks ", local_len,
+                    "; shards of unequal length need key intervals (visible)");
+  s.visible = prepare_visible(visible, s.topo.cp_size, q_rows, local_len, device, &s.seen);
   s.rows = local_len;
+  s.q_rows = q_rows;
   if (s.masked()) {
     s.need = prepare_needed(needed, s);
   } else {
@@ -192,13 +198,26 @@ struct Rows {
   int64_t q0, nq, k0, nk, q_offset, k_offset;
 };
 
-Rows rows_of(const WorkItem& w, int64_t chunk) {
-  return {w.q_chunk * chunk,   w.q_chunks * chunk, w.kv_chunk * chunk,
-          w.kv_chunks * chunk, w.q_offset * chunk, w.k_offset * chunk};
+Rows rows_of(const RingSetup& s, const WorkItem& w) {
+  if (s.masked()) return {0, s.q_rows, 0, s.rows, 0, 0};  // the one item: every local row
+  const int64_t c = s.chunk;
+  return {w.q_chunk * c, w.q_chunks * c, w.kv_chunk * c, w.kv_chunks * c, w.q_offset * c,
+          w.k_offset * c};
 }
 
-// K and V in one buffer, so each hop is one transfer: [2, b, s, heads_kv, d] contiguous.
-Tensor pack_kv(const Tensor& k, const Tensor& v) { return at::stack({k, v}); }
+// K and V in one buffer, so each hop is one transfer: [2, b, rows, heads_kv, d] contiguous, the
+// rows past k's zero (Note [Shards of unequal length] in attention.cpp).
+Tensor pack_kv(const Tensor& k, const Tensor& v, int64_t rows) {
+  if (rows == k.size(1)) return at::stack({k, v});
+  std::vector<int64_t> sizes = k.sizes().vec();
+  sizes.insert(sizes.begin(), 2);
+  sizes[2] = rows;
+  Tensor packed = at::empty(sizes, k.options());
+  packed[0].narrow(1, 0, k.size(1)).copy_(k);
+  packed[1].narrow(1, 0, v.size(1)).copy_(v);
+  packed.narrow(2, k.size(1), rows - k.size(1)).zero_();
+  return packed;
+}
 
 // A block as a rank holds it: rows [base, base + kv.size(2)) of src's K/V pack (all of them
 // without key intervals; Note [Moving only what is seen]). Undefined: no row of it is here.
@@ -338,10 +357,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
     out_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
     lse = at::full({q.size(0), q.size(2), q.size(1)}, -INFINITY, q.options().dtype(at::kFloat));
   };
-  for_each_block(s, pack_kv(k, v), [&](int64_t, const Step& st, const Held& held) {
+  for_each_block(s, pack_kv(k, v, s.rows), [&](int64_t, const Step& st, const Held& held) {
     if (nothing_visible(s, st.src)) return;
     for (const WorkItem& item : st.items) {
-      const Rows r = rows_of(item, s.chunk);
+      const Rows r = rows_of(s, item);
       const Keys keys = keys_of(s, held, st.src, r);
       auto [block_out, block_lse] =
           ops.fwd.call(q.narrow(1, r.q0, r.nq), held.kv[0].narrow(1, keys.k0, keys.nk),
@@ -474,14 +493,14 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
                                             const RingSetup& s) {
   const BlockOps& ops = block_ops();
   Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // [b, s, hq, d]
-  Tensor packed = pack_kv(k, v);
+  Tensor packed = pack_kv(k, v, s.rows);
   KvGrads grads(s, packed);
   for_each_block(s, std::move(packed), [&](int64_t step, const Step& st, const Held& held) {
     Tensor g = grads.begin_step(st.src, held);
     // A block nobody here sees adds nothing, but the gradients still move (end_step).
     const std::vector<WorkItem> none;
     for (const WorkItem& item : nothing_visible(s, st.src) ? none : st.items) {
-      const Rows r = rows_of(item, s.chunk);
+      const Rows r = rows_of(s, item);
       const Keys keys = keys_of(s, held, st.src, r);
       ops.bwd_acc.call(dout.narrow(1, r.q0, r.nq), q.narrow(1, r.q0, r.nq),
                        held.kv[0].narrow(1, keys.k0, keys.nk),
@@ -492,7 +511,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
     }
     grads.end_step(step, st, g, held);
   });
-  const Tensor dkv = grads.finish();
+  const Tensor dkv = grads.finish().narrow(2, 0, k.size(1));  // this rank's real rows
   return {dq, dkv[0], dkv[1]};
 }
 

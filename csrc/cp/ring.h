@@ -49,26 +49,28 @@ struct RingSetup {
   // is all the masked ring moves (Note [Moving only what is seen] in ring.cpp). Every row of every
   // block without `needed`; empty without visible.
   std::vector<Span> need;
-  int64_t rows = 0;  // rows of every block
+  int64_t rows = 0;    // rows of every block that moves
+  int64_t q_rows = 0;  // local query rows: rows, or fewer (Note [Shards of unequal length])
   bool masked() const { return !visible.empty(); }
   Span need_of(int64_t r, int64_t src) const { return need[r * topo.cp_size + src]; }
   int64_t inner_rank() const { return rank % topo.window; }
   int64_t outer_rank() const { return rank / topo.window; }
 };
 
-// Resolves and checks the groups for shards of local_len rows on `device`, the per-source key
-// intervals (empty, or one per ring rank) and the rows every rank needs of every block (needed,
-// int64 [cp, cp, 2]; optional with visible); no communication.
+// Resolves and checks the groups for blocks of local_len rows on `device` and q_rows local query
+// rows (local_len, or fewer with key intervals: Note [Shards of unequal length] in attention.cpp),
+// the per-source key intervals (empty, or one per ring rank) and the rows every rank needs of every
+// block (needed, int64 [cp, cp, 2]; optional with visible); no communication.
 RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_len,
-                     const std::optional<at::Tensor>& visible = std::nullopt,
+                     int64_t q_rows, const std::optional<at::Tensor>& visible = std::nullopt,
                      const std::optional<at::Tensor>& needed = std::nullopt,
                      c10::Device device = c10::Device(c10::kCPU));
 
-// visible [count, 2, rows] int64 (checked) as `count` [2, rows] tensors on `device`; fills seen
-// (the hull of each source's visible keys, computed on the host copy) when given. Empty without
-// visible.
+// visible [count, 2, q_rows] int64 (checked) as `count` [2, q_rows] tensors on `device`; fills
+// seen (the hull of each source's visible keys among a block's k_rows, computed on the host copy)
+// when given. Empty without visible.
 std::vector<at::Tensor> prepare_visible(const std::optional<at::Tensor>& visible, int64_t count,
-                                        int64_t rows, c10::Device device,
+                                        int64_t q_rows, int64_t k_rows, c10::Device device,
                                         std::vector<Span>* seen = nullptr);
 
 // q [b, s, hq, d], k/v [b, s, hkv, d] (this rank's shards, any strides) ->

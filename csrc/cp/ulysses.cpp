@@ -47,26 +47,55 @@ namespace {
 
 using c10d::ProcessGroup;
 
-// The bytes [offset, offset + one destination's bytes of `like`) of every row of buf [P, row],
-// viewed as like's dtype and shape [P, ...].
-at::Tensor slot(const at::Tensor& buf, int64_t offset, const at::Tensor& like) {
-  const int64_t bytes = like.numel() / like.size(0) * like.element_size();
-  return buf.narrow(1, offset, bytes).view(like.scalar_type()).view(like.sizes());
+// What one tensor of an all-to-all is: x [P(dst), ...] and the dim along which its slot is
+// `len` long (len >= x.size(dim); longer: x is padded there with zeros, Note [Shards of unequal
+// length] in attention.cpp). The slot's shape is x's with size len at dim.
+struct Part {
+  at::Tensor x;
+  int64_t dim = 1, len = -1;  // len -1: x's own size
+  std::vector<int64_t> slot_sizes() const {
+    std::vector<int64_t> sizes = x.sizes().vec();
+    if (len >= 0) sizes[dim] = len;
+    return sizes;
+  }
+  bool padded() const { return len >= 0 && len != x.size(dim); }
+};
+
+// The bytes [offset, offset + one destination's bytes of a [P, sizes...] tensor of `dtype`) of
+// every row of buf [P, row], viewed as that dtype and shape.
+at::Tensor slot(const at::Tensor& buf, int64_t offset, const std::vector<int64_t>& sizes,
+                at::ScalarType dtype) {
+  const int64_t bytes =
+      c10::multiply_integers(sizes) / sizes[0] * static_cast<int64_t>(c10::elementSize(dtype));
+  return buf.narrow(1, offset, bytes).view(dtype).view(sizes);
 }
 
-// Note [One all-to-all per direction]: parts[i] [P(dst), ...] (any dtype and strides) ->
-// [P(src), ...] of the same shape and dtype, views of one receive buffer (for a group of one, the
-// parts themselves, in their strides: the callers only read them).
-std::vector<at::Tensor> all_to_all(const std::vector<at::Tensor>& parts, ProcessGroup& pg) {
-  if (pg.getSize() == 1) return parts;  // a group of one: nothing moves, nothing is copied
+// Note [One all-to-all per direction]: parts[i].x [P(dst), ...] (any dtype and strides) ->
+// [P(src), ...] of its slot's shape and x's dtype, views of one receive buffer (for a group of one
+// without padding, the parts themselves, in their strides: the callers only read them).
+std::vector<at::Tensor> all_to_all(const std::vector<Part>& parts, ProcessGroup& pg) {
+  bool padded = false;
+  for (const Part& p : parts) padded = padded || p.padded();
+  if (pg.getSize() == 1 && !padded) {  // a group of one: nothing moves, nothing is copied
+    std::vector<at::Tensor> out;
+    for (const Part& p : parts) out.push_back(p.x);
+    return out;
+  }
   std::vector<int64_t> offsets;
   int64_t row = 0;
-  for (const at::Tensor& x : parts) {
+  for (const Part& p : parts) {
     offsets.push_back(row);
-    row += (x.numel() / x.size(0) * x.element_size() + 7) / 8 * 8;
+    const std::vector<int64_t> sizes = p.slot_sizes();
+    row += (c10::multiply_integers(sizes) / sizes[0] * p.x.element_size() + 7) / 8 * 8;
   }
-  at::Tensor send = at::empty({pg.getSize(), row}, parts[0].options().dtype(at::kByte));
-  for (size_t i = 0; i < parts.size(); ++i) slot(send, offsets[i], parts[i]).copy_(parts[i]);
+  at::Tensor send = at::empty({pg.getSize(), row}, parts[0].x.options().dtype(at::kByte));
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const Part& p = parts[i];
+    const at::Tensor dst = slot(send, offsets[i], p.slot_sizes(), p.x.scalar_type());
+    const int64_t n = p.x.size(p.dim);
+    dst.narrow(p.dim, 0, n).copy_(p.x);
+    if (p.padded()) dst.narrow(p.dim, n, p.len - n).zero_();
+  }
   at::Tensor recv = at::empty_like(send);
   std::vector<int64_t> equal_splits;
 #pragma GCC diagnostic push
@@ -77,7 +106,9 @@ std::vector<at::Tensor> all_to_all(const std::vector<at::Tensor>& parts, Process
   ring::count_sent(static_cast<int64_t>(send.nbytes()) / pg.getSize() *
                    (pg.getSize() - 1));  // own row stays
   std::vector<at::Tensor> out;
-  for (size_t i = 0; i < parts.size(); ++i) out.push_back(slot(recv, offsets[i], parts[i]));
+  for (size_t i = 0; i < parts.size(); ++i) {
+    out.push_back(slot(recv, offsets[i], parts[i].slot_sizes(), parts[i].x.scalar_type()));
+  }
   return out;
 }
 
@@ -113,21 +144,21 @@ at::Tensor group_of(const at::Tensor& x, int64_t g, int64_t G, int64_t dim = 3) 
   const int64_t n = x.size(dim) / G;
   return x.narrow(dim, g * n, n);
 }
-// Received [P(src), sl, b, n, d] (group g of every source's head shard) -> the heads of group g
-// in dest [b, sl, H, d] (heads p*H/P + g*n .. of each source p), written in place: the
-// un-permute is the one copy.
+// Received [P(src), rows, b, n, d] (group g of every source's head shard) -> the heads of group g
+// in dest [b, sl, H, d] (heads p*H/P + g*n .. of each source p; sl <= rows: the real rows),
+// written in place: the un-permute is the one copy.
 void store_heads(const at::Tensor& recv, const at::Tensor& dest, int64_t g) {
   const int64_t P = recv.size(0);
   dest.unflatten(2, {P, dest.size(2) / P})
       .narrow(3, g * recv.size(3), recv.size(3))
-      .copy_(recv.permute({2, 1, 0, 3, 4}));
+      .copy_(recv.narrow(1, 0, dest.size(1)).permute({2, 1, 0, 3, 4}));
 }
-// Received [P(src), b, n, sl] -> the rows of group g in dest [b, H, sl].
+// Received [P(src), b, n, rows] -> the rows of group g in dest [b, H, sl] (sl <= rows).
 void store_rows_heads(const at::Tensor& recv, const at::Tensor& dest, int64_t g) {
   const int64_t P = recv.size(0);
   dest.unflatten(1, {P, dest.size(1) / P})
       .narrow(2, g * recv.size(2), recv.size(2))
-      .copy_(recv.permute({1, 0, 2, 3}));
+      .copy_(recv.narrow(3, 0, dest.size(2)).permute({1, 0, 2, 3}));
 }
 
 // How many groups the heads travel in (Note [Ulysses head groups]): the K/V heads each rank gets.
@@ -159,7 +190,7 @@ int64_t kv_replication(int64_t heads_q, int64_t heads_kv, int64_t degree) {
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const std::string& group,
                                            const InnerFwd& inner, const at::Tensor& out,
-                                           bool by_head) {
+                                           bool by_head, int64_t rows) {
   auto pg = c10d::resolve_process_group(group);
   const int64_t P = pg->getSize(), r = kv_replication(q.size(2), k.size(2), P);
   const int64_t G = head_group_count(k.size(2), r, P, by_head);
@@ -170,12 +201,15 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   for (int64_t g = 0; g < G; ++g) {  // Note [Ulysses head groups]
     at::Tensor out_h, lse_h;         // [b, s, n, d], [b, n, s]
     {                                // the gathered q, k, v are freed before the trip back
-      const auto in = all_to_all({group_of(qd, g, G), group_of(kd, g, G), group_of(vd, g, G)}, *pg);
+      const auto in = all_to_all({{group_of(qd, g, G), 1, rows},
+                                  {group_of(kd, g, G), 1, rows},
+                                  {group_of(vd, g, G), 1, rows}},
+                                 *pg);
       std::tie(out_h, lse_h) = inner(as_seq(in[0]), as_seq(in[1]), as_seq(in[2]));
     }
     // Rounded before the trip back: nothing is accumulated after this point.
     const auto back =
-        all_to_all({seq_to_dst(out_h.to(out.scalar_type()), P), rows_seq_to_dst(lse_h, P)}, *pg);
+        all_to_all({{seq_to_dst(out_h.to(out.scalar_type()), P)}, {rows_seq_to_dst(lse_h, P)}}, *pg);
     store_heads(back[0], out, g);  // out [b, sl, H, d]
     store_rows_heads(back[1], lse, g);
   }
@@ -187,7 +221,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
                                                         const at::Tensor& lse,
                                                         const at::Tensor& delta,
                                                         const std::string& group,
-                                                        const InnerBwd& inner, bool by_head) {
+                                                        const InnerBwd& inner, bool by_head,
+                                                        int64_t rows) {
   auto pg = c10d::resolve_process_group(group);
   const int64_t P = pg->getSize(), r = kv_replication(q.size(2), k.size(2), P);
   const int64_t G = head_group_count(k.size(2), r, P, by_head);
@@ -199,14 +234,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
   for (int64_t g = 0; g < G; ++g) {  // Note [Ulysses head groups]
     at::Tensor dqh, dkh, dvh;        // head-sharded
     {                                // the gathered inputs are freed before the trip back
-      const auto in =
-          all_to_all({group_of(qd, g, G), group_of(kd, g, G), group_of(vd, g, G),
-                      group_of(dd, g, G), group_of(ld, g, G, 2), group_of(deltad, g, G, 2)},
-                     *pg);
+      const auto in = all_to_all({{group_of(qd, g, G), 1, rows},
+                                  {group_of(kd, g, G), 1, rows},
+                                  {group_of(vd, g, G), 1, rows},
+                                  {group_of(dd, g, G), 1, rows},
+                                  {group_of(ld, g, G, 2), 3, rows},
+                                  {group_of(deltad, g, G, 2), 3, rows}},
+                                 *pg);
       std::tie(dqh, dkh, dvh) = inner(as_seq(in[3]), as_seq(in[0]), as_seq(in[1]), as_seq(in[2]),
                                       as_rows_seq(in[4]), as_rows_seq(in[5]));
     }
-    const auto back = all_to_all({seq_to_dst(dqh, P), seq_to_dst(dkh, P), seq_to_dst(dvh, P)}, *pg);
+    const auto back =
+        all_to_all({{seq_to_dst(dqh, P)}, {seq_to_dst(dkh, P)}, {seq_to_dst(dvh, P)}}, *pg);
     if (g == 0) {
       dq = at::empty(q.sizes(), dqh.options());
       dk = at::empty({k.size(0), k.size(1), k.size(2) * r, k.size(3)}, dkh.options());

@@ -31,10 +31,12 @@ int64_t kv_replication(int64_t heads_q, int64_t heads_kv, int64_t degree);
 // output written into `out` [b, s_local, hq, d] (any strides and dtype, e.g. dense in the caller's
 // layout) and returned.
 // by_head: one K/V head group at a time (CPU; Note [Ulysses head groups] in ulysses.cpp).
+// rows >= s_local: the length every rank's shard counts as in the gathered sequence (Note [Shards
+// of unequal length] in attention.cpp).
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const std::string& group,
                                            const InnerFwd& inner, const at::Tensor& out,
-                                           bool by_head);
+                                           bool by_head, int64_t rows);
 
 // Gradients of forward (inner's dtypes), contiguous [b, s_local, heads, d], given forward's lse and
 // delta = rowsum(dout * out) (minus any gradient on lse), both float32 [b, hq, s_local].
@@ -43,6 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
                                                         const at::Tensor& lse,
                                                         const at::Tensor& delta,
                                                         const std::string& group,
-                                                        const InnerBwd& inner, bool by_head);
+                                                        const InnerBwd& inner, bool by_head,
+                                                        int64_t rows);
 
 }  // namespace ring_ext::ulysses

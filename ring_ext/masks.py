@@ -1,0 +1,112 @@
+"""The mask model, once: which keys a query sees (docs/design.md, "Mask model").
+
+A token of the packed sequence [0, S) has a global index g; its document is the d with
+cu_seqlens[d] <= g < cu_seqlens[d + 1] and its position is g - cu_seqlens[d]. Key k is visible to
+query q iff both are in the same document and
+
+    causal    0 <= pos_q - pos_k   (and pos_q - pos_k < w with sliding_window=w)
+    general   always               (and |pos_q - pos_k| < w with sliding_window=w)
+
+A dense sequence is one document, cu_seqlens = [0, S]. Equivalently, and this is the one form the
+code uses: query g sees the keys of one global interval [lo(g), hi(g)) (row_bounds). Every block of
+tokens the kernels see lists its tokens in increasing g, padding (g >= S) last, so the keys one
+query sees in a block are one interval of the block's rows, and the intervals never move backwards
+from one query row to the next: visible_keys() gives those intervals, half-open [begin, end) in
+int64, the form the kernels take (MaskKind::kRows in csrc/common/params.h). The placement
+(ring_ext/placement.py), the float64 reference (ring_ext/testing) and the planner all count or draw
+the mask from row_bounds; tests/test_packed.py holds it to the per-pair definition above.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_cu_seqlens(cu_seqlens, total: int | None = None) -> tuple[int, ...]:
+    """cu_seqlens as a tuple of ints after checking it: 1-D integers, 0 first, non-decreasing, and
+    last == total (the packed length S) when total is given."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+            raise ValueError(
+                f"cu_seqlens must be a 1-D integer tensor [n_docs + 1], got {cu_seqlens.dtype} "
+                f"of shape {tuple(cu_seqlens.shape)}"
+            )
+        values = tuple(int(x) for x in cu_seqlens.tolist())
+    else:
+        values = tuple(int(x) for x in cu_seqlens)
+    if len(values) < 2 or values[0] != 0:
+        raise ValueError(
+            f"cu_seqlens must start with 0 and hold at least one document, got {list(values)[:8]}"
+        )
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError("cu_seqlens must be non-decreasing (document lengths >= 0)")
+    if total is not None and values[-1] != total:
+        raise ValueError(
+            f"cu_seqlens must end with the packed sequence length {total} (the total of the tokens "
+            f"every rank's shards hold together), got {values[-1]}"
+        )
+    return values
+
+
+def check_window(sliding_window) -> int | None:
+    if sliding_window is None:
+        return None
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
+    return sliding_window
+
+
+def row_bounds(
+    index: torch.Tensor, cu_seqlens: tuple[int, ...], causal: bool, window: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), int64 like index: query g sees the global keys [lo, hi). Padding (g >= S) sees
+    nothing: lo = hi = S."""
+    cu = torch.tensor(cu_seqlens, dtype=torch.int64)
+    total, n_docs = cu_seqlens[-1], len(cu_seqlens) - 1
+    real = index < total
+    doc = (torch.searchsorted(cu, index, right=True) - 1).clamp(0, n_docs - 1)
+    lo = cu[doc]
+    hi = index + 1 if causal else cu[doc + 1]
+    if window is not None:
+        lo = torch.maximum(lo, index - window + 1)
+        if not causal:
+            hi = torch.minimum(hi, index + window)
+    return torch.where(real, lo, total), torch.where(real, hi, total)
+
+
+def visible_keys(
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    cu_seqlens: tuple[int, ...],
+    causal: bool,
+    window: int | None = None,
+) -> torch.Tensor:
+    """int64 [2, len(q_index)]: query row i sees key rows [begin_i, end_i) of k_index.
+
+    q_index and k_index are the global token indices of a query and a key block, each increasing,
+    padding (>= S) last. A padding query sees nothing."""
+    lo, hi = row_bounds(q_index, cu_seqlens, causal, window)
+    return torch.stack([torch.searchsorted(k_index, lo), torch.searchsorted(k_index, hi)])
+
+
+def dense_mask(
+    q_index: torch.Tensor, k_index: torch.Tensor, cu_seqlens: tuple[int, ...], causal: bool, window=None
+) -> torch.Tensor:
+    """[len(q_index), len(k_index)] bool, the mask written out (for the float64 reference; O(s^2))."""
+    lo, hi = row_bounds(torch.as_tensor(q_index), cu_seqlens, causal, window)
+    k = torch.as_tensor(k_index)[None, :]
+    return (k >= lo[:, None]) & (k < hi[:, None])
+
+
+def pairs_before(x: int, length: int, causal: bool, window: int | None) -> int:
+    """Visible (query, key) pairs of the queries at positions [0, x) of a document of `length`
+    tokens: the sum of hi - lo of row_bounds over them, in closed form (the placement's balance and
+    the planner count work with it)."""
+    w = length if window is None else min(window, length)
+    if causal:  # position p sees min(p + 1, w) keys
+        return x * (x + 1) // 2 if x <= w else w * (w + 1) // 2 + (x - w) * w
+    # position p sees keys [max(p - w + 1, 0), min(p + w, length))
+    t = max(0, min(length - w, x))
+    upper = t * (t - 1) // 2 + t * w + (x - t) * length
+    lower = (x - w) * (x - w + 1) // 2 if x >= w else 0
+    return upper - lower
