@@ -35,7 +35,7 @@ from packed_cases import cu_of, lognormal_docs  # noqa: E402
 from peak import fma_peak  # noqa: E402
 
 import ring_ext  # noqa: E402
-from ring_ext.placement import plan_tokens  # noqa: E402
+from ring_ext.placement import packed_tokens  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -213,7 +213,7 @@ def balance_table(total: int) -> list[str]:
             worst, most = 0.0, 0
             for seed in range(5):
                 cu = cu_of(lognormal_docs(total, n_docs, seed))
-                plan = plan_tokens(tuple(cu), cp, 1, True)
+                plan = packed_tokens(tuple(cu), cp, 1, True)
                 pairs = [pairs_per_token(t[t < total], cu) for t in plan]
                 worst = max(worst, max(pairs) / (sum(pairs) / cp))
                 most = max(most, max(int((t < total).sum()) for t in plan))

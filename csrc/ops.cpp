@@ -220,7 +220,7 @@ TORCH_LIBRARY(ring_ext, m) {
   // Bytes the ring's point-to-point transfers have sent from this process (benchmarks, tests).
   m.def("sent_bytes() -> int", &ring_ext::ring::sent_bytes_op);
   // The ring schedule of one rank, flattened (tests): csrc/cp/ring.h, schedule_op.
-  m.def("ring_schedule(str algo, int cp_size, int rank, int window, bool causal) -> int[]",
+  m.def("ring_schedule(str algo, int cp_size, int rank, int cp_window_size, bool causal) -> int[]",
         &ring_ext::ring::schedule_op);
   // The instruction set the CPU kernels dispatched to on this machine: avx512, avx2 or baseline
   // (ring_ext.build_info()["cpu_isa"]; benchmarks print it, since it decides CPU speed).

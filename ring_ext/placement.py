@@ -23,7 +23,7 @@ r % u. In chunks of 1/(2cp) of the sequence (ring chunk c = fine chunks c*u .. c
 
 With u = 1 this is the plain zigzag; with a general mask hybrid is contiguous.
 
-Packed documents (plan_tokens). With ring size G (G = cp for the ring, cp / u for hybrid, 1 for
+Packed documents (packed_tokens). With ring size G (G = cp for the ring, cp / u for hybrid, 1 for
 Ulysses) every document is cut into 2G near-equal pieces and ring member c takes pieces c and
 2G-1-c (the zigzag applied per document), rotated per document to whichever start leaves the ring
 best balanced so far. Each piece pair carries the same share of the document's visible pairs up to
@@ -138,7 +138,7 @@ def _pieces(length: int, n: int) -> list[tuple[int, int]]:
 
 
 @functools.lru_cache(maxsize=64)
-def plan_tokens(
+def packed_tokens(
     cu_seqlens: tuple[int, ...], groups: int, members: int = 1, causal: bool = True, window: int | None = None
 ) -> tuple[torch.Tensor, ...]:
     """The packed placement (module docstring): for each of groups * members ranks (rank = group *
@@ -220,7 +220,7 @@ def rank_tokens(s: Scheme, total: int, cu_seqlens: tuple[int, ...] | None) -> tu
     dense one otherwise. Cached: a model asks once per layer alike."""
     if cu_seqlens is None:
         return dense_tokens(s.sharding, s.cp_size, total, s.ring_ulysses)
-    return plan_tokens(cu_seqlens, s.groups, s.members, s.causal, s.window)
+    return packed_tokens(cu_seqlens, s.groups, s.members, s.causal, s.window)
 
 
 def _member_intervals(

@@ -38,9 +38,9 @@ class Step(NamedTuple):
     hops: tuple[Hop, ...]
 
 
-def schedule(algo: str, cp_size: int, rank: int, window: int, causal: bool) -> list[Step]:
+def schedule(algo: str, cp_size: int, rank: int, cp_window_size: int, causal: bool) -> list[Step]:
     """Every step of `rank`'s ring schedule (Note [Zigzag causal schedule], Note [Double ring schedule])."""
-    flat = torch.ops.ring_ext.ring_schedule(algo, cp_size, rank, window, causal)
+    flat = torch.ops.ring_ext.ring_schedule(algo, cp_size, rank, cp_window_size, causal)
     steps, pos = [], 0
     while pos < len(flat):
         src, n_items, n_hops = flat[pos : pos + 3]

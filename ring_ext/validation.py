@@ -139,7 +139,7 @@ def check_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, packed: bool = False) -> None:
     """[b, s, h, d] views of the local shards, against one another and the context's algorithm.
-    packed: the shards follow a token plan (cu_seqlens), whose lengths attention() checks itself."""
+    packed: the shards follow a packed or windowed placement, whose lengths the masked op checks itself."""
     check_device(q, "q", ctx)
     check_bshd(q, k, v)
     if k.shape[1] != q.shape[1]:

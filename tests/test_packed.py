@@ -1,5 +1,5 @@
 """Packed documents and sliding windows on one process: the key intervals against the per-pair mask,
-the token plan (pure: coverage, order, balance, token bound), the kernels against the float64 oracle
+the packed placement (pure: coverage, order, balance, token bound), the kernels against the float64 oracle
 with block-diagonal and banded masks, the public API and its bad-input errors."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from packed_cases import lognormal_docs
 
 import ring_ext
 from ring_ext.masks import check_cu_seqlens, pairs_before, visible_keys
-from ring_ext.placement import plan_tokens
+from ring_ext.placement import packed_tokens
 from ring_ext.reference import attention_reference, packed_visible
 
 from tolerances import assert_attention, assert_lse, torch_attention
@@ -80,7 +80,7 @@ def test_pairs_before_counts_the_mask():
 def test_plan_covers_every_token_once_in_order(groups, members, mix):
     cu = cu_of(MIXES[mix])
     total = cu[-1]
-    plan = plan_tokens(cu, groups, members, True)
+    plan = packed_tokens(cu, groups, members, True)
     assert len(plan) == groups * members
     assert len({len(t) for t in plan}) == 1, "every rank holds the same padded length"
     real = torch.cat([t[t < total] for t in plan])
@@ -106,7 +106,7 @@ def test_plan_balance(cp, seed):
     within S / cp + 2 * n_docs (issue targets; the balance table of benchmarks/bench_varlen.py is larger)."""
     docs = lognormal_docs(4096, 12, seed)
     cu = cu_of(docs)
-    plan = plan_tokens(cu, cp, 1, True)
+    plan = packed_tokens(cu, cp, 1, True)
     pairs = _pairs_per_rank(plan, cu)
     assert max(pairs) / (sum(pairs) / cp) <= 1.05, pairs
     assert max(int((t < cu[-1]).sum()) for t in plan) <= 4096 / cp + 2 * len(docs)
@@ -120,7 +120,7 @@ def test_windowed_plan_is_contiguous_and_balanced(cp, causal):
     window = 64
     cu = cu_of(lognormal_docs(4096, 12, 0))
     total = cu[-1]
-    plan = plan_tokens(cu, cp, 2, causal, window)
+    plan = packed_tokens(cu, cp, 2, causal, window)
     blocks = [torch.cat(plan[g * 2 : g * 2 + 2]) for g in range(cp)]
     real = [b[b < total] for b in blocks]
     assert torch.equal(torch.cat(real), torch.arange(total)), "consecutive pieces, in rank order"

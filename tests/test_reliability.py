@@ -1,4 +1,4 @@
-"""Reliability (docs/reliability.md): no hangs, the check_consistency debug check, bitwise determinism
+"""Reliability (docs/reliability.md): no hangs, the cross-rank check, bitwise determinism
 on CPU, no memory growth over 200 iterations, and bf16 error that does not grow with the ring size.
 
 Tiny shapes, one spawn per world: the whole file is meant to take well under two minutes on 2 cores.
@@ -136,7 +136,7 @@ def test_no_hang_when_a_rank_dies_or_never_calls():
     assert not any(p.is_alive() for *_, procs in started for p in procs)
 
 
-# ---- check_consistency (debug) -------------------------------------------------------------------
+# ---- the cross-rank check (on by default) ----------------------------------------------------------
 
 
 def consistency_case(rank, world, what):
@@ -146,14 +146,14 @@ def consistency_case(rank, world, what):
     if what[1] == "length" and rank == 1:
         inputs = local_inputs(Case(seq_per_rank=case.seq_per_rank + 2), rank)
     kw = dict(softmax_scale=0.3 if (what[1] == "scale" and rank == 1) else 0.25)
-    with pytest.raises(ValueError, match=rf"check_consistency: .*{what[2]} \(ranks \[1\] differ"):
-        fwd_bwd(ctx, inputs, check_consistency=True, **kw)
-    fwd_bwd(ctx, local_inputs(case, rank), check_consistency=True)  # agreeing ranks pass
+    with pytest.raises(ValueError, match=rf"passed different attention calls: .*{what[2]} \(ranks 1 differ"):
+        fwd_bwd(ctx, inputs, **kw)
+    fwd_bwd(ctx, local_inputs(case, rank))  # agreeing ranks pass
     run_case(rank, world, case)  # and the group still works, exactly
 
 
-def test_check_consistency_names_the_disagreement():
-    items = [("ring", "length", "q"), ("ulysses", "length", "k"), ("hybrid", "scale", "scale")]
+def test_cross_rank_check_names_the_disagreement():
+    items = [("ring", "length", "sequence length"), ("ulysses", "length", "sequence length"), ("hybrid", "scale", "softmax_scale")]
     run_distributed(consistency_case, 2, items, timeout_s=120, pg_timeout_s=20)
 
 

@@ -172,7 +172,7 @@ import torch
 
 import ring_ext  # registers torch.ops.ring_ext
 import ring_ext.cuda_tilings
-import ring_ext.packing
+import ring_ext.masks
 
 g = torch.Generator(device="cuda").manual_seed(0)
 
@@ -202,7 +202,7 @@ for name, ((q, k, v), causal, q_offset) in CASES.items():
     print("ok:", name, flush=True)
 # Per-row key intervals (packed documents [0, 3, 70, 71, 130] with a window of 9, rows 130.. padding).
 rows = torch.arange(140)
-visible = ring_ext.packing.visible_keys(rows, rows, (0, 3, 70, 71, 130), True, 9).to("cuda")
+visible = ring_ext.masks.visible_keys(rows, rows, (0, 3, 70, 71, 130), True, 9).to("cuda")
 for name, dtype, d, misaligned in [
     ("tensor cores bf16 d64", torch.bfloat16, 64, False),
     ("tensor cores fp16 d256", torch.float16, 256, False),

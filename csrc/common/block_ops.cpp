@@ -99,7 +99,7 @@ void check_scale(double scale) {
 }
 
 // visible: int64 [2, seq_q], row i sees keys [visible[0, i], visible[1, i]), both rows
-// non-decreasing (MaskKind::kRows; ring_ext/packing.py builds them). It replaces the causal mask.
+// non-decreasing (MaskKind::kRows; ring_ext/masks.py builds them). It replaces the causal mask.
 std::optional<at::Tensor> check_visible(const std::optional<at::Tensor>& visible, bool causal,
                                         const Shape& s, const at::Tensor& q) {
   if (!visible.has_value()) return std::nullopt;

@@ -19,7 +19,7 @@ enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 //   kCausal: key j is visible to row i iff k_offset + j <= q_offset + i.
 //   kRows:   key j is visible to row i iff row_begin[i] <= j < row_end[i]; both arrays are
 //            non-decreasing in i (packed documents and sliding windows: the host derives them from
-//            each token's document and position, ring_ext/packing.py).
+//            each token's document and position, ring_ext/masks.py).
 // With q_offset == k_offset, kCausal is the usual (top-left aligned) causal mask of
 // F.scaled_dot_product_attention(is_causal=True). A row that sees no key gets out = 0, lse = -inf.
 enum class MaskKind : int32_t { kNone = 0, kCausal = 1, kRows = 2 };

@@ -79,7 +79,7 @@ int64_t ulysses_degree(const Groups& g, const Tensor& q, const Tensor& k) {
 }
 
 // Ulysses' kRows mask: one source, [1, 2, s], for the gathered sequence (ranks' shards in rank
-// order, increasing global order: ring_ext/packing.py), or nullopt for the offset mask.
+// order, increasing global order: ring_ext/placement.py), or nullopt for the offset mask.
 std::optional<Tensor> ulysses_visible(const std::optional<Tensor>& visible,
                                       const std::optional<Tensor>& needed, bool causal,
                                       int64_t rows, const Tensor& q) {

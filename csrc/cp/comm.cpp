@@ -26,7 +26,14 @@ std::atomic<int64_t> sent_bytes_{0};
 
 Group resolve_group(const std::string& name, const char* what) {
   TORCH_CHECK(!name.empty(), "ring_ext: ", what, " process group name is empty");
-  return c10d::resolve_process_group(name);
+  try {
+    return c10d::resolve_process_group(name);
+  } catch (const c10::Error&) {
+    TORCH_CHECK(false, "ring_ext: the ", what, " process group (\"", name,
+                "\") of this context no longer exists: was torch.distributed.destroy_process_group() "
+                "called? A context lives as long as its process groups; after init_process_group, "
+                "call ring_ext.initialize again");
+  }
 }
 
 void Transfer::wait() {

@@ -27,7 +27,7 @@
 //
 // Note [Per-source key intervals]
 // -------------------------------
-// Packed documents and sliding windows (ring_ext/packing.py) replace the zigzag offsets by a mask
+// Packed documents and sliding windows (ring_ext/placement.py) replace the zigzag offsets by a mask
 // per (local rows, source block): every rank holds the same number of rows (padded at its end),
 // each block lists its tokens in increasing global order, so the keys of src's block that local row
 // i sees are one interval, visible[src][:, i]. The Python side computes all of them from
@@ -72,13 +72,13 @@ namespace {
 using at::Tensor;
 
 void check_window_groups(const RingSetup& s) {
-  TORCH_CHECK(s.topo.cp_size % s.topo.window == 0, "ring_ext: the inner ring size ", s.topo.window,
+  TORCH_CHECK(s.topo.cp_size % s.topo.inner == 0, "ring_ext: the inner ring size ", s.topo.inner,
               " must divide the CP size ", s.topo.cp_size);
   TORCH_CHECK(s.inner->getRank() == s.inner_rank(), "ring_ext: rank ", s.rank,
               " of the ring group must be rank ", s.inner_rank(), " of its inner group, got ",
               s.inner->getRank());
   if (s.topo.outer() == 1) return;
-  TORCH_CHECK(s.outer, "ring_ext: a double ring (window ", s.topo.window, " < CP size ",
+  TORCH_CHECK(s.outer, "ring_ext: a double ring (window ", s.topo.inner, " < CP size ",
               s.topo.cp_size, ") needs an outer group");
   TORCH_CHECK(s.outer->getSize() == s.topo.outer() && s.outer->getRank() == s.outer_rank(),
               "ring_ext: the outer group must have size ", s.topo.outer(), " and rank ",
@@ -244,8 +244,8 @@ Keys keys_of(const RingSetup& s, const Held& held, int64_t src, const Rows& r) {
   return {mine.lo - held.base, mine.size(), visible};
 }
 
-Step plan_at(const RingSetup& s, int64_t step) {
-  return plan_step(Algo::kRing, s.topo.cp_size, s.rank, step, s.topo.window, s.causal);
+Step step_at(const RingSetup& s, int64_t step) {
+  return schedule_step(Algo::kRing, s.topo.cp_size, s.rank, step, s.topo.inner, s.causal);
 }
 
 const Hop* find_hop(const Step& st, Payload what) {
@@ -263,7 +263,7 @@ const Group& group_of(const RingSetup& s, Link link) {
 // (Note [Moving only what is seen]); every row without key intervals.
 Span carried(const RingSetup& s, int64_t src, int64_t step, Payload what) {
   if (!s.masked()) return {0, s.rows};
-  const int64_t round_end = (step / s.topo.window + 1) * s.topo.window;
+  const int64_t round_end = (step / s.topo.inner + 1) * s.topo.inner;
   const int64_t from = what == Payload::kKv ? step + 1 : round_end;
   const int64_t to = what == Payload::kKv ? round_end : s.topo.cp_size;
   Span hull{s.rows, 0};
@@ -303,14 +303,14 @@ Transfer pass_on(const RingSetup& s, const Hop& h, int64_t step, const Held& hel
 // hop before the step's compute (after it, and waited at once, without overlap).
 template <typename Visit>
 void for_each_block(const RingSetup& s, Tensor local_kv, Visit&& visit) {
-  const int64_t w = s.topo.window, n_out = s.topo.outer();
+  const int64_t w = s.topo.inner, n_out = s.topo.outer();
   Tensor inner_buf[2] = {w > 1 ? at::empty_like(local_kv) : Tensor(),
                          w > 2 ? at::empty_like(local_kv) : Tensor()};
   Tensor outer_buf = n_out > 1 ? at::empty_like(local_kv) : Tensor();
   Tensor start_buf = n_out > 1 ? local_kv : Tensor();
   Held round_start{std::move(local_kv), 0}, outer_next;  // a single ring drops it once passed on
   for (int64_t so = 0; so < n_out; ++so) {
-    const Step first = plan_at(s, so * w);
+    const Step first = step_at(s, so * w);
     const Hop* outer_hop = find_hop(first, Payload::kOuterKv);
     auto post_outer = [&] {
       return pass_on(s, *outer_hop, so * w, round_start, first.src,
@@ -321,7 +321,7 @@ void for_each_block(const RingSetup& s, Tensor local_kv, Visit&& visit) {
     Held held = n_out > 1 ? round_start : std::exchange(round_start, Held{});
     for (int64_t si = 0; si < w; ++si) {
       const int64_t step = so * w + si;
-      const Step st = si == 0 ? first : plan_at(s, step);
+      const Step st = si == 0 ? first : step_at(s, step);
       const Hop* kv_hop = find_hop(st, Payload::kKv);
       Held next;
       auto post_inner = [&] {
@@ -518,14 +518,14 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
 // Flattened schedule for tests: per step [src, n_items, n_hops, then 7 fields per item, then 4 per
 // hop (payload, link, send_to, recv_from)].
 std::vector<int64_t> schedule_op(const std::string& algo, int64_t cp_size, int64_t rank,
-                                 int64_t window, bool causal) {
+                                 int64_t cp_window_size, bool causal) {
   TORCH_CHECK(cp_size >= 1 && rank >= 0 && rank < cp_size, "ring_ext: rank ", rank,
               " must be in [0, cp_size=", cp_size, ")");
-  TORCH_CHECK(window >= 1 && cp_size % window == 0, "ring_ext: window ", window,
-              " must divide cp_size ", cp_size);
+  TORCH_CHECK(cp_window_size >= 1 && cp_size % cp_window_size == 0, "ring_ext: cp_window_size ",
+              cp_window_size, " must divide cp_size ", cp_size);
   std::vector<int64_t> flat;
   for (int64_t step = 0; step < cp_size; ++step) {
-    const Step st = plan_step(parse_algo(algo), cp_size, rank, step, window, causal);
+    const Step st = schedule_step(parse_algo(algo), cp_size, rank, step, cp_window_size, causal);
     flat.insert(flat.end(), {st.src, static_cast<int64_t>(st.items.size()),
                              static_cast<int64_t>(st.hops.size())});
     for (const WorkItem& w : st.items) {

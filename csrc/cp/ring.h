@@ -53,8 +53,8 @@ struct RingSetup {
   int64_t q_rows = 0;  // local query rows: rows, or fewer (Note [Shards of unequal length])
   bool masked() const { return !visible.empty(); }
   Span need_of(int64_t r, int64_t src) const { return need[r * topo.cp_size + src]; }
-  int64_t inner_rank() const { return rank % topo.window; }
-  int64_t outer_rank() const { return rank / topo.window; }
+  int64_t inner_rank() const { return rank % topo.inner; }
+  int64_t outer_rank() const { return rank / topo.inner; }
 };
 
 // Resolves and checks the groups for blocks of local_len rows on `device` and q_rows local query
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
 // torch.ops.ring_ext.ring_schedule (tests): per step [src, n_items, n_hops, 7 fields per item,
 // 4 per hop]; defined with its schema in csrc/ops.cpp.
 std::vector<int64_t> schedule_op(const std::string& algo, int64_t cp_size, int64_t rank,
-                                 int64_t window, bool causal);
+                                 int64_t cp_window_size, bool causal);
 
 }  // namespace ring
 }  // namespace ring_ext

@@ -1,4 +1,4 @@
-// The ring schedules as pure functions: (algo, cp_size, rank, step, window, mask) -> the work items
+// The ring schedules as pure functions: (algo, cp_size, rank, step, cp_window_size, mask) -> the work items
 // and every transfer (hop) of that step. Torch-free and tensor-free; the driver (ring.cpp) only
 // posts, waits and computes what these return (no peer arithmetic of its own), and
 // tests/test_planner.py checks them through the ring_ext::ring_schedule op.
@@ -93,9 +93,12 @@ struct Step {
   std::vector<Hop> hops;
 };
 
+// The double ring's shape: `inner` consecutive ring ranks form an inner ring (--cp-window-size;
+// cp_size for the plain ring), cp_size / inner of them the outer ring. ("window" in this code base
+// means a sliding window of attention; the flag keeps MindSpeed's name.)
 struct Topology {
-  int64_t cp_size = 1, window = 1;  // window = inner ring size (cp_size for the plain ring)
-  int64_t outer() const { return cp_size / window; }
+  int64_t cp_size = 1, inner = 1;
+  int64_t outer() const { return cp_size / inner; }
 };
 
 inline int64_t mod(int64_t a, int64_t n) { return ((a % n) + n) % n; }
@@ -103,23 +106,23 @@ inline int64_t mod(int64_t a, int64_t n) { return ((a % n) + n) % n; }
 // 1 for a full mask (contiguous sharding), 2 for causal (zigzag).
 inline int64_t chunks_per_rank(bool causal) { return causal ? 2 : 1; }
 
-// The inner ring size for a --cp-window-size: 1 means the plain ring, whose inner ring is everyone.
-inline Topology topology(int64_t cp_size, int64_t window) {
-  return {cp_size, window <= 1 ? cp_size : window};
+// The topology of a --cp-window-size: 1 means the plain ring, whose inner ring is everyone.
+inline Topology topology(int64_t cp_size, int64_t cp_window_size) {
+  return {cp_size, cp_window_size <= 1 ? cp_size : cp_window_size};
 }
 
 // Note [Double ring schedule].
 inline int64_t source(const Topology& t, int64_t rank, int64_t step) {
-  const int64_t o = rank / t.window, i = rank % t.window;
-  const int64_t so = step / t.window, si = step % t.window;
-  return mod(o - so, t.outer()) * t.window + mod(i - si, t.window);
+  const int64_t o = rank / t.inner, i = rank % t.inner;
+  const int64_t so = step / t.inner, si = step % t.inner;
+  return mod(o - so, t.outer()) * t.inner + mod(i - si, t.inner);
 }
 
 // The rank that holds `rank`'s block at `step` (inverse of source()).
 inline int64_t holder(const Topology& t, int64_t rank, int64_t step) {
-  const int64_t o = rank / t.window, i = rank % t.window;
-  const int64_t so = step / t.window, si = step % t.window;
-  return mod(o + so, t.outer()) * t.window + mod(i + si, t.window);
+  const int64_t o = rank / t.inner, i = rank % t.inner;
+  const int64_t so = step / t.inner, si = step % t.inner;
+  return mod(o + so, t.outer()) * t.inner + mod(i + si, t.inner);
 }
 
 // Note [Zigzag causal schedule].
@@ -133,7 +136,7 @@ inline std::vector<WorkItem> work_items(int64_t src, int64_t rank, bool causal) 
 // Every transfer of `rank` at `step` (Note [Double ring schedule], Note [K/V gradients]). Inner
 // ranks are positions in the window, outer ranks window indices, ring ranks ring ranks.
 inline std::vector<Hop> hops(const Topology& t, int64_t rank, int64_t step) {
-  const int64_t w = t.window, n_out = t.outer();
+  const int64_t w = t.inner, n_out = t.outer();
   const int64_t o = rank / w, i = rank % w, so = step / w, si = step % w;
   std::vector<Hop> out;
   if (si == 0 && so + 1 < n_out) {  // the next round's block, hidden behind this whole round
@@ -149,10 +152,10 @@ inline std::vector<Hop> hops(const Topology& t, int64_t rank, int64_t step) {
 }
 
 // The ring part of megatron_cp_algo and hybrid_cp_algo share one schedule; Ulysses has none.
-inline Step plan_step(Algo algo, int64_t cp_size, int64_t rank, int64_t step, int64_t window,
-                      bool causal) {
+inline Step schedule_step(Algo algo, int64_t cp_size, int64_t rank, int64_t step,
+                          int64_t cp_window_size, bool causal) {
   check_ring_algo(algo);
-  const Topology t = topology(cp_size, window);
+  const Topology t = topology(cp_size, cp_window_size);
   const int64_t src = source(t, rank, step);
   return {src, work_items(src, rank, causal), hops(t, rank, step)};
 }
