@@ -3,16 +3,16 @@ next to `python -m ring_ext bench` for cp 2 and 4, every algorithm, overlap off 
 
 1. Published results recomputed from public specs (pure): ring-flash-attention's zigzag efficiency on
    8xH800 and 8xA100, and MindSpeed's best double-ring window at CP16, 32K.
-2. Calibrate as `plan --calibrate` does (planner.calibrated_flops): the kernels' forward+backward rate
+2. Calibrate as `plan --calibrate` does (calibrate.calibrated_flops): the kernels' forward+backward rate
    measured in as many processes at once as the cores hold (1 thread each: ranks share the memory
    bandwidth and clock), cut to each rank's share of the cores when the ranks outnumber them; and one
    local Gloo link (bandwidth, latency).
 3. Measure: `python -m ring_ext bench --cp-sizes 2,4 --json` (one spawned Gloo world per size, 1 thread
    per rank, the slowest rank's best forward and backward), without and with
    --use-cp-send-recv-overlap.
-4. Table: predicted and measured forward+backward per layout, the error, and each layout's rank among
-   the layouts of its CP size, predicted and measured. The issue's targets: error within +-25 % per
-   layout, and the measured fastest layout predicted first.
+4. Table: predicted and measured forward+backward per scheme, the error, and each scheme's rank among
+   the schemes of its CP size, predicted and measured. The issue's targets: error within +-25 % per
+   scheme, and the measured fastest scheme predicted first.
 
     python benchmarks/bench_planner.py                    # S = 8192, h 8, d 64, bf16, causal
     python benchmarks/bench_planner.py --seq 4096 --quick  # smaller, one repeat
@@ -28,19 +28,21 @@ import os
 import subprocess
 import sys
 
-from ring_ext import planner
+from ring_ext.tools.planner import calibrate
+from ring_ext.tools.planner.model import Cluster, Scheme, Shape, attention_flops, predict, rank_schemes
+from ring_ext.tools.planner.report import describe
 
 
-# bench's case names -> the planner's layouts (ring_ext/cli.py cases_for: window 2, Ulysses degree 2).
-def layout_of(name: str, cp: int, overlap: bool) -> planner.Layout:
+# bench's case names -> the planner's schemes (ring_ext/cli.py cases_for: window 2, Ulysses degree 2).
+def scheme_of(name: str, cp: int, overlap: bool) -> Scheme:
     if name == "ulysses":
-        return planner.Layout("ulysses", cp, ulysses_degree=cp)
+        return Scheme("ulysses", cp, ulysses_degree=cp)
     if name == "ring":
-        return planner.Layout("ring", cp, overlap=overlap)
+        return Scheme("ring", cp, overlap=overlap)
     if name.startswith("double ring"):
-        return planner.Layout("double_ring", cp, window=int(name.split("w=")[1]), overlap=overlap)
+        return Scheme("double_ring", cp, window=int(name.split("w=")[1]), overlap=overlap)
     if name.startswith("hybrid"):
-        return planner.Layout("hybrid", cp, ulysses_degree=int(name.split("u=")[1]), overlap=overlap)
+        return Scheme("hybrid", cp, ulysses_degree=int(name.split("u=")[1]), overlap=overlap)
     raise ValueError(f"unknown bench case {name!r}")
 
 
@@ -76,14 +78,14 @@ RING_FLASH = {  # GPU: (flash_attn 8k iter/s, zigzag iter/s, published efficienc
 
 
 def ring_flash_rows() -> list[str]:
-    local = planner.Shape(seq=8192, heads=32, kv_heads=8, head_dim=128)
+    local = Shape(seq=8192, heads=32, kv_heads=8, head_dim=128)
     shape = dataclasses.replace(local, seq=8 * 8192)
     rows = []
     for gpu, (fa_iters, _, published, link, mem) in RING_FLASH.items():
-        rate = sum(planner.attention_flops(local)) * fa_iters
-        cluster = planner.Cluster(1, 8, link, link, rate, mem_bw=mem)
-        pred = planner.predict(shape, cluster, planner.Layout("ring", 8, overlap=True))
-        ideal = sum(planner.attention_flops(shape)) / 8 / rate
+        rate = sum(attention_flops(local)) * fa_iters
+        cluster = Cluster(1, 8, link, link, rate, mem_bw=mem)
+        pred = predict(shape, cluster, Scheme("ring", 8, overlap=True))
+        ideal = sum(attention_flops(shape)) / 8 / rate
         eff = ideal / pred.seconds
         rows.append(
             f"| {gpu} | {rate / 1e12:.0f} | {published:.1%} | {eff:.1%} | {100 * (eff - published):+.1f} pp |"
@@ -96,17 +98,17 @@ def ring_flash_rows() -> list[str]:
 # link of 56 GB/s (both ways) between two NPUs = 28 GB/s per direction, 200 Gb/s RoCE per NPU = 25 GB/s
 # between nodes, 1.6 TB/s memory, ~150 TFLOP/s attention kernels; a 7B-class layer (32 heads, d 128, MHA).
 def mindspeed_rows() -> list[str]:
-    shape = planner.Shape(seq=32768, heads=32, head_dim=128)
+    shape = Shape(seq=32768, heads=32, head_dim=128)
     rows = []
     for intra in (28e9, 56e9):
-        cluster = planner.Cluster(2, 8, intra, 25e9, 150e12, mem_bw=1.6e12)
+        cluster = Cluster(2, 8, intra, 25e9, 150e12, mem_bw=1.6e12)
         preds = [
             p
-            for p in planner.rank_layouts(shape, cluster, 16)
-            if p.layout.algo in ("ring", "double_ring") and p.layout.overlap
+            for p in rank_schemes(shape, cluster, 16)
+            if p.scheme.algo in ("ring", "double_ring") and p.scheme.overlap
         ]
-        order = ", ".join(f"w={p.layout.window} {p.seconds * 1e3:.1f} ms" for p in preds)
-        rows.append(f"| {intra / 1e9:.0f} GB/s | {preds[0].layout.window} | {order} |")
+        order = ", ".join(f"w={p.scheme.window} {p.seconds * 1e3:.1f} ms" for p in preds)
+        rows.append(f"| {intra / 1e9:.0f} GB/s | {preds[0].scheme.window} | {order} |")
     return rows
 
 
@@ -135,46 +137,46 @@ def main() -> None:
     if args.published_only:
         return
     print(f"\nload before: {os.getloadavg()[0]:.2f}")
-    shape = planner.Shape(seq=args.seq, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype)
-    bw, lat = planner.measure_link()
+    shape = Shape(seq=args.seq, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype)
+    bw, lat = calibrate.measure_link()
     sizes = [int(x) for x in args.cp_sizes.split(",")]
-    rates = planner.calibrated_rates(shape, sizes, threads=1, repeats=5)
+    rates = calibrate.calibrated_rates(shape, sizes, threads=1, repeats=5)
     for cp, flops in rates.items():
         print(
-            f"calibrated for cp={cp}: kernels {flops / 1e9:.1f} GFLOP/s per rank (planner.calibrated_rates)"
+            f"calibrated for cp={cp}: kernels {flops / 1e9:.1f} GFLOP/s per rank (calibrate.calibrated_rates)"
         )
-    print(f"Gloo link {bw / 1e9:.2f} GB/s, latency {lat * 1e6:.0f} us; {planner.machine_cores()} cores")
+    print(f"Gloo link {bw / 1e9:.2f} GB/s, latency {lat * 1e6:.0f} us; {calibrate.machine_cores()} cores")
     measured = {}
     for overlap in (False, True):
         for row in measure(args, overlap):
-            layout = layout_of(row["algo"], row["cp"], overlap)
-            measured.setdefault(layout, (row["fwd_ms"] + row["bwd_ms"]) / 1e3)
+            scheme = scheme_of(row["algo"], row["cp"], overlap)
+            measured.setdefault(scheme, (row["fwd_ms"] + row["bwd_ms"]) / 1e3)
     predicted = {}
-    for layout in measured:
-        cluster = planner.Cluster(
+    for scheme in measured:
+        cluster = Cluster(
             nodes=1,
-            gpus_per_node=layout.cp,
+            gpus_per_node=scheme.cp,
             intra_bw=bw,
             inter_bw=bw,
-            flops_per_s=rates[layout.cp],
+            flops_per_s=rates[scheme.cp],
             intra_latency=lat,
             inter_latency=lat,
         )
-        predicted[layout] = planner.predict(shape, cluster, layout).seconds
+        predicted[scheme] = predict(shape, cluster, scheme).seconds
     print(f"\nS={args.seq} h={args.heads} d={args.head_dim} {args.dtype} causal, forward+backward per layer")
-    print("| cp | layout | predicted ms | measured ms | error | rank predicted | rank measured |")
+    print("| cp | scheme | predicted ms | measured ms | error | rank predicted | rank measured |")
     print("|---|---|---|---|---|---|---|")
     worst, firsts = 0.0, []
-    for cp in sorted({layout.cp for layout in measured}):
-        mine = [layout for layout in measured if layout.cp == cp]
-        pr = rank_of({layout: predicted[layout] for layout in mine})
-        mr = rank_of({layout: measured[layout] for layout in mine})
-        for layout in sorted(mine, key=lambda x: measured[x]):
-            err = predicted[layout] / measured[layout] - 1
+    for cp in sorted({scheme.cp for scheme in measured}):
+        mine = [scheme for scheme in measured if scheme.cp == cp]
+        pr = rank_of({scheme: predicted[scheme] for scheme in mine})
+        mr = rank_of({scheme: measured[scheme] for scheme in mine})
+        for scheme in sorted(mine, key=lambda x: measured[x]):
+            err = predicted[scheme] / measured[scheme] - 1
             worst = max(worst, abs(err))
             print(
-                f"| {cp} | {planner.describe(layout)} | {predicted[layout] * 1e3:.0f} | "
-                f"{measured[layout] * 1e3:.0f} | {err:+.0%} | {pr[layout]} | {mr[layout]} |"
+                f"| {cp} | {describe(scheme)} | {predicted[scheme] * 1e3:.0f} | "
+                f"{measured[scheme] * 1e3:.0f} | {err:+.0%} | {pr[scheme]} | {mr[scheme]} |"
             )
         fastest = min(mine, key=lambda x: measured[x])
         firsts.append(pr[fastest] == 1)

@@ -13,7 +13,7 @@ import torch
 from packed_cases import PackedCase, context, lognormal_docs, run_packed_case
 
 import ring_ext
-from ring_ext import planner
+from ring_ext.tools.planner import model as planner
 
 from distributed import run_distributed
 
@@ -143,7 +143,7 @@ def halo_bytes(rank: int, world_size: int, case):
     algo = "ring" if cp_window == 1 else "double_ring"
     where = "contiguous" if contiguous else "zigzag"
     kv, grad = planner.window_rows(
-        shape, planner.Layout(algo, world_size, window=cp_window, placement=where)
+        shape, planner.Scheme(algo, world_size, window=cp_window, placement=where)
     )["total"][rank]
     if contiguous and cp_window == 1:
         assert (kv, grad) == expected_rows(rank, world_size, window), (rank, case, kv, grad)
@@ -154,7 +154,7 @@ def halo_bytes(rank: int, world_size: int, case):
 def test_halo_bytes(world_size):
     """Windows move only what is seen: contiguous shards under a causal window send one halo per rank
     (w <= S/cp + 1) and nothing at all for w = 1; zigzag shards and the double ring send what the
-    planner counts (ring_ext.planner.window_rows), forward and backward."""
+    planner counts (ring_ext.tools.planner.model.window_rows), forward and backward."""
     windows = [1, 2, 5, HALO_ROWS + 1, HALO_ROWS + 4]
     cp_windows = [1, 2] if world_size == 4 else [1]
     cases = [(w, contiguous, c) for w in windows for contiguous in (True, False) for c in cp_windows]

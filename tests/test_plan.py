@@ -1,5 +1,6 @@
-"""The CP-layout planner (ring_ext/planner.py, docs/planner.md): which layouts it enumerates, the model's
-limits and hand-computed cases, its rankings on a two-level cluster, and the `plan` subcommand."""
+"""The planner (ring_ext/tools/planner, docs/planner.md): which CP schemes it enumerates, how it reads
+the ring schedule, the model's limits and hand-computed cases, its rankings on a two-level cluster, the
+hardware presets, and the `plan` subcommand."""
 
 from __future__ import annotations
 
@@ -8,18 +9,28 @@ import math
 
 import pytest
 
-from ring_ext import planner
 from ring_ext.cli import main
-from ring_ext.planner import Cluster, Layout, Shape, layouts, predict, rank_layouts
+from ring_ext.tools.planner import calibrate
+from ring_ext.tools.planner.model import (
+    Cluster,
+    Scheme,
+    Shape,
+    attention_flops,
+    predict,
+    rank_schemes,
+    ring_steps,
+    schemes,
+)
+from ring_ext.tools.planner.presets import ATTENTION_EFFICIENCY, GPUS, INTERCONNECTS
 
 GB = 1e9
 
 
 def _names(shape, cp):
-    return {(p.algo, p.ulysses_degree, p.window, p.overlap) for p in layouts(shape, cp)}
+    return {(p.algo, p.ulysses_degree, p.window, p.overlap) for p in schemes(shape, cp)}
 
 
-def test_layouts_are_every_runnable_configuration():
+def test_schemes_are_every_runnable_configuration():
     got = _names(Shape(seq=1024, heads=8, head_dim=64), 8)
     want = {("ring", 1, 1, o) for o in (True, False)}
     want |= {("double_ring", 1, w, o) for w in (2, 4) for o in (True, False)}
@@ -38,10 +49,10 @@ def test_layouts_are_every_runnable_configuration():
 def test_free_links_cost_nothing(causal):
     shape = Shape(seq=4096, heads=8, kv_heads=2, head_dim=64, causal=causal)
     cluster = Cluster(2, 4, math.inf, math.inf, 1e12, 0.0, 0.0)
-    fwd, bwd = planner.attention_flops(shape)
-    for p in rank_layouts(shape, cluster):
-        assert p.exposed_comm_s == pytest.approx(0.0, abs=1e-12), p.layout
-        assert p.seconds == pytest.approx((fwd + bwd) / 8 / 1e12), p.layout
+    fwd, bwd = attention_flops(shape)
+    for p in rank_schemes(shape, cluster):
+        assert p.exposed_comm_s == pytest.approx(0.0, abs=1e-12), p.scheme
+        assert p.seconds == pytest.approx((fwd + bwd) / 8 / 1e12), p.scheme
 
 
 def test_plain_ring_by_hand():
@@ -54,7 +65,7 @@ def test_plain_ring_by_hand():
     kv, dkv = 2 * 256 * 2 * 64 * 2, 2 * 256 * 2 * 64 * 4
     hop_f, hop_b = lat + kv / bw, lat + (kv + dkv) / bw
     for overlap in (True, False):
-        p = predict(shape, cluster, Layout("ring", 4, overlap=overlap))
+        p = predict(shape, cluster, Scheme("ring", 4, overlap=overlap))
         step = (lambda c, h: max(c, h)) if overlap else (lambda c, h: c + h)
         want = c_f + 3 * step(c_f, hop_f) + c_b + 3 * step(c_b, hop_b)
         assert p.seconds == pytest.approx(want)
@@ -64,13 +75,13 @@ def test_plain_ring_by_hand():
 def test_overlap_never_slower_and_more_ranks_less_memory():
     shape = Shape(seq=32768, heads=16, kv_heads=4, head_dim=128)
     cluster = Cluster(2, 8, 100 * GB, 10 * GB, 100e12)
-    preds = {p.layout: p for p in rank_layouts(shape, cluster)}
-    for layout, p in preds.items():
-        if layout.overlap and layout.ring > 1:  # Ulysses has no ring to overlap
-            off = preds[Layout(layout.algo, layout.cp, layout.ulysses_degree, layout.window, False)]
-            assert p.seconds <= off.seconds + 1e-15, layout
-    small = predict(shape, Cluster(1, 8, 100 * GB, 10 * GB, 100e12), Layout("ring", 4))
-    large = predict(shape, cluster, Layout("ring", 16))
+    preds = {p.scheme: p for p in rank_schemes(shape, cluster)}
+    for scheme, p in preds.items():
+        if scheme.overlap and scheme.ring > 1:  # Ulysses has no ring to overlap
+            off = preds[Scheme(scheme.algo, scheme.cp, scheme.ulysses_degree, scheme.window, False)]
+            assert p.seconds <= off.seconds + 1e-15, scheme
+    small = predict(shape, Cluster(1, 8, 100 * GB, 10 * GB, 100e12), Scheme("ring", 4))
+    large = predict(shape, cluster, Scheme("ring", 16))
     assert large.peak_bytes < small.peak_bytes
 
 
@@ -79,19 +90,19 @@ def test_two_level_cluster_prefers_node_local_traffic():
     # with node-local all-to-alls beats Ulysses across both nodes.
     shape = Shape(seq=65536, heads=32, kv_heads=8, head_dim=128)
     cluster = Cluster(2, 4, 200 * GB, 2 * GB, 400e12)
-    t = {p.layout: p.seconds for p in rank_layouts(shape, cluster)}
-    assert t[Layout("double_ring", 8, window=4)] < t[Layout("ring", 8)]
-    assert t[Layout("hybrid", 8, 4, 1)] < t[Layout("ulysses", 8, 8)]
-    assert min(t.values()) == rank_layouts(shape, cluster)[0].seconds
+    t = {p.scheme: p.seconds for p in rank_schemes(shape, cluster)}
+    assert t[Scheme("double_ring", 8, window=4)] < t[Scheme("ring", 8)]
+    assert t[Scheme("hybrid", 8, 4, 1)] < t[Scheme("ulysses", 8, 8)]
+    assert min(t.values()) == rank_schemes(shape, cluster)[0].seconds
 
 
 def test_bad_plans_are_rejected():
     shape = Shape(seq=1004, heads=8, head_dim=64)
     cluster = Cluster(1, 4, GB, GB, 1e12)
     with pytest.raises(ValueError, match="divisible by 2 \\* cp = 8"):
-        rank_layouts(shape, cluster)
+        rank_schemes(shape, cluster)
     with pytest.raises(ValueError, match="cluster's 4 ranks"):
-        rank_layouts(Shape(seq=1024, heads=8, head_dim=64), cluster, cp=8)
+        rank_schemes(Shape(seq=1024, heads=8, head_dim=64), cluster, cp=8)
 
 
 PLAN = ["plan", "--seq", "8192", "--heads", "8", "--head-dim", "64", "--nodes", "2", "--gpus-per-node", "2"]
@@ -103,7 +114,7 @@ def test_plan_command(capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "ms" not in line]
     times = [float(r.split("|")[2]) for r in rows]
-    assert len(rows) == len(layouts(Shape(seq=8192, heads=8, head_dim=64), 4)) and times == sorted(times)
+    assert len(rows) == len(schemes(Shape(seq=8192, heads=8, head_dim=64), 4)) and times == sorted(times)
     with pytest.raises(SystemExit):
         main(PLAN)
     assert "--tflops" in capsys.readouterr().err
@@ -130,10 +141,10 @@ def test_plan_calibrate(capsys):
 
 
 def test_calibrated_rate_is_shared_by_ranks_that_outnumber_the_cores():
-    assert planner.shared_cores(2, 1, cores=2) == 1.0
-    assert planner.shared_cores(4, 1, cores=2) == 0.5
-    assert planner.shared_cores(3, 2, cores=2) == pytest.approx(1 / 3)
-    assert planner.shared_cores(1, 1, cores=16) == 1.0
+    assert calibrate.shared_cores(2, 1, cores=2) == 1.0
+    assert calibrate.shared_cores(4, 1, cores=2) == 0.5
+    assert calibrate.shared_cores(3, 2, cores=2) == pytest.approx(1 / 3)
+    assert calibrate.shared_cores(1, 1, cores=16) == 1.0
 
 
 def test_merges_cost_memory_traffic_on_the_forward_ring_only():
@@ -142,11 +153,11 @@ def test_merges_cost_memory_traffic_on_the_forward_ring_only():
     shape = Shape(seq=4096, heads=8, head_dim=64)
     free = Cluster(1, 4, math.inf, math.inf, 1e12)
     slow = Cluster(1, 4, math.inf, math.inf, 1e12, mem_bw=1e9)
-    ring = Layout("ring", 4, overlap=True)
+    ring = Scheme("ring", 4, overlap=True)
     q_elems = 4096 // 4 * 8 * 64
     merge = (12 * q_elems + 12 * q_elems // 64) / 1e9
     assert predict(shape, slow, ring).seconds == pytest.approx(predict(shape, free, ring).seconds + 3 * merge)
-    uly = Layout("ulysses", 4, ulysses_degree=4)
+    uly = Scheme("ulysses", 4, ulysses_degree=4)
     assert predict(shape, slow, uly).seconds == predict(shape, free, uly).seconds
 
 
@@ -155,16 +166,16 @@ def test_windows_and_documents_count_visible_pairs():
     kernels skip tiles). Packed documents move every block; a window only the rows some rank sees
     (a halo on contiguous shards; tests/test_packed_dist.py checks these counts against the ring)."""
     dense = Shape(seq=4096, heads=8, head_dim=64)
-    fwd, bwd = planner.attention_flops(dense)
+    fwd, bwd = attention_flops(dense)
     assert fwd == 4 * 8 * 64 * 4096**2 / 2 and bwd == 2.5 * fwd
     windowed = Shape(seq=4096, heads=8, head_dim=64, window=256)
     pairs = 256 * 257 // 2 + (4096 - 256) * 256
-    assert planner.attention_flops(windowed)[0] == 4 * 8 * 64 * pairs
+    assert attention_flops(windowed)[0] == 4 * 8 * 64 * pairs
     packed = Shape(seq=4096, heads=8, head_dim=64, doc_lengths=(1000, 0, 3096))
     pairs = 1000 * 1001 // 2 + 3096 * 3097 // 2
-    assert planner.attention_flops(packed)[0] == 4 * 8 * 64 * pairs
+    assert attention_flops(packed)[0] == 4 * 8 * 64 * pairs
     cluster = Cluster(1, 4, 1e9, 1e9, 1e12)
-    ring = Layout("ring", 4, overlap=False)
+    ring = Scheme("ring", 4, overlap=False)
     assert predict(packed, cluster, ring).bytes_sent == predict(dense, cluster, ring).bytes_sent
     assert predict(windowed, cluster, ring).bytes_sent < predict(dense, cluster, ring).bytes_sent
     assert predict(windowed, cluster, ring).seconds < predict(dense, cluster, ring).seconds
@@ -172,7 +183,7 @@ def test_windows_and_documents_count_visible_pairs():
     # gradient of the 255 rows it saw of its neighbour's block; a row is 2 * 8 heads * 64 * 2 bytes.
     halo = dataclasses.replace(ring, placement="contiguous")
     assert predict(windowed, cluster, halo).bytes_sent == 2 * 255 * 2048 + 255 * 4096
-    assert "contiguous" in {p.layout.placement for p in rank_layouts(windowed, cluster)}
+    assert "contiguous" in {p.scheme.placement for p in rank_schemes(windowed, cluster)}
 
 
 def test_plan_command_with_window_and_documents(capsys):
@@ -195,8 +206,90 @@ def test_calibrated_rates_measure_once_per_concurrency(monkeypatch):
         calls.append(processes)
         return 100.0 / processes  # slower each when more run at once
 
-    monkeypatch.setattr(planner, "measure_flops_together", together)
-    monkeypatch.setattr(planner, "machine_cores", lambda: 2)
-    rates = planner.calibrated_rates(Shape(seq=64, heads=2, head_dim=8), [1, 2, 4, 8])
+    monkeypatch.setattr(calibrate, "measure_flops_together", together)
+    monkeypatch.setattr(calibrate, "machine_cores", lambda: 2)
+    rates = calibrate.calibrated_rates(Shape(seq=64, heads=2, head_dim=8), [1, 2, 4, 8])
     assert rates == {1: 100.0, 2: 50.0, 4: 25.0, 8: 12.5}
     assert sorted(calls) == [1, 2]
+
+
+def test_the_ring_is_read_from_the_schedule():
+    """ring_steps reads ring_ext's schedule (torch.ops.ring_ext.ring_schedule): Note [Double ring
+    schedule]'s table, the peers of the inner and outer hops as ring ranks, where rounds end, and which
+    holders a hop's block reaches (the holders whose rows it carries under a window)."""
+    double = ring_steps(4, 2)
+    assert double.src == ((0, 1, 2, 3), (1, 0, 3, 2), (2, 3, 0, 1), (3, 2, 1, 0))
+    assert double.inner_to == (1, 0, 3, 2) and double.outer_to == (2, 3, 0, 1)
+    assert double.rounds == (range(0, 2), range(2, 4))
+    assert double.inner_steps == {0, 2} and double.outer_steps == {0}
+    assert [double.holder(0, t) for t in range(4)] == [0, 1, 2, 3]
+    plain = ring_steps(4, 1)
+    assert plain.inner_to == (1, 2, 3, 0) and plain.outer_steps == frozenset()
+    assert plain.rounds == (range(0, 4),)
+    assert ring_steps(1, 1).rounds == (range(0, 1),) and ring_steps(1, 1).inner_steps == frozenset()
+    eight = ring_steps(8, 2)
+    assert eight.fed(0, outer=False) == [1]  # an inner hop: the rest of its round
+    assert eight.fed(0, outer=True) == list(range(2, 8))  # an outer hop: every later round
+    assert eight.fed(4, outer=True) == [6, 7]
+
+
+H100_2_NODES = ["plan", "--seq", "131072", "--heads", "32", "--gpu", "h100", "--nodes", "2"]
+
+
+def _plan(capsys, argv) -> tuple[str, list[str]]:
+    """The plan's first line (where the rates came from) and its table's header and rows."""
+    main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    return lines[0], [line for line in lines if line.startswith("| ")]
+
+
+def test_presets_need_no_rates(capsys):
+    """--gpu gives the kernel rate (its bf16 dense peak x ATTENTION_EFFICIENCY), the memory bandwidth and
+    the GPU's usual links; the first line says which values were used; the plan equals the one with
+    the same rates given explicitly. Every GPU preset runs."""
+    header, rows = _plan(capsys, H100_2_NODES)
+    tflops = GPUS["h100"].bf16_tflops * ATTENTION_EFFICIENCY
+    for said in (
+        f"kernels {tflops:g} TFLOP/s",
+        "450 GB/s (nvlink4)",
+        "50 GB/s (ib-ndr400)",
+        "3350 GB/s (h100)",
+    ):
+        assert said in header, (said, header)
+    assert len(rows) == 1 + len(schemes(Shape(seq=131072, heads=32, head_dim=128), 16))
+    explicit = ["--intra-gbps", "450", "--inter-gbps", "50", "--tflops", f"{tflops}", "--mem-gbps", "3350"]
+    _, same = _plan(capsys, H100_2_NODES[:5] + ["--nodes", "2"] + explicit)
+    assert same == rows
+    for gpu, spec in GPUS.items():
+        assert INTERCONNECTS[spec.intra].level == "intra" and INTERCONNECTS[spec.inter].level == "inter"
+        header, _ = _plan(capsys, ["plan", "--seq", "8192", "--heads", "8", "--gpu", gpu, "--top", "1"])
+        assert f"({gpu}:" in header and f"({spec.intra})" in header
+
+
+def test_explicit_rates_override_presets(capsys):
+    """--tflops, --intra-gbps, --inter-gbps, --mem-gbps and --interconnect each replace the --gpu's
+    value (and say so); the others stay the preset's."""
+    header, rows = _plan(capsys, H100_2_NODES + ["--tflops", "100", "--inter-gbps", "5"])
+    assert "kernels 100 TFLOP/s per rank (given)" in header and "inter-node 5 GB/s (given)" in header
+    assert "intra-node 450 GB/s (nvlink4)" in header
+    _, preset = _plan(capsys, H100_2_NODES)
+    assert rows != preset
+    header, _ = _plan(capsys, H100_2_NODES + ["--interconnect", "roce400,nvlink3", "--mem-gbps", "1000"])
+    assert "(roce400)" in header and "300 GB/s (nvlink3)" in header and "memory 1000 GB/s (given)" in header
+    header, _ = _plan(capsys, ["plan", "--seq", "8192", "--heads", "8", "--nodes", "2"] + RATES)
+    assert "(given)" in header and "h100" not in header
+
+
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        (["--interconnect", "nvlink4,xgmi"], "two intra-node links"),
+        (["--interconnect", "nvlink9"], "unknown 'nvlink9'"),
+        (["--dtype", "fp32"], "give --tflops for --dtype fp32"),
+        (["--calibrate"], "it takes no --gpu"),
+    ],
+)
+def test_bad_presets_are_rejected(capsys, bad, says):
+    with pytest.raises(SystemExit):
+        main(H100_2_NODES + bad)
+    assert says in capsys.readouterr().err

@@ -1,8 +1,8 @@
 """The ring schedules as pure functions (csrc/cp/schedule.h via ring_ext.ring.schedule): no tensors.
 
-The schedule is the whole plan: the work items of every step and every transfer (hop). These tests
-move blocks and gradients by the hops alone, so a dropped, duplicated or misdirected hop fails them
-(test_the_checks_reject_a_broken_schedule shows it on deliberately broken plans)."""
+The schedule says everything a rank does: the work items of every step and every transfer (hop).
+These tests move blocks and gradients by the hops alone, so a dropped, duplicated or misdirected hop
+fails them (test_the_checks_reject_a_broken_schedule shows it on deliberately broken schedules)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ring_ext.sharding import chunk_order
 
 ALGO = "megatron_cp_algo"
 TOPOLOGIES = [(cp, w) for cp in range(1, 9) for w in range(1, cp + 1) if cp % w == 0]
-# Every CP size 1-16 with every window that divides it (the plans, not the tensors, are under test).
+# Every CP size 1-16 with every window that divides it (the schedules, not the tensors, are under test).
 ALL_TOPOLOGIES = [(cp, w) for cp in range(1, 17) for w in range(1, cp + 1) if cp % w == 0]
 
 
@@ -96,7 +96,7 @@ def ring_rank(cp, window, rank, link, local):
     return local
 
 
-def plans(cp, window, causal=True):
+def schedules(cp, window, causal=True):
     return [schedule(ALGO, cp, r, window, causal) for r in range(cp)]
 
 
@@ -130,7 +130,7 @@ def _answers(table, cp, window, step, peer, hop, field, me):
 
 
 def check_blocks_follow_hops(table, cp, window):
-    """Moving K/V blocks by the kv / outer_kv hops alone puts at every step the block the plan names."""
+    """Moving K/V blocks by the kv / outer_kv hops alone puts at every step the block the schedule names."""
     held, round_start, outer_in = list(range(cp)), list(range(cp)), [None] * cp
     for t in range(cp):
         assert [table[r][t].src for r in range(cp)] == held, f"step {t}"
@@ -179,7 +179,7 @@ def check_grads_reach_owners(table, cp, window):
 @pytest.mark.parametrize("cp,window", ALL_TOPOLOGIES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_every_hop_is_matched_and_delivers(cp, window, causal):
-    table = plans(cp, window, causal)
+    table = schedules(cp, window, causal)
     check_hops_match(table, cp, window)
     check_blocks_follow_hops(table, cp, window)
     check_grads_reach_owners(table, cp, window)
@@ -190,7 +190,7 @@ def test_hop_counts(cp, window):
     """Per rank: cp - 1 K/V arrivals (inner or outer), the double ring's outer hops one per round but the
     last, and one gradient trip home per round."""
     w = cp if window == 1 else window
-    for steps in plans(cp, window):
+    for steps in schedules(cp, window):
         kinds = [h.what for s in steps for h in s.hops]
         assert kinds.count("kv") + kinds.count("outer_kv") == cp - 1
         assert kinds.count("outer_kv") == cp // w - 1
@@ -228,7 +228,7 @@ def _redirected(table, rank, step, what):
 )
 def test_the_checks_reject_a_broken_schedule(broken):
     cp, window = 4, 2
-    table = broken(plans(cp, window))
+    table = broken(schedules(cp, window))
     with pytest.raises(AssertionError):
         check_hops_match(table, cp, window)
         check_blocks_follow_hops(table, cp, window)
