@@ -3,7 +3,8 @@
     parts = ring_ext.training.shard_packed_batch(row, ctx)     # labels shifted inside documents, sharded
     logits = model(parts["input_ids"], parts["position_ids"], ...)   # cu_seqlens=parts["cu_seqlens"]
     loss = ring_ext.training.packed_loss(logits, parts["labels"], ctx, data_parallel=mesh["dp"])
-    loss.backward(); ring_ext.reduce_gradients(model.parameters(), ctx)
+    loss.backward()
+    ring_ext.reduce_gradients(model.parameters(), ctx)                # gradients summed over CP
     log(ring_ext.training.reported_loss(loss, ctx, data_parallel=mesh["dp"]))
 
 shard_packed_batch shards input_ids, position_ids and labels of one packed row (shifting the labels inside
