@@ -15,18 +15,13 @@ Prints the CPU model and ring_ext.build_info()["cpu_isa"] with the numbers.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-import ring_ext  # noqa: E402
-
-from distributed import run_distributed  # noqa: E402
+import ring_ext
+from ring_ext.testing.spawn import run_distributed
 
 
 def _time(fn) -> float:

@@ -21,20 +21,15 @@ scaled by 1/cp, when those ran in the same invocation.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-import ring_ext  # noqa: E402
-from ring_ext.peak_memory import PeakRSS, exact_peaks  # noqa: E402
-
-from distributed import run_distributed  # noqa: E402
+import ring_ext
+from ring_ext.peak_memory import PeakRSS, exact_peaks
+from ring_ext.testing.spawn import run_distributed
 
 
 def algo_config(name: str, cp: int) -> ring_ext.CPConfig:

@@ -12,19 +12,14 @@ column is each row's largest error ratio to it.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-import ring_ext  # noqa: E402
-from ring_ext.reference import attention_reference  # noqa: E402
-
-from distributed import run_distributed  # noqa: E402
-from tolerances import rel_l2  # noqa: E402
+import ring_ext
+from ring_ext.testing.reference import attention_reference
+from ring_ext.testing.spawn import run_distributed
+from ring_ext.testing.tolerances import rel_l2
 
 NAMES = ("out", "dq", "dk", "dv")
 

@@ -33,7 +33,6 @@ import argparse
 import datetime
 import math
 import os
-import sys
 import time
 import warnings
 
@@ -43,11 +42,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-
 import ring_ext  # noqa: E402
-
-from distributed import run_distributed  # noqa: E402
+from ring_ext.testing.spawn import run_distributed  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HEADS, HEAD_DIM = 8, 64

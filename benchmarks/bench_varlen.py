@@ -23,19 +23,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from peak import fma_peak
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-from packed_cases import cu_of, lognormal_docs  # noqa: E402
-from peak import fma_peak  # noqa: E402
-
-import ring_ext  # noqa: E402
-from ring_ext.placement import packed_tokens  # noqa: E402
+import ring_ext
+from ring_ext.placement import packed_tokens
+from ring_ext.testing.documents import cu_of, lognormal_docs
+from ring_ext.testing.spawn import run_distributed
 
 HEADS, HEAD_DIM = 8, 64
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -169,8 +166,6 @@ def cp_worker(rank: int, world_size: int, case):
 
 
 def cp_table(total: int, n_docs: int, repeats: int, rows_of=(True, False)) -> list[str]:
-    from distributed import run_distributed
-
     rows = [
         f"### 2 Gloo ranks x 1 thread vs one process x 2 threads, causal, S = {total} ({n_docs} documents when packed)",
         "",

@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-import ring_ext  # noqa: E402
+import ring_ext
+from ring_ext.testing.spawn import run_distributed
 
 HEADS, HEAD_DIM = 2, 64
 
@@ -100,8 +98,6 @@ def halo_bytes(window: int | None) -> int:
 
 
 def two_ranks(total: int, windows: list[int], repeats: int) -> list[str]:
-    from distributed import run_distributed
-
     rows = [
         f"### 2 Gloo ranks x 1 thread, S = {total}, bf16, h={HEADS} d={HEAD_DIM}, causal, fwd+bwd (slowest rank)",
         "",

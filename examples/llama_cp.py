@@ -12,15 +12,13 @@ the step on the full sequence. Attention: ring_ext.attention; feed-forward: ring
 from __future__ import annotations
 
 import argparse
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import ring_ext
+from ring_ext.testing.spawn import run_distributed
 
 
 class Rope:
@@ -118,26 +116,16 @@ ALGOS = {
 }
 
 
-def _worker(rank: int, world: int, port: int, algo: str, steps: int, seq: int, queue) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        cfg = ring_ext.CPConfig(context_parallel_size=world, **ALGOS[algo])
-        losses = train(steps, seq, ring_ext.initialize(cfg))
-        if rank == 0:
-            queue.put(losses)
-    finally:
-        dist.destroy_process_group()
+def _train_rank(rank: int, world: int, run: tuple[str, int, int]) -> list[float]:
+    algo, steps, seq = run
+    cfg = ring_ext.CPConfig(context_parallel_size=world, **ALGOS[algo])
+    return train(steps, seq, ring_ext.initialize(cfg))
 
 
 def train_cp(cp: int, algo: str, steps: int, seq: int) -> list[float]:
-    """Runs train() on cp Gloo processes; returns the (all-reduced) losses."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(cp, port, algo, steps, seq, queue), nprocs=cp)
-    return queue.get()
+    """Runs train() on cp local Gloo processes (ring_ext.testing.spawn); returns the (all-reduced)
+    losses."""
+    return run_distributed(_train_rank, cp, [(algo, steps, seq)], collect=True, timeout_s=None)[0]
 
 
 def main() -> None:

@@ -10,10 +10,10 @@ The training step uses the library's helpers only:
     mesh = init_device_mesh("cpu", (dp, cp), mesh_dim_names=("dp", "cp"))
     ctx = ring_ext.initialize(cfg, group=mesh["cp"])
     fully_shard(block, mesh=mesh["dp"]) for every block, then fully_shard(model, mesh=mesh["dp"])
-    parts = ring_ext.hf.shard_packed_batch(row, ctx)        # labels shifted inside documents, then sharded
-    loss = ring_ext.hf.packed_loss(logits, parts["labels"], ctx, data_parallel=mesh["dp"])
-    loss.backward()                                         # FSDP2: gradients averaged over dp
-    ring_ext.reduce_gradients(model.parameters(), ctx)      # summed over cp (the DTensor shards)
+    parts = ring_ext.training.shard_packed_batch(row, ctx)   # labels shifted in documents, then sharded
+    loss = ring_ext.training.packed_loss(logits, parts["labels"], ctx, data_parallel=mesh["dp"])
+    loss.backward()                                          # FSDP2: gradients averaged over dp
+    ring_ext.reduce_gradients(model.parameters(), ctx)       # summed over cp (the DTensor shards)
     opt.step()
 
 Each dp replica trains on its own row of the global batch. packed_loss divides by the token count of the
@@ -25,13 +25,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
-import tempfile
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -41,7 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from llama_cp import ALGOS, TinyLlama, synthetic_batch  # noqa: E402
 
 import ring_ext  # noqa: E402
-import ring_ext.hf  # noqa: E402
+import ring_ext.training  # noqa: E402
+from ring_ext.testing.spawn import run_distributed  # noqa: E402
 
 # Plain SGD, not Adam: Adam's step hardly changes when every gradient is scaled alike, so a wrong loss
 # scaling (the dp mean not undone, or undone twice) would train the same; SGD's step shows it.
@@ -77,7 +74,7 @@ def reference(steps: int, dp: int, seq: int, packed: bool, seed: int = 0) -> tup
         summed, count = 0.0, 0
         for replica in range(dp):
             row, cu = replica_row(step, replica, seq, packed, model.embed.num_embeddings)
-            parts = ring_ext.hf.shard_packed_batch(row, None, cu_seqlens=cu)  # labels shifted
+            parts = ring_ext.training.shard_packed_batch(row, None, cu_seqlens=cu)  # labels shifted
             logits = model(parts["input_ids"], parts["position_ids"], None, cu if packed else None)
             summed = summed + F.cross_entropy(logits[0], parts["labels"][0], reduction="sum")
             count += int((parts["labels"] != -100).sum())
@@ -108,31 +105,25 @@ def train_fsdp_cp(
     for step in range(steps):
         row, cu = replica_row(step, replica, seq, packed, model.embed.num_embeddings)
         if packed:
-            parts = ring_ext.hf.shard_packed_batch(row, ctx, cu_seqlens=cu)
+            parts = ring_ext.training.shard_packed_batch(row, ctx, cu_seqlens=cu)
         else:  # one dense sequence: labels shifted on the whole row, then the usual zigzag shards
-            whole = ring_ext.hf.shard_packed_batch(row, None, cu_seqlens=cu)
+            whole = ring_ext.training.shard_packed_batch(row, None, cu_seqlens=cu)
             parts = {name: ring_ext.shard(t, ctx, seq_dim=1) for name, t in whole.items() if t.dim() == 2}
         logits = model(parts["input_ids"], parts["position_ids"], ctx, cu if packed else None)
-        loss = ring_ext.hf.packed_loss(logits, parts["labels"], ctx, data_parallel=mesh["dp"])
+        loss = ring_ext.training.packed_loss(logits, parts["labels"], ctx, data_parallel=mesh["dp"])
         opt.zero_grad()
         loss.backward()
         ring_ext.reduce_gradients(model.parameters(), ctx)
         opt.step()
-        losses.append(ring_ext.hf.reported_loss(loss, ctx, data_parallel=mesh["dp"]))
+        losses.append(ring_ext.training.reported_loss(loss, ctx, data_parallel=mesh["dp"]))
     return losses, {name: p.full_tensor().detach() for name, p in model.named_parameters()}
 
 
-def _worker(rank: int, world: int, port: int, dp: int, runs: list, steps: int, seq: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        mesh = init_device_mesh("cpu", (dp, world // dp), mesh_dim_names=("dp", "cp"))
-        results = [(algo, packed, *train_fsdp_cp(mesh, algo, steps, seq, packed)) for algo, packed in runs]
-        if rank == 0:
-            torch.save(results, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _train_rank(rank: int, world: int, job: tuple) -> list[tuple]:
+    """This rank's runs on mesh ("dp", "cp"): (algo, packed, losses, parameters) for each."""
+    dp, runs, steps, seq = job
+    mesh = init_device_mesh("cpu", (dp, world // dp), mesh_dim_names=("dp", "cp"))
+    return [(algo, packed, *train_fsdp_cp(mesh, algo, steps, seq, packed)) for algo, packed in runs]
 
 
 def main() -> None:
@@ -147,14 +138,8 @@ def main() -> None:
     parser.add_argument("--packed-only", action="store_true")
     args = parser.parse_args()
     runs = [(a, p) for p in ([True] if args.packed_only else [False, True]) for a in args.algos.split(",")]
-    world = args.dp * args.cp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "results.pt")
-        mp.spawn(_worker, args=(world, port, args.dp, runs, args.steps, args.seq, out), nprocs=world)
-        results = torch.load(out)
+    job = (args.dp, runs, args.steps, args.seq)
+    (results,) = run_distributed(_train_rank, args.dp * args.cp, [job], collect=True, timeout_s=None)
     refs = {p: reference(args.steps, args.dp, args.seq, p) for p in {p for _, p in runs}}
     print(f"dp={args.dp} x cp={args.cp}, {args.steps} SGD steps, {args.seq} tokens per row")
     print("| run | loss step 0 | loss last | max |loss - one process| | max |param - one process| |")

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch.distributed.tensor import DTensor
 
+from .groups import process_group
+
 
 def all_gather(x: torch.Tensor, ctx) -> list[torch.Tensor]:
     """Every CP rank's x (same shape and dtype on every rank), in group-rank order."""
@@ -32,10 +34,8 @@ def all_reduce(x: torch.Tensor, ctx, op: str = "sum") -> torch.Tensor:
 def all_reduce_over(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
     """x reduced over `group` (a process group or a 1-D DeviceMesh, e.g. mesh["dp"]), as a new
     tensor, through ring_ext's own collective (the Teardown note above)."""
-    from .context import _process_group  # not at the top: context imports this module (validation)
-
     out = x.detach().clone()
-    torch.ops.ring_ext.all_reduce_([out], _process_group(group).group_name, op)
+    torch.ops.ring_ext.all_reduce_([out], process_group(group).group_name, op)
     return out
 
 

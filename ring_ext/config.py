@@ -72,15 +72,6 @@ class CPConfig:
     def causal(self) -> bool:
         return self.attention_mask_type == "causal"
 
-    @property
-    def ring_size(self) -> int:
-        """Ranks along the ring: the CP size, or CP size / Ulysses degree for hybrid, 1 for Ulysses."""
-        if self.context_parallel_algo == "ulysses_cp_algo":
-            return 1
-        if self.context_parallel_algo == "hybrid_cp_algo":
-            return self.context_parallel_size // self.ulysses_degree_in_cp
-        return self.context_parallel_size
-
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CPConfig:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
@@ -108,5 +99,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def launched_by_torchrun() -> bool:
     """True in a process started by torchrun (or another launcher that sets RANK and WORLD_SIZE).
-    The one place outside the build where ring_ext reads the environment."""
+    ring_ext's one environment read besides the build and the CUDA tiling switch (cuda_tilings.chosen
+    sets RING_EXT_CUDA_*_TILING, which csrc/cuda/tilings.h reads at every launch)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

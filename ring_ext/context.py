@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from . import validation
 from .config import CPConfig
+from .groups import process_group, subgroup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ class CPContext:
     ring_group: dist.ProcessGroup | None = None
     inner_group: dist.ProcessGroup | None = None  # double ring only
     outer_group: dist.ProcessGroup | None = None  # double ring only
-    ulysses_group: dist.ProcessGroup | None = None  # hybrid / Ulysses (issue 4)
+    ulysses_group: dist.ProcessGroup | None = None  # hybrid and Ulysses
     # Group names as the C++ op resolves them (c10d::resolve_process_group); "" when absent.
     ring_group_name: str = ""
     inner_group_name: str = ""
@@ -75,7 +75,7 @@ def initialize(config: CPConfig, group: dist.ProcessGroup | DeviceMesh | None = 
         raise RuntimeError(
             "ring_ext.initialize needs torch.distributed initialised (dist.init_process_group)"
         )
-    group = _process_group(group)
+    group = process_group(group)
     validation.check_group(config, group)
     rank = dist.get_rank(group)
     ctx = dict(config=config, group=group, rank=rank)
@@ -90,28 +90,6 @@ def initialize(config: CPConfig, group: dist.ProcessGroup | DeviceMesh | None = 
     return CPContext(**ctx)
 
 
-def _process_group(group) -> dist.ProcessGroup:
-    """The CP process group that `group` names: the world for None, a 1-D mesh's group, or group."""
-    if group is None:
-        return dist.group.WORLD
-    if isinstance(group, DeviceMesh):
-        if group.ndim != 1:
-            names = group.mesh_dim_names or ()
-            dims = f"dimensions {names}" if names else f"shape {tuple(group.shape)}"
-            cp = next((n for n in names if "cp" in n.lower()), "cp")
-            raise ValueError(
-                f"ring_ext.initialize takes a 1-D DeviceMesh, the context-parallel dimension of your mesh "
-                f'(group=mesh["{cp}"]), or a process group; got a {group.ndim}-D DeviceMesh with {dims}'
-            )
-        return group.get_group()
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(
-            'group must be a torch.distributed ProcessGroup or a 1-D DeviceMesh (mesh["cp"]), '
-            f"got {type(group).__name__}"
-        )
-    return group
-
-
 def _ring_groups(ranks: list[int], me: int, ring: dist.ProcessGroup, w: int) -> dict:
     """The ring (ranks, in order; `ring` is its group) and, for the double ring, the inner ring of
     this rank's window of w consecutive ring ranks and the outer ring across windows."""
@@ -119,8 +97,8 @@ def _ring_groups(ranks: list[int], me: int, ring: dist.ProcessGroup, w: int) -> 
     n = len(ranks)
     if w == 1 or w == n:
         return out
-    inner = _my_group([ranks[o * w : (o + 1) * w] for o in range(n // w)], me // w, ring)
-    outer = _my_group([ranks[i::w] for i in range(w)], me % w, ring)
+    inner = subgroup([ranks[o * w : (o + 1) * w] for o in range(n // w)], me // w, ring)
+    outer = subgroup([ranks[i::w] for i in range(w)], me % w, ring)
     out.update(
         inner_group=inner,
         outer_group=outer,
@@ -142,25 +120,9 @@ def _hybrid_groups(ranks: list[int], me: int, config: CPConfig, group: dist.Proc
     ring across them, exactly as the plain double ring.
     """
     u = config.ulysses_degree_in_cp
-    ulysses = _my_group([ranks[g * u : (g + 1) * u] for g in range(len(ranks) // u)], me // u, group)
+    ulysses = subgroup([ranks[g * u : (g + 1) * u] for g in range(len(ranks) // u)], me // u, group)
     ring_ranks = ranks[me % u :: u]
-    ring = _my_group([ranks[j::u] for j in range(u)], me % u, group)
+    ring = subgroup([ranks[j::u] for j in range(u)], me % u, group)
     out = dict(ulysses_group=ulysses, ulysses_group_name=ulysses.group_name)
     out.update(_ring_groups(ring_ranks, me // u, ring, config.cp_window_size))
     return out
-
-
-def _my_group(all_ranks: list[list[int]], mine: int, parent: dist.ProcessGroup) -> dist.ProcessGroup:
-    """Creates the group of this rank only (local synchronisation) and returns it, with the parent
-    group's timeout (new_group's default is torch's 30 minutes, which would let a rank whose peer
-    never calls wait that long; docs/reliability.md, No hangs)."""
-    return dist.new_group(all_ranks[mine], use_local_synchronization=True, timeout=_timeout_of(parent))
-
-
-def _timeout_of(group: dist.ProcessGroup):
-    """group's timeout (a timedelta), or None (torch's default) where the backend does not say."""
-    try:
-        device = str(dist.get_backend_config(group)).split(",")[0].split(":")[0]
-        return group._get_backend(torch.device(device)).options._timeout
-    except Exception:  # a backend without options: keep torch's default
-        return None

@@ -13,8 +13,9 @@ tokens the kernels see lists its tokens in increasing g, padding (g >= S) last, 
 query sees in a block are one interval of the block's rows, and the intervals never move backwards
 from one query row to the next: visible_keys() gives those intervals, half-open [begin, end) in
 int64, the form the kernels take (MaskKind::kRows in csrc/common/params.h). The placement
-(ring_ext/placement.py), the float64 reference (ring_ext/testing) and the planner all count or draw
-the mask from row_bounds; tests/test_packed.py holds it to the per-pair definition above.
+(ring_ext/placement.py), the float64 reference (ring_ext/testing/reference.py, through mask_matrix)
+and the planner all count or draw the mask from row_bounds or pairs_before; tests/test_packed.py
+holds both to the per-pair definition above, written out independently there.
 """
 
 from __future__ import annotations
@@ -89,10 +90,11 @@ def visible_keys(
     return torch.stack([torch.searchsorted(k_index, lo), torch.searchsorted(k_index, hi)])
 
 
-def dense_mask(
+def mask_matrix(
     q_index: torch.Tensor, k_index: torch.Tensor, cu_seqlens: tuple[int, ...], causal: bool, window=None
 ) -> torch.Tensor:
-    """[len(q_index), len(k_index)] bool, the mask written out (for the float64 reference; O(s^2))."""
+    """[len(q_index), len(k_index)] bool, True where a query sees a key: the mask written out from
+    row_bounds (for the float64 reference; O(s^2))."""
     lo, hi = row_bounds(torch.as_tensor(q_index), cu_seqlens, causal, window)
     k = torch.as_tensor(k_index)[None, :]
     return (k >= lo[:, None]) & (k < hi[:, None])

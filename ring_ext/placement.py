@@ -114,13 +114,17 @@ def chunk_order(sharding: str, cp_size: int, rank: int, ulysses_degree: int = 1)
     return ring_shard[2 * (rank % u) : 2 * (rank % u) + 2]
 
 
-def dense_tokens(sharding: str, cp_size: int, total: int, ulysses_degree: int = 1) -> tuple[torch.Tensor, ...]:
-    """The global indices each rank holds of a dense sequence of `total` tokens, per rank."""
+def dense_tokens(
+    sharding: str, cp_size: int, total: int, ulysses_degree: int = 1, where: str = ""
+) -> tuple[torch.Tensor, ...]:
+    """The global indices each rank holds of a dense sequence of `total` tokens, per rank. where:
+    which dim of which tensor holds the sequence, for the error message (e.g. " (dim 1)")."""
     n = num_chunks(sharding, cp_size)
     if total % n != 0:
         raise ValueError(
-            f"sequence length {total} must be divisible by {n} ({sharding} sharding over cp_size={cp_size}); "
-            f"for any length pass cu_seqlens=[0, {total}] (one document) to shard, attention and unshard"
+            f"sequence length {total}{where} must be divisible by {n} ({sharding} sharding over "
+            f"cp_size={cp_size}); for any length pass cu_seqlens=[0, {total}] (one document) to shard, "
+            "attention and unshard"
         )
     size = total // n
     return tuple(
@@ -215,11 +219,13 @@ def real_length(index: torch.Tensor, total: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def rank_tokens(s: Scheme, total: int, cu_seqlens: tuple[int, ...] | None) -> tuple[torch.Tensor, ...]:
+def rank_tokens(
+    s: Scheme, total: int, cu_seqlens: tuple[int, ...] | None, where: str = ""
+) -> tuple[torch.Tensor, ...]:
     """The global indices every rank holds (padding last): the packed placement for cu_seqlens, the
-    dense one otherwise. Cached: a model asks once per layer alike."""
+    dense one otherwise (where: as dense_tokens'). Cached: a model asks once per layer alike."""
     if cu_seqlens is None:
-        return dense_tokens(s.sharding, s.cp_size, total, s.ring_ulysses)
+        return dense_tokens(s.sharding, s.cp_size, total, s.ring_ulysses, where)
     return packed_tokens(cu_seqlens, s.groups, s.members, s.causal, s.window)
 
 

@@ -18,7 +18,7 @@ def shard_tensor(
     """This rank's part of a dense full sequence x (no communication, no context); sharding is
     "zigzag" or "contiguous" (ring_ext/placement.py)."""
     seq_dim = validation.check_seq_dim(x, seq_dim)
-    tokens = placement.dense_tokens(sharding, cp_size, x.shape[seq_dim], ulysses_degree)[rank]
+    tokens = placement.dense_tokens(sharding, cp_size, x.shape[seq_dim], ulysses_degree, f" (dim {seq_dim})")[rank]
     return x.index_select(seq_dim, tokens.to(x.device))
 
 
@@ -43,7 +43,7 @@ def shard(x: torch.Tensor, ctx, seq_dim: int, cu_seqlens=None) -> torch.Tensor:
     seq_dim = validation.check_seq_dim(x, seq_dim)
     total = x.shape[seq_dim]
     cu = None if cu_seqlens is None else masks.check_cu_seqlens(cu_seqlens, total)
-    mine = placement.rank_tokens(placement.scheme(ctx), total, cu)[ctx.rank]
+    mine = placement.rank_tokens(placement.scheme(ctx), total, cu, f" (dim {seq_dim})")[ctx.rank]
     return x.index_select(seq_dim, mine[: placement.real_length(mine, total)].to(x.device))
 
 

@@ -1,5 +1,7 @@
-"""Shared fixtures. Test modules import their helpers by plain name (tolerances, distributed,
-ring_cases): pytest puts tests/ on sys.path, and spawned ranks find them the same way."""
+"""Shared fixtures. Test modules import the test-only helpers of tests/ by plain name (ring_cases,
+packed_cases, devices): pytest puts tests/ on sys.path, and spawned ranks find them the same way. What
+tests share with benchmarks, examples and the CLI (the oracle, the tolerance rule, the spawn helper)
+is ring_ext.testing."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import datetime
 import pytest
 import torch.distributed as dist
 
-from distributed import free_port
+from ring_ext.testing.spawn import free_port
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """One packed-documents (and/or sliding-window) context-parallel case, run on every rank
 (tests/test_packed_dist.py): shard the full packed row with cu_seqlens, forward and backward through
 ring_ext.attention, unshard, compare with the float64 oracle whose mask is written per token pair
-(ring_ext.reference.packed_visible), with PyTorch's attention under the same mask as the yardstick
-(tests/tolerances.py)."""
+(ring_ext.testing.reference.packed_mask), with PyTorch's attention under the same mask as the yardstick
+(ring_ext/testing/tolerances.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import torch
 
 import ring_ext
 from ring_ext.layouts import SEQ_DIM, from_bshd, to_bshd
-from ring_ext.reference import attention_reference, packed_visible
+from ring_ext.testing.documents import cu_of
+from ring_ext.testing.reference import attention_reference, packed_mask
+from ring_ext.testing.tolerances import assert_attention, torch_attention
 
 from ring_cases import Case, context  # one cached context per configuration, any case with .config()
-from tolerances import assert_attention, torch_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +45,6 @@ class PackedCase:
     @property
     def cu_seqlens(self) -> list[int]:
         return cu_of(self.docs)
-
-
-def cu_of(docs) -> list[int]:
-    """cu_seqlens of document lengths."""
-    cu = [0]
-    for n in docs:
-        cu.append(cu[-1] + n)
-    return cu
 
 
 def run_packed_case(rank: int, world_size: int, case: PackedCase):
@@ -86,23 +79,10 @@ def run_packed_case(rank: int, world_size: int, case: PackedCase):
     got = [ring_ext.unshard(t.detach(), ctx, seq_dim, **packing) for t in (out_l, ql.grad, kl.grad, vl.grad)]
     got = [to_bshd(t, case.layout, case.head_dim) for t in got]
     index = torch.arange(total)
-    mask = packed_visible(index, index, (0, total) if case.dense else cu, case.causal, case.sliding_window)
+    mask = packed_mask(index, index, (0, total) if case.dense else cu, case.causal, case.sliding_window)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     out, _ = attention_reference(q64, k64, v64, causal=False, mask=mask)
     expected = [out.detach(), *torch.autograd.grad(out, (q64, k64, v64), dout.double())]
     baseline = torch_attention(q, k, v, dout, causal=False, mask=mask)
     # dq rows of queries that see few keys are ill-conditioned (tolerances.assert_attention)
     assert_attention(got, expected, baseline, f"rank {rank}/{world_size} {case}", dq_rows=mask.sum(1) >= 4)
-
-
-def lognormal_docs(total: int, n_docs: int, seed: int) -> tuple[int, ...]:
-    """n_docs lengths >= 0 summing to total, drawn lognormal (the mixes of packed pretraining data)."""
-    g = torch.Generator().manual_seed(seed)
-    weights = torch.empty(n_docs).log_normal_(0.0, 1.0, generator=g)
-    cuts = (weights.cumsum(0) / weights.sum() * total).round().long().tolist()
-    cuts[-1] = total
-    lengths, prev = [], 0
-    for c in cuts:
-        lengths.append(c - prev)
-        prev = c
-    return tuple(lengths)

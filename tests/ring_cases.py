@@ -1,6 +1,6 @@
 """One context-parallel attention case, run on every rank (tests/test_ring_dist.py,
 tests/test_ulysses_dist.py, benchmarks): shard the full inputs, run forward and backward through
-ring_ext.attention, unshard, compare with the float64 oracle (tests/tolerances.py: at most twice
+ring_ext.attention, unshard, compare with the float64 oracle (ring_ext/testing/tolerances.py: at most twice
 PyTorch's own error in the same dtype, LSE tightly); and `pairwise`, the small covering tables the
 distributed matrices are drawn from."""
 
@@ -14,9 +14,8 @@ import torch
 import ring_ext
 from ring_ext.attention import cp_op
 from ring_ext.layouts import SEQ_DIM, from_bshd, to_bshd
-from ring_ext.reference import attention_reference
-
-from tolerances import assert_attention, assert_lse, torch_attention
+from ring_ext.testing.reference import attention_reference
+from ring_ext.testing.tolerances import assert_attention, assert_lse, torch_attention
 
 
 @dataclasses.dataclass(frozen=True)

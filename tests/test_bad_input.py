@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 import ring_ext
+from ring_ext.testing.spawn import run_distributed
 
-from distributed import run_distributed
 from ring_cases import Case, context, run_case
 
 # ---- the contexts every attention case runs under (world size W) -------------------------------

@@ -3,8 +3,9 @@ deadline, every expected row present and verified against full attention; under 
 CP size comes from the launched world, and a CP size the world cannot run is an error naming both.
 
 The CLI's own check compares each algorithm with full attention on one process in float32; here its
-reported error is held to the suite's rule instead (tests/tolerances.py): float32 to REL_L2, bf16 to
-twice PyTorch's own bf16 attention's error on the same inputs (the CLI draws them from its --seed).
+reported error is held to the suite's rule instead (ring_ext/testing/tolerances.py): float32 to REL_L2,
+bf16 to twice PyTorch's own bf16 attention's error on the same inputs (the CLI draws them from its
+--seed).
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import pytest
 import torch
 
 from ring_ext.cli import UsageError, build_parser, cases_for, cp_sizes, full_inputs, plan
-from ring_ext.reference import attention_reference
-
-from tolerances import FACTOR, FLOOR, REL_L2, rel_l2, torch_attention
+from ring_ext.testing.reference import attention_reference
+from ring_ext.testing.tolerances import FACTOR, FLOOR, REL_L2, rel_l2, torch_attention
 
 TINY = ["--seq", "64", "--heads", "4", "--head-dim", "16", "--repeats", "1", "--timeout", "60"]
 TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ring_ext"]

@@ -9,8 +9,7 @@ import torch
 
 import ring_ext
 from ring_ext.collectives import all_gather
-
-from distributed import run_distributed
+from ring_ext.testing.spawn import run_distributed
 
 WORLD = 3
 

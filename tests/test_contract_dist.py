@@ -12,7 +12,7 @@ import torch
 import ring_ext
 from ring_ext.layouts import LAYOUTS, SEQ_DIM, from_bshd
 
-from distributed import run_distributed
+from ring_ext.testing.spawn import run_distributed
 from packed_cases import PackedCase, context
 from ring_cases import Case
 

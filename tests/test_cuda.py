@@ -5,8 +5,8 @@ tests/test_kernels.py, parametrized over the devices.
 
 Everything here needs a CUDA device and a build with the CUDA part; elsewhere the module is collected
 and skipped with the reason ("no CUDA device" on a machine without a GPU). The oracle runs in float64 on
-the GPU; the rule (tests/tolerances.py): at most twice the error of PyTorch's own attention in the same
-dtype on the GPU, LSE tightly.
+the GPU; the rule (ring_ext/testing/tolerances.py): at most twice the error of PyTorch's own attention in
+the same dtype on the GPU, LSE tightly.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from test_kernels import PACKED_CU, PACKED_PAD, check_fwd_bwd
 
 import ring_ext
 from ring_ext import cuda_tilings
-from ring_ext.reference import attention_reference, packed_visible
-
-from distributed import free_port
-from tolerances import assert_attention, assert_close_to_oracle, assert_lse, torch_attention
+from ring_ext.testing.reference import attention_reference, packed_mask
+from ring_ext.testing.spawn import free_port
+from ring_ext.testing.tolerances import assert_attention, assert_close_to_oracle, assert_lse, torch_attention
 
 pytestmark = CUDA_MARKS
 
@@ -179,7 +178,7 @@ def test_cp_attention_cp1_on_a_side_stream(nccl_group, algo, extra, packed):
         result = [out.detach().clone(), q.grad.clone(), k.grad.clone(), v.grad.clone()]
     side.synchronize()
     index = torch.arange(256)
-    mask = packed_visible(index, index, cu, True, window).to(DEV) if packed else None
+    mask = packed_mask(index, index, cu, True, window).to(DEV) if packed else None
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, _ = attention_reference(q64, k64, v64, causal=not packed, mask=mask)
     expected = [ref.detach(), *torch.autograd.grad(ref, (q64, k64, v64), dout.double())]

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from ring_ext.ffn import blockwise_ffn
-
-from tolerances import assert_rel_l2
+from ring_ext.testing.tolerances import assert_rel_l2
 
 
 def make_mlp(d_model, hidden, dropout=0.0):

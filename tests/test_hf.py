@@ -1,8 +1,8 @@
 """ring_ext as a transformers attention implementation, always against the model's own attention
 (eager or SDPA, one process, the full sequence); tiny random models built from configs, nothing
 downloaded. Every architecture either matches or raises ValueError naming what it cannot honour
-(ring_ext/hf.py, Note [Nothing silently wrong]); with context parallelism over Gloo the logits and
-gradients match the model's own attention on the unsharded sequence."""
+(ring_ext/integrations/hf.py, Note [Nothing silently wrong]); with context parallelism over Gloo the
+logits and gradients match the model's own attention on the unsharded sequence."""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ transformers = pytest.importorskip("transformers", reason="the hf extra is not i
 
 import ring_ext  # noqa: E402
 import ring_ext.hf  # noqa: E402
-
-from distributed import run_distributed  # noqa: E402
-from tolerances import assert_rel_l2  # noqa: E402
+from ring_ext.testing.spawn import run_distributed  # noqa: E402
+from ring_ext.testing.tolerances import assert_rel_l2  # noqa: E402
 
 VOCAB = 97
 SEQ = 24

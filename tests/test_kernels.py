@@ -1,9 +1,9 @@
 """Block kernels (forward, backward, merge) against the float64 oracle, on fresh random inputs: one suite
 for both devices. Every case runs on CPU and, with a GPU and a CUDA build, on CUDA (tests/devices.py;
 elsewhere the CUDA variant skips with "no CUDA device"). The oracle runs in float64 on the inputs'
-device; the rule (tests/tolerances.py): at most twice the error of PyTorch's own attention in the same
-dtype on the same device, LSE tightly. On CUDA, cases that target one kernel family (tensor cores or
-SIMT) also check, with the profiler, that this family is the one that ran."""
+device; the rule (ring_ext/testing/tolerances.py): at most twice the error of PyTorch's own attention in
+the same dtype on the same device, LSE tightly. On CUDA, cases that target one kernel family (tensor
+cores or SIMT) also check, with the profiler, that this family is the one that ran."""
 
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ from devices import DEVICES, expect_family, make_qkv, misaligned_qkv
 
 import ring_ext
 from ring_ext.layouts import from_bshd, to_bshd
-from ring_ext.reference import attention_reference, merge_reference, packed_visible
-
-from tolerances import (
+from ring_ext.testing.reference import attention_reference, merge_reference, packed_mask
+from ring_ext.testing.tolerances import (
     FP32_LONG_FACTOR,
     assert_attention,
     assert_close_to_oracle,
@@ -311,7 +310,7 @@ def test_packed_attention_api_thd(device):
     dout = torch.randn_like(out)
     out.backward(dout)
     index = torch.arange(cu[-1])
-    mask = packed_visible(index, index, cu, True).to(device)
+    mask = packed_mask(index, index, cu, True).to(device)
     q64, k64, v64 = (t.detach().double()[None].requires_grad_() for t in (q, k, v))
     ref, _ = attention_reference(q64, k64, v64, causal=False, mask=mask)
     expected = [ref.detach(), *torch.autograd.grad(ref, (q64, k64, v64), dout.double()[None])]

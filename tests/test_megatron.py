@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import ring_ext
-from ring_ext.reference import attention_reference
-
-from distributed import run_distributed
-from tolerances import REL_L2, rel_l2
+from ring_ext.testing.reference import attention_reference
+from ring_ext.testing.spawn import run_distributed
+from ring_ext.testing.tolerances import REL_L2, rel_l2
 
 SEQ, BATCH, HEADS, HEAD_DIM = 32, 2, 4, 8
 HIDDEN = HEADS * HEAD_DIM

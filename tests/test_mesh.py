@@ -1,6 +1,6 @@
 """ring_ext.initialize(cfg, group=mesh["cp"]): context parallelism as one dimension of a DeviceMesh.
 
-Four Gloo ranks, one spawn (tests/distributed.py), meshes from init_device_mesh("cpu", ...):
+Four Gloo ranks, one spawn (ring_ext/testing/spawn.py), meshes from init_device_mesh("cpu", ...):
 
     ("dp", "cp") = (2, 2)   cp groups [0 1] and [2 3]: two CP groups run side by side on different data
     ("cp", "dp") = (2, 2)   cp groups [0 2] and [1 3]: CP ranks that are not consecutive world ranks
@@ -8,9 +8,9 @@ Four Gloo ranks, one spawn (tests/distributed.py), meshes from init_device_mesh(
 
 Each case shards q/k/v over mesh["cp"] (ring_ext.shard), runs ring_ext.attention forward and backward
 and compares the local output and gradients with the float64 oracle on the full tensors, sharded the
-same way (float32 inputs: tests/tolerances.py REL_L2). Each dp replica draws its own inputs, so a CP
-group that reached into the other replica would fail the comparison. A mesh of more than one dimension
-is refused with a ValueError naming what to pass.
+same way (float32 inputs: ring_ext/testing/tolerances.py REL_L2). Each dp replica draws its own inputs,
+so a CP group that reached into the other replica would fail the comparison. A mesh of more than one
+dimension is refused with a ValueError naming what to pass.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import ring_ext
-from ring_ext.reference import attention_reference
-
-from distributed import run_distributed
-from tolerances import assert_rel_l2
+from ring_ext.testing.reference import attention_reference
+from ring_ext.testing.spawn import run_distributed
+from ring_ext.testing.tolerances import assert_rel_l2
 
 
 @dataclasses.dataclass(frozen=True)

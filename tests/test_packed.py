@@ -7,17 +7,16 @@ from __future__ import annotations
 import math
 import zlib
 
-import packed_cases
 import pytest
 import torch
-from packed_cases import lognormal_docs
 
 import ring_ext
 from ring_ext.masks import check_cu_seqlens, pairs_before, visible_keys
 from ring_ext.placement import packed_tokens
-from ring_ext.reference import attention_reference, packed_visible
-
-from tolerances import assert_attention, assert_lse, torch_attention
+from ring_ext.testing import documents
+from ring_ext.testing.documents import lognormal_docs
+from ring_ext.testing.reference import attention_reference, packed_mask
+from ring_ext.testing.tolerances import assert_attention, assert_lse, torch_attention
 
 MIXES = {
     "tiny_and_empty": (1, 2, 0, 37, 5, 3),
@@ -28,7 +27,7 @@ MIXES = {
 
 
 def cu_of(docs) -> tuple[int, ...]:
-    return tuple(packed_cases.cu_of(docs))
+    return tuple(documents.cu_of(docs))
 
 
 def intervals_to_mask(vis: torch.Tensor, n_keys: int) -> torch.Tensor:
@@ -39,6 +38,32 @@ def intervals_to_mask(vis: torch.Tensor, n_keys: int) -> torch.Tensor:
 @pytest.mark.parametrize("mix", sorted(MIXES))
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window", [None, 1, 4, 1000])
+def pairwise_mask(q_index, k_index, cu_seqlens, causal: bool, window: int | None = None):
+    """The mask model of ring_ext/masks.py written out per token pair, independently of its code: both
+    in the same document, and causal pos_k <= pos_q / a window |pos_q - pos_k| < w. Indices >= S are
+    padding: they see nothing and nothing sees them."""
+    cu = torch.as_tensor(list(cu_seqlens), dtype=torch.int64)
+    total = int(cu[-1])
+    doc_of = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1])  # [S]
+    start_of = cu[doc_of]
+
+    def doc_pos(idx):
+        real = idx < total
+        safe = idx.clamp(max=max(total - 1, 0))
+        doc = torch.where(real, doc_of[safe] if total else safe, -1)
+        return doc, idx - (start_of[safe] if total else 0), real
+
+    dq, pq, rq = doc_pos(torch.as_tensor(q_index))
+    dk, pk, rk = doc_pos(torch.as_tensor(k_index))
+    diff = pq[:, None] - pk[None, :]
+    allowed = (dq[:, None] == dk[None, :]) & rq[:, None] & rk[None, :]
+    if causal:
+        allowed &= diff >= 0
+    if window is not None:
+        allowed &= diff.abs() < window
+    return allowed
+
+
 def test_visible_keys_is_the_mask_model(mix, causal, window):
     """On blocks that are sorted subsets of the tokens plus padding (as the plan gives ranks), the
     intervals reproduce the per-pair mask exactly, and never move backwards."""
@@ -54,8 +79,9 @@ def test_visible_keys_is_the_mask_model(mix, causal, window):
         )
         vis = visible_keys(q_index, k_index, cu, causal, window)
         assert torch.equal(
-            intervals_to_mask(vis, len(k_index)), packed_visible(q_index, k_index, cu, causal, window)
+            intervals_to_mask(vis, len(k_index)), pairwise_mask(q_index, k_index, cu, causal, window)
         )
+        assert torch.equal(packed_mask(q_index, k_index, cu, causal, window), pairwise_mask(q_index, k_index, cu, causal, window))
         assert (vis[:, 1:] >= vis[:, :-1]).all()
 
 
@@ -63,7 +89,7 @@ def test_pairs_before_counts_the_mask():
     for length in (1, 2, 7, 30):
         for causal in (True, False):
             for window in (None, 1, 3, 50):
-                mask = packed_visible(torch.arange(length), torch.arange(length), (0, length), causal, window)
+                mask = pairwise_mask(torch.arange(length), torch.arange(length), (0, length), causal, window)
                 for x in range(length + 1):
                     assert pairs_before(x, length, causal, window) == int(mask[:x].sum()), (
                         length,
@@ -95,7 +121,7 @@ def _pairs_per_rank(plan, cu, causal=True):
     out = []
     for t in plan:
         idx = t[t < total]
-        out.append(int(packed_visible(idx, torch.arange(total), cu, causal).sum()))
+        out.append(int(packed_mask(idx, torch.arange(total), cu, causal).sum()))
     return out
 
 
@@ -124,7 +150,7 @@ def test_windowed_plan_is_contiguous_and_balanced(cp, causal):
     blocks = [torch.cat(plan[g * 2 : g * 2 + 2]) for g in range(cp)]
     real = [b[b < total] for b in blocks]
     assert torch.equal(torch.cat(real), torch.arange(total)), "consecutive pieces, in rank order"
-    pairs = [int(packed_visible(r, torch.arange(total), cu, causal, window).sum()) for r in real]
+    pairs = [int(packed_mask(r, torch.arange(total), cu, causal, window).sum()) for r in real]
     token = window if causal else 2 * window - 1  # the most keys one token sees
     assert max(pairs) - min(pairs) <= 2 * token, pairs
 
@@ -142,7 +168,7 @@ def check_packed(q, k, v, cu, causal, window, seed):
     rows, device = q.shape[1], q.device
     index = torch.arange(rows)
     vis = visible_keys(index, index, cu, causal, window).to(device)
-    mask = packed_visible(index, index, cu, causal, window).to(device)
+    mask = packed_mask(index, index, cu, causal, window).to(device)
     scale = 1.0 / math.sqrt(q.shape[-1])
     qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out, lse = torch.ops.ring_ext.fwd(qg, kg, vg, scale, False, visible=vis)
@@ -200,7 +226,7 @@ def test_attention_packed_one_process(layout, mix):
     args = [(to(t, layout) if layout != "thd" else t[0]).float() for t in (q, k, v)]
     out = ring_ext.attention(*args, layout=layout, causal=True, cu_seqlens=torch.tensor(cu))
     index = torch.arange(total)
-    ref, _ = attention_reference(q, k, v, causal=False, mask=packed_visible(index, index, cu, True))
+    ref, _ = attention_reference(q, k, v, causal=False, mask=packed_mask(index, index, cu, True))
     got = ring_ext.layouts.to_bshd(out, layout, 16)
     torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=1e-5)
 
@@ -218,7 +244,7 @@ def test_dense_sliding_window_any_batch():
         out = ring_ext.attention(q.float(), k.float(), v.float(), causal=causal, sliding_window=20)
         index = torch.arange(150)
         ref, _ = attention_reference(
-            q, k, v, causal=False, mask=packed_visible(index, index, (0, 150), causal, 20)
+            q, k, v, causal=False, mask=packed_mask(index, index, (0, 150), causal, 20)
         )
         torch.testing.assert_close(out.float(), ref.float(), rtol=1e-5, atol=1e-5)
 

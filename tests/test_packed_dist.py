@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from packed_cases import PackedCase, context, lognormal_docs, run_packed_case
+from packed_cases import PackedCase, context, run_packed_case
 
 import ring_ext
+from ring_ext.testing.documents import lognormal_docs
+from ring_ext.testing.spawn import run_distributed
 from ring_ext.tools.planner import model as planner
-
-from distributed import run_distributed
 
 RING, ULYSSES, HYBRID = "megatron_cp_algo", "ulysses_cp_algo", "hybrid_cp_algo"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16

@@ -17,11 +17,11 @@ import torch.multiprocessing as mp
 
 import ring_ext
 from ring_ext.peak_memory import exact_peaks
-from ring_ext.reference import attention_reference
+from ring_ext.testing.reference import attention_reference
+from ring_ext.testing.spawn import free_port, run_distributed
+from ring_ext.testing.tolerances import rel_l2
 
-from distributed import free_port, run_distributed
 from ring_cases import Case, context, run_case
-from tolerances import rel_l2
 
 ALGOS = {
     "ring": Case(algo="megatron_cp_algo"),

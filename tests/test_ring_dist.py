@@ -1,6 +1,6 @@
 """Ring and double ring attention over real Gloo processes, forward and backward against the float64 oracle.
 
-One spawn per world size runs a whole batch of cases (tests/distributed.py). The matrix is a pairwise
+One spawn per world size runs a whole batch of cases (ring_ext/testing/spawn.py). The matrix is a pairwise
 covering table (ring_cases.pairwise) over layout x dtype (fp32, bf16, fp16) x heads (MHA/GQA/MQA) x
 head dim x mask x overlap x window x batch: every two of them vary independently, in 12-16 cases per
 world. A double ring always has 1 < window < cp (window == cp is the plain ring). The world-2 spawn
@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import run_distributed
+from ring_ext.testing.spawn import run_distributed
+
 from ring_cases import Case, pairwise, run_case
 
 LAYOUTS = ("bshd", "sbhd", "bnsd", "sbh")

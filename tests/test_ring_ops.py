@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ring_ext
+from ring_ext.testing.spawn import run_distributed
 
-from distributed import run_distributed
 from ring_cases import Block, Case, compile_case
 
 RING = dict(context_parallel_size=1, context_parallel_algo="megatron_cp_algo")

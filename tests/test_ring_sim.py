@@ -10,11 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ring_ext.reference import attention_reference
 from ring_ext.ring import schedule
 from ring_ext.sharding import shard_tensor, unshard_parts
-
-from tolerances import assert_attention, assert_lse, torch_attention
+from ring_ext.testing.reference import attention_reference
+from ring_ext.testing.tolerances import assert_attention, assert_lse, torch_attention
 
 ALGO = "megatron_cp_algo"
 

@@ -33,8 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import llama_cp  # noqa: E402
 
 import ring_ext  # noqa: E402
-
-from distributed import free_port  # noqa: E402
+from ring_ext.testing.spawn import free_port  # noqa: E402
 
 RUNS = 12
 CP = 2

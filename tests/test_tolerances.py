@@ -1,4 +1,4 @@
-"""The tolerance rule sees the bug it is there for (tests/tolerances.py).
+"""The tolerance rule sees the bug it is there for (ring_ext/testing/tolerances.py).
 
 A result is built with a deliberately leaky causal mask: one row (the last row that has a future
 key, in one (batch, head)) also sees the next key. It is computed in float64 and rounded to the
@@ -27,9 +27,8 @@ import pytest
 import torch
 
 import ring_ext
-from ring_ext.reference import attention_reference, visible
-
-from tolerances import REL_L2, assert_lse, assert_rel_l2, judge, rel_l2, torch_attention
+from ring_ext.testing.reference import attention_reference, dense_mask
+from ring_ext.testing.tolerances import REL_L2, assert_lse, assert_rel_l2, judge, rel_l2, torch_attention
 
 OLD_REL_L2 = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # the global bounds this rule replaced
 
@@ -38,7 +37,7 @@ def leaky_reference(q, k, v, row: int, batch: int, head: int):
     """float64 (out, lse) of causal attention in which `row` of (batch, head) also sees key row + 1."""
     q, k, v = (t.double() for t in (q, k, v))
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
-    mask = visible(q.shape[1], k.shape[1], True).expand(s.shape).clone()  # [b, h, sq, sk]
+    mask = dense_mask(q.shape[1], k.shape[1], True).expand(s.shape).clone()  # [b, h, sq, sk]
     mask[batch, head, row, row + 1] = True
     s = s.masked_fill(~mask, -math.inf)
     lse = torch.logsumexp(s, dim=-1)  # [b, h, sq]

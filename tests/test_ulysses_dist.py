@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import run_distributed
+from ring_ext.testing.spawn import run_distributed
+
 from ring_cases import Case, pairwise, run_case
 
 LAYOUTS = ("bshd", "sbhd", "bnsd", "sbh")

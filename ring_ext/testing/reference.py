@@ -9,9 +9,11 @@ import math
 
 import torch
 
+from .. import masks
 
-def visible(seq_q: int, seq_k: int, causal: bool, q_offset: int = 0, k_offset: int = 0, device=None):
-    """[seq_q, seq_k] bool: key j is visible to row i (causal: k_offset + j <= q_offset + i)."""
+
+def dense_mask(seq_q: int, seq_k: int, causal: bool, q_offset: int = 0, k_offset: int = 0, device=None):
+    """[seq_q, seq_k] bool, True where row i attends to key j (causal: k_offset + j <= q_offset + i)."""
     if not causal:
         return torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
     i = torch.arange(seq_q, device=device)[:, None] + q_offset
@@ -19,37 +21,19 @@ def visible(seq_q: int, seq_k: int, causal: bool, q_offset: int = 0, k_offset: i
     return j <= i
 
 
-def packed_visible(q_index, k_index, cu_seqlens, causal: bool, window: int | None = None):
-    """[len(q_index), len(k_index)] bool: the mask model of docs/design.md written out per token pair
-    (same document, and causal pos_k <= pos_q / a window |pos_q - pos_k| < w). Indices >= S are padding:
-    they see nothing and nothing sees them."""
-    cu = torch.as_tensor(list(cu_seqlens), dtype=torch.int64)
-    total = int(cu[-1])
-    doc_of = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1])  # [S]
-    start_of = cu[doc_of]
-
-    def doc_pos(idx):
-        real = idx < total
-        safe = idx.clamp(max=max(total - 1, 0))
-        doc = torch.where(real, doc_of[safe] if total else safe, -1)
-        return doc, idx - (start_of[safe] if total else 0), real
-
-    dq, pq, rq = doc_pos(torch.as_tensor(q_index))
-    dk, pk, rk = doc_pos(torch.as_tensor(k_index))
-    diff = pq[:, None] - pk[None, :]
-    vis = (dq[:, None] == dk[None, :]) & rq[:, None] & rk[None, :]
-    if causal:
-        vis &= diff >= 0
-    if window is not None:
-        vis &= diff.abs() < window
-    return vis
+def packed_mask(q_index, k_index, cu_seqlens, causal: bool, window: int | None = None):
+    """[len(q_index), len(k_index)] bool, True where query q attends to key k, under the mask model of
+    ring_ext/masks.py (packed documents, causal or not, a sliding window). Indices >= S are padding:
+    they attend to nothing and nothing to them. (tests/test_packed.py holds the rule to its per-pair
+    definition.)"""
+    return masks.mask_matrix(torch.as_tensor(q_index), torch.as_tensor(k_index), tuple(cu_seqlens), causal, window)
 
 
 def attention_reference(
     q, k, v, *, causal: bool, scale: float | None = None, q_offset: int = 0, k_offset: int = 0, mask=None
 ):
     """(out, lse) in float64. q [b, sq, hq, d]; k, v [b, sk, hkv, d]; lse [b, hq, sq], -inf if no key.
-    mask ([sq, sk] bool, e.g. packed_visible) replaces causal and the offsets."""
+    mask ([sq, sk] bool, e.g. packed_mask) replaces causal and the offsets."""
     q, k, v = (t.double() for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     group = q.shape[2] // k.shape[2]
@@ -57,7 +41,7 @@ def attention_reference(
     v = v.repeat_interleave(group, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if mask is None:
-        mask = visible(q.shape[1], k.shape[1], causal, q_offset, k_offset, q.device)
+        mask = dense_mask(q.shape[1], k.shape[1], causal, q_offset, k_offset, q.device)
     s = s.masked_fill(~mask.to(q.device), -math.inf)
     lse = torch.logsumexp(s, dim=-1)  # [b, hq, sq]
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with no key: 0

@@ -2,7 +2,7 @@
 the float64 oracle as PyTorch's own attention in the same dtype.
 
 Every attention result (out, dq, dk, dv) in input dtype D is compared with the float64 oracle
-(ring_ext.reference) computed from the same, already rounded, inputs; the yardstick is PyTorch's
+(ring_ext.testing.reference) computed from the same, already rounded, inputs; the yardstick is PyTorch's
 attention run in D on those inputs (`torch_attention`: F.scaled_dot_product_attention, with an explicit
 mask where is_causal cannot express the offsets). Two measures, the same rule for both:
 
@@ -40,7 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ring_ext.reference import visible
+from .reference import dense_mask
 
 FACTOR = 2.0
 
@@ -87,9 +87,10 @@ def torch_attention(
     q, k, v, dout=None, *, causal: bool, scale=None, q_offset: int = 0, k_offset: int = 0, mask=None
 ):
     """PyTorch's own attention in q's dtype on q's device, [b, s, h, d] in and out (k, v may have fewer
-    heads): [out], or [out, dq, dk, dv] when dout is given. The mask is the oracle's (ring_ext.reference:
-    top-left causal, keys at k_offset + j visible to rows at q_offset + i >= it), or `mask` ([sq, sk] bool)
-    when given; rows that see no key give 0 (SDPA's NaN there is replaced)."""
+    heads): [out], or [out, dq, dk, dv] when dout is given. The mask is the oracle's
+    (ring_ext.testing.reference.dense_mask: top-left causal, rows at q_offset + i attend to keys at
+    k_offset + j <= it), or `mask` ([sq, sk] bool) when given; rows that see no key give 0 (SDPA's NaN
+    there is replaced)."""
     grad = dout is not None
     qs, ks, vs = (t.detach().transpose(1, 2).requires_grad_(grad) for t in (q, k, v))  # [b, h, s, d]
     is_causal = False
@@ -98,7 +99,7 @@ def torch_attention(
     elif causal and q_offset == k_offset:
         is_causal = True
     elif causal:
-        mask = visible(q.shape[1], k.shape[1], True, q_offset, k_offset, q.device)
+        mask = dense_mask(q.shape[1], k.shape[1], True, q_offset, k_offset, q.device)
     with torch.enable_grad():
         out = F.scaled_dot_product_attention(
             qs, ks, vs, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True

@@ -1,0 +1,323 @@
+"""Hugging Face transformers integration: ring_ext as an attention implementation (users import it
+as ring_ext.hf, which also holds the training helpers of ring_ext/training.py).
+
+    import ring_ext.hf
+    ring_ext.hf.register()                               # once per process
+    model.set_attn_implementation("ring_ext")            # or config._attn_implementation = "ring_ext"
+    logits = model(ids_local, position_ids=pos_local, cp_context=ctx).logits
+
+With `cp_context` (a ring_ext.CPContext) each rank feeds its shard of the sequence — input ids,
+position ids (so RoPE sees global positions) and labels, all cut by ring_ext.shard along the sequence
+dim — and attention runs context-parallel with the context's algorithm. Without it this is plain
+single-process attention. The causal/full choice comes from the model (`is_causal`, else
+module.is_causal), the scale from `scaling`.
+
+Note [Nothing silently wrong]
+ring_ext computes causal or full attention over the whole (global) sequence, optionally restricted to
+packed documents and a sliding window (docs/design.md, Mask model). Every other pattern transformers
+asks for raises ValueError naming the setting, so a model is either right or refused:
+
+    attention argument / mask           honoured                             otherwise
+    sliding_window, sliding mask        as ring_ext's sliding_window (a      -
+      (config.sliding_window)             query sees itself and w-1 keys
+                                          before it), with and without CP
+    chunked mask (attention_chunk_size) chunk >= whole sequence: a no-op     ValueError
+    dropout                             0 (eval, or attention_dropout=0)     ValueError
+    attention_mask                      None / 2-D all ones                  ValueError (padding, 4-D)
+    position_ids                        one plain sequence per row, or one   ValueError (jumps, packed
+                                          packed row (batch 1) whose           rows with CP but without
+                                          positions restart at 0 per           cu_seqlens, unsharded
+                                          document; with CP exactly the        positions)
+                                          shard of those positions
+    cu_seqlens (ring_ext's name), or    the packing of the whole row          ValueError if q and k
+      cu_seq_lens_q == cu_seq_lens_k                                          packings differ
+      (DataCollatorWithFlattening)
+    mask overlays (or/and functions,    never                                ValueError
+      token-type / image blocks)
+    softcap, s_aux (sinks), position_bias, head_mask, output_attentions,   ValueError when not None/False
+      any unknown argument
+    keys longer than queries (KV cache decoding)                             ValueError
+
+Packed rows with CP: shard input_ids, position_ids and labels with ring_ext.hf.shard_packed_batch
+(which also shifts the labels inside each document first) and pass cu_seqlens=batch["cu_seqlens"] to
+the model with cp_context; the loss helpers are in ring_ext/training.py.
+
+The mask builder registered with the attention function sees the mask transformers wants but not the
+CP context, so anything but a plain causal/full mask goes to the attention function as a _MaskCheck,
+judged there once per forward: the window and chunk against the global length, the positions against
+the shard, and the mask itself, evaluated and compared with the attention ring_ext will compute on those
+positions. Under CP a zigzag shard looks like two packed documents to transformers; the check compares
+only pairs inside one contiguous run of positions and relies on the position check for the rest.
+Data-dependent checks (positions, mask evaluation, packing derived from positions) are skipped while
+torch.compile traces: pass cu_seqlens explicitly to compile packed rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import masks
+from ..attention import attention
+from ..sharding import shard
+from ..training import cu_seqlens_from_positions
+
+NAME = "ring_ext"
+
+# Arguments that cannot change the attention result (position_ids and the packing are checked
+# separately; max_length_* only size flash-attention's varlen launch).
+_HARMLESS = frozenset(
+    {
+        "position_ids",
+        "use_cache",
+        "output_hidden_states",
+        "output_router_logits",
+        "max_length_q",
+        "max_length_k",
+    }
+)
+_UNSUPPORTED = {
+    "softcap": "attention logit soft-capping (config.attn_logit_softcapping)",
+    "s_aux": "attention sinks (gpt-oss)",
+    "position_bias": "an additive position bias",
+    "head_mask": "a head mask",
+    "output_attentions": "returning attention weights",
+}
+_OTHER_IMPLEMENTATION = "use another attn_implementation (e.g. 'eager') for this model"
+WINDOW_SETTING = "config.sliding_window"
+
+
+def ring_ext_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
+    cp_context=None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query [b, h, s, d], key/value [b, h_kv, s, d];
+    returns ([b, s, h, d], None). Raises ValueError on whatever it cannot honour (Note above)."""
+    seq = query.shape[2]
+    if key.shape[2] != seq:
+        raise ValueError(
+            f"ring_ext attention needs as many keys as queries, got {key.shape[2]} keys for {seq} queries "
+            f"(decoding with a KV cache); {_OTHER_IMPLEMENTATION} to generate"
+        )
+    cu = _packing(
+        kwargs.pop("cu_seqlens", None), kwargs.pop("cu_seq_lens_q", None), kwargs.pop("cu_seq_lens_k", None)
+    )
+    _check_arguments(kwargs)
+    if dropout:
+        raise ValueError(
+            f"ring_ext attention has no attention dropout, got dropout={dropout} "
+            "(set config.attention_dropout=0.0 or call model.eval())"
+        )
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    positions = kwargs.get("position_ids")
+    if cu is None and cp_context is None:
+        cu = cu_seqlens_from_positions(positions, seq)
+    total = cu[-1] if cu is not None else seq * (cp_context.cp_size if cp_context is not None else 1)
+    window = sliding_window
+    if isinstance(attention_mask, _MaskCheck):
+        window = attention_mask.check(causal, positions, seq, cp_context, query.device, cu, window)
+    elif attention_mask is not None:
+        raise ValueError(
+            "ring_ext attention supports causal or full masks only, not an attention_mask tensor "
+            f"of shape {tuple(attention_mask.shape)}: pass no attention_mask (or an all-ones one)"
+        )
+    elif cp_context is not None:
+        _check_positions(positions, seq, cp_context, cu)
+    if window is not None and window >= total:
+        window = None  # the window covers the whole sequence: plain attention
+    out = attention(
+        query,
+        key,
+        value,
+        cp_context,
+        layout="bnsd",
+        causal=causal,
+        softmax_scale=scaling,
+        cu_seqlens=cu,
+        sliding_window=window,
+    )
+    return out.transpose(1, 2), None  # [b, h, s, d] -> [b, s, h, d]
+
+
+def _packing(cu_seqlens, cu_q, cu_k) -> tuple[int, ...] | None:
+    """The packing of the whole row: ring_ext's cu_seqlens, or flash-attention's varlen arguments
+    (queries and keys packed alike)."""
+    if cu_seqlens is not None:
+        return masks.check_cu_seqlens(cu_seqlens)
+    if cu_q is None and cu_k is None:
+        return None
+    if cu_q is None or cu_k is None or not torch.equal(cu_q.cpu(), cu_k.cpu()):
+        raise ValueError(
+            "ring_ext attention needs cu_seq_lens_q == cu_seq_lens_k (queries and keys packed alike), "
+            f"got {cu_q} and {cu_k}"
+        )
+    return masks.check_cu_seqlens(cu_q)
+
+
+def _check_arguments(kwargs: dict) -> None:
+    for name, value in kwargs.items():
+        if name in _HARMLESS or value is None or value is False:
+            continue
+        what = _UNSUPPORTED.get(name, f"the attention argument {name!r}")
+        shown = f"tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        raise ValueError(
+            f"ring_ext attention does not support {what}: got {name}={shown}; {_OTHER_IMPLEMENTATION}"
+        )
+
+
+def _check_chunk(setting: str, chunk: int, total: int) -> None:
+    """A chunk of at least the whole sequence changes nothing; any smaller one raises."""
+    if total > chunk:
+        raise ValueError(
+            f"ring_ext attention has no chunked attention, and {setting} splits this {total}-token sequence "
+            f"(local length x cp_size) into chunks; use a model without chunked layers, or {_OTHER_IMPLEMENTATION}"
+        )
+
+
+def _expected_positions(seq: int, ctx, device, cu=None) -> torch.Tensor:
+    """[seq] positions of this rank's tokens: within their document, in the whole sequence."""
+    if cu is not None:
+        index = torch.arange(cu[-1])
+        starts = torch.tensor(cu)[torch.searchsorted(torch.tensor(cu), index, right=True) - 1]
+        within = (index - starts).to(device)
+        return within if ctx is None else shard(within, ctx, seq_dim=0, cu_seqlens=cu)
+    if ctx is None:
+        return torch.arange(seq, device=device)
+    return shard(torch.arange(seq * ctx.cp_size, device=device), ctx, seq_dim=0)
+
+
+def _check_positions(positions: torch.Tensor | None, seq: int, ctx, cu=None) -> None:
+    """Without CP: one plain sequence per row (any start) or the packed row of cu. With CP: exactly this
+    rank's shard of the positions of 0..S-1 (restarting per document of cu)."""
+    if positions is None or torch.compiler.is_compiling():
+        return
+    offset = positions - _expected_positions(seq, ctx, positions.device, cu)  # [b or 1, seq]
+    if ctx is None and cu is None and not (offset == offset[..., :1]).all():
+        raise ValueError(
+            "position_ids restart or jump inside a row (packed documents): pass cu_seqlens (or one "
+            f"sequence per row), or {_OTHER_IMPLEMENTATION}"
+        )
+    if (ctx is not None or cu is not None) and (offset != 0).any():
+        what = "its documents' positions (restarting at 0 per document of cu_seqlens)" if cu else "0..S-1"
+        raise ValueError(
+            f"with cp_context, position_ids must be this rank's shard of {what}: ring_ext.shard(positions, "
+            "ctx, seq_dim=1[, cu_seqlens=cu]) of the whole row (for packed rows with CP pass cu_seqlens; "
+            "ring_ext.hf.shard_packed_batch does both)"
+        )
+
+
+class _MaskCheck:
+    """A mask transformers built that may not be plain causal/full: judged by the attention function,
+    which knows the CP context (Note [Nothing silently wrong])."""
+
+    def __init__(self, mask_function, local_size, setting, batch_size, q_offset, kv_offset):
+        self.mask_function, self.local_size, self.setting = mask_function, local_size, setting
+        self.batch_size, self.q_offset, self.kv_offset = batch_size, q_offset, kv_offset
+        self.passed = set()  # causal flags already checked: once per forward, not once per layer
+
+    def check(self, causal: bool, positions, seq: int, ctx, device, cu, window):
+        """Checks the mask once per forward; returns the sliding window to compute with (the attention
+        argument, or the mask's own when only the mask has one)."""
+        total = cu[-1] if cu is not None else seq * (ctx.cp_size if ctx else 1)
+        if self.local_size is not None and self.setting != WINDOW_SETTING:
+            _check_chunk(f"{self.setting}={self.local_size}", self.local_size, total)
+        elif self.local_size is not None:
+            if window is not None and window != self.local_size:
+                raise ValueError(
+                    f"the sliding-window mask ({self.setting}={self.local_size}) and the attention's "
+                    f"sliding_window={window} disagree"
+                )
+            window = self.local_size
+        if (causal, window) in self.passed:
+            return window
+        if not torch.compiler.is_compiling():
+            _check_positions(positions, seq, ctx, cu)
+            if positions is None:
+                positions = _expected_positions(seq, ctx, device, cu)
+            self._check_mask(causal, positions.expand(self.batch_size, seq), window)
+        self.passed.add((causal, window))
+        return window
+
+    def _check_mask(self, causal: bool, pos: torch.Tensor, window: int | None) -> None:
+        """Evaluates the mask in query blocks; compares it with causal/full attention (within `window`) on
+        the positions `pos` [b, s], on pairs inside one contiguous run of positions (a CP shard and a
+        packed row hold several runs)."""
+        from transformers.masking_utils import sdpa_mask
+
+        batch, seq = pos.shape
+        run = (torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1) != 1).cumsum(-1)  # [b, s] run index
+        step = max(1, 2**24 // (batch * seq))
+        for q0 in range(0, seq, step):
+            q1 = min(q0 + step, seq)
+            mask = sdpa_mask(
+                batch_size=batch,
+                q_length=q1 - q0,
+                kv_length=seq,
+                q_offset=self.q_offset + q0,
+                kv_offset=self.kv_offset,
+                mask_function=self.mask_function,
+                allow_is_causal_skip=False,
+                device=pos.device,
+            )[:, 0]  # [b, q1 - q0, s]
+            diff = pos[:, q0:q1, None] - pos[:, None, :]
+            want = diff >= 0 if causal else torch.ones_like(mask)
+            if window is not None:
+                want = want & (diff.abs() < window)
+            same_run = run[:, q0:q1, None] == run[:, None, :]
+            if ((mask != want) & same_run).any():
+                raise ValueError(
+                    "the model asks for an attention mask that is not plain "
+                    f"{'causal' if causal else 'full'} attention (e.g. token-type or image blocks, or a "
+                    f"custom mask function); ring_ext attention computes only that: {_OTHER_IMPLEMENTATION}"
+                )
+
+
+def _mask(
+    *,
+    batch_size,
+    mask_function,
+    q_offset=0,
+    kv_offset=0,
+    attention_mask=None,
+    allow_is_causal_skip=True,
+    allow_is_bidirectional_skip=False,
+    local_size=None,
+    use_vmap=False,
+    config=None,
+    **kwargs,
+):
+    """transformers' mask-builder interface: None for a plain causal/full mask (the kernels apply it),
+    a _MaskCheck for anything else, ValueError for padding and custom mask overlays."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            "ring_ext attention does not support padding: the 2-D attention_mask has zeros; pack or "
+            f"trim the batch to equal lengths, or {_OTHER_IMPLEMENTATION}"
+        )
+    if use_vmap:  # transformers sets it exactly when the model adds or_mask/and_mask functions
+        raise ValueError(
+            "the model adds a custom mask overlay (or_mask_function/and_mask_function, e.g. token-type or "
+            f"image-token masks); ring_ext attention computes only plain causal/full attention: {_OTHER_IMPLEMENTATION}"
+        )
+    if local_size is None and (allow_is_causal_skip or allow_is_bidirectional_skip):
+        return None
+    window = getattr(config, "sliding_window", None)
+    setting = WINDOW_SETTING if window == local_size else "config.attention_chunk_size"
+    return _MaskCheck(mask_function, local_size, setting, batch_size, q_offset, kv_offset)
+
+
+def register(name: str = NAME) -> str:
+    """Registers the attention function and its mask builder under `name`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, ring_ext_attention_forward)
+    AttentionMaskInterface.register(name, _mask)
+    return name
