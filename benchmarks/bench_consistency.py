@@ -54,7 +54,9 @@ def measure(rank: int, world: int, job):
     for _ in range(reps):
         for check in (True, False):
             full[check].append(_time(lambda: step(check)))
-    return {k: statistics.median(v) for k, v in small.items()}, {k: statistics.median(v) for k, v in full.items()}
+    return {k: statistics.median(v) for k, v in small.items()}, {
+        k: statistics.median(v) for k, v in full.items()
+    }
 
 
 def cpu_model() -> str:
@@ -66,16 +68,24 @@ def cpu_model() -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--world", type=int, default=2, help="Gloo ranks (default: 2)")
-    parser.add_argument("--seq", type=int, default=32768, help="total tokens of the full step (default: 32768)")
+    parser.add_argument(
+        "--seq", type=int, default=32768, help="total tokens of the full step (default: 32768)"
+    )
     parser.add_argument("--heads", type=int, default=8, help="q and k/v heads (default: 8)")
     parser.add_argument("--dim", type=int, default=64, help="head_dim (default: 64)")
     parser.add_argument("--calls", type=int, default=200, help="tiny forwards per setting (default: 200)")
     parser.add_argument("--reps", type=int, default=2, help="full steps per setting (default: 2)")
-    parser.add_argument("--algo", default="megatron_cp_algo", help="context_parallel_algo (default: megatron_cp_algo)")
+    parser.add_argument(
+        "--algo", default="megatron_cp_algo", help="context_parallel_algo (default: megatron_cp_algo)"
+    )
     args = parser.parse_args(argv)
-    print(f"cpu: {cpu_model()}; cpu_isa={ring_ext.build_info()['cpu_isa']}; {args.world} Gloo ranks x 1 thread")
+    print(
+        f"cpu: {cpu_model()}; cpu_isa={ring_ext.build_info()['cpu_isa']}; {args.world} Gloo ranks x 1 thread"
+    )
     job = (args.seq, args.heads, args.dim, args.calls, args.reps, args.algo)
     (small, full) = run_distributed(measure, args.world, [job], timeout_s=3600, collect=True)[0]
     added = small[True] - small[False]

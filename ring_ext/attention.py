@@ -73,7 +73,25 @@ def attention(
             # only when q's memory order differs from its layout).
             return from_bshd(out, layout).contiguous()
         out, _lse = torch.ops.ring_ext.masked_attention(
-            qv, kv, vv, cu, window or 0, scale, bool(causal), "", 0, 1, 1, 0, "", "", "", "", False, layout, ""
+            qv,
+            kv,
+            vv,
+            cu,
+            window or 0,
+            scale,
+            bool(causal),
+            "",
+            0,
+            1,
+            1,
+            0,
+            "",
+            "",
+            "",
+            "",
+            False,
+            layout,
+            "",
         )
         return from_bshd(out, layout)
     validation.check_causal(causal, ctx)

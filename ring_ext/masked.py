@@ -29,7 +29,9 @@ class _Mask(NamedTuple):
     signature: int  # of the mask description, for the cross-rank check
 
 
-def _mask(q, cu_seqlens, sliding_window, causal, algo, rank, cp_size, ulysses_degree, cp_sliding_window) -> _Mask:
+def _mask(
+    q, cu_seqlens, sliding_window, causal, algo, rank, cp_size, ulysses_degree, cp_sliding_window
+) -> _Mask:
     """This rank's key intervals (placement.block_intervals), after checking that q holds exactly the
     tokens the placement gives this rank."""
     window = sliding_window or None
@@ -90,7 +92,10 @@ def masked_attention_bwd(
             ulysses_group, overlap, dlse, m.visible, m.needed, m.rows,
         )  # fmt: skip
     dq, dk, dv = torch.ops.ring_ext.bwd(dout, q, k, v, out, lse, scale, False, 0, 0, dlse, m.visible[0])
-    return tuple(g if g.stride() == t.stride() else torch.empty_like(t).copy_(g) for g, t in ((dq, q), (dk, k), (dv, v)))
+    return tuple(
+        g if g.stride() == t.stride() else torch.empty_like(t).copy_(g)
+        for g, t in ((dq, q), (dk, k), (dv, v))
+    )
 
 
 for _device in ("CPU", "CUDA"):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library that defines the ring_ext ops)
-from . import masked  # noqa: F401  (the Python kernels of masked_attention and its backward)
+from . import (
+    _C,  # noqa: F401  (loads the library that defines the ring_ext ops)
+    masked,  # noqa: F401  (the Python kernels of masked_attention and its backward)
+)
 from .layouts import empty_in_layout
 
 
@@ -163,7 +165,9 @@ def _masked_backward(ctx, dout, dlse):
     return (dq, dk, dv) + (None,) * (len(_MASKED_ARGS) - 3)
 
 
-torch.library.register_autograd("ring_ext::masked_attention", _masked_backward, setup_context=_masked_setup_context)
+torch.library.register_autograd(
+    "ring_ext::masked_attention", _masked_backward, setup_context=_masked_setup_context
+)
 
 
 # The collectives of the Python API (ring_ext/collectives.py): shapes only.

@@ -128,7 +128,12 @@ def dense_tokens(
         )
     size = total // n
     return tuple(
-        torch.cat([torch.arange(c * size, (c + 1) * size) for c in chunk_order(sharding, cp_size, r, ulysses_degree)])
+        torch.cat(
+            [
+                torch.arange(c * size, (c + 1) * size)
+                for c in chunk_order(sharding, cp_size, r, ulysses_degree)
+            ]
+        )
         for r in range(cp_size)
     )
 
@@ -184,7 +189,9 @@ def packed_tokens(
     return _pad_plan(lists, members, total)
 
 
-def _contiguous_plan(cu_seqlens: tuple[int, ...], groups: int, causal: bool, window: int) -> list[torch.Tensor]:
+def _contiguous_plan(
+    cu_seqlens: tuple[int, ...], groups: int, causal: bool, window: int
+) -> list[torch.Tensor]:
     """Windowed placement: the packed sequence cut into `groups` consecutive pieces of equal visible
     pairs under a window of `window` tokens (row_bounds' hi - lo per token). A windowed layer then
     needs only its neighbours' edge tokens: Note [Moving only what is seen] in csrc/cp/ring.cpp."""
@@ -239,7 +246,9 @@ def _member_intervals(
 
 
 @functools.lru_cache(maxsize=64)
-def _block_needed(s: Scheme, total: int, cu_seqlens: tuple[int, ...] | None, window: int | None) -> torch.Tensor:
+def _block_needed(
+    s: Scheme, total: int, cu_seqlens: tuple[int, ...] | None, window: int | None
+) -> torch.Tensor:
     needed = torch.zeros(s.groups, s.groups, 2, dtype=torch.int64)
     for member in range(s.groups):
         begin, end = _member_intervals(s, member, total, cu_seqlens, window).unbind(1)

@@ -18,11 +18,15 @@ def shard_tensor(
     """This rank's part of a dense full sequence x (no communication, no context); sharding is
     "zigzag" or "contiguous" (ring_ext/placement.py)."""
     seq_dim = validation.check_seq_dim(x, seq_dim)
-    tokens = placement.dense_tokens(sharding, cp_size, x.shape[seq_dim], ulysses_degree, f" (dim {seq_dim})")[rank]
+    tokens = placement.dense_tokens(sharding, cp_size, x.shape[seq_dim], ulysses_degree, f" (dim {seq_dim})")[
+        rank
+    ]
     return x.index_select(seq_dim, tokens.to(x.device))
 
 
-def unshard_parts(parts: list[torch.Tensor], seq_dim: int, sharding: str, ulysses_degree: int = 1) -> torch.Tensor:
+def unshard_parts(
+    parts: list[torch.Tensor], seq_dim: int, sharding: str, ulysses_degree: int = 1
+) -> torch.Tensor:
     """The full sequence from every rank's part, parts[r] = shard_tensor(x, ..., rank=r)."""
     seq_dim = validation.check_seq_dim(parts[0], seq_dim)
     total = sum(p.shape[seq_dim] for p in parts)

@@ -5,15 +5,14 @@ the same ValueError by default (Note [Cross-rank check] in csrc/cp/consistency.h
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from packed_cases import PackedCase, context
 
 import ring_ext
 from ring_ext.layouts import LAYOUTS, SEQ_DIM, from_bshd
-
 from ring_ext.testing.spawn import run_distributed
-from packed_cases import PackedCase, context
+
 from ring_cases import Case
 
 # Documents whose placement gives the 4 ranks unequal token counts under every algorithm.
@@ -129,7 +128,9 @@ def disagreeing_ranks(rank: int, world: int, item):
         if odd and what == "sliding_window":
             kw = dict(sliding_window=3)
         kw["layout"] = "bshd"
-    with pytest.raises(ValueError, match="ranks of the context-parallel group passed different attention calls"):
+    with pytest.raises(
+        ValueError, match="ranks of the context-parallel group passed different attention calls"
+    ):
         ring_ext.attention(x, x, x, ctx, **kw)
     y = torch.randn(1, 8, HEADS, HEAD_DIM)
     assert ring_ext.attention(y, y, y, ctx, layout="bshd").shape == y.shape  # the group still works
@@ -150,5 +151,3 @@ def opted_out(rank: int, world: int, _):
 
 def test_the_check_can_be_skipped():
     run_distributed(opted_out, 2, [None], timeout_s=120)
-
-

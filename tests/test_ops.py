@@ -110,7 +110,9 @@ def _attention_samples(group):
         # Blocks longer than the shard (Note [Shards of unequal length]) and the cross-rank check.
         rows = args[0].shape[1] + 3
         queries = rows if algo != "megatron_cp_algo" else args[0].shape[1]  # gathered, or real rows
-        visible = torch.stack([torch.zeros(queries, dtype=torch.int64), torch.arange(queries).clamp(max=8) + 1])
+        visible = torch.stack(
+            [torch.zeros(queries, dtype=torch.int64), torch.arange(queries).clamp(max=8) + 1]
+        )
         yield args, {**kwargs, "visible": visible[None], "rows": rows, "check_group": group, "signature": 7}
 
 

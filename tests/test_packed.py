@@ -81,7 +81,10 @@ def test_visible_keys_is_the_mask_model(mix, causal, window):
         assert torch.equal(
             intervals_to_mask(vis, len(k_index)), pairwise_mask(q_index, k_index, cu, causal, window)
         )
-        assert torch.equal(packed_mask(q_index, k_index, cu, causal, window), pairwise_mask(q_index, k_index, cu, causal, window))
+        assert torch.equal(
+            packed_mask(q_index, k_index, cu, causal, window),
+            pairwise_mask(q_index, k_index, cu, causal, window),
+        )
         assert (vis[:, 1:] >= vis[:, :-1]).all()
 
 

@@ -153,7 +153,11 @@ def consistency_case(rank, world, what):
 
 
 def test_cross_rank_check_names_the_disagreement():
-    items = [("ring", "length", "sequence length"), ("ulysses", "length", "sequence length"), ("hybrid", "scale", "softmax_scale")]
+    items = [
+        ("ring", "length", "sequence length"),
+        ("ulysses", "length", "sequence length"),
+        ("hybrid", "scale", "softmax_scale"),
+    ]
     run_distributed(consistency_case, 2, items, timeout_s=120, pg_timeout_s=20)
 
 

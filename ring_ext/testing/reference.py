@@ -26,7 +26,9 @@ def packed_mask(q_index, k_index, cu_seqlens, causal: bool, window: int | None =
     ring_ext/masks.py (packed documents, causal or not, a sliding window). Indices >= S are padding:
     they attend to nothing and nothing to them. (tests/test_packed.py holds the rule to its per-pair
     definition.)"""
-    return masks.mask_matrix(torch.as_tensor(q_index), torch.as_tensor(k_index), tuple(cu_seqlens), causal, window)
+    return masks.mask_matrix(
+        torch.as_tensor(q_index), torch.as_tensor(k_index), tuple(cu_seqlens), causal, window
+    )
 
 
 def attention_reference(
