@@ -35,9 +35,6 @@ def intervals_to_mask(vis: torch.Tensor, n_keys: int) -> torch.Tensor:
     return (j >= vis[0][:, None]) & (j < vis[1][:, None])
 
 
-@pytest.mark.parametrize("mix", sorted(MIXES))
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("window", [None, 1, 4, 1000])
 def pairwise_mask(q_index, k_index, cu_seqlens, causal: bool, window: int | None = None):
     """The mask model of ring_ext/masks.py written out per token pair, independently of its code: both
     in the same document, and causal pos_k <= pos_q / a window |pos_q - pos_k| < w. Indices >= S are
@@ -64,9 +61,12 @@ def pairwise_mask(q_index, k_index, cu_seqlens, causal: bool, window: int | None
     return allowed
 
 
+@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, 1, 4, 1000])
 def test_visible_keys_is_the_mask_model(mix, causal, window):
-    """On blocks that are sorted subsets of the tokens plus padding (as the plan gives ranks), the
-    intervals reproduce the per-pair mask exactly, and never move backwards."""
+    """On blocks that are sorted subsets of the tokens plus padding (as a placement gives ranks), the
+    intervals and the reference's mask reproduce the per-pair mask exactly, and never move backwards."""
     cu = cu_of(MIXES[mix])
     total = cu[-1]
     g = torch.Generator().manual_seed(zlib.crc32(repr((mix, causal, window)).encode()))
