@@ -246,9 +246,12 @@ def _member_intervals(
 
 
 @functools.lru_cache(maxsize=64)
-def _block_needed(
+def block_needed(
     s: Scheme, total: int, cu_seqlens: tuple[int, ...] | None, window: int | None
 ) -> torch.Tensor:
+    """int64 [members, sources, 2]: the hull [lo, hi) of the rows of every source block that each ring
+    member's rows see ([0, 0) for none): block_intervals' `needed`, and what the planner's window
+    model reads."""
     needed = torch.zeros(s.groups, s.groups, 2, dtype=torch.int64)
     for member in range(s.groups):
         begin, end = _member_intervals(s, member, total, cu_seqlens, window).unbind(1)
@@ -279,4 +282,4 @@ def block_intervals(
         visible = visible[:, :, :count].contiguous()  # the plain ring's queries: real tokens only
     if s.groups == 1:
         return visible, None, rows, count
-    return visible, _block_needed(s, total, cu_seqlens, window), rows, count
+    return visible, block_needed(s, total, cu_seqlens, window), rows, count

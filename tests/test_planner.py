@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from ring_ext.placement import chunk_order
 from ring_ext.ring import schedule
-from ring_ext.sharding import chunk_order
 
 ALGO = "megatron_cp_algo"
 TOPOLOGIES = [(cp, w) for cp in range(1, 9) for w in range(1, cp + 1) if cp % w == 0]

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ... import placement
 from ...masks import pairs_before
 from ...ring import schedule
 
@@ -247,29 +248,6 @@ def _ring_phase(cluster, scheme, step_compute, hops, stride=1, tail=0.0) -> tupl
 # ---- what the ring moves under a window (Note [Moving only what is seen] in csrc/cp/ring.cpp) --------
 
 
-def _member_ranges(placement: str, ring: int, seq: int) -> list[list[tuple[int, int]]]:
-    """The global token ranges [a, b) of each ring member's block, in block order."""
-    if placement == "contiguous":
-        n = seq // ring
-        return [[(m * n, (m + 1) * n)] for m in range(ring)]
-    c = seq // (2 * ring)
-    return [[(m * c, (m + 1) * c), ((2 * ring - 1 - m) * c, (2 * ring - m) * c)] for m in range(ring)]
-
-
-def _seen_rows(queries, keys, causal: bool, window: int) -> tuple[int, int]:
-    """The hull [lo, hi) of the rows of a block of `keys` ranges (in block order) that some query of the
-    `queries` ranges sees under the window ((0, 0): none)."""
-    lo, hi, base = None, None, 0
-    for c, d in keys:
-        for a, b in queries:  # queries [a, b) see keys [a - w + 1, b - 1] (causal) or to b + w - 2
-            first, last = max(c, a - window + 1), min(d - 1, b - 1 if causal else b + window - 2)
-            if first <= last:
-                lo = base + first - c if lo is None else min(lo, base + first - c)
-                hi = base + last - c + 1 if hi is None else max(hi, base + last - c + 1)
-        base += d - c
-    return (lo, hi) if lo is not None else (0, 0)
-
-
 def window_rows(shape: Shape, scheme: Scheme) -> dict[str, list]:
     """The rows (tokens) the ring moves under shape.window, by the rule of ring_ext's driver (Note
     [Moving only what is seen] in csrc/cp/ring.cpp) on its schedule (`ring_steps`): a hop carries the
@@ -284,10 +262,13 @@ def window_rows(shape: Shape, scheme: Scheme) -> dict[str, list]:
 
 
 @functools.lru_cache(maxsize=256)
-def _window_rows(seq: int, causal: bool, window: int, ring: int, cp_window: int, placement: str) -> dict:
+def _window_rows(seq: int, causal: bool, window: int, ring: int, cp_window: int, sharding: str) -> dict:
     steps = ring_steps(ring, cp_window)
-    blocks = _member_ranges(placement, ring, seq)
-    need = [[_seen_rows(blocks[r], blocks[s], causal, window) for s in range(ring)] for r in range(ring)]
+    # The rows of every block each member sees, by ring_ext's own placement and mask rule (a length
+    # the sharding cannot split is cut to one it can: a few tokens in a long sequence).
+    s = placement.Scheme(ring, 1, sharding, causal, None)
+    chunks = placement.num_chunks(sharding, ring)
+    need = placement.block_needed(s, seq - seq % chunks, None, window).tolist()
 
     def carried(block: int, step: int, outer: bool) -> int:  # the hull of what the hop's holders see
         spans = [need[steps.holder(block, u)][block] for u in steps.fed(step, outer)]
