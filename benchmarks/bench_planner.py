@@ -31,7 +31,7 @@ import sys
 from ring_ext import planner
 
 
-# bench's case names -> the planner's layouts (ring_ext/cli.py cases_for: window 2, Ulysses degree 2).
+# bench's case names -> the planner's layouts (ring_ext/tools/cli.py cases_for: window 2, Ulysses degree 2).
 def layout_of(name: str, cp: int, overlap: bool) -> planner.Layout:
     if name == "ulysses":
         return planner.Layout("ulysses", cp, ulysses_degree=cp)

@@ -1,4 +1,4 @@
-"""`python -m ring_ext demo|bench` (ring_ext/cli.py) end to end: a tiny run in a subprocess with a
+"""`python -m ring_ext demo|bench` (ring_ext/tools/cli.py) end to end: a tiny run in a subprocess with a
 deadline, every expected row present and verified against full attention; under torchrun (2 ranks) the
 CP size comes from the launched world, and a CP size the world cannot run is an error naming both.
 
@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from ring_ext.cli import UsageError, build_parser, cases_for, cp_sizes, full_inputs, plan
+from ring_ext.tools.cli import UsageError, build_parser, cases_for, cp_sizes, full_inputs, plan
 from ring_ext.reference import attention_reference
 
 from tolerances import FACTOR, FLOOR, REL_L2, rel_l2, torch_attention

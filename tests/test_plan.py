@@ -9,7 +9,7 @@ import math
 import pytest
 
 from ring_ext import planner
-from ring_ext.cli import main
+from ring_ext.tools.cli import main
 from ring_ext.planner import Cluster, Layout, Shape, layouts, predict, rank_layouts
 
 GB = 1e9

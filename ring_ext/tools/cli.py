@@ -28,12 +28,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from . import planner
-from .attention import attention
-from .config import CPConfig, add_arguments, launched_by_torchrun
-from .context import initialize
-from .peak_memory import PeakRSS, exact_peaks
-from .sharding import shard, unshard
+from .. import planner
+from ..attention import attention
+from ..config import CPConfig, add_arguments, launched_by_torchrun
+from ..context import initialize
+from ..peak_memory import PeakRSS, exact_peaks
+from ..sharding import shard, unshard
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
