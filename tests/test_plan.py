@@ -9,8 +9,8 @@ import math
 import pytest
 
 from ring_ext import planner
-from ring_ext.tools.cli import main
 from ring_ext.planner import Cluster, Layout, Shape, layouts, predict, rank_layouts
+from ring_ext.tools.cli import main
 
 GB = 1e9
 
