@@ -33,7 +33,7 @@ from ring_ext.tools.planner.model import Cluster, Scheme, Shape, attention_flops
 from ring_ext.tools.planner.report import describe
 
 
-# bench's case names -> the planner's schemes (ring_ext/cli.py cases_for: window 2, Ulysses degree 2).
+# bench's case names -> the planner's schemes (ring_ext/tools/cli.py cases_for: window 2, Ulysses degree 2).
 def scheme_of(name: str, cp: int, overlap: bool) -> Scheme:
     if name == "ulysses":
         return Scheme("ulysses", cp, ulysses_degree=cp)

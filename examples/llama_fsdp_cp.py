@@ -126,16 +126,18 @@ def _train_rank(rank: int, world: int, job: tuple) -> list[tuple]:
     return [(algo, packed, *train_fsdp_cp(mesh, algo, steps, seq, packed)) for algo, packed in runs]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default; the description keeps its line breaks."""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--dp", type=int, default=2)
-    parser.add_argument("--cp", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--dp", type=int, default=2, help="data-parallel size (FSDP2 replicas)")
+    parser.add_argument("--cp", type=int, default=2, help="context-parallel size (ranks: dp x cp)")
     parser.add_argument("--algos", default=",".join(ALGOS), help=f"comma list of {', '.join(ALGOS)}")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="training steps per run")
     parser.add_argument("--seq", type=int, default=64, help="tokens per row (dense: a multiple of 2 cp)")
-    parser.add_argument("--packed-only", action="store_true")
+    parser.add_argument("--packed-only", action="store_true", help="only the packed-documents runs")
     args = parser.parse_args()
     runs = [(a, p) for p in ([True] if args.packed_only else [False, True]) for a in args.algos.split(",")]
     job = (args.dp, runs, args.steps, args.seq)

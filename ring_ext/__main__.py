@@ -1,5 +1,5 @@
-"""python -m ring_ext demo | bench | plan: see ring_ext/cli.py."""
+"""python -m ring_ext demo | bench | plan: see ring_ext/tools/cli.py."""
 
-from .cli import main
+from .tools.cli import main
 
 main()

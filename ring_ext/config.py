@@ -86,14 +86,45 @@ def _positive_int(value, name: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the context-parallel flags (MindSpeed names and defaults) to parser; returns it."""
     g = parser.add_argument_group("context parallel (ring_ext)")
-    g.add_argument("--context-parallel-size", type=int, default=1)
-    g.add_argument("--context-parallel-algo", choices=ALGOS, default="ulysses_cp_algo")
-    g.add_argument("--use-cp-send-recv-overlap", action="store_true")
-    g.add_argument("--attention-mask-type", choices=MASK_TYPES, default="causal")
-    g.add_argument("--megatron-cp-in-bnsd", action="store_true")
-    g.add_argument("--cp-window-size", type=int, default=1)
-    g.add_argument("--ulysses-degree-in-cp", type=int, default=None)
-    g.add_argument("--cp-sliding-window", type=int, default=None)
+    g.add_argument("--context-parallel-size", type=int, default=1, help="ranks sharing one sequence")
+    g.add_argument(
+        "--context-parallel-algo",
+        choices=ALGOS,
+        default="ulysses_cp_algo",
+        help="Ulysses (all-to-all over heads), megatron: ring (double ring with --cp-window-size > 1), "
+        "hybrid: Ulysses inside groups of --ulysses-degree-in-cp ranks, ring across them",
+    )
+    g.add_argument(
+        "--use-cp-send-recv-overlap",
+        action="store_true",
+        help="post the ring's next transfer before the current block's compute",
+    )
+    g.add_argument(
+        "--attention-mask-type",
+        choices=MASK_TYPES,
+        default="causal",
+        help="general: no mask (full attention)",
+    )
+    g.add_argument("--megatron-cp-in-bnsd", action="store_true", help="inputs are BNSD instead of SBH")
+    g.add_argument(
+        "--cp-window-size",
+        type=int,
+        default=1,
+        help="> 1: double ring with inner rings of this many ranks (must divide the ring size)",
+    )
+    g.add_argument(
+        "--ulysses-degree-in-cp",
+        type=int,
+        default=None,
+        help="hybrid: the Ulysses group size (must divide the CP size; required by hybrid_cp_algo)",
+    )
+    g.add_argument(
+        "--cp-sliding-window",
+        type=int,
+        default=None,
+        help="every attention layer has this sliding window: shards become contiguous pieces (None: "
+        "zigzag shards, balanced for full causal layers)",
+    )
     return parser
 
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from ring_ext.cli import main
+from ring_ext.tools.cli import main
 from ring_ext.tools.planner import calibrate
 from ring_ext.tools.planner.model import (
     Cluster,

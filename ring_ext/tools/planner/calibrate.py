@@ -4,17 +4,15 @@ rate per rank (`calibrated_rates`) and one Gloo link between two local processes
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
 import os
-import socket
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ...attention import attention
+from ...testing.spawn import run_distributed
 from .model import DTYPES, Shape, attention_flops
 
 
@@ -40,9 +38,12 @@ def measure_flops(shape: Shape, threads: int = 1, repeats: int = 3) -> float:
     return sum(attention_flops(probe)) / best
 
 
-def _flops_worker(rank: int, shape: Shape, threads: int, repeats: int, start, out) -> None:
-    start.wait()  # every process measures at the same time
-    out.put(measure_flops(shape, threads, repeats))
+def _flops_worker(rank: int, world: int, job) -> float:
+    shape, threads, repeats = job
+    dist.barrier()  # every process measures at the same time
+    rate = torch.tensor([measure_flops(shape, threads, repeats)], dtype=torch.float64)
+    every = torch.ops.ring_ext.all_gather(rate, dist.group.WORLD.group_name)
+    return float(torch.cat(list(every)).mean())
 
 
 def measure_flops_together(shape: Shape, threads: int = 1, processes: int = 1, repeats: int = 3) -> float:
@@ -51,18 +52,8 @@ def measure_flops_together(shape: Shape, threads: int = 1, processes: int = 1, r
     processes on 2 cores ~25 % slower each than one process)."""
     if processes <= 1:
         return measure_flops(shape, threads, repeats)
-    ctx = mp.get_context("spawn")
-    start, out = ctx.Barrier(processes), ctx.SimpleQueue()
-    procs = mp.start_processes(
-        _flops_worker,
-        args=(shape, threads, repeats, start, out),
-        nprocs=processes,
-        join=False,
-        start_method="spawn",
-    )
-    rates = [out.get() for _ in range(processes)]
-    procs.join()
-    return sum(rates) / len(rates)
+    jobs = [(shape, threads, repeats)]
+    return run_distributed(_flops_worker, processes, jobs, timeout_s=None, threads=threads, collect=True)[0]
 
 
 def calibrated_rates(shape: Shape, rank_counts, threads: int = 1, repeats: int = 3) -> dict[int, float]:
@@ -98,43 +89,25 @@ def shared_cores(ranks: int, threads_per_rank: int, cores: int | None = None) ->
     return min(1.0, cores / (ranks * threads_per_rank))
 
 
-def _bandwidth_worker(rank: int, port: int, sizes: list[int], out) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        times = []
-        for n in sizes:
-            buf = torch.empty(n, dtype=torch.uint8)
-            best = math.inf
-            for _ in range(5):
-                start = time.perf_counter()
-                if rank == 0:
-                    dist.send(buf, 1)
-                    dist.recv(buf, 1)
-                else:
-                    dist.recv(buf, 0)
-                    dist.send(buf, 0)
-                best = min(best, (time.perf_counter() - start) / 2)
-            times.append(best)
-        if rank == 0:
-            out.put(times)
-    finally:
-        dist.destroy_process_group()
+def _bandwidth_worker(rank: int, world: int, sizes: list[int]) -> list[float]:
+    times = []
+    for n in sizes:
+        buf = torch.empty(n, dtype=torch.uint8)
+        best = math.inf
+        for _ in range(5):
+            start = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            else:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            best = min(best, (time.perf_counter() - start) / 2)
+        times.append(best)
+    return times
 
 
 def measure_link(small: int = 8, large: int = 16 << 20) -> tuple[float, float]:
     """(bandwidth bytes/s, latency s) of a Gloo send/recv between two local processes (ping-pong)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(_bandwidth_worker, args=(port, [small, large], out), nprocs=2, start_method="spawn")
-    t_small, t_large = out.get()
+    t_small, t_large = run_distributed(_bandwidth_worker, 2, [[small, large]], collect=True)[0]
     return (large - small) / max(t_large - t_small, 1e-9), t_small
