@@ -63,11 +63,6 @@ class Scheme(NamedTuple):
         return self.groups * self.members
 
     @property
-    def ring_ulysses(self) -> int:
-        """The Ulysses degree inside a ring's dense shard: hybrid's u, else 1."""
-        return self.members if self.groups > 1 else 1
-
-    @property
     def needs_intervals(self) -> bool:
         """A dense call that cannot use the ring's offset masks: a causal ring over contiguous
         shards (--cp-sliding-window) goes by key intervals."""
@@ -232,7 +227,7 @@ def rank_tokens(
     """The global indices every rank holds (padding last): the packed placement for cu_seqlens, the
     dense one otherwise (where: as dense_tokens'). Cached: a model asks once per layer alike."""
     if cu_seqlens is None:
-        return dense_tokens(s.sharding, s.cp_size, total, s.ring_ulysses, where)
+        return dense_tokens(s.sharding, s.cp_size, total, s.members, where)  # u matters to zigzag only
     return packed_tokens(cu_seqlens, s.groups, s.members, s.causal, s.window)
 
 
