@@ -52,6 +52,7 @@ def dense_on_every_rank(rank: int, world: int, name: str):
             return ring_ext.attention(t, t, t, ctx, layout=layout, num_heads=HEADS, cu_seqlens=cu)
 
         eager = call(local)
+        torch._dynamo.reset()  # one fresh graph per (algorithm, layout): no recompile limit to reach
         compiled = torch.compile(call, fullgraph=True, backend="aot_eager")(local)
         for what, out in (("eager", eager), ("compiled", compiled)):
             assert out.shape == local.shape, (name, layout, what)
