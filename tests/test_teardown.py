@@ -113,3 +113,31 @@ if __name__ == "__main__":  # the measurement: runs lost per kind of collective,
     for collectives in ("torch", "ring_ext"):
         lost = sum(_spawn_run(ALGOS[r % len(ALGOS)], collectives) != [0] * CP for r in range(runs))
         print(f"| {collectives} | {runs} | {lost} |", flush=True)
+
+
+_AFTER_DESTROY = """
+import sys, torch, torch.distributed as dist, ring_ext
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+ctx = ring_ext.initialize(ring_ext.CPConfig(context_parallel_size=1, context_parallel_algo=sys.argv[2]))
+dist.destroy_process_group()
+x = torch.randn(1, 4, 2, 8)
+try:
+    ring_ext.attention(x, x, x, ctx, layout="bshd")
+except RuntimeError as e:
+    print(e)
+"""
+
+
+def test_a_context_after_destroy_process_group_says_so(tmp_path):
+    """A context outlives its process groups only as a name: the call says what happened, in ring_ext's
+    words, instead of c10d's "Could not resolve the process group registered under the name"."""
+    import subprocess
+
+    for algo in ("megatron_cp_algo", "ulysses_cp_algo"):
+        store = tmp_path / f"store_{algo}"
+        run = subprocess.run(
+            [sys.executable, "-c", _AFTER_DESTROY, str(store), algo], capture_output=True, text=True, timeout=120
+        )
+        assert "no longer exists: was torch.distributed.destroy_process_group() called?" in run.stdout, (
+            run.stdout + run.stderr
+        )
