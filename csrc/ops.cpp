@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "cpu/kernels.h"
 #include "cp/ring.h"
+#include "cpu/kernels.h"
 #ifdef RING_EXT_WITH_CUDA
 #include "cuda/tilings.h"
 #endif

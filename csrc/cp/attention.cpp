@@ -241,8 +241,8 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
   const ring::Options opt{scale, causal, overlap};
   switch (ring::parse_algo(algo)) {
     case ring::Algo::kRing: {
-      const ring::RingSetup s = ring::make_setup(g.ring_names(), opt, local_len, q.size(1),
-                                                 visible, needed, q.device());
+      const ring::RingSetup s =
+          ring::make_setup(g.ring_names(), opt, local_len, q.size(1), visible, needed, q.device());
       const Tensor lse = forward_by_heads(
           q, k, v,
           [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
@@ -256,16 +256,15 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
       const std::optional<Tensor> rows_mask =
           ulysses_visible(visible, needed, causal, local_len * u, q);
       const GroupFwd kernel = [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
-        return block_ops().fwd.call(qg, kg, vg, scale, causal, 0, 0, /*out_fp32=*/false,
-                                    rows_mask);
+        return block_ops().fwd.call(qg, kg, vg, scale, causal, 0, 0, /*out_fp32=*/false, rows_mask);
       };
       return ulysses::forward(q, k, v, g.ulysses, gathered_by_heads(kernel), out,
                               head_groups(k) > 1, local_len);
     }
     case ring::Algo::kHybrid: {
       const int64_t u = ulysses_degree(g, q, k);
-      const ring::RingSetup s = ring::make_setup(g.ring_names(), opt, local_len * u,
-                                                 local_len * u, visible, needed, q.device());
+      const ring::RingSetup s = ring::make_setup(g.ring_names(), opt, local_len * u, local_len * u,
+                                                 visible, needed, q.device());
       const GroupFwd ring_fwd = [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
         return ring::forward(qg, kg, vg, s);
       };

@@ -29,10 +29,11 @@ Group resolve_group(const std::string& name, const char* what) {
   try {
     return c10d::resolve_process_group(name);
   } catch (const c10::Error&) {
-    TORCH_CHECK(false, "ring_ext: the ", what, " process group (\"", name,
-                "\") of this context no longer exists: was torch.distributed.destroy_process_group() "
-                "called? A context lives as long as its process groups; after init_process_group, "
-                "call ring_ext.initialize again");
+    TORCH_CHECK(
+        false, "ring_ext: the ", what, " process group (\"", name,
+        "\") of this context no longer exists: was torch.distributed.destroy_process_group() "
+        "called? A context lives as long as its process groups; after init_process_group, "
+        "call ring_ext.initialize again");
   }
 }
 

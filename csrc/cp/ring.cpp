@@ -71,128 +71,6 @@ namespace {
 
 using at::Tensor;
 
-void check_window_groups(const RingSetup& s) {
-  TORCH_CHECK(s.topo.cp_size % s.topo.inner == 0, "ring_ext: the inner ring size ", s.topo.inner,
-              " must divide the CP size ", s.topo.cp_size);
-  TORCH_CHECK(s.inner->getRank() == s.inner_rank(), "ring_ext: rank ", s.rank,
-              " of the ring group must be rank ", s.inner_rank(), " of its inner group, got ",
-              s.inner->getRank());
-  if (s.topo.outer() == 1) return;
-  TORCH_CHECK(s.outer, "ring_ext: a double ring (window ", s.topo.inner, " < CP size ",
-              s.topo.cp_size, ") needs an outer group");
-  TORCH_CHECK(s.outer->getSize() == s.topo.outer() && s.outer->getRank() == s.outer_rank(),
-              "ring_ext: the outer group must have size ", s.topo.outer(), " and rank ",
-              s.outer_rank(), " here, got size ", s.outer->getSize(), " and rank ",
-              s.outer->getRank());
-}
-
-}  // namespace
-
-std::vector<Tensor> prepare_visible(const std::optional<Tensor>& visible, int64_t count,
-                                    int64_t q_rows, int64_t k_rows, c10::Device device,
-                                    std::vector<Span>* seen) {
-  if (!visible.has_value()) return {};
-  const Tensor& v = *visible;
-  const int64_t rows = q_rows;
-  TORCH_CHECK_VALUE(v.scalar_type() == at::kLong && v.dim() == 3 && v.size(0) == count &&
-                        v.size(1) == 2 && v.size(2) == rows,
-                    "ring_ext: visible must be int64 [", count, " source blocks, 2, ", rows,
-                    " rows], got ", v.scalar_type(), " ", v.sizes());
-  // The one host copy of the intervals: checked here for every device (the kernels' tile skipping
-  // relies on monotone intervals; the CUDA block ops do not check them, Note [Row key ranges on
-  // the device] in csrc/cuda/launch.cuh).
-  const Tensor host = v.cpu();
-  TORCH_CHECK_VALUE(
-      rows < 2 || (host.narrow(2, 1, rows - 1) >= host.narrow(2, 0, rows - 1)).all().item<bool>(),
-      "ring_ext: visible's begins and ends must be non-decreasing along the rows");
-  if (seen) {  // blocks hold k_rows keys: intervals past them are clamped, as the kernels do
-    for (int64_t src = 0; src < count; ++src) {
-      const Tensor begin = host[src][0].clamp(0, k_rows), end = host[src][1].clamp(0, k_rows);
-      const Tensor rows_seeing = end > begin;
-      if (!rows_seeing.any().item<bool>()) {
-        seen->push_back({});
-        continue;
-      }
-      seen->push_back({begin.masked_select(rows_seeing).min().item<int64_t>(),
-                       end.masked_select(rows_seeing).max().item<int64_t>()});
-    }
-  }
-  const Tensor on_device = v.to(device).contiguous();
-  std::vector<Tensor> out;
-  for (int64_t src = 0; src < count; ++src) out.push_back(on_device[src]);
-  return out;
-}
-
-namespace {
-
-// need for make_setup (Note [Moving only what is seen]): checked against the rows this rank's own
-// intervals see; every row of every block without `needed`.
-std::vector<Span> prepare_needed(const std::optional<Tensor>& needed, const RingSetup& s) {
-  const int64_t cp = s.topo.cp_size;
-  if (!needed.has_value()) return std::vector<Span>(cp * cp, Span{0, s.rows});
-  const Tensor& n = *needed;
-  TORCH_CHECK_VALUE(n.scalar_type() == at::kLong && n.dim() == 3 && n.size(0) == cp &&
-                        n.size(1) == cp && n.size(2) == 2,
-                    "ring_ext: needed must be int64 [", cp, " ranks, ", cp, " sources, 2], got ",
-                    n.scalar_type(), " ", n.sizes());
-  const Tensor host = n.cpu().contiguous();
-  const int64_t* p = host.data_ptr<int64_t>();
-  std::vector<Span> out;
-  for (int64_t i = 0; i < cp * cp; ++i) {
-    const Span sp{p[2 * i], p[2 * i + 1]};
-    TORCH_CHECK_VALUE(sp.empty() || (sp.lo >= 0 && sp.hi <= s.rows),
-                      "ring_ext: needed's rows must lie in [0, ", s.rows, "), got [", sp.lo, ", ",
-                      sp.hi, ")");
-    out.push_back(sp.empty() ? Span{} : sp);
-  }
-  for (int64_t src = 0; src < cp; ++src) {  // our own rows: what the kernels will read
-    const Span mine = out[s.rank * cp + src], seen = s.seen[src];
-    TORCH_CHECK_VALUE(seen.empty() || (mine.lo <= seen.lo && seen.hi <= mine.hi),
-                      "ring_ext: needed[", s.rank, "][", src, "] = [", mine.lo, ", ", mine.hi,
-                      ") must hold the rows visible sees, [", seen.lo, ", ", seen.hi, ")");
-  }
-  return out;
-}
-
-}  // namespace
-
-RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_len,
-                     int64_t q_rows, const std::optional<Tensor>& visible,
-                     const std::optional<Tensor>& needed, c10::Device device) {
-  RingSetup s;
-  s.ring = resolve_group(names.ring, "ring");
-  s.rank = s.ring->getRank();
-  const bool plain = names.inner.empty() || names.inner == names.ring;
-  s.inner = plain ? s.ring : resolve_group(names.inner, "inner ring");
-  s.outer = names.outer.empty() ? Group() : resolve_group(names.outer, "outer ring");
-  s.topo = Topology{s.ring->getSize(), s.inner->getSize()};
-  check_window_groups(s);
-  const int64_t chunks = chunks_per_rank(opt.causal);
-  TORCH_CHECK_VALUE(local_len % chunks == 0,
-                    "ring_ext: the sequence length the ring sees on a rank (", local_len,
-                    ") must be a multiple of ", chunks, " (causal ring attention shards zigzag)");
-  s.chunk = local_len / chunks;
-  s.causal = opt.causal;
-  s.overlap = opt.overlap;
-  s.scale = opt.scale;
-  TORCH_CHECK_VALUE(!visible.has_value() || !opt.causal,
-                    "ring_ext: give causal=False with visible (the intervals hold the mask)");
-  TORCH_CHECK_VALUE(q_rows == local_len || (visible.has_value() && q_rows < local_len),
-                    "ring_ext: q holds ", q_rows, " rows but the ring's blocks ", local_len,
-                    "; shards of unequal length need key intervals (visible)");
-  s.visible = prepare_visible(visible, s.topo.cp_size, q_rows, local_len, device, &s.seen);
-  s.rows = local_len;
-  s.q_rows = q_rows;
-  if (s.masked()) {
-    s.need = prepare_needed(needed, s);
-  } else {
-    TORCH_CHECK_VALUE(!needed.has_value(), "ring_ext: needed comes with visible");
-  }
-  return s;
-}
-
-namespace {
-
 // A work item in rows; q/k offsets are positions for the causal mask.
 struct Rows {
   int64_t q0, nq, k0, nk, q_offset, k_offset;
@@ -201,8 +79,8 @@ struct Rows {
 Rows rows_of(const RingSetup& s, const WorkItem& w) {
   if (s.masked()) return {0, s.q_rows, 0, s.rows, 0, 0};  // the one item: every local row
   const int64_t c = s.chunk;
-  return {w.q_chunk * c, w.q_chunks * c, w.kv_chunk * c, w.kv_chunks * c, w.q_offset * c,
-          w.k_offset * c};
+  return {w.q_chunk * c,   w.q_chunks * c, w.kv_chunk * c,
+          w.kv_chunks * c, w.q_offset * c, w.k_offset * c};
 }
 
 // K and V in one buffer, so each hop is one transfer: [2, b, rows, heads_kv, d] contiguous, the
@@ -382,27 +260,64 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
 
 namespace {
 
-// The float32 K/V gradients on their way round the ring: Note [K/V gradients]; with key
-// intervals, straight home from every holder (Note [Moving only what is seen]). Every buffer lives
-// while it is computed into or in flight, no longer (docs/design.md, Memory per rank).
-class KvGrads {
+// Where this rank's own dK/dV come home to, float32 [2, b, rows, hkv, d]: partials that arrive from
+// the ranks that held its block are added into home_ (the first one becomes it: no zero-filled
+// start). Both gradient strategies below end there. Every buffer lives while it is computed into or
+// in flight, no longer (docs/design.md, Memory per rank).
+class GradsHome {
  public:
-  KvGrads(const RingSetup& s, const Tensor& packed)
-      : s_(s),
-        sizes_(packed.sizes().vec()),
-        f32_(packed.options().dtype(at::kFloat)),
-        into_partial_(packed.device().is_cpu()) {
-    if (s_.masked()) home_ = at::zeros(sizes_, f32_);
+  // dK/dV of this rank's own block.
+  Tensor finish() {
+    settle();
+    return home_;
   }
 
-  // The buffer this step's contribution (src's block) is added into. On CPU, the partial of src's
-  // block from the previous holder when one is due (Note [K/V gradients]: waiting for it here also
-  // frees the sum this rank sent at the last step); else, and on CUDA, a zeroed buffer in the held
-  // block's shape. Undefined when, with key intervals, there is nothing to send home.
-  Tensor begin_step(int64_t src, const Held& held) {
-    if (s_.masked()) {
-      return s_.need_of(s_.rank, src).empty() ? Tensor() : at::zeros(held.kv.sizes(), f32_);
+ protected:
+  GradsHome(const RingSetup& s, const Tensor& packed)
+      : s_(s), sizes_(packed.sizes().vec()), f32_(packed.options().dtype(at::kFloat)) {}
+
+  // Posts the send of `out` (may be undefined) to `dst` and the receive of the `rows` of our block
+  // that rank `src` sends (none: empty).
+  void post(const Tensor& out, int64_t dst, int64_t src, Span rows) {
+    settle();
+    std::vector<int64_t> sizes = sizes_;
+    sizes[2] = rows.size();
+    home_rows_ = rows;
+    home_in_ = rows.empty() ? Tensor() : at::empty(sizes, f32_);
+    home_xfer_ = exchange(s_.ring, out, dst, home_in_, src, tag_of(Payload::kGradHome));
+    if (!s_.overlap) settle();
+  }
+
+  void settle() {
+    if (!home_xfer_.pending()) return;
+    home_xfer_.wait();
+    if (!home_in_.defined()) return;
+    if (home_.defined()) {
+      home_.narrow(2, home_rows_.lo, home_rows_.size()).add_(home_in_);
+    } else {
+      home_ = std::exchange(home_in_, Tensor());
     }
+  }
+
+  const RingSetup& s_;
+  std::vector<int64_t> sizes_;
+  at::TensorOptions f32_;
+  Tensor home_, home_in_;
+  Span home_rows_;  // the rows of our block home_in_ brings
+  Transfer home_xfer_;
+};
+
+// Dense: the partial of a block travels with it along the inner ring, and goes home at each round's
+// end (Note [K/V gradients]).
+class TravellingGrads : public GradsHome {
+ public:
+  TravellingGrads(const RingSetup& s, const Tensor& packed)
+      : GradsHome(s, packed), into_partial_(packed.device().is_cpu()) {}
+
+  // The buffer this step's contribution (src's block) is added into. On CPU, the partial of src's
+  // block from the previous holder when one is due (waiting for it here also frees the sum this
+  // rank sent at the last step); else, and on CUDA, a zeroed buffer.
+  Tensor begin_step(int64_t /*src*/, const Held& /*held*/) {
     if (incoming_buf_.defined() && into_partial_) {
       incoming_.wait();
       return std::exchange(incoming_buf_, Tensor());
@@ -410,11 +325,9 @@ class KvGrads {
     return at::zeros(sizes_, f32_);
   }
 
-  // Adds the partial from the previous holder if it is still due (CUDA) and sends the sum on (or
-  // home at a round's end), as the step's plan says; with key intervals, sends the rows this rank
-  // saw home.
-  void end_step(int64_t step, const Step& st, const Tensor& g, const Held& held) {
-    if (s_.masked()) return send_home(step, st.src, g, held.base);
+  // Adds the partial from the previous holder if it is still due (CUDA) and sends the sum on, or
+  // home at a round's end, as the step's schedule says.
+  void end_step(int64_t /*step*/, const Step& st, const Tensor& g, const Held& /*held*/) {
     if (incoming_buf_.defined()) {  // the partial posted at the previous step
       incoming_.wait();
       g.add_(std::exchange(incoming_buf_, Tensor()));
@@ -426,75 +339,60 @@ class KvGrads {
       if (!s_.overlap) incoming_.wait();
       return;
     }
-    settle_home();
     const Hop* home = find_hop(st, Payload::kGradHome);
     if (!home) {  // cp_size 1: the block is our own, and this is its one step
+      settle();
       home_ = g;
       return;
     }
-    // The first partial to come home becomes home_ itself; later ones (double ring) are added.
-    home_in_ = at::empty(sizes_, f32_);
-    home_rows_ = {0, s_.rows};
-    home_xfer_ = exchange(s_.ring, g, home->send_to, home_in_, home->recv_from, tag_of(home->what));
-    if (!s_.overlap) settle_home();
-  }
-
-  // dK/dV of this rank's own block, float32 [2, b, s, hkv, d].
-  Tensor finish() {
-    settle_home();
-    return home_;
+    post(g, home->send_to, home->recv_from, {0, s_.rows});
   }
 
  private:
-  // Key intervals: the gradient of the rows of src's block this rank saw goes to src; the rows
-  // rank `from` saw of ours come home. Posted after the step's compute, added at the next step.
-  void send_home(int64_t step, int64_t src, const Tensor& g, int64_t base) {
-    settle_home();
-    const Span mine = s_.need_of(s_.rank, src);
-    if (src == s_.rank) {  // our own block, held whole
+  const bool into_partial_;  // compute into the arriving partial (CPU), Note [K/V gradients]
+  Tensor incoming_buf_;      // a partial due at the next step
+  Transfer incoming_;
+};
+
+// Key intervals: each holder sends the gradient of the rows of a block it saw straight home (Note
+// [Moving only what is seen]); nothing travels with the block.
+class HomeGrads : public GradsHome {
+ public:
+  HomeGrads(const RingSetup& s, const Tensor& packed) : GradsHome(s, packed) {
+    home_ = at::zeros(sizes_, f32_);
+  }
+
+  // A zeroed buffer in the held block's shape; undefined when this rank sees none of src's rows.
+  Tensor begin_step(int64_t src, const Held& held) {
+    return s_.need_of(s_.rank, src).empty() ? Tensor() : at::zeros(held.kv.sizes(), f32_);
+  }
+
+  // The gradient of the rows of src's block this rank saw goes to src; the rows the rank holding
+  // our block saw come home. Posted after the step's compute, added at the next step.
+  void end_step(int64_t step, const Step& st, const Tensor& g, const Held& held) {
+    const Span mine = s_.need_of(s_.rank, st.src);
+    if (st.src == s_.rank) {  // our own block, held whole
+      settle();
       if (!mine.empty())
         home_.narrow(2, mine.lo, mine.size()).add_(g.narrow(2, mine.lo, mine.size()));
       return;
     }
     const int64_t from = holder(s_.topo, s_.rank, step);
-    home_rows_ = s_.need_of(from, s_.rank);
-    std::vector<int64_t> sizes = sizes_;
-    sizes[2] = home_rows_.size();
-    home_in_ = home_rows_.empty() ? Tensor() : at::empty(sizes, f32_);
-    home_xfer_ = exchange(s_.ring, mine.empty() ? Tensor() : held_rows(g, base, mine), src,
-                          home_in_, from, tag_of(Payload::kGradHome));
-    if (!s_.overlap) settle_home();
+    post(mine.empty() ? Tensor() : held_rows(g, held.base, mine), st.src, from,
+         s_.need_of(from, s_.rank));
   }
-
-  void settle_home() {
-    if (!home_xfer_.pending()) return;
-    home_xfer_.wait();
-    if (!home_in_.defined()) return;
-    if (home_.defined()) {
-      home_.narrow(2, home_rows_.lo, home_rows_.size()).add_(home_in_);
-    } else {
-      home_ = std::exchange(home_in_, Tensor());  // no zero-filled start, no add
-    }
-  }
-
-  const RingSetup& s_;
-  std::vector<int64_t> sizes_;
-  at::TensorOptions f32_;
-  const bool into_partial_;  // compute into the arriving partial (CPU), Note [K/V gradients]
-  Tensor home_, incoming_buf_, home_in_;  // incoming_buf_: a partial due at the next step
-  Span home_rows_;                        // the rows of our block home_in_ brings
-  Transfer incoming_, home_xfer_;
 };
 
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                            const Tensor& v, const Tensor& lse, const Tensor& delta,
-                                            const RingSetup& s) {
+// Backward over the ring with one of the gradient strategies above.
+template <typename Grads>
+std::tuple<Tensor, Tensor, Tensor> backward_with(const Tensor& dout, const Tensor& q,
+                                                 const Tensor& k, const Tensor& v,
+                                                 const Tensor& lse, const Tensor& delta,
+                                                 const RingSetup& s) {
   const BlockOps& ops = block_ops();
   Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // [b, s, hq, d]
   Tensor packed = pack_kv(k, v, s.rows);
-  KvGrads grads(s, packed);
+  Grads grads(s, packed);
   for_each_block(s, std::move(packed), [&](int64_t step, const Step& st, const Held& held) {
     Tensor g = grads.begin_step(st.src, held);
     // A block nobody here sees adds nothing, but the gradients still move (end_step).
@@ -515,43 +413,13 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
   return {dq, dkv[0], dkv[1]};
 }
 
-// Flattened schedule for tests: per step [src, n_items, n_hops, then 7 fields per item, then 4 per
-// hop (payload, link, send_to, recv_from)].
-std::vector<int64_t> schedule_op(const std::string& algo, int64_t cp_size, int64_t rank,
-                                 int64_t cp_window_size, bool causal) {
-  TORCH_CHECK(cp_size >= 1 && rank >= 0 && rank < cp_size, "ring_ext: rank ", rank,
-              " must be in [0, cp_size=", cp_size, ")");
-  TORCH_CHECK(cp_window_size >= 1 && cp_size % cp_window_size == 0, "ring_ext: cp_window_size ",
-              cp_window_size, " must divide cp_size ", cp_size);
-  std::vector<int64_t> flat;
-  for (int64_t step = 0; step < cp_size; ++step) {
-    const Step st = schedule_step(parse_algo(algo), cp_size, rank, step, cp_window_size, causal);
-    flat.insert(flat.end(), {st.src, static_cast<int64_t>(st.items.size()),
-                             static_cast<int64_t>(st.hops.size())});
-    for (const WorkItem& w : st.items) {
-      flat.insert(flat.end(), {w.q_chunk, w.q_chunks, w.kv_chunk, w.kv_chunks,
-                               static_cast<int64_t>(w.causal), w.q_offset, w.k_offset});
-    }
-    for (const Hop& h : st.hops) {
-      flat.insert(flat.end(), {static_cast<int64_t>(h.what), static_cast<int64_t>(h.link),
-                               h.send_to, h.recv_from});
-    }
-  }
-  return flat;
-}
+}  // namespace
 
-Algo parse_algo(const std::string& name) {
-  if (name == "megatron_cp_algo") return Algo::kRing;
-  if (name == "ulysses_cp_algo") return Algo::kUlysses;
-  if (name == "hybrid_cp_algo") return Algo::kHybrid;
-  TORCH_CHECK_VALUE(false, "ring_ext: context_parallel_algo must be ulysses_cp_algo, ",
-                    "megatron_cp_algo or hybrid_cp_algo, got ", name);
-}
-
-void check_ring_algo(Algo algo) {
-  TORCH_CHECK_VALUE(algo == Algo::kRing || algo == Algo::kHybrid,
-                    "ring_ext: only megatron_cp_algo and hybrid_cp_algo have a ring schedule; "
-                    "ulysses_cp_algo moves data by all-to-all");
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                            const Tensor& v, const Tensor& lse, const Tensor& delta,
+                                            const RingSetup& s) {
+  if (s.masked()) return backward_with<HomeGrads>(dout, q, k, v, lse, delta, s);
+  return backward_with<TravellingGrads>(dout, q, k, v, lse, delta, s);
 }
 
 }  // namespace ring

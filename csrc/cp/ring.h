@@ -1,5 +1,6 @@
 // Ring attention (megatron_cp_algo, plain and double ring) over c10d process groups by name:
-// the driver of ring.cpp, also the ring part of hybrid_cp_algo (attention.cpp).
+// the driver of ring.cpp (its setup in setup.cpp), also the ring part of hybrid_cp_algo
+// (attention.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -61,8 +62,8 @@ struct RingSetup {
 // rows (local_len, or fewer with key intervals: Note [Shards of unequal length] in attention.cpp),
 // the per-source key intervals (empty, or one per ring rank) and the rows every rank needs of every
 // block (needed, int64 [cp, cp, 2]; optional with visible); no communication.
-RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_len,
-                     int64_t q_rows, const std::optional<at::Tensor>& visible = std::nullopt,
+RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_len, int64_t q_rows,
+                     const std::optional<at::Tensor>& visible = std::nullopt,
                      const std::optional<at::Tensor>& needed = std::nullopt,
                      c10::Device device = c10::Device(c10::kCPU));
 
@@ -85,8 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
                                                         const at::Tensor& delta,
                                                         const RingSetup& s);
 
-// torch.ops.ring_ext.ring_schedule (tests): per step [src, n_items, n_hops, 7 fields per item,
-// 4 per hop]; defined with its schema in csrc/ops.cpp.
+// torch.ops.ring_ext.ring_schedule (tests, the planner): per step [src, n_items, n_hops, 7 fields
+// per item, 4 per hop]; schedule.cpp, defined with its schema in csrc/ops.cpp.
 std::vector<int64_t> schedule_op(const std::string& algo, int64_t cp_size, int64_t rank,
                                  int64_t cp_window_size, bool causal);
 

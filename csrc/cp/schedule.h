@@ -1,6 +1,6 @@
-// The ring schedules as pure functions: (algo, cp_size, rank, step, cp_window_size, mask) -> the work items
-// and every transfer (hop) of that step. Torch-free and tensor-free; the driver (ring.cpp) only
-// posts, waits and computes what these return (no peer arithmetic of its own), and
+// The ring schedules as pure functions: (algo, cp_size, rank, step, cp_window_size, mask) -> the
+// work items and every transfer (hop) of that step. Torch-free and tensor-free; the driver
+// (ring.cpp) only posts, waits and computes what these return (no peer arithmetic of its own), and
 // tests/test_planner.py checks them through the ring_ext::ring_schedule op.
 //
 // Note [Zigzag causal schedule]
@@ -55,8 +55,8 @@ namespace ring {
 
 enum class Algo : int64_t { kUlysses = 0, kRing = 1, kHybrid = 2 };
 
-Algo parse_algo(const std::string& name);  // ring.cpp; rejects unknown names
-void check_ring_algo(Algo algo);           // ring.cpp; rejects algorithms without a ring
+Algo parse_algo(const std::string& name);  // schedule.cpp; rejects unknown names
+void check_ring_algo(Algo algo);           // schedule.cpp; rejects algorithms without a ring
 
 // One (Q rows x K/V rows) block of a step, in units of chunks (a rank holds `chunks_per_rank`
 // equal chunks). Offsets are the causal mask's positions (in chunks) in local coordinates.

@@ -208,21 +208,18 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
       std::tie(out_h, lse_h) = inner(as_seq(in[0]), as_seq(in[1]), as_seq(in[2]));
     }
     // Rounded before the trip back: nothing is accumulated after this point.
-    const auto back =
-        all_to_all({{seq_to_dst(out_h.to(out.scalar_type()), P)}, {rows_seq_to_dst(lse_h, P)}}, *pg);
+    const auto back = all_to_all(
+        {{seq_to_dst(out_h.to(out.scalar_type()), P)}, {rows_seq_to_dst(lse_h, P)}}, *pg);
     store_heads(back[0], out, g);  // out [b, sl, H, d]
     store_rows_heads(back[1], lse, g);
   }
   return {out, lse};  // lse [b, H, sl]
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
-                                                        const at::Tensor& k, const at::Tensor& v,
-                                                        const at::Tensor& lse,
-                                                        const at::Tensor& delta,
-                                                        const std::string& group,
-                                                        const InnerBwd& inner, bool by_head,
-                                                        int64_t rows) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& lse, const at::Tensor& delta, const std::string& group, const InnerBwd& inner,
+    bool by_head, int64_t rows) {
   auto pg = c10d::resolve_process_group(group);
   const int64_t P = pg->getSize(), r = kv_replication(q.size(2), k.size(2), P);
   const int64_t G = head_group_count(k.size(2), r, P, by_head);

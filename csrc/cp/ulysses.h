@@ -40,12 +40,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
 
 // Gradients of forward (inner's dtypes), contiguous [b, s_local, heads, d], given forward's lse and
 // delta = rowsum(dout * out) (minus any gradient on lse), both float32 [b, hq, s_local].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
-                                                        const at::Tensor& k, const at::Tensor& v,
-                                                        const at::Tensor& lse,
-                                                        const at::Tensor& delta,
-                                                        const std::string& group,
-                                                        const InnerBwd& inner, bool by_head,
-                                                        int64_t rows);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& lse, const at::Tensor& delta, const std::string& group, const InnerBwd& inner,
+    bool by_head, int64_t rows);
 
 }  // namespace ring_ext::ulysses
