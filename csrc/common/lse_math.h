@@ -4,11 +4,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define RING_EXT_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define RING_EXT_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace ring_ext {
 

@@ -44,8 +44,8 @@ std::vector<Tensor> prepare_visible(const std::optional<Tensor>& visible, int64_
                     "ring_ext: visible must be int64 [", count, " source blocks, 2, ", rows,
                     " rows], got ", v.scalar_type(), " ", v.sizes());
   // The one host copy of the intervals: checked here for every device (the kernels' tile skipping
-  // relies on monotone intervals; the CUDA block ops do not check them, Note [Row key ranges on
-  // the device] in csrc/cuda/launch.cuh).
+  // relies on monotone intervals; the CUDA block ops do not check them, Note [Mask rule] in
+  // csrc/common/mask.h).
   const Tensor host = v.cpu();
   TORCH_CHECK_VALUE(
       rows < 2 || (host.narrow(2, 1, rows - 1) >= host.narrow(2, 0, rows - 1)).all().item<bool>(),

@@ -105,20 +105,20 @@ void bwd_operands(BwdWorkspace<T>& ws, int64_t nq_pad, int64_t n_pad, Operand<T>
 // holds the packed key block, rows the packed Q/dO of the group. dq points at the rows of the block
 // in the task's float32 dQ partial ([rows][dpad], unscaled).
 template <typename T>
-void bwd_pair(const BwdParams& p, const HeadRows<T>& rows, int64_t b, int64_t h, int64_t g,
-              int64_t qb, int64_t k0, int64_t nk, int64_t dpad, BwdWorkspace<T>& ws, float* dq) {
+void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T>& rows, int64_t b,
+              int64_t h, int64_t g, int64_t qb, int64_t k0, int64_t nk, int64_t dpad,
+              BwdWorkspace<T>& ws, float* dq) {
   constexpr int64_t step = kStep<T>;
   const Shape& sh = p.shape;
   const int64_t q0 = qb * kBwdBlockQ, nq = std::min(kBwdBlockQ, sh.seq_q - q0);
   const int64_t nq_pad = round_up(nq, step), n_pad = round_up(nk, 16), off = rows.offset(g, qb);
   const int64_t d_steps = ceil_div(sh.head_dim, step);
-  // Only the key columns [c0, c1) some row of the block sees (from its first row's first key to its
-  // last row's last: the intervals are monotone), c0 on a 16-column boundary: a query block of one
-  // document skips the keys of the document before it in a key block that straddles the boundary.
-  const int64_t c0 =
-      std::clamp<int64_t>(visible_keys(p.mask, q0, sh.seq_k).begin - k0, 0, nk) / 16 * 16;
-  const int64_t c1 =
-      std::clamp<int64_t>(visible_keys(p.mask, q0 + nq - 1, sh.seq_k).end - k0, 0, nk);
+  // Only the key columns [c0, c1) some row of the block sees (its hull, Note [Mask rule]), c0 on a
+  // 16-column boundary: a query block of one document skips the keys of the document before it in
+  // a key block that straddles the boundary.
+  const Interval<int64_t> hull = tile_hull(keys.keys(q0), keys.keys(q0 + nq - 1));
+  const int64_t c0 = std::clamp<int64_t>(hull.begin - k0, 0, nk) / 16 * 16;
+  const int64_t c1 = std::clamp<int64_t>(hull.end - k0, 0, nk);
   if (c1 <= c0) return;
   const int64_t nc = round_up(c1 - c0, 16);  // c0 + nc <= n_pad
   // S [nq, nc] = Q K^T; dP [nq, nc] = dO V^T (columns c0.. of the [rows][kBlockK] tiles)
@@ -136,9 +136,9 @@ void bwd_pair(const BwdParams& p, const HeadRows<T>& rows, int64_t b, int64_t h,
       std::fill(dprow, dprow + n_pad, 0.0f);
       continue;
     }
-    const KeySpan keys = visible_keys(p.mask, q0 + i, sh.seq_k);
-    const int64_t begin = std::clamp<int64_t>(keys.begin - k0, c0, c1);
-    const int64_t end = std::clamp<int64_t>(keys.end - k0, begin, c1);
+    const Interval<int64_t> row = keys.keys(q0 + i);
+    const int64_t begin = std::clamp<int64_t>(row.begin - k0, c0, c1);
+    const int64_t end = std::clamp<int64_t>(row.end - k0, begin, c1);
     // A row that saw no key (lse = -inf) has P = 0: exp(s - inf) = 0.
     const float row_lse = lse[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse[i];
     bwd_row(srow + c0, dprow + c0, begin - c0, end - c0, nc, p.scale, row_lse, delta[i]);
@@ -168,8 +168,8 @@ inline void add_rows(const float* src, int64_t dpad, int64_t rows, int64_t d, fl
 // One task: key block kb of kv head hk against every query block (of every q head of the GQA group)
 // that can see it. dq_part is the group's float32 dQ partial [group][seq_q][dpad].
 template <typename T>
-void bwd_task(const BwdParams& p, const HeadRows<T>& rows, int64_t b, int64_t hk, int64_t kb,
-              int64_t dpad, BwdWorkspace<T>& ws, float* dq_part) {
+void bwd_task(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T>& rows, int64_t b,
+              int64_t hk, int64_t kb, int64_t dpad, BwdWorkspace<T>& ws, float* dq_part) {
   const Shape& sh = p.shape;
   const int64_t d = sh.head_dim, group = sh.heads_q / sh.heads_kv;
   const int64_t k0 = kb * kBlockK, nk = std::min(kBlockK, sh.seq_k - k0);
@@ -180,12 +180,12 @@ void bwd_task(const BwdParams& p, const HeadRows<T>& rows, int64_t b, int64_t hk
   pack_kn(k, kBlockK, dpad, ws.tmp.data(), ws.k_kn.data());
   std::fill(ws.dk.begin(), ws.dk.end(), 0.0f);
   std::fill(ws.dv.begin(), ws.dv.end(), 0.0f);
-  const KeySpan rows_in = rows_seeing(p.mask, k0, k0 + nk, sh.seq_q, sh.seq_k);
+  const Interval<int64_t> rows_in = keys.rows_seeing(k0, k0 + nk);
   const int64_t qb_begin = rows_in.begin / kBwdBlockQ;
-  const int64_t qb_end = rows_in.end > rows_in.begin ? ceil_div(rows_in.end, kBwdBlockQ) : qb_begin;
+  const int64_t qb_end = rows_in.empty() ? qb_begin : ceil_div(rows_in.end, kBwdBlockQ);
   for (int64_t g = 0; g < group; ++g)
     for (int64_t qb = qb_begin; qb < qb_end; ++qb)
-      bwd_pair(p, rows, b, hk * group + g, g, qb, k0, nk, dpad, ws,
+      bwd_pair(p, keys, rows, b, hk * group + g, g, qb, k0, nk, dpad, ws,
                dq_part + (g * sh.seq_q + qb * kBwdBlockQ) * dpad);
   add_rows(ws.dk.data(), dpad, nk, d, p.scale,
            p.dk + b * p.dk_stride.batch + hk * p.dk_stride.head + k0 * p.dk_stride.seq,
@@ -237,6 +237,7 @@ void flash_bwd_tiled(const BwdParams& p, ParallelFor parallel_for) {
   const int64_t dq_size = sh.heads_q / sh.heads_kv * sh.seq_q * dpad;
   // Tasks (batch, kv head, key block), k_blocks per head (Note [Packed heads]).
   PackedHeads<HeadRows<T>> heads(sh.batch * sh.heads_kv, k_blocks);
+  const RowKeys<int64_t> keys = row_keys<int64_t>(p.mask, sh);
   std::mutex mutex;
   std::vector<DqPartial> parts;
   parallel_for(sh.batch * sh.heads_kv * k_blocks, [&](int64_t begin, int64_t end) {
@@ -250,7 +251,7 @@ void flash_bwd_tiled(const BwdParams& p, ParallelFor parallel_for) {
         [&](int64_t head, int64_t first, int64_t stop, const HeadRows<T>& rows) {
           std::fill(dq.begin(), dq.end(), 0.0f);
           for (int64_t t = first; t < stop; ++t)
-            bwd_task(p, rows, head / sh.heads_kv, head % sh.heads_kv,
+            bwd_task(p, keys, rows, head / sh.heads_kv, head % sh.heads_kv,
                      zigzag(t % k_blocks, k_blocks), dpad, ws, dq.data());
           if (stop - first == k_blocks) {  // the head's only writer of dq: add at once
             add_dq(p, head, dq.data(), dpad);

@@ -46,15 +46,15 @@ struct FwdWorkspace {
 // Online softmax of the task's rows [r0, r1) over one key block [k0, k0 + nk): S -> P, updates m
 // and l, rescales O.
 template <typename T>
-void softmax_step(const FwdParams& p, FwdWorkspace<T>& ws, int64_t q0, int64_t r0, int64_t r1,
-                  int64_t k0, int64_t nk, int64_t dpad) {
+void softmax_step(const FwdParams& p, const RowKeys<int64_t>& keys, FwdWorkspace<T>& ws, int64_t q0,
+                  int64_t r0, int64_t r1, int64_t k0, int64_t nk, int64_t dpad) {
   const int64_t n_pad = round_up(nk, 16);
   for (int64_t i = r0; i < r1; ++i) {
     const float* srow = ws.s.data() + i * kFwdBlockK;
     T* prow = ws.p.data() + i * kFwdBlockK;
-    const KeySpan keys = visible_keys(p.mask, q0 + i, p.shape.seq_k);
-    const int64_t begin = std::clamp<int64_t>(keys.begin - k0, 0, nk);
-    const int64_t end = std::clamp<int64_t>(keys.end - k0, begin, nk);
+    const Interval<int64_t> row = keys.keys(q0 + i);
+    const int64_t begin = std::clamp<int64_t>(row.begin - k0, 0, nk);
+    const int64_t end = std::clamp<int64_t>(row.end - k0, begin, nk);
     const float m_new = std::max(ws.m[i], scaled_max(srow, begin, end, p.scale));
     if (m_new == kNegInf) {  // nothing visible yet: P = 0, state unchanged
       std::fill(prow, prow + n_pad, T(0));
@@ -85,8 +85,8 @@ void fwd_finish(const FwdParams& p, FwdWorkspace<T>& ws, int64_t b, int64_t h, i
 // One task: query rows [q0, q0 + kBlockQ) of q head h against every key block they can see; kv is
 // h's kv head, packed.
 template <typename T>
-void fwd_task(const FwdParams& p, const HeadKV<T>& kv, int64_t b, int64_t h, int64_t q0,
-              int64_t dpad, FwdWorkspace<T>& ws) {
+void fwd_task(const FwdParams& p, const RowKeys<int64_t>& keys, const HeadKV<T>& kv, int64_t b,
+              int64_t h, int64_t q0, int64_t dpad, FwdWorkspace<T>& ws) {
   constexpr int64_t step = kStep<T>;
   const Shape& sh = p.shape;
   const int64_t nq = std::min(kBlockQ, sh.seq_q - q0);
@@ -95,24 +95,24 @@ void fwd_task(const FwdParams& p, const HeadKV<T>& kv, int64_t b, int64_t h, int
   std::fill(ws.m.begin(), ws.m.end(), kNegInf);
   std::fill(ws.l.begin(), ws.l.end(), 0.0f);
   std::fill(ws.acc.begin(), ws.acc.end(), 0.0f);
-  // The key blocks some row of the task sees: skipped blocks cost nothing (Note [CPU flash
-  // tiling]).
-  const int64_t k_begin = visible_keys(p.mask, q0, sh.seq_k).begin / kFwdBlockK * kFwdBlockK;
-  const int64_t k_end = visible_keys(p.mask, q0 + nq - 1, sh.seq_k).end;
+  // The key blocks some row of the task sees (its hull, Note [Mask rule]): skipped blocks cost
+  // nothing (Note [CPU flash tiling]).
+  const Interval<int64_t> hull = tile_hull(keys.keys(q0), keys.keys(q0 + nq - 1));
+  const int64_t k_begin = hull.begin / kFwdBlockK * kFwdBlockK, k_end = hull.end;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kFwdBlockK) {
     const int64_t nk = std::min(kFwdBlockK, k_end - k0), kb = k0 / kFwdBlockK;
     // Only the task's rows [r0, r1) that see a key of this block (a contiguous range: the intervals
     // are monotone), so a task that straddles a document boundary pays for each document's rows
     // against that document's keys only.
     int64_t r0 = 0, r1 = nq;
-    while (r0 < nq && visible_keys(p.mask, q0 + r0, sh.seq_k).end <= k0) ++r0;
-    while (r1 > r0 && visible_keys(p.mask, q0 + r1 - 1, sh.seq_k).begin >= k0 + nk) --r1;
+    while (r0 < nq && keys.keys(q0 + r0).end <= k0) ++r0;
+    while (r1 > r0 && keys.keys(q0 + r1 - 1).begin >= k0 + nk) --r1;
     if (r0 == r1) continue;
     // S [r1 - r0, kFwdBlockK] = Q [rows, d] K^T [d, nk]
     gemm(ws.q.data() + r0 * dpad, dpad, step, kv.kt_block(kb, dpad), kFwdBlockK * step, r1 - r0,
          round_up(nk, 16), ceil_div(sh.head_dim, step), ws.s.data() + r0 * kFwdBlockK, kFwdBlockK,
          /*accumulate=*/false);
-    softmax_step(p, ws, q0, r0, r1, k0, nk, dpad);
+    softmax_step(p, keys, ws, q0, r0, r1, k0, nk, dpad);
     // O [rows, dpad] += P [rows, nk] V [nk, dpad]
     gemm(ws.p.data() + r0 * kFwdBlockK, kFwdBlockK, step, kv.v_block(kb, dpad), dpad * step,
          r1 - r0, dpad, ceil_div(nk, step), ws.acc.data() + r0 * dpad, dpad, /*accumulate=*/true);
@@ -128,6 +128,7 @@ void flash_fwd_tiled(const FwdParams& p, ParallelFor parallel_for) {
   // group are consecutive.
   const int64_t tasks_per_head = sh.heads_q / sh.heads_kv * q_blocks;
   PackedHeads<HeadKV<T>> heads(sh.batch * sh.heads_kv, tasks_per_head);
+  const RowKeys<int64_t> keys = row_keys<int64_t>(p.mask, sh);
   parallel_for(sh.batch * sh.heads_q * q_blocks, [&](int64_t begin, int64_t end) {
     FwdWorkspace<T> ws(dpad);
     for_tasks_by_head(
@@ -138,7 +139,7 @@ void flash_fwd_tiled(const FwdParams& p, ParallelFor parallel_for) {
         [&](int64_t, int64_t first, int64_t stop, const HeadKV<T>& kv) {
           for (int64_t t = first; t < stop; ++t) {
             const int64_t qb = zigzag(t % q_blocks, q_blocks), bh = t / q_blocks;
-            fwd_task(p, kv, bh / sh.heads_q, bh % sh.heads_q, qb * kBlockQ, dpad, ws);
+            fwd_task(p, keys, kv, bh / sh.heads_q, bh % sh.heads_q, qb * kBlockQ, dpad, ws);
           }
         });
   });

@@ -23,12 +23,12 @@
 // (Note [Packed heads]). One task = (batch, q head, block of kBlockQ query rows): pack Q, then walk
 // the key blocks with the online softmax, S = Q K^T, running max m and sum l,
 // O = O * exp(m_old - m) + P V. The task visits only the key blocks between the first key its
-// first row sees and the last key its last row sees (every mask is a monotone interval per row:
-// visible_keys); inside a block, keys outside a row's interval are masked lane by lane. Within a
-// visited block only the task's rows that see it take part (a task straddling a document boundary
-// computes each document's rows against that document's keys). So blocks outside a causal
-// diagonal, a document or a sliding window cost nothing, and the cost follows the visible pairs up
-// to the tile edges.
+// first row sees and the last key its last row sees (the tile's hull: every mask is a monotone
+// interval per row, Note [Mask rule] in csrc/common/mask.h); inside a block, keys outside a row's
+// interval are masked lane by lane. Within a visited block only the task's rows that see it take
+// part (a task straddling a document boundary computes each document's rows against that
+// document's keys). So blocks outside a causal diagonal, a document or a sliding window cost
+// nothing, and the cost follows the visible pairs up to the tile edges.
 // Backward: Q/dO of the q heads of each (batch, kv head), in blocks of kBwdBlockQ rows (larger
 // than the forward's: they are the k loop of dK and dV), are packed once per call the same way.
 // One task = (batch, kv head, key block), so dK/dV of a key block have one writer; it walks the q
@@ -37,8 +37,8 @@
 // partial per (chunk of tasks, kv head): added to dq when the chunk holds all of the head's tasks,
 // else summed with the other chunks' in a fixed order after the parallel loop (deterministic
 // either way). The query blocks a key block visits are the contiguous range of rows that see it
-// (rows_seeing), and each (query block, key block) pair computes only the key columns its rows see
-// (from 16-column boundaries), in all five products.
+// (RowKeys::rows_seeing), and each (query block, key block) pair computes only the key columns its
+// rows see (from 16-column boundaries), in all five products.
 // Parallelism stays good when batch * heads is 1: tasks are per block, and causal tasks are dealt
 // in zigzag order (0, n-1, 1, n-2, ...) so contiguous chunks get equal work.
 // Memory: the packed heads in use (Note [Packed heads]) and a dQ partial per thread (plus one per
@@ -55,6 +55,7 @@
 #include <vector>
 
 #include "../common/lse_math.h"
+#include "../common/mask.h"
 #include "convert.h"
 #include "kernels.h"
 
@@ -233,53 +234,6 @@ void for_tasks_by_head(PackedHeads<Pack>& heads, int64_t tasks_per_head, int64_t
     heads.done(head, stop - first);
     first = stop;
   }
-}
-
-// ---- masks
-// ----------------------------------------------------------------------------------------
-
-// The keys [begin, end) of [0, seq_k) visible to query row qi. Every mask kind is an interval per
-// row whose ends never decrease with qi (params.h), so a tile of rows [q0, q1) sees keys
-// [begin(q0), end(q1 - 1)) at most and every key of [begin(q1 - 1), end(q0)).
-struct KeySpan {
-  int64_t begin, end;
-};
-
-inline KeySpan visible_keys(const Mask& mask, int64_t qi, int64_t seq_k) {
-  switch (mask.kind) {
-    case MaskKind::kNone:
-      return {0, seq_k};
-    case MaskKind::kCausal:
-      return {0, std::clamp<int64_t>(mask.q_offset + qi - mask.k_offset + 1, 0, seq_k)};
-    case MaskKind::kRows:
-      return {std::clamp<int64_t>(mask.row_begin[qi], 0, seq_k),
-              std::clamp<int64_t>(mask.row_end[qi], 0, seq_k)};
-  }
-  return {0, 0};
-}
-
-// The rows [begin, end) of [0, seq_q) that see some key of [k0, k1) (a contiguous range, since the
-// row intervals are monotone): end(row) > k0 and begin(row) < k1.
-inline KeySpan rows_seeing(const Mask& mask, int64_t k0, int64_t k1, int64_t seq_q, int64_t seq_k) {
-  auto first_row = [&](auto&& pred) {  // the first row with pred(row), pred monotone false -> true
-    int64_t lo = 0, hi = seq_q;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (pred(mid)) {
-        hi = mid;
-      } else {
-        lo = mid + 1;
-      }
-    }
-    return lo;
-  };
-  if (mask.kind == MaskKind::kNone) return {0, seq_q};
-  if (mask.kind == MaskKind::kCausal)
-    return {std::clamp<int64_t>(mask.k_offset + k0 - mask.q_offset, 0, seq_q), seq_q};
-  const int64_t begin = first_row([&](int64_t i) { return visible_keys(mask, i, seq_k).end > k0; });
-  const int64_t end =
-      first_row([&](int64_t i) { return visible_keys(mask, i, seq_k).begin >= k1; });
-  return {begin, std::max(begin, end)};
 }
 
 // ---- merge

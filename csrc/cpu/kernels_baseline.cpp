@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../common/lse_math.h"
+#include "../common/mask.h"
 #include "convert.h"
 #include "kernels.h"
 

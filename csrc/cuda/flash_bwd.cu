@@ -5,7 +5,7 @@
 // q block of kBlockM rows) that can see them; dK and dV stay in registers for the whole walk.
 //
 //   smem: K, V [kBlockN x D]   Q, dO [kBlockM x D]   P^T, dS^T [kBlockN x kBlockM]
-//         lse, delta, first and last visible key [kBlockM]
+//         lse, delta, begin and end of the visible keys [kBlockM]
 //
 //   step 1  S^T = K Q^T, dP^T = V dO^T         warps tile [kBlockN x kBlockM] in 16-key strips
 //           P^T = exp(scale S^T - lse), dS^T = P^T * (dP^T - delta)   -> smem (16-bit)
@@ -19,7 +19,7 @@
 // owns its keys for every q head of the GQA group and adds into dk/dv once, without atomics.
 // Rows past seq_q get lse = +inf (P = 0) and rows with lse = -inf (no visible key) likewise; keys
 // past seq_k and hidden pairs are masked to P = 0. The CTA walks only the q blocks holding rows
-// that see its keys (RowKeys::rows_seeing, Note [Row key ranges on the device]). Softmax runs in
+// that see its keys (RowKeys::rows_seeing, Note [Mask rule] in csrc/common/mask.h). Softmax runs in
 // log2 units.
 //
 // Note [Backward tilings and shared memory]
@@ -44,6 +44,7 @@
 #include <tuple>
 #include <vector>
 
+#include "head_dim.h"
 #include "kernels.h"
 #include "launch.cuh"
 #include "mma.cuh"
@@ -82,7 +83,7 @@ struct BwdConfig {
   static constexpr int kDims3 = D / (kWarps / kRowStrips);
   static_assert(kWarps % kKeyStrips == 0 && kWarps % kRowStrips == 0, "warp grid");
   static_assert(kCols1 % 16 == 0 && kDims2 % 16 == 0 && kDims3 % 16 == 0, "two n-tiles per load");
-  static constexpr int kRowBytes = 4 * kBlockM * 4;  // lse, delta, first, last
+  static constexpr int kRowBytes = 4 * kBlockM * 4;  // lse, delta, key_begin, key_end
   static constexpr int kSmemBytes =
       (2 * KTile::kElems + 2 * PTile::kElems) * 2 + kQBuffers * (2 * QTile::kElems * 2 + kRowBytes);
   static std::string name() { return tiling_name(kBlockM, kBlockN, kWarps, false, kDoubleQdo); }
@@ -95,13 +96,13 @@ struct Smem {
   void* dout;
   void* pt;
   void* dst;
-  float* lse;    // log2 units; +inf for rows that must contribute nothing
-  float* delta;  // [kBlockM]
-  int* first;    // [kBlockM] first and last key each row sees; rows past seq_q see none
-  int* last;
+  float* lse;      // log2 units; +inf for rows that must contribute nothing
+  float* delta;    // [kBlockM]
+  int* key_begin;  // [kBlockM] the keys [key_begin, key_end) each row sees; rows past seq_q: none
+  int* key_end;
 };
 
-// Layout: K, V, P^T, dS^T, then per Q buffer: Q, dO, lse, delta, first, last.
+// Layout: K, V, P^T, dS^T, then per Q buffer: Q, dO, lse, delta, key_begin, key_end.
 template <typename Cfg, typename T>
 __device__ __forceinline__ Smem carve_smem(unsigned char* raw, int buffer) {
   T* base = reinterpret_cast<T*>(raw);
@@ -116,16 +117,16 @@ __device__ __forceinline__ Smem carve_smem(unsigned char* raw, int buffer) {
   s.dout = reinterpret_cast<T*>(qbuf) + Cfg::QTile::kElems;
   s.lse = reinterpret_cast<float*>(qbuf + 2 * Cfg::QTile::kElems * 2);
   s.delta = s.lse + Cfg::kBlockM;
-  s.first = reinterpret_cast<int*>(s.delta + Cfg::kBlockM);
-  s.last = s.first + Cfg::kBlockM;
+  s.key_begin = reinterpret_cast<int*>(s.delta + Cfg::kBlockM);
+  s.key_end = s.key_begin + Cfg::kBlockM;
   return s;
 }
 
 // Starts loading Q, dO (cp.async) and lse, delta, the key ranges (plain loads) of q head h, rows
 // [m0, m0 + kBlockM).
 template <typename Cfg, typename T>
-__device__ __forceinline__ void load_q_block(const BwdParams& p, const RowKeys& keys, const Smem& s,
-                                             int h, int m0) {
+__device__ __forceinline__ void load_q_block(const BwdParams& p, const RowKeys<int>& keys,
+                                             const Smem& s, int h, int m0) {
   const int b = blockIdx.z, seq_q = static_cast<int>(p.shape.seq_q);
   const int head_dim = static_cast<int>(p.shape.head_dim);
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
@@ -138,23 +139,22 @@ __device__ __forceinline__ void load_q_block(const BwdParams& p, const RowKeys& 
   for (int i = threadIdx.x; i < Cfg::kBlockM; i += Cfg::kThreads) {
     const int row = m0 + i;
     float lse = INFINITY, delta = 0.0f;
-    int first = keys.seq_k, last = -1;  // rows past seq_q: no key (first stays >= every key)
+    Interval<int> seen{keys.seq_k, 0};  // rows past seq_q: no key (begin stays >= every key)
     if (row < seq_q) {
       lse = p.lse[b * p.lse_stride.batch + h * p.lse_stride.head + row];
       lse = lse == -INFINITY ? INFINITY : lse * kLog2e;
       delta = p.delta[b * p.delta_stride.batch + h * p.delta_stride.head + row];
-      first = keys.first(row);
-      last = keys.last(row);
+      seen = keys.keys(row);
     }
     s.lse[i] = lse;
     s.delta[i] = delta;
-    s.first[i] = first;
-    s.last[i] = last;
+    s.key_begin[i] = seen.begin;
+    s.key_end[i] = seen.end;
   }
 }
 
 // Step 1 for this warp's [16 keys x kCols1 rows] strip: P^T and dS^T into smem.
-// A (key, row) pair is visible iff first[row] <= key <= last[row] (smem, from load_q_block).
+// A (key, row) pair is visible iff key_begin[row] <= key < key_end[row] (smem, from load_q_block).
 template <typename Cfg, typename T>
 __device__ __forceinline__ void probs_and_grads(const Smem& s, int n0, float scale_log2) {
   constexpr int NT = Cfg::kCols1 / 8;
@@ -167,15 +167,17 @@ __device__ __forceinline__ void probs_and_grads(const Smem& s, int n0, float sca
       st, static_cast<const T*>(s.k), key0, static_cast<const T*>(s.q), col0);
   warp_gemm<false, false, 1, NT, Cfg::D, typename Cfg::KTile, typename Cfg::QTile>(
       dpt, static_cast<const T*>(s.v), key0, static_cast<const T*>(s.dout), col0);
-  // Masking is needed when a key of the strip lies before the last column's first key or after
-  // the first column's last key (both ends are monotone over the rows; padding rows see nothing).
-  const bool masked = n0 + key0 < s.first[col0 + Cfg::kCols1 - 1] || n0 + key0 + 15 > s.last[col0];
+  // Masking is needed unless the strip's 16 keys are kFull for its columns, a tile of rows whose
+  // first and last are col0 and col0 + kCols1 - 1 (Note [Mask rule]; padding rows see nothing).
+  const auto seen = [&](int col) { return Interval<int>{s.key_begin[col], s.key_end[col]}; };
+  const bool masked = block_visibility(seen(col0), seen(col0 + Cfg::kCols1 - 1), n0 + key0,
+                                       n0 + key0 + 16) != BlockVisibility::kFull;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int key = n0 + key0 + g + 8 * (i / 2), col = col0 + nt * 8 + 2 * t + i % 2;
-      const bool visible = !masked || (key >= s.first[col] && key <= s.last[col]);
+      const bool visible = !masked || seen(col).contains(key);
       const float prob = visible ? ex2(st[0][nt][i] * scale_log2 - s.lse[col]) : 0.0f;
       st[0][nt][i] = prob;
       dpt[0][nt][i] = prob * (dpt[0][nt][i] - s.delta[col]);
@@ -236,7 +238,7 @@ __device__ __forceinline__ void add_dkdv(const BwdParams& p, float (&dk)[1][NT][
 
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
-    flash_bwd_kernel(const BwdParams p, const RowKeys keys) {
+    flash_bwd_kernel(const BwdParams p, const RowKeys<int> keys) {
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, NT2 = Cfg::kDims2 / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
 
@@ -244,9 +246,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int group = static_cast<int>(p.shape.heads_q / p.shape.heads_kv);
   const int seq_k = static_cast<int>(p.shape.seq_k);
   // Only the q blocks holding rows that see one of this CTA's keys.
-  const int2 rows = keys.rows_seeing(n0, min(n0 + kBlockN, seq_k));
-  const int m_begin = rows.x / kBlockM;
-  const int m_count = rows.x < rows.y ? (rows.y + kBlockM - 1) / kBlockM - m_begin : 0;
+  const Interval<int> rows = keys.rows_seeing(n0, min(n0 + kBlockN, seq_k));
+  const int m_begin = rows.begin / kBlockM;
+  const int m_count = rows.empty() ? 0 : (rows.end + kBlockM - 1) / kBlockM - m_begin;
   const int steps = group * m_count;
   if (steps == 0) return;
   const float scale_log2 = p.scale * kLog2e;
@@ -319,7 +321,7 @@ void launch_bwd(const BwdParams& p, cudaStream_t stream) {
   const dim3 grid = make_grid((p.shape.seq_k + Cfg::kBlockN - 1) / Cfg::kBlockN, p.shape.heads_kv,
                               p.shape.batch, "flash_bwd");
   launch(flash_bwd_kernel<T, Cfg>, "flash_bwd", grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p,
-         row_keys(p.mask, p.shape));
+         row_keys<int>(p.mask, p.shape));
 }
 
 // The candidate named by RING_EXT_CUDA_BWD_TILING (an error naming the device's limit if it does
@@ -356,13 +358,8 @@ void launch_bucket(const BwdParams& p, cudaStream_t stream) {
 
 template <typename T>
 void dispatch_head_dim(const BwdParams& p, cudaStream_t stream) {
-  if (p.shape.head_dim <= 64) {
-    launch_bucket<T, 64>(p, stream);
-  } else if (p.shape.head_dim <= 128) {
-    launch_bucket<T, 128>(p, stream);
-  } else {
-    launch_bucket<T, 256>(p, stream);
-  }
+  head_dim_switch(p.shape.head_dim,
+                  [&](auto d) { launch_bucket<T, decltype(d)::value>(p, stream); });
 }
 
 bool use_tensor_cores(const BwdParams& p) {

@@ -39,6 +39,7 @@
 #include <tuple>
 #include <vector>
 
+#include "head_dim.h"
 #include "kernels.h"
 #include "launch.cuh"
 #include "mma.cuh"
@@ -97,12 +98,12 @@ struct RowState {
 };
 
 // s (raw scores of a 16 x kBlockN warp tile) -> probabilities relative to the updated row max;
-// rescales o and the running sums. Row r sees the block-local keys [key_lo[r], key_hi[r]],
+// rescales o and the running sums. Row r sees the block-local keys [key_begin[r], key_end[r]),
 // applied only when `masked`.
 template <int NS, int NO>
 __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO][4], RowState& st,
                                                float scale_log2, bool masked,
-                                               const int (&key_lo)[2], const int (&key_hi)[2]) {
+                                               const int (&key_begin)[2], const int (&key_end)[2]) {
   const int t = threadIdx.x % 4;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -113,7 +114,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO]
       for (int e = 0; e < 2; ++e) {
         float x = s[nt][2 * r + e] * scale_log2;
         const int key = nt * 8 + 2 * t + e;
-        if (masked && (key < key_lo[r] || key > key_hi[r])) x = -INFINITY;
+        if (masked && (key < key_begin[r] || key >= key_end[r])) x = -INFINITY;
         s[nt][2 * r + e] = x;
         mx = fmaxf(mx, x);
       }
@@ -182,7 +183,7 @@ __device__ __forceinline__ void store_out(const FwdParams& p, float (&o)[NO][4],
 
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
-    flash_fwd_kernel(const FwdParams p, const RowKeys keys) {
+    flash_fwd_kernel(const FwdParams p, const RowKeys<int> keys) {
   using QTile = typename Cfg::QTile;
   using KTile = typename Cfg::KTile;
   constexpr int D = Cfg::D, MT = Cfg::kRowTiles;
@@ -202,23 +203,20 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
 
-  // Key blocks [nb_begin, nb_end) hold every key some row of this CTA sees: from the first row's
-  // first key to the last row's last (Note [Row key ranges on the device]; the last row may lie
-  // past seq_q, so row sums are taken in int64).
-  const int nb_begin = keys.first(m0) / kBlockN;
-  const int nb_end = (max(0, keys.last(int64_t{m0} + kBlockM - 1) + 1) + kBlockN - 1) / kBlockN;
-  // First and last visible key of each of this thread's rows (global key indices): rows g and
-  // g + 8 of each of the warp's 16-row tiles.
+  // Key blocks [nb_begin, nb_end) hold every key some row of this CTA sees: its hull (Note [Mask
+  // rule] in csrc/common/mask.h; the last row may lie past seq_q).
+  const Interval<int> hull = tile_hull(keys.keys(m0), keys.keys(int64_t{m0} + kBlockM - 1));
+  const int nb_begin = hull.begin / kBlockN;
+  const int nb_end = (hull.end + kBlockN - 1) / kBlockN;
+  // The visible keys of each of this thread's rows (global key indices): rows g and g + 8 of each
+  // of the warp's 16-row tiles.
   const int g = (threadIdx.x % 32) / 4;
-  int row_first[MT][2], row_last[MT][2];
+  Interval<int> seen[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t row = int64_t{m0} + warp_row + 16 * mt + g + 8 * r;
-      row_first[mt][r] = keys.first(row);
-      row_last[mt][r] = keys.last(row);
-    }
+    for (int r = 0; r < 2; ++r)
+      seen[mt][r] = keys.keys(int64_t{m0} + warp_row + 16 * mt + g + 8 * r);
   }
 
   float o[MT][D / 8][4];
@@ -244,13 +242,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                                                                                   sK, 0);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      // Masking is needed when some key of the block lies outside one of the thread's row ranges
-      // (the key range ends at seq_k - 1, so keys past the end are masked too).
-      const bool masked = n0 < max(row_first[mt][0], row_first[mt][1]) ||
-                          n0 + kBlockN - 1 > min(row_last[mt][0], row_last[mt][1]);
-      const int key_lo[2] = {row_first[mt][0] - n0, row_first[mt][1] - n0};
-      const int key_hi[2] = {row_last[mt][0] - n0, row_last[mt][1] - n0};
-      online_softmax(s[mt], o[mt], st[mt], scale_log2, masked, key_lo, key_hi);
+      // Masking is needed unless both of the thread's rows see the whole block (the intervals end
+      // at seq_k, so keys past the end are masked too).
+      const bool masked =
+          block_visibility(seen[mt][0], seen[mt][1], n0, n0 + kBlockN) != BlockVisibility::kFull;
+      const int key_begin[2] = {seen[mt][0].begin - n0, seen[mt][1].begin - n0};
+      const int key_end[2] = {seen[mt][0].end - n0, seen[mt][1].end - n0};
+      online_softmax(s[mt], o[mt], st[mt], scale_log2, masked, key_begin, key_end);
     }
 
     cp_async_wait_all();
@@ -270,7 +268,7 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream) {
   const dim3 grid = make_grid((p.shape.seq_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.shape.heads_q,
                               p.shape.batch, "flash_fwd");
   launch(flash_fwd_kernel<T, Cfg>, "flash_fwd", grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p,
-         row_keys(p.mask, p.shape));
+         row_keys<int>(p.mask, p.shape));
 }
 
 // The candidate chosen by RING_EXT_CUDA_FWD_TILING, else the default (the first).
@@ -291,13 +289,8 @@ void launch_bucket(const FwdParams& p, cudaStream_t stream) {
 
 template <typename T>
 void dispatch_head_dim(const FwdParams& p, cudaStream_t stream) {
-  if (p.shape.head_dim <= 64) {
-    launch_bucket<T, 64>(p, stream);
-  } else if (p.shape.head_dim <= 128) {
-    launch_bucket<T, 128>(p, stream);
-  } else {
-    launch_bucket<T, 256>(p, stream);
-  }
+  head_dim_switch(p.shape.head_dim,
+                  [&](auto d) { launch_bucket<T, decltype(d)::value>(p, stream); });
 }
 
 bool use_tensor_cores(const FwdParams& p) {

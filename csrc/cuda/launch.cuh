@@ -1,5 +1,6 @@
 // Host-side helpers shared by the launchers: error checks, the device's shared-memory limit, grid
-// limits, the tensor-core eligibility test and the mask limits every kernel uses.
+// limits, the tensor-core eligibility test and the size limits every kernel relies on (the mask
+// rule, csrc/common/mask.h, indexes keys and rows in int).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -9,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../common/mask.h"
 #include "../common/params.h"
 
 namespace ring_ext::cuda {
@@ -85,6 +87,8 @@ inline bool tensor_core_dims(const Shape& s) {
   return s.head_dim > 0 && s.head_dim <= 256 && s.head_dim % 8 == 0;
 }
 
+// The sizes every kernel takes: whole GQA groups, sequences below 2^30 (the device's mask rule
+// indexes them in int, Note [Mask rule] in csrc/common/mask.h) and launch grids within CUDA's.
 inline void check_shape(const Shape& s) {
   if (s.heads_kv <= 0 || s.heads_q % s.heads_kv != 0) {
     throw std::invalid_argument("ring_ext CUDA: heads_q must be a multiple of heads_kv");
@@ -95,90 +99,6 @@ inline void check_shape(const Shape& s) {
   if (s.batch > 65535 || s.heads_q > 65535) {
     throw std::invalid_argument("ring_ext CUDA: batch and heads must be <= 65535");
   }
-}
-
-// Causal offset difference q_offset - k_offset, clamped to [-2^30, 2^30]: with rows and keys
-// below 2^30 (check_shape) `key <= row + diff` keeps its truth value, and for a row that exists
-// `row + diff` fits an int. Bounds of a whole tile (whose last row may lie past seq_q) are
-// computed in int64 (key_bound). Without a causal mask every key is visible, which the upper
-// clamp value expresses.
-inline int causal_diff(const Mask& m) {
-  constexpr int64_t kLim = int64_t{1} << 30;
-  if (m.kind != MaskKind::kCausal) return static_cast<int>(kLim);
-  const int64_t diff = m.q_offset - m.k_offset;
-  return static_cast<int>(diff > kLim ? kLim : (diff < -kLim ? -kLim : diff));
-}
-
-// min(limit, row + diff), the last key visible to `row`, for a tile row that may lie past seq_q
-// (0 <= row < 2^31): the sum is taken in int64 and the result, >= -2^30, fits an int.
-__device__ __forceinline__ int key_bound(int64_t row, int diff, int limit) {
-  const int64_t bound = row + diff;
-  return bound < limit ? static_cast<int>(bound) : limit;
-}
-
-__device__ __forceinline__ int clamp_key(int64_t key, int seq_k) {
-  return key < 0 ? 0 : (key > seq_k ? seq_k : static_cast<int>(key));
-}
-
-// Note [Row key ranges on the device]
-// Every mask kind, as the kernels read it: row r sees the keys first(r) <= key <= last(r) (empty
-// when last < first), both ends non-decreasing in r (docs/design.md, "Mask model"). So a tile of
-// rows [r0, r1] sees no key outside [first(r0), last(r1)] and needs no per-pair mask for keys in
-// [first(r1), last(r0)]; the keys [k0, k1) are seen by one contiguous range of rows (rows_seeing).
-// The offset masks (kNone, kCausal) are computed from diff; kRows reads the per-row intervals,
-// rows past seq_q (tile padding) taking the last row's (the forward never stores them; the backward
-// gives its padding rows no key at all). The intervals are trusted to be monotone here: the host
-// checks them where they enter (block ops on CPU tensors, the CP ops always).
-struct RowKeys {
-  bool rows = false;               // kRows: read begin/end; else the offset mask of diff
-  const int64_t* begin = nullptr;  // kRows: [seq_q] each, on the device
-  const int64_t* end = nullptr;
-  int diff = 0;  // offset masks: first(r) = 0, last(r) = min(r + diff, seq_k - 1)
-  int seq_q = 0, seq_k = 0;
-
-  __device__ __forceinline__ int first(int64_t row) const {
-    if (!rows) return 0;
-    return clamp_key(begin[row < seq_q ? row : seq_q - 1], seq_k);
-  }
-  __device__ __forceinline__ int last(int64_t row) const {
-    if (!rows) return key_bound(row, diff, seq_k - 1);
-    return clamp_key(end[row < seq_q ? row : seq_q - 1], seq_k) - 1;
-  }
-  // The rows [x, y) of [0, seq_q) that see some key of [k0, k1) (0 <= k0 < k1 <= seq_k):
-  // last(r) >= k0 and first(r) < k1. Every thread searches alike (the loads are broadcasts).
-  __device__ int2 rows_seeing(int k0, int k1) const {
-    if (!rows) return make_int2(min(max(0, k0 - diff), seq_q), seq_q);
-    const int x = first_row(0, [&](int r) { return last(r) >= k0; });
-    return make_int2(x, first_row(x, [&](int r) { return first(r) >= k1; }));
-  }
-
-  // The first row of [lo, seq_q) with pred(row), seq_q if none (pred false, then true, along rows).
-  template <typename Pred>
-  __device__ int first_row(int lo, Pred pred) const {
-    int hi = seq_q;
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (pred(mid)) {
-        hi = mid;
-      } else {
-        lo = mid + 1;
-      }
-    }
-    return lo;
-  }
-};
-
-inline RowKeys row_keys(const Mask& m, const Shape& s) {
-  RowKeys keys;
-  if (m.kind == MaskKind::kRows) {
-    keys.rows = true;
-    keys.begin = m.row_begin;
-    keys.end = m.row_end;
-  }
-  keys.diff = causal_diff(m);
-  keys.seq_q = static_cast<int>(s.seq_q);
-  keys.seq_k = static_cast<int>(s.seq_k);
-  return keys;
 }
 
 }  // namespace ring_ext::cuda

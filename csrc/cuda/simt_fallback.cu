@@ -28,6 +28,7 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "head_dim.h"
 #include "kernels.h"
 #include "launch.cuh"
 #include "mma.cuh"
@@ -85,7 +86,7 @@ __device__ __forceinline__ void store_value(void* base, int64_t idx, float x, DT
 }
 
 template <typename T>
-__global__ void simt_fwd_kernel(const FwdParams p, const RowKeys keys) {
+__global__ void simt_fwd_kernel(const FwdParams p, const RowKeys<int> keys) {
   const int lane = threadIdx.x % 32, b = blockIdx.z, h = blockIdx.y;
   const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
   const int hk = h / (p.shape.heads_q / p.shape.heads_kv), head_dim = p.shape.head_dim;
@@ -98,8 +99,8 @@ __global__ void simt_fwd_kernel(const FwdParams p, const RowKeys keys) {
                row * p.q_stride.seq,
            head_dim);
   float max = -INFINITY, sum = 0.0f;
-  const int last_key = keys.last(row);
-  for (int j = keys.first(row); j <= last_key; ++j) {
+  const Interval<int> seen = keys.keys(row);
+  for (int j = seen.begin; j < seen.end; ++j) {
     const float x = dot_row(q, k + j * p.k_stride.seq, head_dim) * p.scale;
     const float new_max = fmaxf(max, x);
     const float alpha = expf(max - new_max), prob = expf(x - new_max);
@@ -146,7 +147,7 @@ __device__ __forceinline__ void flush_dq(float (&tile)[kRows][32 * P], float* dq
 
 template <typename T, int P>
 __global__ void __launch_bounds__(SimtBwdConfig<P>::kThreads)
-    simt_bwd_kernel(const BwdParams p, const RowKeys keys) {
+    simt_bwd_kernel(const BwdParams p, const RowKeys<int> keys) {
   using Cfg = SimtBwdConfig<P>;
   constexpr int KPW = Cfg::kKeysPerWarp, kRows = Cfg::kRows;
   __shared__ float dq_tile[kRows][32 * P];
@@ -155,10 +156,9 @@ __global__ void __launch_bounds__(SimtBwdConfig<P>::kThreads)
   const int group = static_cast<int>(p.shape.heads_q / p.shape.heads_kv);
   const int seq_k = static_cast<int>(p.shape.seq_k);
   const int head_dim = static_cast<int>(p.shape.head_dim);
-  // Only rows [rows_seen.x, rows_seen.y) see one of this CTA's keys (Note [Row key ranges on the
-  // device]).
-  const int2 rows_seen = keys.rows_seeing(n0, min(n0 + Cfg::kBlockN, seq_k));
-  if (rows_seen.x >= rows_seen.y) return;  // the whole CTA: no barrier is skipped by part of it
+  // Only rows_seen see one of this CTA's keys (Note [Mask rule] in csrc/common/mask.h).
+  const Interval<int> rows_seen = keys.rows_seeing(n0, min(n0 + Cfg::kBlockN, seq_k));
+  if (rows_seen.empty()) return;  // the whole CTA: no barrier is skipped by part of it
 
   // This warp's keys: key0 + j for j < KPW; keys past seq_k stay zero and are never visible.
   const int key0 = n0 + warp * KPW;
@@ -181,16 +181,18 @@ __global__ void __launch_bounds__(SimtBwdConfig<P>::kThreads)
     const float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head;
     const float* delta = p.delta + b * p.delta_stride.batch + h * p.delta_stride.head;
     float* dq = p.dq + b * p.dq_stride.batch + h * p.dq_stride.head;
-    for (int r0 = rows_seen.x; r0 < rows_seen.y; r0 += kRows) {
-      const int rows = min(kRows, rows_seen.y - r0);
+    for (int r0 = rows_seen.begin; r0 < rows_seen.end; r0 += kRows) {
+      const int rows = min(kRows, rows_seen.end - r0);
       for (int i = 0; i < rows; ++i) {
         // Warps start on different rows so that fewer shared-memory atomics hit one address.
         const int r = (i + warp) % rows, row = r0 + r;
         const float row_lse = lse[row];
-        // A row that saw no key has no gradient; one that sees none of this warp's keys adds
-        // nothing. Both are warp-uniform.
-        const int first_key = keys.first(row), last_key = keys.last(row);
-        if (row_lse == -INFINITY || last_key < key0 || first_key >= key0 + KPW) continue;
+        // A row that saw no key has no gradient; one that sees none of this warp's keys (a tile
+        // of one row, kEmpty) adds nothing. Both are warp-uniform.
+        const Interval<int> seen = keys.keys(row);
+        if (row_lse == -INFINITY ||
+            block_visibility(seen, seen, key0, key0 + KPW) == BlockVisibility::kEmpty)
+          continue;
         const float row_delta = delta[row];
         float qr[P], dor[P];
         load_row(qr, q + row * p.q_stride.seq, head_dim);
@@ -217,7 +219,7 @@ __global__ void __launch_bounds__(SimtBwdConfig<P>::kThreads)
         float dq_part[P] = {};
 #pragma unroll
         for (int j = 0; j < KPW; ++j) {
-          const bool visible = key0 + j >= first_key && key0 + j <= last_key;
+          const bool visible = seen.contains(key0 + j);
           const float prob = visible ? expf(s[j] * p.scale - row_lse) : 0.0f;
           const float ds = prob * (dp[j] - row_delta);
 #pragma unroll
@@ -272,18 +274,14 @@ void launch_simt_bwd(const BwdParams& p, cudaStream_t stream) {
   const dim3 grid = make_grid((p.shape.seq_k + Cfg::kBlockN - 1) / Cfg::kBlockN, p.shape.heads_kv,
                               p.shape.batch, "simt_bwd");
   launch(simt_bwd_kernel<T, P>, "simt_bwd", grid, Cfg::kThreads, 0, stream, p,
-         row_keys(p.mask, p.shape));
+         row_keys<int>(p.mask, p.shape));
 }
 
+// P = D / 32 dims per lane for the head-dim bucket D.
 template <typename T>
 void dispatch_simt_bwd(const BwdParams& p, cudaStream_t stream) {
-  if (p.shape.head_dim <= 64) {
-    launch_simt_bwd<T, 2>(p, stream);
-  } else if (p.shape.head_dim <= 128) {
-    launch_simt_bwd<T, 4>(p, stream);
-  } else {
-    launch_simt_bwd<T, 8>(p, stream);
-  }
+  head_dim_switch(p.shape.head_dim,
+                  [&](auto d) { launch_simt_bwd<T, decltype(d)::value / 32>(p, stream); });
 }
 
 }  // namespace
@@ -291,7 +289,7 @@ void dispatch_simt_bwd(const BwdParams& p, cudaStream_t stream) {
 void simt_fwd(const FwdParams& p, cudaStream_t stream) {
   check_simt_head_dim(p.shape);
   const int threads = 32 * kRowsPerBlock;
-  const RowKeys keys = row_keys(p.mask, p.shape);
+  const RowKeys<int> keys = row_keys<int>(p.mask, p.shape);
   switch (p.in_dtype) {
     case DType::kFloat32:
       return launch(simt_fwd_kernel<float>, "simt_fwd", row_grid(p), threads, 0, stream, p, keys);

@@ -9,6 +9,8 @@
 #include <tuple>
 #include <vector>
 
+#include "head_dim.h"
+
 namespace ring_ext::cuda {
 
 enum class TiledKernel { kFwd, kBwd };
@@ -30,25 +32,25 @@ std::vector<std::string> names_of(std::tuple<Cfgs...>*) {
   return {Cfgs::name()...};
 }
 
-// "<kernel>/<D>/<name>" for every tiling of Candidates<64>, <128> and <256> (each with a List of
-// configs), in order: what fwd_tilings and bwd_tilings return.
+// "<kernel>/<D>/<name>" for every tiling of Candidates<D> (each with a List of configs) of every
+// head-dim bucket D (head_dim.h), in order: what fwd_tilings and bwd_tilings return.
 template <template <int> class Candidates>
 std::vector<std::string> bucket_tilings(const std::string& kernel) {
   std::vector<std::string> out;
-  const auto add = [&](int D, const std::vector<std::string>& names) {
-    for (const std::string& name : names)
+  for_each_head_dim([&](auto d) {
+    constexpr int D = decltype(d)::value;
+    for (const std::string& name : names_of(static_cast<typename Candidates<D>::List*>(nullptr)))
       out.push_back(kernel + "/" + std::to_string(D) + "/" + name);
-  };
-  add(64, names_of(static_cast<typename Candidates<64>::List*>(nullptr)));
-  add(128, names_of(static_cast<typename Candidates<128>::List*>(nullptr)));
-  add(256, names_of(static_cast<typename Candidates<256>::List*>(nullptr)));
+  });
   return out;
 }
 
 // The index in `names` (the tilings of head-dim bucket `head_dim`) of the tiling named by
 // RING_EXT_CUDA_FWD_TILING / RING_EXT_CUDA_BWD_TILING, -1 when the variable is unset or empty; a
 // name that is not among them is an error naming the variable and the choices. Read at every
-// launch (a getenv and a few string compares, next to a kernel launch).
+// launch (a getenv and a few string compares, next to a kernel launch), not once per process:
+// ring_ext.cuda_tilings.chosen switches the tiling within a process by setting the variable, which
+// benchmarks/bench_cuda.py and tests/test_cuda.py rely on to run every candidate in one process.
 inline int chosen_tiling(TiledKernel kernel, int head_dim, const std::vector<std::string>& names) {
   const char* var =
       kernel == TiledKernel::kFwd ? "RING_EXT_CUDA_FWD_TILING" : "RING_EXT_CUDA_BWD_TILING";
