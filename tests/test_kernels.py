@@ -59,6 +59,13 @@ def well_conditioned_rows(sq, sk, causal, q_offset=0, k_offset=0, device="cpu"):
     return keys >= test_packed.MIN_KEYS_FOR_ROW_CHECK
 
 
+def seeded_like(t: torch.Tensor, seed: int) -> torch.Tensor:
+    """Fresh normal values of t's shape, dtype and device from their own seeded generator, so a run does
+    not depend on the global RNG's state (which earlier tests move)."""
+    g = torch.Generator(device=t.device).manual_seed(seed)
+    return torch.randn(t.shape, generator=g, device=t.device).to(t.dtype)
+
+
 def check_fwd_bwd(q, k, v, *, causal, q_offset=0, k_offset=0, seed=0, out_fp32=False, dout=None):
     """Forward (out, lse) and backward (dq, dk, dv) of the fwd op against the oracle, with PyTorch's
     attention in the same dtype as the yardstick. q, k, v reach the op as given (views stay views: a
@@ -181,7 +188,7 @@ def test_rows_without_keys_are_zero_not_nan(device):
     out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.125, True, 0, 150)  # rows 0..149 see no key
     assert torch.isneginf(lse[:, :, :150]).all() and torch.isfinite(lse[:, :, 150:]).all()
     assert (out[:, :150] == 0).all() and torch.isfinite(out).all()
-    dq, dk, dv = torch.ops.ring_ext.bwd(torch.randn_like(out), q, k, v, out, lse, 0.125, True, 0, 150)
+    dq, dk, dv = torch.ops.ring_ext.bwd(seeded_like(out, 101), q, k, v, out, lse, 0.125, True, 0, 150)
     assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
     assert (dq[:, :150] == 0).all()
 
@@ -307,7 +314,7 @@ def test_packed_attention_api_thd(device):
         t[0].requires_grad_() for t in make_qkv(1, cu[-1], cu[-1], 4, 2, 64, torch.bfloat16, 91, device)
     )
     out = ring_ext.attention(q, k, v, layout="thd", causal=True, cu_seqlens=torch.tensor(cu))
-    dout = torch.randn_like(out)
+    dout = seeded_like(out, 102)
     out.backward(dout)
     index = torch.arange(cu[-1])
     mask = packed_mask(index, index, cu, True).to(device)
@@ -364,7 +371,7 @@ def test_bwd_acc_adds_into_accumulators(device, dtype):
     """bwd_acc adds this block's gradients into float32 accumulators that already hold something."""
     q, k, v = make_qkv(1, 150, 150, 4, 1, 128, dtype, seed=12, device=device)
     out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.09, True)
-    dout = torch.randn_like(out)
+    dout = seeded_like(out, 103)
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
     acc = [torch.full(t.shape, 1.5, device=device) for t in (q, k, v)]
     torch.ops.ring_ext.bwd_acc(dout, q, k, v, lse, delta, 0.09, True, 0, 0, *acc)
@@ -420,7 +427,7 @@ def test_sdpa_agreement_large(device):
     q, k, v = make_qkv(1, 2048, 2048, 4, 4, 128, torch.bfloat16, seed=41, device=device)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     out = ring_ext.attention(qg, kg, vg, causal=True)
-    dout = torch.randn_like(out)
+    dout = seeded_like(out, 104)
     out.backward(dout)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref, _ = attention_reference(q64, k64, v64, causal=True)
@@ -456,7 +463,7 @@ def test_deterministic(device, dtype, head_dim):
     on CPU; on CUDA it is summed with atomics and only close."""
     q, k, v = make_qkv(2, 300, 300, 4, 1, head_dim, dtype, seed=5, device=device)
     out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.1, True)
-    dout = torch.randn_like(out)
+    dout = seeded_like(out, 105)
     with expect_family(device, tensor_core_family(dtype, head_dim)):
         first = torch.ops.ring_ext.bwd(dout, q, k, v, out, lse, 0.1, True)
         torch.ops.ring_ext.fwd(q, k, v, 0.1, True)  # the family check wants both kernels
@@ -478,7 +485,7 @@ def test_threads_share_packed_heads(heads):
     added by its only chunk or summed from several chunks' partials. Every thread count matches the
     oracle; out, dk and dv do not depend on it at all (each row block and key block has one writer)."""
     q, k, v = make_qkv(2, 181, 181, heads[0], heads[1], 64, torch.float32, seed_of("threads", heads), "cpu")
-    dout = torch.randn_like(q)
+    dout = seeded_like(q, 106)
     threads = torch.get_num_threads()
     results = []
     try:
