@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ring_ext.packing import visible_keys
+from ring_ext.masks import visible_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_ROWS = 3  # rows past seq_q asked for (the padding of a tile)
@@ -91,7 +91,7 @@ def driver(tmp_path_factory) -> Path:
 
 
 def packed_rows(seq: int) -> tuple[list[int], list[int]]:
-    """Packed documents with a sliding window: the intervals of ring_ext.packing, the Python mask model."""
+    """Packed documents with a sliding window: the intervals of ring_ext.masks, the Python mask model."""
     index = torch.arange(seq)
     vis = visible_keys(index, index, (0, 2, 2, seq - 1, seq), True, 3)
     return vis[0].tolist(), vis[1].tolist()
