@@ -136,7 +136,10 @@ def test_a_context_after_destroy_process_group_says_so(tmp_path):
     for algo in ("megatron_cp_algo", "ulysses_cp_algo"):
         store = tmp_path / f"store_{algo}"
         run = subprocess.run(
-            [sys.executable, "-c", _AFTER_DESTROY, str(store), algo], capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", _AFTER_DESTROY, str(store), algo],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert "no longer exists: was torch.distributed.destroy_process_group() called?" in run.stdout, (
             run.stdout + run.stderr
