@@ -16,19 +16,21 @@ INTER = sorted(n for n, link in INTERCONNECTS.items() if link.level == "inter")
 
 def add_plan_arguments(p) -> None:
     p.add_argument("--seq", type=int, required=True, help="total sequence length")
-    p.add_argument("--heads", type=int, required=True)
-    p.add_argument("--kv-heads", type=int, default=None, help="GQA: K/V heads (default: --heads)")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--attention-mask-type", choices=("causal", "general"), default="causal")
+    p.add_argument("--heads", type=int, required=True, help="q heads of the layer")
+    p.add_argument("--kv-heads", type=int, default=None, help="GQA: K/V heads; None: --heads")
+    p.add_argument("--head-dim", type=int, default=128, help="head_dim")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="q, k, v dtype")
+    p.add_argument(
+        "--attention-mask-type", choices=("causal", "general"), default="causal", help="causal or no mask"
+    )
     p.add_argument("--sliding-window", type=int, default=None, help="sliding_window of the layer")
     p.add_argument(
         "--doc-lengths", default=None, help="packed documents: comma list of lengths summing to --seq"
     )
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1, help="nodes of --gpus-per-node ranks")
     p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node")
-    p.add_argument("--cp", type=int, default=None, help="CP size (default: every rank of the cluster)")
+    p.add_argument("--cp", type=int, default=None, help="CP size; None: every rank of the cluster")
     p.add_argument(
         "--gpu",
         choices=sorted(GPUS),
@@ -44,8 +46,12 @@ def add_plan_arguments(p) -> None:
     )
     p.add_argument("--intra-gbps", type=float, default=None, help="GB/s per rank within a node")
     p.add_argument("--inter-gbps", type=float, default=None, help="GB/s per rank between nodes")
-    p.add_argument("--intra-latency-us", type=float, default=5.0)
-    p.add_argument("--inter-latency-us", type=float, default=20.0)
+    p.add_argument(
+        "--intra-latency-us", type=float, default=5.0, help="latency of one transfer within a node"
+    )
+    p.add_argument(
+        "--inter-latency-us", type=float, default=20.0, help="latency of one transfer between nodes"
+    )
     p.add_argument("--tflops", type=float, default=None, help="attention kernel rate per rank, TFLOP/s")
     p.add_argument(
         "--mem-gbps",
