@@ -28,12 +28,13 @@
 // Note [Per-source key intervals]
 // -------------------------------
 // Packed documents and sliding windows (ring_ext/placement.py) replace the zigzag offsets by a mask
-// per (local rows, source block): every rank holds the same number of rows (padded at its end),
-// each block lists its tokens in increasing global order, so the keys of src's block that local row
-// i sees are one interval, visible[src][:, i]. The Python side computes all of them from
-// cu_seqlens (no communication: every rank knows every rank's tokens). Each step is then one item,
-// all local rows x the held block, with the kernels' kRows mask; a step whose block no local row
-// sees computes nothing.
+// per (local rows, source block): every block that moves has the same number of rows (a shard
+// shorter than that is padded at its end inside the K/V pack: Note [Shards of unequal length] in
+// attention.cpp), each block lists its tokens in increasing global order, so the keys of src's
+// block that local row i sees are one interval, visible[src][:, i]. The masked op's Python kernel
+// computes all of them from cu_seqlens (ring_ext/masked.py; no communication: every rank knows
+// every rank's tokens). Each step is then one item, all local rows x the held block, with the
+// kernels' kRows mask; a step whose block no local row sees computes nothing.
 //
 // Note [Moving only what is seen]
 // -------------------------------
