@@ -121,16 +121,12 @@ def views(q, k, v, layout: str, num_heads) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def _cu_tensor(cu_seqlens) -> torch.Tensor | None:
-    """cu_seqlens as an integer tensor; its values are checked inside the op (ring_ext/masked.py),
+    """cu_seqlens as an integer tensor; a tensor's values are checked inside the op (ring_ext/masked.py),
     so that torch.compile never reads them."""
-    if cu_seqlens is None or isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens is not None and (
-            cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool
-        ):
-            raise ValueError(
-                f"cu_seqlens must be a 1-D integer tensor [n_docs + 1], got {cu_seqlens.dtype} "
-                f"of shape {tuple(cu_seqlens.shape)}"
-            )
+    if cu_seqlens is None:
+        return None
+    if isinstance(cu_seqlens, torch.Tensor):
+        masks.check_cu_seqlens_tensor(cu_seqlens)
         return cu_seqlens
     return torch.tensor(masks.check_cu_seqlens(cu_seqlens), dtype=torch.int64)
 

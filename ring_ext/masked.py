@@ -23,7 +23,7 @@ from .layouts import empty_in_layout
 
 
 class _Mask(NamedTuple):
-    visible: torch.Tensor  # on q's device
+    visible: torch.Tensor  # on the host: the CP op checks it there and copies it to q's device once
     needed: torch.Tensor | None
     rows: int
     signature: int  # of the mask description, for the cross-rank check
@@ -52,7 +52,7 @@ def _mask(
             "sequence, and q, k, v what ring_ext.shard(x, ctx, seq_dim, cu_seqlens=cu) returned"
         )
     signature = zlib.crc32(repr((cu, total, window, cp_sliding_window)).encode()) if algo else 0
-    return _Mask(visible.to(q.device), needed, rows, signature)
+    return _Mask(visible, needed, rows, signature)
 
 
 def _local_lengths(q, k) -> None:
@@ -74,7 +74,7 @@ def masked_attention(
             q, k, v, scale, False, algo, ring_group, inner_group, outer_group, ulysses_group, overlap,
             layout, m.visible, m.needed, m.rows, check_group, m.signature,
         )  # fmt: skip
-    out, lse = torch.ops.ring_ext.fwd(q, k, v, scale, False, 0, 0, False, m.visible[0])
+    out, lse = torch.ops.ring_ext.fwd(q, k, v, scale, False, 0, 0, False, m.visible[0].to(q.device))
     dense = empty_in_layout(q, layout)  # Note [Output contract] in csrc/cp/attention.cpp
     if dense.stride() != out.stride():
         out = dense.copy_(out)
@@ -91,7 +91,9 @@ def masked_attention_bwd(
             dout, q, k, v, out, lse, scale, False, algo, ring_group, inner_group, outer_group,
             ulysses_group, overlap, dlse, m.visible, m.needed, m.rows,
         )  # fmt: skip
-    dq, dk, dv = torch.ops.ring_ext.bwd(dout, q, k, v, out, lse, scale, False, 0, 0, dlse, m.visible[0])
+    dq, dk, dv = torch.ops.ring_ext.bwd(
+        dout, q, k, v, out, lse, scale, False, 0, 0, dlse, m.visible[0].to(q.device)
+    )
     return tuple(
         g if g.stride() == t.stride() else torch.empty_like(t).copy_(g)
         for g, t in ((dq, q), (dk, k), (dv, v))

@@ -27,11 +27,7 @@ def check_cu_seqlens(cu_seqlens, total: int | None = None) -> tuple[int, ...]:
     """cu_seqlens as a tuple of ints after checking it: 1-D integers, 0 first, non-decreasing, and
     last == total (the packed length S) when total is given."""
     if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
-            raise ValueError(
-                f"cu_seqlens must be a 1-D integer tensor [n_docs + 1], got {cu_seqlens.dtype} "
-                f"of shape {tuple(cu_seqlens.shape)}"
-            )
+        check_cu_seqlens_tensor(cu_seqlens)
         values = tuple(int(x) for x in cu_seqlens.tolist())
     else:
         values = tuple(int(x) for x in cu_seqlens)
@@ -47,6 +43,16 @@ def check_cu_seqlens(cu_seqlens, total: int | None = None) -> tuple[int, ...]:
             f"every rank's shards hold together), got {values[-1]}"
         )
     return values
+
+
+def check_cu_seqlens_tensor(cu_seqlens: torch.Tensor) -> None:
+    """What can be checked of a cu_seqlens tensor without reading its values (torch.compile never
+    reads them: ring_ext/masked.py checks those inside the op): 1-D integers."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D integer tensor [n_docs + 1], got {cu_seqlens.dtype} "
+            f"of shape {tuple(cu_seqlens.shape)}"
+        )
 
 
 def check_window(sliding_window) -> int | None:

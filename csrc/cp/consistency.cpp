@@ -53,20 +53,22 @@ void check_across_ranks(const std::string& group, const CallDescription& call) {
   if (group.empty()) return;
   const auto fields = describe(call);
   const auto n = static_cast<int64_t>(fields.size());
-  at::Tensor mine = at::empty({n}, at::kLong);
-  for (int64_t i = 0; i < n; ++i) mine[i] = fields[i].second;
-  const std::vector<at::Tensor> everyone = ring::all_gather_op(mine.to(call.q.device()), group);
-  std::vector<at::Tensor> rows;
-  for (const at::Tensor& t : everyone) rows.push_back(t.cpu());
+  std::vector<int64_t> values;
+  for (const auto& field : fields) values.push_back(field.second);
+  const at::Tensor mine = at::tensor(values, at::kLong).to(call.q.device());
+  // [ranks, n] on the host: one copy (one device-to-host sync on CUDA) for every rank's row.
+  const at::Tensor all = at::stack(ring::all_gather_op(mine, group)).cpu().contiguous();
+  const int64_t* rows = all.data_ptr<int64_t>();
+  const int64_t ranks = all.size(0);
   std::ostringstream bad;
   for (int64_t i = 0; i < n; ++i) {
-    std::vector<size_t> differ;
-    for (size_t r = 1; r < rows.size(); ++r) {
-      if (rows[r][i].item<int64_t>() != rows[0][i].item<int64_t>()) differ.push_back(r);
+    std::vector<int64_t> differ;
+    for (int64_t r = 1; r < ranks; ++r) {
+      if (rows[r * n + i] != rows[i]) differ.push_back(r);
     }
     if (differ.empty()) continue;
     bad << (bad.tellp() > 0 ? "; " : "") << fields[i].first << " (ranks";
-    for (size_t r : differ) bad << ' ' << r;
+    for (int64_t r : differ) bad << ' ' << r;
     bad << " differ from rank 0)";
   }
   TORCH_CHECK_VALUE(bad.tellp() == 0,
