@@ -32,9 +32,24 @@ struct RowStrides {
   int64_t batch = 0, head = 0;  // seq stride is always 1
 };
 
+// head_dim is q's and k's, head_dim_v v's and the output's (they differ in multi-head latent
+// attention, e.g. 192 and 128 in DeepSeek-V3; block_ops.cpp always sets both).
 struct Shape {
-  int64_t batch = 0, heads_q = 0, heads_kv = 0, seq_q = 0, seq_k = 0, head_dim = 0;
+  int64_t batch = 0, heads_q = 0, heads_kv = 0, seq_q = 0, seq_k = 0, head_dim = 0, head_dim_v = 0;
 };
+
+// Note [Softcap and sinks]
+// The score of query row i and key j is x = scale * q_i . k_j, then, with softcap c > 0 (Gemma 2's
+// attn_logit_softcapping), x = c * tanh(x / c); c = 0 means none. The backward multiplies dS by
+// the derivative 1 - tanh^2 = 1 - (x / c)^2. A sink (gpt-oss) is a per-q-head logit with no value:
+// the softmax denominator of every row of head h adds exp(sinks[h]), once per row. Only the forward
+// kernel reads sinks, in its last step: with the row's (m, l) over every key,
+//   lse = logaddexp(m + log l, sink), out = O / exp(lse - m)   (a row that saw no key: lse = sink,
+// out = 0). The backward needs nothing more: given the final lse (with the sink) and
+// delta = rowsum(dout * out), the key gradients are unchanged; the sink's own gradient,
+// -sum_i exp(sink - lse_i) * delta_i, is taken by autograd (ring_ext/ops.py). Under context
+// parallelism the driver folds the sink in once, after the last merge (docs/design.md, Softcap and
+// sinks).
 
 struct Mask {
   MaskKind kind = MaskKind::kNone;
@@ -56,6 +71,8 @@ struct FwdParams {
   DType in_dtype = DType::kFloat32;   // dtype of q, k, v
   DType out_dtype = DType::kFloat32;  // in_dtype, or kFloat32 for ring partials
   float scale = 1.0f;
+  float softcap = 0.0f;           // Note [Softcap and sinks]; 0: none
+  const float* sinks = nullptr;   // [heads_q] float32 on the kernel's device, or none
   Mask mask;
 };
 
@@ -77,6 +94,7 @@ struct BwdParams {
   Shape shape;
   DType in_dtype = DType::kFloat32;  // dtype of q, k, v, dout
   float scale = 1.0f;
+  float softcap = 0.0f;  // Note [Softcap and sinks]; 0: none
   Mask mask;
 };
 
@@ -89,7 +107,7 @@ struct MergeParams {
   const float* block_lse = nullptr;
   Strides out_stride, block_out_stride;
   RowStrides lse_stride, block_lse_stride;
-  Shape shape;  // uses batch, heads_q, seq_q, head_dim
+  Shape shape;  // uses batch, heads_q, seq_q, head_dim (here the outputs' last dim, v's)
   DType block_dtype = DType::kFloat32;
 };
 
