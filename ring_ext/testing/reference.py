@@ -32,20 +32,37 @@ def packed_mask(q_index, k_index, cu_seqlens, causal: bool, window: int | None =
 
 
 def attention_reference(
-    q, k, v, *, causal: bool, scale: float | None = None, q_offset: int = 0, k_offset: int = 0, mask=None
+    q,
+    k,
+    v,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    mask=None,
+    softcap: float | None = None,
+    sinks=None,
 ):
-    """(out, lse) in float64. q [b, sq, hq, d]; k, v [b, sk, hkv, d]; lse [b, hq, sq], -inf if no key.
-    mask ([sq, sk] bool, e.g. packed_mask) replaces causal and the offsets."""
+    """(out, lse) in float64. q [b, sq, hq, d]; k [b, sk, hkv, d]; v [b, sk, hkv, dv]; out
+    [b, sq, hq, dv]; lse [b, hq, sq], -inf if no key. mask ([sq, sk] bool, e.g. packed_mask) replaces
+    causal and the offsets. softcap c: scores c * tanh(scale * q.k / c); sinks [hq]: each row's
+    denominator adds exp(sinks[h]) (lse includes it; a row with no key has out 0, lse = sink).
+    Differentiable: autograd through it gives the exact gradients, sinks' included."""
     q, k, v = (t.double() for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     group = q.shape[2] // k.shape[2]
     k = k.repeat_interleave(group, dim=2)  # [b, sk, hq, d]: fine for an oracle
     v = v.repeat_interleave(group, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     if mask is None:
         mask = dense_mask(q.shape[1], k.shape[1], causal, q_offset, k_offset, q.device)
     s = s.masked_fill(~mask.to(q.device), -math.inf)
     lse = torch.logsumexp(s, dim=-1)  # [b, hq, sq]
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.double().to(q.device)[None, :, None])
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with no key: 0
     out = torch.einsum("bhqk,bkhd->bqhd", p, v)
     return out, lse
