@@ -42,8 +42,11 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(ring_ext, m) {
-  // Blockwise flash attention of one (q block, kv block) pair; causal is at global offsets
-  // (key j visible to row i iff k_offset + j <= q_offset + i). out_fp32 keeps the partial output
+  // Blockwise flash attention of one (q block, kv block) pair: q [b, sq, hq, d], k [b, sk, hkv, d],
+  // v [b, sk, hkv, dv] (dv may differ from d: MLA), out [b, sq, hq, dv]. softcap (0: none) and
+  // sinks (a float [hq] or None): Note [Softcap and sinks] in csrc/common/params.h; every op
+  // below takes softcap, the forward ones sinks (the backward ones need only the final lse).
+  // Causal is at global offsets (key j visible to row i iff k_offset + j <= q_offset + i). out_fp32 keeps the partial output
   // in float32 for the ring's merge. visible (int64 [2, seq_q], with causal=False) replaces the
   // mask by per-row key intervals [visible[0, i], visible[1, i]), non-decreasing in i: packed
   // documents and sliding windows (MaskKind::kRows in csrc/common/params.h).
@@ -57,7 +60,9 @@ TORCH_LIBRARY(ring_ext, m) {
         "int q_offset=0, "
         "int k_offset=0, "
         "bool out_fp32=False, "
-        "Tensor? visible=None"
+        "Tensor? visible=None, "
+        "float softcap=0.0, "
+        "Tensor? sinks=None"
         ") -> (Tensor out, Tensor lse)");
   // clang-format on
   // Gradients of fwd, given the final out and lse of each row (and the gradient of lse, if any).
@@ -75,7 +80,8 @@ TORCH_LIBRARY(ring_ext, m) {
         "int q_offset=0, "
         "int k_offset=0, "
         "Tensor? dlse=None, "
-        "Tensor? visible=None"
+        "Tensor? visible=None, "
+        "float softcap=0.0"
         ") -> (Tensor dq, Tensor dk, Tensor dv)");
   // clang-format on
   // The ring's backward step: adds this block pair's gradients into float32 accumulators.
@@ -95,7 +101,8 @@ TORCH_LIBRARY(ring_ext, m) {
         "Tensor(a!) dq, "
         "Tensor(b!) dk, "
         "Tensor(c!) dv, "
-        "Tensor? visible=None"
+        "Tensor? visible=None, "
+        "float softcap=0.0"
         ") -> ()");
   // clang-format on
   // Folds a partial (block_out, block_lse) into the running float32 (out, lse), in place.
@@ -136,7 +143,9 @@ TORCH_LIBRARY(ring_ext, m) {
         "Tensor? needed=None, "
         "int rows=0, "
         "str check_group=\"\", "
-        "int signature=0"
+        "int signature=0, "
+        "float softcap=0.0, "
+        "Tensor? sinks=None"
         ") -> (Tensor out, Tensor lse)");
   // Gradients of attention given its final out and lse; dq/dk/dv in the dtype and strides of q/k/v.
   m.def("attention_bwd("
@@ -157,7 +166,8 @@ TORCH_LIBRARY(ring_ext, m) {
         "Tensor? dlse=None, "
         "Tensor? visible=None, "
         "Tensor? needed=None, "
-        "int rows=0"
+        "int rows=0, "
+        "float softcap=0.0"
         ") -> (Tensor dq, Tensor dk, Tensor dv)");
   // Attention under a mask described by values: packed documents (cu_seqlens, int64 [n_docs + 1],
   // None: one document of the whole sequence) and/or a sliding window (0: none). The placement and
@@ -185,7 +195,9 @@ TORCH_LIBRARY(ring_ext, m) {
         "str ulysses_group, "
         "bool overlap, "
         "str layout, "
-        "str check_group"
+        "str check_group, "
+        "float softcap=0.0, "
+        "Tensor? sinks=None"
         ") -> (Tensor out, Tensor lse)");
   // Gradients of masked_attention, in the dtype and strides of q/k/v.
   m.def("masked_attention_bwd("
@@ -209,7 +221,8 @@ TORCH_LIBRARY(ring_ext, m) {
         "str inner_group, "
         "str outer_group, "
         "str ulysses_group, "
-        "bool overlap"
+        "bool overlap, "
+        "float softcap=0.0"
         ") -> (Tensor dq, Tensor dk, Tensor dv)");
   // clang-format on
   // The collectives of the Python API (unshard, the cross-rank check, the training-loop helpers),

@@ -32,11 +32,14 @@ def attention(
     check_consistency: bool = True,
     cu_seqlens=None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q k^T [+ mask]) v, in q's layout and dtype, dense in that layout.
 
     q, k, v are this rank's shards in `layout` (see ring_ext.layouts); k/v may have fewer heads than q
-    (GQA/MQA). With ctx=None this is attention over the local tensors and `causal` must be given.
+    (GQA/MQA), and v its own head dim (multi-head latent attention: the output has v's). With
+    ctx=None this is attention over the local tensors and `causal` must be given.
     Causal is top-left aligned, as in F.scaled_dot_product_attention(is_causal=True). With a context,
     causal=None means the context's attention_mask_type (a contradicting value raises).
 
@@ -47,6 +50,11 @@ def attention(
     0 <= pos_q - pos_k < w (causal) or |pos_q - pos_k| < w (general), positions inside each
     document; unrelated to --cp-window-size. Under torch.compile a tensor cu_seqlens is read only
     inside the op: batches whose document lengths differ run the same graph.
+
+    softcap=c (Gemma 2's attn_logit_softcapping): scores become c * tanh(scale * q.k / c) before the
+    softmax. sinks (gpt-oss): a float tensor [q heads], one learned logit per head with no value,
+    added once to every row's softmax denominator (also under context parallelism and with packed
+    documents); differentiable. docs/design.md, "Softcap and sinks".
 
     layout=None picks: "thd" for 3-D inputs with cu_seqlens; without a context "bshd"; with one,
     "bnsd" under --megatron-cp-in-bnsd, else MindSpeed's "sbh" for 3-D inputs and "bshd" for 4-D ones.
@@ -62,13 +70,15 @@ def attention(
     qv, kv, vv = views(q, k, v, layout, num_heads)  # [b, s, h, d], checked
     scale = resolve_scale(softmax_scale, qv.shape[-1])
     window = masks.check_window(sliding_window)
+    cap = validation.check_softcap(softcap)
+    validation.check_sinks(sinks, qv.shape[2], qv.device)
     if cu is not None and qv.shape[0] != 1:
         raise ValueError(f"cu_seqlens packs documents into one row: batch must be 1, got {qv.shape[0]}")
     if ctx is None:
         if causal is None:
             raise ValueError("causal must be True or False when no context is given")
         if cu is None and window is None:
-            out, _lse = torch.ops.ring_ext.fwd(qv, kv, vv, scale, bool(causal))
+            out, _lse = torch.ops.ring_ext.fwd(qv, kv, vv, scale, bool(causal), 0, 0, False, None, cap, sinks)
             # fwd's output follows q's memory order; the contract is dense in the layout (one copy
             # only when q's memory order differs from its layout).
             return from_bshd(out, layout).contiguous()
@@ -92,6 +102,8 @@ def attention(
             False,
             layout,
             "",
+            cap,
+            sinks,
         )
         return from_bshd(out, layout)
     validation.check_causal(causal, ctx)
@@ -103,10 +115,10 @@ def attention(
             qv, kv, vv, cu, window or 0, scale, ctx.causal, ctx.algo, ctx.rank, ctx.cp_size,
             ctx.ulysses_degree, ctx.config.cp_sliding_window or 0, ctx.ring_group_name,
             ctx.inner_group_name, ctx.outer_group_name, ctx.ulysses_group_name,
-            ctx.config.use_cp_send_recv_overlap, layout, check_group,
+            ctx.config.use_cp_send_recv_overlap, layout, check_group, cap, sinks,
         )  # fmt: skip
     else:
-        out, _lse = cp_op(qv, kv, vv, ctx, scale, layout, check_group)
+        out, _lse = cp_op(qv, kv, vv, ctx, scale, layout, check_group, cap, sinks)
     return from_bshd(out, layout)  # a view: out is dense in layout (Note [Output contract])
 
 
@@ -114,8 +126,8 @@ def views(q, k, v, layout: str, num_heads) -> tuple[torch.Tensor, torch.Tensor, 
     """[b, s, h, d] views of q, k, v in `layout` (the one resolution of a call's layout), checked
     against one another."""
     validation.check_qkv_tensors(q, k, v, layout)
-    head_dim = validation.check_num_heads(q, k, v, layout, num_heads)
-    qv, kv, vv = (to_bshd(t, layout, head_dim) for t in (q, k, v))
+    head_dim, head_dim_v = validation.check_num_heads(q, k, v, layout, num_heads)
+    qv, kv, vv = to_bshd(q, layout, head_dim), to_bshd(k, layout, head_dim), to_bshd(v, layout, head_dim_v)
     validation.check_bshd(qv, kv, vv)
     return qv, kv, vv
 
@@ -131,7 +143,9 @@ def _cu_tensor(cu_seqlens) -> torch.Tensor | None:
     return torch.tensor(masks.check_cu_seqlens(cu_seqlens), dtype=torch.int64)
 
 
-def cp_op(qv, kv, vv, ctx, scale: float, layout: str = "bshd", check_group: str = ""):
+def cp_op(
+    qv, kv, vv, ctx, scale: float, layout: str = "bshd", check_group: str = "", softcap: float = 0.0, sinks=None
+):
     """torch.ops.ring_ext.attention on [b, s, h, d] views of this rank's dense shards with ctx's
     algorithm and groups: (out dense in `layout`, float32 lse [b, hq, s]). No checks but the
     cross-rank one (check_group: a group name, "" for none): attention() makes them."""
@@ -149,4 +163,6 @@ def cp_op(qv, kv, vv, ctx, scale: float, layout: str = "bshd", check_group: str 
         ctx.config.use_cp_send_recv_overlap,
         layout,
         check_group=check_group,
+        softcap=softcap,
+        sinks=sinks,
     )

@@ -3,7 +3,8 @@
 bshd  [b, s, h, d]
 sbhd  [s, b, h, d]
 bnsd  [b, h, s, d]      (--megatron-cp-in-bnsd)
-sbh   [s, b, h * d]     (MindSpeed's default; needs num_heads for q)
+sbh   [s, b, h * d]     (MindSpeed's default; needs num_heads for q: k's heads follow from q's
+                         head dim, v's head dim from k's heads)
 thd   [t, h, d]         (packed documents: tokens of one row, batch 1; ring_ext/masks.py)
 """
 
@@ -64,12 +65,13 @@ def to_bshd(t: torch.Tensor, layout: str, head_dim: int) -> torch.Tensor:
     return t.unflatten(-1, (-1, head_dim)).permute(1, 0, 2, 3)  # [s, b, h*d] -> [b, s, h, d]
 
 
-def empty_in_layout(q: torch.Tensor, layout: str) -> torch.Tensor:
-    """An uninitialised tensor of q's [b, s, h, d] shape, dtype and device whose memory is dense in
-    `layout` (so from_bshd of it is contiguous)."""
+def empty_in_layout(q: torch.Tensor, layout: str, head_dim: int | None = None) -> torch.Tensor:
+    """An uninitialised tensor of q's [b, s, h, d] shape (with head_dim as d if given: the output's
+    is v's), dtype and device whose memory is dense in `layout` (so from_bshd of it is contiguous)."""
     order = MEMORY_ORDER[layout]
     back = [order.index(i) for i in range(4)]
-    return q.new_empty([q.shape[i] for i in order]).permute(back)  # layout memory, viewed as bshd
+    shape = list(q.shape[:3]) + [q.shape[3] if head_dim is None else head_dim]
+    return q.new_empty([shape[i] for i in order]).permute(back)  # layout memory, viewed as bshd
 
 
 def from_bshd(t: torch.Tensor, layout: str) -> torch.Tensor:

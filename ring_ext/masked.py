@@ -65,6 +65,7 @@ def _local_lengths(q, k) -> None:
 def masked_attention(
     q, k, v, cu_seqlens, sliding_window, scale, causal, algo, rank, cp_size, ulysses_degree,
     cp_sliding_window, ring_group, inner_group, outer_group, ulysses_group, overlap, layout, check_group,
+    softcap=0.0, sinks=None,
 ):  # fmt: skip
     if not algo:
         _local_lengths(q, k)
@@ -72,10 +73,12 @@ def masked_attention(
     if algo:
         return torch.ops.ring_ext.attention(
             q, k, v, scale, False, algo, ring_group, inner_group, outer_group, ulysses_group, overlap,
-            layout, m.visible, m.needed, m.rows, check_group, m.signature,
+            layout, m.visible, m.needed, m.rows, check_group, m.signature, softcap, sinks,
         )  # fmt: skip
-    out, lse = torch.ops.ring_ext.fwd(q, k, v, scale, False, 0, 0, False, m.visible[0].to(q.device))
-    dense = empty_in_layout(q, layout)  # Note [Output contract] in csrc/cp/attention.cpp
+    out, lse = torch.ops.ring_ext.fwd(
+        q, k, v, scale, False, 0, 0, False, m.visible[0].to(q.device), softcap, sinks
+    )
+    dense = empty_in_layout(q, layout, v.shape[-1])  # Note [Output contract] in csrc/cp/attention.cpp
     if dense.stride() != out.stride():
         out = dense.copy_(out)
     return out, lse
@@ -84,15 +87,16 @@ def masked_attention(
 def masked_attention_bwd(
     dout, q, k, v, out, lse, dlse, cu_seqlens, sliding_window, scale, causal, algo, rank, cp_size,
     ulysses_degree, cp_sliding_window, ring_group, inner_group, outer_group, ulysses_group, overlap,
+    softcap=0.0,
 ):  # fmt: skip
     m = _mask(q, cu_seqlens, sliding_window, causal, algo, rank, cp_size, ulysses_degree, cp_sliding_window)
     if algo:
         return torch.ops.ring_ext.attention_bwd(
             dout, q, k, v, out, lse, scale, False, algo, ring_group, inner_group, outer_group,
-            ulysses_group, overlap, dlse, m.visible, m.needed, m.rows,
+            ulysses_group, overlap, dlse, m.visible, m.needed, m.rows, softcap,
         )  # fmt: skip
     dq, dk, dv = torch.ops.ring_ext.bwd(
-        dout, q, k, v, out, lse, scale, False, 0, 0, dlse, m.visible[0].to(q.device)
+        dout, q, k, v, out, lse, scale, False, 0, 0, dlse, m.visible[0].to(q.device), softcap
     )
     return tuple(
         g if g.stride() == t.stride() else torch.empty_like(t).copy_(g)

@@ -25,20 +25,34 @@ def _row_stats(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((b, h, s), dtype=torch.float32)
 
 
+def _empty_like_q(q: torch.Tensor, head_dim_v: int, dtype: torch.dtype) -> torch.Tensor:
+    """[b, s, h, head_dim_v] in q's memory order (block_ops.cpp, empty_like_q)."""
+    if head_dim_v == q.shape[3]:
+        return torch.empty_like(q, dtype=dtype)
+    order = sorted(range(3), key=lambda i: -q.stride(i)) + [3]
+    shape = list(q.shape[:3]) + [head_dim_v]
+    back = [order.index(i) for i in range(4)]
+    return q.new_empty([shape[i] for i in order], dtype=dtype).permute(back)
+
+
 @torch.library.register_fake("ring_ext::fwd")
-def _fwd_fake(q, k, v, scale, causal, q_offset=0, k_offset=0, out_fp32=False, visible=None):
+def _fwd_fake(q, k, v, scale, causal, q_offset=0, k_offset=0, out_fp32=False, visible=None, softcap=0.0, sinks=None):
     q = _dim_contiguous(q)
-    out = torch.empty_like(q, dtype=torch.float32 if out_fp32 else q.dtype)
+    out = _empty_like_q(q, v.shape[-1], torch.float32 if out_fp32 else q.dtype)
     return out, _row_stats(q)
 
 
 @torch.library.register_fake("ring_ext::bwd")
-def _bwd_fake(dout, q, k, v, out, lse, scale, causal, q_offset=0, k_offset=0, dlse=None, visible=None):
+def _bwd_fake(
+    dout, q, k, v, out, lse, scale, causal, q_offset=0, k_offset=0, dlse=None, visible=None, softcap=0.0
+):
     return tuple(torch.empty_like(t, dtype=q.dtype) for t in (q, k, v))
 
 
 @torch.library.register_fake("ring_ext::bwd_acc")
-def _bwd_acc_fake(dout, q, k, v, lse, delta, scale, causal, q_offset, k_offset, dq, dk, dv, visible=None):
+def _bwd_acc_fake(
+    dout, q, k, v, lse, delta, scale, causal, q_offset, k_offset, dq, dk, dv, visible=None, softcap=0.0
+):
     return None
 
 
@@ -47,12 +61,30 @@ def _merge_fake(out, lse, block_out, block_lse):
     return None
 
 
+def sinks_grad(sinks, out, lse, dout, dlse) -> torch.Tensor:
+    """The gradient of the sinks (Note [Softcap and sinks] in csrc/common/params.h): with p_i =
+    exp(sink - lse_i) the sink's share of row i, d sink = -sum_i p_i (rowsum(dout_i * out_i) - dlse_i),
+    over this process's rows. out, dout [b, s, h, dv]; lse, dlse [b, h, s]; in sinks' dtype."""
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # [b, h, s]
+    if dlse is not None:
+        delta = delta - dlse.float()
+    share = torch.exp(sinks.float()[None, :, None] - lse)
+    return -(share * delta).sum((0, 2)).to(sinks.dtype)
+
+
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, scale, causal, q_offset, k_offset, _out_fp32, *visible = inputs
+    q, k, v, scale, causal, q_offset, k_offset, _out_fp32, visible, softcap, sinks = _fwd_inputs(inputs)
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale, ctx.causal, ctx.q_offset, ctx.k_offset = scale, causal, q_offset, k_offset
-    ctx.visible = visible[0] if visible else None  # int64 key intervals, not differentiable
+    ctx.visible = visible  # int64 key intervals, not differentiable
+    ctx.softcap, ctx.sinks = softcap, sinks
+
+
+def _fwd_inputs(inputs):
+    """fwd's inputs with the defaults of its schema filled in."""
+    defaults = (0, 0, False, None, 0.0, None)  # q_offset, k_offset, out_fp32, visible, softcap, sinks
+    return tuple(inputs) + defaults[len(inputs) - 5 :]
 
 
 def _fwd_backward(ctx, dout, dlse):
@@ -70,9 +102,14 @@ def _fwd_backward(ctx, dout, dlse):
         ctx.k_offset,
         dlse,
         ctx.visible,
+        ctx.softcap,
     )
-    # One slot per input of fwd: q, k, v, scale, causal, q_offset, k_offset, out_fp32, visible.
-    return dq, dk, dv, None, None, None, None, None, None
+    dsinks = None
+    if ctx.sinks is not None and ctx.needs_input_grad[10]:
+        dsinks = sinks_grad(ctx.sinks, out, lse, dout, dlse)
+    # One slot per input of fwd: q, k, v, scale, causal, q_offset, k_offset, out_fp32, visible,
+    # softcap, sinks.
+    return dq, dk, dv, None, None, None, None, None, None, None, dsinks
 
 
 torch.library.register_autograd("ring_ext::fwd", _fwd_backward, setup_context=_fwd_setup_context)
@@ -82,7 +119,7 @@ torch.library.register_autograd("ring_ext::fwd", _fwd_backward, setup_context=_f
 @torch.library.register_fake("ring_ext::attention")
 def _attention_fake(q, k, v, scale, causal, algo, ring_group, *args, **kwargs):
     layout = _attention_args(args, kwargs)["layout"]
-    return empty_in_layout(q, layout), _row_stats(q)
+    return empty_in_layout(q, layout, v.shape[-1]), _row_stats(q)
 
 
 @torch.library.register_fake("ring_ext::attention_bwd")
@@ -108,22 +145,28 @@ def _attention_args(positional, keywords) -> dict:
 
 
 # What attention takes and attention_bwd does not: the output's layout (gradients come in the
-# strides of q, k, v) and the cross-rank check (the backward replays a checked call).
-_FORWARD_ONLY = ("layout", "check_group", "signature")
+# strides of q, k, v), the cross-rank check (the backward replays a checked call) and the sinks
+# (the backward needs only the final lse; their own gradient is sinks_grad's).
+_FORWARD_ONLY = ("layout", "check_group", "signature", "sinks")
 
 
 def _attention_setup_context(ctx, inputs, output):
     q, k, v, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = {name: value for name, value in zip(_ATTENTION_ARGS, rest) if name not in _FORWARD_ONLY}
+    named = dict(_ATTENTION_DEFAULTS)
+    named.update(zip(_ATTENTION_ARGS, rest))
+    ctx.sinks = named["sinks"]
+    ctx.args = {name: value for name, value in named.items() if name not in _FORWARD_ONLY}
 
 
 def _attention_backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.ring_ext.attention_bwd(dout.to(q.dtype), q, k, v, out, lse, dlse=dlse, **ctx.args)
-    # One slot per input of attention: q, k, v, then the non-tensor arguments.
-    return (dq, dk, dv) + (None,) * len(_ATTENTION_ARGS)
+    grads = [None] * len(_ATTENTION_ARGS)  # one slot per input after q, k, v
+    if ctx.sinks is not None and ctx.needs_input_grad[3 + _ATTENTION_ARGS.index("sinks")]:
+        grads[_ATTENTION_ARGS.index("sinks")] = sinks_grad(ctx.sinks, out, lse, dout, dlse)
+    return (dq, dk, dv, *grads)
 
 
 torch.library.register_autograd(
@@ -135,8 +178,8 @@ torch.library.register_autograd(
 @torch.library.register_fake("ring_ext::masked_attention")
 def _masked_attention_fake(q, k, v, cu_seqlens, sliding_window, scale, causal, algo, rank, cp_size,
                            ulysses_degree, cp_sliding_window, ring_group, inner_group, outer_group,
-                           ulysses_group, overlap, layout, check_group):  # fmt: skip
-    return empty_in_layout(q, layout), _row_stats(q)
+                           ulysses_group, overlap, layout, check_group, softcap=0.0, sinks=None):  # fmt: skip
+    return empty_in_layout(q, layout, v.shape[-1]), _row_stats(q)
 
 
 @torch.library.register_fake("ring_ext::masked_attention_bwd")
@@ -148,12 +191,22 @@ def _masked_attention_bwd_fake(dout, q, k, v, *args):
 _MASKED_ARGS = tuple(a.name for a in torch.ops.ring_ext.masked_attention.default._schema.arguments)
 
 
+_MASKED_DEFAULTS = {
+    a.name: a.default_value
+    for a in torch.ops.ring_ext.masked_attention.default._schema.arguments
+    if a.has_default_value()
+}
+
+
 def _masked_setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.cu_seqlens = cu_seqlens  # int64 values, not differentiable
-    ctx.args = {name: value for name, value in zip(_MASKED_ARGS[4:], rest) if name not in _FORWARD_ONLY}
+    named = dict(_MASKED_DEFAULTS)
+    named.update(zip(_MASKED_ARGS[4:], rest))
+    ctx.sinks = named["sinks"]
+    ctx.args = {name: value for name, value in named.items() if name not in _FORWARD_ONLY}
 
 
 def _masked_backward(ctx, dout, dlse):
@@ -161,8 +214,11 @@ def _masked_backward(ctx, dout, dlse):
     dq, dk, dv = torch.ops.ring_ext.masked_attention_bwd(
         dout.to(q.dtype), q, k, v, out, lse, dlse, ctx.cu_seqlens, **ctx.args
     )
-    # One slot per input of masked_attention: q, k, v, then cu_seqlens and the non-tensor arguments.
-    return (dq, dk, dv) + (None,) * (len(_MASKED_ARGS) - 3)
+    # One slot per input of masked_attention after q, k, v: cu_seqlens and the other arguments.
+    grads = [None] * (len(_MASKED_ARGS) - 3)
+    if ctx.sinks is not None and ctx.needs_input_grad[_MASKED_ARGS.index("sinks")]:
+        grads[_MASKED_ARGS.index("sinks") - 3] = sinks_grad(ctx.sinks, out, lse, dout, dlse)
+    return (dq, dk, dv, *grads)
 
 
 torch.library.register_autograd(

@@ -26,7 +26,7 @@ from . import placement
 from .layouts import THREE_D
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-HEAD_DIM_MAX = 256  # the kernels' limit (csrc/common/block_ops.cpp)
+CUDA_HEAD_DIM_MAX = 512  # the CUDA kernels' limit (csrc/common/block_ops.cpp); the CPU's take any
 
 # Device types each c10d backend serves for ring_ext's send/recv/all-to-all. Gloo reports a CUDA
 # entry too, but its send/recv read host memory, so CUDA tensors over Gloo are refused.
@@ -120,21 +120,50 @@ def check_qkv_tensors(q, k, v, layout: str) -> None:
 
 
 def check_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """[b, s, h, d] views of q, k, v against one another, with or without a context: k and v alike,
-    with q's batch and head_dim, kv heads dividing q heads, a head_dim the kernels take. (Without a
-    context k and v may be longer or shorter than q.)"""
-    if k.shape != v.shape:
+    """[b, s, h, d] views of q, k, v against one another, with or without a context: v with k's
+    batch, length and heads (its head dim may differ: MLA), k with q's batch and head_dim, kv heads
+    dividing q heads, head dims the kernels take. (Without a context k and v may be longer or
+    shorter than q.)"""
+    if k.shape[:3] != v.shape[:3]:
         raise ValueError(
-            f"v must have k's shape {tuple(k.shape)} ([b, s, heads_kv, d]), got {tuple(v.shape)}"
+            f"v must have k's batch, length and heads {tuple(k.shape[:3])} ([b, s, heads_kv, d_v]; its "
+            f"head dim may differ from k's), got {tuple(v.shape)}"
         )
     for i, what in ((0, "batch"), (3, "head_dim")):
         if k.shape[i] != q.shape[i]:
-            raise ValueError(f"k and v must have q's {what} {q.shape[i]}, got {k.shape[i]}")
+            raise ValueError(f"k must have q's {what} {q.shape[i]}, got {k.shape[i]}")
     heads_q, heads_kv = q.shape[2], k.shape[2]
     if heads_kv < 1 or heads_q % heads_kv != 0:
         raise ValueError(f"kv heads ({heads_kv}) must divide q heads ({heads_q})")
-    if not 1 <= q.shape[3] <= HEAD_DIM_MAX:
-        raise ValueError(f"head_dim must be in [1, {HEAD_DIM_MAX}], got {q.shape[3]}")
+    limit = CUDA_HEAD_DIM_MAX if q.is_cuda else None
+    for name, d in (("q/k head_dim", q.shape[3]), ("v head_dim", v.shape[3])):
+        if d < 1 or (limit is not None and d > limit):
+            raise ValueError(f"{name} must be in [1, {limit or 'any'}] on {q.device.type}, got {d}")
+
+
+def check_softcap(softcap) -> float:
+    """softcap: None (none) or a positive finite number; 0.0 for the ops when none."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap):
+        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+    if softcap <= 0:
+        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+    return float(softcap)
+
+
+def check_sinks(sinks, heads_q: int, device: torch.device) -> None:
+    """sinks: None or a floating-point tensor [heads_q] on q's device (any float dtype; used in float32)."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor [q heads] or None, got {type(sinks).__name__}")
+    if sinks.dim() != 1 or sinks.shape[0] != heads_q or not sinks.is_floating_point():
+        raise ValueError(
+            f"sinks must be a float tensor [q heads] = [{heads_q}], got {sinks.dtype} {tuple(sinks.shape)}"
+        )
+    if sinks.device != device:
+        raise ValueError(f"sinks must be on q's device {device}, got {sinks.device}")
 
 
 def check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, packed: bool = False) -> None:
@@ -163,12 +192,15 @@ def check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, packed:
         )
 
 
-def check_num_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, num_heads) -> int:
-    """head_dim of q in `layout`: its last dim, or for sbh ([s, b, heads * head_dim]) hidden /
-    num_heads, which must then split k and v into whole heads. The [b, s, h, d] views are checked
-    against one another by check_bshd."""
+def check_num_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, num_heads
+) -> tuple[int, int]:
+    """(q/k head_dim, v head_dim) in `layout`: the last dims, or for sbh ([s, b, heads * head_dim])
+    q's hidden / num_heads, which must split k into whole heads; v's head dim is then v's hidden /
+    k's heads (MLA: v's may differ). The [b, s, h, d] views are checked against one another by
+    check_bshd."""
     if layout != "sbh":
-        return q.shape[-1]
+        return q.shape[-1], v.shape[-1]
     if num_heads is None:
         raise ValueError("num_heads is required with layout 'sbh' ([s, b, heads * head_dim])")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
@@ -176,13 +208,18 @@ def check_num_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: s
     if q.shape[-1] % num_heads != 0:
         raise ValueError(f"num_heads must divide q's hidden size {q.shape[-1]}, got num_heads={num_heads}")
     head_dim = q.shape[-1] // num_heads
-    for name, t in (("k", k), ("v", v)):
-        if t.shape[-1] % head_dim != 0:
-            raise ValueError(
-                f"{name}'s hidden size {t.shape[-1]} must be a multiple of head_dim {head_dim} "
-                f"(q's hidden {q.shape[-1]} / num_heads {num_heads})"
-            )
-    return head_dim
+    if k.shape[-1] % head_dim != 0:
+        raise ValueError(
+            f"k's hidden size {k.shape[-1]} must be a multiple of head_dim {head_dim} "
+            f"(q's hidden {q.shape[-1]} / num_heads {num_heads})"
+        )
+    heads_kv = k.shape[-1] // head_dim
+    if v.shape[-1] % heads_kv != 0:
+        raise ValueError(
+            f"v's hidden size {v.shape[-1]} must be a multiple of k's heads {heads_kv} "
+            f"(k's hidden {k.shape[-1]} / head_dim {head_dim})"
+        )
+    return head_dim, v.shape[-1] // heads_kv
 
 
 # ---- shard / unshard ---------------------------------------------------------------------------

@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace ring_ext {
 namespace {
@@ -37,7 +39,12 @@ void check_4d(const at::Tensor& t, const char* name) {
               t.dim(), "-D");
 }
 
-// q [b, sq, hq, d]; k, v [b, sk, hkv, d]; same dtype and device.
+// The largest head dim the kernels of q's device take: the CUDA kernels' buckets end at 512
+// (csrc/cuda/head_dim.h); the CPU kernels take any.
+int64_t max_head_dim(const at::Tensor& q) { return q.is_cuda() ? 512 : INT64_MAX; }
+
+// q [b, sq, hq, d]; k [b, sk, hkv, d]; v [b, sk, hkv, dv] (dv may differ from d: MLA); same dtype
+// and device.
 Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_4d(q, "q");
   check_4d(k, "k");
@@ -48,19 +55,37 @@ Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
               "ring_ext: q, k, v must be on one device, got ", q.device(), ", ", k.device(), ", ",
               v.device());
-  TORCH_CHECK(k.sizes() == v.sizes(), "ring_ext: k and v must have the same shape, got ", k.sizes(),
-              " and ", v.sizes());
+  TORCH_CHECK(k.sizes().slice(0, 3) == v.sizes().slice(0, 3),
+              "ring_ext: v must have k's batch, length and heads (its head dim may differ), got k ",
+              k.sizes(), " and v ", v.sizes());
   TORCH_CHECK(k.size(0) == q.size(0), "ring_ext: k must have batch ", q.size(0), " like q, got ",
               k.size(0));
   TORCH_CHECK(k.size(3) == q.size(3), "ring_ext: k must have head_dim ", q.size(3), " like q, got ",
               k.size(3));
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256, "ring_ext: head_dim must be in [1, 256], got ",
-              q.size(3));
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= max_head_dim(q) && v.size(3) >= 1 &&
+                  v.size(3) <= max_head_dim(q),
+              "ring_ext: head dims must be in [1, ", max_head_dim(q), "] on ", q.device().type(),
+              ", got q/k ", q.size(3), " and v ", v.size(3));
   TORCH_CHECK(k.size(2) >= 1 && q.size(2) % k.size(2) == 0,
               "ring_ext: kv heads must divide q heads (GQA/MQA), got q heads ", q.size(2),
               " and kv heads ", k.size(2));
   dtype_of(q, "q");
-  return {q.size(0), q.size(2), k.size(2), q.size(1), k.size(1), q.size(3)};
+  return {q.size(0), q.size(2), k.size(2), q.size(1), k.size(1), q.size(3), v.size(3)};
+}
+
+// An empty [b, s, h, dv] tensor laid out in memory like q ([b, s, h, d], dv its own last dim).
+at::Tensor empty_like_q(const at::Tensor& q, int64_t dv, at::ScalarType dtype) {
+  if (dv == q.size(3)) return at::empty_like(q, dtype);
+  std::vector<int64_t> order = {0, 1, 2};  // q's dims from outermost to innermost in memory
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return q.stride(a) > q.stride(b); });
+  std::vector<int64_t> sizes, back(4);
+  order.push_back(3);
+  for (int64_t i = 0; i < 4; ++i) {
+    sizes.push_back(i == 3 ? dv : q.size(order[i]));
+    back[order[i]] = i;
+  }
+  return at::empty(sizes, q.options().dtype(dtype)).permute(back);
 }
 
 void check_rows(const at::Tensor& t, const char* name, const Shape& s, const at::Tensor& q) {
@@ -84,6 +109,19 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, co
               ", got ", t.device());
   TORCH_CHECK(!same_dtype || t.scalar_type() == ref.scalar_type(), "ring_ext: ", name,
               " must have dtype ", ref.scalar_type(), ", got ", t.scalar_type());
+}
+
+// out or dout: [b, sq, hq, dv], on q's device (and in q's dtype if same_dtype).
+void check_out_like(const at::Tensor& t, const char* name, const at::Tensor& q, const Shape& s,
+                    bool same_dtype) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == s.batch && t.size(1) == s.seq_q &&
+                  t.size(2) == s.heads_q && t.size(3) == s.head_dim_v,
+              "ring_ext: ", name, " must have shape [", s.batch, ", ", s.seq_q, ", ", s.heads_q,
+              ", ", s.head_dim_v, "] (q's with v's head dim), got ", t.sizes());
+  TORCH_CHECK(t.device() == q.device(), "ring_ext: ", name, " must be on ", q.device(), ", got ",
+              t.device());
+  TORCH_CHECK(!same_dtype || t.scalar_type() == q.scalar_type(), "ring_ext: ", name,
+              " must have dtype ", q.scalar_type(), ", got ", t.scalar_type());
 }
 
 void check_accumulator(const at::Tensor& t, const char* name, const at::Tensor& ref,
@@ -136,6 +174,31 @@ Mask mask_of(bool causal, int64_t q_offset, int64_t k_offset,
 
 }  // namespace
 
+void check_softcap(double softcap) {
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0,
+                    "ring_ext: softcap must be 0 (none) or a positive finite number, got ", softcap);
+}
+
+std::optional<at::Tensor> check_sinks(const std::optional<at::Tensor>& sinks, int64_t heads_q,
+                                      const at::Tensor& q) {
+  if (!sinks.has_value()) return std::nullopt;
+  TORCH_CHECK_VALUE(sinks->dim() == 1 && sinks->size(0) == heads_q &&
+                        at::isFloatingType(sinks->scalar_type()),
+                    "ring_ext: sinks must be a float tensor [heads_q] = [", heads_q, "], got ",
+                    sinks->scalar_type(), " ", sinks->sizes());
+  return sinks->to(q.device(), at::kFloat).contiguous();
+}
+
+void fold_sinks(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& sinks) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat &&
+                  sinks.dim() == 1 && sinks.size(0) == lse.size(1),
+              "ring_ext: fold_sinks takes float32 out and lse and sinks [", lse.size(1), "], got ",
+              sinks.sizes());
+  const at::Tensor folded = at::logaddexp(lse, sinks.to(lse.options()).view({1, -1, 1}));
+  out.mul_(at::exp(lse - folded).transpose(1, 2).unsqueeze(-1));  // rows with no key stay 0
+  lse.copy_(folded);
+}
+
 at::Tensor row_delta(const at::Tensor& dout, const at::Tensor& out) {
   // [b, s, h, d] -> [b, h, s], in at most 8 slices of heads: the float32 copies of dout and out
   // exist for one slice at a time, not for the whole block (docs/design.md, Memory per rank).
@@ -155,13 +218,17 @@ std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const 
                                              const at::Tensor& k_in, const at::Tensor& v_in,
                                              double scale, bool causal, int64_t q_offset,
                                              int64_t k_offset, bool out_fp32,
-                                             const std::optional<at::Tensor>& visible_in) {
+                                             const std::optional<at::Tensor>& visible_in,
+                                             double softcap,
+                                             const std::optional<at::Tensor>& sinks_in) {
   const Shape shape = check_qkv(q_in, k_in, v_in);
   check_scale(scale);
+  check_softcap(softcap);
   const std::optional<at::Tensor> visible = check_visible(visible_in, causal, shape, q_in);
+  const std::optional<at::Tensor> sinks = check_sinks(sinks_in, shape.heads_q, q_in);
   c10::DeviceGuard guard(q_in.device());
   const at::Tensor q = dim_contiguous(q_in), k = dim_contiguous(k_in), v = dim_contiguous(v_in);
-  at::Tensor out = at::empty_like(q, out_fp32 ? at::kFloat : q.scalar_type());
+  at::Tensor out = empty_like_q(q, shape.head_dim_v, out_fp32 ? at::kFloat : q.scalar_type());
   at::Tensor lse =
       at::empty({shape.batch, shape.heads_q, shape.seq_q}, q.options().dtype(at::kFloat));
   FwdParams p;
@@ -179,6 +246,8 @@ std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const 
   p.in_dtype = dtype_of(q, "q");
   p.out_dtype = dtype_of(out, "out");
   p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.sinks = sinks.has_value() ? sinks->data_ptr<float>() : nullptr;
   p.mask = mask_of(causal, q_offset, k_offset, visible);
   if (shape.batch * shape.heads_q * shape.seq_q > 0) kernels.fwd(p);
   return {out, lse};
@@ -188,11 +257,13 @@ void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout_in, const
                    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& lse_in,
                    const at::Tensor& delta_in, double scale, bool causal, int64_t q_offset,
                    int64_t k_offset, const at::Tensor& dq, const at::Tensor& dk,
-                   const at::Tensor& dv, const std::optional<at::Tensor>& visible_in) {
+                   const at::Tensor& dv, const std::optional<at::Tensor>& visible_in,
+                   double softcap) {
   const Shape shape = check_qkv(q_in, k_in, v_in);
   check_scale(scale);
+  check_softcap(softcap);
   const std::optional<at::Tensor> visible = check_visible(visible_in, causal, shape, q_in);
-  check_like(dout_in, "dout", q_in, "q", /*same_dtype=*/true);
+  check_out_like(dout_in, "dout", q_in, shape, /*same_dtype=*/true);
   check_rows(lse_in, "lse", shape, q_in);
   check_rows(delta_in, "delta", shape, q_in);
   check_accumulator(dq, "dq", q_in, "q");
@@ -224,6 +295,7 @@ void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout_in, const
   p.shape = shape;
   p.in_dtype = dtype_of(q, "q");
   p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
   p.mask = mask_of(causal, q_offset, k_offset, visible);
   if (shape.batch * shape.heads_q * shape.seq_q * shape.seq_k > 0) kernels.bwd(p);
 }
@@ -232,11 +304,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_bwd(
     const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
     int64_t q_offset, int64_t k_offset, const std::optional<at::Tensor>& dlse,
-    const std::optional<at::Tensor>& visible) {
-  check_qkv(q, k, v);
+    const std::optional<at::Tensor>& visible, double softcap) {
+  const Shape shape = check_qkv(q, k, v);
   check_scale(scale);
-  check_like(out, "out", q, "q", /*same_dtype=*/false);
-  check_like(dout, "dout", q, "q", /*same_dtype=*/true);
+  check_out_like(out, "out", q, shape, /*same_dtype=*/false);
+  check_out_like(dout, "dout", q, shape, /*same_dtype=*/true);
   c10::DeviceGuard guard(q.device());
   // Accumulate in float32 with the strides of q/k/v, then round once to the input dtype.
   at::Tensor dq = at::zeros_like(q, at::kFloat), dk = at::zeros_like(k, at::kFloat),
@@ -245,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_bwd(
   at::Tensor delta = row_delta(dout, out);
   if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);
   block_bwd_acc(kernels, dout, q, k, v, lse, delta, scale, causal, q_offset, k_offset, dq, dk, dv,
-                visible);
+                visible, softcap);
   return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
 }
 
@@ -255,7 +327,7 @@ void block_merge(const BlockKernels& kernels, const at::Tensor& out, const at::T
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.stride(-1) == 1,
               "ring_ext: merge_ out must be a float32 accumulator with contiguous head_dim");
   check_like(block_out, "block_out", out, "out", /*same_dtype=*/false);
-  const Shape shape{out.size(0), out.size(2), out.size(2), out.size(1), 0, out.size(3)};
+  const Shape shape{out.size(0), out.size(2), out.size(2), out.size(1), 0, out.size(3), out.size(3)};
   check_rows(lse, "lse", shape, out);
   check_rows(block_lse, "block_lse", shape, out);
   TORCH_CHECK(lse.stride(2) == 1, "ring_ext: merge_ lse must be contiguous along seq");

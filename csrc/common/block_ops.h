@@ -23,22 +23,37 @@ std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const 
                                              const at::Tensor& k, const at::Tensor& v, double scale,
                                              bool causal, int64_t q_offset, int64_t k_offset,
                                              bool out_fp32,
-                                             const std::optional<at::Tensor>& visible);
+                                             const std::optional<at::Tensor>& visible,
+                                             double softcap,
+                                             const std::optional<at::Tensor>& sinks);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_bwd(
     const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
     int64_t q_offset, int64_t k_offset, const std::optional<at::Tensor>& dlse,
-    const std::optional<at::Tensor>& visible);
+    const std::optional<at::Tensor>& visible, double softcap);
 
 void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q,
                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                    const at::Tensor& delta, double scale, bool causal, int64_t q_offset,
                    int64_t k_offset, const at::Tensor& dq, const at::Tensor& dk,
-                   const at::Tensor& dv, const std::optional<at::Tensor>& visible);
+                   const at::Tensor& dv, const std::optional<at::Tensor>& visible,
+                   double softcap);
 
 void block_merge(const BlockKernels& kernels, const at::Tensor& out, const at::Tensor& lse,
                  const at::Tensor& block_out, const at::Tensor& block_lse);
+
+// softcap: 0 (none) or a positive finite cap; sinks: none, or a float tensor [heads_q], returned
+// as float32 contiguous on q's device (Note [Softcap and sinks] in params.h). Both raise
+// ValueError naming the argument.
+void check_softcap(double softcap);
+std::optional<at::Tensor> check_sinks(const std::optional<at::Tensor>& sinks, int64_t heads_q,
+                                      const at::Tensor& q);
+
+// Folds each q head's sink into a final float32 result, in place: lse = logaddexp(lse, sink),
+// out *= exp(old lse - lse) (Note [Softcap and sinks] in params.h). out [b, s, h, dv], lse
+// [b, h, s], sinks float32 [h]. The context-parallel drivers call it once, after the last merge.
+void fold_sinks(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& sinks);
 
 // delta = rowsum(dout * out) in float32, [batch, heads, seq] contiguous.
 at::Tensor row_delta(const at::Tensor& dout, const at::Tensor& out);
@@ -50,23 +65,24 @@ void register_block_ops(torch::Library& m) {
   using at::Tensor;
   m.impl("fwd", [](const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool causal,
                    int64_t q_offset, int64_t k_offset, bool out_fp32,
-                   const std::optional<Tensor>& visible) {
+                   const std::optional<Tensor>& visible, double softcap,
+                   const std::optional<Tensor>& sinks) {
     return block_fwd(Backend::kKernels, q, k, v, scale, causal, q_offset, k_offset, out_fp32,
-                     visible);
+                     visible, softcap, sinks);
   });
   m.impl("bwd", [](const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& out, const Tensor& lse, double scale, bool causal,
                    int64_t q_offset, int64_t k_offset, const std::optional<Tensor>& dlse,
-                   const std::optional<Tensor>& visible) {
+                   const std::optional<Tensor>& visible, double softcap) {
     return block_bwd(Backend::kKernels, dout, q, k, v, out, lse, scale, causal, q_offset, k_offset,
-                     dlse, visible);
+                     dlse, visible, softcap);
   });
   m.impl("bwd_acc", [](const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& lse, const Tensor& delta, double scale, bool causal,
                        int64_t q_offset, int64_t k_offset, const Tensor& dq, const Tensor& dk,
-                       const Tensor& dv, const std::optional<Tensor>& visible) {
+                       const Tensor& dv, const std::optional<Tensor>& visible, double softcap) {
     block_bwd_acc(Backend::kKernels, dout, q, k, v, lse, delta, scale, causal, q_offset, k_offset,
-                  dq, dk, dv, visible);
+                  dq, dk, dv, visible, softcap);
   });
   m.impl("merge_", [](const Tensor& out, const Tensor& lse, const Tensor& block_out,
                       const Tensor& block_lse) {

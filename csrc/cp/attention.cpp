@@ -47,8 +47,9 @@ void check_shards(const Tensor& q, const Tensor& k, const Tensor& v, double scal
   TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(),
                     "ring_ext: k and v must be on q's device ", q.device(), ", got ", k.device(),
                     ", ", v.device());
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "ring_ext: v must have k's shape ", k.sizes(), ", got ",
-                    v.sizes());
+  TORCH_CHECK_VALUE(k.sizes().slice(0, 3) == v.sizes().slice(0, 3),
+                    "ring_ext: v must have k's batch, length and heads ", k.sizes(),
+                    " (its head dim may differ), got ", v.sizes());
   TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
                     "ring_ext: k and v must match q's batch, length and head_dim ", q.sizes(),
                     ", got ", k.sizes());
@@ -120,19 +121,22 @@ std::vector<int64_t> seq_shape(const Tensor& x) {
   return {x.size(0), x.size(1) * x.size(2), x.size(3), x.size(4)};
 }
 
-using GroupFwd =
-    std::function<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>;
+// fwd(q, k, v, sinks of these q heads or none) on one head group.
+using GroupFwd = std::function<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                          const Tensor&, const std::optional<Tensor>&)>;
 using GroupBwd = std::function<std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>;
 
 // Runs fwd on each head group (Note [Head groups]), writing its output into dest's heads (rounded
-// to dest's dtype); returns lse, float32 [b, hq, s].
+// to dest's dtype); returns lse, float32 [b, hq, s]. sinks: float32 [hq] or none.
 Tensor forward_by_heads(const Tensor& q, const Tensor& k, const Tensor& v, const GroupFwd& fwd,
-                        const Tensor& dest) {
+                        const Tensor& dest, const std::optional<Tensor>& sinks) {
   const int64_t G = head_groups(k);
   Tensor lse;
   for (int64_t g = 0; g < G; ++g) {
-    auto [out, group_lse] = fwd(heads(q, g, G), heads(k, g, G), heads(v, g, G));
+    std::optional<Tensor> group_sinks;
+    if (sinks.has_value()) group_sinks = heads(*sinks, g, G, 0);
+    auto [out, group_lse] = fwd(heads(q, g, G), heads(k, g, G), heads(v, g, G), group_sinks);
     heads(dest, g, G).copy_(out);
     if (G == 1) return group_lse;
     if (!lse.defined()) {
@@ -147,10 +151,14 @@ Tensor forward_by_heads(const Tensor& q, const Tensor& k, const Tensor& v, const
 // Ulysses' inner forward: fwd on each head group of the gathered heads, into a new [b, s, h, d]
 // (one group: fwd's own output, which ulysses::forward rounds).
 ulysses::InnerFwd gathered_by_heads(GroupFwd fwd) {
-  return [fwd = std::move(fwd)](const Tensor& qh, const Tensor& kh, const Tensor& vh) {
-    if (head_groups(kh) == 1) return fwd(heads(qh, 0, 1), heads(kh, 0, 1), heads(vh, 0, 1));
-    Tensor out_h = at::empty(seq_shape(qh), qh.options());
-    Tensor lse_h = forward_by_heads(qh, kh, vh, fwd, out_h);
+  return [fwd = std::move(fwd)](const Tensor& qh, const Tensor& kh, const Tensor& vh,
+                                const std::optional<Tensor>& sinks) {
+    if (head_groups(kh) == 1)
+      return fwd(heads(qh, 0, 1), heads(kh, 0, 1), heads(vh, 0, 1), sinks);
+    std::vector<int64_t> shape = seq_shape(qh);
+    shape[3] = seq_shape(vh)[3];  // out has v's head dim
+    Tensor out_h = at::empty(shape, qh.options());
+    Tensor lse_h = forward_by_heads(qh, kh, vh, fwd, out_h, sinks);
     return std::make_tuple(out_h, lse_h);
   };
 }
@@ -188,7 +196,7 @@ Tensor like(const Tensor& acc, const Tensor& ref) {
 // (ring_ext/ops.py) promises exactly these strides to torch.compile. The memory order of each
 // layout, outermost first, in dims of [b, s, h, d] (ring_ext/layouts.py, MEMORY_ORDER):
 //   bshd, thd 0 1 2 3    sbhd, sbh 1 0 2 3    bnsd 0 2 1 3
-Tensor empty_in_layout(const Tensor& q, const std::string& layout) {
+Tensor empty_in_layout(const Tensor& q, int64_t dv, const std::string& layout) {
   std::vector<int64_t> order;
   if (layout == "bshd" || layout == "thd") {  // thd: [1, t, h, d], the memory of bshd
     order = {0, 1, 2, 3};
@@ -201,7 +209,7 @@ Tensor empty_in_layout(const Tensor& q, const std::string& layout) {
   }
   std::vector<int64_t> sizes, back(4);
   for (int64_t i = 0; i < 4; ++i) {
-    sizes.push_back(q.size(order[i]));
+    sizes.push_back(order[i] == 3 ? dv : q.size(order[i]));  // the output has v's head dim
     back[order[i]] = i;
   }
   return at::empty(sizes, q.options()).permute(back);  // memory in layout order, viewed as bshd
@@ -230,46 +238,52 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
                                         bool overlap, const std::string& layout,
                                         const std::optional<Tensor>& visible,
                                         const std::optional<Tensor>& needed, int64_t rows,
-                                        const std::string& check_group, int64_t signature) {
+                                        const std::string& check_group, int64_t signature,
+                                        double softcap, const std::optional<Tensor>& sinks_in) {
   check_shards(q, k, v, scale);
+  check_softcap(softcap);
+  const std::optional<Tensor> sinks = check_sinks(sinks_in, q.size(2), q);
   const int64_t local_len = block_rows(rows, q);
-  const Tensor out = empty_in_layout(q, layout);  // Note [Output contract]
+  const Tensor out = empty_in_layout(q, v.size(3), layout);  // Note [Output contract]
   const Groups g{group, inner, outer, ulysses_group};
   check_backend(ring::parse_algo(algo) == ring::Algo::kUlysses ? g.ulysses : g.ring, q);
   cp::check_across_ranks(check_group, {q, k, v, local_len, scale, causal, algo, overlap, layout,
-                                       visible.has_value(), signature});
-  const ring::Options opt{scale, causal, overlap};
+                                       visible.has_value(), signature, softcap,
+                                       sinks.has_value()});
+  const ring::Options opt{scale, softcap, causal, overlap};
   switch (ring::parse_algo(algo)) {
     case ring::Algo::kRing: {
       const ring::RingSetup s =
           ring::make_setup(g.ring_names(), opt, local_len, q.size(1), visible, needed, q.device());
       const Tensor lse = forward_by_heads(
           q, k, v,
-          [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
-            return ring::forward(qg, kg, vg, s);
-          },
-          out);
+          [&](const Tensor& qg, const Tensor& kg, const Tensor& vg,
+              const std::optional<Tensor>& sg) { return ring::forward(qg, kg, vg, s, sg); },
+          out, sinks);
       return {out, lse};
     }
     case ring::Algo::kUlysses: {
       const int64_t u = ulysses_degree(g, q, k);
       const std::optional<Tensor> rows_mask =
           ulysses_visible(visible, needed, causal, local_len * u, q);
-      const GroupFwd kernel = [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
-        return block_ops().fwd.call(qg, kg, vg, scale, causal, 0, 0, /*out_fp32=*/false, rows_mask);
+      const GroupFwd kernel = [&](const Tensor& qg, const Tensor& kg, const Tensor& vg,
+                                  const std::optional<Tensor>& sg) {
+        return block_ops().fwd.call(qg, kg, vg, scale, causal, 0, 0, /*out_fp32=*/false, rows_mask,
+                                    softcap, sg);
       };
       return ulysses::forward(q, k, v, g.ulysses, gathered_by_heads(kernel), out,
-                              head_groups(k) > 1, local_len);
+                              head_groups(k) > 1, local_len, sinks);
     }
     case ring::Algo::kHybrid: {
       const int64_t u = ulysses_degree(g, q, k);
       const ring::RingSetup s = ring::make_setup(g.ring_names(), opt, local_len * u, local_len * u,
                                                  visible, needed, q.device());
-      const GroupFwd ring_fwd = [&](const Tensor& qg, const Tensor& kg, const Tensor& vg) {
-        return ring::forward(qg, kg, vg, s);
+      const GroupFwd ring_fwd = [&](const Tensor& qg, const Tensor& kg, const Tensor& vg,
+                                    const std::optional<Tensor>& sg) {
+        return ring::forward(qg, kg, vg, s, sg);
       };
       return ulysses::forward(q, k, v, g.ulysses, gathered_by_heads(ring_fwd), out,
-                              head_groups(k) > 1, local_len);
+                              head_groups(k) > 1, local_len, sinks);
     }
   }
   TORCH_CHECK(false, "unreachable");
@@ -280,11 +294,13 @@ std::tuple<Tensor, Tensor, Tensor> block_backward(const Tensor& dout, const Tens
                                                   const Tensor& k, const Tensor& v,
                                                   const Tensor& lse, const Tensor& delta,
                                                   double scale, bool causal,
-                                                  const std::optional<Tensor>& rows) {
+                                                  const std::optional<Tensor>& rows,
+                                                  double softcap) {
   Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
   Tensor dk = at::zeros(k.sizes(), k.options().dtype(at::kFloat));
   Tensor dv = at::zeros(v.sizes(), v.options().dtype(at::kFloat));
-  block_ops().bwd_acc.call(dout, q, k, v, lse, delta, scale, causal, 0, 0, dq, dk, dv, rows);
+  block_ops().bwd_acc.call(dout, q, k, v, lse, delta, scale, causal, 0, 0, dq, dk, dv, rows,
+                           softcap);
   return {dq, dk, dv};
 }
 
@@ -293,12 +309,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
     const Tensor& lse, double scale, bool causal, const std::string& algo, const std::string& group,
     const std::string& inner, const std::string& outer, const std::string& ulysses_group,
     bool overlap, const std::optional<Tensor>& dlse, const std::optional<Tensor>& visible,
-    const std::optional<Tensor>& needed, int64_t rows) {
+    const std::optional<Tensor>& needed, int64_t rows, double softcap) {
   check_shards(q, k, v, scale);
+  check_softcap(softcap);
   const int64_t local_len = block_rows(rows, q);
   const Groups g{group, inner, outer, ulysses_group};
   check_backend(ring::parse_algo(algo) == ring::Algo::kUlysses ? g.ulysses : g.ring, q);
-  const ring::Options opt{scale, causal, overlap};
+  const ring::Options opt{scale, softcap, causal, overlap};
   const ring::Algo which = ring::parse_algo(algo);
   int64_t u = 1;
   if (which != ring::Algo::kRing) u = ulysses_degree(g, q, k);
@@ -318,7 +335,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
   const GroupBwd group_bwd = [&](const Tensor& d, const Tensor& qg, const Tensor& kg,
                                  const Tensor& vg, const Tensor& l, const Tensor& dl) {
     if (which == ring::Algo::kUlysses)
-      return block_backward(d, qg, kg, vg, l, dl, scale, causal, rows_mask);
+      return block_backward(d, qg, kg, vg, l, dl, scale, causal, rows_mask, softcap);
     return ring::backward(d, qg, kg, vg, l, dl, *s);
   };
   if (which == ring::Algo::kRing) {  // one rounding per group, into the inputs' strides

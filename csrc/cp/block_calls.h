@@ -15,10 +15,11 @@ using at::Tensor;
 // The registered block ops, called through the dispatcher (CPU or CUDA kernels alike).
 struct BlockOps {
   using Fwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double, bool,
-                                         int64_t, int64_t, bool, const std::optional<Tensor>&);
+                                         int64_t, int64_t, bool, const std::optional<Tensor>&,
+                                         double, const std::optional<Tensor>&);
   using BwdAcc = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                       const Tensor&, double, bool, int64_t, int64_t, const Tensor&, const Tensor&,
-                      const Tensor&, const std::optional<Tensor>&);
+                      const Tensor&, const std::optional<Tensor>&, double);
   c10::TypedOperatorHandle<Fwd> fwd =
       c10::Dispatcher::singleton().findSchemaOrThrow("ring_ext::fwd", "").typed<Fwd>();
   c10::TypedOperatorHandle<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&)> merge =

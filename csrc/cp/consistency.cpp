@@ -44,6 +44,8 @@ std::vector<std::pair<const char*, int64_t>> describe(const CallDescription& c) 
       {"layout", code_of(c.layout)},
       {"packed documents or sliding window", c.masked},
       {"cu_seqlens / sliding_window", c.signature},
+      {"softcap", bits_of(c.softcap)},
+      {"sinks", c.sinks},
   };
 }
 

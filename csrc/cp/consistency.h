@@ -38,6 +38,8 @@ struct CallDescription {
   const std::string& layout;
   bool masked;        // key intervals given
   int64_t signature;  // the caller's (0: none)
+  double softcap;     // 0: none
+  bool sinks;         // sinks given (their values are parameters, alike by construction)
 };
 
 void check_across_ranks(const std::string& group, const CallDescription& call);

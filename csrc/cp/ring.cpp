@@ -84,21 +84,28 @@ Rows rows_of(const RingSetup& s, const WorkItem& w) {
           w.kv_chunks * c, w.q_offset * c, w.k_offset * c};
 }
 
-// K and V in one buffer, so each hop is one transfer: [2, b, rows, heads_kv, d] contiguous, the
-// rows past k's zero (Note [Shards of unequal length] in attention.cpp).
+// K and V in one buffer, so each hop is one transfer: [b, rows, heads_kv, d + dv] contiguous, K in
+// the first d of the last dim and V in the rest (their head dims may differ: MLA), the rows past
+// k's zero (Note [Shards of unequal length] in attention.cpp). K/V gradients travel in the same
+// shape, in float32.
 Tensor pack_kv(const Tensor& k, const Tensor& v, int64_t rows) {
-  if (rows == k.size(1)) return at::stack({k, v});
-  std::vector<int64_t> sizes = k.sizes().vec();
-  sizes.insert(sizes.begin(), 2);
-  sizes[2] = rows;
-  Tensor packed = at::empty(sizes, k.options());
-  packed[0].narrow(1, 0, k.size(1)).copy_(k);
-  packed[1].narrow(1, 0, v.size(1)).copy_(v);
-  packed.narrow(2, k.size(1), rows - k.size(1)).zero_();
+  if (rows == k.size(1)) return at::cat({k, v}, -1);
+  Tensor packed = at::empty({k.size(0), rows, k.size(2), k.size(3) + v.size(3)}, k.options());
+  packed.narrow(1, 0, k.size(1)).narrow(3, 0, k.size(3)).copy_(k);
+  packed.narrow(1, 0, v.size(1)).narrow(3, k.size(3), v.size(3)).copy_(v);
+  packed.narrow(1, k.size(1), rows - k.size(1)).zero_();
   return packed;
 }
 
-// A block as a rank holds it: rows [base, base + kv.size(2)) of src's K/V pack (all of them
+// K's and V's part of a K/V pack (or of its gradient), rows [k0, k0 + nk); d is K's head dim.
+Tensor k_part(const Tensor& kv, int64_t d, int64_t k0, int64_t nk) {
+  return kv.narrow(1, k0, nk).narrow(3, 0, d);
+}
+Tensor v_part(const Tensor& kv, int64_t d, int64_t k0, int64_t nk) {
+  return kv.narrow(1, k0, nk).narrow(3, d, kv.size(3) - d);
+}
+
+// A block as a rank holds it: rows [base, base + kv.size(1)) of src's K/V pack (all of them
 // without key intervals; Note [Moving only what is seen]). Undefined: no row of it is here.
 struct Held {
   Tensor kv;
@@ -154,17 +161,17 @@ Span carried(const RingSetup& s, int64_t src, int64_t step, Payload what) {
   return hull.empty() ? Span{} : hull;
 }
 
-// The first `rows` rows' worth of buf as a contiguous [2, b, rows, hkv, d] block.
+// The first `rows` rows' worth of buf as a contiguous [b, rows, hkv, d + dv] block.
 Tensor rows_in(const Tensor& buf, int64_t rows) {
   std::vector<int64_t> sizes = buf.sizes().vec();
-  sizes[2] = rows;
+  sizes[1] = rows;
   return buf.view(-1).narrow(0, 0, c10::multiply_integers(sizes)).view(sizes);
 }
 
 // Rows `rows` of a held block (or of a gradient in its shape), contiguous for c10d.
 Tensor held_rows(const Tensor& kv, int64_t base, Span rows) {
-  if (rows.lo == base && rows.size() == kv.size(2)) return kv;
-  return kv.narrow(2, rows.lo - base, rows.size()).contiguous();
+  if (rows.lo == base && rows.size() == kv.size(1)) return kv;
+  return kv.narrow(1, rows.lo - base, rows.size()).contiguous();
 }
 
 // Posts a K/V hop of the schedule at `step`: sends what `held` (src's block) carries on, receives
@@ -226,14 +233,15 @@ void for_each_block(const RingSetup& s, Tensor local_kv, Visit&& visit) {
 }  // namespace
 
 std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                                   const RingSetup& s) {
+                                   const RingSetup& s, const std::optional<Tensor>& sinks) {
   const BlockOps& ops = block_ops();
-  // Running result in float32 whatever the input dtype (docs/design.md, Math): out [b, s, hq, d],
+  const int64_t d = k.size(3);
+  // Running result in float32 whatever the input dtype (docs/design.md, Math): out [b, s, hq, dv],
   // lse [b, hq, s]. A block that covers every local row before anything else (the diagonal step)
   // *is* the running result: no zero-filled start and no merge into it.
   Tensor out_acc, lse;
   auto start_empty = [&] {  // out 0, lse -inf: no key seen yet
-    out_acc = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    out_acc = at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options().dtype(at::kFloat));
     lse = at::full({q.size(0), q.size(2), q.size(1)}, -INFINITY, q.options().dtype(at::kFloat));
   };
   for_each_block(s, pack_kv(k, v, s.rows), [&](int64_t, const Step& st, const Held& held) {
@@ -241,10 +249,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
     for (const WorkItem& item : st.items) {
       const Rows r = rows_of(s, item);
       const Keys keys = keys_of(s, held, st.src, r);
-      auto [block_out, block_lse] =
-          ops.fwd.call(q.narrow(1, r.q0, r.nq), held.kv[0].narrow(1, keys.k0, keys.nk),
-                       held.kv[1].narrow(1, keys.k0, keys.nk), s.scale, item.causal, r.q_offset,
-                       r.k_offset, /*out_fp32=*/true, keys.visible);
+      auto [block_out, block_lse] = ops.fwd.call(
+          q.narrow(1, r.q0, r.nq), k_part(held.kv, d, keys.k0, keys.nk),
+          v_part(held.kv, d, keys.k0, keys.nk), s.scale, item.causal, r.q_offset, r.k_offset,
+          /*out_fp32=*/true, keys.visible, s.softcap, std::nullopt);
       if (!out_acc.defined() && r.q0 == 0 && r.nq == q.size(1)) {
         out_acc = block_out;
         lse = block_lse;
@@ -256,12 +264,13 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
     }
   });
   if (!out_acc.defined()) start_empty();  // no local row saw any key (a rank of padding only)
+  if (sinks.has_value()) fold_sinks(out_acc, lse, *sinks);  // once per row, after every block
   return {out_acc, lse};
 }
 
 namespace {
 
-// Where this rank's own dK/dV come home to, float32 [2, b, rows, hkv, d]: partials that arrive from
+// Where this rank's own dK/dV come home to, float32 [b, rows, hkv, d + dv]: partials that arrive from
 // the ranks that held its block are added into home_ (the first one becomes it: no zero-filled
 // start). Both gradient strategies below end there. Every buffer lives while it is computed into or
 // in flight, no longer (docs/design.md, Memory per rank).
@@ -282,7 +291,7 @@ class GradsHome {
   void post(const Tensor& out, int64_t dst, int64_t src, Span rows) {
     settle();
     std::vector<int64_t> sizes = sizes_;
-    sizes[2] = rows.size();
+    sizes[1] = rows.size();
     home_rows_ = rows;
     home_in_ = rows.empty() ? Tensor() : at::empty(sizes, f32_);
     home_xfer_ = exchange(s_.ring, out, dst, home_in_, src, tag_of(Payload::kGradHome));
@@ -294,7 +303,7 @@ class GradsHome {
     home_xfer_.wait();
     if (!home_in_.defined()) return;
     if (home_.defined()) {
-      home_.narrow(2, home_rows_.lo, home_rows_.size()).add_(home_in_);
+      home_.narrow(1, home_rows_.lo, home_rows_.size()).add_(home_in_);
     } else {
       home_ = std::exchange(home_in_, Tensor());
     }
@@ -375,7 +384,7 @@ class HomeGrads : public GradsHome {
     if (st.src == s_.rank) {  // our own block, held whole
       settle();
       if (!mine.empty())
-        home_.narrow(2, mine.lo, mine.size()).add_(g.narrow(2, mine.lo, mine.size()));
+        home_.narrow(1, mine.lo, mine.size()).add_(g.narrow(1, mine.lo, mine.size()));
       return;
     }
     const int64_t from = holder(s_.topo, s_.rank, step);
@@ -391,6 +400,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_with(const Tensor& dout, const Tenso
                                                  const Tensor& lse, const Tensor& delta,
                                                  const RingSetup& s) {
   const BlockOps& ops = block_ops();
+  const int64_t d = k.size(3);
   Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // [b, s, hq, d]
   Tensor packed = pack_kv(k, v, s.rows);
   Grads grads(s, packed);
@@ -402,16 +412,16 @@ std::tuple<Tensor, Tensor, Tensor> backward_with(const Tensor& dout, const Tenso
       const Rows r = rows_of(s, item);
       const Keys keys = keys_of(s, held, st.src, r);
       ops.bwd_acc.call(dout.narrow(1, r.q0, r.nq), q.narrow(1, r.q0, r.nq),
-                       held.kv[0].narrow(1, keys.k0, keys.nk),
-                       held.kv[1].narrow(1, keys.k0, keys.nk), lse.narrow(2, r.q0, r.nq),
-                       delta.narrow(2, r.q0, r.nq), s.scale, item.causal, r.q_offset, r.k_offset,
-                       dq.narrow(1, r.q0, r.nq), g[0].narrow(1, keys.k0, keys.nk),
-                       g[1].narrow(1, keys.k0, keys.nk), keys.visible);
+                       k_part(held.kv, d, keys.k0, keys.nk), v_part(held.kv, d, keys.k0, keys.nk),
+                       lse.narrow(2, r.q0, r.nq), delta.narrow(2, r.q0, r.nq), s.scale,
+                       item.causal, r.q_offset, r.k_offset, dq.narrow(1, r.q0, r.nq),
+                       k_part(g, d, keys.k0, keys.nk), v_part(g, d, keys.k0, keys.nk),
+                       keys.visible, s.softcap);
     }
     grads.end_step(step, st, g, held);
   });
-  const Tensor dkv = grads.finish().narrow(2, 0, k.size(1));  // this rank's real rows
-  return {dq, dkv[0], dkv[1]};
+  const Tensor dkv = grads.finish();
+  return {dq, k_part(dkv, d, 0, k.size(1)), v_part(dkv, d, 0, k.size(1))};  // the real rows
 }
 
 }  // namespace

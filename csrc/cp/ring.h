@@ -22,6 +22,7 @@ struct GroupNames {
 
 struct Options {
   double scale = 1.0;
+  double softcap = 0.0;  // Note [Softcap and sinks] in csrc/common/params.h; 0: none
   bool causal = false;  // zigzag-sharded causal mask, else full
   bool overlap = true;  // post each transfer before the compute it hides behind
 };
@@ -39,7 +40,7 @@ struct RingSetup {
   Topology topo;
   int64_t rank = 0, chunk = 0;  // chunk: rows per sharding chunk
   bool causal = false, overlap = true;
-  double scale = 1.0;
+  double scale = 1.0, softcap = 0.0;
   // Packed documents / sliding windows (Note [Per-source key intervals] in ring.cpp): visible[src]
   // is int64 [2, local rows] on the inputs' device, the keys of src's block each local row sees;
   // seen[src] is the hull of those keys (empty when no row sees any). Empty vectors: the offset
@@ -74,10 +75,12 @@ std::vector<at::Tensor> prepare_visible(const std::optional<at::Tensor>& visible
                                         int64_t q_rows, int64_t k_rows, c10::Device device,
                                         std::vector<Span>* seen = nullptr);
 
-// q [b, s, hq, d], k/v [b, s, hkv, d] (this rank's shards, any strides) ->
-// out float32 [b, s, hq, d], lse float32 [b, hq, s].
+// q [b, s, hq, d], k [b, s, hkv, d], v [b, s, hkv, dv] (this rank's shards, any strides) ->
+// out float32 [b, s, hq, dv], lse float32 [b, hq, s]. sinks (float32 [hq], the sinks of these q
+// heads) are folded in once, after the last block (fold_sinks in csrc/common/block_ops.h).
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
-                                           const at::Tensor& v, const RingSetup& s);
+                                           const at::Tensor& v, const RingSetup& s,
+                                           const std::optional<at::Tensor>& sinks);
 
 // Float32 dq, dk, dv given the final lse and delta = rowsum(dout * out) (- dlse).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,

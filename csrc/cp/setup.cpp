@@ -120,6 +120,7 @@ RingSetup make_setup(const GroupNames& names, const Options& opt, int64_t local_
   s.causal = opt.causal;
   s.overlap = opt.overlap;
   s.scale = opt.scale;
+  s.softcap = opt.softcap;
   TORCH_CHECK_VALUE(!visible.has_value() || !opt.causal,
                     "ring_ext: give causal=False with visible (the intervals hold the mask)");
   TORCH_CHECK_VALUE(q_rows == local_len || (visible.has_value() && q_rows < local_len),

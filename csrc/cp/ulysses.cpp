@@ -190,10 +190,12 @@ int64_t kv_replication(int64_t heads_q, int64_t heads_kv, int64_t degree) {
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const std::string& group,
                                            const InnerFwd& inner, const at::Tensor& out,
-                                           bool by_head, int64_t rows) {
+                                           bool by_head, int64_t rows,
+                                           const std::optional<at::Tensor>& sinks) {
   auto pg = c10d::resolve_process_group(group);
   const int64_t P = pg->getSize(), r = kv_replication(q.size(2), k.size(2), P);
   const int64_t G = head_group_count(k.size(2), r, P, by_head);
+  const int64_t n = q.size(2) / P / G, first = pg->getRank() * q.size(2) / P;  // q heads here
   const at::Tensor qd = heads_to_dst(q, P), kd = heads_to_dst(repeat_kv(k, r), P),
                    vd = heads_to_dst(repeat_kv(v, r), P);
   const at::Tensor lse =
@@ -205,7 +207,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                   {group_of(kd, g, G), 1, rows},
                                   {group_of(vd, g, G), 1, rows}},
                                  *pg);
-      std::tie(out_h, lse_h) = inner(as_seq(in[0]), as_seq(in[1]), as_seq(in[2]));
+      std::optional<at::Tensor> sinks_h;  // the sinks of the q heads of group g here
+      if (sinks.has_value()) sinks_h = sinks->narrow(0, first + g * n, n);
+      std::tie(out_h, lse_h) = inner(as_seq(in[0]), as_seq(in[1]), as_seq(in[2]), sinks_h);
     }
     // Rounded before the trip back: nothing is accumulated after this point.
     const auto back = all_to_all(
@@ -246,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     if (g == 0) {
       dq = at::empty(q.sizes(), dqh.options());
       dk = at::empty({k.size(0), k.size(1), k.size(2) * r, k.size(3)}, dkh.options());
-      dv = at::empty(dk.sizes(), dvh.options());
+      dv = at::empty({v.size(0), v.size(1), v.size(2) * r, v.size(3)}, dvh.options());
     }
     store_heads(back[0], dq, g);
     store_heads(back[1], dk, g);

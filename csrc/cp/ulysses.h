@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -13,12 +14,13 @@ namespace ring_ext::ulysses {
 // Attention of head-sharded tensors over the whole (Ulysses-gathered) sequence. Plain Ulysses runs
 // the block kernel; hybrid runs the ring over the ring group. q, k, v (and dout) come as views
 // [b, P, sl, h, d] of the receive buffer (of the inputs themselves when P = 1): the sequence s = P
-// * sl in P chunks; lse and delta as [b, h, s]; results are [b, s, h, d].
-//   fwd(q, k, v) -> (out [b, s, h, d] in q's dtype or float32, lse float32 [b, h, s])
+// * sl in P chunks; lse and delta as [b, h, s]; results are [b, s, h, d] (v's head dim for out).
+//   fwd(q, k, v, sinks) -> (out [b, s, h, dv] in q's dtype or float32, lse float32 [b, h, s]);
+//     sinks: float32 [h], the sinks of these q heads, or none
 //   bwd(dout, q, k, v, lse, delta) -> (dq, dk, dv), delta = rowsum(dout * out); in the inputs'
 //     dtype, or float32 where more is summed after the trip back (dK/dV of replicated GQA heads)
 using InnerFwd = std::function<std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&)>;
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>;
 using InnerBwd = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&)>;
@@ -27,16 +29,17 @@ using InnerBwd = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
 // replication = P when kv heads < P, else 1. Throws (naming the rule) when heads cannot be split.
 int64_t kv_replication(int64_t heads_q, int64_t heads_kv, int64_t degree);
 
-// q [b, s_local, hq, d], k/v [b, s_local, hkv, d] -> (out, lse float32 [b, hq, s_local]), the
-// output written into `out` [b, s_local, hq, d] (any strides and dtype, e.g. dense in the caller's
-// layout) and returned.
+// q [b, s_local, hq, d], k [b, s_local, hkv, d], v [b, s_local, hkv, dv] -> (out, lse float32
+// [b, hq, s_local]), the output written into `out` [b, s_local, hq, dv] (any strides and dtype,
+// e.g. dense in the caller's layout) and returned. sinks: float32 [hq] or none; inner gets its heads'.
 // by_head: one K/V head group at a time (CPU; Note [Ulysses head groups] in ulysses.cpp).
 // rows >= s_local: the length every rank's shard counts as in the gathered sequence (Note [Shards
 // of unequal length] in attention.cpp).
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const std::string& group,
                                            const InnerFwd& inner, const at::Tensor& out,
-                                           bool by_head, int64_t rows);
+                                           bool by_head, int64_t rows,
+                                           const std::optional<at::Tensor>& sinks);
 
 // Gradients of forward (inner's dtypes), contiguous [b, s_local, heads, d], given forward's lse and
 // delta = rowsum(dout * out) (minus any gradient on lse), both float32 [b, hq, s_local].

@@ -7,42 +7,46 @@ namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 // Q and dO of the q heads of one (batch, kv head) (Note [Packed heads]), per (q head of the GQA
 // group, query block): A tiles (left operands of S = Q K^T, dP = dO V^T) and KN tiles (right
 // operands of dK += dS^T Q, dV += P^T dO). For float the KN tile is the A tile, so kn() returns
-// a().
+// a(). Q's tiles are dpad wide, dO's dvpad (v's head dim: they differ in MLA).
 template <typename T>
 struct HeadRows {
-  int64_t blocks = 0, size = 0;
+  int64_t blocks = 0, q_size = 0, dout_size = 0;
   std::vector<T> q_a, q_kn, dout_a, dout_kn;
 
-  int64_t offset(int64_t g, int64_t qb) const { return (g * blocks + qb) * size; }
+  int64_t q_offset(int64_t g, int64_t qb) const { return (g * blocks + qb) * q_size; }
+  int64_t dout_offset(int64_t g, int64_t qb) const { return (g * blocks + qb) * dout_size; }
   static const T* kn(const std::vector<T>& a, const std::vector<T>& kn, int64_t off) {
     return (kStep<T> == 1 ? a.data() : kn.data()) + off;
   }
 };
 
 template <typename T>
-void pack_head_rows(const BwdParams& p, int64_t b, int64_t hk, int64_t dpad, HeadRows<T>& rows) {
+void pack_head_rows(const BwdParams& p, int64_t b, int64_t hk, int64_t dpad, int64_t dvpad,
+                    HeadRows<T>& rows) {
   const Shape& sh = p.shape;
   const int64_t group = sh.heads_q / sh.heads_kv;
   rows.blocks = ceil_div(sh.seq_q, kBwdBlockQ);
-  rows.size = kBwdBlockQ * dpad;
+  rows.q_size = kBwdBlockQ * dpad;
+  rows.dout_size = kBwdBlockQ * dvpad;
   const int64_t n = group * rows.blocks;
-  rows.q_a.resize(n * rows.size);
-  rows.dout_a.resize(n * rows.size);
+  rows.q_a.resize(n * rows.q_size);
+  rows.dout_a.resize(n * rows.dout_size);
   if (kStep<T> != 1) {
-    rows.q_kn.resize(n * rows.size);
-    rows.dout_kn.resize(n * rows.size);
+    rows.q_kn.resize(n * rows.q_size);
+    rows.dout_kn.resize(n * rows.dout_size);
   }
-  std::vector<T> tmp(sh.head_dim);
+  std::vector<T> tmp(std::max(sh.head_dim, sh.head_dim_v));
   for (int64_t t = 0; t < n; ++t) {
     const int64_t h = hk * group + t / rows.blocks, q0 = t % rows.blocks * kBwdBlockQ;
     const int64_t nq = std::min(kBwdBlockQ, sh.seq_q - q0);
     const RowBlock q = rows_of(p.q, p.in_dtype, p.q_stride, b, h, q0, nq, sh.head_dim);
-    const RowBlock dout = rows_of(p.dout, p.in_dtype, p.dout_stride, b, h, q0, nq, sh.head_dim);
-    pack_a(q, kBwdBlockQ, dpad, rows.q_a.data() + t * rows.size);
-    pack_a(dout, kBwdBlockQ, dpad, rows.dout_a.data() + t * rows.size);
+    const RowBlock dout =
+        rows_of(p.dout, p.in_dtype, p.dout_stride, b, h, q0, nq, sh.head_dim_v);
+    pack_a(q, kBwdBlockQ, dpad, rows.q_a.data() + t * rows.q_size);
+    pack_a(dout, kBwdBlockQ, dvpad, rows.dout_a.data() + t * rows.dout_size);
     if (kStep<T> != 1) {
-      pack_kn(q, kBwdBlockQ, dpad, tmp.data(), rows.q_kn.data() + t * rows.size);
-      pack_kn(dout, kBwdBlockQ, dpad, tmp.data(), rows.dout_kn.data() + t * rows.size);
+      pack_kn(q, kBwdBlockQ, dpad, tmp.data(), rows.q_kn.data() + t * rows.q_size);
+      pack_kn(dout, kBwdBlockQ, dvpad, tmp.data(), rows.dout_kn.data() + t * rows.dout_size);
     }
   }
 }
@@ -52,11 +56,12 @@ template <typename T>
 struct BwdWorkspace {
   std::vector<T> kt, vt, k_kn;           // NK tiles of K, V; KN tile of K
   std::vector<T> p_pairs, ds, ds_pairs;  // bf16 P and dS tiles (unused for float)
-  std::vector<float> s, dp, dk, dv;      // S/P, dP/dS [kBwdBlockQ][kBlockK]; dK, dV [kBlockK][dpad]
+  std::vector<float> s, dp, dk, dv;      // S/P, dP/dS [kBwdBlockQ][kBlockK]; dK [kBlockK][dpad],
+                                         // dV [kBlockK][dvpad]
   std::vector<T> tmp;                    // one input row
-  BwdWorkspace(int64_t d, int64_t dpad)
+  BwdWorkspace(int64_t d, int64_t dpad, int64_t dvpad)
       : kt(dpad * kBlockK),
-        vt(dpad * kBlockK),
+        vt(dvpad * kBlockK),
         k_kn(kBlockK * dpad),
         p_pairs(kBwdBlockQ * kBlockK),
         ds(kBwdBlockQ * kBlockK),
@@ -64,7 +69,7 @@ struct BwdWorkspace {
         s(kBwdBlockQ * kBlockK),
         dp(kBwdBlockQ * kBlockK),
         dk(kBlockK * dpad),
-        dv(kBlockK * dpad),
+        dv(kBlockK * dvpad),
         tmp(d) {}
 };
 
@@ -107,12 +112,13 @@ void bwd_operands(BwdWorkspace<T>& ws, int64_t nq_pad, int64_t n_pad, Operand<T>
 template <typename T>
 void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T>& rows, int64_t b,
               int64_t h, int64_t g, int64_t qb, int64_t k0, int64_t nk, int64_t dpad,
-              BwdWorkspace<T>& ws, float* dq) {
+              int64_t dvpad, BwdWorkspace<T>& ws, float* dq) {
   constexpr int64_t step = kStep<T>;
   const Shape& sh = p.shape;
   const int64_t q0 = qb * kBwdBlockQ, nq = std::min(kBwdBlockQ, sh.seq_q - q0);
-  const int64_t nq_pad = round_up(nq, step), n_pad = round_up(nk, 16), off = rows.offset(g, qb);
-  const int64_t d_steps = ceil_div(sh.head_dim, step);
+  const int64_t nq_pad = round_up(nq, step), n_pad = round_up(nk, 16);
+  const int64_t q_off = rows.q_offset(g, qb), dout_off = rows.dout_offset(g, qb);
+  const int64_t d_steps = ceil_div(sh.head_dim, step), dv_steps = ceil_div(sh.head_dim_v, step);
   // Only the key columns [c0, c1) some row of the block sees (its hull, Note [Mask rule]), c0 on a
   // 16-column boundary: a query block of one document skips the keys of the document before it in
   // a key block that straddles the boundary.
@@ -122,10 +128,10 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
   if (c1 <= c0) return;
   const int64_t nc = round_up(c1 - c0, 16);  // c0 + nc <= n_pad
   // S [nq, nc] = Q K^T; dP [nq, nc] = dO V^T (columns c0.. of the [rows][kBlockK] tiles)
-  gemm(rows.q_a.data() + off, dpad, step, ws.kt.data() + c0 * step, kBlockK * step, nq, nc, d_steps,
-       ws.s.data() + c0, kBlockK, false);
-  gemm(rows.dout_a.data() + off, dpad, step, ws.vt.data() + c0 * step, kBlockK * step, nq, nc,
-       d_steps, ws.dp.data() + c0, kBlockK, false);
+  gemm(rows.q_a.data() + q_off, dpad, step, ws.kt.data() + c0 * step, kBlockK * step, nq, nc,
+       d_steps, ws.s.data() + c0, kBlockK, false);
+  gemm(rows.dout_a.data() + dout_off, dvpad, step, ws.vt.data() + c0 * step, kBlockK * step, nq,
+       nc, dv_steps, ws.dp.data() + c0, kBlockK, false);
   const float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + q0;
   const float* delta = p.delta + b * p.delta_stride.batch + h * p.delta_stride.head + q0;
   for (int64_t i = 0; i < nq_pad; ++i) {
@@ -141,17 +147,22 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
     const int64_t end = std::clamp<int64_t>(row.end - k0, begin, c1);
     // A row that saw no key (lse = -inf) has P = 0: exp(s - inf) = 0.
     const float row_lse = lse[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse[i];
-    bwd_row(srow + c0, dprow + c0, begin - c0, end - c0, nc, p.scale, row_lse, delta[i]);
+    if (p.softcap > 0.0f) {  // Note [Softcap and sinks]
+      bwd_row_softcap(srow + c0, dprow + c0, begin - c0, end - c0, nc, p.scale, p.softcap,
+                      row_lse, delta[i]);
+    } else {
+      bwd_row(srow + c0, dprow + c0, begin - c0, end - c0, nc, p.scale, row_lse, delta[i]);
+    }
   }
   Operand<T> pt, dst, ds;
   bwd_operands(ws, nq_pad, n_pad, pt, dst, ds);
-  const T* dout_kn = HeadRows<T>::kn(rows.dout_a, rows.dout_kn, off);
-  const T* q_kn = HeadRows<T>::kn(rows.q_a, rows.q_kn, off);
-  // dV [keys c0..c1, dpad] += P^T dO; dK [keys c0..c1, dpad] += dS^T Q; dQ [nq, dpad] += dS K. Key
-  // j of P^T / dS^T is at data + j * sm; key pair kk of dS at data + kk * sk, so key c0 (even) at
-  // c0.
-  gemm(pt.data + c0 * pt.sm, pt.sm, pt.sk, dout_kn, dpad * step, c1 - c0, dpad, nq_pad / step,
-       ws.dv.data() + c0 * dpad, dpad, true);
+  const T* dout_kn = HeadRows<T>::kn(rows.dout_a, rows.dout_kn, dout_off);
+  const T* q_kn = HeadRows<T>::kn(rows.q_a, rows.q_kn, q_off);
+  // dV [keys c0..c1, dvpad] += P^T dO; dK [keys c0..c1, dpad] += dS^T Q; dQ [nq, dpad] += dS K.
+  // Key j of P^T / dS^T is at data + j * sm; key pair kk of dS at data + kk * sk, so key c0 (even)
+  // at c0.
+  gemm(pt.data + c0 * pt.sm, pt.sm, pt.sk, dout_kn, dvpad * step, c1 - c0, dvpad, nq_pad / step,
+       ws.dv.data() + c0 * dvpad, dvpad, true);
   gemm(dst.data + c0 * dst.sm, dst.sm, dst.sk, q_kn, dpad * step, c1 - c0, dpad, nq_pad / step,
        ws.dk.data() + c0 * dpad, dpad, true);
   gemm(ds.data + c0, ds.sm, ds.sk, ws.k_kn.data() + c0 * dpad, dpad * step, nq, dpad,
@@ -169,14 +180,15 @@ inline void add_rows(const float* src, int64_t dpad, int64_t rows, int64_t d, fl
 // that can see it. dq_part is the group's float32 dQ partial [group][seq_q][dpad].
 template <typename T>
 void bwd_task(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T>& rows, int64_t b,
-              int64_t hk, int64_t kb, int64_t dpad, BwdWorkspace<T>& ws, float* dq_part) {
+              int64_t hk, int64_t kb, int64_t dpad, int64_t dvpad, BwdWorkspace<T>& ws,
+              float* dq_part) {
   const Shape& sh = p.shape;
-  const int64_t d = sh.head_dim, group = sh.heads_q / sh.heads_kv;
+  const int64_t d = sh.head_dim, dv = sh.head_dim_v, group = sh.heads_q / sh.heads_kv;
   const int64_t k0 = kb * kBlockK, nk = std::min(kBlockK, sh.seq_k - k0);
   const RowBlock k = rows_of(p.k, p.in_dtype, p.k_stride, b, hk, k0, nk, d);
-  const RowBlock v = rows_of(p.v, p.in_dtype, p.v_stride, b, hk, k0, nk, d);
+  const RowBlock v = rows_of(p.v, p.in_dtype, p.v_stride, b, hk, k0, nk, dv);
   pack_nk(k, dpad, kBlockK, ws.tmp.data(), ws.kt.data());
-  pack_nk(v, dpad, kBlockK, ws.tmp.data(), ws.vt.data());
+  pack_nk(v, dvpad, kBlockK, ws.tmp.data(), ws.vt.data());
   pack_kn(k, kBlockK, dpad, ws.tmp.data(), ws.k_kn.data());
   std::fill(ws.dk.begin(), ws.dk.end(), 0.0f);
   std::fill(ws.dv.begin(), ws.dv.end(), 0.0f);
@@ -185,12 +197,12 @@ void bwd_task(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
   const int64_t qb_end = rows_in.empty() ? qb_begin : ceil_div(rows_in.end, kBwdBlockQ);
   for (int64_t g = 0; g < group; ++g)
     for (int64_t qb = qb_begin; qb < qb_end; ++qb)
-      bwd_pair(p, keys, rows, b, hk * group + g, g, qb, k0, nk, dpad, ws,
+      bwd_pair(p, keys, rows, b, hk * group + g, g, qb, k0, nk, dpad, dvpad, ws,
                dq_part + (g * sh.seq_q + qb * kBwdBlockQ) * dpad);
   add_rows(ws.dk.data(), dpad, nk, d, p.scale,
            p.dk + b * p.dk_stride.batch + hk * p.dk_stride.head + k0 * p.dk_stride.seq,
            p.dk_stride.seq);
-  add_rows(ws.dv.data(), dpad, nk, d, 1.0f,
+  add_rows(ws.dv.data(), dvpad, nk, dv, 1.0f,
            p.dv + b * p.dv_stride.batch + hk * p.dv_stride.head + k0 * p.dv_stride.seq,
            p.dv_stride.seq);
 }
@@ -233,7 +245,8 @@ inline void add_dq_partials(const BwdParams& p, std::vector<DqPartial>& parts, i
 template <typename T>
 void flash_bwd_tiled(const BwdParams& p, ParallelFor parallel_for) {
   const Shape& sh = p.shape;
-  const int64_t dpad = round_up(sh.head_dim, 16), k_blocks = ceil_div(sh.seq_k, kBlockK);
+  const int64_t dpad = round_up(sh.head_dim, 16), dvpad = round_up(sh.head_dim_v, 16);
+  const int64_t k_blocks = ceil_div(sh.seq_k, kBlockK);
   const int64_t dq_size = sh.heads_q / sh.heads_kv * sh.seq_q * dpad;
   // Tasks (batch, kv head, key block), k_blocks per head (Note [Packed heads]).
   PackedHeads<HeadRows<T>> heads(sh.batch * sh.heads_kv, k_blocks);
@@ -241,18 +254,18 @@ void flash_bwd_tiled(const BwdParams& p, ParallelFor parallel_for) {
   std::mutex mutex;
   std::vector<DqPartial> parts;
   parallel_for(sh.batch * sh.heads_kv * k_blocks, [&](int64_t begin, int64_t end) {
-    BwdWorkspace<T> ws(sh.head_dim, dpad);
+    BwdWorkspace<T> ws(std::max(sh.head_dim, sh.head_dim_v), dpad, dvpad);
     std::vector<float> dq(dq_size);
     for_tasks_by_head(
         heads, k_blocks, begin, end,
         [&](int64_t head, HeadRows<T>& rows) {
-          pack_head_rows(p, head / sh.heads_kv, head % sh.heads_kv, dpad, rows);
+          pack_head_rows(p, head / sh.heads_kv, head % sh.heads_kv, dpad, dvpad, rows);
         },
         [&](int64_t head, int64_t first, int64_t stop, const HeadRows<T>& rows) {
           std::fill(dq.begin(), dq.end(), 0.0f);
           for (int64_t t = first; t < stop; ++t)
             bwd_task(p, keys, rows, head / sh.heads_kv, head % sh.heads_kv,
-                     zigzag(t % k_blocks, k_blocks), dpad, ws, dq.data());
+                     zigzag(t % k_blocks, k_blocks), dpad, dvpad, ws, dq.data());
           if (stop - first == k_blocks) {  // the head's only writer of dq: add at once
             add_dq(p, head, dq.data(), dpad);
             return;

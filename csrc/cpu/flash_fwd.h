@@ -5,27 +5,29 @@
 namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 
 // K as NK tiles (K^T) and V as KN tiles of every key block of one (batch, kv head) (Note [Packed
-// heads]).
+// heads]). dpad is q/k's padded head dim, dvpad v's (they differ in MLA).
 template <typename T>
 struct HeadKV {
-  std::vector<T> kt, v;  // [blocks][dpad][kFwdBlockK] (by k steps), [blocks][kFwdBlockK][dpad]
+  std::vector<T> kt, v;  // [blocks][dpad][kFwdBlockK] (by k steps), [blocks][kFwdBlockK][dvpad]
   const T* kt_block(int64_t kb, int64_t dpad) const { return kt.data() + kb * dpad * kFwdBlockK; }
-  const T* v_block(int64_t kb, int64_t dpad) const { return v.data() + kb * kFwdBlockK * dpad; }
+  const T* v_block(int64_t kb, int64_t dvpad) const { return v.data() + kb * kFwdBlockK * dvpad; }
 };
 
 template <typename T>
-void pack_head_kv(const FwdParams& p, int64_t b, int64_t hk, int64_t dpad, HeadKV<T>& kv) {
+void pack_head_kv(const FwdParams& p, int64_t b, int64_t hk, int64_t dpad, int64_t dvpad,
+                  HeadKV<T>& kv) {
   const Shape& sh = p.shape;
-  const int64_t blocks = ceil_div(sh.seq_k, kFwdBlockK), size = dpad * kFwdBlockK;
-  kv.kt.resize(blocks * size);
-  kv.v.resize(blocks * size);
-  std::vector<T> tmp(sh.head_dim);
+  const int64_t blocks = ceil_div(sh.seq_k, kFwdBlockK);
+  const int64_t k_size = dpad * kFwdBlockK, v_size = dvpad * kFwdBlockK;
+  kv.kt.resize(blocks * k_size);
+  kv.v.resize(blocks * v_size);
+  std::vector<T> tmp(std::max(sh.head_dim, sh.head_dim_v));
   for (int64_t kb = 0; kb < blocks; ++kb) {
     const int64_t k0 = kb * kFwdBlockK, rows = std::min(kFwdBlockK, sh.seq_k - k0);
     const RowBlock k = rows_of(p.k, p.in_dtype, p.k_stride, b, hk, k0, rows, sh.head_dim);
-    const RowBlock v = rows_of(p.v, p.in_dtype, p.v_stride, b, hk, k0, rows, sh.head_dim);
-    pack_nk(k, dpad, kFwdBlockK, tmp.data(), kv.kt.data() + kb * size);
-    pack_kn(v, kFwdBlockK, dpad, tmp.data(), kv.v.data() + kb * size);
+    const RowBlock v = rows_of(p.v, p.in_dtype, p.v_stride, b, hk, k0, rows, sh.head_dim_v);
+    pack_nk(k, dpad, kFwdBlockK, tmp.data(), kv.kt.data() + kb * k_size);
+    pack_kn(v, kFwdBlockK, dvpad, tmp.data(), kv.v.data() + kb * v_size);
   }
 }
 
@@ -33,52 +35,65 @@ void pack_head_kv(const FwdParams& p, int64_t b, int64_t hk, int64_t dpad, HeadK
 template <typename T>
 struct FwdWorkspace {
   std::vector<T> q, p;              // A tile of Q [kBlockQ][dpad]; P [kBlockQ][kFwdBlockK]
-  std::vector<float> s, acc, m, l;  // S [kBlockQ][kFwdBlockK]; O [kBlockQ][dpad]; row stats
-  explicit FwdWorkspace(int64_t dpad)
+  std::vector<float> s, acc, m, l;  // S [kBlockQ][kFwdBlockK]; O [kBlockQ][dvpad]; row stats
+  FwdWorkspace(int64_t dpad, int64_t dvpad)
       : q(kBlockQ * dpad),
         p(kBlockQ * kFwdBlockK),
         s(kBlockQ * kFwdBlockK),
-        acc(kBlockQ * dpad),
+        acc(kBlockQ * dvpad),
         m(kBlockQ),
         l(kBlockQ) {}
 };
 
 // Online softmax of the task's rows [r0, r1) over one key block [k0, k0 + nk): S -> P, updates m
-// and l, rescales O.
+// and l, rescales O (dvpad wide). With a softcap the scores are capped first, in place, and the
+// scale is already in them (Note [Softcap and sinks]).
 template <typename T>
 void softmax_step(const FwdParams& p, const RowKeys<int64_t>& keys, FwdWorkspace<T>& ws, int64_t q0,
-                  int64_t r0, int64_t r1, int64_t k0, int64_t nk, int64_t dpad) {
+                  int64_t r0, int64_t r1, int64_t k0, int64_t nk, int64_t dvpad) {
   const int64_t n_pad = round_up(nk, 16);
+  const float scale = p.softcap > 0.0f ? 1.0f : p.scale;
   for (int64_t i = r0; i < r1; ++i) {
-    const float* srow = ws.s.data() + i * kFwdBlockK;
+    float* srow = ws.s.data() + i * kFwdBlockK;
     T* prow = ws.p.data() + i * kFwdBlockK;
     const Interval<int64_t> row = keys.keys(q0 + i);
     const int64_t begin = std::clamp<int64_t>(row.begin - k0, 0, nk);
     const int64_t end = std::clamp<int64_t>(row.end - k0, begin, nk);
-    const float m_new = std::max(ws.m[i], scaled_max(srow, begin, end, p.scale));
+    if (p.softcap > 0.0f) softcap_row(srow, n_pad, p.scale, p.softcap);
+    const float m_new = std::max(ws.m[i], scaled_max(srow, begin, end, scale));
     if (m_new == kNegInf) {  // nothing visible yet: P = 0, state unchanged
       std::fill(prow, prow + n_pad, T(0));
       continue;
     }
     const float alpha = std::exp(ws.m[i] - m_new);
-    ws.l[i] = ws.l[i] * alpha + exp_row(srow, begin, end, n_pad, p.scale, m_new, prow);
+    ws.l[i] = ws.l[i] * alpha + exp_row(srow, begin, end, n_pad, scale, m_new, prow);
     ws.m[i] = m_new;
-    if (alpha != 1.0f) scale_row(ws.acc.data() + i * dpad, dpad, alpha);
+    if (alpha != 1.0f) scale_row(ws.acc.data() + i * dvpad, dvpad, alpha);
   }
 }
 
-// out = O / l and lse = m + log(l) of the task's rows; rows that saw no key get 0 and -inf.
+// out = O / l and lse = m + log(l) of the task's rows; rows that saw no key get 0 and -inf. A sink
+// (Note [Softcap and sinks]) adds exp(sink) to l, at the larger of m and the sink: a row that saw no
+// key gets 0 and lse = sink.
 template <typename T>
 void fwd_finish(const FwdParams& p, FwdWorkspace<T>& ws, int64_t b, int64_t h, int64_t q0,
-                int64_t nq, int64_t dpad) {
+                int64_t nq, int64_t dvpad) {
   const int64_t out_base = b * p.out_stride.batch + h * p.out_stride.head + q0 * p.out_stride.seq;
   float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + q0;
   for (int64_t i = 0; i < nq; ++i) {
-    float* orow = ws.acc.data() + i * dpad;
-    const bool empty = ws.l[i] == 0.0f;
-    scale_row(orow, dpad, empty ? 0.0f : 1.0f / ws.l[i]);
-    store_row(p.out, p.out_dtype, out_base + i * p.out_stride.seq, p.shape.head_dim, orow);
-    lse[i] = empty ? kNegInf : ws.m[i] + std::log(ws.l[i]);
+    float* orow = ws.acc.data() + i * dvpad;
+    float m = ws.m[i], l = ws.l[i];
+    if (p.sinks != nullptr) {
+      const float sink = p.sinks[h], top = std::max(m, sink);
+      const float kept = l == 0.0f ? 0.0f : std::exp(m - top);
+      scale_row(orow, dvpad, kept);  // O and l at the new maximum
+      l = l * kept + std::exp(sink - top);
+      m = top;
+    }
+    const bool empty = l == 0.0f;
+    scale_row(orow, dvpad, empty ? 0.0f : 1.0f / l);
+    store_row(p.out, p.out_dtype, out_base + i * p.out_stride.seq, p.shape.head_dim_v, orow);
+    lse[i] = empty ? kNegInf : m + std::log(l);
   }
 }
 
@@ -86,7 +101,7 @@ void fwd_finish(const FwdParams& p, FwdWorkspace<T>& ws, int64_t b, int64_t h, i
 // h's kv head, packed.
 template <typename T>
 void fwd_task(const FwdParams& p, const RowKeys<int64_t>& keys, const HeadKV<T>& kv, int64_t b,
-              int64_t h, int64_t q0, int64_t dpad, FwdWorkspace<T>& ws) {
+              int64_t h, int64_t q0, int64_t dpad, int64_t dvpad, FwdWorkspace<T>& ws) {
   constexpr int64_t step = kStep<T>;
   const Shape& sh = p.shape;
   const int64_t nq = std::min(kBlockQ, sh.seq_q - q0);
@@ -112,34 +127,37 @@ void fwd_task(const FwdParams& p, const RowKeys<int64_t>& keys, const HeadKV<T>&
     gemm(ws.q.data() + r0 * dpad, dpad, step, kv.kt_block(kb, dpad), kFwdBlockK * step, r1 - r0,
          round_up(nk, 16), ceil_div(sh.head_dim, step), ws.s.data() + r0 * kFwdBlockK, kFwdBlockK,
          /*accumulate=*/false);
-    softmax_step(p, keys, ws, q0, r0, r1, k0, nk, dpad);
-    // O [rows, dpad] += P [rows, nk] V [nk, dpad]
-    gemm(ws.p.data() + r0 * kFwdBlockK, kFwdBlockK, step, kv.v_block(kb, dpad), dpad * step,
-         r1 - r0, dpad, ceil_div(nk, step), ws.acc.data() + r0 * dpad, dpad, /*accumulate=*/true);
+    softmax_step(p, keys, ws, q0, r0, r1, k0, nk, dvpad);
+    // O [rows, dvpad] += P [rows, nk] V [nk, dvpad]
+    gemm(ws.p.data() + r0 * kFwdBlockK, kFwdBlockK, step, kv.v_block(kb, dvpad), dvpad * step,
+         r1 - r0, dvpad, ceil_div(nk, step), ws.acc.data() + r0 * dvpad, dvpad,
+         /*accumulate=*/true);
   }
-  fwd_finish(p, ws, b, h, q0, nq, dpad);
+  fwd_finish(p, ws, b, h, q0, nq, dvpad);
 }
 
 template <typename T>
 void flash_fwd_tiled(const FwdParams& p, ParallelFor parallel_for) {
   const Shape& sh = p.shape;
-  const int64_t dpad = round_up(sh.head_dim, 16), q_blocks = ceil_div(sh.seq_q, kBlockQ);
+  const int64_t dpad = round_up(sh.head_dim, 16), dvpad = round_up(sh.head_dim_v, 16);
+  const int64_t q_blocks = ceil_div(sh.seq_q, kBlockQ);
   // Tasks (batch, q head, query block), numbered by (batch, kv head) first: the q heads of a GQA
   // group are consecutive.
   const int64_t tasks_per_head = sh.heads_q / sh.heads_kv * q_blocks;
   PackedHeads<HeadKV<T>> heads(sh.batch * sh.heads_kv, tasks_per_head);
   const RowKeys<int64_t> keys = row_keys<int64_t>(p.mask, sh);
   parallel_for(sh.batch * sh.heads_q * q_blocks, [&](int64_t begin, int64_t end) {
-    FwdWorkspace<T> ws(dpad);
+    FwdWorkspace<T> ws(dpad, dvpad);
     for_tasks_by_head(
         heads, tasks_per_head, begin, end,
         [&](int64_t head, HeadKV<T>& kv) {
-          pack_head_kv(p, head / sh.heads_kv, head % sh.heads_kv, dpad, kv);
+          pack_head_kv(p, head / sh.heads_kv, head % sh.heads_kv, dpad, dvpad, kv);
         },
         [&](int64_t, int64_t first, int64_t stop, const HeadKV<T>& kv) {
           for (int64_t t = first; t < stop; ++t) {
             const int64_t qb = zigzag(t % q_blocks, q_blocks), bh = t / q_blocks;
-            fwd_task(p, keys, kv, bh / sh.heads_q, bh % sh.heads_q, qb * kBlockQ, dpad, ws);
+            fwd_task(p, keys, kv, bh / sh.heads_q, bh % sh.heads_q, qb * kBlockQ, dpad, dvpad,
+                     ws);
           }
         });
   });

@@ -203,6 +203,48 @@ inline void bwd_row(float* s, float* dp, int64_t begin, int64_t end, int64_t n_p
     _mm256_storeu_ps(dp + j, _mm256_mul_ps(pj, _mm256_sub_ps(_mm256_loadu_ps(dp + j), dl)));
   }
 }
+
+// tanh on 8 lanes: the odd Taylor polynomial to y^9 for |y| < 0.25 (no cancellation near 0), else
+// 1 - 2 / (exp(2|y|) + 1) with the sign put back; |y| is clamped to 9 (tanh(9) rounds to 1).
+inline __m256 tanh8(__m256 y) {
+  const __m256 sign = _mm256_and_ps(y, _mm256_set1_ps(-0.0f));
+  const __m256 a = _mm256_min_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), y), _mm256_set1_ps(9.0f));
+  const __m256 e = exp8(_mm256_add_ps(a, a));
+  const __m256 big = _mm256_sub_ps(
+      _mm256_set1_ps(1.0f), _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+  const __m256 a2 = _mm256_mul_ps(a, a);
+  __m256 poly = _mm256_set1_ps(62.0f / 2835);
+  poly = _mm256_fmadd_ps(poly, a2, _mm256_set1_ps(-17.0f / 315));
+  poly = _mm256_fmadd_ps(poly, a2, _mm256_set1_ps(2.0f / 15));
+  poly = _mm256_fmadd_ps(poly, a2, _mm256_set1_ps(-1.0f / 3));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(poly, a2), a, a);
+  const __m256 t = _mm256_blendv_ps(big, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.25f), _CMP_LT_OQ));
+  return _mm256_or_ps(t, sign);
+}
+
+// Softcap of one row's scores, in place (Note [Softcap and sinks] in csrc/common/params.h):
+// s[j] = cap * tanh(scale * s[j] / cap) for j < n_pad (a multiple of 8).
+inline void softcap_row(float* s, int64_t n_pad, float scale, float cap) {
+  const __m256 in = _mm256_set1_ps(scale / cap), c = _mm256_set1_ps(cap);
+  for (int64_t j = 0; j < n_pad; j += 8)
+    _mm256_storeu_ps(s + j, _mm256_mul_ps(c, tanh8(_mm256_mul_ps(_mm256_loadu_ps(s + j), in))));
+}
+
+// bwd_row with a softcap: t = tanh(scale * s / cap), s -> P = exp(cap * t - lse),
+// dp -> dS = P * (dP - delta) * (1 - t^2) (the derivative of the cap; dS is by the uncapped
+// scaled score, as the caller's dq/dk scale by `scale` expects).
+inline void bwd_row_softcap(float* s, float* dp, int64_t begin, int64_t end, int64_t n_pad,
+                            float scale, float cap, float lse, float delta) {
+  const __m256 in = _mm256_set1_ps(scale / cap), c = _mm256_set1_ps(cap);
+  const __m256 l = _mm256_set1_ps(lse), dl = _mm256_set1_ps(delta), one = _mm256_set1_ps(1.0f);
+  for (int64_t j = 0; j < n_pad; j += 8) {
+    const __m256 t = tanh8(_mm256_mul_ps(_mm256_loadu_ps(s + j), in));
+    const __m256 pj = _mm256_and_ps(exp8(_mm256_fmsub_ps(t, c, l)), lanes_in(j, begin, end));
+    _mm256_storeu_ps(s + j, pj);
+    const __m256 ds = _mm256_mul_ps(pj, _mm256_sub_ps(_mm256_loadu_ps(dp + j), dl));
+    _mm256_storeu_ps(dp + j, _mm256_mul_ps(ds, _mm256_fnmadd_ps(t, t, one)));
+  }
+}
 #else
 // Reductions keep 8 partial results (one per lane of a vector) so that the compiler vectorises them
 // without reassociating float sums on its own (which it may not do without -ffast-math).
@@ -245,6 +287,25 @@ inline void bwd_row(float* s, float* dp, int64_t begin, int64_t end, int64_t n_p
     const float pj = j >= begin && j < end ? e : 0.0f;
     s[j] = pj;
     dp[j] = pj * (dp[j] - delta);
+  }
+}
+
+// Softcap of one row's scores, in place (Note [Softcap and sinks] in csrc/common/params.h):
+// s[j] = cap * tanh(scale * s[j] / cap) for j < n_pad.
+inline void softcap_row(float* s, int64_t n_pad, float scale, float cap) {
+  for (int64_t j = 0; j < n_pad; ++j) s[j] = cap * std::tanh(s[j] * (scale / cap));
+}
+
+// bwd_row with a softcap: t = tanh(scale * s / cap), s -> P = exp(cap * t - lse),
+// dp -> dS = P * (dP - delta) * (1 - t^2).
+inline void bwd_row_softcap(float* s, float* dp, int64_t begin, int64_t end, int64_t n_pad,
+                            float scale, float cap, float lse, float delta) {
+  for (int64_t j = 0; j < n_pad; ++j) {
+    const float t = std::tanh(s[j] * (scale / cap));
+    const float e = fast_exp(cap * t - lse);
+    const float pj = j >= begin && j < end ? e : 0.0f;
+    s[j] = pj;
+    dp[j] = pj * (dp[j] - delta) * (1.0f - t * t);
   }
 }
 #endif

@@ -1,0 +1,116 @@
+"""The attention of today's models under context parallelism, over real Gloo ranks: logit softcap
+(Gemma 2), attention sinks (gpt-oss), a v head dim of its own (multi-head latent attention) and
+Ulysses with heads that do not divide its degree, in every algorithm, dense and packed with a sliding
+window, forward and every gradient (the sinks' included) against the float64 oracle at world sizes
+2, 3 and 4 (docs/design.md, "Softcap and sinks" and "Ulysses with any head count")."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ring_ext
+from ring_ext.layouts import SEQ_DIM, from_bshd, to_bshd
+from ring_ext.testing.reference import attention_reference, packed_mask
+from ring_ext.testing.spawn import run_distributed
+from ring_ext.testing.tolerances import REL_L2
+
+from ring_cases import Case, context
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    algo: str = "megatron_cp_algo"
+    ulysses_degree: int | None = None
+    window: int = 1  # --cp-window-size
+    causal: bool = True
+    layout: str = "bshd"
+    heads_q: int = 6
+    heads_kv: int = 2
+    head_dim: int = 24
+    head_dim_v: int = 16
+    softcap: float | None = 3.0
+    sinks: bool = True
+    docs: tuple[int, ...] | None = None  # packed documents (layout thd), else a dense sequence
+    sliding_window: int | None = None
+    seq_per_rank: int = 8
+
+    def config(self, world: int) -> ring_ext.CPConfig:
+        fields = ("algo", "ulysses_degree", "causal", "window")
+        return Case(**{f: getattr(self, f) for f in fields}).config(world)
+
+
+def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def run_variant(rank: int, world: int, case: Variant):
+    ctx = context(case, world)
+    total = sum(case.docs) if case.docs else case.seq_per_rank * world
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, total, case.heads_q, case.head_dim, generator=g)
+    k = torch.randn(1, total, case.heads_kv, case.head_dim, generator=g)
+    v = torch.randn(1, total, case.heads_kv, case.head_dim_v, generator=g)
+    dout = torch.randn(1, total, case.heads_q, case.head_dim_v, generator=g)
+    sinks = torch.randn(case.heads_q, generator=g) if case.sinks else None
+    cu = None
+    if case.docs:
+        cu = torch.tensor([0, *torch.tensor(case.docs).cumsum(0).tolist()])
+    packing = {} if cu is None else {"cu_seqlens": cu}
+    seq_dim = SEQ_DIM[case.layout]
+    local = [ring_ext.shard(from_bshd(t, case.layout).contiguous(), ctx, seq_dim, **packing) for t in (q, k, v, dout)]
+    ql, kl, vl = (t.requires_grad_() for t in local[:3])
+    sl = sinks.clone().requires_grad_() if case.sinks else None
+    out = ring_ext.attention(
+        ql, kl, vl, ctx, layout=case.layout, num_heads=case.heads_q, softcap=case.softcap, sinks=sl,
+        sliding_window=case.sliding_window, **packing,
+    )  # fmt: skip
+    out.backward(local[3])
+    got = [ring_ext.unshard(t.detach(), ctx, seq_dim, **packing) for t in (out, ql.grad, kl.grad, vl.grad)]
+    dims = (case.head_dim_v, case.head_dim, case.head_dim, case.head_dim_v)
+    got = [to_bshd(t, case.layout, d) for t, d in zip(got, dims)]
+    if sl is not None:  # every rank's rows' part, summed as a data-parallel reduction would
+        dsinks = sl.grad.clone()
+        dist.all_reduce(dsinks)
+        got.append(dsinks)
+
+    leaves = [t.double().requires_grad_() for t in (q, k, v)] + ([sinks.double().requires_grad_()] if case.sinks else [])
+    mask = None
+    if cu is not None or case.sliding_window:
+        positions = torch.arange(total)
+        mask = packed_mask(positions, positions, cu.tolist() if cu is not None else [0, total], case.causal, case.sliding_window)
+    o64, _ = attention_reference(
+        *leaves[:3], causal=case.causal, mask=mask, softcap=case.softcap, sinks=leaves[3] if case.sinks else None
+    )
+    expected = [o64.detach(), *torch.autograd.grad(o64, leaves, dout.double())]
+    names = ["out", "dq", "dk", "dv", "dsinks"]
+    for name, a, b in zip(names, got, expected):
+        assert a.shape == b.shape, (rank, case, name, a.shape, b.shape)
+        err = _rel(a, b)
+        assert err <= REL_L2[torch.float32], f"rank {rank}/{world} {case}: {name} rel err {err:.2e}"
+
+
+def _cases(world: int) -> list[Variant]:
+    heads = {"heads_q": 6, "heads_kv": 2} if world != 3 else {"heads_q": 6, "heads_kv": 3}
+    algos = [Variant(), Variant(algo="ulysses_cp_algo")]
+    if world == 4:
+        algos += [Variant(window=2), Variant(algo="hybrid_cp_algo", ulysses_degree=2)]
+    if world == 3:
+        algos += [Variant(algo="hybrid_cp_algo", ulysses_degree=3)]
+    cases = []
+    for base in algos:
+        base = dataclasses.replace(base, **heads)
+        cases += [
+            base,  # causal, dense, bshd: softcap + sinks + d_v != d
+            dataclasses.replace(base, causal=False, layout="sbh", softcap=None),  # sinks + MLA in sbh
+            dataclasses.replace(base, layout="thd", docs=(5, 9, 2, 13, 3), sliding_window=6),
+        ]
+    return cases
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_variants_match_the_oracle(world):
+    run_distributed(run_variant, world, _cases(world), timeout_s=600)
