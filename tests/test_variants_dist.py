@@ -108,6 +108,13 @@ def _cases(world: int) -> list[Variant]:
             dataclasses.replace(base, causal=False, layout="sbh", softcap=None),  # sinks + MLA in sbh
             dataclasses.replace(base, layout="thd", docs=(5, 9, 2, 13, 3), sliding_window=6),
         ]
+    # Ulysses' uneven head splits (Note [Ulysses head split]): at 3 ranks q heads 8 over K/V heads
+    # 2 give rank 1 two q heads of K/V head 0 and one of K/V head 1; at 4, 6 heads without GQA.
+    uneven = {3: dict(heads_q=8, heads_kv=2), 4: dict(heads_q=6, heads_kv=6), 2: dict(heads_q=3, heads_kv=1)}
+    for algo in ("ulysses_cp_algo", "hybrid_cp_algo"):
+        degree = {"ulysses_cp_algo": None, "hybrid_cp_algo": world if world < 4 else 2}[algo]
+        base = Variant(algo=algo, ulysses_degree=degree, **uneven[world])
+        cases += [base, dataclasses.replace(base, layout="thd", docs=(7, 3, 11, 5), softcap=None)]
     return cases
 
 

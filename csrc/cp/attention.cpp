@@ -75,7 +75,7 @@ void check_backend(const std::string& name, const Tensor& q) {
 // The Ulysses group's size, checked against the heads before any all-to-all.
 int64_t ulysses_degree(const Groups& g, const Tensor& q, const Tensor& k) {
   const int64_t degree = ring::resolve_group(g.ulysses, "Ulysses")->getSize();
-  ulysses::kv_replication(q.size(2), k.size(2), degree);  // throws if the heads cannot split
+  ulysses::check_heads(q.size(2), k.size(2), degree);  // throws if the heads cannot split
   return degree;
 }
 
@@ -343,14 +343,15 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
     backward_by_heads(dout, q, k, v, lse, delta, group_bwd, dq, dk, dv);
     return {dq, dk, dv};
   }
-  // Ulysses' head shards round each group too, except K/V gradients whose GQA copies are summed
-  // after the trip back (those travel in float32): Note [One all-to-all per direction].
-  const int64_t r = ulysses::kv_replication(q.size(2), k.size(2), u);
+  // Ulysses' head shards round each group too, except gradients of K/V heads that several ranks
+  // read, summed after the trip back (those travel in float32): Note [One all-to-all per
+  // direction].
+  const bool shared = ulysses::shares_kv_heads(q.size(2), k.size(2), u);
   auto [dq, dk, dv] = ulysses::backward(
       dout, q, k, v, lse, delta, g.ulysses,
       [&](const Tensor& d, const Tensor& qh, const Tensor& kh, const Tensor& vh, const Tensor& l,
           const Tensor& dl) {
-        const at::TensorOptions kv = kh.options().dtype(r == 1 ? kh.scalar_type() : at::kFloat);
+        const at::TensorOptions kv = kh.options().dtype(shared ? at::kFloat : kh.scalar_type());
         Tensor dqh = at::empty(seq_shape(qh), qh.options()), dkh = at::empty(seq_shape(kh), kv),
                dvh = at::empty(seq_shape(vh), kv);
         backward_by_heads(d, qh, kh, vh, l, dl, group_bwd, dqh, dkh, dvh);

@@ -1,44 +1,61 @@
 // Ulysses: sequence shards <-> head shards by all-to-all over a c10d process group (by name).
 //
 // Note [Ulysses all-to-all layout]
-// Rank p of P holds x [b, sl, H, d] (its contiguous sequence shard, s = P * sl). It sends heads
-// [j*H/P, (j+1)*H/P) of its shard to rank j and receives heads [p*H/P, ...) of every shard:
+// Rank p of P holds x [b, sl, H, d] (its contiguous sequence shard, s = P * sl). It sends rank j
+// the q heads [q_begin(j), q_begin(j + 1)) of its shard (Note [Ulysses head split]) and receives
+// its own heads of every shard:
 //
-//     send [P(dst), sl, b, H/P, d]  --all-to-all-->  recv [P(src), sl, b, H/P, d]
+//     send [P(dst), sl, b, Hmax, d]  --all-to-all-->  recv [P(src), sl, b, Hmax, d]
 //
-// recv is [s, b, H/P, d] in sequence order, read as a view [b, P, sl, H/P, d] (Note [One all-to-all
-// per direction] puts several tensors in one buffer, so P and sl are two strides). The way back
-// sends sequence chunk j of the head-sharded result to rank j. Row statistics (lse, delta [b, H,
-// sl]) travel the same way, as [P(dst), b, H/P, sl].
+// (Hmax: the most heads any rank gets; a rank with fewer pads its slot with zeros.) recv is
+// [s, b, Hmax, d] in sequence order, read as a view [b, P, sl, h, d] of its first h heads (Note
+// [One all-to-all per direction] puts several tensors in one buffer, so P and sl are two strides).
+// The way back sends sequence chunk j of the head-sharded result to rank j. Row statistics (lse,
+// delta [b, H, sl]) travel the same way, as [P(dst), b, Hmax, sl].
+//
+// Note [Ulysses head split]
+// Rank j gets the q heads [j H / P, (j + 1) H / P) (rounded down: counts differ by at most one when
+// P does not divide H) and the K/V heads those q heads read, [first q head / g, last / g] with
+// g = H / Hkv. When P divides H and Hkv, that is H/P and Hkv/P heads per rank, as in DeepSpeed's
+// Ulysses; when Hkv < P each K/V head goes to the P/Hkv ranks that share it (GQA/MQA: a K/V head
+// is sent to every rank that reads it, never more, so nothing is repeated beyond what GQA needs);
+// when P divides neither, slots are as wide as the widest rank's heads and the rest is zero
+// padding. Bytes per rank and direction, in heads of d elements per token of its shard:
+// forward in: P * (max q heads + 2 * max K/V heads), back: P * max q heads (+ lse); even splits
+// send exactly H + 2 Hkv (or H + 2 P with shared K/V heads). A rank whose q heads do not map onto
+// its K/V heads in equal consecutive groups (e.g. q heads 1-3 of g = 3: two read K/V head 0, one
+// K/V head 1) runs its attention once per K/V head. K/V gradients of a head shared by several
+// ranks travel back in float32 and are summed (rounded once, after the sum).
 //
 // Note [One all-to-all per direction]
 // Every tensor that crosses in one direction shares one all-to-all: each is packed as bytes into
 // its slot of one [P(dst), bytes] buffer (slots 8-byte aligned, so any dtype views its slot in
 // place), whatever its dtype. Forward: q, k, v in; out and lse back. Backward: q, k, v, dout, lse,
 // delta in; dq, dk, dv back, in the inputs' dtype (rounded once, by the kernel's caller), except
-// dK/dV with GQA copies (r > 1), which travel in float32 and are rounded after their sum. Four
+// dK/dV of shared K/V heads, which travel in float32 and are rounded after their sum. Four
 // collective launches per layer instead of fourteen, the same bytes, and the same values bit for
 // bit.
-//
-// GQA/MQA: K/V with fewer heads than P repeat each head just enough (kv heads x r = P) to split,
-// never up to the q heads; backward sums the r copies' gradients.
 //
 // Note [Ulysses head groups]
 // On CPU (Note [Head groups] in attention.cpp) the heads a rank gathers travel one K/V head group
 // at a time: each all-to-all of one direction moves group g of every destination's head shard (its
 // K/V head with the q heads of its GQA group), the inner attention runs on it, and its result goes
 // back before the next group comes in. A rank then holds one group's gathered sequence (inputs,
-// float32 working set, the all-to-all's send and receive buffers) instead of all its H/P heads',
-// for G times the collective launches (G = K/V heads per rank after the repeat below), the same
-// bytes and the same values bit for bit. On CUDA G = 1: the all-to-alls of Note [One all-to-all per
-// direction], whose launches cost NCCL latency.
+// float32 working set, the all-to-all's send and receive buffers) instead of all its heads', for
+// G times the collective launches (G = K/V heads per rank), the same bytes and the same values bit
+// for bit. That needs every rank to get the same K/V heads count with equal q groups; an uneven
+// split (Note [Ulysses head split]) travels in one group. On CUDA G = 1: the all-to-alls of Note
+// [One all-to-all per direction], whose launches cost NCCL latency.
 #include "ulysses.h"
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <optional>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <tuple>
+#include <vector>
 
 #include "comm.h"
 
@@ -46,57 +63,65 @@ namespace ring_ext::ulysses {
 namespace {
 
 using c10d::ProcessGroup;
+using at::Tensor;
 
-// What one tensor of an all-to-all is: x [P(dst), ...] and the dim along which its slot is
-// `len` long (len >= x.size(dim); longer: x is padded there with zeros, Note [Shards of unequal
-// length] in attention.cpp). The slot's shape is x's with size len at dim.
+// What one tensor of an all-to-all is: to[j], what goes to rank j (any strides), and the slot
+// every rank's part gets in the buffer: at least as large as every to[j] in every dim; what a
+// to[j] does not fill is zero (Note [Ulysses all-to-all layout], Note [Shards of unequal length]
+// in attention.cpp).
 struct Part {
-  at::Tensor x;
-  int64_t dim = 1, len = -1;  // len -1: x's own size
-  std::vector<int64_t> slot_sizes() const {
-    std::vector<int64_t> sizes = x.sizes().vec();
-    if (len >= 0) sizes[dim] = len;
-    return sizes;
+  std::vector<Tensor> to;
+  std::vector<int64_t> slot;
+  int64_t slot_bytes() const {
+    return c10::multiply_integers(slot) * static_cast<int64_t>(to[0].element_size());
   }
-  bool padded() const { return len >= 0 && len != x.size(dim); }
+  bool padded() const {
+    for (const Tensor& t : to)
+      if (t.sizes().vec() != slot) return true;
+    return false;
+  }
 };
 
-// The bytes [offset, offset + one destination's bytes of a [P, sizes...] tensor of `dtype`) of
-// every row of buf [P, row], viewed as that dtype and shape.
-at::Tensor slot(const at::Tensor& buf, int64_t offset, const std::vector<int64_t>& sizes,
-                at::ScalarType dtype) {
-  const int64_t bytes =
-      c10::multiply_integers(sizes) / sizes[0] * static_cast<int64_t>(c10::elementSize(dtype));
-  return buf.narrow(1, offset, bytes).view(dtype).view(sizes);
+// Bytes [offset, offset + slot bytes) of every row of buf [P, row], viewed as [P, slot...].
+Tensor slot_view(const Tensor& buf, int64_t offset, const Part& p) {
+  std::vector<int64_t> sizes = p.slot;
+  sizes.insert(sizes.begin(), buf.size(0));
+  return buf.narrow(1, offset, p.slot_bytes()).view(p.to[0].scalar_type()).view(sizes);
 }
 
-// Note [One all-to-all per direction]: parts[i].x [P(dst), ...] (any dtype and strides) ->
-// [P(src), ...] of its slot's shape and x's dtype, views of one receive buffer (for a group of one
-// without padding, the parts themselves, in their strides: the callers only read them).
-std::vector<at::Tensor> all_to_all(const std::vector<Part>& parts, ProcessGroup& pg) {
+// The leading corner of dst that has src's sizes.
+Tensor corner(Tensor dst, const Tensor& src) {
+  for (int64_t d = 0; d < src.dim(); ++d) dst = dst.narrow(d, 0, src.size(d));
+  return dst;
+}
+
+// Note [One all-to-all per direction]: parts -> for each part, [P(src), slot...] in its dtype,
+// views of one receive buffer (for a group of one without padding, the part itself, unsqueezed:
+// the callers only read it).
+std::vector<Tensor> all_to_all(const std::vector<Part>& parts, ProcessGroup& pg) {
   bool padded = false;
   for (const Part& p : parts) padded = padded || p.padded();
   if (pg.getSize() == 1 && !padded) {  // a group of one: nothing moves, nothing is copied
-    std::vector<at::Tensor> out;
-    for (const Part& p : parts) out.push_back(p.x);
+    std::vector<Tensor> out;
+    for (const Part& p : parts) out.push_back(p.to[0].unsqueeze(0));
     return out;
   }
   std::vector<int64_t> offsets;
   int64_t row = 0;
   for (const Part& p : parts) {
     offsets.push_back(row);
-    const std::vector<int64_t> sizes = p.slot_sizes();
-    row += (c10::multiply_integers(sizes) / sizes[0] * p.x.element_size() + 7) / 8 * 8;
+    row += (p.slot_bytes() + 7) / 8 * 8;
   }
-  at::Tensor send = at::empty({pg.getSize(), row}, parts[0].x.options().dtype(at::kByte));
+  Tensor send = at::empty({pg.getSize(), row}, parts[0].to[0].options().dtype(at::kByte));
   for (size_t i = 0; i < parts.size(); ++i) {
-    const Part& p = parts[i];
-    const at::Tensor dst = slot(send, offsets[i], p.slot_sizes(), p.x.scalar_type());
-    const int64_t n = p.x.size(p.dim);
-    dst.narrow(p.dim, 0, n).copy_(p.x);
-    if (p.padded()) dst.narrow(p.dim, n, p.len - n).zero_();
+    const Tensor dst = slot_view(send, offsets[i], parts[i]);
+    for (int64_t j = 0; j < pg.getSize(); ++j) {
+      const Tensor& src = parts[i].to[j];
+      if (src.sizes().vec() != parts[i].slot) dst[j].zero_();
+      corner(dst[j], src).copy_(src);
+    }
   }
-  at::Tensor recv = at::empty_like(send);
+  Tensor recv = at::empty_like(send);
   std::vector<int64_t> equal_splits;
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
@@ -105,158 +130,245 @@ std::vector<at::Tensor> all_to_all(const std::vector<Part>& parts, ProcessGroup&
 #pragma GCC diagnostic pop
   ring::count_sent(static_cast<int64_t>(send.nbytes()) / pg.getSize() *
                    (pg.getSize() - 1));  // own row stays
-  std::vector<at::Tensor> out;
-  for (size_t i = 0; i < parts.size(); ++i) {
-    out.push_back(slot(recv, offsets[i], parts[i].slot_sizes(), parts[i].x.scalar_type()));
-  }
+  std::vector<Tensor> out;
+  for (size_t i = 0; i < parts.size(); ++i) out.push_back(slot_view(recv, offsets[i], parts[i]));
   return out;
 }
 
-// What rank j gets of this rank's shards, and what becomes of what it receives (P = group size):
-// heads_to_dst  [b, sl, H, d] -> [P(dst), sl, b, H/P, d]     (heads j*H/P ..)
-// seq_to_dst    [b, s, h, d]  -> [P(dst), sl, b, h, d]       (sequence chunk j)
-// rows_to_dst   [b, H, sl]    -> [P(dst), b, H/P, sl]        (heads j*H/P ..)
-// rows_seq_to_dst [b, h, s]   -> [P(dst), b, h, sl]          (sequence chunk j)
-at::Tensor heads_to_dst(const at::Tensor& x, int64_t P) {
-  return x.unflatten(2, {P, x.size(2) / P}).permute({2, 1, 0, 3, 4});
-}
-at::Tensor seq_to_dst(const at::Tensor& x, int64_t P) {
-  return x.unflatten(1, {P, x.size(1) / P}).permute({1, 2, 0, 3, 4});
-}
-at::Tensor rows_to_dst(const at::Tensor& x, int64_t P) {
-  return x.unflatten(1, {P, x.size(1) / P}).permute({1, 0, 2, 3});
-}
-at::Tensor rows_seq_to_dst(const at::Tensor& x, int64_t P) {
-  return x.unflatten(2, {P, x.size(2) / P}).permute({2, 0, 1, 3});
+// Note [Ulysses head split]: which q and K/V heads rank j gets, and in how many groups they travel
+// (Note [Ulysses head groups]).
+struct HeadSplit {
+  int64_t P, hq, hkv, g;  // g: q heads per K/V head
+  int64_t q_begin(int64_t j) const { return j * hq / P; }
+  int64_t q_count(int64_t j) const { return q_begin(j + 1) - q_begin(j); }
+  int64_t kv_begin(int64_t j) const { return q_begin(j) / g; }
+  int64_t kv_count(int64_t j) const { return (q_begin(j + 1) - 1) / g + 1 - kv_begin(j); }
+  int64_t q_max() const { return (hq + P - 1) / P; }
+  int64_t kv_max() const {
+    int64_t m = 0;
+    for (int64_t j = 0; j < P; ++j) m = std::max(m, kv_count(j));
+    return m;
+  }
+  // Rank j's q heads read its K/V heads in equal consecutive groups: one kernel call with GQA.
+  bool uniform(int64_t j) const {
+    const int64_t n = q_count(j), m = kv_count(j);
+    if (n % m != 0) return false;
+    for (int64_t h = 0; h < n; ++h)
+      if ((q_begin(j) + h) / g - kv_begin(j) != h / (n / m)) return false;
+    return true;
+  }
+  bool even() const {
+    for (int64_t j = 0; j < P; ++j)
+      if (q_count(j) != q_count(0) || kv_count(j) != kv_count(0) || !uniform(j)) return false;
+    return true;
+  }
+  // Some K/V head goes to more than one rank: its gradients are summed on the way back.
+  bool shares_kv() const {
+    for (int64_t j = 0; j + 1 < P; ++j)
+      if (kv_begin(j) + kv_count(j) > kv_begin(j + 1)) return true;
+    return false;
+  }
+  int64_t groups(bool by_head) const { return by_head && even() ? kv_count(0) : 1; }
+};
+
+HeadSplit split_of(int64_t hq, int64_t hkv, int64_t P) {
+  check_heads(hq, hkv, P);
+  return {P, hq, hkv, hq / hkv};
 }
 
-// Received [P(src), sl, b, h, d] (sequence chunks) -> [b, P, sl, h, d], a view: the parts share
-// each source's row of the buffer, so the sequence is not one stride and flattening copies. The
-// inner functions copy one head group at a time (Note [Head groups] in attention.cpp).
-at::Tensor as_seq(const at::Tensor& recv) { return recv.permute({2, 0, 1, 3, 4}); }
-// Received [P(src), b, h, sl] (sequence chunks) -> [b, h, s], contiguous along s.
-at::Tensor as_rows_seq(const at::Tensor& recv) {
-  return recv.permute({1, 2, 0, 3}).flatten(2, 3).contiguous();
-}
-// Head group g of G of what each destination gets ([P(dst), sl, b, H/P, d] from heads_to_dst, or
-// [P(dst), b, H/P, sl] from rows_to_dst with dim 2): Note [Ulysses head groups].
-at::Tensor group_of(const at::Tensor& x, int64_t g, int64_t G, int64_t dim = 3) {
-  const int64_t n = x.size(dim) / G;
-  return x.narrow(dim, g * n, n);
-}
-// Received [P(src), rows, b, n, d] (group g of every source's head shard) -> the heads of group g
-// in dest [b, sl, H, d] (heads p*H/P + g*n .. of each source p; sl <= rows: the real rows),
-// written in place: the un-permute is the one copy.
-void store_heads(const at::Tensor& recv, const at::Tensor& dest, int64_t g) {
-  const int64_t P = recv.size(0);
-  dest.unflatten(2, {P, dest.size(2) / P})
-      .narrow(3, g * recv.size(3), recv.size(3))
-      .copy_(recv.narrow(1, 0, dest.size(1)).permute({2, 1, 0, 3, 4}));
-}
-// Received [P(src), b, n, rows] -> the rows of group g in dest [b, H, sl] (sl <= rows).
-void store_rows_heads(const at::Tensor& recv, const at::Tensor& dest, int64_t g) {
-  const int64_t P = recv.size(0);
-  dest.unflatten(1, {P, dest.size(1) / P})
-      .narrow(2, g * recv.size(2), recv.size(2))
-      .copy_(recv.narrow(3, 0, dest.size(2)).permute({1, 0, 2, 3}));
+// Group gi of G of `count` heads starting at `begin` of x's dim `dim`.
+Tensor heads_of(const Tensor& x, int64_t dim, int64_t begin, int64_t count, int64_t gi, int64_t G) {
+  return x.narrow(dim, begin + gi * (count / G), count / G);
 }
 
-// How many groups the heads travel in (Note [Ulysses head groups]): the K/V heads each rank gets.
-int64_t head_group_count(int64_t heads_kv, int64_t r, int64_t P, bool by_head) {
-  return by_head ? heads_kv * r / P : 1;
+// What each rank gets of this rank's shards, group gi of G (Note [Ulysses all-to-all layout]):
+// q_to  x [b, sl, H, d]   -> to[j] [sl, b, its q heads, d]     slot [rows, b, q_max / G, d]
+// kv_to x [b, sl, Hkv, d] -> to[j] [sl, b, its K/V heads, d]   slot [rows, b, kv_max / G, d]
+// rows_to x [b, H, sl]    -> to[j] [b, its q heads, sl]        slot [b, q_max / G, rows]
+Part q_to(const Tensor& x, const HeadSplit& sp, int64_t gi, int64_t G, int64_t rows) {
+  Part p{{}, {rows, x.size(0), sp.q_max() / G, x.size(3)}};
+  for (int64_t j = 0; j < sp.P; ++j)
+    p.to.push_back(heads_of(x, 2, sp.q_begin(j), sp.q_count(j), gi, G).transpose(0, 1));
+  return p;
+}
+Part kv_to(const Tensor& x, const HeadSplit& sp, int64_t gi, int64_t G, int64_t rows) {
+  Part p{{}, {rows, x.size(0), sp.kv_max() / G, x.size(3)}};
+  for (int64_t j = 0; j < sp.P; ++j)
+    p.to.push_back(heads_of(x, 2, sp.kv_begin(j), sp.kv_count(j), gi, G).transpose(0, 1));
+  return p;
+}
+Part rows_to(const Tensor& x, const HeadSplit& sp, int64_t gi, int64_t G, int64_t rows) {
+  Part p{{}, {x.size(0), sp.q_max() / G, rows}};
+  for (int64_t j = 0; j < sp.P; ++j) p.to.push_back(heads_of(x, 1, sp.q_begin(j), sp.q_count(j), gi, G));
+  return p;
+}
+// The way back: sequence chunk j of a head-sharded result to rank j.
+// seq_to  x [b, s, h, d] -> to[j] [sl, b, h, d]   slot [sl, b, width, d]
+// rows_seq_to x [b, h, s] -> to[j] [b, h, sl]     slot [b, width, sl]
+Part seq_to(const Tensor& x, int64_t P, int64_t width) {
+  const int64_t sl = x.size(1) / P;
+  Part p{{}, {sl, x.size(0), width, x.size(3)}};
+  for (int64_t j = 0; j < P; ++j) p.to.push_back(x.narrow(1, j * sl, sl).transpose(0, 1));
+  return p;
+}
+Part rows_seq_to(const Tensor& x, int64_t P, int64_t width) {
+  const int64_t sl = x.size(2) / P;
+  Part p{{}, {x.size(0), width, sl}};
+  for (int64_t j = 0; j < P; ++j) p.to.push_back(x.narrow(2, j * sl, sl));
+  return p;
 }
 
-at::Tensor repeat_kv(const at::Tensor& x, int64_t r) {
-  return r == 1 ? x : x.repeat_interleave(r, /*dim=*/2);  // [b, sl, hkv, d] -> [b, sl, hkv*r, d]
+// Received [P(src), rows, b, slot heads, d] -> [b, P, rows, n, d], a view of the first n heads: the
+// parts share each source's row of the buffer, so the sequence is not one stride and flattening
+// copies. The inner functions copy one head group at a time (Note [Head groups] in attention.cpp).
+Tensor as_seq(const Tensor& recv, int64_t n) { return recv.narrow(3, 0, n).permute({2, 0, 1, 3, 4}); }
+// Received [P(src), b, slot heads, rows] -> [b, n, s], contiguous along s.
+Tensor as_rows_seq(const Tensor& recv, int64_t n) {
+  return recv.narrow(2, 0, n).permute({1, 2, 0, 3}).flatten(2, 3).contiguous();
 }
 
-at::Tensor sum_kv_copies(const at::Tensor& dx, int64_t r) {
-  return r == 1 ? dx
-                : dx.unflatten(2, {dx.size(2) / r, r}).sum(3);  // [b, sl, hkv*r, d] -> [.., hkv, d]
+// Received [P(src), rows, b, slot, d] (what each source computed for its heads: group gi of G) ->
+// those heads of dest [b, sl, heads, d] (sl <= rows: the real rows), written in place (the
+// un-permute is the copy); add: summed into dest (K/V heads several ranks computed).
+void store_heads(const Tensor& recv, const Tensor& dest, const HeadSplit& sp, bool kv, int64_t gi,
+                 int64_t G, bool add = false) {
+  for (int64_t j = 0; j < sp.P; ++j) {
+    const int64_t begin = kv ? sp.kv_begin(j) : sp.q_begin(j);
+    const int64_t count = kv ? sp.kv_count(j) : sp.q_count(j);
+    const Tensor to = heads_of(dest, 2, begin, count, gi, G);
+    const Tensor from = recv[j].narrow(0, 0, dest.size(1)).narrow(2, 0, count / G).transpose(0, 1);
+    if (add) {
+      to.add_(from);
+    } else {
+      to.copy_(from);
+    }
+  }
+}
+// Received [P(src), b, slot, rows] -> the rows of those q heads in dest [b, H, sl].
+void store_rows_heads(const Tensor& recv, const Tensor& dest, const HeadSplit& sp, int64_t gi,
+                      int64_t G) {
+  for (int64_t j = 0; j < sp.P; ++j)
+    heads_of(dest, 1, sp.q_begin(j), sp.q_count(j), gi, G)
+        .copy_(recv[j].narrow(1, 0, sp.q_count(j) / G).narrow(2, 0, dest.size(2)));
+}
+
+// Runs fn(q heads [qa, qa + qn), K/V head kv) for each K/V head of a rank whose q heads do not map
+// onto its K/V heads in equal groups (Note [Ulysses head split]); local head indices.
+template <typename Fn>
+void for_each_kv_run(const HeadSplit& sp, int64_t j, Fn&& fn) {
+  for (int64_t kv = 0; kv < sp.kv_count(j); ++kv) {
+    const int64_t first = std::max(sp.q_begin(j), (sp.kv_begin(j) + kv) * sp.g);
+    const int64_t last = std::min(sp.q_begin(j + 1), (sp.kv_begin(j) + kv + 1) * sp.g);
+    fn(first - sp.q_begin(j), last - first, kv);
+  }
 }
 
 }  // namespace
 
-int64_t kv_replication(int64_t heads_q, int64_t heads_kv, int64_t degree) {
-  TORCH_CHECK_VALUE(heads_q % degree == 0, "ring_ext: q heads (", heads_q,
-                    ") must be divisible by the Ulysses degree (", degree, ")");
-  if (heads_kv % degree == 0) return 1;
-  TORCH_CHECK_VALUE(degree % heads_kv == 0, "ring_ext: kv heads (", heads_kv,
-                    ") and the Ulysses degree (", degree,
-                    ") must divide one another to split K/V heads over the ranks");
-  return degree / heads_kv;
+void check_heads(int64_t heads_q, int64_t heads_kv, int64_t degree) {
+  TORCH_CHECK_VALUE(heads_q >= degree, "ring_ext: q heads (", heads_q,
+                    ") must be at least the Ulysses degree (", degree,
+                    "): a rank without heads would idle");
+  TORCH_CHECK_VALUE(heads_kv >= 1 && heads_q % heads_kv == 0, "ring_ext: kv heads (", heads_kv,
+                    ") must divide q heads (", heads_q, ")");
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
-                                           const at::Tensor& v, const std::string& group,
-                                           const InnerFwd& inner, const at::Tensor& out,
-                                           bool by_head, int64_t rows,
-                                           const std::optional<at::Tensor>& sinks) {
+bool shares_kv_heads(int64_t heads_q, int64_t heads_kv, int64_t degree) {
+  return split_of(heads_q, heads_kv, degree).shares_kv();
+}
+
+std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const std::string& group, const InnerFwd& inner,
+                                   const Tensor& out, bool by_head, int64_t rows,
+                                   const std::optional<Tensor>& sinks) {
   auto pg = c10d::resolve_process_group(group);
-  const int64_t P = pg->getSize(), r = kv_replication(q.size(2), k.size(2), P);
-  const int64_t G = head_group_count(k.size(2), r, P, by_head);
-  const int64_t n = q.size(2) / P / G, first = pg->getRank() * q.size(2) / P;  // q heads here
-  const at::Tensor qd = heads_to_dst(q, P), kd = heads_to_dst(repeat_kv(k, r), P),
-                   vd = heads_to_dst(repeat_kv(v, r), P);
-  const at::Tensor lse =
-      at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
-  for (int64_t g = 0; g < G; ++g) {  // Note [Ulysses head groups]
-    at::Tensor out_h, lse_h;         // [b, s, n, d], [b, n, s]
-    {                                // the gathered q, k, v are freed before the trip back
-      const auto in = all_to_all({{group_of(qd, g, G), 1, rows},
-                                  {group_of(kd, g, G), 1, rows},
-                                  {group_of(vd, g, G), 1, rows}},
-                                 *pg);
-      std::optional<at::Tensor> sinks_h;  // the sinks of the q heads of group g here
-      if (sinks.has_value()) sinks_h = sinks->narrow(0, first + g * n, n);
-      std::tie(out_h, lse_h) = inner(as_seq(in[0]), as_seq(in[1]), as_seq(in[2]), sinks_h);
+  const HeadSplit sp = split_of(q.size(2), k.size(2), pg->getSize());
+  const int64_t me = pg->getRank(), G = sp.groups(by_head);
+  const int64_t n = sp.q_count(me) / G, m = sp.kv_count(me) / G;  // heads here, per group
+  const Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  for (int64_t gi = 0; gi < G; ++gi) {  // Note [Ulysses head groups]
+    Tensor out_h, lse_h;                // [b, s, n, dv], [b, n, s]
+    {                                   // the gathered q, k, v are freed before the trip back
+      const auto in = all_to_all(
+          {q_to(q, sp, gi, G, rows), kv_to(k, sp, gi, G, rows), kv_to(v, sp, gi, G, rows)}, *pg);
+      const Tensor qh = as_seq(in[0], n), kh = as_seq(in[1], m), vh = as_seq(in[2], m);
+      std::optional<Tensor> sinks_h;  // the sinks of the q heads of group gi here
+      if (sinks.has_value()) sinks_h = sinks->narrow(0, sp.q_begin(me) + gi * n, n);
+      if (sp.uniform(me)) {
+        std::tie(out_h, lse_h) = inner(qh, kh, vh, sinks_h);
+      } else {  // one call per K/V head (Note [Ulysses head split])
+        out_h = at::empty({q.size(0), qh.size(1) * qh.size(2), n, v.size(3)}, q.options());
+        lse_h = at::empty({q.size(0), n, qh.size(1) * qh.size(2)}, q.options().dtype(at::kFloat));
+        for_each_kv_run(sp, me, [&](int64_t qa, int64_t qn, int64_t kv) {
+          std::optional<Tensor> run_sinks;
+          if (sinks_h.has_value()) run_sinks = sinks_h->narrow(0, qa, qn);
+          auto [o, l] = inner(qh.narrow(3, qa, qn), kh.narrow(3, kv, 1), vh.narrow(3, kv, 1),
+                              run_sinks);
+          out_h.narrow(2, qa, qn).copy_(o);
+          lse_h.narrow(1, qa, qn).copy_(l);
+        });
+      }
     }
     // Rounded before the trip back: nothing is accumulated after this point.
+    const int64_t width = sp.q_max() / G;
     const auto back = all_to_all(
-        {{seq_to_dst(out_h.to(out.scalar_type()), P)}, {rows_seq_to_dst(lse_h, P)}}, *pg);
-    store_heads(back[0], out, g);  // out [b, sl, H, d]
-    store_rows_heads(back[1], lse, g);
+        {seq_to(out_h.to(out.scalar_type()), sp.P, width), rows_seq_to(lse_h, sp.P, width)}, *pg);
+    store_heads(back[0], out, sp, /*kv=*/false, gi, G);  // out [b, sl, H, dv]
+    store_rows_heads(back[1], lse, sp, gi, G);
   }
   return {out, lse};  // lse [b, H, sl]
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& lse, const at::Tensor& delta, const std::string& group, const InnerBwd& inner,
-    bool by_head, int64_t rows) {
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                            const Tensor& v, const Tensor& lse, const Tensor& delta,
+                                            const std::string& group, const InnerBwd& inner,
+                                            bool by_head, int64_t rows) {
   auto pg = c10d::resolve_process_group(group);
-  const int64_t P = pg->getSize(), r = kv_replication(q.size(2), k.size(2), P);
-  const int64_t G = head_group_count(k.size(2), r, P, by_head);
-  const at::Tensor qd = heads_to_dst(q, P), kd = heads_to_dst(repeat_kv(k, r), P),
-                   vd = heads_to_dst(repeat_kv(v, r), P),
-                   dd = heads_to_dst(dout.to(q.scalar_type()), P), ld = rows_to_dst(lse, P),
-                   deltad = rows_to_dst(delta, P);
-  at::Tensor dq, dk, dv;  // [b, sl, heads, d] in the dtypes inner chose; dk, dv with r copies
-  for (int64_t g = 0; g < G; ++g) {  // Note [Ulysses head groups]
-    at::Tensor dqh, dkh, dvh;        // head-sharded
-    {                                // the gathered inputs are freed before the trip back
-      const auto in = all_to_all({{group_of(qd, g, G), 1, rows},
-                                  {group_of(kd, g, G), 1, rows},
-                                  {group_of(vd, g, G), 1, rows},
-                                  {group_of(dd, g, G), 1, rows},
-                                  {group_of(ld, g, G, 2), 3, rows},
-                                  {group_of(deltad, g, G, 2), 3, rows}},
+  const HeadSplit sp = split_of(q.size(2), k.size(2), pg->getSize());
+  const int64_t me = pg->getRank(), G = sp.groups(by_head);
+  const int64_t n = sp.q_count(me) / G, m = sp.kv_count(me) / G;
+  const Tensor d = dout.to(q.scalar_type());
+  Tensor dq, dk, dv;  // [b, sl, heads, d] in the dtypes inner chose
+  for (int64_t gi = 0; gi < G; ++gi) {  // Note [Ulysses head groups]
+    Tensor dqh, dkh, dvh;               // head-sharded
+    {                                   // the gathered inputs are freed before the trip back
+      const auto in = all_to_all({q_to(q, sp, gi, G, rows), kv_to(k, sp, gi, G, rows),
+                                  kv_to(v, sp, gi, G, rows), q_to(d, sp, gi, G, rows),
+                                  rows_to(lse, sp, gi, G, rows), rows_to(delta, sp, gi, G, rows)},
                                  *pg);
-      std::tie(dqh, dkh, dvh) = inner(as_seq(in[3]), as_seq(in[0]), as_seq(in[1]), as_seq(in[2]),
-                                      as_rows_seq(in[4]), as_rows_seq(in[5]));
+      const Tensor qh = as_seq(in[0], n), kh = as_seq(in[1], m), vh = as_seq(in[2], m);
+      const Tensor doh = as_seq(in[3], n), lh = as_rows_seq(in[4], n), dh = as_rows_seq(in[5], n);
+      if (sp.uniform(me)) {
+        std::tie(dqh, dkh, dvh) = inner(doh, qh, kh, vh, lh, dh);
+      } else {  // one call per K/V head (Note [Ulysses head split])
+        std::vector<Tensor> dqs, dks, dvs;
+        for_each_kv_run(sp, me, [&](int64_t qa, int64_t qn, int64_t kv) {
+          auto [a, b, c] = inner(doh.narrow(3, qa, qn), qh.narrow(3, qa, qn), kh.narrow(3, kv, 1),
+                                 vh.narrow(3, kv, 1), lh.narrow(1, qa, qn), dh.narrow(1, qa, qn));
+          dqs.push_back(a);
+          dks.push_back(b);
+          dvs.push_back(c);
+        });
+        dqh = at::cat(dqs, 2);
+        dkh = at::cat(dks, 2);
+        dvh = at::cat(dvs, 2);
+      }
     }
-    const auto back =
-        all_to_all({{seq_to_dst(dqh, P)}, {seq_to_dst(dkh, P)}, {seq_to_dst(dvh, P)}}, *pg);
-    if (g == 0) {
+    const auto back = all_to_all({seq_to(dqh, sp.P, sp.q_max() / G),
+                                  seq_to(dkh, sp.P, sp.kv_max() / G),
+                                  seq_to(dvh, sp.P, sp.kv_max() / G)},
+                                 *pg);
+    if (gi == 0) {
+      const bool shared = sp.shares_kv();  // several ranks' parts of a K/V head are summed
       dq = at::empty(q.sizes(), dqh.options());
-      dk = at::empty({k.size(0), k.size(1), k.size(2) * r, k.size(3)}, dkh.options());
-      dv = at::empty({v.size(0), v.size(1), v.size(2) * r, v.size(3)}, dvh.options());
+      dk = shared ? at::zeros(k.sizes(), dkh.options()) : at::empty(k.sizes(), dkh.options());
+      dv = shared ? at::zeros(v.sizes(), dvh.options()) : at::empty(v.sizes(), dvh.options());
     }
-    store_heads(back[0], dq, g);
-    store_heads(back[1], dk, g);
-    store_heads(back[2], dv, g);
+    store_heads(back[0], dq, sp, /*kv=*/false, gi, G);
+    store_heads(back[1], dk, sp, /*kv=*/true, gi, G, /*add=*/sp.shares_kv());
+    store_heads(back[2], dv, sp, /*kv=*/true, gi, G, /*add=*/sp.shares_kv());
   }
-  return {dq, sum_kv_copies(dk, r), sum_kv_copies(dv, r)};
+  return {dq, dk, dv};
 }
 
 }  // namespace ring_ext::ulysses

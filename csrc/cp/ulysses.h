@@ -25,9 +25,15 @@ using InnerBwd = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&)>;
 
-// How many times each K/V head is repeated so that K/V heads split over P ranks: kv heads x
-// replication = P when kv heads < P, else 1. Throws (naming the rule) when heads cannot be split.
-int64_t kv_replication(int64_t heads_q, int64_t heads_kv, int64_t degree);
+// Throws ValueError (naming the rule) when the heads cannot split over `degree` ranks: q heads
+// fewer than the degree, or K/V heads not dividing q heads. Any other count splits (Note [Ulysses
+// head split] in ulysses.cpp).
+void check_heads(int64_t heads_q, int64_t heads_kv, int64_t degree);
+
+// Some K/V head goes to more than one rank (GQA with fewer K/V heads than ranks, or an uneven
+// split): its gradients come back from each and are summed, so the inner backward keeps them in
+// float32.
+bool shares_kv_heads(int64_t heads_q, int64_t heads_kv, int64_t degree);
 
 // q [b, s_local, hq, d], k [b, s_local, hkv, d], v [b, s_local, hkv, dv] -> (out, lse float32
 // [b, hq, s_local]), the output written into `out` [b, s_local, hq, dv] (any strides and dtype,
@@ -41,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            bool by_head, int64_t rows,
                                            const std::optional<at::Tensor>& sinks);
 
-// Gradients of forward (inner's dtypes), contiguous [b, s_local, heads, d], given forward's lse and
+// Gradients of forward (inner's dtypes), [b, s_local, heads, d], given forward's lse and
 // delta = rowsum(dout * out) (minus any gradient on lse), both float32 [b, hq, s_local].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
