@@ -118,10 +118,6 @@ def _with(t: tuple, i: int, x) -> tuple:
     return tuple(x if j == i else a for j, a in enumerate(t))
 
 
-def _kv_unsplittable(world):
-    return 3 if world in (2, 4) else 2  # kv heads dividing 12 but neither dividing nor divisible by W
-
-
 RING = dict(context_parallel_algo="megatron_cp_algo")
 
 BAD = [
@@ -346,14 +342,6 @@ BAD = [
         ValueError,
         r"q heads \(1\) must be at least the Ulysses degree",
         lambda ctx, c, w: att(ctx, *qkv(c, w, hq=1, hkv=1)),
-        applies=has_ulysses,
-    ),
-    Bad(
-        "kv heads Ulysses cannot split",
-        "attention",
-        ValueError,
-        r"kv heads \(\d\) and the Ulysses degree \(\d\)",
-        lambda ctx, c, w: att(ctx, *qkv(c, w, hkv=_kv_unsplittable(w))),
         applies=has_ulysses,
     ),
     Bad(

@@ -32,6 +32,13 @@ SMALL = dict(
     max_position_embeddings=512,
 )
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+# Multi-head latent attention: q/k head dim 16 + 8 = 24, v head dim 12 (ring_ext's v head dim of its own);
+# its K/V are expanded to every head, so as many K/V heads as q heads.
+MLA = dict(
+    q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, head_dim=8, v_head_dim=12,
+    num_key_value_heads=4,
+)  # fmt: skip
+MLA_MOE = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 ARCHS = {  # name: (config class, settings beyond SMALL)
     "llama": (transformers.LlamaConfig, {}),
     "qwen2": (transformers.Qwen2Config, {}),
@@ -39,9 +46,15 @@ ARCHS = {  # name: (config class, settings beyond SMALL)
     "qwen2_moe": (transformers.Qwen2MoeConfig, MOE),
     "phi3": (transformers.Phi3Config, {"pad_token_id": 0}),
     "mistral": (transformers.MistralConfig, {}),
-    "gemma2": (transformers.Gemma2Config, {}),
+    "gemma2": (transformers.Gemma2Config, {}),  # attn_logit_softcapping=50 by default
+    "vaultgemma": (transformers.VaultGemmaConfig, {}),  # softcap too
     "gemma3": (transformers.Gemma3TextConfig, {}),
-    "gpt_oss": (transformers.GptOssConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "gpt_oss": (transformers.GptOssConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),  # sinks
+    "mimo_v2_flash": (transformers.MiMoV2FlashConfig, {}),  # sinks
+    "deepseek_v3": (transformers.DeepseekV3Config, {**MLA, **MLA_MOE, "n_group": 1, "topk_group": 1}),
+    "deepseek_v2": (transformers.DeepseekV2Config, {**MLA, **MLA_MOE}),
+    "minicpm3": (transformers.MiniCPM3Config, MLA),
+    "glm4_moe_lite": (transformers.Glm4MoeLiteConfig, {**MLA, **MLA_MOE}),
     "cohere": (transformers.CohereConfig, {}),
     "cohere2": (transformers.Cohere2Config, {}),
     "olmo2": (transformers.Olmo2Config, {}),
@@ -67,12 +80,20 @@ MATRIX = [
     ("mistral", {"sliding_window": 8}, None),
     ("mistral", {"sliding_window": SEQ - 1}, None),  # drops one key: honoured, not a no-op
     ("mistral", {"sliding_window": SEQ}, None),
-    ("gemma2", {"sliding_window": 8}, "soft-capping.*softcap=50.0"),  # the default softcap
+    ("gemma2", {"sliding_window": 8}, None),  # the default softcap, 50
+    ("gemma2", {"sliding_window": 8, "attn_logit_softcapping": 2.0}, None),  # a cap that bites
     ("gemma2", {"sliding_window": 8, "attn_logit_softcapping": None}, None),
     ("gemma2", {"sliding_window": 64, "attn_logit_softcapping": None}, None),
     ("gemma3", {"sliding_window": 8}, None),
     ("gemma3", {"sliding_window": 64}, None),
-    ("gpt_oss", {"sliding_window": 64}, "sinks"),
+    ("gpt_oss", {"sliding_window": 8}, None),  # sinks, alternating windowed and full layers
+    ("gpt_oss", {"sliding_window": 64}, None),
+    ("vaultgemma", {"sliding_window": 8}, None),
+    ("mimo_v2_flash", {}, None),
+    ("deepseek_v3", {}, None),
+    ("deepseek_v2", {}, None),
+    ("minicpm3", {}, None),
+    ("glm4_moe_lite", {}, None),
     ("cohere", {}, None),
     ("cohere2", {"sliding_window": 8}, None),
     ("cohere2", {"sliding_window": 64}, None),
@@ -251,9 +272,10 @@ def test_mask_overlays_are_rejected():
         ring_ext.hf.ring_ext_attention_forward(torch.nn.Module(), q, q, q, mask)
 
 
-# What makes each architecture's window active (Qwen2: only with use_sliding_window; Gemma2: without
-# its default soft-capping, which ring_ext refuses).
-ARCH_WINDOW = {"qwen2": QWEN_WINDOW, "gemma2": {"attn_logit_softcapping": None}}
+# What makes each architecture's window active (Qwen2: only with use_sliding_window).
+ARCH_WINDOW = {"qwen2": QWEN_WINDOW}
+# Architectures compared with their eager attention (no SDPA path, or one that ignores is_causal=False).
+EAGER_ONLY = ("gemma2", "gpt_oss", "deepseek_v3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,9 +304,7 @@ def run_hf_case(rank: int, world_size: int, case: HFCase):
     model = tiny_model(case.arch, causal=case.causal, **extra)
     ids = random_ids(seq=case.seq, seed=2)
     positions = torch.arange(case.seq)[None].expand(2, -1)
-    ref_impl = (
-        "eager" if case.arch == "gemma2" else "sdpa"
-    )  # gemma2 has no SDPA; eager ignores is_causal=False
+    ref_impl = "eager" if case.arch in EAGER_ONLY else "sdpa"  # eager ignores is_causal=False
     ref_logits, ref_grads = logits_and_grads(model, ref_impl, ids, positions)
     cfg = ring_ext.CPConfig(
         context_parallel_size=world_size,
@@ -330,6 +350,44 @@ def test_context_parallel_matches_the_models_own_attention():
         HFCase("megatron_cp_algo", sharded_positions=False, error="position_ids must be"),
     ]
     run_distributed(run_hf_case, 4, cases, timeout_s=300)
+
+
+def test_todays_models_match_their_eager_attention_with_gradients():
+    """Gemma 2 (softcap 50 and 2, windows), gpt-oss (sinks, alternating windows) and DeepSeek-V3 (MLA:
+    v head dim 12, q/k 24): logits and every parameter's gradient as the model's own eager attention."""
+    name = ring_ext.hf.register()
+    ids = random_ids()
+    for arch, overrides in [
+        ("gemma2", {"sliding_window": 8}),
+        ("gemma2", {"sliding_window": 8, "attn_logit_softcapping": 2.0}),
+        ("gpt_oss", {"sliding_window": 8}),
+        ("deepseek_v3", {}),
+    ]:
+        model = tiny_model(arch, **overrides).train()
+        ref_logits, ref_grads = logits_and_grads(model, "eager", ids)
+        logits, grads = logits_and_grads(model, name, ids)
+        assert len(grads) == len(ref_grads) > 0
+        assert_rel_l2(logits, ref_logits, torch.float32, f"{arch} {overrides} logits")
+        for g, r in zip(grads, ref_grads):
+            assert_rel_l2(g, r, torch.float32, f"{arch} {overrides} param grad")
+
+
+def test_todays_models_with_cp_match_their_eager_attention():
+    """The same three families at 2 ranks, ring and Ulysses: dense rows against the model's own eager
+    attention on the whole sequence, and packed rows trained with CP against the same rows without."""
+    cases = [
+        HFCase(algo, arch=arch, sliding_window=window)
+        for algo in ("megatron_cp_algo", "ulysses_cp_algo")
+        for arch, window in (("gemma2", 9), ("gpt_oss", 7), ("deepseek_v3", None))
+    ]
+    run_distributed(run_hf_case, 2, cases, timeout_s=300)
+    packed = [
+        ("megatron_cp_algo", "gemma2", 5),
+        ("ulysses_cp_algo", "gpt_oss", 4),
+        ("megatron_cp_algo", "deepseek_v3", None),
+        ("ulysses_cp_algo", "deepseek_v3", None),
+    ]
+    run_distributed(run_hf_packed_case, 2, packed, timeout_s=300)
 
 
 def run_hf_packed_case(rank: int, world_size: int, case):

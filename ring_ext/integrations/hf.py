@@ -34,8 +34,10 @@ asks for raises ValueError naming the setting, so a model is either right or ref
       (DataCollatorWithFlattening)
     mask overlays (or/and functions,    never                                ValueError
       token-type / image blocks)
-    softcap, s_aux (sinks), position_bias, head_mask, output_attentions,   ValueError when not None/False
-      any unknown argument
+    softcap (attn_logit_softcapping)    as ring_ext's softcap (Gemma 2)       -
+    s_aux (learned sinks)               as ring_ext's sinks (gpt-oss)         -
+    value head dim != query head dim    as given (MLA: DeepSeek-V2/V3, ...)   -
+    position_bias, head_mask, output_attentions, any unknown argument       ValueError when not None/False
     keys longer than queries (KV cache decoding)                             ValueError
 
 Packed rows with CP: shard input_ids, position_ids and labels with ring_ext.hf.shard_packed_batch
@@ -76,8 +78,6 @@ _HARMLESS = frozenset(
     }
 )
 _UNSUPPORTED = {
-    "softcap": "attention logit soft-capping (config.attn_logit_softcapping)",
-    "s_aux": "attention sinks (gpt-oss)",
     "position_bias": "an additive position bias",
     "head_mask": "a head mask",
     "output_attentions": "returning attention weights",
@@ -99,8 +99,9 @@ def ring_ext_attention_forward(
     cp_context=None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature: query [b, h, s, d], key/value [b, h_kv, s, d];
-    returns ([b, s, h, d], None). Raises ValueError on whatever it cannot honour (Note above)."""
+    """transformers' attention-function signature: query [b, h, s, d], key [b, h_kv, s, d], value
+    [b, h_kv, s, d_v]; returns ([b, s, h, d_v], None). Raises ValueError on whatever it cannot honour
+    (Note above)."""
     seq = query.shape[2]
     if key.shape[2] != seq:
         raise ValueError(
@@ -110,6 +111,7 @@ def ring_ext_attention_forward(
     cu = _packing(
         kwargs.pop("cu_seqlens", None), kwargs.pop("cu_seq_lens_q", None), kwargs.pop("cu_seq_lens_k", None)
     )
+    softcap, sinks = kwargs.pop("softcap", None), kwargs.pop("s_aux", None)
     _check_arguments(kwargs)
     if dropout:
         raise ValueError(
@@ -143,6 +145,8 @@ def ring_ext_attention_forward(
         softmax_scale=scaling,
         cu_seqlens=cu,
         sliding_window=window,
+        softcap=softcap,
+        sinks=sinks,
     )
     return out.transpose(1, 2), None  # [b, h, s, d] -> [b, s, h, d]
 
