@@ -86,7 +86,9 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, group_name: str, cp_siz
     acc_out = parts[0][:size].reshape(b, n, h, d).clone()
     acc_lse = parts[0][size:].reshape(b, h, n).clone()
     for part in parts[1:cp_size]:
-        torch.ops.ring_ext.merge_(acc_out, acc_lse, part[:size].reshape(b, n, h, d), part[size:].reshape(b, h, n))
+        torch.ops.ring_ext.merge_(
+            acc_out, acc_lse, part[:size].reshape(b, n, h, d), part[size:].reshape(b, h, n)
+        )
     return acc_out, acc_lse
 
 
@@ -202,7 +204,9 @@ class _Layer:
         lo = positions - window + 1 if window is not None else torch.zeros_like(positions)
         lo = lo.clamp(min=0)
         base = docs * BIG + 1
-        return torch.stack([torch.searchsorted(keys, base + lo), torch.searchsorted(keys, base + positions + 1)])
+        return torch.stack(
+            [torch.searchsorted(keys, base + lo), torch.searchsorted(keys, base + positions + 1)]
+        )
 
     def nbytes(self, live_only: bool = False) -> int:
         rows = len(self.live()) if live_only else self.k.shape[1]
@@ -219,7 +223,9 @@ class ShardedKVCache:
     document slot allocated ahead for appends (decoding without re-layouts). Every rank builds it with
     the same arguments; nothing here communicates but attend() (one collective per call, or two)."""
 
-    def __init__(self, ctx, num_layers: int, *, seq_len: int | None = None, cu_seqlens=None, reserve: int = 0):
+    def __init__(
+        self, ctx, num_layers: int, *, seq_len: int | None = None, cu_seqlens=None, reserve: int = 0
+    ):
         if ctx is None or not hasattr(ctx, "group"):
             raise ValueError("ctx must be a ring_ext.CPContext (ring_ext.initialize)")
         if not ctx.causal:
@@ -260,6 +266,11 @@ class ShardedKVCache:
     def local_prompt_len(self) -> int:
         return len(self._prompt[self.ctx.rank][0])
 
+    def prompt_tokens(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(documents, positions), int64 [local_len] each: the prompt tokens `rank` (default: this rank)
+        holds, in its shard's order."""
+        return self._prompt[self.ctx.rank if rank is None else rank]
+
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None = None) -> None:
         """Keeps this rank's prompt rows k, v ([b, local_len, h_kv, d], what ring_ext.shard gave it,
         as the model's attention layer computed them) as `layer`'s cache."""
@@ -289,7 +300,14 @@ class ShardedKVCache:
         self.store(layer, k, v, sliding_window)
         packing = {} if self.cu is None else {"cu_seqlens": torch.tensor(self.cu)}
         return attention(
-            q, k, v, self.ctx, layout="bshd", softmax_scale=softmax_scale, sliding_window=sliding_window, **packing
+            q,
+            k,
+            v,
+            self.ctx,
+            layout="bshd",
+            softmax_scale=softmax_scale,
+            sliding_window=sliding_window,
+            **packing,
         )
 
     # ---- steps -----------------------------------------------------------------------------------
@@ -305,12 +323,16 @@ class ShardedKVCache:
             missing = [i for i, e in enumerate(self.layers) if e is None]
             raise ValueError(f"layers {missing[:8]} hold no prompt yet: prefill every layer before a step")
         counts = [new_tokens] * self.n_docs if isinstance(new_tokens, int) else list(new_tokens)
-        if len(counts) != self.n_docs or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+        if len(counts) != self.n_docs or any(
+            isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts
+        ):
             raise ValueError(
                 f"new_tokens must be an int >= 0 or {self.n_docs} such ints (one per document), got {new_tokens!r}"
             )
         docs = torch.repeat_interleave(torch.arange(self.n_docs), torch.tensor(counts))
-        positions = torch.cat([torch.arange(self.lengths[d], self.lengths[d] + c) for d, c in enumerate(counts)])
+        positions = torch.cat(
+            [torch.arange(self.lengths[d], self.lengths[d] + c) for d, c in enumerate(counts)]
+        )
         owners = []
         for _ in range(len(docs)):
             r = min(range(self.ctx.cp_size), key=lambda i: (self.held[i], i))
@@ -318,7 +340,9 @@ class ShardedKVCache:
             owners.append(r)
         self.lengths = [n + c for n, c in zip(self.lengths, counts)]
         self.steps += 1
-        self._step = Step(mode, docs, positions.long(), torch.tensor(owners, dtype=torch.int64), self.ctx.rank, self.steps)
+        self._step = Step(
+            mode, docs, positions.long(), torch.tensor(owners, dtype=torch.int64), self.ctx.rank, self.steps
+        )
         return self._step
 
     def attend(self, layer, q, k, v, step: Step, *, softmax_scale=None, sliding_window=None) -> torch.Tensor:
@@ -338,7 +362,9 @@ class ShardedKVCache:
             mode = chunk_mode(len(step), cached, q.shape[2], k.shape[2], q.shape[3], k.element_size())
         if mode == "decode":
             visible = entry.visible(step.docs, step.positions, window).to(q.device)
-            out = decode_attention(q, entry.k, entry.v, visible, scale, self.ctx.group.group_name, self.ctx.cp_size)
+            out = decode_attention(
+                q, entry.k, entry.v, visible, scale, self.ctx.group.group_name, self.ctx.cp_size
+            )
         elif mode == "pass_q":
             out = self._pass_q(entry, q, step, window, scale)
         else:
@@ -355,7 +381,9 @@ class ShardedKVCache:
         parts = torch.ops.ring_ext.all_gather(torch.cat([q, pad], 1).contiguous(), group)
         order = torch.cat([(step.owners == r).nonzero().flatten() for r in range(cp)])  # gathered -> token
         gathered = torch.cat([p[:, : int((step.owners == r).sum())] for r, p in enumerate(parts)], 1)
-        q_all = torch.empty_like(gathered).index_copy_(1, order.to(q.device), gathered)  # [b, n, hq, d], sorted
+        q_all = torch.empty_like(gathered).index_copy_(
+            1, order.to(q.device), gathered
+        )  # [b, n, hq, d], sorted
         visible = entry.visible(step.docs, step.positions, window).to(q.device)
         out, lse = torch.ops.ring_ext.fwd(q_all, entry.k, entry.v, scale, False, 0, 0, True, visible)
         top = lse.clone()
@@ -408,8 +436,14 @@ class ShardedKVCache:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name} must be [batch, {n}, heads, head_dim] ({what}), got {got}")
         if k.dtype != entry.k.dtype or v.dtype != entry.k.dtype or q.dtype != entry.k.dtype:
-            raise ValueError(f"q, k and v must be {entry.k.dtype} like the cache, got {q.dtype}, {k.dtype}, {v.dtype}")
-        if k.shape != v.shape or tuple(k.shape[::2]) != tuple(entry.k.shape[::2]) or k.shape[3] != entry.k.shape[3]:
+            raise ValueError(
+                f"q, k and v must be {entry.k.dtype} like the cache, got {q.dtype}, {k.dtype}, {v.dtype}"
+            )
+        if (
+            k.shape != v.shape
+            or tuple(k.shape[::2]) != tuple(entry.k.shape[::2])
+            or k.shape[3] != entry.k.shape[3]
+        ):
             raise ValueError(
                 f"k and v must be [{entry.k.shape[0]}, n, {entry.k.shape[2]}, {entry.k.shape[3]}] like the "
                 f"cache, got {tuple(k.shape)} and {tuple(v.shape)}"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import ring_ext
+import ring_ext.hf
 from ring_ext.inference import ShardedKVCache, decode_attention
 from ring_ext.testing.documents import cu_of
 from ring_ext.testing.reference import attention_reference, packed_mask
@@ -57,7 +58,11 @@ def run_infer_case(rank: int, world_size: int, case: InferCase):
     g = torch.Generator().manual_seed(case.seed)
     shape_q = (case.batch, cu_final[-1], HEADS_Q, HEAD_DIM)
     shape_kv = (case.batch, cu_final[-1], case.heads_kv, HEAD_DIM)
-    q, k, v = torch.randn(shape_q, generator=g), torch.randn(shape_kv, generator=g), torch.randn(shape_kv, generator=g)
+    q, k, v = (
+        torch.randn(shape_q, generator=g),
+        torch.randn(shape_kv, generator=g),
+        torch.randn(shape_kv, generator=g),
+    )
     windows = (None, case.sliding_window)
 
     def index_of(docs, positions):  # token (document, position) -> its index in the final sequence
@@ -134,3 +139,33 @@ CASES = {
 @pytest.mark.parametrize("world_size", sorted(CASES))
 def test_decode_and_chunks_match_the_oracle(world_size):
     run_distributed(run_case, world_size, CASES[world_size], timeout_s=300)
+
+
+# ---- ring_ext.hf.generate at 2 ranks -------------------------------------------------------------
+
+GENERATE = [  # (algorithm, model, batch, prompt length): lengths no placement divides evenly
+    ("megatron_cp_algo", "llama", 2, 13),
+    ("ulysses_cp_algo", "llama", 1, 10),
+    ("megatron_cp_algo", "mistral", 2, 11),  # window 5: the cache drops rows as it decodes
+    ("ulysses_cp_algo", "mistral", 1, 9),
+    ("megatron_cp_algo", "qwen2", 1, 12),  # layer 0 full, layer 1 windowed (6)
+]
+
+
+def generate_matches(rank: int, world_size: int, case):
+    """Greedy ring_ext.hf.generate under CP returns the model's own (no CP) generate on every rank."""
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from inference_models import own_generate, prompt, tiny_model
+
+    algo, name, batch, seq = case
+    ctx = context(InferCase(algo=algo), world_size)
+    model = tiny_model(name)
+    ids = prompt(batch, seq)
+    expected = own_generate(model, ids, max_new_tokens=8, do_sample=False)
+    got = ring_ext.hf.generate(model, ids, ctx, max_new_tokens=8)
+    assert torch.equal(got, expected), (rank, case, got, expected)
+
+
+def test_generate_at_two_ranks_equals_the_models_own():
+    pytest.importorskip("transformers", reason="the hf extra is not installed: pip install .[hf]")
+    run_distributed(generate_matches, 2, GENERATE, timeout_s=300)
