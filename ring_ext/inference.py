@@ -57,7 +57,6 @@ float32 (Math: rounding partials before the merge is the error that grows with t
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 

@@ -13,8 +13,9 @@ from ring_ext.inference import ShardedKVCache, chunk_mode
 
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed: pip install .[hf]")
 
-import ring_ext.hf  # noqa: E402
 from inference_models import MODELS, own_generate, prompt, tiny_model  # noqa: E402
+
+import ring_ext.hf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
