@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import time
 
 import torch
 
@@ -182,12 +183,21 @@ def _check_inputs(model, input_ids, ctx, attention_mask) -> None:
 
 
 def generate(
-    model, input_ids: torch.Tensor, ctx, *, max_new_tokens: int | None = None, attention_mask=None, **sampling
+    model,
+    input_ids: torch.Tensor,
+    ctx,
+    *,
+    max_new_tokens: int | None = None,
+    attention_mask=None,
+    stats: dict | None = None,
+    **sampling,
 ):
     """What model.generate(input_ids, max_new_tokens=..., **sampling) returns ([batch, S + new], the
     prompt then the new tokens), computed with context parallelism over ctx; call it on every rank with
     the same arguments; every rank returns the same tensor. Sampling draws from the global RNG as
-    generate does: seed every rank alike (rank 0's draw is taken). Note [Why not model.generate]."""
+    generate does: seed every rank alike (rank 0's draw is taken). Note [Why not model.generate].
+    stats (a dict, optional) receives this rank's prefill_s, decode_s, steps (decode forwards),
+    cache_bytes and cache_live_bytes (ShardedKVCache.nbytes right after the prefill)."""
     _check_inputs(model, input_ids, ctx, attention_mask)
     batch, prompt_len = input_ids.shape
     config, max_new_tokens = _generation_config(model, prompt_len, max_new_tokens, sampling)
@@ -207,7 +217,12 @@ def generate(
     model.set_attn_implementation(register())
     try:
         with torch.no_grad():
+            start = time.perf_counter()
             logits = _prefill(model, input_ids, ctx, cache, cu)
+            prefilled = time.perf_counter()
+            if stats is not None:
+                stats.update(prefill_s=prefilled - start, cache_bytes=cache.nbytes(), steps=0)
+                stats.update(cache_live_bytes=cache.nbytes(live_only=True))
             sequences, unfinished = input_ids, torch.ones(batch, dtype=torch.bool, device=input_ids.device)
             for i in range(max_new_tokens):
                 scores = processors(sequences, logits)
@@ -226,6 +241,10 @@ def generate(
                 out = model(chosen[None], position_ids=step.positions[None].to(chosen.device), use_cache=False,
                             cp_cache=cache, cp_step=step)  # fmt: skip
                 logits = out.logits[0].float()  # [batch, vocab]
+                if stats is not None:
+                    stats["steps"] += 1
+            if stats is not None:
+                stats["decode_s"] = time.perf_counter() - prefilled
     finally:
         model.set_attn_implementation(previous)
     return sequences
