@@ -399,17 +399,21 @@ class ShardedKVCache:
         partials of its own queries in rank order."""
         group, cp = self.ctx.group.group_name, self.ctx.cp_size
         live = entry.live()
-        n_live = torch.ops.ring_ext.all_gather(torch.tensor([len(live)]), group)
+        n_live = torch.ops.ring_ext.all_gather(torch.tensor([len(live)], device=q.device), group)
         longest = max(int(n) for n in n_live)
         k, v = entry.k[:, live.to(q.device)], entry.v[:, live.to(q.device)]
         pad = longest - len(live)
         k, v = (torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], 1) for t in (k, v))
-        keys = torch.cat([entry.keys[live], torch.full((pad,), (self.n_docs + 1) * BIG)])
-        ks, vs, keyss = (torch.ops.ring_ext.all_gather(t.contiguous(), group) for t in (k, v, keys))
+        keys = torch.cat([entry.keys[live], torch.full((pad,), (self.n_docs + 1) * BIG)]).to(q.device)
+        ks, vs, keyss = (
+            torch.ops.ring_ext.all_gather(t.contiguous(), group) for t in (k, v, keys)
+        )  # NCCL: on q's device
         mine = step.local
         out = lse = None
         for r in range(cp):
-            visible = entry.visible(step.docs[mine], step.positions[mine], window, keyss[r]).to(q.device)
+            visible = entry.visible(step.docs[mine], step.positions[mine], window, keyss[r].cpu()).to(
+                q.device
+            )
             part_out, part_lse = torch.ops.ring_ext.fwd(q, ks[r], vs[r], scale, False, 0, 0, True, visible)
             if out is None:
                 out, lse = part_out, part_lse.contiguous()
