@@ -47,6 +47,8 @@ def run_case(rank: int, world_size: int, case):
     """One spawn runs every case of a world size (spawning is the slow part)."""
     if case == "compile":
         return compiled_decode_matches_eager(rank, world_size)
+    if isinstance(case, tuple):
+        return generate_matches(rank, world_size, case)
     return run_infer_case(rank, world_size, case)
 
 
@@ -126,7 +128,7 @@ CASES = {
         InferCase(algo="ulysses_cp_algo", docs=(9, 4, 13)),
         InferCase(algo="hybrid_cp_algo", ulysses_degree=2, sliding_window=3),
         "compile",
-    ],
+    ],  # + GENERATE below (ring_ext.hf.generate), in the same spawn
     3: [InferCase(docs=(5, 11, 2)), InferCase(algo="ulysses_cp_algo", batch=2, sliding_window=4, heads_kv=1)],
     4: [
         InferCase(window=2, docs=(6, 13, 3, 9)),
@@ -138,6 +140,8 @@ CASES = {
 
 @pytest.mark.parametrize("world_size", sorted(CASES))
 def test_decode_and_chunks_match_the_oracle(world_size):
+    """Every case of CASES[world_size] in one spawn; at 2 ranks also the compiled decode step and
+    ring_ext.hf.generate against the model's own generate (GENERATE)."""
     run_distributed(run_case, world_size, CASES[world_size], timeout_s=300)
 
 
@@ -154,7 +158,6 @@ GENERATE = [  # (algorithm, model, batch, prompt length): lengths no placement d
 
 def generate_matches(rank: int, world_size: int, case):
     """Greedy ring_ext.hf.generate under CP returns the model's own (no CP) generate on every rank."""
-    transformers = pytest.importorskip("transformers")  # noqa: F841
     from inference_models import own_generate, prompt, tiny_model
 
     algo, name, batch, seq = case
@@ -166,6 +169,9 @@ def generate_matches(rank: int, world_size: int, case):
     assert torch.equal(got, expected), (rank, case, got, expected)
 
 
-def test_generate_at_two_ranks_equals_the_models_own():
-    pytest.importorskip("transformers", reason="the hf extra is not installed: pip install .[hf]")
-    run_distributed(generate_matches, 2, GENERATE, timeout_s=300)
+try:
+    import transformers  # noqa: F401
+
+    CASES[2] = CASES[2] + GENERATE  # one spawn at 2 ranks: oracle cases, compile, generate
+except ImportError:  # the hf extra is not installed: pip install .[hf]
+    pass
