@@ -107,3 +107,16 @@ def test_chunk_mode_follows_the_bytes():
     # the same chunk: pass-Q with 8 K/V heads, pass-KV with 1 (MQA moves 8x less K/V)
     assert chunk_mode(1000, 100_000, 128, 8, 128, 2) == "pass_q"
     assert chunk_mode(1000, 100_000, 128, 1, 128, 2) == "pass_kv"
+
+
+def test_planner_inference_model_against_metas_figures():
+    from ring_ext.tools.planner import inference as planned
+
+    rows = {r["seq"]: r for r in planned.meta_comparison()}
+    million = rows[1 << 20]
+    assert million["meta_s"] == 77.0 and million["gpus"] == 128
+    assert 0.5 < million["predicted_s"] / million["meta_s"] < 2.0, million  # within 2x of the measured
+    one, sixteen = (planned.predict_prefill(planned.LLAMA3_405B, 1 << 20, n)["seconds"] for n in (1, 16))
+    assert 12 < one / sixteen <= 16, (one, sixteen)  # near-linear, never superlinear
+    near, far = (planned.predict_decode(planned.LLAMA3_405B, s, 16)["seconds"] for s in (1 << 17, 1 << 20))
+    assert near < far  # a longer cache is read every token
