@@ -266,6 +266,7 @@ def test_plot_without_matplotlib_fails_before_any_work(monkeypatch, capsys):
         ["-m", "ring_ext", "demo"],
         ["-m", "ring_ext", "bench"],
         ["-m", "ring_ext", "plan"],
+        ["-m", "ring_ext", "generate"],
         ["examples/llama_cp.py"],
         ["examples/llama_fsdp_cp.py"],
     ],

@@ -13,7 +13,8 @@
 #   tests       pytest -m cuda tests/test_kernels.py tests/test_cuda.py (the CUDA variants of the shared
 #               kernel suite and the CUDA-only tests against the float64 oracle, every path: tensor
 #               cores, SIMT, merge, every candidate tiling), JUnit XML                      <= 170 s
-#   cp          CP attention at cp=1 over NCCL on a side stream (test_cuda.py -k cp_attention) <= 40 s
+#   cp          CP attention at cp=1 over NCCL on a side stream (test_cuda.py -k cp_attention), and
+#               the sharded-KV-cache decode path over NCCL (tests/test_inference_cuda.py)   <= 40 s
 #   memcheck    compute-sanitizer --tool memcheck over one forward and one backward of every
 #               kernel family (tensor cores d 64/128/256, SIMT fp32/odd dims/misaligned, merge) and
 #               of every candidate tiling                                                   <= 50 s
@@ -242,7 +243,7 @@ plan() {
   prereqs    done above
   build      RING_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS $PY setup.py build_ext --inplace   (<= ${BOX[build]} s)
   tests      $PY -m pytest -m cuda tests/test_kernels.py tests/test_cuda.py -k 'not cp_attention' --junitxml tests.xml   (<= ${BOX[tests]} s)
-  cp         $PY -m pytest tests/test_cuda.py -k cp_attention   (<= ${BOX[cp]} s)
+  cp         $PY -m pytest tests/test_cuda.py -k cp_attention; tests/test_inference_cuda.py   (<= ${BOX[cp]} s)
   memcheck   ${SANITIZER:-compute-sanitizer (missing)} --tool memcheck ${SAN_FILTER[*]} $PY sanitize_cases.py   (<= ${BOX[memcheck]} s)
   racecheck  ${SANITIZER:-compute-sanitizer (missing)} --tool racecheck ${SAN_FILTER[*]} $PY sanitize_cases.py   (<= ${BOX[racecheck]} s)
   bench      $PY benchmarks/bench_cuda.py --out OUTDIR --budget $((BOX[bench] - 20))   (<= ${BOX[bench]} s)
@@ -309,7 +310,7 @@ if ((DRY)); then
   bash -n "$0" || ok=0
   if ((have_py)) || "$PY" -c 'import torch' 2>/dev/null; then
     "$PY" -m py_compile "$OUT/sanitize_cases.py" && say "sanitize_cases.py compiles" || ok=0
-    if "$PY" -m pytest -q -p no:cacheprovider --collect-only -m cuda tests/test_kernels.py tests/test_cuda.py >"$OUT/collect.log" 2>&1; then
+    if "$PY" -m pytest -q -p no:cacheprovider --collect-only -m cuda tests/test_kernels.py tests/test_cuda.py tests/test_inference_cuda.py >"$OUT/collect.log" 2>&1; then
       say "tests collect: $(tail -1 "$OUT/collect.log")"
     else
       tail -20 "$OUT/collect.log"
@@ -353,7 +354,8 @@ DETAIL[tests]+="$(grep -E '[0-9]+ (passed|failed|skipped)' "$OUT/tests.log" | ta
 if [[ ${STATUS[tests]} == pass ]] && ! grep -qE '[0-9]+ passed' "$OUT/tests.log"; then
   STATUS[tests]=fail DETAIL[tests]="nothing passed (all skipped?): ${DETAIL[tests]}"
 fi
-run_part cp "$OUT/cp.log" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py -k cp_attention
+run_part cp "$OUT/cp.log" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_inference_cuda.py \
+  -k "cp_attention or sharded_cache"
 DETAIL[cp]+="$(grep -E '[0-9]+ (passed|failed|skipped)' "$OUT/cp.log" | tail -1)"
 if [[ ${STATUS[cp]} == pass ]] && ! grep -qE '[0-9]+ passed' "$OUT/cp.log"; then
   STATUS[cp]=fail DETAIL[cp]="nothing passed (all skipped?): ${DETAIL[cp]}"

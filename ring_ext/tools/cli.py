@@ -2,6 +2,7 @@
 
     python -m ring_ext demo                      # 4 Gloo ranks on this machine, every algorithm, verified
     python -m ring_ext bench --cp-sizes 1,2,4 --plot cp.png --json
+    python -m ring_ext generate --cp-sizes 1,2,4 --seq 4096   # prefill + decode over a sharded KV cache
     python -m ring_ext plan --seq 131072 --heads 32 --nodes 2 --intra-gbps 400 --inter-gbps 50 --tflops 400
     torchrun --nproc-per-node 8 -m ring_ext demo # the launched group (NCCL on CUDA), CP size 8
 
@@ -36,7 +37,7 @@ from ..sharding import shard, unshard
 from ..testing.spawn import run_distributed
 from ..testing.tolerances import FACTOR
 from ..testing.tolerances import FLOOR as _FLOOR
-from . import planner
+from . import generate, planner
 
 DTYPES = planner.DTYPES
 
@@ -494,6 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
                 help="comma list of CP sizes, one spawned Gloo world each (None: 1,2,4; under torchrun "
                 "the launched world)",
             )
+    generate.add_generate_arguments(
+        sub.add_parser(
+            "generate",
+            help="prefill and decode a tiny Llama with CP over a sharded KV cache (ring_ext.hf.generate)",
+            description=generate.__doc__,
+            formatter_class=HelpFormatter,
+        )
+    )
     planner.add_plan_arguments(
         sub.add_parser(
             "plan",
@@ -542,8 +551,14 @@ def require_matplotlib(parser: argparse.ArgumentParser, args) -> None:
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.plot:
+    if getattr(args, "plot", None):
         require_matplotlib(parser, args)
+    if args.command == "generate":
+        try:
+            cases = generate.cases_of(args)
+        except ValueError as e:
+            parser.error(f"generate: {e}")
+        sys.exit(generate.run_checked(cases, args.json))
     if args.command == "plan":
         try:
             print(planner.run(args))
