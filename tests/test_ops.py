@@ -29,6 +29,8 @@ def _fwd_samples(group):
     yield (q.transpose(0, 1).contiguous().transpose(0, 1), k, v, 0.3, True), {}  # strided q
     q, k, v = _qkv(True)
     yield (q, k, v, 0.25, False), {"visible": _visible(q, k)}  # packed documents, a window
+    sinks = torch.randn(q.shape[2], requires_grad=True)
+    yield (q, k, v[..., :12], 0.25, True), {"softcap": 2.0, "sinks": sinks}  # MLA, softcap, sinks
 
 
 def _visible(q, k):
@@ -46,6 +48,9 @@ def _bwd_samples(group):
     yield (dout, q, k, v, out, lse, 0.25, True, 0, 0), {"dlse": torch.randn_like(lse)}
     out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.25, False, visible=_visible(q, k))
     yield (dout, q, k, v, out, lse, 0.25, False), {"visible": _visible(q, k)}
+    v12 = v[..., :12].contiguous()
+    out, lse = torch.ops.ring_ext.fwd(q, k, v12, 0.25, True, softcap=2.0, sinks=torch.randn(q.shape[2]))
+    yield (torch.randn_like(out), q, k, v12, out, lse, 0.25, True), {"softcap": 2.0}
 
 
 def _bwd_acc_samples(group):
@@ -56,6 +61,7 @@ def _bwd_acc_samples(group):
     acc = [torch.randn(t.shape) for t in (q, k, v)]
     yield (dout, q, k, v, lse, delta, 0.25, False, 0, 0, *acc), {}
     yield (dout, q, k, v, lse, delta, 0.25, False, 0, 0, *acc), {"visible": _visible(q, k)}
+    yield (dout, q, k, v, lse, delta, 0.25, False, 0, 0, *acc), {"softcap": 3.0}
 
 
 def _merge_samples(group):
@@ -114,6 +120,11 @@ def _attention_samples(group):
             [torch.zeros(queries, dtype=torch.int64), torch.arange(queries).clamp(max=8) + 1]
         )
         yield args, {**kwargs, "visible": visible[None], "rows": rows, "check_group": group, "signature": 7}
+        # today's models: a v head dim of its own (MLA), softcap, sinks (docs/design.md)
+        q, k, v = args[:3]
+        mla = (q, k, v.detach()[..., :12].clone().requires_grad_(), *args[3:])
+        sinks = torch.randn(q.shape[2], requires_grad=True)
+        yield mla, {**kwargs, "softcap": 2.5, "sinks": sinks}
 
 
 def _attention_bwd_samples(group):
@@ -123,6 +134,10 @@ def _attention_bwd_samples(group):
             out, lse = torch.ops.ring_ext.attention(*args, **kwargs)
             q, k, v, *rest = args
             yield (_layout_view(torch.randn(out.shape), layout), q, k, v, out, lse, *rest), {}
+        args, kwargs = _attention_args(group, algo, "bshd", causal=True, requires_grad=False)
+        out, lse = torch.ops.ring_ext.attention(*args, **kwargs, softcap=2.0, sinks=torch.randn(args[0].shape[2]))
+        q, k, v, *rest = args
+        yield (torch.randn(out.shape), q, k, v, out, lse, *rest), {"softcap": 2.0}
 
 
 def _masked_args(group, algo, layout, causal, requires_grad, cu, window):
@@ -143,6 +158,11 @@ def _masked_attention_samples(group):
             yield _masked_args(group, algo, layout, i % 2 == 0, True, cu, 0)
         yield _masked_args(group, algo, "bshd", True, True, None, 3)
         yield _masked_args(group, algo, "bnsd", False, True, cu, 2)
+        args, kwargs = _masked_args(group, algo, "bshd", True, True, cu, 3)
+        q, k, v = args[:3]
+        v = v.detach()[..., :12].clone().requires_grad_()
+        sinks = torch.randn(q.shape[2], requires_grad=True)
+        yield (q, k, v, *args[3:], 2.0, sinks), kwargs
 
 
 def _masked_attention_bwd_samples(group):
@@ -259,6 +279,28 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(loss_compiled, loss_eager)
     for a, b in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(a, b)
+
+
+def test_compile_fullgraph_softcap_sinks_mla():
+    """softcap, sinks and a v head dim of its own trace with fullgraph and match eager, output and every
+    gradient (the sinks' included), dense and packed."""
+    q, k, v = _qkv(True)
+    v = v.detach()[..., :12].clone().requires_grad_()
+    sinks = torch.randn(q.shape[2], requires_grad=True)
+
+    def block(q, k, v, sinks, **mask):
+        out = ring_ext.attention(q, k, v, causal=True, softcap=5.0, sinks=sinks, **mask)
+        return (out * out).sum()
+
+    for mask in ({}, {"cu_seqlens": torch.tensor([0, 4, 9]), "layout": "bshd"}):
+        qs = [t[:1, :9] for t in (q, k, v)] if mask else [q, k, v]
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        results = []
+        for fn in (block, compiled):
+            loss = fn(*qs, sinks, **mask)
+            results.append([loss, *torch.autograd.grad(loss, (*qs, sinks))])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b)
 
 
 def test_build_info():
