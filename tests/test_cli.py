@@ -197,10 +197,10 @@ ALL = {"ulysses", "ring", "double", "hybrid"}
     [
         (["demo"], 1, {"ulysses", "ring"}),
         (["demo"], 2, ALL),
-        (["demo"], 3, {"ring", "double"}),  # 8 heads split over no Ulysses degree dividing 3
-        (["demo", "--heads", "6"], 3, ALL),
+        (["demo"], 3, ALL),  # 8 heads over 3 Ulysses ranks: 3, 3 and 2 (Note [Ulysses head split])
+        (["demo", "--heads", "2"], 3, {"ring", "double"}),  # fewer heads than the Ulysses degree
         (["demo"], 4, ALL),
-        (["demo"], 6, {"ring", "double", "hybrid"}),
+        (["demo", "--heads", "4"], 6, {"ring", "double", "hybrid"}),
         (["demo", "--cp-window-size", "4"], 2, {"ulysses", "ring", "hybrid"}),
         (["demo", "--ulysses-degree-in-cp", "4"], 2, {"ulysses", "ring", "double"}),
     ],
