@@ -278,7 +278,9 @@ def check_variant(q, k, v, *, causal, q_offset=0, k_offset=0, softcap=None, sink
         )
     got = [out.detach(), qg.grad, kg.grad, vg.grad]
     dq_rows = well_conditioned_rows(q.shape[1], k.shape[1], causal, q_offset, k_offset, DEV)
-    what = f"{dtype} d={q.shape[-1]}/{v.shape[-1]} causal={causal} softcap={softcap} sinks={sinks is not None}"
+    what = (
+        f"{dtype} d={q.shape[-1]}/{v.shape[-1]} causal={causal} softcap={softcap} sinks={sinks is not None}"
+    )
     assert_attention(got, expected, baseline, what, dq_rows=dq_rows)
 
 

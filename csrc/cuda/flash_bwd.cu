@@ -29,13 +29,13 @@
 //
 // Note [Head dim 512 in the backward]
 // dK and dV of a warp's [16 keys x Ds / (warps per key strip)] tile live in registers for the whole
-// walk: 128 floats per thread at the D = 256 tilings, the most that fits. At D = 512 a CTA therefore
-// accumulates Ds = 256 of the dims: two CTAs per key block, one for the dims [0, 256) of dK, dV and
-// dq, one for [256, 512); each runs step 1 over all D dims (S^T and dP^T are recomputed by the
-// second: 7 of the backward's GEMMs instead of 5) and steps 2 and 3 over its half. Its tiling,
-// m32n32w4 (K, V, Q, dO 32 x 512 each: 132.5 KiB), has the register tiles of the D = 256 small
-// tiling and fits sm_80/87 (163 KiB) and sm_90 (227 KiB); a 99 KiB device (sm_86/89/120) fits no
-// D = 512 tiling and takes the SIMT backward.
+// walk: 128 floats per thread at the D = 256 tilings, the most that fits. At D = 512 a CTA
+// therefore accumulates Ds = 256 of the dims: two CTAs per key block, one for the dims [0, 256) of
+// dK, dV and dq, one for [256, 512); each runs step 1 over all D dims (S^T and dP^T are recomputed
+// by the second: 7 of the backward's GEMMs instead of 5) and steps 2 and 3 over its half. Its
+// tiling, m32n32w4 (K, V, Q, dO 32 x 512 each: 132.5 KiB), has the register tiles of the D = 256
+// small tiling and fits sm_80/87 (163 KiB) and sm_90 (227 KiB); a 99 KiB device (sm_86/89/120) fits
+// no D = 512 tiling and takes the SIMT backward.
 //
 // Note [Backward tilings and shared memory]
 // The tiling is a template parameter (BwdConfig<D, kBlockN, kBlockM, kWarps, kDoubleQdo>); each
@@ -233,18 +233,14 @@ __device__ __forceinline__ void accumulate_dq(const BwdParams& p, const Smem& s,
   }
 }
 
-// dk/dv[keys n0.., :] += this warp's register tile (dk scaled) of the CTA's dims [d0, d0 + Ds);
-// the CTA owns these keys and dims.
+// out[keys n0.., dims < `dims`] += factor * this warp's register tile of the CTA's dims [d0, d0 +
+// Ds) (dk: q/k's dims, scaled; dv: v's); the CTA owns these keys and dims.
 template <typename Cfg, int NT>
-__device__ __forceinline__ void add_dkdv(const BwdParams& p, float (&dk)[1][NT][4],
-                                         float (&dv)[1][NT][4], int hk, int n0, int d0) {
+__device__ __forceinline__ void add_key_tile(float* out, int64_t ld, const float (&tile)[1][NT][4],
+                                             int n0, int d0, int seq_k, int dims, float factor) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int key0 = (warp % Cfg::kKeyStrips) * 16;
   const int dim0 = d0 + (warp / Cfg::kKeyStrips) * Cfg::kDims2;
-  const int seq_k = static_cast<int>(p.shape.seq_k), head_dim = static_cast<int>(p.shape.head_dim);
-  const int head_dim_v = static_cast<int>(p.shape.head_dim_v);
-  float* dk_base = p.dk + blockIdx.z * p.dk_stride.batch + hk * p.dk_stride.head;
-  float* dv_base = p.dv + blockIdx.z * p.dv_stride.batch + hk * p.dv_stride.head;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int key = n0 + key0 + g + 8 * (i / 2);
@@ -252,10 +248,22 @@ __device__ __forceinline__ void add_dkdv(const BwdParams& p, float (&dk)[1][NT][
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int dim = dim0 + nt * 8 + 2 * t + i % 2;
-      if (dim < head_dim) dk_base[key * p.dk_stride.seq + dim] += p.scale * dk[0][nt][i];
-      if (dim < head_dim_v) dv_base[key * p.dv_stride.seq + dim] += dv[0][nt][i];
+      if (dim >= dims) break;
+      out[key * ld + dim] += factor * tile[0][nt][i];
     }
   }
+}
+
+// dk, dv[keys n0.., :] += this warp's register tiles, dk scaled. One after the other, not in one
+// loop: the dk tile's registers are free before the dv loop starts (one loop spilled at D = 256).
+template <typename Cfg, int NT>
+__device__ __forceinline__ void add_dkdv(const BwdParams& p, const float (&dk)[1][NT][4],
+                                         const float (&dv)[1][NT][4], int hk, int n0, int d0) {
+  const int b = blockIdx.z, seq_k = static_cast<int>(p.shape.seq_k);
+  add_key_tile<Cfg>(p.dk + b * p.dk_stride.batch + hk * p.dk_stride.head, p.dk_stride.seq, dk, n0,
+                    d0, seq_k, static_cast<int>(p.shape.head_dim), p.scale);
+  add_key_tile<Cfg>(p.dv + b * p.dv_stride.batch + hk * p.dv_stride.head, p.dv_stride.seq, dv, n0,
+                    d0, seq_k, static_cast<int>(p.shape.head_dim_v), 1.0f);
 }
 
 template <typename T, typename Cfg>

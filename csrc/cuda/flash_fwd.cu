@@ -24,18 +24,18 @@
 //
 // Note [Head dim 512 in the forward]
 // O of one 16-row tile is 16 x Dv floats in a warp's registers: 128 per thread at Dv = 256, the
-// most that fits (the D = 256 tilings use 161-255 registers). So a CTA computes at most Dv = 256 of
+// most that fits (the D = 256 tilings use 253-255 registers). So a CTA computes at most Dv = 256 of
 // the output's dims: with head_dim_v > 256 the grid holds two CTAs per row block, one for the v
 // dims [0, 256) and one for [256, 512), each computing S = Q K^T over all of q/k's dims (the
 // second one's Q K^T is recomputed: 1.5x the forward's work at head dims 512/512, nothing more
-// below) and storing its half of out; the first stores lse. The D = 512 tiling, m64n16w4 (Q 64 KiB,
-// K 16 KiB, V 8 KiB), fits the 99 KiB of every sm_80+ GPU, so the forward takes the tensor cores at
-// every head dim up to 512.
+// when head_dim_v <= 256) and storing its half of out; the first stores lse. The D = 512 tiling,
+// m64n16w4 (Q 64 KiB, K 16 KiB, V 8 KiB), fits the 99 KiB of every sm_80+ GPU, so the forward takes
+// the tensor cores at every head dim up to 512.
 //
 // Note [Candidate tilings]
-// Each head-dim bucket is compiled in 2-3 tilings (FwdCandidates here, BwdCandidates in
-// flash_bwd.cu), named m<rows>n<keys>w<warps> plus p when the k loop's fragments are
-// double-buffered (warp_gemm, kPipelined) and d when the backward's Q/dO are. The first of each
+// Each head-dim bucket up to 256 is compiled in 2-3 tilings, 512 in one (FwdCandidates here,
+// BwdCandidates in flash_bwd.cu), named m<rows>n<keys>w<warps> plus p when the k loop's fragments
+// are double-buffered (warp_gemm, kPipelined) and d when the backward's Q/dO are. The first of each
 // bucket is the default; the environment variables RING_EXT_CUDA_FWD_TILING and
 // RING_EXT_CUDA_BWD_TILING (read at every launch, tilings.h) run another, so that
 // benchmarks/bench_cuda.py can time them all in one process. The defaults stay until a GPU run
@@ -116,8 +116,8 @@ struct RowState {
 };
 
 // s (the dot products q . k of a 16 x kBlockN warp tile) -> scores (`score`: scale, softcap, log2
-// units) -> probabilities relative to the updated row max; rescales o and the running sums. Row r sees the block-local keys [key_begin[r], key_end[r]),
-// applied only when `masked`.
+// units) -> probabilities relative to the updated row max; rescales o and the running sums. Row r
+// sees the block-local keys [key_begin[r], key_end[r]), applied only when `masked`.
 template <int NS, int NO>
 __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO][4], RowState& st,
                                                const Scores& score, bool masked,

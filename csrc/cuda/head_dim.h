@@ -6,9 +6,9 @@
 //
 // Note [One bucket for q/k and v]
 // q/k and v may have head dims of their own (params.h: head_dim, head_dim_v; multi-head latent
-// attention). Every kernel takes one bucket D, that of max(head_dim, head_dim_v): its Q, K, V and dO
-// tiles are D wide and zero past their own dim (so every dot product over D is exact), and what it
-// stores stops at each tensor's own dim (out, dv at head_dim_v; dq, dk at head_dim). One bucket
+// attention). Every kernel takes one bucket D, that of max(head_dim, head_dim_v): its Q, K, V and
+// dO tiles are D wide and zero past their own dim (so every dot product over D is exact), and what
+// it stores stops at each tensor's own dim (out, dv at head_dim_v; dq, dk at head_dim). One bucket
 // instead of a (q/k, v) pair keeps the number of kernels per dtype and arch at one per tiling; the
 // price is work on zeros where the dims differ: DeepSeek-V3's 192/128 runs in the 256 bucket, its
 // P V and dO V^T products 256 wide instead of 128.

@@ -104,10 +104,9 @@ inline void check_shape(const Shape& s) {
   }
   if (s.head_dim < 1 || s.head_dim > kMaxHeadDim || s.head_dim_v < 1 ||
       s.head_dim_v > kMaxHeadDim) {
-    throw std::invalid_argument("ring_ext CUDA: head_dim and head_dim_v must be in [1, " +
-                                std::to_string(kMaxHeadDim) + "], got " +
-                                std::to_string(s.head_dim) + " and " +
-                                std::to_string(s.head_dim_v));
+    throw std::invalid_argument(
+        "ring_ext CUDA: head_dim and head_dim_v must be in [1, " + std::to_string(kMaxHeadDim) +
+        "], got " + std::to_string(s.head_dim) + " and " + std::to_string(s.head_dim_v));
   }
 }
 
