@@ -203,16 +203,17 @@ for name, ((q, k, v), causal, q_offset) in CASES.items():
 # Softcap, sinks, a v head dim of its own (MLA) and head dims up to 512 (Note [Softcap and sinks] in
 # csrc/common/params.h; Notes [Head dim 512 in the forward] / [... backward] in csrc/cuda/flash_*.cu).
 SINKS = torch.randn(4, generator=g, device="cuda")
+SOFTCAP, BOTH = {"softcap": 1.5}, {"softcap": 2.0, "sinks": SINKS}
 for name, (q, k, v), causal, q_offset, extra in [
-    ("tensor cores bf16 d64 softcap", qkv(1, 70, 150, 4, 2, 64, torch.bfloat16), True, 80, {"softcap": 1.5}),
+    ("tensor cores bf16 d64 softcap", qkv(1, 70, 150, 4, 2, 64, torch.bfloat16), True, 80, SOFTCAP),
     ("tensor cores fp16 d128 sinks", qkv(1, 90, 140, 4, 2, 128, torch.float16), True, 0, {"sinks": SINKS, "k": 20}),
     ("tensor cores bf16 d192/v128 (MLA)", qkv(1, 70, 75, 4, 2, 192, torch.bfloat16, dv=128), True, 5, {}),
     ("tensor cores bf16 d512", qkv(1, 70, 75, 4, 2, 512, torch.bfloat16), True, 5, {}),
-    ("tensor cores fp16 d96/v264 softcap sinks", qkv(1, 40, 70, 4, 1, 96, torch.float16, dv=264), False, 0,
-     {"softcap": 2.0, "sinks": SINKS}),
-    ("simt fp32 d512 softcap sinks", qkv(1, 20, 40, 4, 2, 512, torch.float32), True, 20, {"softcap": 1.5, "sinks": SINKS}),
+    ("tensor cores fp16 d96/v264 softcap sinks", qkv(1, 40, 70, 4, 1, 96, torch.float16, dv=264), False, 0, BOTH),
+    ("simt fp32 d512 softcap sinks", qkv(1, 20, 40, 4, 2, 512, torch.float32), True, 20, BOTH),
     ("simt bf16 d33/v300", qkv(1, 30, 50, 4, 2, 33, torch.bfloat16, dv=300), True, 10, {}),
 ]:
+    extra = dict(extra)
     k_offset = extra.pop("k", 0)  # keys ahead of the rows: the first rows see none (out 0, lse = sink)
     out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.2, causal, q_offset, k_offset, **extra)
     softcap = extra.get("softcap", 0.0)
