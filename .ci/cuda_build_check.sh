@@ -128,11 +128,14 @@ for op in ops:
     assert has(op, "CUDA"), op
 print("cuda_build_check: CUDA kernels registered for", ", ".join(o.split("::")[1] for o in ops))
 # The candidate tilings (Note [Candidate tilings]): every head-dim bucket of both kernels is compiled,
-# with 2-3 forward tilings each and 3 backward tilings for the benchmarked head dims 64 and 128.
+# with 2-3 forward tilings each up to 256 and 3 backward tilings for the benchmarked head dims 64 and
+# 128; 512 has one of each (Notes [Head dim 512 in the forward] and [... backward]).
 tilings = info["cuda_tilings"]
-count = {(k, d): sum(t.startswith(f"{k}/{d}/") for t in tilings) for k in ("fwd", "bwd") for d in (64, 128, 256)}
-assert all(count[("fwd", d)] >= 2 for d in (64, 128, 256)), count
-assert count[("bwd", 64)] >= 3 and count[("bwd", 128)] >= 3 and count[("bwd", 256)] >= 1, count
+buckets = (64, 128, 256, 512)
+count = {(k, d): sum(t.startswith(f"{k}/{d}/") for t in tilings) for k in ("fwd", "bwd") for d in buckets}
+assert all(count[("fwd", d)] >= 2 for d in (64, 128, 256)) and count[("fwd", 512)] >= 1, count
+assert count[("bwd", 64)] >= 3 and count[("bwd", 128)] >= 3, count
+assert count[("bwd", 256)] >= 1 and count[("bwd", 512)] >= 1, count
 print("cuda_build_check: candidate tilings", ", ".join(tilings))
 EOF
 )

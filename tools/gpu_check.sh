@@ -16,8 +16,8 @@
 #   cp          CP attention at cp=1 over NCCL on a side stream (test_cuda.py -k cp_attention), and
 #               the sharded-KV-cache decode path over NCCL (tests/test_inference_cuda.py)   <= 40 s
 #   memcheck    compute-sanitizer --tool memcheck over one forward and one backward of every
-#               kernel family (tensor cores d 64/128/256, SIMT fp32/odd dims/misaligned, merge) and
-#               of every candidate tiling                                                   <= 50 s
+#               kernel family (tensor cores d 64/128/256/512, SIMT fp32/odd dims/misaligned/d 512,
+#               softcap, sinks, a v head dim of its own, merge) and of every candidate tiling <= 50 s
 #   racecheck   the same cases under --tool racecheck                                       <= 50 s
 #   bench       benchmarks/bench_cuda.py: TFLOP/s of every candidate tiling against PyTorch's SDPA
 #               backends, the winner per shape                                              <= 150 s
@@ -178,11 +178,11 @@ import ring_ext.masks
 g = torch.Generator(device="cuda").manual_seed(0)
 
 
-def qkv(b, sq, sk, hq, hkv, d, dtype, misaligned=False):
-    pad = 1 if misaligned else 0
+def qkv(b, sq, sk, hq, hkv, d, dtype, misaligned=False, dv=None):
+    pad, dv = (1 if misaligned else 0), dv or d
     q = torch.randn(b, sq, hq, d + pad, generator=g, device="cuda").to(dtype)[..., pad:]
     k = torch.randn(b, sk, hkv, d + pad, generator=g, device="cuda").to(dtype)[..., pad:]
-    v = torch.randn(b, sk, hkv, d + pad, generator=g, device="cuda").to(dtype)[..., pad:]
+    v = torch.randn(b, sk, hkv, dv + pad, generator=g, device="cuda").to(dtype)[..., pad:]
     return q, k, v
 
 
@@ -198,6 +198,29 @@ CASES = {  # name: (inputs, causal, q_offset)
 for name, ((q, k, v), causal, q_offset) in CASES.items():
     out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.2, causal, q_offset, 0)
     grads = torch.ops.ring_ext.bwd(torch.randn_like(out), q, k, v, out, lse, 0.2, causal, q_offset, 0)
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(t).all() for t in (out, *grads)), name
+    print("ok:", name, flush=True)
+# Softcap, sinks, a v head dim of its own (MLA) and head dims up to 512 (Note [Softcap and sinks] in
+# csrc/common/params.h; Notes [Head dim 512 in the forward] / [... backward] in csrc/cuda/flash_*.cu).
+SINKS = torch.randn(4, generator=g, device="cuda")
+SOFTCAP, BOTH = {"softcap": 1.5}, {"softcap": 2.0, "sinks": SINKS}
+for name, (q, k, v), causal, q_offset, extra in [
+    ("tensor cores bf16 d64 softcap", qkv(1, 70, 150, 4, 2, 64, torch.bfloat16), True, 80, SOFTCAP),
+    ("tensor cores fp16 d128 sinks", qkv(1, 90, 140, 4, 2, 128, torch.float16), True, 0, {"sinks": SINKS, "k": 20}),
+    ("tensor cores bf16 d192/v128 (MLA)", qkv(1, 70, 75, 4, 2, 192, torch.bfloat16, dv=128), True, 5, {}),
+    ("tensor cores bf16 d512", qkv(1, 70, 75, 4, 2, 512, torch.bfloat16), True, 5, {}),
+    ("tensor cores fp16 d96/v264 softcap sinks", qkv(1, 40, 70, 4, 1, 96, torch.float16, dv=264), False, 0, BOTH),
+    ("simt fp32 d512 softcap sinks", qkv(1, 20, 40, 4, 2, 512, torch.float32), True, 20, BOTH),
+    ("simt bf16 d33/v300", qkv(1, 30, 50, 4, 2, 33, torch.bfloat16, dv=300), True, 10, {}),
+]:
+    extra = dict(extra)
+    k_offset = extra.pop("k", 0)  # keys ahead of the rows: the first rows see none (out 0, lse = sink)
+    out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.2, causal, q_offset, k_offset, **extra)
+    softcap = extra.get("softcap", 0.0)
+    grads = torch.ops.ring_ext.bwd(
+        torch.randn_like(out), q, k, v, out, lse, 0.2, causal, q_offset, k_offset, softcap=softcap
+    )
     torch.cuda.synchronize()
     assert all(torch.isfinite(t).all() for t in (out, *grads)), name
     print("ok:", name, flush=True)

@@ -5,8 +5,8 @@
 // visible key blocks of kBlockN keys; warp w owns the query rows [w R, w R + R), R = 16 kRowTiles,
 // and every key/dim column:
 //
-//        smem:  Q [kBlockM x D]   K [kBlockN x D]   V [kBlockN x D]      (swizzled, 16-bit)
-//        regs:  S = Q K^T  per warp R x kBlockN       O per warp R x D  (float32)
+//        smem:  Q [kBlockM x D]   K [kBlockN x D]   V [kBlockN x Dv]     (swizzled, 16-bit)
+//        regs:  S = Q K^T  per warp R x kBlockN       O per warp R x Dv (float32)
 //
 //   iteration j:   wait K_j | issue V_j load | S = Q K_j^T | mask, online softmax, rescale O
 //                  wait V_j | issue K_{j+1} load | O += P V_j        (P packed from S, never in
@@ -14,16 +14,28 @@
 //
 // K_{j+1} streams in during P V_j and V_j during Q K_j^T (FlashAttention-2 order), with a single
 // buffer each: the barrier after a wait also proves every warp is done with the buffer reloaded
-// next. Head dims are bucketed to D in {64, 128, 256}; dims >= head_dim are zero-filled in smem and
-// never stored. Keys and rows past the sequence end are zero-filled and masked (keys) or not stored
-// (rows). The online softmax runs in log2 units (scores * scale * log2 e); a row that has seen no
-// visible key keeps max = -inf and uses 0 as its exponent base, so it stays at l = 0, O = 0 and
-// ends with out = 0, lse = -inf.
+// next. Head dims are bucketed to D in {64, 128, 256, 512} (Note [One bucket for q/k and v] in
+// head_dim.h); dims past each tensor's own are zero-filled in smem and never stored. Keys and rows
+// past the sequence end are zero-filled and masked (keys) or not stored (rows). The online softmax
+// runs in log2 units (scores * scale * log2 e, or the softcap's c log2 e tanh(scale qk / c): Scores
+// in scores.cuh); a row that has seen no visible key keeps max = -inf and uses 0 as its exponent
+// base, so it stays at l = 0, O = 0 and ends with out = 0, lse = -inf, or lse = its head's sink
+// (finish_row in scores.cuh, which folds the sink into every row).
+//
+// Note [Head dim 512 in the forward]
+// O of one 16-row tile is 16 x Dv floats in a warp's registers: 128 per thread at Dv = 256, the
+// most that fits (the D = 256 tilings use 253-255 registers). So a CTA computes at most Dv = 256 of
+// the output's dims: with head_dim_v > 256 the grid holds two CTAs per row block, one for the v
+// dims [0, 256) and one for [256, 512), each computing S = Q K^T over all of q/k's dims (the
+// second one's Q K^T is recomputed: 1.5x the forward's work at head dims 512/512, nothing more
+// when head_dim_v <= 256) and storing its half of out; the first stores lse. The D = 512 tiling,
+// m64n16w4 (Q 64 KiB, K 16 KiB, V 8 KiB), fits the 99 KiB of every sm_80+ GPU, so the forward takes
+// the tensor cores at every head dim up to 512.
 //
 // Note [Candidate tilings]
-// Each head-dim bucket is compiled in 2-3 tilings (FwdCandidates here, BwdCandidates in
-// flash_bwd.cu), named m<rows>n<keys>w<warps> plus p when the k loop's fragments are
-// double-buffered (warp_gemm, kPipelined) and d when the backward's Q/dO are. The first of each
+// Each head-dim bucket up to 256 is compiled in 2-3 tilings, 512 in one (FwdCandidates here,
+// BwdCandidates in flash_bwd.cu), named m<rows>n<keys>w<warps> plus p when the k loop's fragments
+// are double-buffered (warp_gemm, kPipelined) and d when the backward's Q/dO are. The first of each
 // bucket is the default; the environment variables RING_EXT_CUDA_FWD_TILING and
 // RING_EXT_CUDA_BWD_TILING (read at every launch, tilings.h) run another, so that
 // benchmarks/bench_cuda.py can time them all in one process. The defaults stay until a GPU run
@@ -33,6 +45,7 @@
 //   64    m128n64w8          m128n64w8p, m128n64w4p (FlashAttention-2's 4 warps x 32 rows)
 //   128   m128n64w8          m128n64w8p, m128n32w4p (64 keys would spill registers)
 //   256   m64n32w4           m64n32w4p
+//   512   m64n16w4           - (Note [Head dim 512 in the forward])
 
 #include <cmath>
 #include <string>
@@ -43,19 +56,11 @@
 #include "kernels.h"
 #include "launch.cuh"
 #include "mma.cuh"
+#include "scores.cuh"
 #include "tilings.h"
 
 namespace ring_ext::cuda {
 namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // kWarps warps of kRowTiles 16-row tiles each; kPipelined: double-buffered fragments in Q K^T.
 template <int D_, int kWarps_, int kRowTiles_, int kBlockN_, bool kPipelined_>
@@ -65,9 +70,12 @@ struct FwdConfig {
   static constexpr int kWarpRows = 16 * kRowTiles;
   static constexpr int kBlockM = kWarpRows * kWarps;
   static constexpr int kThreads = 32 * kWarps;
+  // The v dims one CTA computes (Note [Head dim 512 in the forward]).
+  static constexpr int Dv = D < 256 ? D : 256;
   using QTile = SmemTile<kBlockM, D>;
   using KTile = SmemTile<kBlockN, D>;
-  static constexpr int kSmemBytes = (QTile::kElems + 2 * KTile::kElems) * 2;
+  using VTile = SmemTile<kBlockN, Dv>;
+  static constexpr int kSmemBytes = (QTile::kElems + KTile::kElems + VTile::kElems) * 2;
   static_assert(kSmemBytes <= 99 * 1024, "fits every sm_80+ device (sm_86/89/120: 99 KiB)");
   static std::string name() { return tiling_name(kBlockM, kBlockN, kWarps, kPipelined, false); }
 };
@@ -90,6 +98,16 @@ template <>
 struct FwdCandidates<256> {
   using List = std::tuple<FwdConfig<256, 4, 1, 32, false>, FwdConfig<256, 4, 1, 32, true>>;
 };
+template <>
+struct FwdCandidates<512> {
+  using List = std::tuple<FwdConfig<512, 4, 1, 16, false>>;
+};
+
+// CTAs per row block: one per Dv of the output's dims (Note [Head dim 512 in the forward]).
+template <typename Cfg>
+__host__ __device__ int v_slices(const Shape& s) {
+  return static_cast<int>((s.head_dim_v + Cfg::Dv - 1) / Cfg::Dv);
+}
 
 // Per-thread running softmax state of its two rows (g and g + 8 of the warp's 16).
 struct RowState {
@@ -97,12 +115,12 @@ struct RowState {
   float sum[2] = {0.0f, 0.0f};  // this thread's partial sum; summed over the quad at the end
 };
 
-// s (raw scores of a 16 x kBlockN warp tile) -> probabilities relative to the updated row max;
-// rescales o and the running sums. Row r sees the block-local keys [key_begin[r], key_end[r]),
-// applied only when `masked`.
+// s (the dot products q . k of a 16 x kBlockN warp tile) -> scores (`score`: scale, softcap, log2
+// units) -> probabilities relative to the updated row max; rescales o and the running sums. Row r
+// sees the block-local keys [key_begin[r], key_end[r]), applied only when `masked`.
 template <int NS, int NO>
 __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO][4], RowState& st,
-                                               float scale_log2, bool masked,
+                                               const Scores& score, bool masked,
                                                const int (&key_begin)[2], const int (&key_end)[2]) {
   const int t = threadIdx.x % 4;
 #pragma unroll
@@ -112,7 +130,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO]
     for (int nt = 0; nt < NS; ++nt) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        float x = s[nt][2 * r + e] * scale_log2;
+        float x = score(s[nt][2 * r + e]);
         const int key = nt * 8 + 2 * t + e;
         if (masked && (key < key_begin[r] || key >= key_end[r])) x = -INFINITY;
         s[nt][2 * r + e] = x;
@@ -144,14 +162,16 @@ __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&o)[NO]
   }
 }
 
-// out = o / sum, lse = ln(sum) + max for the warp's rows; rows past seq_q and dims past head_dim
-// are not stored.
+// The warp's rows' out (its v dims [v0, v0 + 8 NO)) and, from the CTA of v0 = 0, lse, both from
+// finish_row (the sink folded in); rows past seq_q and dims past head_dim_v are not stored.
 template <typename T, int NO>
 __device__ __forceinline__ void store_out(const FwdParams& p, float (&o)[NO][4], RowState& st,
-                                          int row0) {
+                                          int row0, int v0) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int b = blockIdx.z, h = blockIdx.y;
-  const int seq_q = static_cast<int>(p.shape.seq_q), head_dim = static_cast<int>(p.shape.head_dim);
+  const int seq_q = static_cast<int>(p.shape.seq_q);
+  const int head_dim_v = static_cast<int>(p.shape.head_dim_v);
+  const float sink = sink_of(p, h, kLog2e);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float sum = st.sum[r];
@@ -159,13 +179,13 @@ __device__ __forceinline__ void store_out(const FwdParams& p, float (&o)[NO][4],
     sum += __shfl_xor_sync(0xffffffff, sum, 2);
     const int row = row0 + g + 8 * r;
     if (row >= seq_q) continue;
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    const RowEnd end = finish_row<true>(st.max[r], sum, sink);
     const int64_t base =
-        b * p.out_stride.batch + h * p.out_stride.head + row * p.out_stride.seq + 2 * t;
+        b * p.out_stride.batch + h * p.out_stride.head + row * p.out_stride.seq + v0 + 2 * t;
 #pragma unroll
     for (int dt = 0; dt < NO; ++dt) {
-      if (dt * 8 >= head_dim) break;
-      const float x0 = o[dt][2 * r] * inv, x1 = o[dt][2 * r + 1] * inv;
+      if (v0 + dt * 8 >= head_dim_v) break;
+      const float x0 = o[dt][2 * r] * end.out_scale, x1 = o[dt][2 * r + 1] * end.out_scale;
       if (p.out_dtype == DType::kFloat32) {
         *reinterpret_cast<float2*>(static_cast<float*>(p.out) + base + dt * 8) =
             make_float2(x0, x1);
@@ -174,10 +194,7 @@ __device__ __forceinline__ void store_out(const FwdParams& p, float (&o)[NO][4],
             MmaType<T>::pack(x0, x1);
       }
     }
-    if (t == 0) {
-      p.lse[b * p.lse_stride.batch + h * p.lse_stride.head + row] =
-          sum > 0.0f ? (st.max[r] + log2f(sum)) * kLn2 : -INFINITY;
-    }
+    if (t == 0 && v0 == 0) p.lse[b * p.lse_stride.batch + h * p.lse_stride.head + row] = end.lse;
   }
 }
 
@@ -186,22 +203,26 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     flash_fwd_kernel(const FwdParams p, const RowKeys<int> keys) {
   using QTile = typename Cfg::QTile;
   using KTile = typename Cfg::KTile;
-  constexpr int D = Cfg::D, MT = Cfg::kRowTiles;
+  using VTile = typename Cfg::VTile;
+  constexpr int D = Cfg::D, Dv = Cfg::Dv, MT = Cfg::kRowTiles;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kThreads = Cfg::kThreads;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);  // [kBlockM, D]
   T* sK = sQ + QTile::kElems;          // [kBlockN, D]
-  T* sV = sK + KTile::kElems;          // [kBlockN, D]
+  T* sV = sK + KTile::kElems;          // [kBlockN, Dv]
 
   const int b = blockIdx.z, h = blockIdx.y, hk = h / (p.shape.heads_q / p.shape.heads_kv);
   const int seq_q = static_cast<int>(p.shape.seq_q), seq_k = static_cast<int>(p.shape.seq_k);
   const int head_dim = static_cast<int>(p.shape.head_dim);
+  const int head_dim_v = static_cast<int>(p.shape.head_dim_v);
   // Last row block first: under a causal mask it has the most keys, so the long CTAs start early.
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
+  // The CTAs of one row block, one per Dv of the v dims, are neighbours.
+  const int slices = v_slices<Cfg>(p.shape), tile = gridDim.x - 1 - blockIdx.x;
+  const int m0 = (tile / slices) * kBlockM, v0 = (tile % slices) * Dv;
   const int warp_row = (threadIdx.x / 32) * Cfg::kWarpRows;
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head + v0;
 
   // Key blocks [nb_begin, nb_end) hold every key some row of this CTA sees: its hull (Note [Mask
   // rule] in csrc/common/mask.h; the last row may lie past seq_q).
@@ -219,10 +240,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       seen[mt][r] = keys.keys(int64_t{m0} + warp_row + 16 * mt + g + 8 * r);
   }
 
-  float o[MT][D / 8][4];
+  float o[MT][Dv / 8][4];
   zero(o);
   RowState st[MT];
-  const float scale_log2 = p.scale * kLog2e;
+  const Scores score = Scores::make(p.scale, p.softcap, kLog2e);
 
   if (nb_begin < nb_end) {
     load_tile<QTile, kThreads>(sQ, q, p.q_stride.seq, m0, seq_q, head_dim);
@@ -233,7 +254,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     const int n0 = nb * kBlockN;
     cp_async_wait_all();
     __syncthreads();  // K_nb visible; every warp is done with V_{nb-1}
-    load_tile<KTile, kThreads>(sV, v, p.v_stride.seq, n0, seq_k, head_dim);
+    load_tile<VTile, kThreads>(sV, v, p.v_stride.seq, n0, seq_k, head_dim_v - v0);
     cp_async_commit();
 
     float s[MT][kBlockN / 8][4];  // [R rows, kBlockN keys] of this warp
@@ -248,7 +269,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           block_visibility(seen[mt][0], seen[mt][1], n0, n0 + kBlockN) != BlockVisibility::kFull;
       const int key_begin[2] = {seen[mt][0].begin - n0, seen[mt][1].begin - n0};
       const int key_end[2] = {seen[mt][0].end - n0, seen[mt][1].end - n0};
-      online_softmax(s[mt], o[mt], st[mt], scale_log2, masked, key_begin, key_end);
+      online_softmax(s[mt], o[mt], st[mt], score, masked, key_begin, key_end);
     }
 
     cp_async_wait_all();
@@ -257,16 +278,17 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       load_tile<KTile, kThreads>(sK, k, p.k_stride.seq, n0 + kBlockN, seq_k, head_dim);
       cp_async_commit();
     }
-    warp_gemm_reg_a<MT, D / 8, kBlockN, KTile>(o, s, sV, 0);
+    warp_gemm_reg_a<MT, Dv / 8, kBlockN, VTile>(o, s, sV, 0);
   }
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) store_out<T>(p, o[mt], st[mt], m0 + warp_row + 16 * mt);
+  for (int mt = 0; mt < MT; ++mt) store_out<T>(p, o[mt], st[mt], m0 + warp_row + 16 * mt, v0);
 }
 
 template <typename T, typename Cfg>
 void launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  const dim3 grid = make_grid((p.shape.seq_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.shape.heads_q,
-                              p.shape.batch, "flash_fwd");
+  const int64_t row_blocks = (p.shape.seq_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  const dim3 grid =
+      make_grid(row_blocks * v_slices<Cfg>(p.shape), p.shape.heads_q, p.shape.batch, "flash_fwd");
   launch(flash_fwd_kernel<T, Cfg>, "flash_fwd", grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p,
          row_keys<int>(p.mask, p.shape));
 }
@@ -289,7 +311,7 @@ void launch_bucket(const FwdParams& p, cudaStream_t stream) {
 
 template <typename T>
 void dispatch_head_dim(const FwdParams& p, cudaStream_t stream) {
-  head_dim_switch(p.shape.head_dim,
+  head_dim_switch(bucket_dim(p.shape),
                   [&](auto d) { launch_bucket<T, decltype(d)::value>(p, stream); });
 }
 

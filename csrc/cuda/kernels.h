@@ -1,8 +1,8 @@
 // Launchers of the CUDA kernels, callable from torch-free and ATen code alike.
-// Each launcher picks the tensor-core path (bf16/fp16, head_dim <= 256 and a multiple of 8, 16-byte
-// aligned rows) or the SIMT fallback (float32, odd alignments), and throws std::runtime_error on a
-// launch failure or unsupported input. All work is queued on `stream`; nothing synchronises the
-// host.
+// Each launcher picks the tensor-core path (bf16/fp16, head_dim and head_dim_v multiples of 8 up to
+// 512, 16-byte aligned rows) or the SIMT fallback (float32, other head dims up to 512, odd
+// alignments), and throws std::runtime_error on a launch failure or unsupported input. All work is
+// queued on `stream`; nothing synchronises the host.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -1,6 +1,6 @@
 // Host-side helpers shared by the launchers: error checks, the device's shared-memory limit, grid
 // limits, the tensor-core eligibility test and the size limits every kernel relies on (the mask
-// rule, csrc/common/mask.h, indexes keys and rows in int).
+// rule, csrc/common/mask.h, indexes keys and rows in int; head dims up to kMaxHeadDim).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -12,6 +12,7 @@
 
 #include "../common/mask.h"
 #include "../common/params.h"
+#include "head_dim.h"
 
 namespace ring_ext::cuda {
 
@@ -83,8 +84,10 @@ inline bool rows_aligned(const void* ptr, const Strides& s, int64_t batch, int64
   return aligned16(ptr) && ok(s.batch, batch) && ok(s.seq, seq) && ok(s.head, heads);
 }
 
+// Both head dims (q/k's and v's) multiples of 8 up to kMaxHeadDim: whole 16-byte chunks.
 inline bool tensor_core_dims(const Shape& s) {
-  return s.head_dim > 0 && s.head_dim <= 256 && s.head_dim % 8 == 0;
+  const auto ok = [](int64_t d) { return d > 0 && d <= kMaxHeadDim && d % 8 == 0; };
+  return ok(s.head_dim) && ok(s.head_dim_v);
 }
 
 // The sizes every kernel takes: whole GQA groups, sequences below 2^30 (the device's mask rule
@@ -98,6 +101,12 @@ inline void check_shape(const Shape& s) {
   }
   if (s.batch > 65535 || s.heads_q > 65535) {
     throw std::invalid_argument("ring_ext CUDA: batch and heads must be <= 65535");
+  }
+  if (s.head_dim < 1 || s.head_dim > kMaxHeadDim || s.head_dim_v < 1 ||
+      s.head_dim_v > kMaxHeadDim) {
+    throw std::invalid_argument(
+        "ring_ext CUDA: head_dim and head_dim_v must be in [1, " + std::to_string(kMaxHeadDim) +
+        "], got " + std::to_string(s.head_dim) + " and " + std::to_string(s.head_dim_v));
   }
 }
 

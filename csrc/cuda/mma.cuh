@@ -124,7 +124,9 @@ __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t ld, in
                                           int head_dim) {
   constexpr int kChunks = Tile::kRows * Tile::kChunks;
   const int tid = threadIdx.x;
-#pragma unroll
+  // Unrolled 8 chunks at a time (whole up to 8 per thread): the 16 per thread of the D = 512
+  // backward's Q and dO tiles, unrolled whole, keep their addresses live and spill on sm_80.
+#pragma unroll 8
   for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
     const int c = tid + i * kThreads;
     if (kChunks % kThreads != 0 && c >= kChunks) break;
