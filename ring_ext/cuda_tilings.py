@@ -14,8 +14,8 @@ ENV = {"fwd": "RING_EXT_CUDA_FWD_TILING", "bwd": "RING_EXT_CUDA_BWD_TILING"}
 
 
 def names(kernel: str, bucket: int) -> list[str]:
-    """The tilings of `kernel` ("fwd" or "bwd") compiled for head-dim bucket `bucket` (64, 128 or 256:
-    head dims up to 64, up to 128, above), the default first; [] in a build without CUDA."""
+    """The tilings of `kernel` ("fwd" or "bwd") compiled for head-dim bucket `bucket` (64, 128, 256 or
+    512: the larger of the q/k and v head dims up to 64, 128, 256, 512), the default first; [] in a build without CUDA."""
     prefix = f"{kernel}/{bucket}/"
     return [t[len(prefix) :] for t in torch.ops.ring_ext.cuda_tilings() if t.startswith(prefix)]
 

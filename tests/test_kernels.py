@@ -44,8 +44,9 @@ def seed_of(*params) -> int:
 
 def tensor_core_family(dtype, head_dim) -> str:
     """The CUDA kernel family of aligned inputs: tensor cores for 16-bit dtypes and head dims that are
-    multiples of 8, else SIMT."""
-    return "tensor_core" if dtype != torch.float32 and head_dim % 8 == 0 and head_dim <= 256 else "simt"
+    multiples of 8 (up to 512; the backward above 256 only where the shared memory allows it,
+    docs/cuda.md), else SIMT."""
+    return "tensor_core" if dtype != torch.float32 and head_dim % 8 == 0 and head_dim <= 512 else "simt"
 
 
 def well_conditioned_rows(sq, sk, causal, q_offset=0, k_offset=0, device="cpu"):

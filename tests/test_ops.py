@@ -316,7 +316,7 @@ def test_build_info():
         assert tilings == []
     else:
         buckets = {tuple(t.split("/")[:2]) for t in tilings}
-        assert buckets == {(k, d) for k in ("fwd", "bwd") for d in ("64", "128", "256")}, tilings
+        assert buckets == {(k, d) for k in ("fwd", "bwd") for d in ("64", "128", "256", "512")}, tilings
     assert info["torch_version"] == torch.__version__
 
 
