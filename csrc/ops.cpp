@@ -46,10 +46,11 @@ TORCH_LIBRARY(ring_ext, m) {
   // v [b, sk, hkv, dv] (dv may differ from d: MLA), out [b, sq, hq, dv]. softcap (0: none) and
   // sinks (a float [hq] or None): Note [Softcap and sinks] in csrc/common/params.h; every op
   // below takes softcap, the forward ones sinks (the backward ones need only the final lse).
-  // Causal is at global offsets (key j visible to row i iff k_offset + j <= q_offset + i). out_fp32 keeps the partial output
-  // in float32 for the ring's merge. visible (int64 [2, seq_q], with causal=False) replaces the
-  // mask by per-row key intervals [visible[0, i], visible[1, i]), non-decreasing in i: packed
-  // documents and sliding windows (MaskKind::kRows in csrc/common/params.h).
+  // Causal is at global offsets (key j visible to row i iff k_offset + j <= q_offset + i). out_fp32
+  // keeps the partial output in float32 for the ring's merge. visible (int64 [2, seq_q], with
+  // causal=False) replaces the mask by per-row key intervals [visible[0, i], visible[1, i]),
+  // non-decreasing in i: packed documents and sliding windows (MaskKind::kRows in
+  // csrc/common/params.h).
   // clang-format off
   m.def("fwd("
         "Tensor q, "

@@ -144,7 +144,15 @@ def _cu_tensor(cu_seqlens) -> torch.Tensor | None:
 
 
 def cp_op(
-    qv, kv, vv, ctx, scale: float, layout: str = "bshd", check_group: str = "", softcap: float = 0.0, sinks=None
+    qv,
+    kv,
+    vv,
+    ctx,
+    scale: float,
+    layout: str = "bshd",
+    check_group: str = "",
+    softcap: float = 0.0,
+    sinks=None,
 ):
     """torch.ops.ring_ext.attention on [b, s, h, d] views of this rank's dense shards with ctx's
     algorithm and groups: (out dense in `layout`, float32 lse [b, hq, s]). No checks but the

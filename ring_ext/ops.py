@@ -36,7 +36,9 @@ def _empty_like_q(q: torch.Tensor, head_dim_v: int, dtype: torch.dtype) -> torch
 
 
 @torch.library.register_fake("ring_ext::fwd")
-def _fwd_fake(q, k, v, scale, causal, q_offset=0, k_offset=0, out_fp32=False, visible=None, softcap=0.0, sinks=None):
+def _fwd_fake(
+    q, k, v, scale, causal, q_offset=0, k_offset=0, out_fp32=False, visible=None, softcap=0.0, sinks=None
+):
     q = _dim_contiguous(q)
     out = _empty_like_q(q, v.shape[-1], torch.float32 if out_fp32 else q.dtype)
     return out, _row_stats(q)

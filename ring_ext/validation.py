@@ -173,7 +173,7 @@ def check_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, packed:
     check_bshd(q, k, v)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"k and v must have q's local sequence length {q.shape[1]}, got {k.shape[1]}")
-    heads_q, heads_kv = q.shape[2], k.shape[2]
+    heads_q = q.shape[2]
     u = ctx.ulysses_degree
     if u > 1:
         if heads_q < u:  # any other count splits (Note [Ulysses head split] in csrc/cp/ulysses.cpp)

@@ -77,3 +77,18 @@ def test_kernel_table_reports_percent_of_peak(tmp_path):
         percents = [float(x) for x in re.findall(r"\| (\d+)% ", row)]
         assert len(percents) == 2 and all(p > 0 for p in percents), row
     assert re.search(r"FMA-loop peak, GFLOP/s \(before / after the table\): fp32 \d+ / \d+", out.read_text())
+
+
+def test_variants_benchmark_runs(tmp_path):
+    """benchmarks/bench_variants.py at a tiny size: both tables, every column a ratio."""
+    out = tmp_path / "v.md"
+    subprocess.run(
+        [sys.executable, os.path.join(BENCH, "bench_variants.py"), "--seq", "64", "--heads", "2", "--dim", "16",
+         "--dtypes", "fp32", "--repeats", "1", "--threads", "1", "--out", str(out)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    text = out.read_text()
+    assert re.search(
+        r"\| fp32 \| 64 \| 2 \| 16 \| fwd\+bwd \| [\d.]+ \| [\d.]+x \| [\d.]+x \| [\d.]+x \|", text
+    ), text
+    assert re.search(r"\| fp32 \| 64 \| 2 \| 192 / 128 \| fwd \| [\d.]+ \| [\d.]+ \| [\d.]+x \|", text), text

@@ -176,7 +176,11 @@ def test_cp_sizes_default_to_the_launched_world(argv, world, expected):
         ),
         (["demo", "--algos", "hybrid", "--heads", "2"], 3, "hybrid cannot run at CP size 3 (--heads 2)"),
         (["demo", "--algos", "ulysses", "--heads", "3"], 4, "ulysses cannot run at CP size 4 (--heads 3)"),
-        (["bench", "--cp-sizes", "1,3", "--algos", "hybrid", "--heads", "2"], None, "hybrid cannot run at CP sizes 1 and 3"),
+        (
+            ["bench", "--cp-sizes", "1,3", "--algos", "hybrid", "--heads", "2"],
+            None,
+            "hybrid cannot run at CP sizes 1 and 3",
+        ),
         (["bench", "--cp-sizes", "1", "--algos", "double"], None, "double cannot run at CP size 1"),
         (["demo", "--algos", "rign"], 2, "unknown ['rign']"),
     ],

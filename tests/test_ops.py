@@ -135,7 +135,9 @@ def _attention_bwd_samples(group):
             q, k, v, *rest = args
             yield (_layout_view(torch.randn(out.shape), layout), q, k, v, out, lse, *rest), {}
         args, kwargs = _attention_args(group, algo, "bshd", causal=True, requires_grad=False)
-        out, lse = torch.ops.ring_ext.attention(*args, **kwargs, softcap=2.0, sinks=torch.randn(args[0].shape[2]))
+        out, lse = torch.ops.ring_ext.attention(
+            *args, **kwargs, softcap=2.0, sinks=torch.randn(args[0].shape[2])
+        )
         q, k, v, *rest = args
         yield (torch.randn(out.shape), q, k, v, out, lse, *rest), {"softcap": 2.0}
 

@@ -61,7 +61,10 @@ def run_variant(rank: int, world: int, case: Variant):
         cu = torch.tensor([0, *torch.tensor(case.docs).cumsum(0).tolist()])
     packing = {} if cu is None else {"cu_seqlens": cu}
     seq_dim = SEQ_DIM[case.layout]
-    local = [ring_ext.shard(from_bshd(t, case.layout).contiguous(), ctx, seq_dim, **packing) for t in (q, k, v, dout)]
+    local = [
+        ring_ext.shard(from_bshd(t, case.layout).contiguous(), ctx, seq_dim, **packing)
+        for t in (q, k, v, dout)
+    ]
     ql, kl, vl = (t.requires_grad_() for t in local[:3])
     sl = sinks.clone().requires_grad_() if case.sinks else None
     out = ring_ext.attention(
@@ -77,13 +80,25 @@ def run_variant(rank: int, world: int, case: Variant):
         dist.all_reduce(dsinks)
         got.append(dsinks)
 
-    leaves = [t.double().requires_grad_() for t in (q, k, v)] + ([sinks.double().requires_grad_()] if case.sinks else [])
+    leaves = [t.double().requires_grad_() for t in (q, k, v)] + (
+        [sinks.double().requires_grad_()] if case.sinks else []
+    )
     mask = None
     if cu is not None or case.sliding_window:
         positions = torch.arange(total)
-        mask = packed_mask(positions, positions, cu.tolist() if cu is not None else [0, total], case.causal, case.sliding_window)
+        mask = packed_mask(
+            positions,
+            positions,
+            cu.tolist() if cu is not None else [0, total],
+            case.causal,
+            case.sliding_window,
+        )
     o64, _ = attention_reference(
-        *leaves[:3], causal=case.causal, mask=mask, softcap=case.softcap, sinks=leaves[3] if case.sinks else None
+        *leaves[:3],
+        causal=case.causal,
+        mask=mask,
+        softcap=case.softcap,
+        sinks=leaves[3] if case.sinks else None,
     )
     expected = [o64.detach(), *torch.autograd.grad(o64, leaves, dout.double())]
     names = ["out", "dq", "dk", "dv", "dsinks"]

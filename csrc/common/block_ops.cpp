@@ -176,16 +176,17 @@ Mask mask_of(bool causal, int64_t q_offset, int64_t k_offset,
 
 void check_softcap(double softcap) {
   TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0,
-                    "ring_ext: softcap must be 0 (none) or a positive finite number, got ", softcap);
+                    "ring_ext: softcap must be 0 (none) or a positive finite number, got ",
+                    softcap);
 }
 
 std::optional<at::Tensor> check_sinks(const std::optional<at::Tensor>& sinks, int64_t heads_q,
                                       const at::Tensor& q) {
   if (!sinks.has_value()) return std::nullopt;
-  TORCH_CHECK_VALUE(sinks->dim() == 1 && sinks->size(0) == heads_q &&
-                        at::isFloatingType(sinks->scalar_type()),
-                    "ring_ext: sinks must be a float tensor [heads_q] = [", heads_q, "], got ",
-                    sinks->scalar_type(), " ", sinks->sizes());
+  TORCH_CHECK_VALUE(
+      sinks->dim() == 1 && sinks->size(0) == heads_q && at::isFloatingType(sinks->scalar_type()),
+      "ring_ext: sinks must be a float tensor [heads_q] = [", heads_q, "], got ",
+      sinks->scalar_type(), " ", sinks->sizes());
   return sinks->to(q.device(), at::kFloat).contiguous();
 }
 
@@ -327,7 +328,8 @@ void block_merge(const BlockKernels& kernels, const at::Tensor& out, const at::T
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.stride(-1) == 1,
               "ring_ext: merge_ out must be a float32 accumulator with contiguous head_dim");
   check_like(block_out, "block_out", out, "out", /*same_dtype=*/false);
-  const Shape shape{out.size(0), out.size(2), out.size(2), out.size(1), 0, out.size(3), out.size(3)};
+  const Shape shape{out.size(0), out.size(2), out.size(2), out.size(1),
+                    0,           out.size(3), out.size(3)};
   check_rows(lse, "lse", shape, out);
   check_rows(block_lse, "block_lse", shape, out);
   TORCH_CHECK(lse.stride(2) == 1, "ring_ext: merge_ lse must be contiguous along seq");

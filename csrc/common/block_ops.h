@@ -37,8 +37,7 @@ void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout, const at
                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                    const at::Tensor& delta, double scale, bool causal, int64_t q_offset,
                    int64_t k_offset, const at::Tensor& dq, const at::Tensor& dk,
-                   const at::Tensor& dv, const std::optional<at::Tensor>& visible,
-                   double softcap);
+                   const at::Tensor& dv, const std::optional<at::Tensor>& visible, double softcap);
 
 void block_merge(const BlockKernels& kernels, const at::Tensor& out, const at::Tensor& lse,
                  const at::Tensor& block_out, const at::Tensor& block_lse);
@@ -63,13 +62,13 @@ at::Tensor row_delta(const at::Tensor& dout, const at::Tensor& out);
 template <typename Backend>
 void register_block_ops(torch::Library& m) {
   using at::Tensor;
-  m.impl("fwd", [](const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool causal,
-                   int64_t q_offset, int64_t k_offset, bool out_fp32,
-                   const std::optional<Tensor>& visible, double softcap,
-                   const std::optional<Tensor>& sinks) {
-    return block_fwd(Backend::kKernels, q, k, v, scale, causal, q_offset, k_offset, out_fp32,
-                     visible, softcap, sinks);
-  });
+  m.impl("fwd",
+         [](const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool causal,
+            int64_t q_offset, int64_t k_offset, bool out_fp32, const std::optional<Tensor>& visible,
+            double softcap, const std::optional<Tensor>& sinks) {
+           return block_fwd(Backend::kKernels, q, k, v, scale, causal, q_offset, k_offset, out_fp32,
+                            visible, softcap, sinks);
+         });
   m.impl("bwd", [](const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& out, const Tensor& lse, double scale, bool causal,
                    int64_t q_offset, int64_t k_offset, const std::optional<Tensor>& dlse,

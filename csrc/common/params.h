@@ -71,8 +71,8 @@ struct FwdParams {
   DType in_dtype = DType::kFloat32;   // dtype of q, k, v
   DType out_dtype = DType::kFloat32;  // in_dtype, or kFloat32 for ring partials
   float scale = 1.0f;
-  float softcap = 0.0f;           // Note [Softcap and sinks]; 0: none
-  const float* sinks = nullptr;   // [heads_q] float32 on the kernel's device, or none
+  float softcap = 0.0f;          // Note [Softcap and sinks]; 0: none
+  const float* sinks = nullptr;  // [heads_q] float32 on the kernel's device, or none
   Mask mask;
 };
 

@@ -122,8 +122,8 @@ std::vector<int64_t> seq_shape(const Tensor& x) {
 }
 
 // fwd(q, k, v, sinks of these q heads or none) on one head group.
-using GroupFwd = std::function<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
-                                                          const Tensor&, const std::optional<Tensor>&)>;
+using GroupFwd = std::function<std::tuple<Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&)>;
 using GroupBwd = std::function<std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>;
 
@@ -153,8 +153,7 @@ Tensor forward_by_heads(const Tensor& q, const Tensor& k, const Tensor& v, const
 ulysses::InnerFwd gathered_by_heads(GroupFwd fwd) {
   return [fwd = std::move(fwd)](const Tensor& qh, const Tensor& kh, const Tensor& vh,
                                 const std::optional<Tensor>& sinks) {
-    if (head_groups(kh) == 1)
-      return fwd(heads(qh, 0, 1), heads(kh, 0, 1), heads(vh, 0, 1), sinks);
+    if (head_groups(kh) == 1) return fwd(heads(qh, 0, 1), heads(kh, 0, 1), heads(vh, 0, 1), sinks);
     std::vector<int64_t> shape = seq_shape(qh);
     shape[3] = seq_shape(vh)[3];  // out has v's head dim
     Tensor out_h = at::empty(shape, qh.options());
@@ -248,8 +247,7 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
   const Groups g{group, inner, outer, ulysses_group};
   check_backend(ring::parse_algo(algo) == ring::Algo::kUlysses ? g.ulysses : g.ring, q);
   cp::check_across_ranks(check_group, {q, k, v, local_len, scale, causal, algo, overlap, layout,
-                                       visible.has_value(), signature, softcap,
-                                       sinks.has_value()});
+                                       visible.has_value(), signature, softcap, sinks.has_value()});
   const ring::Options opt{scale, softcap, causal, overlap};
   switch (ring::parse_algo(algo)) {
     case ring::Algo::kRing: {

@@ -241,7 +241,8 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   // *is* the running result: no zero-filled start and no merge into it.
   Tensor out_acc, lse;
   auto start_empty = [&] {  // out 0, lse -inf: no key seen yet
-    out_acc = at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options().dtype(at::kFloat));
+    out_acc =
+        at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options().dtype(at::kFloat));
     lse = at::full({q.size(0), q.size(2), q.size(1)}, -INFINITY, q.options().dtype(at::kFloat));
   };
   for_each_block(s, pack_kv(k, v, s.rows), [&](int64_t, const Step& st, const Held& held) {
@@ -270,8 +271,8 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
 
 namespace {
 
-// Where this rank's own dK/dV come home to, float32 [b, rows, hkv, d + dv]: partials that arrive from
-// the ranks that held its block are added into home_ (the first one becomes it: no zero-filled
+// Where this rank's own dK/dV come home to, float32 [b, rows, hkv, d + dv]: partials that arrive
+// from the ranks that held its block are added into home_ (the first one becomes it: no zero-filled
 // start). Both gradient strategies below end there. Every buffer lives while it is computed into or
 // in flight, no longer (docs/design.md, Memory per rank).
 class GradsHome {
@@ -413,10 +414,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_with(const Tensor& dout, const Tenso
       const Keys keys = keys_of(s, held, st.src, r);
       ops.bwd_acc.call(dout.narrow(1, r.q0, r.nq), q.narrow(1, r.q0, r.nq),
                        k_part(held.kv, d, keys.k0, keys.nk), v_part(held.kv, d, keys.k0, keys.nk),
-                       lse.narrow(2, r.q0, r.nq), delta.narrow(2, r.q0, r.nq), s.scale,
-                       item.causal, r.q_offset, r.k_offset, dq.narrow(1, r.q0, r.nq),
-                       k_part(g, d, keys.k0, keys.nk), v_part(g, d, keys.k0, keys.nk),
-                       keys.visible, s.softcap);
+                       lse.narrow(2, r.q0, r.nq), delta.narrow(2, r.q0, r.nq), s.scale, item.causal,
+                       r.q_offset, r.k_offset, dq.narrow(1, r.q0, r.nq),
+                       k_part(g, d, keys.k0, keys.nk), v_part(g, d, keys.k0, keys.nk), keys.visible,
+                       s.softcap);
     }
     grads.end_step(step, st, g, held);
   });

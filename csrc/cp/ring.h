@@ -23,8 +23,8 @@ struct GroupNames {
 struct Options {
   double scale = 1.0;
   double softcap = 0.0;  // Note [Softcap and sinks] in csrc/common/params.h; 0: none
-  bool causal = false;  // zigzag-sharded causal mask, else full
-  bool overlap = true;  // post each transfer before the compute it hides behind
+  bool causal = false;   // zigzag-sharded causal mask, else full
+  bool overlap = true;   // post each transfer before the compute it hides behind
 };
 
 // Rows [lo, hi) of a block.

@@ -62,8 +62,8 @@
 namespace ring_ext::ulysses {
 namespace {
 
-using c10d::ProcessGroup;
 using at::Tensor;
+using c10d::ProcessGroup;
 
 // What one tensor of an all-to-all is: to[j], what goes to rank j (any strides), and the slot
 // every rank's part gets in the buffer: at least as large as every to[j] in every dim; what a
@@ -199,7 +199,8 @@ Part kv_to(const Tensor& x, const HeadSplit& sp, int64_t gi, int64_t G, int64_t 
 }
 Part rows_to(const Tensor& x, const HeadSplit& sp, int64_t gi, int64_t G, int64_t rows) {
   Part p{{}, {x.size(0), sp.q_max() / G, rows}};
-  for (int64_t j = 0; j < sp.P; ++j) p.to.push_back(heads_of(x, 1, sp.q_begin(j), sp.q_count(j), gi, G));
+  for (int64_t j = 0; j < sp.P; ++j)
+    p.to.push_back(heads_of(x, 1, sp.q_begin(j), sp.q_count(j), gi, G));
   return p;
 }
 // The way back: sequence chunk j of a head-sharded result to rank j.
@@ -221,7 +222,9 @@ Part rows_seq_to(const Tensor& x, int64_t P, int64_t width) {
 // Received [P(src), rows, b, slot heads, d] -> [b, P, rows, n, d], a view of the first n heads: the
 // parts share each source's row of the buffer, so the sequence is not one stride and flattening
 // copies. The inner functions copy one head group at a time (Note [Head groups] in attention.cpp).
-Tensor as_seq(const Tensor& recv, int64_t n) { return recv.narrow(3, 0, n).permute({2, 0, 1, 3, 4}); }
+Tensor as_seq(const Tensor& recv, int64_t n) {
+  return recv.narrow(3, 0, n).permute({2, 0, 1, 3, 4});
+}
 // Received [P(src), b, slot heads, rows] -> [b, n, s], contiguous along s.
 Tensor as_rows_seq(const Tensor& recv, int64_t n) {
   return recv.narrow(2, 0, n).permute({1, 2, 0, 3}).flatten(2, 3).contiguous();
@@ -302,8 +305,8 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
         for_each_kv_run(sp, me, [&](int64_t qa, int64_t qn, int64_t kv) {
           std::optional<Tensor> run_sinks;
           if (sinks_h.has_value()) run_sinks = sinks_h->narrow(0, qa, qn);
-          auto [o, l] = inner(qh.narrow(3, qa, qn), kh.narrow(3, kv, 1), vh.narrow(3, kv, 1),
-                              run_sinks);
+          auto [o, l] =
+              inner(qh.narrow(3, qa, qn), kh.narrow(3, kv, 1), vh.narrow(3, kv, 1), run_sinks);
           out_h.narrow(2, qa, qn).copy_(o);
           lse_h.narrow(1, qa, qn).copy_(l);
         });
@@ -328,7 +331,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
   const int64_t me = pg->getRank(), G = sp.groups(by_head);
   const int64_t n = sp.q_count(me) / G, m = sp.kv_count(me) / G;
   const Tensor d = dout.to(q.scalar_type());
-  Tensor dq, dk, dv;  // [b, sl, heads, d] in the dtypes inner chose
+  Tensor dq, dk, dv;                    // [b, sl, heads, d] in the dtypes inner chose
   for (int64_t gi = 0; gi < G; ++gi) {  // Note [Ulysses head groups]
     Tensor dqh, dkh, dvh;               // head-sharded
     {                                   // the gathered inputs are freed before the trip back
@@ -354,10 +357,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
         dvh = at::cat(dvs, 2);
       }
     }
-    const auto back = all_to_all({seq_to(dqh, sp.P, sp.q_max() / G),
-                                  seq_to(dkh, sp.P, sp.kv_max() / G),
-                                  seq_to(dvh, sp.P, sp.kv_max() / G)},
-                                 *pg);
+    const auto back =
+        all_to_all({seq_to(dqh, sp.P, sp.q_max() / G), seq_to(dkh, sp.P, sp.kv_max() / G),
+                    seq_to(dvh, sp.P, sp.kv_max() / G)},
+                   *pg);
     if (gi == 0) {
       const bool shared = sp.shares_kv();  // several ranks' parts of a K/V head are summed
       dq = at::empty(q.sizes(), dqh.options());

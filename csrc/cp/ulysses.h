@@ -37,8 +37,8 @@ bool shares_kv_heads(int64_t heads_q, int64_t heads_kv, int64_t degree);
 
 // q [b, s_local, hq, d], k [b, s_local, hkv, d], v [b, s_local, hkv, dv] -> (out, lse float32
 // [b, hq, s_local]), the output written into `out` [b, s_local, hq, dv] (any strides and dtype,
-// e.g. dense in the caller's layout) and returned. sinks: float32 [hq] or none; inner gets its heads'.
-// by_head: one K/V head group at a time (CPU; Note [Ulysses head groups] in ulysses.cpp).
+// e.g. dense in the caller's layout) and returned. sinks: float32 [hq] or none; inner gets its
+// heads'. by_head: one K/V head group at a time (CPU; Note [Ulysses head groups] in ulysses.cpp).
 // rows >= s_local: the length every rank's shard counts as in the gathered sequence (Note [Shards
 // of unequal length] in attention.cpp).
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,

@@ -40,8 +40,7 @@ void pack_head_rows(const BwdParams& p, int64_t b, int64_t hk, int64_t dpad, int
     const int64_t h = hk * group + t / rows.blocks, q0 = t % rows.blocks * kBwdBlockQ;
     const int64_t nq = std::min(kBwdBlockQ, sh.seq_q - q0);
     const RowBlock q = rows_of(p.q, p.in_dtype, p.q_stride, b, h, q0, nq, sh.head_dim);
-    const RowBlock dout =
-        rows_of(p.dout, p.in_dtype, p.dout_stride, b, h, q0, nq, sh.head_dim_v);
+    const RowBlock dout = rows_of(p.dout, p.in_dtype, p.dout_stride, b, h, q0, nq, sh.head_dim_v);
     pack_a(q, kBwdBlockQ, dpad, rows.q_a.data() + t * rows.q_size);
     pack_a(dout, kBwdBlockQ, dvpad, rows.dout_a.data() + t * rows.dout_size);
     if (kStep<T> != 1) {
@@ -111,8 +110,8 @@ void bwd_operands(BwdWorkspace<T>& ws, int64_t nq_pad, int64_t n_pad, Operand<T>
 // in the task's float32 dQ partial ([rows][dpad], unscaled).
 template <typename T>
 void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T>& rows, int64_t b,
-              int64_t h, int64_t g, int64_t qb, int64_t k0, int64_t nk, int64_t dpad,
-              int64_t dvpad, BwdWorkspace<T>& ws, float* dq) {
+              int64_t h, int64_t g, int64_t qb, int64_t k0, int64_t nk, int64_t dpad, int64_t dvpad,
+              BwdWorkspace<T>& ws, float* dq) {
   constexpr int64_t step = kStep<T>;
   const Shape& sh = p.shape;
   const int64_t q0 = qb * kBwdBlockQ, nq = std::min(kBwdBlockQ, sh.seq_q - q0);
@@ -130,8 +129,8 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
   // S [nq, nc] = Q K^T; dP [nq, nc] = dO V^T (columns c0.. of the [rows][kBlockK] tiles)
   gemm(rows.q_a.data() + q_off, dpad, step, ws.kt.data() + c0 * step, kBlockK * step, nq, nc,
        d_steps, ws.s.data() + c0, kBlockK, false);
-  gemm(rows.dout_a.data() + dout_off, dvpad, step, ws.vt.data() + c0 * step, kBlockK * step, nq,
-       nc, dv_steps, ws.dp.data() + c0, kBlockK, false);
+  gemm(rows.dout_a.data() + dout_off, dvpad, step, ws.vt.data() + c0 * step, kBlockK * step, nq, nc,
+       dv_steps, ws.dp.data() + c0, kBlockK, false);
   const float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + q0;
   const float* delta = p.delta + b * p.delta_stride.batch + h * p.delta_stride.head + q0;
   for (int64_t i = 0; i < nq_pad; ++i) {
@@ -148,8 +147,8 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
     // A row that saw no key (lse = -inf) has P = 0: exp(s - inf) = 0.
     const float row_lse = lse[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse[i];
     if (p.softcap > 0.0f) {  // Note [Softcap and sinks]
-      bwd_row_softcap(srow + c0, dprow + c0, begin - c0, end - c0, nc, p.scale, p.softcap,
-                      row_lse, delta[i]);
+      bwd_row_softcap(srow + c0, dprow + c0, begin - c0, end - c0, nc, p.scale, p.softcap, row_lse,
+                      delta[i]);
     } else {
       bwd_row(srow + c0, dprow + c0, begin - c0, end - c0, nc, p.scale, row_lse, delta[i]);
     }

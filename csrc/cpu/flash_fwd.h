@@ -73,8 +73,8 @@ void softmax_step(const FwdParams& p, const RowKeys<int64_t>& keys, FwdWorkspace
 }
 
 // out = O / l and lse = m + log(l) of the task's rows; rows that saw no key get 0 and -inf. A sink
-// (Note [Softcap and sinks]) adds exp(sink) to l, at the larger of m and the sink: a row that saw no
-// key gets 0 and lse = sink.
+// (Note [Softcap and sinks]) adds exp(sink) to l, at the larger of m and the sink: a row that saw
+// no key gets 0 and lse = sink.
 template <typename T>
 void fwd_finish(const FwdParams& p, FwdWorkspace<T>& ws, int64_t b, int64_t h, int64_t q0,
                 int64_t nq, int64_t dvpad) {
@@ -156,8 +156,7 @@ void flash_fwd_tiled(const FwdParams& p, ParallelFor parallel_for) {
         [&](int64_t, int64_t first, int64_t stop, const HeadKV<T>& kv) {
           for (int64_t t = first; t < stop; ++t) {
             const int64_t qb = zigzag(t % q_blocks, q_blocks), bh = t / q_blocks;
-            fwd_task(p, keys, kv, bh / sh.heads_q, bh % sh.heads_q, qb * kBlockQ, dpad, dvpad,
-                     ws);
+            fwd_task(p, keys, kv, bh / sh.heads_q, bh % sh.heads_q, qb * kBlockQ, dpad, dvpad, ws);
           }
         });
   });

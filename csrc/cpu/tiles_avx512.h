@@ -257,8 +257,9 @@ inline void bwd_row(float* s, float* dp, int64_t begin, int64_t end, int64_t n_p
 inline __m512 tanh16(__m512 y) {
   const __m512 a = _mm512_min_ps(_mm512_abs_ps(y), _mm512_set1_ps(9.0f));
   const __m512 e = exp16(_mm512_add_ps(a, a));
-  const __m512 big = _mm512_sub_ps(
-      _mm512_set1_ps(1.0f), _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+  const __m512 big =
+      _mm512_sub_ps(_mm512_set1_ps(1.0f),
+                    _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
   const __m512 a2 = _mm512_mul_ps(a, a);
   __m512 poly = _mm512_set1_ps(62.0f / 2835);
   poly = _mm512_fmadd_ps(poly, a2, _mm512_set1_ps(-17.0f / 315));
@@ -267,7 +268,8 @@ inline __m512 tanh16(__m512 y) {
   const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(poly, a2), a, a);
   const __m512 t =
       _mm512_mask_mov_ps(big, _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.25f), _CMP_LT_OQ), small);
-  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(int(0x80000000u)));
+  const __m512i sign =
+      _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(int(0x80000000u)));
   return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));
 }
 

@@ -210,15 +210,17 @@ inline __m256 tanh8(__m256 y) {
   const __m256 sign = _mm256_and_ps(y, _mm256_set1_ps(-0.0f));
   const __m256 a = _mm256_min_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), y), _mm256_set1_ps(9.0f));
   const __m256 e = exp8(_mm256_add_ps(a, a));
-  const __m256 big = _mm256_sub_ps(
-      _mm256_set1_ps(1.0f), _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+  const __m256 big =
+      _mm256_sub_ps(_mm256_set1_ps(1.0f),
+                    _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
   const __m256 a2 = _mm256_mul_ps(a, a);
   __m256 poly = _mm256_set1_ps(62.0f / 2835);
   poly = _mm256_fmadd_ps(poly, a2, _mm256_set1_ps(-17.0f / 315));
   poly = _mm256_fmadd_ps(poly, a2, _mm256_set1_ps(2.0f / 15));
   poly = _mm256_fmadd_ps(poly, a2, _mm256_set1_ps(-1.0f / 3));
   const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(poly, a2), a, a);
-  const __m256 t = _mm256_blendv_ps(big, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.25f), _CMP_LT_OQ));
+  const __m256 t =
+      _mm256_blendv_ps(big, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.25f), _CMP_LT_OQ));
   return _mm256_or_ps(t, sign);
 }
 
