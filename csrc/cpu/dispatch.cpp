@@ -3,6 +3,9 @@
 // on x86-64, and not at all with RING_EXT_CPU_ISAS=portable (setup.py then defines
 // RING_EXT_CPU_PORTABLE_ONLY and leaves their files out); elsewhere (aarch64: GH200, GB200) the
 // portable baseline is the only build and needs no detection.
+#include <cstdlib>
+#include <string>
+
 #include "kernels.h"
 
 // The same condition guards kernels_avx512.cpp and kernels_avx2.cpp.
@@ -31,7 +34,7 @@ namespace {
 
 enum class Isa { kAvx512, kAvx2, kBaseline };
 
-Isa detect() {
+Isa best() {
 #if RING_EXT_CPU_X86_ISAS
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -41,6 +44,19 @@ Isa detect() {
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
   return Isa::kBaseline;
+}
+
+// The best level this CPU has, or a lower one named by RING_EXT_CPU_ISA (avx2, baseline: tests run
+// the lower levels' kernels on a higher machine that way). A level the CPU lacks, or an unknown
+// name, is ignored with the best one kept: the variable can slow the kernels, never break them.
+Isa detect() {
+  const Isa top = best();
+  const char* wanted = std::getenv("RING_EXT_CPU_ISA");
+  if (wanted == nullptr) return top;
+  const std::string name(wanted);
+  if (name == "baseline") return Isa::kBaseline;
+  if (name == "avx2" && top != Isa::kBaseline) return Isa::kAvx2;
+  return top;
 }
 
 const Isa kIsa = detect();
