@@ -1,5 +1,5 @@
 """Tiny random causal LMs from transformers configs (nothing downloaded) and their own generate, for
-tests/test_inference.py and tests/test_inference_dist.py."""
+tests/test_inference.py and tests/test_inference_dist.py. Settings as in tests/test_hf.py."""
 
 from __future__ import annotations
 
@@ -26,7 +26,25 @@ MODELS = {  # name: (config class, settings beyond SMALL)
         {"use_sliding_window": True, "max_window_layers": 1, "sliding_window": 6},
     ),
     "mistral": (transformers.MistralConfig, {"sliding_window": 5}),
+    # softcap 50 (the default attn_logit_softcapping), windowed and full layers alternating
+    "gemma2": (transformers.Gemma2Config, {"sliding_window": 8}),
+    # sinks (s_aux), windowed and full layers alternating
+    "gpt_oss": (
+        transformers.GptOssConfig,
+        {"sliding_window": 8, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+    # multi-head latent attention: q/k head dim 16 + 8, v head dim 12; K/V expanded to every head
+    "deepseek_v3": (
+        transformers.DeepseekV3Config,
+        dict(
+            q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, head_dim=8,
+            v_head_dim=12, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, n_group=1, topk_group=1,
+        ),
+    ),  # fmt: skip
 }
+# The model's own attention that generate is compared with: SDPA has no softcap or sinks.
+OWN_ATTENTION = {"gemma2": "eager", "gpt_oss": "eager", "deepseek_v3": "eager"}
 
 
 def tiny_model(name: str, seed: int = 0, **overrides):
@@ -40,7 +58,11 @@ def prompt(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def own_attention(model) -> str:
+    return OWN_ATTENTION.get(model.config.model_type, "sdpa")
+
+
 def own_generate(model, ids, **kwargs) -> torch.Tensor:
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(own_attention(model))
     with torch.no_grad():
         return model.generate(ids, **kwargs)
