@@ -19,6 +19,12 @@ SMALL = dict(
     eos_token_id=None,  # random weights: let every row run to max_new_tokens unless a test sets one
     bos_token_id=None,
 )
+# multi-head latent attention (DeepSeek-V3): q/k head dim 16 + 8, v head dim 12; K/V expanded to every
+# head, so as many K/V heads as q heads; a small mixture of experts
+MLA = dict(
+    q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, head_dim=8, v_head_dim=12,
+    num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+)  # fmt: skip
 MODELS = {  # name: (config class, settings beyond SMALL)
     "llama": (transformers.LlamaConfig, {}),
     "qwen2": (
@@ -33,17 +39,10 @@ MODELS = {  # name: (config class, settings beyond SMALL)
         transformers.GptOssConfig,
         {"sliding_window": 8, "num_local_experts": 4, "num_experts_per_tok": 2},
     ),
-    # multi-head latent attention: q/k head dim 16 + 8, v head dim 12; K/V expanded to every head
-    "deepseek_v3": (
-        transformers.DeepseekV3Config,
-        dict(
-            q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, head_dim=8,
-            v_head_dim=12, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
-            moe_intermediate_size=32, n_group=1, topk_group=1,
-        ),
-    ),  # fmt: skip
+    "deepseek_v3": (transformers.DeepseekV3Config, {**MLA, "n_group": 1, "topk_group": 1}),
 }
-# The model's own attention that generate is compared with: SDPA has no softcap or sinks.
+# The model's own attention that generate is compared with: eager where tests/test_hf.py compares
+# with eager (SDPA has no softcap or sinks)
 OWN_ATTENTION = {"gemma2": "eager", "gpt_oss": "eager", "deepseek_v3": "eager"}
 
 
