@@ -16,8 +16,9 @@ every rank keeps alike, so no rank asks another. Dense shards are equal after pr
 round-robin; packed shards that differ by a few are evened out first. The rule balances memory and, since
 a decode step reads every held key once, the per-rank decode work too.
 
-A layer's rows live in one buffer [batch, capacity, heads_kv, head_dim], in document slots: document d's
-rows are rows [start_d, start_d + fill_d) in increasing position, then the slot's free rows. `keys`
+A layer's rows live in two buffers, K [batch, capacity, heads_kv, head_dim] and V [..., head_dim_v]
+(multi-head latent attention gives v a head dim of its own), in document slots: document d's rows are
+rows [start_d, start_d + fill_d) in increasing position, then the slot's free rows. `keys`
 (int64 [capacity]) gives each row its sort key: d * BIG + pos + 1 for a live row, d * BIG for a row a
 window no longer reaches (dead), d * BIG + BIG - 1 for a free row. The keys are increasing, so the rows
 a query of document d at position p sees (its document, positions [p - w + 1, p]) are one interval
@@ -33,25 +34,38 @@ own rows with torch.ops.ring_ext.fwd and the partials merge by LSE, exactly (doc
   - decode (every rank holds the step's queries): ONE all-gather of (out, lse) per layer, then every
     rank folds the partials in rank order with torch.ops.ring_ext.merge_ (the -inf-safe merge), so every
     rank gets bit-identical outputs. One collective is what a decode step's latency wants: its bytes are
-    cp x tokens x heads x (head_dim + 1) floats, tiny.
+    cp x tokens x heads x (head_dim_v + 1) floats, tiny.
   - pass-Q (a chunk, queries sharded): every rank gathers the chunk's queries, computes them all against
     its rows, and the partials are reduced by an all-reduce of the row maxima and one of the rescaled
     sums (bandwidth-optimal for many rows), after which each rank keeps its own rows.
   - pass-KV (a chunk, queries sharded): every rank gathers every rank's live K/V rows of the layer and
     merges the partials of its own queries (the bytes of a ring pass of the cache; see chunk_mode).
+Every per-rank fwd gets the layer's softcap (it acts on each score, so on each partial alike) and no
+sinks (Note [Sinks: once per row]).
+
+Note [Sinks: once per row]
+A sink adds exp(sink_h) once to each row's softmax denominator. Passed to every rank's fwd it would be
+added once per partial, cp times per row in every mode, and a rank that holds none of a row's keys
+would return (0, lse = sink) instead of the empty partial (0, -inf). So the partials are computed
+without sinks, merged by LSE exactly as without them, and the sink is folded in once into the merged
+float32 (out, lse), before rounding to q's dtype:
+    lse' = logaddexp(lse, sink_h),   out' = out * exp(lse - lse')
+(fold_sinks; a row that saw no key stays 0, as the kernels leave it). This is the kernels' own last
+step (Note [Softcap and sinks] in csrc/common/params.h) applied after the merge instead of inside.
 
 Note [Pass-Q or pass-KV]
 A chunk of n new tokens (a new turn, or a long prompt fed in pieces) against c cached ones: pass-KV
 moves the cache's and chunk's K/V, pass-Q the chunk's queries and the partial results. Per rank,
-received bytes (P = cp - 1 over cp, e = the K/V element size; what this module's collectives move):
+received bytes (P = cp - 1 over cp, e = the K/V element size, d the q/k head dim, dv v's (MLA: its
+own); what this module's collectives move):
 
-    pass-KV   P * (c + n) * 2 * h_kv * d * e
-    pass-Q    P * n * h_q * d * e  +  2 P * n * h_q * (d + 2) * 4   (queries; max and sums, float32)
+    pass-KV   P * (c + n) * h_kv * (d + dv) * e
+    pass-Q    P * n * h_q * d * e  +  2 P * n * h_q * (dv + 2) * 4   (queries; max and sums, float32)
 
-chunk_mode picks the smaller. With bf16 and h_q / h_kv = 8 pass-Q wins below n / (c + n) ~ 2.4%; Meta's
-paper (arXiv 2411.01783) returns partial outputs in bf16 by all-to-all, which lowers its threshold's
-pass-Q side to about n * h_q * d * e and gives the rule n / (c + n) < 2 h_kv / h_q; we keep partials in
-float32 (Math: rounding partials before the merge is the error that grows with the ranks).
+chunk_mode picks the smaller. With bf16, dv = d and h_q / h_kv = 8 pass-Q wins below n / (c + n) ~
+2.4%; Meta's paper (arXiv 2411.01783) returns partial outputs in bf16 by all-to-all, which lowers its
+threshold's pass-Q side to about n * h_q * d * e and gives the rule n / (c + n) < 2 h_kv / h_q; we keep
+partials in float32 (Math: rounding partials before the merge is the error that grows with the ranks).
 """
 
 from __future__ import annotations
@@ -60,17 +74,27 @@ import dataclasses
 
 import torch
 
-from . import masks, placement
+from . import masks, placement, validation
 from .attention import resolve_scale
 
 BIG = 1 << 40  # one document's key range in a layer's sort keys (Note [Sharded cache])
 MODES = ("decode", "pass_q", "pass_kv", "auto")
 
 
-def chunk_mode(new: int, cached: int, heads_q: int, heads_kv: int, head_dim: int, elem: int) -> str:
-    """'pass_q' or 'pass_kv', whichever receives fewer bytes per rank (Note [Pass-Q or pass-KV])."""
-    pass_kv = (cached + new) * 2 * heads_kv * head_dim * elem
-    pass_q = new * heads_q * head_dim * elem + 2 * new * heads_q * (head_dim + 2) * 4
+def chunk_mode(
+    new: int,
+    cached: int,
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    elem: int,
+    head_dim_v: int | None = None,
+) -> str:
+    """'pass_q' or 'pass_kv', whichever receives fewer bytes per rank (Note [Pass-Q or pass-KV]).
+    head_dim is q's and k's, head_dim_v v's and the output's (MLA; default head_dim)."""
+    dv = head_dim if head_dim_v is None else head_dim_v
+    pass_kv = (cached + new) * heads_kv * (head_dim + dv) * elem
+    pass_q = new * heads_q * head_dim * elem + 2 * new * heads_q * (dv + 2) * 4
     return "pass_q" if pass_q < pass_kv else "pass_kv"
 
 
@@ -91,13 +115,28 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, group_name: str, cp_siz
     return acc_out, acc_lse
 
 
-def decode_attention(q, k, v, visible, scale: float, group_name: str, cp_size: int) -> torch.Tensor:
-    """One decode step's attention over a sharded cache: this rank's partial over its rows k, v
-    ([b, rows, h_kv, d]) with key intervals `visible` (int64 [2, n]), merged over the group; q's
-    dtype. The same q on every rank. Traceable (tests/test_inference_dist.py compiles it)."""
-    out, lse = torch.ops.ring_ext.fwd(q, k, v, scale, False, 0, 0, True, visible)
-    out, _ = merge_partials(out, lse, group_name, cp_size)
-    return out.to(q.dtype)
+def fold_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """The sinks folded into merged float32 (out [b, n, h, dv], lse [b, h, n]) once per row: lse' =
+    logaddexp(lse, sink_h), out * exp(lse - lse') (Note [Sinks: once per row]). Returns the new out
+    (float32); a row that saw no key stays 0. Traceable."""
+    if sinks is None:
+        return out
+    sink = sinks.float()[None, :, None]  # [1, h, 1]
+    total = torch.logaddexp(lse, sink)
+    weight = torch.where(torch.isinf(total), torch.zeros_like(lse), torch.exp(lse - total))  # [b, h, n]
+    return out * weight.transpose(1, 2)[..., None]
+
+
+def decode_attention(
+    q, k, v, visible, scale: float, group_name: str, cp_size: int, softcap: float = 0.0, sinks=None
+) -> torch.Tensor:
+    """One decode step's attention over a sharded cache: this rank's partial over its rows k ([b, rows,
+    h_kv, d]) and v ([b, rows, h_kv, dv]) with key intervals `visible` (int64 [2, n]), merged over the
+    group, the sinks ([h_q] or None) folded in once; [b, n, h_q, dv] in q's dtype. The same q on
+    every rank. Traceable (tests/test_inference_dist.py compiles it)."""
+    out, lse = torch.ops.ring_ext.fwd(q, k, v, scale, False, 0, 0, True, visible, softcap)  # no sinks here
+    out, lse = merge_partials(out, lse, group_name, cp_size)
+    return fold_sinks(out, lse, sinks).to(q.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,20 +169,19 @@ class _Layer:
         counts = torch.bincount(docs, minlength=n_docs).tolist()
         self.caps = [c + reserve for c in counts]
         self.fill = [0] * n_docs
-        self._allocate(k.shape, k.dtype, k.device)
+        self._allocate(k.shape[3], v.shape[3], k.shape[0], k.shape[2], k.dtype, k.device)
         rows = self._slot_rows(docs)
         self.k.index_copy_(1, rows.to(k.device), k)
         self.v.index_copy_(1, rows.to(k.device), v)
         self.keys[rows] = docs * BIG + positions + 1
 
-    def _allocate(self, shape, dtype, device):
-        b, _, h, d = shape
+    def _allocate(self, head_dim, head_dim_v, b, h, dtype, device):
         self.start = [0]
         for c in self.caps[:-1]:
             self.start.append(self.start[-1] + c)
         total = sum(self.caps)
-        self.k = torch.zeros(b, total, h, d, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.k = torch.zeros(b, total, h, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(b, total, h, head_dim_v, dtype=dtype, device=device)  # MLA: dv != d
         doc_of_row = torch.repeat_interleave(torch.arange(self.n_docs), torch.tensor(self.caps))
         self.keys = doc_of_row * BIG + (BIG - 1)
 
@@ -190,7 +228,7 @@ class _Layer:
         rows = self.live()
         keys, k, v = self.keys[rows], self.k[:, rows.to(self.k.device)], self.v[:, rows.to(self.k.device)]
         self.caps, self.fill = caps, [0] * self.n_docs
-        self._allocate(self.k.shape, self.k.dtype, self.k.device)
+        self._allocate(k.shape[3], v.shape[3], k.shape[0], k.shape[2], k.dtype, k.device)
         docs = keys // BIG
         new_rows = self._slot_rows(docs)
         self.k.index_copy_(1, new_rows.to(k.device), k)
@@ -209,7 +247,7 @@ class _Layer:
 
     def nbytes(self, live_only: bool = False) -> int:
         rows = len(self.live()) if live_only else self.k.shape[1]
-        per_row = self.k[:, :1].nelement() * self.k.element_size() * 2
+        per_row = (self.k[:, :1].nelement() + self.v[:, :1].nelement()) * self.k.element_size()
         return rows * per_row + (0 if live_only else self.keys.nelement() * 8)
 
 
@@ -271,8 +309,9 @@ class ShardedKVCache:
         return self._prompt[self.ctx.rank if rank is None else rank]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None = None) -> None:
-        """Keeps this rank's prompt rows k, v ([b, local_len, h_kv, d], what ring_ext.shard gave it,
-        as the model's attention layer computed them) as `layer`'s cache."""
+        """Keeps this rank's prompt rows k ([b, local_len, h_kv, d]) and v ([b, local_len, h_kv, dv]; dv
+        may differ from d: MLA), what ring_ext.shard gave it, as the model's attention layer computed
+        them, as `layer`'s cache."""
         self._check_layer(layer)
         window = masks.check_window(sliding_window)
         if self.layers[layer] is not None:
@@ -284,6 +323,11 @@ class ShardedKVCache:
                     f"{name} must be [batch, {n}, heads_kv, head_dim] (this rank's prompt shard), "
                     f"got {tuple(t.shape)}"
                 )
+        if v.shape[::2] != k.shape[::2] or v.dtype != k.dtype or v.device != k.device:
+            raise ValueError(
+                f"v must be [{k.shape[0]}, {n}, {k.shape[2]}, head_dim_v] in {k.dtype} on {k.device} like "
+                f"k, got {tuple(v.shape)} {v.dtype} on {v.device}"
+            )
         if self.cu is not None and k.shape[0] != 1:
             raise ValueError(f"cu_seqlens packs documents into one row: batch must be 1, got {k.shape[0]}")
         docs, positions = self._prompt[self.ctx.rank]
@@ -291,9 +335,12 @@ class ShardedKVCache:
         entry.drop(self.lengths)
         self.layers[layer] = entry
 
-    def prefill(self, layer, q, k, v, *, softmax_scale=None, sliding_window=None) -> torch.Tensor:
-        """CP attention of the prompt shards ([b, local_len, h, d], bshd) with the context's algorithm,
-        keeping k, v as `layer`'s cache; returns this rank's output shard."""
+    def prefill(
+        self, layer, q, k, v, *, softmax_scale=None, sliding_window=None, softcap=None, sinks=None
+    ) -> torch.Tensor:
+        """CP attention of the prompt shards ([b, local_len, h, d], v's last dim dv; bshd) with the
+        context's algorithm (softcap, sinks: as ring_ext.attention's), keeping k, v as `layer`'s cache;
+        returns this rank's output shard [b, local_len, h_q, dv]."""
         from .attention import attention
 
         self.store(layer, k, v, sliding_window)
@@ -306,6 +353,8 @@ class ShardedKVCache:
             layout="bshd",
             softmax_scale=softmax_scale,
             sliding_window=sliding_window,
+            softcap=softcap,
+            sinks=sinks,
             **packing,
         )
 
@@ -344,13 +393,19 @@ class ShardedKVCache:
         )
         return self._step
 
-    def attend(self, layer, q, k, v, step: Step, *, softmax_scale=None, sliding_window=None) -> torch.Tensor:
+    def attend(
+        self, layer, q, k, v, step: Step, *, softmax_scale=None, sliding_window=None, softcap=None, sinks=None
+    ) -> torch.Tensor:
         """Attention of the step's new tokens over every cached token (of every rank) and the step's own
         (causal, within their documents, `sliding_window`), after appending this rank's new K/V rows to
-        `layer`. Tensors [b, n, h, d] (bshd): decode n = len(step), every rank the same; a chunk n =
-        len(step.local), this rank's share. Returns the output rows of q, in q's dtype."""
+        `layer`. Tensors [b, n, h, d] (bshd; v's last dim dv may differ: MLA): decode n = len(step),
+        every rank the same; a chunk n = len(step.local), this rank's share. softcap, sinks ([h_q]): as
+        ring_ext.attention's, the sink counted once per row (Note [Sinks: once per row]). Returns the
+        output rows of q [b, n, h_q, dv], in q's dtype."""
         entry = self._check_attend(layer, q, k, v, step)
         window = masks.check_window(sliding_window)
+        cap = validation.check_softcap(softcap)
+        validation.check_sinks(sinks, q.shape[2], q.device)
         scale = resolve_scale(softmax_scale, q.shape[-1])
         mine = step.local
         rows = mine if step.mode == "decode" else torch.arange(len(mine))
@@ -358,20 +413,21 @@ class ShardedKVCache:
         mode = step.mode
         if mode == "auto":
             cached = sum(self.lengths) - len(step)
-            mode = chunk_mode(len(step), cached, q.shape[2], k.shape[2], q.shape[3], k.element_size())
+            mode = chunk_mode(
+                len(step), cached, q.shape[2], k.shape[2], q.shape[3], k.element_size(), v.shape[3]
+            )
         if mode == "decode":
             visible = entry.visible(step.docs, step.positions, window).to(q.device)
-            out = decode_attention(
-                q, entry.k, entry.v, visible, scale, self.ctx.group.group_name, self.ctx.cp_size
-            )
+            group, cp = self.ctx.group.group_name, self.ctx.cp_size
+            out = decode_attention(q, entry.k, entry.v, visible, scale, group, cp, cap, sinks)
         elif mode == "pass_q":
-            out = self._pass_q(entry, q, step, window, scale)
+            out = self._pass_q(entry, q, step, window, scale, cap, sinks)
         else:
-            out = self._pass_kv(entry, q, step, window, scale)
+            out = self._pass_kv(entry, q, step, window, scale, cap, sinks)
         entry.drop(self.lengths)
         return out
 
-    def _pass_q(self, entry, q, step, window, scale):
+    def _pass_q(self, entry, q, step, window, scale, softcap, sinks):
         """Every rank gathers the chunk's queries and computes them over its rows; the partials are
         reduced by max and sums; each rank keeps its own rows (Note [Merging partials across ranks])."""
         group, cp = self.ctx.group.group_name, self.ctx.cp_size
@@ -384,7 +440,7 @@ class ShardedKVCache:
             1, order.to(q.device), gathered
         )  # [b, n, hq, d], sorted
         visible = entry.visible(step.docs, step.positions, window).to(q.device)
-        out, lse = torch.ops.ring_ext.fwd(q_all, entry.k, entry.v, scale, False, 0, 0, True, visible)
+        out, lse = torch.ops.ring_ext.fwd(q_all, entry.k, entry.v, scale, False, 0, 0, True, visible, softcap)
         top = lse.clone()
         torch.ops.ring_ext.all_reduce_([top], group, "max")
         top = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # rows no rank sees: weights 0
@@ -392,9 +448,11 @@ class ShardedKVCache:
         num = out * weight.transpose(1, 2)[..., None]
         torch.ops.ring_ext.all_reduce_([num, weight], group, "sum")
         merged = num / weight.transpose(1, 2)[..., None].clamp_min(torch.finfo(torch.float32).tiny)
-        return merged[:, step.local.to(q.device)].to(q.dtype)
+        mine = step.local.to(q.device)
+        lse = top[..., mine] + torch.log(weight[..., mine])  # the merged lse; -inf where no rank saw a key
+        return fold_sinks(merged[:, mine], lse, sinks).to(q.dtype)
 
-    def _pass_kv(self, entry, q, step, window, scale):
+    def _pass_kv(self, entry, q, step, window, scale, softcap, sinks):
         """Every rank gathers every rank's live rows of the layer (keys included) and merges the
         partials of its own queries in rank order."""
         group, cp = self.ctx.group.group_name, self.ctx.cp_size
@@ -414,12 +472,14 @@ class ShardedKVCache:
             visible = entry.visible(step.docs[mine], step.positions[mine], window, keyss[r].cpu()).to(
                 q.device
             )
-            part_out, part_lse = torch.ops.ring_ext.fwd(q, ks[r], vs[r], scale, False, 0, 0, True, visible)
+            part_out, part_lse = torch.ops.ring_ext.fwd(
+                q, ks[r], vs[r], scale, False, 0, 0, True, visible, softcap
+            )
             if out is None:
                 out, lse = part_out, part_lse.contiguous()
             else:
                 torch.ops.ring_ext.merge_(out, lse, part_out, part_lse)
-        return out.to(q.dtype)
+        return fold_sinks(out, lse, sinks).to(q.dtype)
 
     # ---- checks and sizes ------------------------------------------------------------------------
 
@@ -442,15 +502,10 @@ class ShardedKVCache:
             raise ValueError(
                 f"q, k and v must be {entry.k.dtype} like the cache, got {q.dtype}, {k.dtype}, {v.dtype}"
             )
-        if (
-            k.shape != v.shape
-            or tuple(k.shape[::2]) != tuple(entry.k.shape[::2])
-            or k.shape[3] != entry.k.shape[3]
-        ):
-            raise ValueError(
-                f"k and v must be [{entry.k.shape[0]}, n, {entry.k.shape[2]}, {entry.k.shape[3]}] like the "
-                f"cache, got {tuple(k.shape)} and {tuple(v.shape)}"
-            )
+        for name, t, cached in (("k", k, entry.k), ("v", v, entry.v)):
+            if tuple(t.shape[::2]) != tuple(cached.shape[::2]) or t.shape[3] != cached.shape[3]:
+                b, _, h, d = cached.shape
+                raise ValueError(f"{name} must be [{b}, n, {h}, {d}] like the cache, got {tuple(t.shape)}")
         if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
             raise ValueError(
                 f"q must be [{k.shape[0]}, n, a multiple of {k.shape[2]} heads, {k.shape[3]}], got {tuple(q.shape)}"

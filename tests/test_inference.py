@@ -1,5 +1,6 @@
-"""ring_ext.hf.generate and the sharded KV cache in one process (a one-rank Gloo world): greedy and
-seeded sampling equal the model's own generate token for token; bad input raises ValueError naming the
+"""ring_ext.hf.generate and the sharded KV cache in one process (a one-rank Gloo world): greedy (Llama,
+Qwen2 and Mistral with windows; Gemma 2's softcap, gpt-oss' sinks, DeepSeek-V3's multi-head latent
+attention) and seeded sampling equal the model's own generate token for token; bad input raises ValueError naming the
 argument before anything runs; the pass-Q / pass-KV rule. The multi-rank checks are in
 tests/test_inference_dist.py."""
 
@@ -13,7 +14,7 @@ from ring_ext.inference import ShardedKVCache, chunk_mode
 
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed: pip install .[hf]")
 
-from inference_models import MODELS, own_generate, prompt, tiny_model  # noqa: E402
+from inference_models import MODELS, own_attention, own_generate, prompt, tiny_model  # noqa: E402
 
 import ring_ext.hf  # noqa: E402
 
@@ -28,11 +29,11 @@ def ctx(world):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_greedy_equals_the_models_own_generate(ctx, name):
     model = tiny_model(name)
-    ids = prompt(2, 11)  # windows 5 and 6 shorter than the prompt: the cache drops rows
+    ids = prompt(2, 11)  # windows 5, 6 and 8 shorter than prompt + new tokens: the cache drops rows
     expected = own_generate(model, ids, max_new_tokens=9, do_sample=False)
     got = ring_ext.hf.generate(model, ids, ctx, max_new_tokens=9)
     assert torch.equal(got, expected), (name, got, expected)
-    assert model.config._attn_implementation == "sdpa"  # restored
+    assert model.config._attn_implementation == own_attention(model)  # restored
 
 
 def test_seeded_sampling_and_eos_equal_the_models_own_generate(ctx):
@@ -81,6 +82,8 @@ def test_cache_bad_input_raises(ctx):
     kv = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="k must be"):
         cache.store(0, kv[:, :3], kv)
+    with pytest.raises(ValueError, match="v must be"):
+        cache.store(0, kv, kv[:, :, :1])  # v's head dim may differ (MLA), its heads may not
     out = cache.prefill(0, torch.randn(1, 4, 4, 8), kv, kv)
     assert out.shape == (1, 4, 4, 8)
     with pytest.raises(ValueError, match="mode"):
@@ -95,6 +98,12 @@ def test_cache_bad_input_raises(ctx):
         cache.attend(1, q, k, k, step)
     with pytest.raises(ValueError, match="sliding_window"):
         cache.attend(0, q, k, k, step, sliding_window=0)
+    with pytest.raises(ValueError, match="softcap"):
+        cache.attend(0, q, k, k, step, softcap=-1.0)
+    with pytest.raises(ValueError, match="sinks"):
+        cache.attend(0, q, k, k, step, sinks=torch.zeros(3))  # one per q head: 4
+    with pytest.raises(ValueError, match="v must be"):
+        cache.attend(0, q, k, k[..., :6], step)  # the cache's v head dim
     with pytest.raises(ValueError, match="latest step"):
         cache.attend(0, q, k, k, cache.step(1) and step)
 
@@ -107,6 +116,10 @@ def test_chunk_mode_follows_the_bytes():
     # the same chunk: pass-Q with 8 K/V heads, pass-KV with 1 (MQA moves 8x less K/V)
     assert chunk_mode(1000, 100_000, 128, 8, 128, 2) == "pass_q"
     assert chunk_mode(1000, 100_000, 128, 1, 128, 2) == "pass_kv"
+    # MLA (DeepSeek-V3: 128 heads, q/k head dim 192, v 128): k and v counted apart; v's narrower rows
+    # shrink pass-Q's float32 partials more than pass-KV's cache, so pass-Q wins up to a larger chunk
+    assert chunk_mode(42, 58, 128, 128, 192, 2, 128) == "pass_q"
+    assert chunk_mode(42, 58, 128, 128, 192, 2) == "pass_kv"  # were v as wide as k
 
 
 def test_planner_inference_model_against_metas_figures():

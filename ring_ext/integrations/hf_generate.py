@@ -77,7 +77,8 @@ def cached_attention_forward(
 ):
     """The attention function of NAME: ring_ext's (ring_ext/integrations/hf.py) while the prompt runs,
     which also leaves each rank's K/V rows in cp_cache; the sharded-cache decode (ring_ext/inference.py)
-    in a step (cp_step). query [b, h, n, d], key/value [b, h_kv, n, d]; returns ([b, n, h, d], None)."""
+    in a step (cp_step), with the layer's softcap and sinks (s_aux) as in the prompt. query [b, h, n, d],
+    key [b, h_kv, n, d], value [b, h_kv, n, d_v] (MLA: d_v != d); returns ([b, n, h, d_v], None)."""
     if cp_cache is None:
         return ring_ext_attention_forward(module, query, key, value, attention_mask, **kwargs)
     window = kwargs.get("sliding_window")
@@ -93,11 +94,7 @@ def cached_attention_forward(
         value_ = rest.pop(name, neutral)
         if name != "sliding_window" and value_ not in (neutral, None):
             raise ValueError(f"decoding over a sharded cache needs {name}={neutral}, got {value_!r}")
-    for name in ("softcap", "s_aux"):  # the decode path has neither (yet)
-        if rest.get(name) is not None:
-            raise ValueError(
-                f"ring_ext.hf.generate does not decode with {name}: use the model's own generate"
-            )
+    softcap, sinks = rest.pop("softcap", None), rest.pop("s_aux", None)
     _check_arguments(rest)
     out = cp_cache.attend(
         module.layer_idx,
@@ -107,6 +104,8 @@ def cached_attention_forward(
         cp_step,
         softmax_scale=scaling,
         sliding_window=window,
+        softcap=softcap,
+        sinks=sinks,
     )
     return out, None
 
