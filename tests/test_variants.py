@@ -1,0 +1,89 @@
+"""Softcap, sinks and a v head dim of its own in one process (the kernels through ring_ext.attention),
+forward and every gradient against the float64 oracle, on fresh random inputs: causal and not, GQA,
+packed documents with a sliding window (rows that see no key included), float32 and bfloat16, head dims
+beyond any GPU's (CPU: any), at every CPU instruction-set level this machine can run (a lower level
+forced with RING_EXT_CPU_ISA, csrc/cpu/dispatch.cpp). docs/design.md, "Softcap and sinks"."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ring_ext
+from ring_ext.testing.reference import attention_reference, packed_mask
+
+# (name, b, s, hq, hkv, d, dv, causal, softcap, sinks, docs, window)
+CASES = [
+    ("softcap", 2, 77, 4, 2, 40, 40, True, 5.0, False, None, None),
+    ("sinks", 1, 130, 4, 1, 48, 48, False, None, True, None, None),
+    ("mla", 1, 150, 4, 2, 64, 48, True, None, False, None, None),
+    ("all three, deepseek dims", 1, 96, 2, 2, 192, 128, True, 30.0, True, None, None),
+    ("all three, packed + window", 1, 150, 4, 2, 32, 24, True, 20.0, True, (40, 60, 0, 50), 30),
+    ("sinks, empty rows", 1, 64, 2, 2, 16, 16, False, 3.0, True, (20, 0, 44), 1),
+    ("head dim 600", 1, 40, 2, 1, 600, 520, True, 2.0, True, None, None),
+]
+BOUND = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # relative L2 against float64
+
+
+def _check(case, dtype) -> None:
+    name, b, s, hq, hkv, d, dv, causal, softcap, use_sinks, docs, window = case
+    g = torch.Generator().manual_seed(hash(name) % 1000)
+    q = torch.randn(b, s, hq, d, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(b, s, hkv, d, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(b, s, hkv, dv, generator=g).to(dtype).requires_grad_()
+    sinks = torch.randn(hq, generator=g).requires_grad_() if use_sinks else None
+    cu = None if docs is None else torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()])
+    out = ring_ext.attention(
+        q, k, v, causal=causal, softcap=softcap, sinks=sinks, cu_seqlens=cu, sliding_window=window, layout="bshd"
+    )
+    assert out.shape == (b, s, hq, dv) and out.dtype == dtype
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    leaves = [q, k, v] + ([sinks] if use_sinks else [])
+    got = [out, *torch.autograd.grad(out, leaves, dout)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    mask = None
+    if cu is not None or window is not None:
+        positions = torch.arange(s)
+        mask = packed_mask(positions, positions, cu.tolist() if cu is not None else [0, s], causal, window)
+    ref_out, _ = attention_reference(
+        *ref_leaves[:3], causal=causal, mask=mask, softcap=softcap, sinks=ref_leaves[3] if use_sinks else None
+    )
+    expected = [ref_out, *torch.autograd.grad(ref_out, ref_leaves, dout.double())]
+    for what, a, e in zip(("out", "dq", "dk", "dv", "dsinks"), got, expected):
+        err = ((a.double() - e).norm() / e.norm().clamp_min(1e-30)).item()
+        assert err <= BOUND[dtype], f"{name} {dtype} {what}: relative error {err:.2e}"
+
+
+def run_all() -> None:
+    for case in CASES:
+        for dtype in (torch.float32, torch.bfloat16):
+            if dtype == torch.bfloat16 and case[5] > 256:
+                continue  # the wide case once, in float32
+            _check(case, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_variant_matches_the_oracle(case, dtype):
+    _check(case, dtype)
+
+
+@pytest.mark.parametrize("level", ["avx2", "baseline"])
+def test_lower_cpu_levels_match_the_oracle(level):
+    """The same cases with the kernels of a lower instruction-set level (skipped where that level is the
+    best this machine has: the test above ran it)."""
+    best = ring_ext.build_info()["cpu_isa"]
+    order = ["baseline", "avx2", "avx512"]
+    if order.index(level) >= order.index(best):
+        pytest.skip(f"{level} is this machine's best level ({best}) or above it")
+    env = {**os.environ, "RING_EXT_CPU_ISA": level}
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import ring_ext, test_variants; "
+        f"assert ring_ext.build_info()['cpu_isa'] == {level!r}; test_variants.run_all()"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root, timeout=600)
