@@ -38,7 +38,15 @@ def _check(case, dtype) -> None:
     sinks = torch.randn(hq, generator=g).requires_grad_() if use_sinks else None
     cu = None if docs is None else torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()])
     out = ring_ext.attention(
-        q, k, v, causal=causal, softcap=softcap, sinks=sinks, cu_seqlens=cu, sliding_window=window, layout="bshd"
+        q,
+        k,
+        v,
+        causal=causal,
+        softcap=softcap,
+        sinks=sinks,
+        cu_seqlens=cu,
+        sliding_window=window,
+        layout="bshd",
     )
     assert out.shape == (b, s, hq, dv) and out.dtype == dtype
     dout = torch.randn(out.shape, generator=g).to(dtype)
