@@ -171,7 +171,8 @@ TORCH_LIBRARY(ring_ext, m) {
         "float softcap=0.0"
         ") -> (Tensor dq, Tensor dk, Tensor dv)");
   // Attention under a mask described by values: packed documents (cu_seqlens, int64 [n_docs + 1],
-  // None: one document of the whole sequence) and/or a sliding window (0: none). The placement and
+  // None: one document of the whole sequence), a sliding window (0: none) and/or chunked attention
+  // (attention_chunk_size, 0: none; ring_ext/masks.py). The placement and
   // the key intervals are computed inside the op from cu_seqlens' values, so torch.compile traces
   // a call without reading them (no graph break, no recompilation when only document lengths
   // change). Its kernel is Python (ring_ext/masked.py), for every device; it calls attention, or
@@ -198,7 +199,8 @@ TORCH_LIBRARY(ring_ext, m) {
         "str layout, "
         "str check_group, "
         "float softcap=0.0, "
-        "Tensor? sinks=None"
+        "Tensor? sinks=None, "
+        "int attention_chunk_size=0"
         ") -> (Tensor out, Tensor lse)");
   // Gradients of masked_attention, in the dtype and strides of q/k/v.
   m.def("masked_attention_bwd("
@@ -223,7 +225,8 @@ TORCH_LIBRARY(ring_ext, m) {
         "str outer_group, "
         "str ulysses_group, "
         "bool overlap, "
-        "float softcap=0.0"
+        "float softcap=0.0, "
+        "int attention_chunk_size=0"
         ") -> (Tensor dq, Tensor dk, Tensor dv)");
   // clang-format on
   // The collectives of the Python API (unshard, the cross-rank check, the training-loop helpers),

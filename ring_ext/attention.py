@@ -34,6 +34,7 @@ def attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q k^T [+ mask]) v, in q's layout and dtype, dense in that layout.
 
@@ -56,6 +57,10 @@ def attention(
     added once to every row's softmax denominator (also under context parallelism and with packed
     documents); differentiable. docs/design.md, "Softcap and sinks".
 
+    attention_chunk_size=c (Llama 4's chunked attention): a query sees only the keys of its own chunk
+    of c positions of its document (ring_ext/masks.py); like sliding_window it shapes the mask, not the
+    placement, so a chunked layer runs on the shards of the model's other layers.
+
     layout=None picks: "thd" for 3-D inputs with cu_seqlens; without a context "bshd"; with one,
     "bnsd" under --megatron-cp-in-bnsd, else MindSpeed's "sbh" for 3-D inputs and "bshd" for 4-D ones.
 
@@ -70,6 +75,7 @@ def attention(
     qv, kv, vv = views(q, k, v, layout, num_heads)  # [b, s, h, d], checked
     scale = resolve_scale(softmax_scale, qv.shape[-1])
     window = masks.check_window(sliding_window)
+    chunk = masks.check_chunk(attention_chunk_size)
     cap = validation.check_softcap(softcap)
     validation.check_sinks(sinks, qv.shape[2], qv.device)
     if cu is not None and qv.shape[0] != 1:
@@ -77,7 +83,7 @@ def attention(
     if ctx is None:
         if causal is None:
             raise ValueError("causal must be True or False when no context is given")
-        if cu is None and window is None:
+        if cu is None and window is None and chunk is None:
             out, _lse = torch.ops.ring_ext.fwd(qv, kv, vv, scale, bool(causal), 0, 0, False, None, cap, sinks)
             # fwd's output follows q's memory order; the contract is dense in the layout (one copy
             # only when q's memory order differs from its layout).
@@ -104,10 +110,13 @@ def attention(
             "",
             cap,
             sinks,
+            chunk or 0,
         )
         return from_bshd(out, layout)
     validation.check_causal(causal, ctx)
-    masked = cu is not None or window is not None or placement.scheme(ctx).needs_intervals
+    masked = (
+        cu is not None or window is not None or chunk is not None or placement.scheme(ctx).needs_intervals
+    )
     validation.check_shards(qv, kv, vv, ctx, packed=masked)
     check_group = ctx.group.group_name if check_consistency else ""
     if masked:
@@ -115,7 +124,7 @@ def attention(
             qv, kv, vv, cu, window or 0, scale, ctx.causal, ctx.algo, ctx.rank, ctx.cp_size,
             ctx.ulysses_degree, ctx.config.cp_sliding_window or 0, ctx.ring_group_name,
             ctx.inner_group_name, ctx.outer_group_name, ctx.ulysses_group_name,
-            ctx.config.use_cp_send_recv_overlap, layout, check_group, cap, sinks,
+            ctx.config.use_cp_send_recv_overlap, layout, check_group, cap, sinks, chunk or 0,
         )  # fmt: skip
     else:
         out, _lse = cp_op(qv, kv, vv, ctx, scale, layout, check_group, cap, sinks)

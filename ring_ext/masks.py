@@ -7,6 +7,9 @@ query q iff both are in the same document and
     causal    0 <= pos_q - pos_k   (and pos_q - pos_k < w with sliding_window=w)
     general   always               (and |pos_q - pos_k| < w with sliding_window=w)
 
+and, with attention_chunk_size=c (Llama 4's chunked attention), pos_q // c == pos_k // c: a query
+sees only the keys of its own chunk of c positions of its document.
+
 A dense sequence is one document, cu_seqlens = [0, S]. Equivalently, and this is the one form the
 code uses: query g sees the keys of one global interval [lo(g), hi(g)) (row_bounds). Every block of
 tokens the kernels see lists its tokens in increasing g, padding (g >= S) last, so the keys one
@@ -63,8 +66,21 @@ def check_window(sliding_window) -> int | None:
     return sliding_window
 
 
+def check_chunk(attention_chunk_size) -> int | None:
+    if attention_chunk_size is None:
+        return None
+    c = attention_chunk_size
+    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+        raise ValueError(f"attention_chunk_size must be an int >= 1 or None, got {c!r}")
+    return c
+
+
 def row_bounds(
-    index: torch.Tensor, cu_seqlens: tuple[int, ...], causal: bool, window: int | None = None
+    index: torch.Tensor,
+    cu_seqlens: tuple[int, ...],
+    causal: bool,
+    window: int | None = None,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi), int64 like index: query g sees the global keys [lo, hi). Padding (g >= S) sees
     nothing: lo = hi = S."""
@@ -78,6 +94,10 @@ def row_bounds(
         lo = torch.maximum(lo, index - window + 1)
         if not causal:
             hi = torch.minimum(hi, index + window)
+    if chunk is not None:  # the chunk of the query's position inside its document
+        start = cu[doc] + (index - cu[doc]) // chunk * chunk
+        lo = torch.maximum(lo, start)
+        hi = torch.minimum(hi, start + chunk)
     return torch.where(real, lo, total), torch.where(real, hi, total)
 
 
@@ -87,21 +107,27 @@ def visible_keys(
     cu_seqlens: tuple[int, ...],
     causal: bool,
     window: int | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """int64 [2, len(q_index)]: query row i sees key rows [begin_i, end_i) of k_index.
 
     q_index and k_index are the global token indices of a query and a key block, each increasing,
     padding (>= S) last. A padding query sees nothing."""
-    lo, hi = row_bounds(q_index, cu_seqlens, causal, window)
+    lo, hi = row_bounds(q_index, cu_seqlens, causal, window, chunk)
     return torch.stack([torch.searchsorted(k_index, lo), torch.searchsorted(k_index, hi)])
 
 
 def mask_matrix(
-    q_index: torch.Tensor, k_index: torch.Tensor, cu_seqlens: tuple[int, ...], causal: bool, window=None
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    cu_seqlens: tuple[int, ...],
+    causal: bool,
+    window=None,
+    chunk=None,
 ) -> torch.Tensor:
     """[len(q_index), len(k_index)] bool, True where a query sees a key: the mask written out from
     row_bounds (for the float64 reference; O(s^2))."""
-    lo, hi = row_bounds(torch.as_tensor(q_index), cu_seqlens, causal, window)
+    lo, hi = row_bounds(torch.as_tensor(q_index), cu_seqlens, causal, window, chunk)
     k = torch.as_tensor(k_index)[None, :]
     return (k >= lo[:, None]) & (k < hi[:, None])
 

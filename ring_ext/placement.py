@@ -232,24 +232,31 @@ def rank_tokens(
 
 
 def _member_intervals(
-    s: Scheme, member: int, total: int, cu_seqlens: tuple[int, ...] | None, window: int | None
+    s: Scheme,
+    member: int,
+    total: int,
+    cu_seqlens: tuple[int, ...] | None,
+    window: int | None,
+    chunk: int | None,
 ) -> torch.Tensor:
     tokens = rank_tokens(s, total, cu_seqlens)
     blocks = [torch.cat(tokens[g * s.members : (g + 1) * s.members]) for g in range(s.groups)]
     cu = cu_seqlens if cu_seqlens is not None else (0, total)
-    return torch.stack([masks.visible_keys(blocks[member], src, cu, s.causal, window) for src in blocks])
+    return torch.stack(
+        [masks.visible_keys(blocks[member], src, cu, s.causal, window, chunk) for src in blocks]
+    )
 
 
 @functools.lru_cache(maxsize=64)
 def block_needed(
-    s: Scheme, total: int, cu_seqlens: tuple[int, ...] | None, window: int | None
+    s: Scheme, total: int, cu_seqlens: tuple[int, ...] | None, window: int | None, chunk: int | None = None
 ) -> torch.Tensor:
     """int64 [members, sources, 2]: the hull [lo, hi) of the rows of every source block that each ring
     member's rows see ([0, 0) for none): block_intervals' `needed`, and what the planner's window
     model reads."""
     needed = torch.zeros(s.groups, s.groups, 2, dtype=torch.int64)
     for member in range(s.groups):
-        begin, end = _member_intervals(s, member, total, cu_seqlens, window).unbind(1)
+        begin, end = _member_intervals(s, member, total, cu_seqlens, window, chunk).unbind(1)
         seen = end > begin
         lo = torch.where(seen, begin, begin.shape[-1]).amin(-1)
         hi = torch.where(seen, end, 0).amax(-1)
@@ -259,7 +266,12 @@ def block_needed(
 
 @functools.lru_cache(maxsize=64)
 def block_intervals(
-    s: Scheme, rank: int, total: int, cu_seqlens: tuple[int, ...] | None, window: int | None
+    s: Scheme,
+    rank: int,
+    total: int,
+    cu_seqlens: tuple[int, ...] | None,
+    window: int | None,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
     """(visible, needed, rows, count): the arguments of torch.ops.ring_ext.attention for `rank`.
 
@@ -269,12 +281,14 @@ def block_intervals(
     Ulysses and hybrid. needed, int64 [members, sources, 2] (None for Ulysses): the rows [lo, hi)
     of every source block that each ring member's rows see, their hull ([0, 0) for none), which is
     all the ring moves (Note [Moving only what is seen] in csrc/cp/ring.cpp). rows: the length of
-    every rank's shard in the blocks that move (the longest); count: this rank's real tokens."""
+    every rank's shard in the blocks that move (the longest); count: this rank's real tokens.
+    window and chunk (sliding_window, attention_chunk_size) shape the intervals, not the placement:
+    a chunked layer runs on the shards of the model's other layers."""
     tokens = rank_tokens(s, total, cu_seqlens)
     rows, count = len(tokens[rank]), real_length(tokens[rank], total)
-    visible = _member_intervals(s, rank // s.members, total, cu_seqlens, window)
+    visible = _member_intervals(s, rank // s.members, total, cu_seqlens, window, chunk)
     if s.members == 1:
         visible = visible[:, :, :count].contiguous()  # the plain ring's queries: real tokens only
     if s.groups == 1:
         return visible, None, rows, count
-    return visible, block_needed(s, total, cu_seqlens, window), rows, count
+    return visible, block_needed(s, total, cu_seqlens, window, chunk), rows, count

@@ -62,7 +62,6 @@ ARCHS = {  # name: (config class, settings beyond SMALL)
     "starcoder2": (transformers.Starcoder2Config, {}),
     "llama4": (transformers.Llama4TextConfig, {"num_local_experts": 2, "intermediate_size_mlp": 128}),
 }
-CHUNK = "config.attention_chunk_size={}"
 QWEN_WINDOW = {"use_sliding_window": True, "max_window_layers": 1}  # layer 1 windowed
 
 # (arch, config overrides, None = matches the model's own attention / regex of the ValueError)
@@ -101,7 +100,7 @@ MATRIX = [
     ("granite", {}, None),
     ("starcoder2", {"sliding_window": None}, None),
     ("starcoder2", {"sliding_window": 8}, None),
-    ("llama4", {"attention_chunk_size": 8}, CHUNK.format(8)),
+    ("llama4", {"attention_chunk_size": 8}, None),  # chunked attention, as attention_chunk_size
     ("llama4", {"attention_chunk_size": 64}, None),
 ]
 
@@ -209,6 +208,15 @@ def test_packed_row_matches_each_document_alone(arch, overrides):
     assert_rel_l2(got, expected, torch.float32, f"{arch} packed by cu_seq_lens")
 
 
+def test_chunked_attention_in_packed_rows_is_rejected():
+    """transformers chunks a packed row by its token index across documents, ring_ext each document."""
+    name = ring_ext.hf.register()
+    model = tiny_model("llama4", attention_chunk_size=4)
+    positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    with pytest.raises(ValueError, match="splits a packed row"):
+        logits_of(model, name, random_ids(batch=1), position_ids=positions, cu_seqlens=[0, 10, 24])
+
+
 def test_bad_packing_is_rejected():
     name = ring_ext.hf.register()
     model, ids = tiny_model("llama"), random_ids()
@@ -275,7 +283,7 @@ def test_mask_overlays_are_rejected():
 # What makes each architecture's window active (Qwen2: only with use_sliding_window).
 ARCH_WINDOW = {"qwen2": QWEN_WINDOW}
 # Architectures compared with their eager attention (no SDPA path, or one that ignores is_causal=False).
-EAGER_ONLY = ("gemma2", "gpt_oss", "deepseek_v3")
+EAGER_ONLY = ("gemma2", "gpt_oss", "deepseek_v3", "llama4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +298,7 @@ class HFCase:
     sharded_positions: bool = True
     placement: int | None = None  # --cp-sliding-window: contiguous token placement
     error: str | None = None
+    config: tuple = ()  # (name, value) settings of the model config beyond the arch's
 
 
 def run_hf_case(rank: int, world_size: int, case: HFCase):
@@ -301,7 +310,7 @@ def run_hf_case(rank: int, world_size: int, case: HFCase):
         if case.arch == "llama"
         else {"sliding_window": case.sliding_window, **ARCH_WINDOW.get(case.arch, {})}
     )
-    model = tiny_model(case.arch, causal=case.causal, **extra)
+    model = tiny_model(case.arch, causal=case.causal, **extra, **dict(case.config))
     ids = random_ids(seq=case.seq, seed=2)
     positions = torch.arange(case.seq)[None].expand(2, -1)
     ref_impl = "eager" if case.arch in EAGER_ONLY else "sdpa"  # eager ignores is_causal=False
@@ -362,6 +371,7 @@ def test_todays_models_match_their_eager_attention_with_gradients():
         ("gemma2", {"sliding_window": 8, "attn_logit_softcapping": 2.0}),
         ("gpt_oss", {"sliding_window": 8}),
         ("deepseek_v3", {}),
+        ("llama4", {"attention_chunk_size": 8}),
     ]:
         model = tiny_model(arch, **overrides).train()
         ref_logits, ref_grads = logits_and_grads(model, "eager", ids)
@@ -379,6 +389,11 @@ def test_todays_models_with_cp_match_their_eager_attention():
         HFCase(algo, arch=arch, sliding_window=window)
         for algo in ("megatron_cp_algo", "ulysses_cp_algo")
         for arch, window in (("gemma2", 9), ("gpt_oss", 7), ("deepseek_v3", None))
+    ]
+    # Llama 4's chunked attention (chunks of 6 tokens of a 32-token row on zigzag or contiguous shards)
+    cases += [
+        HFCase(algo, arch="llama4", config=(("attention_chunk_size", 6),))
+        for algo in ("megatron_cp_algo", "ulysses_cp_algo")
     ]
     run_distributed(run_hf_case, 2, cases, timeout_s=300)
     packed = [

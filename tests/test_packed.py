@@ -35,10 +35,12 @@ def intervals_to_mask(vis: torch.Tensor, n_keys: int) -> torch.Tensor:
     return (j >= vis[0][:, None]) & (j < vis[1][:, None])
 
 
-def pairwise_mask(q_index, k_index, cu_seqlens, causal: bool, window: int | None = None):
+def pairwise_mask(
+    q_index, k_index, cu_seqlens, causal: bool, window: int | None = None, chunk: int | None = None
+):
     """The mask model of ring_ext/masks.py written out per token pair, independently of its code: both
-    in the same document, and causal pos_k <= pos_q / a window |pos_q - pos_k| < w. Indices >= S are
-    padding: they see nothing and nothing sees them."""
+    in the same document, and causal pos_k <= pos_q / a window |pos_q - pos_k| < w / a chunk
+    pos_q // c == pos_k // c. Indices >= S are padding: they see nothing and nothing sees them."""
     cu = torch.as_tensor(list(cu_seqlens), dtype=torch.int64)
     total = int(cu[-1])
     doc_of = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1])  # [S]
@@ -58,18 +60,22 @@ def pairwise_mask(q_index, k_index, cu_seqlens, causal: bool, window: int | None
         allowed &= diff >= 0
     if window is not None:
         allowed &= diff.abs() < window
+    if chunk is not None:
+        allowed &= pq[:, None] // chunk == pk[None, :] // chunk
     return allowed
 
 
 @pytest.mark.parametrize("mix", sorted(MIXES))
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("window", [None, 1, 4, 1000])
-def test_visible_keys_is_the_mask_model(mix, causal, window):
+@pytest.mark.parametrize(
+    ("window", "chunk"), [(None, None), (1, None), (4, None), (1000, None), (None, 5), (4, 7)]
+)
+def test_visible_keys_is_the_mask_model(mix, causal, window, chunk):
     """On blocks that are sorted subsets of the tokens plus padding (as a placement gives ranks), the
     intervals and the reference's mask reproduce the per-pair mask exactly, and never move backwards."""
     cu = cu_of(MIXES[mix])
     total = cu[-1]
-    g = torch.Generator().manual_seed(zlib.crc32(repr((mix, causal, window)).encode()))
+    g = torch.Generator().manual_seed(zlib.crc32(repr((mix, causal, window, chunk)).encode()))
     for _ in range(4):
         q_index = torch.cat(
             [torch.sort(torch.randperm(total, generator=g)[: total // 2]).values, total + torch.arange(3)]
@@ -77,14 +83,10 @@ def test_visible_keys_is_the_mask_model(mix, causal, window):
         k_index = torch.cat(
             [torch.sort(torch.randperm(total, generator=g)[: total // 3]).values, total + torch.arange(2)]
         )
-        vis = visible_keys(q_index, k_index, cu, causal, window)
-        assert torch.equal(
-            intervals_to_mask(vis, len(k_index)), pairwise_mask(q_index, k_index, cu, causal, window)
-        )
-        assert torch.equal(
-            packed_mask(q_index, k_index, cu, causal, window),
-            pairwise_mask(q_index, k_index, cu, causal, window),
-        )
+        vis = visible_keys(q_index, k_index, cu, causal, window, chunk)
+        want = pairwise_mask(q_index, k_index, cu, causal, window, chunk)
+        assert torch.equal(intervals_to_mask(vis, len(k_index)), want)
+        assert torch.equal(packed_mask(q_index, k_index, cu, causal, window, chunk), want)
         assert (vis[:, 1:] >= vis[:, :-1]).all()
 
 

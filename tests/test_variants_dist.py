@@ -36,6 +36,7 @@ class Variant:
     sinks: bool = True
     docs: tuple[int, ...] | None = None  # packed documents (layout thd), else a dense sequence
     sliding_window: int | None = None
+    chunk: int | None = None  # attention_chunk_size (Llama 4)
     seq_per_rank: int = 8
 
     def config(self, world: int) -> ring_ext.CPConfig:
@@ -69,7 +70,7 @@ def run_variant(rank: int, world: int, case: Variant):
     sl = sinks.clone().requires_grad_() if case.sinks else None
     out = ring_ext.attention(
         ql, kl, vl, ctx, layout=case.layout, num_heads=case.heads_q, softcap=case.softcap, sinks=sl,
-        sliding_window=case.sliding_window, **packing,
+        sliding_window=case.sliding_window, attention_chunk_size=case.chunk, **packing,
     )  # fmt: skip
     out.backward(local[3])
     got = [ring_ext.unshard(t.detach(), ctx, seq_dim, **packing) for t in (out, ql.grad, kl.grad, vl.grad)]
@@ -84,7 +85,7 @@ def run_variant(rank: int, world: int, case: Variant):
         [sinks.double().requires_grad_()] if case.sinks else []
     )
     mask = None
-    if cu is not None or case.sliding_window:
+    if cu is not None or case.sliding_window or case.chunk:
         positions = torch.arange(total)
         mask = packed_mask(
             positions,
@@ -92,6 +93,7 @@ def run_variant(rank: int, world: int, case: Variant):
             cu.tolist() if cu is not None else [0, total],
             case.causal,
             case.sliding_window,
+            case.chunk,
         )
     o64, _ = attention_reference(
         *leaves[:3],
@@ -122,6 +124,9 @@ def _cases(world: int) -> list[Variant]:
             base,  # causal, dense, bshd: softcap + sinks + d_v != d
             dataclasses.replace(base, causal=False, layout="sbh", softcap=None),  # sinks + MLA in sbh
             dataclasses.replace(base, layout="thd", docs=(5, 9, 2, 13, 3), sliding_window=6),
+            # chunked attention (Llama 4): dense with a window too, packed without softcap and sinks
+            dataclasses.replace(base, chunk=5, sliding_window=3),
+            dataclasses.replace(base, layout="thd", docs=(11, 4, 15), chunk=6, softcap=None, sinks=False),
         ]
     # Ulysses' uneven head splits (Note [Ulysses head split]): at 3 ranks q heads 8 over K/V heads
     # 2 give rank 1 two q heads of K/V head 0 and one of K/V head 1; at 4, 6 heads without GQA.

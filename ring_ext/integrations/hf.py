@@ -21,7 +21,9 @@ asks for raises ValueError naming the setting, so a model is either right or ref
     sliding_window, sliding mask        as ring_ext's sliding_window (a      -
       (config.sliding_window)             query sees itself and w-1 keys
                                           before it), with and without CP
-    chunked mask (attention_chunk_size) chunk >= whole sequence: a no-op     ValueError
+    chunked mask (attention_chunk_size) as ring_ext's attention_chunk_size,  ValueError in packed rows
+                                          dense rows, with and without CP      (transformers chunks the
+                                                                               row, ring_ext each document)
     dropout                             0 (eval, or attention_dropout=0)     ValueError
     attention_mask                      None / 2-D all ones                  ValueError (padding, 4-D)
     position_ids                        one plain sequence per row, or one   ValueError (jumps, packed
@@ -123,9 +125,9 @@ def ring_ext_attention_forward(
     if cu is None and cp_context is None:
         cu = cu_seqlens_from_positions(positions, seq)
     total = cu[-1] if cu is not None else seq * (cp_context.cp_size if cp_context is not None else 1)
-    window = sliding_window
+    window, chunk = sliding_window, None
     if isinstance(attention_mask, _MaskCheck):
-        window = attention_mask.check(causal, positions, seq, cp_context, query.device, cu, window)
+        window, chunk = attention_mask.check(causal, positions, seq, cp_context, query.device, cu, window)
     elif attention_mask is not None:
         raise ValueError(
             "ring_ext attention supports causal or full masks only, not an attention_mask tensor "
@@ -147,6 +149,7 @@ def ring_ext_attention_forward(
         sliding_window=window,
         softcap=softcap,
         sinks=sinks,
+        attention_chunk_size=chunk,
     )
     return out.transpose(1, 2), None  # [b, h, s, d] -> [b, s, h, d]
 
@@ -177,13 +180,19 @@ def _check_arguments(kwargs: dict) -> None:
         )
 
 
-def _check_chunk(setting: str, chunk: int, total: int) -> None:
-    """A chunk of at least the whole sequence changes nothing; any smaller one raises."""
-    if total > chunk:
+def _check_chunk(setting: str, chunk: int, total: int, cu) -> int | None:
+    """The chunk to compute with: None when it holds the whole sequence (a no-op). transformers chunks a
+    packed row by its token index across documents, ring_ext each document from its start: packed rows
+    with a chunk that splits them raise."""
+    if total <= chunk:
+        return None
+    if cu is not None and len(cu) > 2:
         raise ValueError(
-            f"ring_ext attention has no chunked attention, and {setting} splits this {total}-token sequence "
-            f"(local length x cp_size) into chunks; use a model without chunked layers, or {_OTHER_IMPLEMENTATION}"
+            f"{setting} splits a packed row into chunks of the row's token index (across documents), and "
+            "ring_ext chunks each document from its start: pass one document per row, or "
+            f"{_OTHER_IMPLEMENTATION}"
         )
+    return chunk
 
 
 def _expected_positions(seq: int, ctx, device, cu=None) -> torch.Tensor:
@@ -228,11 +237,12 @@ class _MaskCheck:
         self.passed = set()  # causal flags already checked: once per forward, not once per layer
 
     def check(self, causal: bool, positions, seq: int, ctx, device, cu, window):
-        """Checks the mask once per forward; returns the sliding window to compute with (the attention
-        argument, or the mask's own when only the mask has one)."""
+        """Checks the mask once per forward; returns (the sliding window, the attention chunk) to compute
+        with: the attention argument's window, or the mask's own when only the mask has one."""
         total = cu[-1] if cu is not None else seq * (ctx.cp_size if ctx else 1)
+        chunk = None
         if self.local_size is not None and self.setting != WINDOW_SETTING:
-            _check_chunk(f"{self.setting}={self.local_size}", self.local_size, total)
+            chunk = _check_chunk(f"{self.setting}={self.local_size}", self.local_size, total, cu)
         elif self.local_size is not None:
             if window is not None and window != self.local_size:
                 raise ValueError(
@@ -240,17 +250,21 @@ class _MaskCheck:
                     f"sliding_window={window} disagree"
                 )
             window = self.local_size
-        if (causal, window) in self.passed:
-            return window
+        if (causal, window, chunk) in self.passed:
+            return window, chunk
         if not torch.compiler.is_compiling():
             _check_positions(positions, seq, ctx, cu)
             if positions is None:
                 positions = _expected_positions(seq, ctx, device, cu)
-            self._check_mask(causal, positions.expand(self.batch_size, seq), window)
-        self.passed.add((causal, window))
-        return window
+            # Under CP transformers evaluates a chunked mask on the shard's own token indices, which
+            # are not the row's: only the one-process mask can be compared (the positions are checked
+            # above either way; overlays and padding raised when the mask was built).
+            if chunk is None or ctx is None:
+                self._check_mask(causal, positions.expand(self.batch_size, seq), window, chunk)
+        self.passed.add((causal, window, chunk))
+        return window, chunk
 
-    def _check_mask(self, causal: bool, pos: torch.Tensor, window: int | None) -> None:
+    def _check_mask(self, causal: bool, pos: torch.Tensor, window: int | None, chunk: int | None) -> None:
         """Evaluates the mask in query blocks; compares it with causal/full attention (within `window`) on
         the positions `pos` [b, s], on pairs inside one contiguous run of positions (a CP shard and a
         packed row hold several runs)."""
@@ -275,6 +289,8 @@ class _MaskCheck:
             want = diff >= 0 if causal else torch.ones_like(mask)
             if window is not None:
                 want = want & (diff.abs() < window)
+            if chunk is not None:
+                want = want & (pos[:, q0:q1, None] // chunk == pos[:, None, :] // chunk)
             same_run = run[:, q0:q1, None] == run[:, None, :]
             if ((mask != want) & same_run).any():
                 raise ValueError(

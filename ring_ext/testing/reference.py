@@ -21,13 +21,15 @@ def dense_mask(seq_q: int, seq_k: int, causal: bool, q_offset: int = 0, k_offset
     return j <= i
 
 
-def packed_mask(q_index, k_index, cu_seqlens, causal: bool, window: int | None = None):
+def packed_mask(
+    q_index, k_index, cu_seqlens, causal: bool, window: int | None = None, chunk: int | None = None
+):
     """[len(q_index), len(k_index)] bool, True where query q attends to key k, under the mask model of
-    ring_ext/masks.py (packed documents, causal or not, a sliding window). Indices >= S are padding:
+    ring_ext/masks.py (packed documents, causal or not, a sliding window, chunks). Indices >= S are padding:
     they attend to nothing and nothing to them. (tests/test_packed.py holds the rule to its per-pair
     definition.)"""
     return masks.mask_matrix(
-        torch.as_tensor(q_index), torch.as_tensor(k_index), tuple(cu_seqlens), causal, window
+        torch.as_tensor(q_index), torch.as_tensor(k_index), tuple(cu_seqlens), causal, window, chunk
     )
 
 
