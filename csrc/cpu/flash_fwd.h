@@ -59,8 +59,10 @@ void softmax_step(const FwdParams& p, const RowKeys<int64_t>& keys, FwdWorkspace
     const Interval<int64_t> row = keys.keys(q0 + i);
     const int64_t begin = std::clamp<int64_t>(row.begin - k0, 0, nk);
     const int64_t end = std::clamp<int64_t>(row.end - k0, begin, nk);
-    if (p.softcap > 0.0f) softcap_row(srow, n_pad, p.scale, p.softcap);
-    const float m_new = std::max(ws.m[i], scaled_max(srow, begin, end, scale));
+    const float row_max = p.softcap > 0.0f
+                              ? softcap_max_row(srow, begin, end, n_pad, p.scale, p.softcap)
+                              : scaled_max(srow, begin, end, scale);
+    const float m_new = std::max(ws.m[i], row_max);
     if (m_new == kNegInf) {  // nothing visible yet: P = 0, state unchanged
       std::fill(prow, prow + n_pad, T(0));
       continue;

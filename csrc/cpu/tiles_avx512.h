@@ -14,6 +14,8 @@
 #include <cstring>
 #include <limits>
 
+#include "tanh_fit.h"
+
 namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 
 // bf16 inputs stay bf16 in the matrix products (vdpbf16ps, float32 accumulation).
@@ -252,33 +254,34 @@ inline void bwd_row(float* s, float* dp, int64_t begin, int64_t end, int64_t n_p
   }
 }
 
-// tanh on 16 lanes (as tanh8 in tiles_generic.h): the odd Taylor polynomial to y^9 for |y| < 0.25,
-// else 1 - 2 / (exp(2|y|) + 1) with the sign put back; |y| clamped to 9.
+// tanh on 16 lanes: the rational fit of tanh8 in tiles_generic.h (tanh_fit.h), the reciprocal from
+// the 14-bit estimate and one Newton step.
 inline __m512 tanh16(__m512 y) {
-  const __m512 a = _mm512_min_ps(_mm512_abs_ps(y), _mm512_set1_ps(9.0f));
-  const __m512 e = exp16(_mm512_add_ps(a, a));
-  const __m512 big =
-      _mm512_sub_ps(_mm512_set1_ps(1.0f),
-                    _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
-  const __m512 a2 = _mm512_mul_ps(a, a);
-  __m512 poly = _mm512_set1_ps(62.0f / 2835);
-  poly = _mm512_fmadd_ps(poly, a2, _mm512_set1_ps(-17.0f / 315));
-  poly = _mm512_fmadd_ps(poly, a2, _mm512_set1_ps(2.0f / 15));
-  poly = _mm512_fmadd_ps(poly, a2, _mm512_set1_ps(-1.0f / 3));
-  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(poly, a2), a, a);
-  const __m512 t =
-      _mm512_mask_mov_ps(big, _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.25f), _CMP_LT_OQ), small);
-  const __m512i sign =
-      _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(int(0x80000000u)));
-  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));
+  const __m512 x = _mm512_max_ps(_mm512_min_ps(y, _mm512_set1_ps(9.0f)), _mm512_set1_ps(-9.0f));
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_set1_ps(kTanhP[4]), q = _mm512_set1_ps(kTanhQ[4]);
+  for (int i = 3; i >= 0; --i) {
+    p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(kTanhP[i]));
+    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(kTanhQ[i]));
+  }
+  __m512 r = _mm512_rcp14_ps(q);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f)));
+  return _mm512_mul_ps(_mm512_mul_ps(x, p), r);
 }
 
-// Softcap of one row's scores, in place (Note [Softcap and sinks] in csrc/common/params.h):
-// s[j] = cap * tanh(scale * s[j] / cap) for j < n_pad (a multiple of 16).
-inline void softcap_row(float* s, int64_t n_pad, float scale, float cap) {
+// Softcap of one row's scores, in place (Note [Softcap and sinks] in csrc/common/params.h), in the
+// pass that takes their maximum: s[j] = cap * tanh(scale * s[j] / cap) for j < n_pad (a multiple
+// of 16); returns max_j s[j] over begin <= j < end (-inf when empty).
+inline float softcap_max_row(float* s, int64_t begin, int64_t end, int64_t n_pad, float scale,
+                             float cap) {
   const __m512 in = _mm512_set1_ps(scale / cap), c = _mm512_set1_ps(cap);
-  for (int64_t j = 0; j < n_pad; j += 16)
-    _mm512_storeu_ps(s + j, _mm512_mul_ps(c, tanh16(_mm512_mul_ps(_mm512_loadu_ps(s + j), in))));
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n_pad; j += 16) {
+    const __m512 x = _mm512_mul_ps(c, tanh16(_mm512_mul_ps(_mm512_loadu_ps(s + j), in)));
+    _mm512_storeu_ps(s + j, x);
+    mx = _mm512_mask_max_ps(mx, valid_lanes(j, begin, end), mx, x);
+  }
+  return _mm512_reduce_max_ps(mx);
 }
 
 // bwd_row with a softcap: t = tanh(scale * s / cap), s -> P = exp(cap * t - lse),

@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "convert.h"
+#include "tanh_fit.h"
 
 #if defined(RING_EXT_AVX2_TILES)
 #include <immintrin.h>
@@ -204,32 +205,37 @@ inline void bwd_row(float* s, float* dp, int64_t begin, int64_t end, int64_t n_p
   }
 }
 
-// tanh on 8 lanes: the odd Taylor polynomial to y^9 for |y| < 0.25 (no cancellation near 0), else
-// 1 - 2 / (exp(2|y|) + 1) with the sign put back; |y| is clamped to 9 (tanh(9) rounds to 1).
+// tanh on 8 lanes: x P(x^2) / Q(x^2) with P, Q of degree 4 in x^2, our fit of tanh on [-9, 9] (|x|
+// clamped to 9, where tanh rounds to 1 in float32), within 4e-7 of tanh in float32: no exp, 8 FMAs
+// and a reciprocal (the 12-bit estimate and one Newton step), half the cost of 1 - 2 / (exp(2x) +
+// 1). The coefficients (kTanhP, kTanhQ) are in tanh_fit.h, with how they were fitted.
 inline __m256 tanh8(__m256 y) {
-  const __m256 sign = _mm256_and_ps(y, _mm256_set1_ps(-0.0f));
-  const __m256 a = _mm256_min_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), y), _mm256_set1_ps(9.0f));
-  const __m256 e = exp8(_mm256_add_ps(a, a));
-  const __m256 big =
-      _mm256_sub_ps(_mm256_set1_ps(1.0f),
-                    _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
-  const __m256 a2 = _mm256_mul_ps(a, a);
-  __m256 poly = _mm256_set1_ps(62.0f / 2835);
-  poly = _mm256_fmadd_ps(poly, a2, _mm256_set1_ps(-17.0f / 315));
-  poly = _mm256_fmadd_ps(poly, a2, _mm256_set1_ps(2.0f / 15));
-  poly = _mm256_fmadd_ps(poly, a2, _mm256_set1_ps(-1.0f / 3));
-  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(poly, a2), a, a);
-  const __m256 t =
-      _mm256_blendv_ps(big, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.25f), _CMP_LT_OQ));
-  return _mm256_or_ps(t, sign);
+  const __m256 x = _mm256_max_ps(_mm256_min_ps(y, _mm256_set1_ps(9.0f)), _mm256_set1_ps(-9.0f));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(kTanhP[4]), q = _mm256_set1_ps(kTanhQ[4]);
+  for (int i = 3; i >= 0; --i) {
+    p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(kTanhP[i]));
+    q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(kTanhQ[i]));
+  }
+  __m256 r = _mm256_rcp_ps(q);
+  r = _mm256_mul_ps(r, _mm256_fnmadd_ps(q, r, _mm256_set1_ps(2.0f)));
+  return _mm256_mul_ps(_mm256_mul_ps(x, p), r);
 }
 
-// Softcap of one row's scores, in place (Note [Softcap and sinks] in csrc/common/params.h):
-// s[j] = cap * tanh(scale * s[j] / cap) for j < n_pad (a multiple of 8).
-inline void softcap_row(float* s, int64_t n_pad, float scale, float cap) {
+// Softcap of one row's scores, in place (Note [Softcap and sinks] in csrc/common/params.h), in the
+// pass that takes their maximum: s[j] = cap * tanh(scale * s[j] / cap) for j < n_pad (a multiple of
+// 8); returns max_j s[j] over begin <= j < end (-inf when empty), scaled_max's job.
+inline float softcap_max_row(float* s, int64_t begin, int64_t end, int64_t n_pad, float scale,
+                             float cap) {
   const __m256 in = _mm256_set1_ps(scale / cap), c = _mm256_set1_ps(cap);
-  for (int64_t j = 0; j < n_pad; j += 8)
-    _mm256_storeu_ps(s + j, _mm256_mul_ps(c, tanh8(_mm256_mul_ps(_mm256_loadu_ps(s + j), in))));
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 mx = neg_inf;
+  for (int64_t j = 0; j < n_pad; j += 8) {
+    const __m256 x = _mm256_mul_ps(c, tanh8(_mm256_mul_ps(_mm256_loadu_ps(s + j), in)));
+    _mm256_storeu_ps(s + j, x);
+    mx = _mm256_max_ps(mx, _mm256_blendv_ps(neg_inf, x, lanes_in(j, begin, end)));
+  }
+  return hmax(mx);
 }
 
 // bwd_row with a softcap: t = tanh(scale * s / cap), s -> P = exp(cap * t - lse),
@@ -293,9 +299,11 @@ inline void bwd_row(float* s, float* dp, int64_t begin, int64_t end, int64_t n_p
 }
 
 // Softcap of one row's scores, in place (Note [Softcap and sinks] in csrc/common/params.h):
-// s[j] = cap * tanh(scale * s[j] / cap) for j < n_pad.
-inline void softcap_row(float* s, int64_t n_pad, float scale, float cap) {
+// s[j] = cap * tanh(scale * s[j] / cap) for j < n_pad; returns their max over [begin, end).
+inline float softcap_max_row(float* s, int64_t begin, int64_t end, int64_t n_pad, float scale,
+                             float cap) {
   for (int64_t j = 0; j < n_pad; ++j) s[j] = cap * std::tanh(s[j] * (scale / cap));
+  return scaled_max(s, begin, end, 1.0f);
 }
 
 // bwd_row with a softcap: t = tanh(scale * s / cap), s -> P = exp(cap * t - lse),
