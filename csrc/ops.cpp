@@ -172,7 +172,8 @@ TORCH_LIBRARY(ring_ext, m) {
         ") -> (Tensor dq, Tensor dk, Tensor dv)");
   // Attention under a mask described by values: packed documents (cu_seqlens, int64 [n_docs + 1],
   // None: one document of the whole sequence), a sliding window (0: none) and/or chunked attention
-  // (attention_chunk_size, 0: none; ring_ext/masks.py). The placement and
+  // (attention_chunk_size, 0: none), or the caller's key interval of every token (key_bounds, int64
+  // [2, S], replacing the rest of the rule; ring_ext/masks.py). The placement and
   // the key intervals are computed inside the op from cu_seqlens' values, so torch.compile traces
   // a call without reading them (no graph break, no recompilation when only document lengths
   // change). Its kernel is Python (ring_ext/masked.py), for every device; it calls attention, or
@@ -200,7 +201,8 @@ TORCH_LIBRARY(ring_ext, m) {
         "str check_group, "
         "float softcap=0.0, "
         "Tensor? sinks=None, "
-        "int attention_chunk_size=0"
+        "int attention_chunk_size=0, "
+        "Tensor? key_bounds=None"
         ") -> (Tensor out, Tensor lse)");
   // Gradients of masked_attention, in the dtype and strides of q/k/v.
   m.def("masked_attention_bwd("
@@ -226,7 +228,8 @@ TORCH_LIBRARY(ring_ext, m) {
         "str ulysses_group, "
         "bool overlap, "
         "float softcap=0.0, "
-        "int attention_chunk_size=0"
+        "int attention_chunk_size=0, "
+        "Tensor? key_bounds=None"
         ") -> (Tensor dq, Tensor dk, Tensor dv)");
   // clang-format on
   // The collectives of the Python API (unshard, the cross-rank check, the training-loop helpers),

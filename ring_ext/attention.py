@@ -35,6 +35,7 @@ def attention(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     attention_chunk_size: int | None = None,
+    key_bounds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q k^T [+ mask]) v, in q's layout and dtype, dense in that layout.
 
@@ -61,6 +62,12 @@ def attention(
     of c positions of its document (ring_ext/masks.py); like sliding_window it shapes the mask, not the
     placement, so a chunked layer runs on the shards of the model's other layers.
 
+    key_bounds (int64 [2, S], S the whole sequence as cu_seqlens counts it): any mask whose rows each
+    see one interval of keys, in order: token g sees keys [key_bounds[0, g], key_bounds[1, g]), both
+    non-decreasing in g (bidirectional image blocks, prefix-LM: ring_ext.masks.bidirectional_blocks builds
+    them). It replaces the causal / document / window / chunk rule (causal and cu_seqlens still pick
+    the placement under a context), and is read only inside the op, as cu_seqlens is.
+
     layout=None picks: "thd" for 3-D inputs with cu_seqlens; without a context "bshd"; with one,
     "bnsd" under --megatron-cp-in-bnsd, else MindSpeed's "sbh" for 3-D inputs and "bshd" for 4-D ones.
 
@@ -76,6 +83,12 @@ def attention(
     scale = resolve_scale(softmax_scale, qv.shape[-1])
     window = masks.check_window(sliding_window)
     chunk = masks.check_chunk(attention_chunk_size)
+    if key_bounds is not None:
+        masks.check_key_bounds_tensor(key_bounds)
+        if window is not None or chunk is not None:
+            raise ValueError(
+                "key_bounds replaces sliding_window and attention_chunk_size: give one or the others"
+            )
     cap = validation.check_softcap(softcap)
     validation.check_sinks(sinks, qv.shape[2], qv.device)
     if cu is not None and qv.shape[0] != 1:
@@ -83,7 +96,7 @@ def attention(
     if ctx is None:
         if causal is None:
             raise ValueError("causal must be True or False when no context is given")
-        if cu is None and window is None and chunk is None:
+        if cu is None and window is None and chunk is None and key_bounds is None:
             out, _lse = torch.ops.ring_ext.fwd(qv, kv, vv, scale, bool(causal), 0, 0, False, None, cap, sinks)
             # fwd's output follows q's memory order; the contract is dense in the layout (one copy
             # only when q's memory order differs from its layout).
@@ -111,11 +124,16 @@ def attention(
             cap,
             sinks,
             chunk or 0,
+            key_bounds,
         )
         return from_bshd(out, layout)
     validation.check_causal(causal, ctx)
     masked = (
-        cu is not None or window is not None or chunk is not None or placement.scheme(ctx).needs_intervals
+        cu is not None
+        or window is not None
+        or chunk is not None
+        or key_bounds is not None
+        or placement.scheme(ctx).needs_intervals
     )
     validation.check_shards(qv, kv, vv, ctx, packed=masked)
     check_group = ctx.group.group_name if check_consistency else ""
@@ -124,7 +142,7 @@ def attention(
             qv, kv, vv, cu, window or 0, scale, ctx.causal, ctx.algo, ctx.rank, ctx.cp_size,
             ctx.ulysses_degree, ctx.config.cp_sliding_window or 0, ctx.ring_group_name,
             ctx.inner_group_name, ctx.outer_group_name, ctx.ulysses_group_name,
-            ctx.config.use_cp_send_recv_overlap, layout, check_group, cap, sinks, chunk or 0,
+            ctx.config.use_cp_send_recv_overlap, layout, check_group, cap, sinks, chunk or 0, key_bounds,
         )  # fmt: skip
     else:
         out, _lse = cp_op(qv, kv, vv, ctx, scale, layout, check_group, cap, sinks)

@@ -30,8 +30,9 @@ class _Mask(NamedTuple):
 
 
 def _mask(
-    q, cu_seqlens, sliding_window, causal, algo, rank, cp_size, ulysses_degree, cp_sliding_window, chunk
-) -> _Mask:
+    q, cu_seqlens, sliding_window, causal, algo, rank, cp_size, ulysses_degree, cp_sliding_window, chunk,
+    key_bounds,
+) -> _Mask:  # fmt: skip
     """This rank's key intervals (placement.block_intervals), after checking that q holds exactly the
     tokens the placement gives this rank."""
     window = sliding_window or None
@@ -44,14 +45,19 @@ def _mask(
     else:
         cu = masks.check_cu_seqlens(cu_seqlens, None if algo else q.shape[1])  # one process: q is all
         total = cu[-1]
-    visible, needed, rows, count = placement.block_intervals(s, rank, total, cu, window, chunk or None)
+    bounds = None if key_bounds is None else masks.check_key_bounds(key_bounds, total)
+    visible, needed, rows, count = placement.block_intervals(
+        s, rank, total, cu, window, chunk or None, bounds
+    )
     if q.shape[1] != count:  # only under a context: a dense or one-process q holds its count
         raise ValueError(
             f"cu_seqlens describes {total} tokens ({len(cu) - 1} documents), of which rank {rank}'s share "
             f"is {count}, but q holds {q.shape[1]}: cu_seqlens[-1] must be the packed length of the whole "
             "sequence, and q, k, v what ring_ext.shard(x, ctx, seq_dim, cu_seqlens=cu) returned"
         )
-    signature = zlib.crc32(repr((cu, total, window, cp_sliding_window, chunk)).encode()) if algo else 0
+    signature = (
+        zlib.crc32(repr((cu, total, window, cp_sliding_window, chunk, bounds)).encode()) if algo else 0
+    )
     return _Mask(visible, needed, rows, signature)
 
 
@@ -65,13 +71,13 @@ def _local_lengths(q, k) -> None:
 def masked_attention(
     q, k, v, cu_seqlens, sliding_window, scale, causal, algo, rank, cp_size, ulysses_degree,
     cp_sliding_window, ring_group, inner_group, outer_group, ulysses_group, overlap, layout, check_group,
-    softcap=0.0, sinks=None, attention_chunk_size=0,
+    softcap=0.0, sinks=None, attention_chunk_size=0, key_bounds=None,
 ):  # fmt: skip
     if not algo:
         _local_lengths(q, k)
     m = _mask(
         q, cu_seqlens, sliding_window, causal, algo, rank, cp_size, ulysses_degree, cp_sliding_window,
-        attention_chunk_size,
+        attention_chunk_size, key_bounds,
     )  # fmt: skip
     if algo:
         return torch.ops.ring_ext.attention(
@@ -90,11 +96,11 @@ def masked_attention(
 def masked_attention_bwd(
     dout, q, k, v, out, lse, dlse, cu_seqlens, sliding_window, scale, causal, algo, rank, cp_size,
     ulysses_degree, cp_sliding_window, ring_group, inner_group, outer_group, ulysses_group, overlap,
-    softcap=0.0, attention_chunk_size=0,
+    softcap=0.0, attention_chunk_size=0, key_bounds=None,
 ):  # fmt: skip
     m = _mask(
         q, cu_seqlens, sliding_window, causal, algo, rank, cp_size, ulysses_degree, cp_sliding_window,
-        attention_chunk_size,
+        attention_chunk_size, key_bounds,
     )  # fmt: skip
     if algo:
         return torch.ops.ring_ext.attention_bwd(

@@ -10,6 +10,9 @@ query q iff both are in the same document and
 and, with attention_chunk_size=c (Llama 4's chunked attention), pos_q // c == pos_k // c: a query
 sees only the keys of its own chunk of c positions of its document.
 
+Any other mask whose rows each see one interval, in the same order (bidirectional image blocks,
+prefix-LM): key_bounds, the caller's [lo(g), hi(g)) per token (KeyBounds), replaces the rule.
+
 A dense sequence is one document, cu_seqlens = [0, S]. Equivalently, and this is the one form the
 code uses: query g sees the keys of one global interval [lo(g), hi(g)) (row_bounds). Every block of
 tokens the kernels see lists its tokens in increasing g, padding (g >= S) last, so the keys one
@@ -22,6 +25,8 @@ holds both to the per-pair definition above, written out independently there.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import torch
 
@@ -75,18 +80,92 @@ def check_chunk(attention_chunk_size) -> int | None:
     return c
 
 
+class KeyBounds:
+    """key_bounds, the caller's mask: query g of the sequence sees the keys [lo[g], hi[g]) (global
+    indices), lo and hi non-decreasing in g so that every block's rows see monotone intervals (the
+    kernels' rule, Note [Mask rule] in csrc/common/mask.h). Built from an int64 [2, S] tensor on the
+    host; hashable by value, so the placement's caches key on it."""
+
+    def __init__(self, bounds: torch.Tensor):
+        self.lo, self.hi = (t.contiguous() for t in bounds.to("cpu", torch.int64))
+        # crc32, not hash(): the cross-rank signature compares it between processes
+        self._hash = zlib.crc32(torch.stack([self.lo, self.hi]).numpy().tobytes())
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return (
+            isinstance(other, KeyBounds) and torch.equal(self.lo, other.lo) and torch.equal(self.hi, other.hi)
+        )
+
+    def __repr__(self) -> str:  # part of the cross-rank signature
+        return f"KeyBounds({self._hash})"
+
+
+def check_key_bounds(bounds: torch.Tensor, total: int) -> KeyBounds:
+    """key_bounds' values (read inside the op, as cu_seqlens'): int64-like [2, S] with S the whole
+    sequence, 0 <= lo, hi <= S, both non-decreasing along the tokens."""
+    if bounds.dim() != 2 or bounds.shape[0] != 2 or bounds.shape[1] != total:
+        raise ValueError(
+            f"key_bounds must be [2, {total}] (lo and hi of every token), got {tuple(bounds.shape)}"
+        )
+    b = bounds.to("cpu", torch.int64)
+    if b.numel() and (b.min() < 0 or b.max() > total):
+        raise ValueError(f"key_bounds must lie in [0, {total}]")
+    if total > 1 and (b[:, 1:] < b[:, :-1]).any():
+        raise ValueError(
+            "key_bounds' lo and hi must be non-decreasing along the tokens (every row sees one interval, "
+            "in order: the kernels skip blocks by it)"
+        )
+    return KeyBounds(b)
+
+
+def check_key_bounds_tensor(bounds) -> None:
+    """What can be checked of key_bounds without reading its values (torch.compile never reads them)."""
+    if not isinstance(bounds, torch.Tensor):
+        raise TypeError(f"key_bounds must be a torch.Tensor [2, S] or None, got {type(bounds).__name__}")
+    if (
+        bounds.dim() != 2
+        or bounds.shape[0] != 2
+        or bounds.dtype.is_floating_point
+        or bounds.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"key_bounds must be an integer tensor [2, S], got {bounds.dtype} {tuple(bounds.shape)}"
+        )
+
+
+def bidirectional_blocks(cu_seqlens, blocks, causal: bool = True) -> torch.Tensor:
+    """key_bounds (int64 [2, S]) of causal (or general) attention over the documents of cu_seqlens in
+    which the tokens of each block [start, end) (global indices, inside one document) also see each
+    other: Gemma 3's image tokens, a PaliGemma-style prefix. A block's rows see up to its end, rows
+    after it see it as usual, so every row still sees one interval, in order."""
+    cu = check_cu_seqlens(cu_seqlens)
+    lo, hi = row_bounds(torch.arange(cu[-1]), cu, causal)
+    for start, end in blocks:
+        if not 0 <= start <= end <= cu[-1]:
+            raise ValueError(f"blocks must lie in [0, {cu[-1]}], got [{start}, {end})")
+        hi[start:end] = torch.maximum(hi[start:end], torch.tensor(end))
+    return torch.stack([lo, hi])
+
+
 def row_bounds(
     index: torch.Tensor,
     cu_seqlens: tuple[int, ...],
     causal: bool,
     window: int | None = None,
     chunk: int | None = None,
+    bounds: KeyBounds | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi), int64 like index: query g sees the global keys [lo, hi). Padding (g >= S) sees
-    nothing: lo = hi = S."""
+    nothing: lo = hi = S. bounds (the caller's key_bounds) replaces every other part of the rule."""
     cu = torch.tensor(cu_seqlens, dtype=torch.int64)
     total, n_docs = cu_seqlens[-1], len(cu_seqlens) - 1
     real = index < total
+    if bounds is not None:
+        safe = index.clamp(max=max(total - 1, 0))
+        return torch.where(real, bounds.lo[safe], total), torch.where(real, bounds.hi[safe], total)
     doc = (torch.searchsorted(cu, index, right=True) - 1).clamp(0, n_docs - 1)
     lo = cu[doc]
     hi = index + 1 if causal else cu[doc + 1]
@@ -108,12 +187,13 @@ def visible_keys(
     causal: bool,
     window: int | None = None,
     chunk: int | None = None,
+    bounds: KeyBounds | None = None,
 ) -> torch.Tensor:
     """int64 [2, len(q_index)]: query row i sees key rows [begin_i, end_i) of k_index.
 
     q_index and k_index are the global token indices of a query and a key block, each increasing,
     padding (>= S) last. A padding query sees nothing."""
-    lo, hi = row_bounds(q_index, cu_seqlens, causal, window, chunk)
+    lo, hi = row_bounds(q_index, cu_seqlens, causal, window, chunk, bounds)
     return torch.stack([torch.searchsorted(k_index, lo), torch.searchsorted(k_index, hi)])
 
 
@@ -124,10 +204,11 @@ def mask_matrix(
     causal: bool,
     window=None,
     chunk=None,
+    bounds: KeyBounds | None = None,
 ) -> torch.Tensor:
     """[len(q_index), len(k_index)] bool, True where a query sees a key: the mask written out from
     row_bounds (for the float64 reference; O(s^2))."""
-    lo, hi = row_bounds(torch.as_tensor(q_index), cu_seqlens, causal, window, chunk)
+    lo, hi = row_bounds(torch.as_tensor(q_index), cu_seqlens, causal, window, chunk, bounds)
     k = torch.as_tensor(k_index)[None, :]
     return (k >= lo[:, None]) & (k < hi[:, None])
 

@@ -181,7 +181,7 @@ torch.library.register_autograd(
 def _masked_attention_fake(q, k, v, cu_seqlens, sliding_window, scale, causal, algo, rank, cp_size,
                            ulysses_degree, cp_sliding_window, ring_group, inner_group, outer_group,
                            ulysses_group, overlap, layout, check_group, softcap=0.0, sinks=None,
-                           attention_chunk_size=0):  # fmt: skip
+                           attention_chunk_size=0, key_bounds=None):  # fmt: skip
     return empty_in_layout(q, layout, v.shape[-1]), _row_stats(q)
 
 

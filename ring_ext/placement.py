@@ -238,25 +238,31 @@ def _member_intervals(
     cu_seqlens: tuple[int, ...] | None,
     window: int | None,
     chunk: int | None,
+    bounds: masks.KeyBounds | None,
 ) -> torch.Tensor:
     tokens = rank_tokens(s, total, cu_seqlens)
     blocks = [torch.cat(tokens[g * s.members : (g + 1) * s.members]) for g in range(s.groups)]
     cu = cu_seqlens if cu_seqlens is not None else (0, total)
     return torch.stack(
-        [masks.visible_keys(blocks[member], src, cu, s.causal, window, chunk) for src in blocks]
+        [masks.visible_keys(blocks[member], src, cu, s.causal, window, chunk, bounds) for src in blocks]
     )
 
 
 @functools.lru_cache(maxsize=64)
 def block_needed(
-    s: Scheme, total: int, cu_seqlens: tuple[int, ...] | None, window: int | None, chunk: int | None = None
+    s: Scheme,
+    total: int,
+    cu_seqlens: tuple[int, ...] | None,
+    window: int | None,
+    chunk: int | None = None,
+    bounds: masks.KeyBounds | None = None,
 ) -> torch.Tensor:
     """int64 [members, sources, 2]: the hull [lo, hi) of the rows of every source block that each ring
     member's rows see ([0, 0) for none): block_intervals' `needed`, and what the planner's window
     model reads."""
     needed = torch.zeros(s.groups, s.groups, 2, dtype=torch.int64)
     for member in range(s.groups):
-        begin, end = _member_intervals(s, member, total, cu_seqlens, window, chunk).unbind(1)
+        begin, end = _member_intervals(s, member, total, cu_seqlens, window, chunk, bounds).unbind(1)
         seen = end > begin
         lo = torch.where(seen, begin, begin.shape[-1]).amin(-1)
         hi = torch.where(seen, end, 0).amax(-1)
@@ -272,6 +278,7 @@ def block_intervals(
     cu_seqlens: tuple[int, ...] | None,
     window: int | None,
     chunk: int | None = None,
+    bounds: masks.KeyBounds | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
     """(visible, needed, rows, count): the arguments of torch.ops.ring_ext.attention for `rank`.
 
@@ -282,13 +289,13 @@ def block_intervals(
     of every source block that each ring member's rows see, their hull ([0, 0) for none), which is
     all the ring moves (Note [Moving only what is seen] in csrc/cp/ring.cpp). rows: the length of
     every rank's shard in the blocks that move (the longest); count: this rank's real tokens.
-    window and chunk (sliding_window, attention_chunk_size) shape the intervals, not the placement:
-    a chunked layer runs on the shards of the model's other layers."""
+    window, chunk and bounds (sliding_window, attention_chunk_size, key_bounds) shape the intervals,
+    not the placement: such a layer runs on the shards of the model's other layers."""
     tokens = rank_tokens(s, total, cu_seqlens)
     rows, count = len(tokens[rank]), real_length(tokens[rank], total)
-    visible = _member_intervals(s, rank // s.members, total, cu_seqlens, window, chunk)
+    visible = _member_intervals(s, rank // s.members, total, cu_seqlens, window, chunk, bounds)
     if s.members == 1:
         visible = visible[:, :, :count].contiguous()  # the plain ring's queries: real tokens only
     if s.groups == 1:
         return visible, None, rows, count
-    return visible, block_needed(s, total, cu_seqlens, window, chunk), rows, count
+    return visible, block_needed(s, total, cu_seqlens, window, chunk, bounds), rows, count

@@ -37,6 +37,7 @@ class Variant:
     docs: tuple[int, ...] | None = None  # packed documents (layout thd), else a dense sequence
     sliding_window: int | None = None
     chunk: int | None = None  # attention_chunk_size (Llama 4)
+    blocks: tuple | None = None  # bidirectional blocks (image tokens): key_bounds
     seq_per_rank: int = 8
 
     def config(self, world: int) -> ring_ext.CPConfig:
@@ -61,6 +62,11 @@ def run_variant(rank: int, world: int, case: Variant):
     if case.docs:
         cu = torch.tensor([0, *torch.tensor(case.docs).cumsum(0).tolist()])
     packing = {} if cu is None else {"cu_seqlens": cu}
+    bounds = None
+    if case.blocks:
+        bounds = ring_ext.masks.bidirectional_blocks(
+            cu if cu is not None else [0, total], case.blocks, case.causal
+        )
     seq_dim = SEQ_DIM[case.layout]
     local = [
         ring_ext.shard(from_bshd(t, case.layout).contiguous(), ctx, seq_dim, **packing)
@@ -70,7 +76,8 @@ def run_variant(rank: int, world: int, case: Variant):
     sl = sinks.clone().requires_grad_() if case.sinks else None
     out = ring_ext.attention(
         ql, kl, vl, ctx, layout=case.layout, num_heads=case.heads_q, softcap=case.softcap, sinks=sl,
-        sliding_window=case.sliding_window, attention_chunk_size=case.chunk, **packing,
+        sliding_window=case.sliding_window, attention_chunk_size=case.chunk,
+        key_bounds=bounds, **packing,
     )  # fmt: skip
     out.backward(local[3])
     got = [ring_ext.unshard(t.detach(), ctx, seq_dim, **packing) for t in (out, ql.grad, kl.grad, vl.grad)]
@@ -85,7 +92,10 @@ def run_variant(rank: int, world: int, case: Variant):
         [sinks.double().requires_grad_()] if case.sinks else []
     )
     mask = None
-    if cu is not None or case.sliding_window or case.chunk:
+    if bounds is not None:
+        keys = torch.arange(total)[None, :]
+        mask = (keys >= bounds[0][:, None]) & (keys < bounds[1][:, None])
+    elif cu is not None or case.sliding_window or case.chunk:
         positions = torch.arange(total)
         mask = packed_mask(
             positions,
@@ -127,6 +137,9 @@ def _cases(world: int) -> list[Variant]:
             # chunked attention (Llama 4): dense with a window too, packed without softcap and sinks
             dataclasses.replace(base, chunk=5, sliding_window=3),
             dataclasses.replace(base, layout="thd", docs=(11, 4, 15), chunk=6, softcap=None, sinks=False),
+            # image blocks (key_bounds): dense, and packed with a block in the second document
+            dataclasses.replace(base, blocks=((1, 4), (5, 7))),
+            dataclasses.replace(base, layout="thd", docs=(11, 4, 15), blocks=((1, 5), (16, 22)), sinks=False),
         ]
     # Ulysses' uneven head splits (Note [Ulysses head split]): at 3 ranks q heads 8 over K/V heads
     # 2 give rank 1 two q heads of K/V head 0 and one of K/V head 1; at 4, 6 heads without GQA.
