@@ -263,21 +263,77 @@ def test_unsupported_arguments_are_rejected():
     assert out.shape == (1, 4, 2, 8)
 
 
-def test_mask_overlays_are_rejected():
-    """Masks a model builds beyond causal: or/and functions at once, token blocks when checked."""
+def test_mask_overlays_as_key_intervals_in_one_process():
+    """Masks a model builds beyond causal (or/and overlays, token blocks): in one process read off as
+    key intervals and computed exactly; a row that is not one interval raises, and so does any such
+    mask with context parallelism (test_gemma3_image_with_cp_is_rejected)."""
     from transformers.masking_utils import create_causal_mask
 
     name = ring_ext.hf.register()
     config = tiny_model("llama").config
     config._attn_implementation = name
     embeds = torch.zeros(1, 8, 4)
-    with pytest.raises(ValueError, match="overlay"):
-        create_causal_mask(config, embeds, None, None, or_mask_function=lambda b, h, q, kv: kv == 0)
-    blocks = torch.tensor([[-1, -1, 0, 0, 0, -1, -1, -1]])  # tokens 2..4 see each other (an image)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    causal = torch.ones(8, 8).tril().bool()
+    image = torch.zeros(8, 8, dtype=torch.bool)
+    image[2:5, 2:5] = True  # tokens 2..4 see each other (an image)
+    blocks = torch.tensor([[-1, -1, 0, 0, 0, -1, -1, -1]])
     mask = create_causal_mask(config, embeds, None, None, block_sequence_ids=blocks)
-    q = torch.randn(1, 2, 8, 4)
-    with pytest.raises(ValueError, match="not plain causal"):
-        ring_ext.hf.ring_ext_attention_forward(torch.nn.Module(), q, q, q, mask)
+    got, _ = ring_ext.hf.ring_ext_attention_forward(torch.nn.Module(), q, k, v, mask, scaling=0.5)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal | image, scale=0.5)
+    torch.testing.assert_close(got, want.transpose(1, 2))
+    overlay = create_causal_mask(config, embeds, None, None, or_mask_function=lambda b, h, q, kv: kv == 7)
+    with pytest.raises(ValueError, match="not one interval"):  # row 2 sees keys 0..2 and 7
+        ring_ext.hf.ring_ext_attention_forward(torch.nn.Module(), q, k, v, overlay)
+
+
+def tiny_gemma3(seq=24, image_at=5):
+    """A tiny Gemma 3 with a vision tower and one 4-token image at `image_at` (bidirectional among its
+    tokens, a sliding window of 8 on the local layers): model, its inputs."""
+    text = {**SMALL, "vocab_size": 300, "sliding_window": 8}
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+        boi_token_index=297, eoi_token_index=298,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    ids = torch.randint(0, 290, (1, seq), generator=torch.Generator().manual_seed(3))
+    ids[0, image_at : image_at + 4] = 299
+    inputs = {
+        "input_ids": ids,
+        "pixel_values": torch.randn(1, 3, 28, 28),
+        "token_type_ids": (ids == 299).long(),
+    }
+    return model, inputs
+
+
+def test_gemma3_with_an_image_matches_eager_with_gradients():
+    name = ring_ext.hf.register()
+    model, inputs = tiny_gemma3()
+    results = []
+    for impl in ("eager", name):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        logits = model(**inputs).logits
+        logits.square().mean().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (ref, ref_grads), (got, grads) = results
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        plain = model(**{**inputs, "token_type_ids": None}).logits
+    assert (plain - ref).norm() > 1e-3 * ref.norm()  # the image's block changes the result
+    assert_rel_l2(got, ref, torch.float32, "gemma3 image logits")
+    assert len(grads) == len(ref_grads) > 0
+    for g, r in zip(grads, ref_grads):
+        assert_rel_l2(g, r, torch.float32, "gemma3 image param grad")
 
 
 # What makes each architecture's window active (Qwen2: only with use_sliding_window).
@@ -456,3 +512,21 @@ def test_packed_training_with_cp_matches_without():
         ("hybrid_cp_algo", "qwen2", 6),
     ]
     run_distributed(run_hf_packed_case, 4, cases, timeout_s=300)
+
+
+def test_mask_overlays_with_cp_are_rejected(world):
+    """With context parallelism (a one-rank world suffices: the path is the same) a mask that is not
+    ring_ext's rule raises: transformers evaluates it on the shard's own indices."""
+    from transformers.masking_utils import create_causal_mask
+
+    name = ring_ext.hf.register()
+    config = tiny_model("llama").config
+    config._attn_implementation = name
+    ctx = ring_ext.initialize(
+        ring_ext.CPConfig(context_parallel_size=1, context_parallel_algo="megatron_cp_algo")
+    )
+    blocks = torch.tensor([[-1, -1, 0, 0, 0, -1, -1, -1]])
+    mask = create_causal_mask(config, torch.zeros(1, 8, 4), None, None, block_sequence_ids=blocks)
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="not with context parallelism"):
+        ring_ext.hf.ring_ext_attention_forward(torch.nn.Module(), q, q, q, mask, cp_context=ctx)

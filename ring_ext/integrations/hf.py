@@ -34,8 +34,9 @@ asks for raises ValueError naming the setting, so a model is either right or ref
     cu_seqlens (ring_ext's name), or    the packing of the whole row          ValueError if q and k
       cu_seq_lens_q == cu_seq_lens_k                                          packings differ
       (DataCollatorWithFlattening)
-    mask overlays (or/and functions,    never                                ValueError
-      token-type / image blocks)
+    mask overlays (or/and functions,    one process: as ring_ext's           ValueError with CP, and
+      token-type / image blocks)          key_bounds, read off the evaluated   for a row that does not
+                                          mask (Gemma 3's image tokens)        see one interval
     softcap (attn_logit_softcapping)    as ring_ext's softcap (Gemma 2)       -
     s_aux (learned sinks)               as ring_ext's sinks (gpt-oss)         -
     value head dim != query head dim    as given (MLA: DeepSeek-V2/V3, ...)   -
@@ -125,9 +126,13 @@ def ring_ext_attention_forward(
     if cu is None and cp_context is None:
         cu = cu_seqlens_from_positions(positions, seq)
     total = cu[-1] if cu is not None else seq * (cp_context.cp_size if cp_context is not None else 1)
-    window, chunk = sliding_window, None
+    window, chunk, bounds = sliding_window, None, None
     if isinstance(attention_mask, _MaskCheck):
-        window, chunk = attention_mask.check(causal, positions, seq, cp_context, query.device, cu, window)
+        window, chunk, bounds = attention_mask.check(
+            causal, positions, seq, cp_context, query.device, cu, window
+        )
+    if bounds is not None:  # the mask's own key intervals hold everything
+        window = chunk = None
     elif attention_mask is not None:
         raise ValueError(
             "ring_ext attention supports causal or full masks only, not an attention_mask tensor "
@@ -150,6 +155,7 @@ def ring_ext_attention_forward(
         softcap=softcap,
         sinks=sinks,
         attention_chunk_size=chunk,
+        key_bounds=bounds,
     )
     return out.transpose(1, 2), None  # [b, h, s, d] -> [b, s, h, d]
 
@@ -231,14 +237,17 @@ class _MaskCheck:
     """A mask transformers built that may not be plain causal/full: judged by the attention function,
     which knows the CP context (Note [Nothing silently wrong])."""
 
-    def __init__(self, mask_function, local_size, setting, batch_size, q_offset, kv_offset):
+    def __init__(self, mask_function, local_size, setting, batch_size, q_offset, kv_offset, use_vmap=False):
         self.mask_function, self.local_size, self.setting = mask_function, local_size, setting
         self.batch_size, self.q_offset, self.kv_offset = batch_size, q_offset, kv_offset
-        self.passed = set()  # causal flags already checked: once per forward, not once per layer
+        self.use_vmap = use_vmap  # the mask has or/and overlays (transformers evaluates them by vmap)
+        self.passed = {}  # (causal, window, chunk) -> key_bounds or None: once per forward, not per layer
 
     def check(self, causal: bool, positions, seq: int, ctx, device, cu, window):
-        """Checks the mask once per forward; returns (the sliding window, the attention chunk) to compute
-        with: the attention argument's window, or the mask's own when only the mask has one."""
+        """Checks the mask once per forward; returns (the sliding window, the attention chunk, key
+        bounds) to compute with: the attention argument's window, or the mask's own when only the mask
+        has one; key bounds (int64 [2, seq]) when the mask is none of ring_ext's rules but each of its
+        rows sees one interval of keys (in one process only: image blocks and other overlays)."""
         total = cu[-1] if cu is not None else seq * (ctx.cp_size if ctx else 1)
         chunk = None
         if self.local_size is not None and self.setting != WINDOW_SETTING:
@@ -250,41 +259,85 @@ class _MaskCheck:
                     f"sliding_window={window} disagree"
                 )
             window = self.local_size
-        if (causal, window, chunk) in self.passed:
-            return window, chunk
+        key = (causal, window, chunk)
+        if key in self.passed:
+            return window, chunk, self.passed[key]
+        bounds = None
         if not torch.compiler.is_compiling():
             _check_positions(positions, seq, ctx, cu)
             if positions is None:
                 positions = _expected_positions(seq, ctx, device, cu)
             # Under CP transformers evaluates a chunked mask on the shard's own token indices, which
             # are not the row's: only the one-process mask can be compared (the positions are checked
-            # above either way; overlays and padding raised when the mask was built).
-            if chunk is None or ctx is None:
-                self._check_mask(causal, positions.expand(self.batch_size, seq), window, chunk)
-        self.passed.add((causal, window, chunk))
-        return window, chunk
+            # above either way; padding raised when the mask was built).
+            if (chunk is None or ctx is None) and not self._is_plain(
+                causal, positions.expand(self.batch_size, seq), window, chunk
+            ):
+                if ctx is not None:
+                    raise ValueError(
+                        "the model asks for an attention mask that is not plain "
+                        f"{'causal' if causal else 'full'} attention (e.g. token-type or image blocks, or a "
+                        "custom mask function); ring_ext attention computes such a mask in one process only "
+                        f"(as key_bounds), not with context parallelism: {_OTHER_IMPLEMENTATION}"
+                    )
+                bounds = self._key_bounds(seq, device)
+        self.passed[key] = bounds
+        return window, chunk, bounds
 
-    def _check_mask(self, causal: bool, pos: torch.Tensor, window: int | None, chunk: int | None) -> None:
-        """Evaluates the mask in query blocks; compares it with causal/full attention (within `window`) on
-        the positions `pos` [b, s], on pairs inside one contiguous run of positions (a CP shard and a
-        packed row hold several runs)."""
+    def _blocks(self, batch: int, seq: int, device):
+        """The mask as transformers evaluates it, in query blocks: (q0, bool [b, q1 - q0, seq])."""
         from transformers.masking_utils import sdpa_mask
 
-        batch, seq = pos.shape
-        run = (torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1) != 1).cumsum(-1)  # [b, s] run index
         step = max(1, 2**24 // (batch * seq))
         for q0 in range(0, seq, step):
             q1 = min(q0 + step, seq)
-            mask = sdpa_mask(
-                batch_size=batch,
-                q_length=q1 - q0,
-                kv_length=seq,
-                q_offset=self.q_offset + q0,
-                kv_offset=self.kv_offset,
-                mask_function=self.mask_function,
-                allow_is_causal_skip=False,
-                device=pos.device,
-            )[:, 0]  # [b, q1 - q0, s]
+            yield (
+                q0,
+                sdpa_mask(
+                    batch_size=batch,
+                    q_length=q1 - q0,
+                    kv_length=seq,
+                    q_offset=self.q_offset + q0,
+                    kv_offset=self.kv_offset,
+                    mask_function=self.mask_function,
+                    allow_is_causal_skip=False,
+                    use_vmap=self.use_vmap,
+                    device=device,
+                )[:, 0],
+            )
+
+    def _key_bounds(self, seq: int, device) -> torch.Tensor:
+        """int64 [2, seq]: each row's visible keys as one interval [lo, hi), read off the mask; raises
+        ValueError when a row's keys are not one interval or the batch rows' masks differ (key_bounds
+        holds one mask for the batch)."""
+        lo, hi = [], []
+        for _, mask in self._blocks(self.batch_size, seq, device):
+            if not bool((mask == mask[:1]).all()):
+                raise ValueError(
+                    "the model's attention mask differs between the rows of the batch (e.g. images at "
+                    f"other positions); ring_ext computes one such mask per call: use batch 1, or {_OTHER_IMPLEMENTATION}"
+                )
+            row = mask[0]
+            first = row.int().argmax(-1)
+            end = seq - row.flip(-1).int().argmax(-1)
+            seen = row.any(-1)
+            if not bool((row.sum(-1) == torch.where(seen, end - first, 0)).all()):
+                raise ValueError(
+                    "the model's attention mask has a row whose keys are not one interval (e.g. a shared "
+                    f"prefix with other answers masked out); ring_ext does not compute it yet: {_OTHER_IMPLEMENTATION}"
+                )
+            lo.append(torch.where(seen, first, end.new_zeros(())))
+            hi.append(torch.where(seen, end, end.new_zeros(())))
+        return torch.stack([torch.cat(lo), torch.cat(hi)]).to("cpu", torch.int64)
+
+    def _is_plain(self, causal: bool, pos: torch.Tensor, window: int | None, chunk: int | None) -> bool:
+        """Evaluates the mask in query blocks; compares it with causal/full attention (within `window`, a
+        chunk) on the positions `pos` [b, s], on pairs inside one contiguous run of positions (a CP shard
+        and a packed row hold several runs)."""
+        batch, seq = pos.shape
+        run = (torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1) != 1).cumsum(-1)  # [b, s] run index
+        for q0, mask in self._blocks(batch, seq, pos.device):  # [b, q1 - q0, s]
+            q1 = q0 + mask.shape[1]
             diff = pos[:, q0:q1, None] - pos[:, None, :]
             want = diff >= 0 if causal else torch.ones_like(mask)
             if window is not None:
@@ -293,11 +346,8 @@ class _MaskCheck:
                 want = want & (pos[:, q0:q1, None] // chunk == pos[:, None, :] // chunk)
             same_run = run[:, q0:q1, None] == run[:, None, :]
             if ((mask != want) & same_run).any():
-                raise ValueError(
-                    "the model asks for an attention mask that is not plain "
-                    f"{'causal' if causal else 'full'} attention (e.g. token-type or image blocks, or a "
-                    f"custom mask function); ring_ext attention computes only that: {_OTHER_IMPLEMENTATION}"
-                )
+                return False
+        return True
 
 
 def _mask(
@@ -315,22 +365,21 @@ def _mask(
     **kwargs,
 ):
     """transformers' mask-builder interface: None for a plain causal/full mask (the kernels apply it),
-    a _MaskCheck for anything else, ValueError for padding and custom mask overlays."""
+    a _MaskCheck for anything else (mask overlays included: judged when the attention runs), ValueError
+    for padding."""
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError(
             "ring_ext attention does not support padding: the 2-D attention_mask has zeros; pack or "
             f"trim the batch to equal lengths, or {_OTHER_IMPLEMENTATION}"
         )
-    if use_vmap:  # transformers sets it exactly when the model adds or_mask/and_mask functions
-        raise ValueError(
-            "the model adds a custom mask overlay (or_mask_function/and_mask_function, e.g. token-type or "
-            f"image-token masks); ring_ext attention computes only plain causal/full attention: {_OTHER_IMPLEMENTATION}"
-        )
-    if local_size is None and (allow_is_causal_skip or allow_is_bidirectional_skip):
+    if local_size is None and not use_vmap and (allow_is_causal_skip or allow_is_bidirectional_skip):
         return None
     window = getattr(config, "sliding_window", None)
     setting = WINDOW_SETTING if window == local_size else "config.attention_chunk_size"
-    return _MaskCheck(mask_function, local_size, setting, batch_size, q_offset, kv_offset)
+    # use_vmap: transformers sets it exactly when the model adds or_mask/and_mask functions (Gemma 3's
+    # image blocks, bidirectional overlays); judged, and in one process read off as key intervals, by
+    # the attention function
+    return _MaskCheck(mask_function, local_size, setting, batch_size, q_offset, kv_offset, use_vmap)
 
 
 def register(name: str = NAME) -> str:
