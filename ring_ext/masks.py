@@ -26,8 +26,6 @@ holds both to the per-pair definition above, written out independently there.
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 
 
@@ -88,8 +86,10 @@ class KeyBounds:
 
     def __init__(self, bounds: torch.Tensor):
         self.lo, self.hi = (t.contiguous() for t in bounds.to("cpu", torch.int64))
-        # crc32, not hash(): the cross-rank signature compares it between processes
-        self._hash = zlib.crc32(torch.stack([self.lo, self.hi]).numpy().tobytes())
+        # A value hash that is the same in every process (the cross-rank signature compares it; not
+        # hash(), which Python salts per process), in torch ops: no numpy, O(S) and vectorised.
+        weight = torch.arange(1, len(self.lo) + 1, dtype=torch.int64) * 0x9E3779B1  # wraps mod 2^64
+        self._hash = int(((self.lo * weight) ^ (self.hi * (weight + 0x632BE5AB))).sum()) & (2**63 - 1)
 
     def __hash__(self) -> int:
         return self._hash
