@@ -13,7 +13,7 @@ import zlib
 import pytest
 import test_packed
 import torch
-from devices import DEVICES, expect_family, make_qkv, misaligned_qkv
+from devices import DEVICES, LOWER_CPU_LEVELS, expect_family, make_qkv, misaligned_qkv, run_at_cpu_level
 
 import ring_ext
 from ring_ext.layouts import from_bshd, to_bshd
@@ -500,3 +500,20 @@ def test_threads_share_packed_heads(heads):
     for n, (out, _dq, dk, dv) in zip((2, 3, 5), results[1:]):
         assert torch.equal(out, results[0][0]), f"out with {n} threads"
         assert torch.equal(dk, results[0][2]) and torch.equal(dv, results[0][3]), f"dk/dv with {n} threads"
+
+
+@pytest.mark.parametrize("level", LOWER_CPU_LEVELS)
+def test_kernel_suite_at_lower_cpu_levels(level):
+    """The CPU cases of this suite, in a subprocess, with the kernels of every lower instruction-set level
+    this machine runs (RING_EXT_CPU_ISA; skipped at and above its best level, which the cases above ran):
+    on an AVX-512 machine the AVX2 and baseline kernels stay tested."""
+    args = [
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_kernels.py",
+        "-k",
+        "not cuda and not lower_cpu_levels",
+    ]
+    run_at_cpu_level(level, f"import pytest; sys.exit(pytest.main({args!r}))", timeout=1800)

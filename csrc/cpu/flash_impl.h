@@ -6,9 +6,9 @@
 // Every matrix product runs on *packed tiles* through one register-blocked gemm (Note [AVX-512
 // micro-kernel] in tiles_avx512.h): C (+)= A B with A read by strides and B packed with its N
 // dimension contiguous. The element type T of packed tiles is float (one k step = one element) or,
-// for bf16 inputs on AVX-512, bf16 bits (one k step = a pair of elements, for vdpbf16ps). Packed
-// forms of a block of `rows` rows of a [seq, head_dim] matrix, head_dim zero-padded to dpad (a
-// multiple of 16) and rows zero-padded to the block size:
+// for bf16 inputs on AVX-512 BF16, bf16 bits (one k step = a pair of elements, for vdpbf16ps).
+// Packed forms of a block of `rows` rows of a [seq, head_dim] matrix, head_dim zero-padded to dpad
+// (a multiple of 16) and rows zero-padded to the block size:
 //   A tile   [rows][dpad]                   row-major: the left operand of S = Q K^T, dP = dO V^T
 //   KN tile  [rows/step][dpad][step]        right operand with K = rows: V in O += P V, K in
 //                                           dQ += dS K, Q and dO in dK += dS^T Q, dV += P^T dO
