@@ -71,7 +71,7 @@ namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kFwdBlockK = 128;
 constexpr int64_t kBwdBlockQ = 128;
-constexpr int64_t kBlockK = 64;  // a multiple of 16, like kFwdBlockK
+constexpr int64_t kBlockK = kBwdKeysPerTask;  // 64 (kernels.h): a multiple of 16, like kFwdBlockK
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

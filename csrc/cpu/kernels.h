@@ -15,6 +15,10 @@ namespace ring_ext::cpu {
 using ChunkFn = std::function<void(int64_t begin, int64_t end)>;
 using ParallelFor = void (*)(int64_t n, const ChunkFn& fn);
 
+// Keys per backward task (one key block: flash_impl.h's kBlockK). ops_cpu.cpp sizes the head groups
+// of the one-process backward by it (Note [Bounded backward accumulators] in block_ops.cpp).
+constexpr int64_t kBwdKeysPerTask = 64;
+
 void flash_fwd(const FwdParams& p, ParallelFor parallel_for);
 void flash_bwd(const BwdParams& p, ParallelFor parallel_for);  // adds into p.dq, p.dk, p.dv
 void lse_merge(const MergeParams& p, ParallelFor parallel_for);
