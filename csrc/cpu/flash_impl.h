@@ -40,7 +40,9 @@
 // (RowKeys::rows_seeing), and each (query block, key block) pair computes only the key columns its
 // rows see (from 16-column boundaries), in all five products.
 // Parallelism stays good when batch * heads is 1: tasks are per block, and causal tasks are dealt
-// in zigzag order (0, n-1, 1, n-2, ...) so contiguous chunks get equal work.
+// in zigzag order (0, n-1, 1, n-2, ...) so contiguous chunks get equal work. The forward's threads
+// take small units of tasks dynamically (Note [Dynamic task units]); the backward's take static
+// chunks, which keep its dQ partials in a fixed task order.
 // Memory: the packed heads in use (Note [Packed heads]) and a dQ partial per thread (plus one per
 // head shared by two chunks), O(seq * head_dim); never O(seq^2).
 #pragma once
@@ -84,6 +86,33 @@ constexpr int64_t kStep = sizeof(T) == 4 ? 1 : 2;
 // Task i of n in zigzag order 0, n-1, 1, n-2, ...: contiguous chunks of tasks whose cost falls
 // (or rises) linearly with the index get equal work.
 inline int64_t zigzag(int64_t i, int64_t n) { return i % 2 == 0 ? i / 2 : n - 1 - i / 2; }
+
+// Note [Dynamic task units]
+// Tasks cost unevenly (packed documents of different lengths, windows, one head per call under
+// context parallelism), so static chunks of tasks give threads uneven work. The forward instead
+// cuts its tasks into units of consecutive tasks, about kUnitsPerHead per head, fixed by the shape
+// alone, and every thread takes the next unit from a shared counter until none is left. A forward
+// task writes its own rows only, so the result does not depend on which thread ran which unit.
+// Units are taken in order, so the threads stay on a few neighbouring heads (Note [Packed heads]).
+constexpr int64_t kUnitsPerHead = 32;
+
+class TaskUnits {
+ public:
+  TaskUnits(int64_t tasks, int64_t unit) : tasks_(tasks), unit_(std::max<int64_t>(unit, 1)) {}
+  int64_t count() const { return ceil_div(tasks_, unit_); }
+  // The next unit's tasks [begin, end); false when none is left.
+  bool next(int64_t& begin, int64_t& end) {
+    const int64_t u = next_.fetch_add(1, std::memory_order_relaxed);
+    if (u >= count()) return false;
+    begin = u * unit_;
+    end = std::min(tasks_, begin + unit_);
+    return true;
+  }
+
+ private:
+  const int64_t tasks_, unit_;
+  std::atomic<int64_t> next_{0};
+};
 
 // ---- loads and stores, converting to and from float32 -------------------------------------------
 
@@ -186,11 +215,11 @@ void pack_nk(const RowBlock& src, int64_t dpad, int64_t width, T* tmp, T* dst) {
 
 // Note [Packed heads]
 // The forward packs K/V, the backward Q/dO, per (batch, kv head): a "head" here. Tasks run head by
-// head and each thread takes a contiguous range of them, so a head is used by the one or few
-// threads whose ranges cover its tasks. The first of them packs it, the others wait for that and
-// share it, and the last one to finish its tasks there frees it: a call holds the packed copies of
-// the heads its threads are on (one head when a call has one, as context-parallel calls on CPU
-// do), never a copy of every head and never two copies of one.
+// head and each thread takes a contiguous range of them (or, in the forward, units in order), so a
+// head is used by the one or few threads whose ranges cover its tasks. The first of them packs it,
+// the others wait for that and share it, and the last one to finish its tasks there frees it: a
+// call holds the packed copies of the heads its threads are on (one head when a call has one, as
+// context-parallel calls on CPU do), never a copy of every head and never two copies of one.
 template <typename Pack>
 class PackedHeads {
  public:
