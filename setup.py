@@ -8,8 +8,8 @@ Environment (read here and nowhere else at build time):
                           sm_90a machine code (H100/H200), and sm_80 PTX that the driver JIT-compiles on newer
                           GPUs (Blackwell sm_100/120). "X.Y+PTX" embeds PTX for X.Y next to its machine code;
                           a list without +PTX runs on the listed GPUs only (a warning says so).
-  RING_EXT_CPU_ISAS       auto (default) | portable. auto: on x86-64 the AVX-512 and AVX2 kernels are built
-                          next to the portable baseline and picked at run time; on other hosts (aarch64:
+  RING_EXT_CPU_ISAS       auto (default) | portable. auto: on x86-64 the AVX-512 (with and without BF16)
+                          and AVX2 kernels are built next to the portable baseline and picked at run time; on other hosts (aarch64:
                           GH200, GB200) only the baseline. portable: only the baseline, on any host.
   RING_EXT_PTXAS_VERBOSE  1 prints ptxas register/spill reports for every kernel.
   MAX_JOBS                parallel compile jobs (ninja), honoured by torch's BuildExtension.
@@ -29,7 +29,11 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0+PTX;9.0a"
-X86_ISA_SOURCES = ("csrc/cpu/kernels_avx512.cpp", "csrc/cpu/kernels_avx2.cpp")  # x86-64 only
+X86_ISA_SOURCES = (  # x86-64 only
+    "csrc/cpu/kernels_avx512.cpp",
+    "csrc/cpu/kernels_avx512f.cpp",
+    "csrc/cpu/kernels_avx2.cpp",
+)
 
 
 def want_cuda() -> bool:
@@ -93,7 +97,7 @@ def cpu_isas() -> list:
     if mode not in ("auto", "portable"):
         sys.exit(f"RING_EXT_CPU_ISAS must be auto or portable, got {mode!r}")
     x86_64 = platform.machine().lower() in ("x86_64", "amd64")
-    return ["avx512", "avx2", "baseline"] if mode == "auto" and x86_64 else ["baseline"]
+    return ["avx512", "avx512f", "avx2", "baseline"] if mode == "auto" and x86_64 else ["baseline"]
 
 
 def write_build_info(cuda: bool, archs: list, isas: list) -> None:

@@ -3,8 +3,9 @@
 Both run in the same process on the same tensors ([b, h, s, d], the "bnsd" layout for ring_ext),
 interleaved (ours, theirs, ours, theirs, ...), and each time is the median of the repeats, so the
 noise of a shared machine hits both alike. Each kernel's GFLOP/s is shown as a fraction of the CPU's
-arithmetic peak for the row's dtype, measured before and after the table with an FMA loop
-(benchmarks/peak.py; the larger of the two), not of torch.mm, which on AMD takes a slower MKL path.
+arithmetic peak for the row's dtype, measured before and after the table with an FMA loop on the
+widest vectors the CPU has (benchmarks/peak.py; the larger of the two), not of torch.mm, which on AMD
+takes a slower MKL path. The header names the CPU model, the kernels' cpu_isa and those vectors.
 
 FLOPs: forward 4 * b * h * s^2 * d (two matmuls), forward+backward 3.5x that (five more matmuls in
 the backward, counted as 2.5 forwards, as flash-attention does); causal counts half.
@@ -23,7 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from peak import fma_peak
+from peak import cpu_model, fma_peak, fma_vectors
 
 import ring_ext
 
@@ -116,8 +117,10 @@ def main() -> None:
     peak_before = fma_peak(args.threads)
     lines = [
         f"ring_ext CPU kernels vs F.scaled_dot_product_attention, torch {torch.__version__}, "
-        f"cpu_isa={ring_ext.build_info()['cpu_isa']}, b={BATCH}, h={HEADS}, {args.threads} threads. "
-        "% peak = GFLOP/s over the FMA-loop peak of the row's dtype (benchmarks/peak.py). "
+        f"cpu: {cpu_model()}, cpu_isa={ring_ext.build_info()['cpu_isa']}, b={BATCH}, h={HEADS}, "
+        f"{args.threads} threads. % peak = GFLOP/s over the FMA-loop peak of the row's dtype "
+        f"(benchmarks/peak.py, on the widest vectors: {fma_vectors()}; fp32 {peak_before['fp32']:.0f}, "
+        f"bf16 {peak_before['bf16']:.0f} GFLOP/s before the table). "
         "ratio = ours / SDPA time (< 1: ours faster). Causal FLOPs counted as half. "
         f"Load average at start: {os.getloadavg()[0]:.1f}.",
         "",

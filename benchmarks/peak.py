@@ -32,6 +32,30 @@ def _binary() -> str:
     return path
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or "unknown"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def fma_vectors() -> str:
+    """The vectors the FMA loop runs on: the widest the compiler targets for this CPU, by the same
+    tests as fma_peak.cpp's (AVX-512, AVX2 + FMA, else 4-lane GCC vectors)."""
+    cxx = os.environ.get("CXX", "g++")
+    arch = "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"
+    macros = subprocess.run(
+        [cxx, arch, "-dM", "-E", "-x", "c++", os.devnull], check=True, capture_output=True, text=True
+    ).stdout.split()
+    if "__AVX512F__" in macros:
+        return "AVX-512, 16 fp32 lanes" + (", vdpbf16ps" if "__AVX512BF16__" in macros else "")
+    if "__AVX2__" in macros and "__FMA__" in macros:
+        return "AVX2, 8 fp32 lanes"
+    return "4-lane vectors"
+
+
 def fma_peak(threads: int) -> dict[str, float]:
     """{"fp32": GFLOP/s, "bf16": GFLOP/s} of `threads` threads doing only fused multiply-adds."""
     out = subprocess.run([_binary(), str(threads)], check=True, capture_output=True, text=True).stdout
@@ -39,5 +63,6 @@ def fma_peak(threads: int) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    print(f"cpu: {cpu_model()}; FMA loop on {fma_vectors()}")
     for n in (1, 2) if len(sys.argv) < 2 else (int(sys.argv[1]),):
         print(f"{n} thread(s): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in fma_peak(n).items()))

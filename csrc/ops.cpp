@@ -242,8 +242,8 @@ TORCH_LIBRARY(ring_ext, m) {
   // The ring schedule of one rank, flattened (tests): csrc/cp/ring.h, schedule_op.
   m.def("ring_schedule(str algo, int cp_size, int rank, int cp_window_size, bool causal) -> int[]",
         &ring_ext::ring::schedule_op);
-  // The instruction set the CPU kernels dispatched to on this machine: avx512, avx2 or baseline
-  // (ring_ext.build_info()["cpu_isa"]; benchmarks print it, since it decides CPU speed).
+  // The instruction set the CPU kernels dispatched to on this machine: avx512, avx512f, avx2 or
+  // baseline (ring_ext.build_info()["cpu_isa"]; benchmarks print it, since it decides CPU speed).
   m.def("cpu_isa() -> str", [] { return std::string(ring_ext::cpu::isa()); });
   // The CUDA kernels' candidate tilings (ring_ext.build_info()["cuda_tilings"]); the environment
   // variables RING_EXT_CUDA_FWD_TILING / RING_EXT_CUDA_BWD_TILING pick one (docs/cuda.md).

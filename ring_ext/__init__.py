@@ -33,7 +33,7 @@ __all__ = [
 def build_info() -> dict:
     """What this installation was built with and runs on: {'cuda', 'cuda_archs', 'cuda_tilings',
     'torch_version', 'built_with_torch', 'cpu_isa'} (cpu_isa: the CPU kernels' instruction set here:
-    avx512, avx2 or baseline; cuda_tilings: the CUDA kernels' candidate tilings, "fwd/<head dim
+    avx512 (AVX-512 with BF16), avx512f (AVX-512 without BF16), avx2 or baseline; cuda_tilings: the CUDA kernels' candidate tilings, "fwd/<head dim
     bucket>/<name>", the default of each bucket first, docs/cuda.md)."""
     from . import _build_info
 

@@ -3,11 +3,16 @@
 tests/test_kernels.py parametrizes its cases over DEVICES: every case runs on CPU and, where a GPU and
 a CUDA build are present, on CUDA; elsewhere the CUDA variant is collected and skipped with the reason
 ("no CUDA device" on a machine without a GPU). tests/test_cuda.py holds what only CUDA has (kernel
-families, streams, NCCL, candidate tilings) and skips the same way."""
+families, streams, NCCL, candidate tilings) and skips the same way. On CPU the suite runs in-process
+with the best instruction-set level this machine has, and in a subprocess at every lower level it can
+run (run_at_cpu_level), so the AVX2 kernels stay tested on AVX-512 machines."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,6 +33,40 @@ CUDA_MARKS = [
     pytest.mark.skipif(cuda_skip_reason() is not None, reason=str(cuda_skip_reason())),
 ]
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
+
+# The CPU kernels' instruction-set levels, best first (csrc/cpu/dispatch.cpp); each runs on every CPU
+# that runs the one before it. The levels below the best can be forced with RING_EXT_CPU_ISA.
+CPU_LEVELS = ["avx512", "avx512f", "avx2", "baseline"]
+LOWER_CPU_LEVELS = CPU_LEVELS[1:]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def lower_cpu_level_skip_reason(level: str) -> str | None:
+    """Why `level` cannot run as a lower level here: not built, or not below this machine's best level
+    (the in-process tests run the best one; a level above it would not run at all)."""
+    from ring_ext import _build_info
+
+    best = ring_ext.build_info()["cpu_isa"]
+    if level not in _build_info.CPU_ISAS:
+        return f"{level} was not built (built: {', '.join(_build_info.CPU_ISAS)})"
+    if CPU_LEVELS.index(level) <= CPU_LEVELS.index(best):
+        return f"{level} is this machine's best level ({best}) or above it"
+    return None
+
+
+def run_at_cpu_level(level: str, code: str, timeout: float) -> None:
+    """Runs `code` in a fresh Python process (repository root, tests/ on sys.path) whose CPU kernels are
+    those of `level` (RING_EXT_CPU_ISA), after checking that the dispatcher picked it; fails if it fails."""
+    reason = lower_cpu_level_skip_reason(level)
+    if reason is not None:
+        pytest.skip(reason)
+    env = {**os.environ, "RING_EXT_CPU_ISA": level}
+    prelude = (
+        "import sys; sys.path.insert(0, 'tests'); import ring_ext; "
+        f"assert ring_ext.build_info()['cpu_isa'] == {level!r}, ring_ext.build_info()['cpu_isa']; "
+    )
+    subprocess.run([sys.executable, "-c", prelude + code], check=True, env=env, cwd=ROOT, timeout=timeout)
+
 
 KERNEL_FAMILIES = {
     "tensor_core": ("flash_fwd_kernel", "flash_bwd_kernel"),

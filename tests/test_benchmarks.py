@@ -77,6 +77,7 @@ def test_kernel_table_reports_percent_of_peak(tmp_path):
         percents = [float(x) for x in re.findall(r"\| (\d+)% ", row)]
         assert len(percents) == 2 and all(p > 0 for p in percents), row
     assert re.search(r"FMA-loop peak, GFLOP/s \(before / after the table\): fp32 \d+ / \d+", out.read_text())
+    assert re.search(r"cpu: .+, cpu_isa=\w+, .* on the widest vectors: \w", out.read_text())  # which CPU
 
 
 def test_variants_benchmark_runs(tmp_path):

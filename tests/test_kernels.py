@@ -13,7 +13,7 @@ import zlib
 import pytest
 import test_packed
 import torch
-from devices import DEVICES, expect_family, make_qkv, misaligned_qkv
+from devices import DEVICES, LOWER_CPU_LEVELS, expect_family, make_qkv, misaligned_qkv, run_at_cpu_level
 
 import ring_ext
 from ring_ext.layouts import from_bshd, to_bshd
@@ -500,3 +500,42 @@ def test_threads_share_packed_heads(heads):
     for n, (out, _dq, dk, dv) in zip((2, 3, 5), results[1:]):
         assert torch.equal(out, results[0][0]), f"out with {n} threads"
         assert torch.equal(dk, results[0][2]) and torch.equal(dv, results[0][3]), f"dk/dv with {n} threads"
+
+
+@pytest.mark.parametrize("heads", [(6, 3), (4, 4)], ids=["gqa", "mha"])
+def test_bwd_head_groups(heads):
+    """CPU, 16-bit inputs: the one-process backward runs the heads in groups of kv heads, each with float32
+    accumulators of its own (Note [Bounded backward accumulators] in csrc/common/block_ops.cpp); the
+    group width follows the thread count (1, 2, 3 and 5 threads give groups of 2 + 1, 3, ... kv heads
+    here). Every grouping matches the oracle, and dk/dv do not depend on it at all."""
+    q, k, v = make_qkv(1, 200, 200, heads[0], heads[1], 64, torch.bfloat16, seed_of("groups", heads), "cpu")
+    dout = seeded_like(q, 107)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            check_fwd_bwd(q, k, v, causal=True, dout=dout)
+            out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.125, True)
+            results.append(torch.ops.ring_ext.bwd(dout, q, k, v, out, lse, 0.125, True))
+    finally:
+        torch.set_num_threads(threads)
+    for n, (_dq, dk, dv) in zip((2, 3, 5), results[1:]):
+        assert torch.equal(dk, results[0][1]) and torch.equal(dv, results[0][2]), f"dk/dv with {n} threads"
+
+
+@pytest.mark.parametrize("level", LOWER_CPU_LEVELS)
+def test_kernel_suite_at_lower_cpu_levels(level):
+    """The CPU cases of this suite, in a subprocess, with the kernels of every lower instruction-set level
+    this machine runs (RING_EXT_CPU_ISA; skipped at and above its best level, which the cases above ran):
+    on an AVX-512 machine the AVX2 and baseline kernels stay tested."""
+    args = [
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_kernels.py",
+        "-k",
+        "not cuda and not lower_cpu_levels",
+    ]
+    run_at_cpu_level(level, f"import pytest; sys.exit(pytest.main({args!r}))", timeout=1800)

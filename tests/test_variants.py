@@ -6,12 +6,9 @@ forced with RING_EXT_CPU_ISA, csrc/cpu/dispatch.cpp). docs/design.md, "Softcap a
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from devices import LOWER_CPU_LEVELS, run_at_cpu_level
 
 import ring_ext
 from ring_ext.testing.reference import attention_reference, packed_mask
@@ -80,18 +77,8 @@ def test_variant_matches_the_oracle(case, dtype):
     _check(case, dtype)
 
 
-@pytest.mark.parametrize("level", ["avx2", "baseline"])
+@pytest.mark.parametrize("level", LOWER_CPU_LEVELS)
 def test_lower_cpu_levels_match_the_oracle(level):
-    """The same cases with the kernels of a lower instruction-set level (skipped where that level is the
-    best this machine has: the test above ran it)."""
-    best = ring_ext.build_info()["cpu_isa"]
-    order = ["baseline", "avx2", "avx512"]
-    if order.index(level) >= order.index(best):
-        pytest.skip(f"{level} is this machine's best level ({best}) or above it")
-    env = {**os.environ, "RING_EXT_CPU_ISA": level}
-    code = (
-        "import sys; sys.path.insert(0, 'tests'); import ring_ext, test_variants; "
-        f"assert ring_ext.build_info()['cpu_isa'] == {level!r}; test_variants.run_all()"
-    )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root, timeout=600)
+    """The same cases with the kernels of every lower instruction-set level this machine runs (skipped
+    where that level is the best this machine has, or above it: the test above ran the best one)."""
+    run_at_cpu_level(level, "import test_variants; test_variants.run_all()", timeout=600)

@@ -301,6 +301,17 @@ void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout_in, const
   if (shape.batch * shape.heads_q * shape.seq_q * shape.seq_k > 0) kernels.bwd(p);
 }
 
+// Note [Bounded backward accumulators]
+// The kernels add dq/dk/dv into float32 accumulators (one rounding at the end, as Note [K/V
+// gradients] does across ranks). For float32 inputs the accumulators are the results. For 16-bit
+// inputs, float32 copies of every head's dq/dk/dv would be twice the size of the results, so the
+// heads go through the kernels in groups of kv heads (with their q heads): the group's float32
+// accumulators are rounded into its slice of the results before the next group's are made. The
+// backend sizes the groups (BlockKernels::bwd_kv_heads_per_call: on CPU as many heads as the
+// threads need to stay busy); the result is the same for any grouping, since heads are independent.
+//
+//   results (input dtype)   [b, s, h, d]   every head, allocated once
+//   accumulators (float32)  [b, s, g, d]   the g heads of one group at a time
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_bwd(
     const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, bool causal,
@@ -311,15 +322,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_bwd(
   check_out_like(out, "out", q, shape, /*same_dtype=*/false);
   check_out_like(dout, "dout", q, shape, /*same_dtype=*/true);
   c10::DeviceGuard guard(q.device());
-  // Accumulate in float32 with the strides of q/k/v, then round once to the input dtype.
-  at::Tensor dq = at::zeros_like(q, at::kFloat), dk = at::zeros_like(k, at::kFloat),
-             dv = at::zeros_like(v, at::kFloat);
   // d lse_i / d S_ij = P_ij, so a gradient on lse folds into delta: dS = P * (dP - (delta - dlse)).
   at::Tensor delta = row_delta(dout, out);
   if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);
-  block_bwd_acc(kernels, dout, q, k, v, lse, delta, scale, causal, q_offset, k_offset, dq, dk, dv,
-                visible, softcap);
-  return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
+  // float32: accumulate into the results, every head at once. Else results in the input dtype
+  // with the strides of q/k/v, and float32 accumulators per group of heads.
+  const bool fp32 = q.scalar_type() == at::kFloat;
+  const auto result = [&](const at::Tensor& t) {
+    return fp32 ? at::zeros_like(t, at::kFloat) : at::empty_like(t);
+  };
+  const at::Tensor dq = result(q), dk = result(k), dv = result(v);
+  const int64_t group = shape.heads_q / shape.heads_kv;
+  int64_t step = shape.heads_kv;
+  if (!fp32 && kernels.bwd_kv_heads_per_call != nullptr)
+    step = std::clamp<int64_t>(kernels.bwd_kv_heads_per_call(shape), 1, shape.heads_kv);
+  for (int64_t hk = 0; hk < shape.heads_kv; hk += step) {
+    const int64_t n = std::min(step, shape.heads_kv - hk);
+    // [b, s, h, d] -> the group's heads [b, s, n * group, d] (q, dout) and [b, s, n, d] (k, v)
+    const auto qs = [&](const at::Tensor& t) { return t.narrow(2, hk * group, n * group); };
+    const auto ks = [&](const at::Tensor& t) { return t.narrow(2, hk, n); };
+    // [b, h, s] -> [b, n * group, s]
+    const auto rows = [&](const at::Tensor& t) { return t.narrow(1, hk * group, n * group); };
+    const auto acc = [&](const at::Tensor& t) {
+      return fp32 ? t : at::zeros_like(t, at::kFloat, at::MemoryFormat::Contiguous);
+    };
+    const at::Tensor dq_acc = acc(qs(dq)), dk_acc = acc(ks(dk)), dv_acc = acc(ks(dv));
+    block_bwd_acc(kernels, qs(dout), qs(q), ks(k), ks(v), rows(lse), rows(delta), scale, causal,
+                  q_offset, k_offset, dq_acc, dk_acc, dv_acc, visible, softcap);
+    if (fp32) continue;
+    qs(dq).copy_(dq_acc);
+    ks(dk).copy_(dk_acc);
+    ks(dv).copy_(dv_acc);
+  }
+  return {dq, dk, dv};
 }
 
 void block_merge(const BlockKernels& kernels, const at::Tensor& out, const at::Tensor& lse,

@@ -17,6 +17,10 @@ struct BlockKernels {
   void (*fwd)(const FwdParams&);
   void (*bwd)(const BwdParams&);
   void (*merge)(const MergeParams&);
+  // How many kv heads (with their q heads) one bwd call of block_bwd takes, so that its float32
+  // dq/dk/dv accumulators exist for one group at a time (Note [Bounded backward accumulators] in
+  // block_ops.cpp); nullptr: every head in one call.
+  int64_t (*bwd_kv_heads_per_call)(const Shape&) = nullptr;
 };
 
 std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const at::Tensor& q,

@@ -1,14 +1,20 @@
 // Picks the kernels' instruction set once, from what this CPU supports. Each kernels_<isa>.cpp
-// compiles flash_impl.h into namespace ring_ext::cpu::<isa>. The AVX-512 and AVX2 builds exist only
-// on x86-64, and not at all with RING_EXT_CPU_ISAS=portable (setup.py then defines
-// RING_EXT_CPU_PORTABLE_ONLY and leaves their files out); elsewhere (aarch64: GH200, GB200) the
-// portable baseline is the only build and needs no detection.
+// compiles flash_impl.h into namespace ring_ext::cpu::<isa>. The levels, best first:
+//   avx512    AVX-512F/BW/VL/DQ + AVX-512 BF16: bf16 inputs stay bf16 in the products (vdpbf16ps)
+//   avx512f   AVX-512F/BW/VL/DQ without BF16 (Skylake-SP, Cascade Lake, Ice Lake): float32 tiles on
+//             16 lanes, bf16 inputs converted to float32
+//   avx2      AVX2 + FMA: float32 tiles on 8 lanes
+//   baseline  the compiler's default for the host (x86-64 SSE2; aarch64 NEON)
+// The AVX-512 and AVX2 builds exist only on x86-64, and not at all with RING_EXT_CPU_ISAS=portable
+// (setup.py then defines RING_EXT_CPU_PORTABLE_ONLY and leaves their files out); elsewhere
+// (aarch64: GH200, GB200) the portable baseline is the only build and needs no detection.
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
 #include "kernels.h"
 
-// The same condition guards kernels_avx512.cpp and kernels_avx2.cpp.
+// The same condition guards kernels_avx512.cpp, kernels_avx512f.cpp and kernels_avx2.cpp.
 #if (defined(__x86_64__) || defined(_M_X64)) && !defined(RING_EXT_CPU_PORTABLE_ONLY)
 #define RING_EXT_CPU_X86_ISAS 1
 #else
@@ -25,6 +31,7 @@ namespace ring_ext::cpu {
   }
 #if RING_EXT_CPU_X86_ISAS
 RING_EXT_DECLARE_ISA(avx512)
+RING_EXT_DECLARE_ISA(avx512f)
 RING_EXT_DECLARE_ISA(avx2)
 #endif
 RING_EXT_DECLARE_ISA(baseline)
@@ -32,31 +39,35 @@ RING_EXT_DECLARE_ISA(baseline)
 
 namespace {
 
-enum class Isa { kAvx512, kAvx2, kBaseline };
+// Best first: a level runs on every CPU that runs the one before it.
+enum class Isa { kAvx512, kAvx512f, kAvx2, kBaseline };
 
 Isa best() {
 #if RING_EXT_CPU_X86_ISAS
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512bf16"))
-    return Isa::kAvx512;
+      __builtin_cpu_supports("fma"))
+    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512 : Isa::kAvx512f;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
   return Isa::kBaseline;
 }
 
-// The best level this CPU has, or a lower one named by RING_EXT_CPU_ISA (avx2, baseline: tests run
-// the lower levels' kernels on a higher machine that way). A level the CPU lacks, or an unknown
-// name, is ignored with the best one kept: the variable can slow the kernels, never break them.
+// The best level this CPU has, or a lower one named by RING_EXT_CPU_ISA (avx512f, avx2, baseline:
+// tests run the lower levels' kernels on a higher machine that way). A level the CPU lacks, or an
+// unknown name, is ignored with the best one kept: the variable can slow the kernels, never break
+// them.
 Isa detect() {
   const Isa top = best();
   const char* wanted = std::getenv("RING_EXT_CPU_ISA");
   if (wanted == nullptr) return top;
   const std::string name(wanted);
-  if (name == "baseline") return Isa::kBaseline;
-  if (name == "avx2" && top != Isa::kBaseline) return Isa::kAvx2;
-  return top;
+  Isa level = top;
+  if (name == "baseline") level = Isa::kBaseline;
+  if (name == "avx2") level = Isa::kAvx2;
+  if (name == "avx512f") level = Isa::kAvx512f;
+  return std::max(level, top);  // the enum is best first: never above what the CPU has
 }
 
 const Isa kIsa = detect();
@@ -67,6 +78,8 @@ const char* isa() {
   switch (kIsa) {
     case Isa::kAvx512:
       return "avx512";
+    case Isa::kAvx512f:
+      return "avx512f";
     case Isa::kAvx2:
       return "avx2";
     default:
@@ -79,6 +92,8 @@ const char* isa() {
   switch (kIsa) {                       \
     case Isa::kAvx512:                  \
       return avx512::fn(__VA_ARGS__);   \
+    case Isa::kAvx512f:                 \
+      return avx512f::fn(__VA_ARGS__);  \
     case Isa::kAvx2:                    \
       return avx2::fn(__VA_ARGS__);     \
     default:                            \

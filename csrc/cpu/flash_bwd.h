@@ -254,14 +254,14 @@ void flash_bwd_tiled(const BwdParams& p, ParallelFor parallel_for) {
   std::vector<DqPartial> parts;
   parallel_for(sh.batch * sh.heads_kv * k_blocks, [&](int64_t begin, int64_t end) {
     BwdWorkspace<T> ws(std::max(sh.head_dim, sh.head_dim_v), dpad, dvpad);
-    std::vector<float> dq(dq_size);
+    std::vector<float> dq;
     for_tasks_by_head(
         heads, k_blocks, begin, end,
         [&](int64_t head, HeadRows<T>& rows) {
           pack_head_rows(p, head / sh.heads_kv, head % sh.heads_kv, dpad, dvpad, rows);
         },
         [&](int64_t head, int64_t first, int64_t stop, const HeadRows<T>& rows) {
-          std::fill(dq.begin(), dq.end(), 0.0f);
+          dq.assign(dq_size, 0.0f);
           for (int64_t t = first; t < stop; ++t)
             bwd_task(p, keys, rows, head / sh.heads_kv, head % sh.heads_kv,
                      zigzag(t % k_blocks, k_blocks), dpad, dvpad, ws, dq.data());
@@ -270,7 +270,7 @@ void flash_bwd_tiled(const BwdParams& p, ParallelFor parallel_for) {
             return;
           }
           std::lock_guard<std::mutex> lock(mutex);
-          parts.push_back(DqPartial{head, first, dq});
+          parts.push_back(DqPartial{head, first, std::move(dq)});  // the next head allocates anew
         });
   });
   add_dq_partials(p, parts, dpad, parallel_for);

@@ -148,19 +148,25 @@ void flash_fwd_tiled(const FwdParams& p, ParallelFor parallel_for) {
   const int64_t tasks_per_head = sh.heads_q / sh.heads_kv * q_blocks;
   PackedHeads<HeadKV<T>> heads(sh.batch * sh.heads_kv, tasks_per_head);
   const RowKeys<int64_t> keys = row_keys<int64_t>(p.mask, sh);
-  parallel_for(sh.batch * sh.heads_q * q_blocks, [&](int64_t begin, int64_t end) {
+  // Units of tasks taken dynamically (Note [Dynamic task units]); each call of the chunk function
+  // (one per thread) takes units until none is left, whatever range it was given.
+  TaskUnits units(sh.batch * sh.heads_q * q_blocks, ceil_div(tasks_per_head, kUnitsPerHead));
+  parallel_for(units.count(), [&](int64_t, int64_t) {
     FwdWorkspace<T> ws(dpad, dvpad);
-    for_tasks_by_head(
-        heads, tasks_per_head, begin, end,
-        [&](int64_t head, HeadKV<T>& kv) {
-          pack_head_kv(p, head / sh.heads_kv, head % sh.heads_kv, dpad, dvpad, kv);
-        },
-        [&](int64_t, int64_t first, int64_t stop, const HeadKV<T>& kv) {
-          for (int64_t t = first; t < stop; ++t) {
-            const int64_t qb = zigzag(t % q_blocks, q_blocks), bh = t / q_blocks;
-            fwd_task(p, keys, kv, bh / sh.heads_q, bh % sh.heads_q, qb * kBlockQ, dpad, dvpad, ws);
-          }
-        });
+    for (int64_t begin, end; units.next(begin, end);) {
+      for_tasks_by_head(
+          heads, tasks_per_head, begin, end,
+          [&](int64_t head, HeadKV<T>& kv) {
+            pack_head_kv(p, head / sh.heads_kv, head % sh.heads_kv, dpad, dvpad, kv);
+          },
+          [&](int64_t, int64_t first, int64_t stop, const HeadKV<T>& kv) {
+            for (int64_t t = first; t < stop; ++t) {
+              const int64_t qb = zigzag(t % q_blocks, q_blocks), bh = t / q_blocks;
+              fwd_task(p, keys, kv, bh / sh.heads_q, bh % sh.heads_q, qb * kBlockQ, dpad, dvpad,
+                       ws);
+            }
+          });
+    }
   });
 }
 

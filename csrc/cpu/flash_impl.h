@@ -6,9 +6,9 @@
 // Every matrix product runs on *packed tiles* through one register-blocked gemm (Note [AVX-512
 // micro-kernel] in tiles_avx512.h): C (+)= A B with A read by strides and B packed with its N
 // dimension contiguous. The element type T of packed tiles is float (one k step = one element) or,
-// for bf16 inputs on AVX-512, bf16 bits (one k step = a pair of elements, for vdpbf16ps). Packed
-// forms of a block of `rows` rows of a [seq, head_dim] matrix, head_dim zero-padded to dpad (a
-// multiple of 16) and rows zero-padded to the block size:
+// for bf16 inputs on AVX-512 BF16, bf16 bits (one k step = a pair of elements, for vdpbf16ps).
+// Packed forms of a block of `rows` rows of a [seq, head_dim] matrix, head_dim zero-padded to dpad
+// (a multiple of 16) and rows zero-padded to the block size:
 //   A tile   [rows][dpad]                   row-major: the left operand of S = Q K^T, dP = dO V^T
 //   KN tile  [rows/step][dpad][step]        right operand with K = rows: V in O += P V, K in
 //                                           dQ += dS K, Q and dO in dK += dS^T Q, dV += P^T dO
@@ -40,7 +40,9 @@
 // (RowKeys::rows_seeing), and each (query block, key block) pair computes only the key columns its
 // rows see (from 16-column boundaries), in all five products.
 // Parallelism stays good when batch * heads is 1: tasks are per block, and causal tasks are dealt
-// in zigzag order (0, n-1, 1, n-2, ...) so contiguous chunks get equal work.
+// in zigzag order (0, n-1, 1, n-2, ...) so contiguous chunks get equal work. The forward's threads
+// take small units of tasks dynamically (Note [Dynamic task units]); the backward's take static
+// chunks, which keep its dQ partials in a fixed task order.
 // Memory: the packed heads in use (Note [Packed heads]) and a dQ partial per thread (plus one per
 // head shared by two chunks), O(seq * head_dim); never O(seq^2).
 #pragma once
@@ -71,7 +73,7 @@ namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kFwdBlockK = 128;
 constexpr int64_t kBwdBlockQ = 128;
-constexpr int64_t kBlockK = 64;  // a multiple of 16, like kFwdBlockK
+constexpr int64_t kBlockK = kBwdKeysPerTask;  // 64 (kernels.h): a multiple of 16, like kFwdBlockK
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -84,6 +86,33 @@ constexpr int64_t kStep = sizeof(T) == 4 ? 1 : 2;
 // Task i of n in zigzag order 0, n-1, 1, n-2, ...: contiguous chunks of tasks whose cost falls
 // (or rises) linearly with the index get equal work.
 inline int64_t zigzag(int64_t i, int64_t n) { return i % 2 == 0 ? i / 2 : n - 1 - i / 2; }
+
+// Note [Dynamic task units]
+// Tasks cost unevenly (packed documents of different lengths, windows, one head per call under
+// context parallelism), so static chunks of tasks give threads uneven work. The forward instead
+// cuts its tasks into units of consecutive tasks, about kUnitsPerHead per head, fixed by the shape
+// alone, and every thread takes the next unit from a shared counter until none is left. A forward
+// task writes its own rows only, so the result does not depend on which thread ran which unit.
+// Units are taken in order, so the threads stay on a few neighbouring heads (Note [Packed heads]).
+constexpr int64_t kUnitsPerHead = 32;
+
+class TaskUnits {
+ public:
+  TaskUnits(int64_t tasks, int64_t unit) : tasks_(tasks), unit_(std::max<int64_t>(unit, 1)) {}
+  int64_t count() const { return ceil_div(tasks_, unit_); }
+  // The next unit's tasks [begin, end); false when none is left.
+  bool next(int64_t& begin, int64_t& end) {
+    const int64_t u = next_.fetch_add(1, std::memory_order_relaxed);
+    if (u >= count()) return false;
+    begin = u * unit_;
+    end = std::min(tasks_, begin + unit_);
+    return true;
+  }
+
+ private:
+  const int64_t tasks_, unit_;
+  std::atomic<int64_t> next_{0};
+};
 
 // ---- loads and stores, converting to and from float32 -------------------------------------------
 
@@ -186,11 +215,11 @@ void pack_nk(const RowBlock& src, int64_t dpad, int64_t width, T* tmp, T* dst) {
 
 // Note [Packed heads]
 // The forward packs K/V, the backward Q/dO, per (batch, kv head): a "head" here. Tasks run head by
-// head and each thread takes a contiguous range of them, so a head is used by the one or few
-// threads whose ranges cover its tasks. The first of them packs it, the others wait for that and
-// share it, and the last one to finish its tasks there frees it: a call holds the packed copies of
-// the heads its threads are on (one head when a call has one, as context-parallel calls on CPU
-// do), never a copy of every head and never two copies of one.
+// head and each thread takes a contiguous range of them (or, in the forward, units in order), so a
+// head is used by the one or few threads whose ranges cover its tasks. The first of them packs it,
+// the others wait for that and share it, and the last one to finish its tasks there frees it: a
+// call holds the packed copies of the heads its threads are on (one head when a call has one, as
+// context-parallel calls on CPU do), never a copy of every head and never two copies of one.
 template <typename Pack>
 class PackedHeads {
  public:

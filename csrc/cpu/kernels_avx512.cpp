@@ -1,4 +1,5 @@
-// The CPU kernels compiled for the avx512 instruction set (dispatch.cpp picks one at run time).
+// The CPU kernels compiled for the avx512 instruction set, AVX-512 with BF16 (dispatch.cpp picks
+// one at run time; kernels_avx512f.cpp is the same without BF16).
 // Every shared header comes before the target pragma, so only code in namespace
 // ring_ext::cpu::avx512 is compiled for this target (no inline function differs between builds).
 // x86-64 only: setup.py and CMakeLists.txt leave this file out elsewhere and with
@@ -24,6 +25,7 @@
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,bmi2")
 #define RING_EXT_CPU_ISA avx512
+#define RING_EXT_AVX512_BF16 1  // bf16 tiles and vdpbf16ps (tiles_avx512.h)
 // clang-format off: the tile primitives come first, flash_impl.h is written against them
 #include "tiles_avx512.h"
 #include "flash_impl.h"

@@ -1,10 +1,13 @@
-// Tile primitives for the AVX-512 build: register-blocked matrix products on packed tiles (float32
+// Tile primitives for the AVX-512 builds: register-blocked matrix products on packed tiles (float32
 // FMA and bf16 pairs with vdpbf16ps), and the vectorised row operations of the softmax.
 // flash_impl.h is written against this interface; tiles_generic.h gives the same one in plain loops
 // for the other builds. See Note [CPU flash tiling] in flash_impl.h for the tile layouts.
 //
-// Included by kernels_avx512.cpp after the target pragma, so everything here lives in
-// ring_ext::cpu::avx512 and is compiled for AVX-512 only.
+// Included after the target pragma by kernels_avx512.cpp (RING_EXT_AVX512_BF16 1: AVX-512 BF16
+// CPUs) and kernels_avx512f.cpp (RING_EXT_AVX512_BF16 0: AVX-512F/BW/VL/DQ without BF16, e.g. Ice
+// Lake and Cascade Lake Xeons), so everything here lives in ring_ext::cpu::<isa> and is compiled
+// for that target only. Without BF16 every bf16 intrinsic below is left out by the preprocessor
+// (not merely unused), and bf16 inputs are converted to float32 tiles while packing.
 #pragma once
 
 #include <immintrin.h>
@@ -16,10 +19,15 @@
 
 #include "tanh_fit.h"
 
+#if !defined(RING_EXT_AVX512_BF16)
+#error "define RING_EXT_AVX512_BF16 (1 or 0) before including tiles_avx512.h"
+#endif
+
 namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 
-// bf16 inputs stay bf16 in the matrix products (vdpbf16ps, float32 accumulation).
-constexpr bool kHasBf16Dot = true;
+// With BF16, bf16 inputs stay bf16 in the matrix products (vdpbf16ps, float32 accumulation);
+// without, they are float32 tiles like every other dtype.
+constexpr bool kHasBf16Dot = RING_EXT_AVX512_BF16 != 0;
 
 // ---- register-blocked matrix products
 // -------------------------------------------------------------
@@ -71,6 +79,7 @@ void gemm_tile(const float* a, int64_t sm, int64_t sk, const float* b, int64_t l
     }
 }
 
+#if RING_EXT_AVX512_BF16
 template <int MR, int NV>
 void gemm_tile(const uint16_t* a, int64_t sm, int64_t sk, const uint16_t* b, int64_t ldb, int64_t k,
                float* c, int64_t ldc, bool accumulate) {
@@ -101,6 +110,7 @@ void gemm_tile(const uint16_t* a, int64_t sm, int64_t sk, const uint16_t* b, int
       _mm512_storeu_ps(cv, accumulate ? _mm512_add_ps(_mm512_loadu_ps(cv), acc[i][v]) : acc[i][v]);
     }
 }
+#endif  // RING_EXT_AVX512_BF16
 
 template <typename T>
 using GemmTileFn = void (*)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, float*, int64_t,
@@ -188,11 +198,13 @@ inline __mmask16 valid_lanes(int64_t j0, int64_t begin, int64_t end) {
   return valid_lanes(j0, end) & __mmask16(~valid_lanes(j0, begin));
 }
 
+#if RING_EXT_AVX512_BF16
 // 16 float32 -> 16 bf16 (round to nearest even), and back.
 inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 inline __m512 from_bf16(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+#endif  // RING_EXT_AVX512_BF16
 
 // max_j scale * s[j] over begin <= j < end; -inf when the range is empty.
 inline float scaled_max(const float* s, int64_t begin, int64_t end, float scale) {
@@ -221,6 +233,7 @@ inline float exp_row(const float* s, int64_t begin, int64_t end, int64_t n_pad, 
   return _mm512_reduce_add_ps(sum);
 }
 
+#if RING_EXT_AVX512_BF16
 inline float exp_row(const float* s, int64_t begin, int64_t end, int64_t n_pad, float scale,
                      float shift, uint16_t* p) {
   __m512 sum = _mm512_setzero_ps();
@@ -234,6 +247,7 @@ inline float exp_row(const float* s, int64_t begin, int64_t end, int64_t n_pad, 
   }
   return _mm512_reduce_add_ps(sum);
 }
+#endif  // RING_EXT_AVX512_BF16
 
 inline void scale_row(float* x, int64_t n, float alpha) {
   const __m512 a = _mm512_set1_ps(alpha);
@@ -300,6 +314,7 @@ inline void bwd_row_softcap(float* s, float* dp, int64_t begin, int64_t end, int
   }
 }
 
+#if RING_EXT_AVX512_BF16
 // dst[j] = bf16(x[j]) for j < n.
 inline void store_bf16_row(const float* x, int64_t n, uint16_t* dst) {
   for (int64_t j = 0; j < n; j += 16)
@@ -318,5 +333,6 @@ inline void store_bf16_row_pairs(const float* r0, const float* r1, int64_t n, ui
                         _mm256_permute2x128_si256(lo, hi, 0x31));  // pairs 8-15
   }
 }
+#endif  // RING_EXT_AVX512_BF16
 
 }  // namespace ring_ext::cpu::RING_EXT_CPU_ISA
