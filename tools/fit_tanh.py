@@ -21,7 +21,9 @@ def fit():
     for _ in range(60):
         q_abs = np.ones_like(xs)
         for _ in range(4):
-            a = np.concatenate([xs[:, None] * x2[:, None] ** powers, -t[:, None] * x2[:, None] ** powers[1:]], 1)
+            a = np.concatenate(
+                [xs[:, None] * x2[:, None] ** powers, -t[:, None] * x2[:, None] ** powers[1:]], 1
+            )
             w = lawson / q_abs
             c, *_ = np.linalg.lstsq(a * w[:, None], t * w, rcond=None)
             p, q = c[: DEGREE + 1], np.concatenate([[1.0], c[DEGREE + 1 :]])
