@@ -131,8 +131,8 @@ def ring_ext_attention_forward(
         window, chunk, bounds = attention_mask.check(
             causal, positions, seq, cp_context, query.device, cu, window
         )
-    if bounds is not None:  # the mask's own key intervals hold everything
-        window = chunk = None
+        if bounds is not None:  # the mask's own key intervals hold everything
+            window = chunk = None
     elif attention_mask is not None:
         raise ValueError(
             "ring_ext attention supports causal or full masks only, not an attention_mask tensor "
