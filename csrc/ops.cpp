@@ -50,7 +50,8 @@ TORCH_LIBRARY(ring_ext, m) {
   // keeps the partial output in float32 for the ring's merge. visible (int64 [2, seq_q], with
   // causal=False) replaces the mask by per-row key intervals [visible[0, i], visible[1, i]),
   // non-decreasing in i: packed documents and sliding windows (MaskKind::kRows in
-  // csrc/common/params.h).
+  // csrc/common/params.h); [4, seq_q] adds a second interval per row [visible[2, i],
+  // visible[3, i]) after the first (Note [Two key intervals per row] in csrc/common/block_ops.cpp).
   // clang-format off
   m.def("fwd("
         "Tensor q, "
@@ -115,7 +116,7 @@ TORCH_LIBRARY(ring_ext, m) {
   // (ring_ext/placement.py). Returns out [b, s, hq, d] in q's dtype, dense in `layout` (bshd, sbhd,
   // bnsd, sbh: Note [Output contract] in csrc/cp/attention.cpp), lse float32 [b, hq, s].
   // visible (packed documents, sliding windows; with causal=False): the key intervals of every
-  // source block, int64 [sources, 2, rows]: one source per ring rank for the ring and hybrid
+  // source block, int64 [sources, 2 or 4, rows]: one source per ring rank for the ring and hybrid
   // (rows = the ring's block), one for Ulysses (rows = the gathered sequence); Note [Per-source key
   // intervals] in csrc/cp/ring.cpp, ring_ext/placement.py. needed (ring and hybrid, with visible;
   // int64 [ring ranks, sources, 2]): the rows [lo, hi) of each source block that each ring rank
@@ -172,8 +173,8 @@ TORCH_LIBRARY(ring_ext, m) {
         ") -> (Tensor dq, Tensor dk, Tensor dv)");
   // Attention under a mask described by values: packed documents (cu_seqlens, int64 [n_docs + 1],
   // None: one document of the whole sequence), a sliding window (0: none) and/or chunked attention
-  // (attention_chunk_size, 0: none), or the caller's key interval of every token (key_bounds, int64
-  // [2, S], replacing the rest of the rule; ring_ext/masks.py). The placement and
+  // (attention_chunk_size, 0: none), or the caller's key intervals of every token (key_bounds, int64
+  // [2, S] or [4, S] for two per token, replacing the rest of the rule; ring_ext/masks.py). The placement and
   // the key intervals are computed inside the op from cu_seqlens' values, so torch.compile traces
   // a call without reading them (no graph break, no recompilation when only document lengths
   // change). Its kernel is Python (ring_ext/masked.py), for every device; it calls attention, or

@@ -79,44 +79,56 @@ def check_chunk(attention_chunk_size) -> int | None:
 
 
 class KeyBounds:
-    """key_bounds, the caller's mask: query g of the sequence sees the keys [lo[g], hi[g]) (global
-    indices), lo and hi non-decreasing in g so that every block's rows see monotone intervals (the
-    kernels' rule, Note [Mask rule] in csrc/common/mask.h). Built from an int64 [2, S] tensor on the
-    host; hashable by value, so the placement's caches key on it."""
+    """key_bounds, the caller's mask: query g of the sequence sees the keys [lo0[g], hi0[g]) (global
+    indices) and, when it has four rows, also [lo1[g], hi1[g]), after the first (docs/design.md,
+    "Two intervals per row"). Every row non-decreasing in g, so that every block's rows see monotone
+    intervals (the kernels' rule, Note [Mask rule] in csrc/common/mask.h). Built from an int64
+    [2, S] or [4, S] tensor on the host; hashable by value, so the placement's caches key on it."""
 
     def __init__(self, bounds: torch.Tensor):
-        self.lo, self.hi = (t.contiguous() for t in bounds.to("cpu", torch.int64))
+        self.rows = bounds.to("cpu", torch.int64).contiguous()  # [2 * intervals, S]
         # A value hash that is the same in every process (the cross-rank signature compares it; not
         # hash(), which Python salts per process), in torch ops: no numpy, O(S) and vectorised.
-        weight = torch.arange(1, len(self.lo) + 1, dtype=torch.int64) * 0x9E3779B1  # wraps mod 2^64
-        self._hash = int(((self.lo * weight) ^ (self.hi * (weight + 0x632BE5AB))).sum()) & (2**63 - 1)
+        weight = torch.arange(1, self.rows.numel() + 1, dtype=torch.int64) * 0x9E3779B1  # wraps
+        self._hash = int((self.rows.flatten() * weight).sum() ^ len(self.rows)) & (2**63 - 1)
+
+    @property
+    def intervals(self) -> int:
+        """Key intervals per token: 1 or 2."""
+        return len(self.rows) // 2
 
     def __hash__(self) -> int:
         return self._hash
 
     def __eq__(self, other) -> bool:
-        return (
-            isinstance(other, KeyBounds) and torch.equal(self.lo, other.lo) and torch.equal(self.hi, other.hi)
-        )
+        return isinstance(other, KeyBounds) and torch.equal(self.rows, other.rows)
 
     def __repr__(self) -> str:  # part of the cross-rank signature
         return f"KeyBounds({self._hash})"
 
 
 def check_key_bounds(bounds: torch.Tensor, total: int) -> KeyBounds:
-    """key_bounds' values (read inside the op, as cu_seqlens'): int64-like [2, S] with S the whole
-    sequence, 0 <= lo, hi <= S, both non-decreasing along the tokens."""
-    if bounds.dim() != 2 or bounds.shape[0] != 2 or bounds.shape[1] != total:
+    """key_bounds' values (read inside the op, as cu_seqlens'): int64-like [2, S] or [4, S] with S the
+    whole sequence, every value in [0, S], every row non-decreasing along the tokens, and a token's
+    two intervals disjoint, the first before the second (or one of them empty)."""
+    if bounds.dim() != 2 or bounds.shape[0] not in (2, 4) or bounds.shape[1] != total:
         raise ValueError(
-            f"key_bounds must be [2, {total}] (lo and hi of every token), got {tuple(bounds.shape)}"
+            f"key_bounds must be [2, {total}] (lo and hi of every token) or [4, {total}] (two intervals "
+            f"per token), got {tuple(bounds.shape)}"
         )
     b = bounds.to("cpu", torch.int64)
     if b.numel() and (b.min() < 0 or b.max() > total):
         raise ValueError(f"key_bounds must lie in [0, {total}]")
     if total > 1 and (b[:, 1:] < b[:, :-1]).any():
         raise ValueError(
-            "key_bounds' lo and hi must be non-decreasing along the tokens (every row sees one interval, "
-            "in order: the kernels skip blocks by it)"
+            "key_bounds' rows must each be non-decreasing along the tokens (every row sees its intervals "
+            "in order: the kernels skip blocks by it); an empty interval is [x, x) with an x that keeps "
+            "its row in order (masks.shared_prefix builds such bounds)"
+        )
+    if len(b) == 4 and not ((b[1] <= b[2]) | (b[2] >= b[3]) | (b[0] >= b[1])).all():
+        raise ValueError(
+            "key_bounds' two intervals of a token must not overlap: the first must end where the second "
+            "begins or before (key_bounds[1] <= key_bounds[2]), or one of them be empty"
         )
     return KeyBounds(b)
 
@@ -124,15 +136,17 @@ def check_key_bounds(bounds: torch.Tensor, total: int) -> KeyBounds:
 def check_key_bounds_tensor(bounds) -> None:
     """What can be checked of key_bounds without reading its values (torch.compile never reads them)."""
     if not isinstance(bounds, torch.Tensor):
-        raise TypeError(f"key_bounds must be a torch.Tensor [2, S] or None, got {type(bounds).__name__}")
+        raise TypeError(
+            f"key_bounds must be a torch.Tensor [2, S] or [4, S], or None, got {type(bounds).__name__}"
+        )
     if (
         bounds.dim() != 2
-        or bounds.shape[0] != 2
+        or bounds.shape[0] not in (2, 4)
         or bounds.dtype.is_floating_point
         or bounds.dtype == torch.bool
     ):
         raise ValueError(
-            f"key_bounds must be an integer tensor [2, S], got {bounds.dtype} {tuple(bounds.shape)}"
+            f"key_bounds must be an integer tensor [2, S] or [4, S], got {bounds.dtype} {tuple(bounds.shape)}"
         )
 
 
@@ -150,6 +164,38 @@ def bidirectional_blocks(cu_seqlens, blocks, causal: bool = True) -> torch.Tenso
     return torch.stack([lo, hi])
 
 
+def shared_prefix(groups) -> tuple[list[int], torch.Tensor]:
+    """(cu_seqlens, key_bounds [4, S]) of a packed row of (prompt, answers) groups: groups is a list
+    of (prompt_len, [answer_len, ...]); each group is one document of cu_seqlens, its prompt followed
+    by its answers. The prompt is causal; every answer token sees the whole prompt and its own
+    answer causally, never another answer (GRPO-style rollouts, best-of-n fine-tuning: the prompt
+    is packed once, not once per answer). A prompt token's second interval is the empty [g+1, g+1),
+    which keeps every row of the bounds in order. O(S)."""
+    cu, lo0, hi0, lo1, hi1 = [0], [], [], [], []
+    for prompt_len, answer_lens in groups:
+        prompt_len, answer_lens = int(prompt_len), [int(a) for a in answer_lens]
+        if prompt_len < 0 or any(a < 0 for a in answer_lens):
+            raise ValueError(f"prompt and answer lengths must be >= 0, got {prompt_len}, {answer_lens}")
+        p0 = cu[-1]
+        p1 = p0 + prompt_len
+        g = torch.arange(p0, p1)
+        lo0.append(torch.full_like(g, p0))
+        hi0.append(g + 1)
+        lo1.append(g + 1)
+        hi1.append(g + 1)
+        start = p1
+        for length in answer_lens:
+            g = torch.arange(start, start + length)
+            lo0.append(torch.full_like(g, p0))
+            hi0.append(torch.full_like(g, p1))
+            lo1.append(torch.full_like(g, start))
+            hi1.append(g + 1)
+            start += length
+        cu.append(start)
+    rows = [torch.cat(x) if x else torch.zeros(0, dtype=torch.int64) for x in (lo0, hi0, lo1, hi1)]
+    return cu, torch.stack(rows)
+
+
 def row_bounds(
     index: torch.Tensor,
     cu_seqlens: tuple[int, ...],
@@ -157,15 +203,16 @@ def row_bounds(
     window: int | None = None,
     chunk: int | None = None,
     bounds: KeyBounds | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lo, hi), int64 like index: query g sees the global keys [lo, hi). Padding (g >= S) sees
-    nothing: lo = hi = S. bounds (the caller's key_bounds) replaces every other part of the rule."""
+) -> torch.Tensor:
+    """int64 [2, len(index)] (lo, hi): query g sees the global keys [lo, hi); [4, len(index)] with
+    bounds of two intervals per token (lo0, hi0, lo1, hi1). Padding (g >= S) sees nothing: every
+    bound is S. bounds (the caller's key_bounds) replaces every other part of the rule."""
     cu = torch.tensor(cu_seqlens, dtype=torch.int64)
     total, n_docs = cu_seqlens[-1], len(cu_seqlens) - 1
     real = index < total
     if bounds is not None:
         safe = index.clamp(max=max(total - 1, 0))
-        return torch.where(real, bounds.lo[safe], total), torch.where(real, bounds.hi[safe], total)
+        return torch.where(real, bounds.rows[:, safe], total)
     doc = (torch.searchsorted(cu, index, right=True) - 1).clamp(0, n_docs - 1)
     lo = cu[doc]
     hi = index + 1 if causal else cu[doc + 1]
@@ -177,7 +224,7 @@ def row_bounds(
         start = cu[doc] + (index - cu[doc]) // chunk * chunk
         lo = torch.maximum(lo, start)
         hi = torch.minimum(hi, start + chunk)
-    return torch.where(real, lo, total), torch.where(real, hi, total)
+    return torch.where(real, torch.stack([lo, hi]), total)
 
 
 def visible_keys(
@@ -189,12 +236,12 @@ def visible_keys(
     chunk: int | None = None,
     bounds: KeyBounds | None = None,
 ) -> torch.Tensor:
-    """int64 [2, len(q_index)]: query row i sees key rows [begin_i, end_i) of k_index.
+    """int64 [2, len(q_index)]: query row i sees key rows [begin_i, end_i) of k_index ([4, ...]: and
+    [begin2_i, end2_i), with bounds of two intervals per token).
 
     q_index and k_index are the global token indices of a query and a key block, each increasing,
     padding (>= S) last. A padding query sees nothing."""
-    lo, hi = row_bounds(q_index, cu_seqlens, causal, window, chunk, bounds)
-    return torch.stack([torch.searchsorted(k_index, lo), torch.searchsorted(k_index, hi)])
+    return torch.searchsorted(k_index, row_bounds(q_index, cu_seqlens, causal, window, chunk, bounds))
 
 
 def mask_matrix(
@@ -208,9 +255,19 @@ def mask_matrix(
 ) -> torch.Tensor:
     """[len(q_index), len(k_index)] bool, True where a query sees a key: the mask written out from
     row_bounds (for the float64 reference; O(s^2))."""
-    lo, hi = row_bounds(torch.as_tensor(q_index), cu_seqlens, causal, window, chunk, bounds)
+    ends = row_bounds(torch.as_tensor(q_index), cu_seqlens, causal, window, chunk, bounds)
     k = torch.as_tensor(k_index)[None, :]
-    return (k >= lo[:, None]) & (k < hi[:, None])
+    seen = torch.zeros(len(ends[0]), k.shape[1], dtype=torch.bool)
+    for lo, hi in ends.view(-1, 2, ends.shape[-1]):
+        seen |= (k >= lo[:, None]) & (k < hi[:, None])
+    return seen
+
+
+def visible_pairs(index: torch.Tensor, cu_seqlens: tuple[int, ...], causal: bool, window=None, chunk=None,
+                  bounds: KeyBounds | None = None) -> torch.Tensor:  # fmt: skip
+    """int64 [len(index)]: how many keys each query sees (the sum of its intervals' lengths)."""
+    ends = row_bounds(index, cu_seqlens, causal, window, chunk, bounds).view(-1, 2, len(index))
+    return (ends[:, 1] - ends[:, 0]).clamp(min=0).sum(0)
 
 
 def pairs_before(x: int, length: int, causal: bool, window: int | None) -> int:

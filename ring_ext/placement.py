@@ -262,7 +262,9 @@ def block_needed(
     model reads."""
     needed = torch.zeros(s.groups, s.groups, 2, dtype=torch.int64)
     for member in range(s.groups):
-        begin, end = _member_intervals(s, member, total, cu_seqlens, window, chunk, bounds).unbind(1)
+        intervals = _member_intervals(s, member, total, cu_seqlens, window, chunk, bounds)
+        pairs = intervals.view(s.groups, -1, 2, intervals.shape[-1]).transpose(1, 2)  # [src, 2, n, rows]
+        begin, end = pairs.flatten(2).unbind(1)  # [sources, n * rows]: every interval of every row
         seen = end > begin
         lo = torch.where(seen, begin, begin.shape[-1]).amin(-1)
         hi = torch.where(seen, end, 0).amax(-1)

@@ -20,6 +20,7 @@ from ring_ext.layouts import from_bshd, to_bshd
 from ring_ext.testing.reference import attention_reference, merge_reference, packed_mask
 from ring_ext.testing.tolerances import (
     FP32_LONG_FACTOR,
+    REL_L2,
     assert_attention,
     assert_close_to_oracle,
     assert_lse,
@@ -326,6 +327,61 @@ def test_packed_attention_api_thd(device):
     baseline = torch_attention(q[None], k[None], v[None], dout[None], causal=False, mask=mask)
     well_conditioned = mask.sum(1) >= test_packed.MIN_KEYS_FOR_ROW_CHECK
     assert_attention(got, expected, baseline, "thd packed", dq_rows=well_conditioned)
+
+
+# Shared prompts: two key intervals per row (Note [Two key intervals per row] in
+# csrc/common/block_ops.cpp). Prompts and answers across the CUDA tiles, an empty answer, a one-token
+# answer, rows that see nothing (the first ones, and padding).
+SHARED_PREFIX = ((70, (1, 66, 0, 30)), (3, (130, 2)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("variant", ["plain", "out_fp32", "softcap_sinks"])
+def test_two_key_intervals_per_row(device, dtype, head_dim, variant):
+    """fwd/bwd with visible [4, s] (each row a shared prompt and its own answer) against the float64
+    oracle with the mask written out from the two intervals."""
+    cu, bounds = ring_ext.masks.shared_prefix(SHARED_PREFIX)
+    bounds[:2, :5] = 0  # the first five rows see nothing
+    total, pad = cu[-1], 7
+    index = torch.arange(total + pad)
+    vis = ring_ext.masks.visible_keys(
+        index, index, tuple(cu), True, bounds=ring_ext.masks.check_key_bounds(bounds, total)
+    )
+    keys = index[None, :]
+    mask = torch.zeros(len(index), len(index), dtype=torch.bool)
+    for lo, hi in bounds.view(2, 2, total):
+        mask[:total] |= (keys >= lo[:, None]) & (keys < hi[:, None])
+    seed = seed_of("two intervals", str(dtype), head_dim, variant)
+    q, k, v = make_qkv(1, len(index), len(index), 4, 2, head_dim, dtype, seed, device)
+    softcap = 2.5 if variant == "softcap_sinks" else 0.0
+    sinks = seeded_like(torch.empty(4), seed + 2).to(device) if variant == "softcap_sinks" else None
+    scale = 1.0 / math.sqrt(head_dim)
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out_fp32 = variant == "out_fp32"
+    out, lse = torch.ops.ring_ext.fwd(
+        qg, kg, vg, scale, False, 0, 0, out_fp32, vis.to(device), softcap, sinks
+    )
+    assert out.dtype == (torch.float32 if out_fp32 else dtype) and out.stride() == q.stride()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = attention_reference(
+        q64, k64, v64, causal=False, scale=scale, mask=mask.to(device), softcap=softcap or None, sinks=sinks
+    )
+    assert_lse(lse, ref_lse.detach())
+    dout = seeded_like(out, seed + 1).to(dtype)
+    out.backward(dout.to(out.dtype))
+    ref.backward(dout.double())
+    got = [out.detach(), qg.grad, kg.grad, vg.grad]
+    expected = [ref.detach(), q64.grad, k64.grad, v64.grad]
+    if softcap:  # PyTorch's attention has no softcap: the oracle alone, within two units of the
+        # dtype's rounding (measured on CPU: 3e-7 float32, 1.7e-3 bfloat16, 2.2e-4 float16)
+        bound = {torch.float32: REL_L2[torch.float32], torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+            err = rel_l2(a, b)
+            assert err <= bound, f"two intervals {dtype} softcap: {name} rel err {err:.2e}"
+        return
+    baseline = torch_attention(q, k, v, dout, causal=False, scale=scale, mask=mask.to(device))
+    assert_attention(got, expected, baseline, f"two intervals {dtype}", dq_rows=mask.sum(1) >= 4)
 
 
 # ---- merge and the backward's accumulators -------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The attention of today's models under context parallelism, over real Gloo ranks: logit softcap
-(Gemma 2), attention sinks (gpt-oss), a v head dim of its own (multi-head latent attention) and
-Ulysses with heads that do not divide its degree, in every algorithm, dense and packed with a sliding
-window, forward and every gradient (the sinks' included) against the float64 oracle at world sizes
-1, 2, 3 and 4 (docs/design.md, "Softcap and sinks"; docs/ulysses.md, Heads)."""
+(Gemma 2), attention sinks (gpt-oss), a v head dim of its own (multi-head latent attention), Ulysses
+with heads that do not divide its degree, and masks of real models (chunks, image blocks, shared
+prompts with two key intervals per row, rows that see nothing), in every algorithm, dense and packed
+with a sliding window, forward and every gradient (the sinks' included) against the float64 oracle at
+world sizes 1, 2, 3 and 4 (docs/design.md, "Softcap and sinks", "Chunks and key bounds")."""
 
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ class Variant:
     sliding_window: int | None = None
     chunk: int | None = None  # attention_chunk_size (Llama 4)
     blocks: tuple | None = None  # bidirectional blocks (image tokens): key_bounds
+    # shared prompts (masks.shared_prefix groups of (prompt_len, answer lens)): key_bounds [4, S],
+    # packed one document per group with layout thd, else over the dense sequence ("dense": one
+    # group sized to it); empty_rows: that many first tokens see nothing
+    prefix: tuple | str | None = None
+    empty_rows: int = 0
     seq_per_rank: int = 8
 
     def config(self, world: int) -> ring_ext.CPConfig:
@@ -63,6 +69,18 @@ def run_variant(rank: int, world: int, case: Variant):
         cu = torch.tensor([0, *torch.tensor(case.docs).cumsum(0).tolist()])
     packing = {} if cu is None else {"cu_seqlens": cu}
     bounds = None
+    if case.prefix:
+        groups = (
+            case.prefix
+            if case.prefix != "dense"
+            else ((total // 2, (total // 4, total - total // 2 - total // 4)),)
+        )
+        cu_list, bounds = ring_ext.masks.shared_prefix(groups)
+        assert cu_list[-1] == total
+        bounds[:2, : case.empty_rows] = 0  # rows that see nothing (the second interval is empty there)
+        if case.docs:
+            cu = torch.tensor(cu_list)
+            packing = {"cu_seqlens": cu}
     if case.blocks:
         bounds = ring_ext.masks.bidirectional_blocks(
             cu if cu is not None else [0, total], case.blocks, case.causal
@@ -94,7 +112,9 @@ def run_variant(rank: int, world: int, case: Variant):
     mask = None
     if bounds is not None:
         keys = torch.arange(total)[None, :]
-        mask = (keys >= bounds[0][:, None]) & (keys < bounds[1][:, None])
+        mask = torch.zeros(total, total, dtype=torch.bool)
+        for lo, hi in bounds.view(-1, 2, total):  # one or two intervals per row
+            mask |= (keys >= lo[:, None]) & (keys < hi[:, None])
     elif cu is not None or case.sliding_window or case.chunk:
         positions = torch.arange(total)
         mask = packed_mask(
@@ -140,6 +160,9 @@ def _cases(world: int) -> list[Variant]:
             # image blocks (key_bounds): dense, and packed with a block in the second document
             dataclasses.replace(base, blocks=((1, 4), (5, 7))),
             dataclasses.replace(base, layout="thd", docs=(11, 4, 15), blocks=((1, 5), (16, 22)), sinks=False),
+            # shared prompts (two intervals per row): packed groups, and dense with empty rows
+            dataclasses.replace(base, layout="thd", docs=(13, 10), prefix=((6, (3, 4)), (5, (2, 0, 3)))),
+            dataclasses.replace(base, prefix="dense", empty_rows=3, sinks=False),
         ]
     # Ulysses' uneven head splits (Note [Ulysses head split]): at 3 ranks q heads 8 over K/V heads
     # 2 give rank 1 two q heads of K/V head 0 and one of K/V head 1; at 4, 6 heads without GQA.

@@ -101,6 +101,21 @@ void check_rows(const at::Tensor& t, const char* name, const Shape& s, const at:
 
 at::Tensor seq_contiguous(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
 
+// Per row of a [4, n] visible: true where its two intervals share no key.
+at::Tensor disjoint_intervals(const at::Tensor& c) {
+  return (c[1] <= c[2]) | (c[2] >= c[3]) | (c[0] >= c[1]);
+}
+
+// The number of key intervals per row of a checked visible: 1 or 2.
+int64_t families_of(const std::optional<at::Tensor>& visible) {
+  return visible.has_value() ? visible->size(0) / 2 : 1;
+}
+
+// Interval j of every row, [2, seq_q] (contiguous: a narrow of the first dim).
+std::optional<at::Tensor> family(const std::optional<at::Tensor>& visible, int64_t j) {
+  return visible->narrow(0, 2 * j, 2);
+}
+
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name,
                 bool same_dtype) {
   TORCH_CHECK(t.sizes() == ref.sizes(), "ring_ext: ", name, " must have the shape of ", ref_name,
@@ -136,18 +151,21 @@ void check_scale(double scale) {
                     "ring_ext: scale must be a finite non-zero number, got ", scale);
 }
 
-// visible: int64 [2, seq_q], row i sees keys [visible[0, i], visible[1, i]), both rows
-// non-decreasing (MaskKind::kRows; ring_ext/masks.py builds them). It replaces the causal mask.
+// visible: int64 [2, seq_q] or [4, seq_q] (Note [Two key intervals per row]): row i sees keys
+// [visible[0, i], visible[1, i]) and, with four rows, also [visible[2, i], visible[3, i]); every
+// row of visible non-decreasing (MaskKind::kRows; ring_ext/masks.py builds them). It replaces the
+// causal mask.
 std::optional<at::Tensor> check_visible(const std::optional<at::Tensor>& visible, bool causal,
                                         const Shape& s, const at::Tensor& q) {
   if (!visible.has_value()) return std::nullopt;
   const at::Tensor& t = *visible;
   TORCH_CHECK_VALUE(!causal, "ring_ext: give causal=False with visible (the key intervals already ",
                     "hold the mask)");
-  TORCH_CHECK_VALUE(
-      t.scalar_type() == at::kLong && t.dim() == 2 && t.size(0) == 2 && t.size(1) == s.seq_q,
-      "ring_ext: visible must be int64 [2, ", s.seq_q, "] (begin and end of each ",
-      "query row's visible keys), got ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.dim() == 2 &&
+                        (t.size(0) == 2 || t.size(0) == 4) && t.size(1) == s.seq_q,
+                    "ring_ext: visible must be int64 [2, ", s.seq_q, "] (begin and end of each ",
+                    "query row's visible keys) or [4, ", s.seq_q, "] (two intervals per row), got ",
+                    t.scalar_type(), " ", t.sizes());
   TORCH_CHECK_VALUE(t.device() == q.device(), "ring_ext: visible must be on ", q.device(), ", got ",
                     t.device());
   at::Tensor c = t.contiguous();
@@ -159,6 +177,12 @@ std::optional<at::Tensor> check_visible(const std::optional<at::Tensor>& visible
     TORCH_CHECK_VALUE(
         (c.narrow(1, 1, s.seq_q - 1) >= c.narrow(1, 0, s.seq_q - 1)).all().item<bool>(),
         "ring_ext: visible's begins and ends must be non-decreasing along the rows");
+  }
+  if (c.is_cpu() && c.size(0) == 4) {
+    TORCH_CHECK_VALUE(
+        disjoint_intervals(c).all().item<bool>(),
+        "ring_ext: visible's two intervals of a row must not overlap (the first must ",
+        "end where the second begins or before, or one of them be empty)");
   }
   return c;
 }
@@ -215,6 +239,16 @@ at::Tensor row_delta(const at::Tensor& dout, const at::Tensor& out) {
   return delta;
 }
 
+// Note [Two key intervals per row]
+// A row may see two intervals of keys (visible [4, seq_q]): a shared prompt and the row's own
+// answer (docs/design.md, "Two intervals per row"). Each of the two families of intervals is
+// monotone on its own and the two intervals of a row are disjoint, so the row's softmax over their
+// union is the merge of one kernel pass per family (the LSE merge the ring does across blocks, here
+// across the two passes), and the backward is one pass per family adding into the same
+// accumulators with the row's final lse and delta. Both passes skip the tiles their family does not
+// see, so the work is the visible pairs (up to tile edges) plus one float32 merge of the rows; the
+// same host code runs the CPU and the CUDA kernels, which keep one interval per row. Sinks fold in
+// once, after the merge.
 std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const at::Tensor& q_in,
                                              const at::Tensor& k_in, const at::Tensor& v_in,
                                              double scale, bool causal, int64_t q_offset,
@@ -228,6 +262,17 @@ std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const 
   const std::optional<at::Tensor> visible = check_visible(visible_in, causal, shape, q_in);
   const std::optional<at::Tensor> sinks = check_sinks(sinks_in, shape.heads_q, q_in);
   c10::DeviceGuard guard(q_in.device());
+  if (families_of(visible) == 2) {  // Note [Two key intervals per row]
+    auto [out, lse] = block_fwd(kernels, q_in, k_in, v_in, scale, false, 0, 0, true,
+                                family(visible, 0), softcap, std::nullopt);
+    const auto [second_out, second_lse] =
+        block_fwd(kernels, q_in, k_in, v_in, scale, false, 0, 0, true, family(visible, 1), softcap,
+                  std::nullopt);
+    block_merge(kernels, out, lse, second_out, second_lse);
+    if (sinks.has_value()) fold_sinks(out, lse, *sinks);
+    if (out_fp32) return {out, lse};
+    return {empty_like_q(q_in, shape.head_dim_v, q_in.scalar_type()).copy_(out), lse};
+  }
   const at::Tensor q = dim_contiguous(q_in), k = dim_contiguous(k_in), v = dim_contiguous(v_in);
   at::Tensor out = empty_like_q(q, shape.head_dim_v, out_fp32 ? at::kFloat : q.scalar_type());
   at::Tensor lse =
@@ -264,6 +309,13 @@ void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout_in, const
   check_scale(scale);
   check_softcap(softcap);
   const std::optional<at::Tensor> visible = check_visible(visible_in, causal, shape, q_in);
+  if (families_of(visible) == 2) {  // Note [Two key intervals per row]: each adds its part
+    for (int64_t j = 0; j < 2; ++j) {
+      block_bwd_acc(kernels, dout_in, q_in, k_in, v_in, lse_in, delta_in, scale, false, 0, 0, dq,
+                    dk, dv, family(visible, j), softcap);
+    }
+    return;
+  }
   check_out_like(dout_in, "dout", q_in, shape, /*same_dtype=*/true);
   check_rows(lse_in, "lse", shape, q_in);
   check_rows(delta_in, "delta", shape, q_in);

@@ -40,9 +40,9 @@ std::vector<Tensor> prepare_visible(const std::optional<Tensor>& visible, int64_
   const Tensor& v = *visible;
   const int64_t rows = q_rows;
   TORCH_CHECK_VALUE(v.scalar_type() == at::kLong && v.dim() == 3 && v.size(0) == count &&
-                        v.size(1) == 2 && v.size(2) == rows,
-                    "ring_ext: visible must be int64 [", count, " source blocks, 2, ", rows,
-                    " rows], got ", v.scalar_type(), " ", v.sizes());
+                        (v.size(1) == 2 || v.size(1) == 4) && v.size(2) == rows,
+                    "ring_ext: visible must be int64 [", count, " source blocks, 2 (or 4: two ",
+                    "intervals per row), ", rows, " rows], got ", v.scalar_type(), " ", v.sizes());
   // The one host copy of the intervals: checked here for every device (the kernels' tile skipping
   // relies on monotone intervals; the CUDA block ops do not check them, Note [Mask rule] in
   // csrc/common/mask.h).
@@ -50,9 +50,21 @@ std::vector<Tensor> prepare_visible(const std::optional<Tensor>& visible, int64_
   TORCH_CHECK_VALUE(
       rows < 2 || (host.narrow(2, 1, rows - 1) >= host.narrow(2, 0, rows - 1)).all().item<bool>(),
       "ring_ext: visible's begins and ends must be non-decreasing along the rows");
+  if (v.size(1) == 4) {
+    const Tensor first_end = host.select(1, 1), second_begin = host.select(1, 2);
+    TORCH_CHECK_VALUE(((first_end <= second_begin) | (second_begin >= host.select(1, 3)) |
+                       (host.select(1, 0) >= first_end))
+                          .all()
+                          .item<bool>(),
+                      "ring_ext: visible's two intervals of a row must not overlap");
+  }
   if (seen) {  // blocks hold k_rows keys: intervals past them are clamped, as the kernels do
     for (int64_t src = 0; src < count; ++src) {
-      const Tensor begin = host[src][0].clamp(0, k_rows), end = host[src][1].clamp(0, k_rows);
+      // every interval of every row (two per row: Note [Two key intervals per row] in
+      // csrc/common/block_ops.cpp)
+      const Tensor pairs = host[src].view({-1, 2, rows});
+      const Tensor begin = pairs.select(1, 0).clamp(0, k_rows),
+                   end = pairs.select(1, 1).clamp(0, k_rows);
       const Tensor rows_seeing = end > begin;
       if (!rows_seeing.any().item<bool>()) {
         seen->push_back({});
