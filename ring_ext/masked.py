@@ -46,8 +46,9 @@ def _mask(
         cu = masks.check_cu_seqlens(cu_seqlens, None if algo else q.shape[1])  # one process: q is all
         total = cu[-1]
     bounds = None if key_bounds is None else masks.check_key_bounds(key_bounds, total)
+    placed = placement.placed_by(s, total, cu) if algo else None  # Note [Placement balanced by key_bounds]
     visible, needed, rows, count = placement.block_intervals(
-        s, rank, total, cu, window, chunk or None, bounds
+        s, rank, total, cu, window, chunk or None, bounds, placed
     )
     if q.shape[1] != count:  # only under a context: a dense or one-process q holds its count
         raise ValueError(
@@ -56,7 +57,9 @@ def _mask(
             "sequence, and q, k, v what ring_ext.shard(x, ctx, seq_dim, cu_seqlens=cu) returned"
         )
     signature = (
-        zlib.crc32(repr((cu, total, window, cp_sliding_window, chunk, bounds)).encode()) if algo else 0
+        zlib.crc32(repr((cu, total, window, cp_sliding_window, chunk, bounds, placed)).encode())
+        if algo
+        else 0
     )
     return _Mask(visible, needed, rows, signature)
 

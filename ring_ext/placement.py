@@ -34,12 +34,19 @@ u consecutive pieces, one per rank of its Ulysses group. Padding tokens see noth
 nothing; they exist only inside the op's buffers (Note [Shards of unequal length] in
 csrc/cp/attention.cpp): a rank's shard holds its real tokens only.
 
+Under key_bounds given to shard (Note [Placement balanced by key_bounds]) the work along a document follows
+the caller's mask (a shared prompt's answers each see the whole prompt), so every document is cut
+into 8 near-equal pieces per ring member and the pieces are dealt out by their visible pairs, the
+costliest first to the least loaded member with room (_place_by_cost): tokens per member as even as
+the zigzag's, work within 1% of even on shared prompts (equal-length zigzag pieces: up to 1.28x).
+
 Every layer windowed (--cp-sliding-window w): contiguous pieces of equal visible pairs instead of
 the zigzag (_contiguous_plan), so a layer needs only its neighbours' edge tokens.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import NamedTuple
 
@@ -143,17 +150,42 @@ def _pieces(length: int, n: int) -> list[tuple[int, int]]:
 
 @functools.lru_cache(maxsize=64)
 def packed_tokens(
-    cu_seqlens: tuple[int, ...], groups: int, members: int = 1, causal: bool = True, window: int | None = None
+    cu_seqlens: tuple[int, ...],
+    groups: int,
+    members: int = 1,
+    causal: bool = True,
+    window: int | None = None,
+    bounds: masks.KeyBounds | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The packed placement (module docstring): for each of groups * members ranks (rank = group *
     members + member, Note [Hybrid rank layout] in context.py) an int64 [local_len] tensor of the
     global indices it holds, increasing, padding (S + j) last. Pure: every rank computes the same.
-    window (the context's --cp-sliding-window): contiguous pieces instead of the zigzag."""
+    window (the context's --cp-sliding-window): contiguous pieces instead of the zigzag. bounds (the
+    calls' key_bounds): pieces placed by their visible pairs under them (_place_by_cost)."""
     total = cu_seqlens[-1]
     if window is not None:
-        return _pad_plan(_contiguous_plan(cu_seqlens, groups, causal, window), members, total)
+        return _pad_plan(_contiguous_plan(cu_seqlens, groups, causal, window, bounds), members, total)
     owned: list[list[tuple[int, int]]] = [[] for _ in range(groups)]  # global [a, b) ranges
     cost = [0] * groups
+    if bounds is None:
+        _place_zigzag(cu_seqlens, groups, causal, owned, cost)
+    else:
+        _place_by_cost(cu_seqlens, groups, causal, bounds, owned, cost)
+    lists = [
+        torch.cat([torch.arange(a, b) for a, b in ranges]) if ranges else torch.zeros(0, dtype=torch.int64)
+        for ranges in owned
+    ]
+    return _pad_plan(lists, members, total)
+
+
+def _place_zigzag(
+    cu_seqlens: tuple[int, ...],
+    groups: int,
+    causal: bool,
+    owned: list[list[tuple[int, int]]],
+    cost: list[int],
+) -> None:
+    """The packed placement's zigzag (module docstring): adds to owned and cost, per member."""
     for start, end in zip(cu_seqlens, cu_seqlens[1:]):
         length = end - start
         if length == 0:
@@ -177,22 +209,53 @@ def packed_tokens(
             g = (c + rot) % groups
             cost[g] += pair_cost
             owned[g].extend(ranges)
-    lists = [
-        torch.cat([torch.arange(a, b) for a, b in ranges]) if ranges else torch.zeros(0, dtype=torch.int64)
-        for ranges in owned
-    ]
-    return _pad_plan(lists, members, total)
+
+
+# Pieces per ring member and document when the placement balances key_bounds' work: enough for
+# the greedy fill to even out any cost profile (within 1% on shared prompts at cp 2-16,
+# benchmarks/bench_masks.py), few enough that pieces stay longer than a kernel tile at 1k tokens
+# per rank.
+PIECES_PER_MEMBER = 8
+
+
+def _place_by_cost(
+    cu_seqlens: tuple[int, ...],
+    groups: int,
+    causal: bool,
+    bounds: masks.KeyBounds,
+    owned: list[list[tuple[int, int]]],
+    cost: list[int],
+) -> None:
+    """The packed placement under key_bounds (any profile of work along a document: shared prompts,
+    image blocks): every document cut into PIECES_PER_MEMBER near-equal pieces per ring member, each
+    member taking as many of them (so tokens stay balanced as in the zigzag), the costliest piece
+    first to the member with the least work so far among those with room (a greedy longest-first
+    fill, deterministic: ties go to the lower index). Adds to owned and cost, per member."""
+    total = cu_seqlens[-1]
+    pairs = masks.visible_pairs(torch.arange(total), cu_seqlens, causal, bounds=bounds)
+    before = torch.cat([torch.zeros(1, dtype=torch.int64), pairs.cumsum(0)]).tolist()
+    for start, end in zip(cu_seqlens, cu_seqlens[1:]):
+        pieces = [(start + a, start + b) for a, b in _pieces(end - start, PIECES_PER_MEMBER * groups)]
+        room = [PIECES_PER_MEMBER] * groups
+        for a, b in sorted(pieces, key=lambda p: (before[p[0]] - before[p[1]], p[0])):  # costliest first
+            g = min((g for g in range(groups) if room[g]), key=lambda g: (cost[g], g))
+            room[g] -= 1
+            cost[g] += before[b] - before[a]
+            if b > a:
+                owned[g].append((a, b))
+    for ranges in owned:
+        ranges.sort()
 
 
 def _contiguous_plan(
-    cu_seqlens: tuple[int, ...], groups: int, causal: bool, window: int
+    cu_seqlens: tuple[int, ...], groups: int, causal: bool, window: int, bounds: masks.KeyBounds | None = None
 ) -> list[torch.Tensor]:
     """Windowed placement: the packed sequence cut into `groups` consecutive pieces of equal visible
-    pairs under a window of `window` tokens (row_bounds' hi - lo per token). A windowed layer then
-    needs only its neighbours' edge tokens: Note [Moving only what is seen] in csrc/cp/ring.cpp."""
+    pairs under a window of `window` tokens (or under bounds, the calls' key_bounds). A windowed
+    layer then needs only its neighbours' edge tokens: Note [Moving only what is seen] in
+    csrc/cp/ring.cpp."""
     total = cu_seqlens[-1]
-    lo, hi = masks.row_bounds(torch.arange(total), cu_seqlens, causal, window)
-    cost = hi - lo
+    cost = masks.visible_pairs(torch.arange(total), cu_seqlens, causal, window, bounds=bounds)
     before = torch.cumsum(cost, 0) - cost  # pairs of the tokens before each one
     targets = torch.arange(1, groups) * int(cost.sum()) // groups
     cuts = [0, *torch.searchsorted(before, targets).tolist(), total]
@@ -222,13 +285,18 @@ def real_length(index: torch.Tensor, total: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def rank_tokens(
-    s: Scheme, total: int, cu_seqlens: tuple[int, ...] | None, where: str = ""
+    s: Scheme,
+    total: int,
+    cu_seqlens: tuple[int, ...] | None,
+    where: str = "",
+    bounds: masks.KeyBounds | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """The global indices every rank holds (padding last): the packed placement for cu_seqlens, the
-    dense one otherwise (where: as dense_tokens'). Cached: a model asks once per layer alike."""
+    """The global indices every rank holds (padding last): the packed placement for cu_seqlens
+    (balancing the visible pairs of bounds, the calls' key_bounds, when given), the dense one
+    otherwise (where: as dense_tokens'). Cached: a model asks once per layer alike."""
     if cu_seqlens is None:
         return dense_tokens(s.sharding, s.cp_size, total, s.members, where)  # u matters to zigzag only
-    return packed_tokens(cu_seqlens, s.groups, s.members, s.causal, s.window)
+    return packed_tokens(cu_seqlens, s.groups, s.members, s.causal, s.window, bounds)
 
 
 def _member_intervals(
@@ -239,8 +307,9 @@ def _member_intervals(
     window: int | None,
     chunk: int | None,
     bounds: masks.KeyBounds | None,
+    placed: masks.KeyBounds | None,
 ) -> torch.Tensor:
-    tokens = rank_tokens(s, total, cu_seqlens)
+    tokens = rank_tokens(s, total, cu_seqlens, bounds=placed)
     blocks = [torch.cat(tokens[g * s.members : (g + 1) * s.members]) for g in range(s.groups)]
     cu = cu_seqlens if cu_seqlens is not None else (0, total)
     return torch.stack(
@@ -256,13 +325,14 @@ def block_needed(
     window: int | None,
     chunk: int | None = None,
     bounds: masks.KeyBounds | None = None,
+    placed: masks.KeyBounds | None = None,
 ) -> torch.Tensor:
     """int64 [members, sources, 2]: the hull [lo, hi) of the rows of every source block that each ring
     member's rows see ([0, 0) for none): block_intervals' `needed`, and what the planner's window
     model reads."""
     needed = torch.zeros(s.groups, s.groups, 2, dtype=torch.int64)
     for member in range(s.groups):
-        intervals = _member_intervals(s, member, total, cu_seqlens, window, chunk, bounds)
+        intervals = _member_intervals(s, member, total, cu_seqlens, window, chunk, bounds, placed)
         pairs = intervals.view(s.groups, -1, 2, intervals.shape[-1]).transpose(1, 2)  # [src, 2, n, rows]
         begin, end = pairs.flatten(2).unbind(1)  # [sources, n * rows]: every interval of every row
         seen = end > begin
@@ -281,6 +351,7 @@ def block_intervals(
     window: int | None,
     chunk: int | None = None,
     bounds: masks.KeyBounds | None = None,
+    placed: masks.KeyBounds | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
     """(visible, needed, rows, count): the arguments of torch.ops.ring_ext.attention for `rank`.
 
@@ -292,12 +363,41 @@ def block_intervals(
     all the ring moves (Note [Moving only what is seen] in csrc/cp/ring.cpp). rows: the length of
     every rank's shard in the blocks that move (the longest); count: this rank's real tokens.
     window, chunk and bounds (sliding_window, attention_chunk_size, key_bounds) shape the intervals,
-    not the placement: such a layer runs on the shards of the model's other layers."""
-    tokens = rank_tokens(s, total, cu_seqlens)
+    not the placement: such a layer runs on the shards of the model's other layers. placed: the
+    key_bounds shard() balanced the packed placement by (placed_by), None for the plain placement."""
+    tokens = rank_tokens(s, total, cu_seqlens, bounds=placed)
     rows, count = len(tokens[rank]), real_length(tokens[rank], total)
-    visible = _member_intervals(s, rank // s.members, total, cu_seqlens, window, chunk, bounds)
+    visible = _member_intervals(s, rank // s.members, total, cu_seqlens, window, chunk, bounds, placed)
     if s.members == 1:
         visible = visible[:, :, :count].contiguous()  # the plain ring's queries: real tokens only
     if s.groups == 1:
         return visible, None, rows, count
-    return visible, block_needed(s, total, cu_seqlens, window, chunk, bounds), rows, count
+    return visible, block_needed(s, total, cu_seqlens, window, chunk, bounds, placed), rows, count
+
+
+# Note [Placement balanced by key_bounds]
+# A packed placement balanced by a mask (shard(..., key_bounds=kb)) must be the placement of every
+# call on those shards, also of the layers whose own mask differs (Gemma 3's sliding layers) or has
+# none. So the placement is shard()'s choice, remembered here per (scheme, sequence length,
+# cu_seqlens) in this process, and every later call on that packing (attention, unshard) reads it
+# back, whatever its own key_bounds: a layer can never run on a placement other than its shards'.
+# shard() records the plain placement too (None), so a later plain shard of the same packing
+# replaces a balanced one. Bounded: the least recently recorded packings go first.
+_PLACED_BY: collections.OrderedDict = collections.OrderedDict()
+_PLACED_BY_LIMIT = 256
+
+
+def record_placement(
+    s: Scheme, total: int, cu_seqlens: tuple[int, ...], bounds: masks.KeyBounds | None
+) -> None:
+    """shard()'s choice for this packing (Note [Placement balanced by key_bounds])."""
+    key = (s, total, cu_seqlens)
+    _PLACED_BY.pop(key, None)
+    _PLACED_BY[key] = bounds
+    while len(_PLACED_BY) > _PLACED_BY_LIMIT:
+        _PLACED_BY.popitem(last=False)
+
+
+def placed_by(s: Scheme, total: int, cu_seqlens: tuple[int, ...] | None) -> masks.KeyBounds | None:
+    """The key_bounds shard() balanced this packing's placement by; None: the plain placement."""
+    return None if cu_seqlens is None else _PLACED_BY.get((s, total, cu_seqlens))

@@ -40,14 +40,26 @@ def unshard_parts(
     return _put_back(parts, [len(t) for t in tokens], tokens, seq_dim, total)
 
 
-def shard(x: torch.Tensor, ctx, seq_dim: int, cu_seqlens=None) -> torch.Tensor:
+def shard(x: torch.Tensor, ctx, seq_dim: int, cu_seqlens=None, key_bounds=None) -> torch.Tensor:
     """This rank's part of the full tensor x (identical on every rank), in ctx's order. With cu_seqlens
     (packed documents, any lengths) the part is the packed placement's: this rank's tokens in
-    increasing order, as many as the placement gives it (ranks may differ by a few)."""
+    increasing order, as many as the placement gives it (ranks may differ by a few). key_bounds (with
+    cu_seqlens): the placement balances the visible pairs of this mask (a shared prompt's, image
+    blocks'), and every later call on this packing (attention, whatever its own mask, and unshard)
+    runs on that placement (Note [Placement balanced by key_bounds] in ring_ext/placement.py)."""
     seq_dim = validation.check_seq_dim(x, seq_dim)
     total = x.shape[seq_dim]
     cu = None if cu_seqlens is None else masks.check_cu_seqlens(cu_seqlens, total)
-    mine = placement.rank_tokens(placement.scheme(ctx), total, cu, f" (dim {seq_dim})")[ctx.rank]
+    s = placement.scheme(ctx)
+    bounds = None
+    if key_bounds is not None:
+        if cu is None:
+            raise ValueError("shard's key_bounds balances a packed placement: give cu_seqlens with it")
+        masks.check_key_bounds_tensor(key_bounds)
+        bounds = masks.check_key_bounds(key_bounds, total)
+    if cu is not None:
+        placement.record_placement(s, total, cu, bounds)
+    mine = placement.rank_tokens(s, total, cu, f" (dim {seq_dim})", bounds)[ctx.rank]
     return x.index_select(seq_dim, mine[: placement.real_length(mine, total)].to(x.device))
 
 
@@ -69,7 +81,7 @@ def unshard(x: torch.Tensor, ctx, seq_dim: int, cu_seqlens=None) -> torch.Tensor
     else:
         cu = masks.check_cu_seqlens(cu_seqlens)
         total = cu[-1]
-    tokens = placement.rank_tokens(s, total, cu)
+    tokens = placement.rank_tokens(s, total, cu, bounds=placement.placed_by(s, total, cu))
     counts = [placement.real_length(t, total) for t in tokens]
     if x.shape[seq_dim] != counts[ctx.rank]:
         raise ValueError(

@@ -44,6 +44,7 @@ class Variant:
     # group sized to it); empty_rows: that many first tokens see nothing
     prefix: tuple | str | None = None
     empty_rows: int = 0
+    prefix_mask: bool = True  # False: the shards balanced by the prefix mask, the call plainly causal
     seq_per_rank: int = 8
 
     def config(self, world: int) -> ring_ext.CPConfig:
@@ -81,13 +82,19 @@ def run_variant(rank: int, world: int, case: Variant):
         if case.docs:
             cu = torch.tensor(cu_list)
             packing = {"cu_seqlens": cu}
+    placed_by = bounds
+    if not case.prefix_mask:  # another layer on the same shards: its own mask, the shards' placement
+        bounds = None
     if case.blocks:
         bounds = ring_ext.masks.bidirectional_blocks(
             cu if cu is not None else [0, total], case.blocks, case.causal
         )
+    # packed shared prompts: the placement balanced by their mask (Note [Placement balanced by
+    # key_bounds]); packed image blocks keep the plain placement
+    balance = {"key_bounds": placed_by} if case.prefix and cu is not None else {}
     seq_dim = SEQ_DIM[case.layout]
     local = [
-        ring_ext.shard(from_bshd(t, case.layout).contiguous(), ctx, seq_dim, **packing)
+        ring_ext.shard(from_bshd(t, case.layout).contiguous(), ctx, seq_dim, **packing, **balance)
         for t in (q, k, v, dout)
     ]
     ql, kl, vl = (t.requires_grad_() for t in local[:3])
@@ -163,6 +170,9 @@ def _cases(world: int) -> list[Variant]:
             # shared prompts (two intervals per row): packed groups, and dense with empty rows
             dataclasses.replace(base, layout="thd", docs=(13, 10), prefix=((6, (3, 4)), (5, (2, 0, 3)))),
             dataclasses.replace(base, prefix="dense", empty_rows=3, sinks=False),
+            dataclasses.replace(
+                base, layout="thd", docs=(13, 10), prefix=((6, (3, 4)), (5, (2, 0, 3))), prefix_mask=False
+            ),
         ]
     # Ulysses' uneven head splits (Note [Ulysses head split]): at 3 ranks q heads 8 over K/V heads
     # 2 give rank 1 two q heads of K/V head 0 and one of K/V head 1; at 4, 6 heads without GQA.
