@@ -62,11 +62,14 @@ def attention(
     of c positions of its document (ring_ext/masks.py); like sliding_window it shapes the mask, not the
     placement, so a chunked layer runs on the shards of the model's other layers.
 
-    key_bounds (int64 [2, S], S the whole sequence as cu_seqlens counts it): any mask whose rows each
-    see one interval of keys, in order: token g sees keys [key_bounds[0, g], key_bounds[1, g]), both
-    non-decreasing in g (bidirectional image blocks, prefix-LM: ring_ext.masks.bidirectional_blocks builds
-    them). It replaces the causal / document / window / chunk rule (causal and cu_seqlens still pick
-    the placement under a context), and is read only inside the op, as cu_seqlens is.
+    key_bounds (int64 [2, S] or [4, S], S the whole sequence as cu_seqlens counts it): any mask whose
+    rows each see one or two intervals of keys, in order: token g sees keys [key_bounds[0, g],
+    key_bounds[1, g]) and, with four rows, [key_bounds[2, g], key_bounds[3, g]) after them, every row
+    non-decreasing in g (bidirectional image blocks, prefix-LM: ring_ext.masks.bidirectional_blocks;
+    shared prompts, each answer seeing the prompt and itself: ring_ext.masks.shared_prefix). It replaces
+    the causal / document / window / chunk rule (causal and cu_seqlens still pick the placement under a
+    context; shard(..., key_bounds=kb) balances it by this mask), and is read only inside the op, as
+    cu_seqlens is.
 
     layout=None picks: "thd" for 3-D inputs with cu_seqlens; without a context "bshd"; with one,
     "bnsd" under --megatron-cp-in-bnsd, else MindSpeed's "sbh" for 3-D inputs and "bshd" for 4-D ones.

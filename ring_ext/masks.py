@@ -10,8 +10,10 @@ query q iff both are in the same document and
 and, with attention_chunk_size=c (Llama 4's chunked attention), pos_q // c == pos_k // c: a query
 sees only the keys of its own chunk of c positions of its document.
 
-Any other mask whose rows each see one interval, in the same order (bidirectional image blocks,
-prefix-LM): key_bounds, the caller's [lo(g), hi(g)) per token (KeyBounds), replaces the rule.
+Any other mask whose rows each see one or two intervals, in the same order (bidirectional image
+blocks, prefix-LM, shared prompts): key_bounds, the caller's [lo(g), hi(g)) per token, or two of them
+(KeyBounds), replaces the rule; then row_bounds and visible_keys give four rows, two per interval
+(docs/design.md, "Two intervals per row").
 
 A dense sequence is one document, cu_seqlens = [0, S]. Equivalently, and this is the one form the
 code uses: query g sees the keys of one global interval [lo(g), hi(g)) (row_bounds). Every block of
@@ -258,7 +260,7 @@ def mask_matrix(
     ends = row_bounds(torch.as_tensor(q_index), cu_seqlens, causal, window, chunk, bounds)
     k = torch.as_tensor(k_index)[None, :]
     seen = torch.zeros(len(ends[0]), k.shape[1], dtype=torch.bool)
-    for lo, hi in ends.view(-1, 2, ends.shape[-1]):
+    for lo, hi in ends.view(len(ends) // 2, 2, ends.shape[-1]):
         seen |= (k >= lo[:, None]) & (k < hi[:, None])
     return seen
 
@@ -266,7 +268,8 @@ def mask_matrix(
 def visible_pairs(index: torch.Tensor, cu_seqlens: tuple[int, ...], causal: bool, window=None, chunk=None,
                   bounds: KeyBounds | None = None) -> torch.Tensor:  # fmt: skip
     """int64 [len(index)]: how many keys each query sees (the sum of its intervals' lengths)."""
-    ends = row_bounds(index, cu_seqlens, causal, window, chunk, bounds).view(-1, 2, len(index))
+    ends = row_bounds(index, cu_seqlens, causal, window, chunk, bounds)
+    ends = ends.view(len(ends) // 2, 2, len(index))
     return (ends[:, 1] - ends[:, 0]).clamp(min=0).sum(0)
 
 

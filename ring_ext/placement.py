@@ -333,7 +333,7 @@ def block_needed(
     needed = torch.zeros(s.groups, s.groups, 2, dtype=torch.int64)
     for member in range(s.groups):
         intervals = _member_intervals(s, member, total, cu_seqlens, window, chunk, bounds, placed)
-        pairs = intervals.view(s.groups, -1, 2, intervals.shape[-1]).transpose(1, 2)  # [src, 2, n, rows]
+        pairs = intervals.view(s.groups, intervals.shape[1] // 2, 2, intervals.shape[-1]).transpose(1, 2)
         begin, end = pairs.flatten(2).unbind(1)  # [sources, n * rows]: every interval of every row
         seen = end > begin
         lo = torch.where(seen, begin, begin.shape[-1]).amin(-1)

@@ -50,13 +50,13 @@ def shard(x: torch.Tensor, ctx, seq_dim: int, cu_seqlens=None, key_bounds=None) 
     seq_dim = validation.check_seq_dim(x, seq_dim)
     total = x.shape[seq_dim]
     cu = None if cu_seqlens is None else masks.check_cu_seqlens(cu_seqlens, total)
-    s = placement.scheme(ctx)
     bounds = None
     if key_bounds is not None:
         if cu is None:
             raise ValueError("shard's key_bounds balances a packed placement: give cu_seqlens with it")
         masks.check_key_bounds_tensor(key_bounds)
         bounds = masks.check_key_bounds(key_bounds, total)
+    s = placement.scheme(ctx)
     if cu is not None:
         placement.record_placement(s, total, cu, bounds)
     mine = placement.rank_tokens(s, total, cu, f" (dim {seq_dim})", bounds)[ctx.rank]

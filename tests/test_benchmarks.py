@@ -93,3 +93,20 @@ def test_variants_benchmark_runs(tmp_path):
         r"\| fp32 \| 64 \| 2 \| 16 \| fwd\+bwd \| [\d.]+ \| [\d.]+x \| [\d.]+x \| [\d.]+x \|", text
     ), text
     assert re.search(r"\| fp32 \| 64 \| 2 \| 192 / 128 \| fwd \| [\d.]+ \| [\d.]+ \| [\d.]+x \|", text), text
+
+
+def test_masks_benchmark_runs():
+    """benchmarks/bench_masks.py at a tiny size: the shared prompt against the prompt per answer, and
+    the balance table, whose balanced placement is within 2% of even."""
+    done = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "bench_masks.py"), "--prompt", "96", "--answers", "32", "--count", "3",
+         "--heads", "2", "--dim", "16", "--dtype", "fp32", "--repeats", "1", "--threads", "1", "--cps", "2", "3"],
+        check=True, capture_output=True, timeout=300, text=True, cwd=BENCH,
+    )  # fmt: skip
+    text = done.stdout
+    assert re.search(
+        r"\| shared prompt \(key_bounds\) \| 192 \| [\d.]+ \| [\d.]+ \| [\d.]+x \| \d+ \| [\d.]+x \|", text
+    )
+    for cp in (2, 3):
+        row = re.search(rf"\| {cp} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", text)
+        assert row and float(row.group(3)) <= 1.02, text

@@ -265,7 +265,7 @@ def test_unsupported_arguments_are_rejected():
 
 def test_mask_overlays_as_key_intervals_in_one_process():
     """Masks a model builds beyond causal (or/and overlays, token blocks): in one process read off as
-    key intervals and computed exactly; a row that is not one interval raises, and so does any such
+    key intervals (one or two per row) and computed exactly; a row of three intervals raises, and so does any such
     mask with context parallelism (test_gemma3_image_with_cp_is_rejected)."""
     from transformers.masking_utils import create_causal_mask
 
@@ -282,9 +282,26 @@ def test_mask_overlays_as_key_intervals_in_one_process():
     got, _ = ring_ext.hf.ring_ext_attention_forward(torch.nn.Module(), q, k, v, mask, scaling=0.5)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal | image, scale=0.5)
     torch.testing.assert_close(got, want.transpose(1, 2))
-    overlay = create_causal_mask(config, embeds, None, None, or_mask_function=lambda b, h, q, kv: kv == 7)
-    with pytest.raises(ValueError, match="not one interval"):  # row 2 sees keys 0..2 and 7
-        ring_ext.hf.ring_ext_attention_forward(torch.nn.Module(), q, k, v, overlay)
+    # two intervals per row: a shared prompt (tokens 0..3) with two answers (4..5, 6..7) that see the
+    # prompt and themselves; an overlay that lets every row see key 7 too
+    answer = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    shared = create_causal_mask(
+        config, embeds, None, None,
+        and_mask_function=lambda b, h, q, kv: (answer[kv] == 0) | (answer[kv] == answer[q]),
+    )  # fmt: skip
+    sees_7 = torch.zeros(8, 8, dtype=torch.bool)
+    sees_7[:, 7] = True
+    for overlay, full in [(shared, causal & ((answer[None, :] == 0) | (answer[None, :] == answer[:, None]))),
+                          (create_causal_mask(config, embeds, None, None, or_mask_function=lambda b, h, q, kv: kv == 7),
+                           causal | sees_7)]:  # fmt: skip
+        got, _ = ring_ext.hf.ring_ext_attention_forward(torch.nn.Module(), q, k, v, overlay, scaling=0.5)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=0.5)
+        torch.testing.assert_close(got, want.transpose(1, 2))
+    three = create_causal_mask(
+        config, embeds, None, None, or_mask_function=lambda b, h, q, kv: (kv == 7) | (kv == 5)
+    )
+    with pytest.raises(ValueError, match="more than two intervals"):  # row 1 sees keys 0..1, 5 and 7
+        ring_ext.hf.ring_ext_attention_forward(torch.nn.Module(), q, k, v, three)
 
 
 def tiny_gemma3(seq=24, image_at=5):

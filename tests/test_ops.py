@@ -345,8 +345,11 @@ def test_cuda_tilings_chosen_restores_the_environment(monkeypatch):
         {"cu_seqlens": [0, 3, 8, 12]},
         {"sliding_window": 3},
         {"cu_seqlens": torch.tensor([0, 5, 12]), "sliding_window": 2},
+        # shared prompts: two key intervals per answer row (masks.shared_prefix), packed and dense
+        dict(zip(("cu_seqlens", "key_bounds"), ring_ext.masks.shared_prefix([(3, (2, 0)), (2, (4, 1))]))),
+        {"key_bounds": ring_ext.masks.shared_prefix([(4, (3, 5))])[1]},
     ],
-    ids=["cu_tensor", "cu_list", "window", "cu_and_window"],
+    ids=["cu_tensor", "cu_list", "window", "cu_and_window", "shared_prefix", "shared_prefix_dense"],
 )
 def test_compile_fullgraph_packed_and_windowed(mask):
     """One process: packed documents and sliding windows trace with fullgraph and match eager (output
@@ -365,7 +368,7 @@ def test_compile_fullgraph_packed_and_windowed(mask):
 
     compiled = torch.compile(block, fullgraph=True, backend=backend)
     masks = [mask]
-    if isinstance(mask.get("cu_seqlens"), torch.Tensor):
+    if isinstance(mask.get("cu_seqlens"), torch.Tensor) and "key_bounds" not in mask:
         other = [0, 1, 9, 12] if len(mask["cu_seqlens"]) == 4 else [0, 9, 12]  # same total and shape
         masks.append({**mask, "cu_seqlens": torch.tensor(other)})
     for m in masks:

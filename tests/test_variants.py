@@ -87,3 +87,49 @@ def test_lower_cpu_levels_match_the_oracle(level):
     """The same cases with the kernels of every lower instruction-set level this machine runs (skipped
     where that level is the best this machine has, or above it: the test above ran the best one)."""
     run_at_cpu_level(level, "import test_variants; test_variants.run_all()", timeout=600)
+
+
+def _shared_prefix_bounds():
+    cu, bounds = ring_ext.masks.shared_prefix([(5, (3, 4))])
+    return cu, bounds
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda b: b[:3], r"key_bounds must be an integer tensor \[2, S\] or \[4, S\]"),
+        (lambda b: b.float(), r"key_bounds must be an integer tensor"),
+        (lambda b: b[:, :-1], r"key_bounds must be \[2, 12\] .* or \[4, 12\]"),
+        (lambda b: b.index_fill(1, torch.tensor([6]), 13), r"key_bounds must lie in \[0, 12\]"),
+        (lambda b: b.flip(1), r"key_bounds' rows must each be non-decreasing"),
+        (
+            lambda b: torch.stack([b[0], b[3], b[0], b[3]]),
+            r"key_bounds' two intervals of a token must not overlap",
+        ),
+    ],
+    ids=["three_rows", "float", "length", "range", "order", "overlap"],
+)
+def test_key_bounds_bad_input(edit, message):
+    """key_bounds that break the rule raise ValueError naming key_bounds and the rule, before any work."""
+    cu, bounds = _shared_prefix_bounds()
+    q = torch.randn(1, cu[-1], 2, 8)
+    with pytest.raises(ValueError, match=message):
+        ring_ext.attention(q, q, q, causal=True, key_bounds=edit(bounds))
+
+
+def test_visible_two_intervals_bad_input():
+    """The block op's visible [4, s]: overlapping intervals of a row raise, naming visible."""
+    q = torch.randn(1, 4, 2, 8)
+    overlap = torch.tensor([[0, 0, 0, 0], [2, 2, 3, 4], [1, 1, 1, 1], [3, 3, 3, 4]])
+    with pytest.raises(ValueError, match="visible's two intervals of a row must not overlap"):
+        torch.ops.ring_ext.fwd(q, q, q, 0.5, False, 0, 0, False, overlap)
+    with pytest.raises(ValueError, match=r"visible must be int64 \[2, 4\] .* or \[4, 4\]"):
+        torch.ops.ring_ext.fwd(q, q, q, 0.5, False, 0, 0, False, overlap[:3])
+
+
+def test_shard_key_bounds_needs_cu_seqlens():
+    """Checked before the context is read (the distributed bad-input suite covers the rest of shard)."""
+    cu, bounds = _shared_prefix_bounds()
+    x = torch.randn(1, cu[-1], 2, 8)
+    with pytest.raises(ValueError, match="shard's key_bounds balances a packed placement: give cu_seqlens"):
+        ring_ext.shard(x, None, 1, key_bounds=bounds)

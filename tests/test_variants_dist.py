@@ -120,7 +120,7 @@ def run_variant(rank: int, world: int, case: Variant):
     if bounds is not None:
         keys = torch.arange(total)[None, :]
         mask = torch.zeros(total, total, dtype=torch.bool)
-        for lo, hi in bounds.view(-1, 2, total):  # one or two intervals per row
+        for lo, hi in bounds.view(len(bounds) // 2, 2, total):  # one or two intervals per row
             mask |= (keys >= lo[:, None]) & (keys < hi[:, None])
     elif cu is not None or case.sliding_window or case.chunk:
         positions = torch.arange(total)

@@ -62,7 +62,7 @@ std::vector<Tensor> prepare_visible(const std::optional<Tensor>& visible, int64_
     for (int64_t src = 0; src < count; ++src) {
       // every interval of every row (two per row: Note [Two key intervals per row] in
       // csrc/common/block_ops.cpp)
-      const Tensor pairs = host[src].view({-1, 2, rows});
+      const Tensor pairs = host[src].view({v.size(1) / 2, 2, rows});
       const Tensor begin = pairs.select(1, 0).clamp(0, k_rows),
                    end = pairs.select(1, 1).clamp(0, k_rows);
       const Tensor rows_seeing = end > begin;

@@ -246,8 +246,9 @@ class _MaskCheck:
     def check(self, causal: bool, positions, seq: int, ctx, device, cu, window):
         """Checks the mask once per forward; returns (the sliding window, the attention chunk, key
         bounds) to compute with: the attention argument's window, or the mask's own when only the mask
-        has one; key bounds (int64 [2, seq]) when the mask is none of ring_ext's rules but each of its
-        rows sees one interval of keys (in one process only: image blocks and other overlays)."""
+        has one; key bounds (int64 [2, seq] or [4, seq]) when the mask is none of ring_ext's rules but
+        each of its rows sees one or two intervals of keys (in one process only: image blocks, shared
+        prompts and other overlays)."""
         total = cu[-1] if cu is not None else seq * (ctx.cp_size if ctx else 1)
         chunk = None
         if self.local_size is not None and self.setting != WINDOW_SETTING:
@@ -307,28 +308,57 @@ class _MaskCheck:
             )
 
     def _key_bounds(self, seq: int, device) -> torch.Tensor:
-        """int64 [2, seq]: each row's visible keys as one interval [lo, hi), read off the mask; raises
-        ValueError when a row's keys are not one interval or the batch rows' masks differ (key_bounds
-        holds one mask for the batch)."""
-        lo, hi = [], []
+        """int64 [2, seq] (or [4, seq]): each row's visible keys as one interval [lo, hi) (or two, as
+        a shared prompt's answers see the prompt and themselves), read off the mask; raises ValueError
+        when a row's keys are more than two intervals or the batch rows' masks differ (key_bounds
+        holds one mask for the batch), or when its two-interval rows cannot be put in order."""
+        parts = []
+        keys = torch.arange(seq, device=device)
         for _, mask in self._blocks(self.batch_size, seq, device):
             if not bool((mask == mask[:1]).all()):
                 raise ValueError(
                     "the model's attention mask differs between the rows of the batch (e.g. images at "
                     f"other positions); ring_ext computes one such mask per call: use batch 1, or {_OTHER_IMPLEMENTATION}"
                 )
-            row = mask[0]
-            first = row.int().argmax(-1)
-            end = seq - row.flip(-1).int().argmax(-1)
-            seen = row.any(-1)
-            if not bool((row.sum(-1) == torch.where(seen, end - first, 0)).all()):
+            row = mask[0]  # [rows, seq]
+            after_false = torch.nn.functional.pad(row, (1, 0))[:, :-1].logical_not()
+            before_false = torch.nn.functional.pad(row, (0, 1))[:, 1:].logical_not()
+            starts = torch.where(row & after_false, keys, seq)  # a run of visible keys begins here
+            ends = torch.where(row & before_false, keys + 1, seq)  # ... and ends before here
+            runs = (starts < seq).sum(-1)
+            if bool((runs > 2).any()):
                 raise ValueError(
-                    "the model's attention mask has a row whose keys are not one interval (e.g. a shared "
-                    f"prefix with other answers masked out); ring_ext does not compute it yet: {_OTHER_IMPLEMENTATION}"
+                    "the model's attention mask has a row whose keys are more than two intervals; "
+                    f"ring_ext computes up to two per row: {_OTHER_IMPLEMENTATION}"
                 )
-            lo.append(torch.where(seen, first, end.new_zeros(())))
-            hi.append(torch.where(seen, end, end.new_zeros(())))
-        return torch.stack([torch.cat(lo), torch.cat(hi)]).to("cpu", torch.int64)
+            k = min(2, seq)
+            first_two = starts.topk(k, -1, largest=False).values, ends.topk(k, -1, largest=False).values
+            parts.append(
+                torch.stack(
+                    [runs, first_two[0][:, 0], first_two[1][:, 0], first_two[0][:, -1], first_two[1][:, -1]]
+                )
+            )
+        runs, start0, end0, start1, end1 = torch.cat(parts, 1).to("cpu", torch.int64)
+        # A row of one run [a, b) is split at c into [a, c) + [c, b) so that every row stays in order:
+        # c is the least first-interval end of the two-run rows after it (a shared prompt's end), or b.
+        forced = torch.where(runs == 2, end0, seq)
+        after = forced.flip(0).cummin(0).values.flip(0)
+        cut = torch.minimum(end0, after).maximum(start0)
+        one = runs == 1
+        lo0 = torch.where(runs > 0, start0, 0)
+        hi0 = torch.where(one, cut, torch.where(runs > 0, end0, 0))
+        lo1 = torch.where(one, cut, torch.where(runs == 2, start1, hi0))
+        hi1 = torch.where(one, end0, torch.where(runs == 2, end1, hi0))
+        bounds = torch.stack([lo0, hi0, lo1, hi1])
+        if bool((lo1 == hi1).all()):
+            return bounds[:2].contiguous()
+        if seq > 1 and bool((bounds[:, 1:] < bounds[:, :-1]).any()):
+            raise ValueError(
+                "the model's attention mask has rows of two key intervals that ring_ext cannot put in "
+                "order (every row's intervals must move forward along the rows, as a shared prompt's "
+                f"answers do): {_OTHER_IMPLEMENTATION}"
+            )
+        return bounds
 
     def _is_plain(self, causal: bool, pos: torch.Tensor, window: int | None, chunk: int | None) -> bool:
         """Evaluates the mask in query blocks; compares it with causal/full attention (within `window`, a
