@@ -158,19 +158,34 @@ def nccl_group():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed_window"])
+@pytest.mark.parametrize(
+    "packed", [None, "window", "shared_prefix"], ids=["dense", "packed_window", "shared_prefix"]
+)
 @pytest.mark.parametrize(
     "algo,extra",
     [("ulysses_cp_algo", {}), ("megatron_cp_algo", {}), ("hybrid_cp_algo", {"ulysses_degree_in_cp": 1})],
 )
 def test_cp_attention_cp1_on_a_side_stream(nccl_group, algo, extra, packed):
     """Every algorithm through the CUDA ring driver on one rank equals the oracle, forward and backward,
-    and its outputs are ready on the caller's (non-default) stream; packed: documents and a window."""
+    and its outputs are ready on the caller's (non-default) stream; packed: documents and a window, or
+    shared prompts (two key intervals per answer row, masks.shared_prefix)."""
     cfg = ring_ext.CPConfig(context_parallel_size=1, context_parallel_algo=algo, **extra)
     ctx = ring_ext.initialize(cfg, group=nccl_group)
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 256, 256, 4, 2, 128, torch.bfloat16, 51, DEV))
-    cu, window = ((0, 3, 100, 101, 256), 40) if packed else (None, None)
-    kwargs = {"cu_seqlens": torch.tensor(cu), "sliding_window": window} if packed else {}
+    index = torch.arange(256)
+    mask, kwargs = None, {}
+    if packed == "window":
+        cu, window = (0, 3, 100, 101, 256), 40
+        kwargs = {"cu_seqlens": torch.tensor(cu), "sliding_window": window}
+        mask = packed_mask(index, index, cu, True, window).to(DEV)
+    elif packed == "shared_prefix":
+        cu, bounds = ring_ext.masks.shared_prefix([(100, (60, 0, 40)), (20, (36,))])
+        kwargs = {"cu_seqlens": torch.tensor(cu), "key_bounds": bounds}
+        mask = torch.zeros(256, 256, dtype=torch.bool)
+        for lo, hi in bounds.view(2, 2, 256):
+            mask |= (index[None, :] >= lo[:, None]) & (index[None, :] < hi[:, None])
+        mask = mask.to(DEV)
+    packed = packed is not None
     dout = torch.randn_like(q)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -179,8 +194,6 @@ def test_cp_attention_cp1_on_a_side_stream(nccl_group, algo, extra, packed):
         out.backward(dout)
         result = [out.detach().clone(), q.grad.clone(), k.grad.clone(), v.grad.clone()]
     side.synchronize()
-    index = torch.arange(256)
-    mask = packed_mask(index, index, cu, True, window).to(DEV) if packed else None
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, _ = attention_reference(q64, k64, v64, causal=not packed, mask=mask)
     expected = [ref.detach(), *torch.autograd.grad(ref, (q64, k64, v64), dout.double())]
