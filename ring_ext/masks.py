@@ -171,8 +171,9 @@ def shared_prefix(groups) -> tuple[list[int], torch.Tensor]:
     of (prompt_len, [answer_len, ...]); each group is one document of cu_seqlens, its prompt followed
     by its answers. The prompt is causal; every answer token sees the whole prompt and its own
     answer causally, never another answer (GRPO-style rollouts, best-of-n fine-tuning: the prompt
-    is packed once, not once per answer). A prompt token's second interval is the empty [g+1, g+1),
-    which keeps every row of the bounds in order. O(S)."""
+    is packed once, not once per answer). A prompt token's second interval is the empty [p, p) at its
+    prompt's end p, which keeps every row of the bounds in order and lets the kernels skip the prompt's
+    tiles in that interval's pass. O(S)."""
     cu, lo0, hi0, lo1, hi1 = [0], [], [], [], []
     for prompt_len, answer_lens in groups:
         prompt_len, answer_lens = int(prompt_len), [int(a) for a in answer_lens]
@@ -183,8 +184,8 @@ def shared_prefix(groups) -> tuple[list[int], torch.Tensor]:
         g = torch.arange(p0, p1)
         lo0.append(torch.full_like(g, p0))
         hi0.append(g + 1)
-        lo1.append(g + 1)
-        hi1.append(g + 1)
+        lo1.append(torch.full_like(g, p1))
+        hi1.append(torch.full_like(g, p1))
         start = p1
         for length in answer_lens:
             g = torch.arange(start, start + length)

@@ -382,9 +382,10 @@ def block_intervals(
 # cu_seqlens) in this process, and every later call on that packing (attention, unshard) reads it
 # back, whatever its own key_bounds: a layer can never run on a placement other than its shards'.
 # shard() records the plain placement too (None), so a later plain shard of the same packing
-# replaces a balanced one. Bounded: the least recently recorded packings go first.
+# replaces a balanced one. Bounded: the least recently recorded packings go first, 64 after (more
+# packings between a shard and the backward of its step than any schedule keeps in flight).
 _PLACED_BY: collections.OrderedDict = collections.OrderedDict()
-_PLACED_BY_LIMIT = 256
+_PLACED_BY_LIMIT = 64  # as the placement caches: they hold the same KeyBounds objects
 
 
 def record_placement(
