@@ -7,15 +7,16 @@ namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 // Q and dO of the q heads of one (batch, kv head) (Note [Packed heads]), per (q head of the GQA
 // group, query block): A tiles (left operands of S = Q K^T, dP = dO V^T) and KN tiles (right
 // operands of dK += dS^T Q, dV += P^T dO). For float the KN tile is the A tile, so kn() returns
-// a(). Q's tiles are dpad wide, dO's dvpad (v's head dim: they differ in MLA).
+// a(). Q's tiles are padded(dpad) wide, dO's padded(dvpad) (v's head dim: they differ in MLA;
+// Note [Padded tile rows]).
 template <typename T>
 struct HeadRows {
   int64_t blocks = 0, q_size = 0, dout_size = 0;
-  std::vector<T> q_a, q_kn, dout_a, dout_kn;
+  TileVec<T> q_a, q_kn, dout_a, dout_kn;
 
   int64_t q_offset(int64_t g, int64_t qb) const { return (g * blocks + qb) * q_size; }
   int64_t dout_offset(int64_t g, int64_t qb) const { return (g * blocks + qb) * dout_size; }
-  static const T* kn(const std::vector<T>& a, const std::vector<T>& kn, int64_t off) {
+  static const T* kn(const TileVec<T>& a, const TileVec<T>& kn, int64_t off) {
     return (kStep<T> == 1 ? a.data() : kn.data()) + off;
   }
 };
@@ -26,8 +27,8 @@ void pack_head_rows(const BwdParams& p, int64_t b, int64_t hk, int64_t dpad, int
   const Shape& sh = p.shape;
   const int64_t group = sh.heads_q / sh.heads_kv;
   rows.blocks = ceil_div(sh.seq_q, kBwdBlockQ);
-  rows.q_size = kBwdBlockQ * dpad;
-  rows.dout_size = kBwdBlockQ * dvpad;
+  rows.q_size = kBwdBlockQ * padded(dpad);
+  rows.dout_size = kBwdBlockQ * padded(dvpad);
   const int64_t n = group * rows.blocks;
   rows.q_a.resize(n * rows.q_size);
   rows.dout_a.resize(n * rows.dout_size);
@@ -41,11 +42,12 @@ void pack_head_rows(const BwdParams& p, int64_t b, int64_t hk, int64_t dpad, int
     const int64_t nq = std::min(kBwdBlockQ, sh.seq_q - q0);
     const RowBlock q = rows_of(p.q, p.in_dtype, p.q_stride, b, h, q0, nq, sh.head_dim);
     const RowBlock dout = rows_of(p.dout, p.in_dtype, p.dout_stride, b, h, q0, nq, sh.head_dim_v);
-    pack_a(q, kBwdBlockQ, dpad, rows.q_a.data() + t * rows.q_size);
-    pack_a(dout, kBwdBlockQ, dvpad, rows.dout_a.data() + t * rows.dout_size);
+    pack_a(q, kBwdBlockQ, padded(dpad), rows.q_a.data() + t * rows.q_size);
+    pack_a(dout, kBwdBlockQ, padded(dvpad), rows.dout_a.data() + t * rows.dout_size);
     if (kStep<T> != 1) {
-      pack_kn(q, kBwdBlockQ, dpad, tmp.data(), rows.q_kn.data() + t * rows.q_size);
-      pack_kn(dout, kBwdBlockQ, dvpad, tmp.data(), rows.dout_kn.data() + t * rows.dout_size);
+      pack_kn(q, kBwdBlockQ, padded(dpad), tmp.data(), rows.q_kn.data() + t * rows.q_size);
+      pack_kn(dout, kBwdBlockQ, padded(dvpad), tmp.data(),
+              rows.dout_kn.data() + t * rows.dout_size);
     }
   }
 }
@@ -53,15 +55,15 @@ void pack_head_rows(const BwdParams& p, int64_t b, int64_t hk, int64_t dpad, int
 // Per-thread scratch of one backward task (one key block).
 template <typename T>
 struct BwdWorkspace {
-  std::vector<T> kt, vt, k_kn;           // NK tiles of K, V; KN tile of K
-  std::vector<T> p_pairs, ds, ds_pairs;  // bf16 P and dS tiles (unused for float)
-  std::vector<float> s, dp, dk, dv;      // S/P, dP/dS [kBwdBlockQ][kBlockK]; dK [kBlockK][dpad],
-                                         // dV [kBlockK][dvpad]
-  std::vector<T> tmp;                    // one input row
+  TileVec<T> kt, vt, k_kn;           // NK tiles of K, V; KN tile of K (Note [Padded tile rows])
+  TileVec<T> p_pairs, ds, ds_pairs;  // bf16 P and dS tiles (unused for float)
+  TileVec<float> s, dp, dk, dv;      // S/P, dP/dS [kBwdBlockQ][kBlockK]; dK [kBlockK][dpad],
+                                     // dV [kBlockK][dvpad]
+  std::vector<T> tmp;                // one input row
   BwdWorkspace(int64_t d, int64_t dpad, int64_t dvpad)
-      : kt(dpad * kBlockK),
-        vt(dvpad * kBlockK),
-        k_kn(kBlockK * dpad),
+      : kt(dpad * padded(kBlockK)),
+        vt(dvpad * padded(kBlockK)),
+        k_kn(kBlockK * padded(dpad)),
         p_pairs(kBwdBlockQ * kBlockK),
         ds(kBwdBlockQ * kBlockK),
         ds_pairs(kBwdBlockQ * kBlockK),
@@ -127,9 +129,10 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
   if (c1 <= c0) return;
   const int64_t nc = round_up(c1 - c0, 16);  // c0 + nc <= n_pad
   // S [nq, nc] = Q K^T; dP [nq, nc] = dO V^T (columns c0.. of the [rows][kBlockK] tiles)
-  gemm(rows.q_a.data() + q_off, dpad, step, ws.kt.data() + c0 * step, kBlockK * step, nq, nc,
-       d_steps, ws.s.data() + c0, kBlockK, false);
-  gemm(rows.dout_a.data() + dout_off, dvpad, step, ws.vt.data() + c0 * step, kBlockK * step, nq, nc,
+  const int64_t ldk = padded(kBlockK) * step;  // NK tiles' k step (Note [Padded tile rows])
+  gemm(rows.q_a.data() + q_off, padded(dpad), step, ws.kt.data() + c0 * step, ldk, nq, nc, d_steps,
+       ws.s.data() + c0, kBlockK, false);
+  gemm(rows.dout_a.data() + dout_off, padded(dvpad), step, ws.vt.data() + c0 * step, ldk, nq, nc,
        dv_steps, ws.dp.data() + c0, kBlockK, false);
   const float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + q0;
   const float* delta = p.delta + b * p.delta_stride.batch + h * p.delta_stride.head + q0;
@@ -160,12 +163,12 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
   // dV [keys c0..c1, dvpad] += P^T dO; dK [keys c0..c1, dpad] += dS^T Q; dQ [nq, dpad] += dS K.
   // Key j of P^T / dS^T is at data + j * sm; key pair kk of dS at data + kk * sk, so key c0 (even)
   // at c0.
-  gemm(pt.data + c0 * pt.sm, pt.sm, pt.sk, dout_kn, dvpad * step, c1 - c0, dvpad, nq_pad / step,
-       ws.dv.data() + c0 * dvpad, dvpad, true);
-  gemm(dst.data + c0 * dst.sm, dst.sm, dst.sk, q_kn, dpad * step, c1 - c0, dpad, nq_pad / step,
-       ws.dk.data() + c0 * dpad, dpad, true);
-  gemm(ds.data + c0, ds.sm, ds.sk, ws.k_kn.data() + c0 * dpad, dpad * step, nq, dpad,
-       ceil_div(c1 - c0, step), dq, dpad, true);
+  gemm(pt.data + c0 * pt.sm, pt.sm, pt.sk, dout_kn, padded(dvpad) * step, c1 - c0, dvpad,
+       nq_pad / step, ws.dv.data() + c0 * dvpad, dvpad, true);
+  gemm(dst.data + c0 * dst.sm, dst.sm, dst.sk, q_kn, padded(dpad) * step, c1 - c0, dpad,
+       nq_pad / step, ws.dk.data() + c0 * dpad, dpad, true);
+  gemm(ds.data + c0, ds.sm, ds.sk, ws.k_kn.data() + c0 * padded(dpad), padded(dpad) * step, nq,
+       dpad, ceil_div(c1 - c0, step), dq, dpad, true);
 }
 
 // dst[i * row_stride + c] += alpha * src[i * dpad + c] for i < rows, c < d.
@@ -186,9 +189,9 @@ void bwd_task(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
   const int64_t k0 = kb * kBlockK, nk = std::min(kBlockK, sh.seq_k - k0);
   const RowBlock k = rows_of(p.k, p.in_dtype, p.k_stride, b, hk, k0, nk, d);
   const RowBlock v = rows_of(p.v, p.in_dtype, p.v_stride, b, hk, k0, nk, dv);
-  pack_nk(k, dpad, kBlockK, ws.tmp.data(), ws.kt.data());
-  pack_nk(v, dvpad, kBlockK, ws.tmp.data(), ws.vt.data());
-  pack_kn(k, kBlockK, dpad, ws.tmp.data(), ws.k_kn.data());
+  pack_nk(k, dpad, padded(kBlockK), ws.tmp.data(), ws.kt.data());
+  pack_nk(v, dvpad, padded(kBlockK), ws.tmp.data(), ws.vt.data());
+  pack_kn(k, kBlockK, padded(dpad), ws.tmp.data(), ws.k_kn.data());
   std::fill(ws.dk.begin(), ws.dk.end(), 0.0f);
   std::fill(ws.dv.begin(), ws.dv.end(), 0.0f);
   const Interval<int64_t> rows_in = keys.rows_seeing(k0, k0 + nk);

@@ -8,11 +8,12 @@
 // dimension contiguous. The element type T of packed tiles is float (one k step = one element) or,
 // for bf16 inputs on AVX-512 BF16, bf16 bits (one k step = a pair of elements, for vdpbf16ps).
 // Packed forms of a block of `rows` rows of a [seq, head_dim] matrix, head_dim zero-padded to dpad
-// (a multiple of 16) and rows zero-padded to the block size:
+// (a multiple of 16) and rows zero-padded to the block size; right operands' rows padded by 16
+// more columns (Note [Padded tile rows]):
 //   A tile   [rows][dpad]                   row-major: the left operand of S = Q K^T, dP = dO V^T
-//   KN tile  [rows/step][dpad][step]        right operand with K = rows: V in O += P V, K in
+//   KN tile  [rows/step][dpad+16][step]     right operand with K = rows: V in O += P V, K in
 //                                           dQ += dS K, Q and dO in dK += dS^T Q, dV += P^T dO
-//   NK tile  [dpad/step][width][step]       right operand with K = head_dim: K^T, V^T (width =
+//   NK tile  [dpad/step][width+16][step]    right operand with K = head_dim: K^T, V^T (width =
 //                                           the key block size, kFwdBlockK or kBlockK)
 // (for float, step = 1 and a KN tile is the A tile). P and dS are float32 after the softmax; for
 // bf16 they are rounded to bf16 (as GPU flash attention does) into row-major [rows][kBlockK] (left
@@ -54,6 +55,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <new>
 #include <vector>
 
 #include "../common/lse_math.h"
@@ -78,6 +80,40 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Note [Padded tile rows]
+// The micro-kernel walks a 16-column panel of its packed right operand B down the k loop: one
+// 64-byte row piece per k step, k = 64-128 of them, re-read for every tile of rows of C. With B's
+// rows 256 or 512 bytes apart (64 or 128 floats) those pieces fall into 1/4 or 1/8 of L1's sets,
+// which hold 128 or 64 lines: a d = 128 panel does not fit and is fetched again from L2 for every
+// tile of rows (and a tile that is not 64-byte aligned touches two lines per piece). So every
+// packed tile is 64-byte aligned (TileVec) and its rows are padded by 16 columns (64 bytes: a row
+// length of an odd number of cache lines, padded(n) * 4 bytes for float and for bf16 pairs alike),
+// which spreads a panel over every set. The padding columns are zero and no product reads them.
+constexpr int64_t kRowPad = 16;
+inline int64_t padded(int64_t n) { return n + kRowPad; }
+
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const {
+    return true;
+  }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const {
+    return false;
+  }
+};
+template <typename T>
+using TileVec = std::vector<T, Aligned64<T>>;
 
 // Elements per k step of the gemm for tile type T (float: 1; bf16 bits: a pair).
 template <typename T>
@@ -182,26 +218,28 @@ inline void load_tile_row(const RowBlock& src, int64_t i, uint16_t* dst) {
               src.d * sizeof(uint16_t));
 }
 
-// KN tile [block_rows/step][dpad][step] (for float: the A tile [block_rows][dpad]); zero padded.
+// KN tile [block_rows/step][width][step] (for float: the A tile [block_rows][width]); width is
+// padded(dpad) (Note [Padded tile rows]); zero padded.
 template <typename T>
-void pack_kn(const RowBlock& src, int64_t block_rows, int64_t dpad, T* tmp, T* dst) {
+void pack_kn(const RowBlock& src, int64_t block_rows, int64_t width, T* tmp, T* dst) {
   constexpr int64_t step = kStep<T>;
-  std::fill(dst, dst + block_rows * dpad, T(0));
+  std::fill(dst, dst + block_rows * width, T(0));
   for (int64_t i = 0; i < src.rows; ++i) {
     load_tile_row(src, i, tmp);
-    T* out = dst + (i / step) * dpad * step + i % step;
+    T* out = dst + (i / step) * width * step + i % step;
     for (int64_t c = 0; c < src.d; ++c) out[c * step] = tmp[c];
   }
 }
 
-// A tile [block_rows][dpad], zero padded (for float the same as the KN tile).
+// A tile [block_rows][width], width >= dpad, zero padded (for float the same as the KN tile).
 template <typename T>
-void pack_a(const RowBlock& src, int64_t block_rows, int64_t dpad, T* dst) {
-  std::fill(dst, dst + block_rows * dpad, T(0));
-  for (int64_t i = 0; i < src.rows; ++i) load_tile_row(src, i, dst + i * dpad);
+void pack_a(const RowBlock& src, int64_t block_rows, int64_t width, T* dst) {
+  std::fill(dst, dst + block_rows * width, T(0));
+  for (int64_t i = 0; i < src.rows; ++i) load_tile_row(src, i, dst + i * width);
 }
 
-// NK tile [dpad/step][width][step] of a block of at most width rows; zero padded.
+// NK tile [dpad/step][width][step] of a block of at most width rows (width: padded(block size),
+// Note [Padded tile rows]); zero padded.
 template <typename T>
 void pack_nk(const RowBlock& src, int64_t dpad, int64_t width, T* tmp, T* dst) {
   constexpr int64_t step = kStep<T>;
