@@ -72,7 +72,7 @@ void softmax_step(const FwdParams& p, const RowKeys<int64_t>& keys, FwdWorkspace
       std::fill(prow, prow + n_pad, T(0));
       continue;
     }
-    const float alpha = std::exp(ws.m[i] - m_new);
+    const float alpha = m_new == ws.m[i] ? 1.0f : std::exp(ws.m[i] - m_new);  // mostly 1
     ws.l[i] = ws.l[i] * alpha + exp_row(srow, begin, end, n_pad, scale, m_new, prow);
     ws.m[i] = m_new;
     if (alpha != 1.0f) scale_row(ws.acc.data() + i * dvpad, dvpad, alpha);
