@@ -220,63 +220,99 @@ inline void add_dq(const BwdParams& p, int64_t head, const float* dq, int64_t dp
   }
 }
 
-// The dQ of one (batch, kv head) computed by one chunk of tasks that holds only some of its tasks.
-struct DqPartial {
-  int64_t head, first_task;
-  std::vector<float> dq;  // [group][seq_q][dpad], unscaled
-};
+// Note [Ordered dQ units]
+// The backward's threads take units of tasks dynamically, as the forward's do (Note [Dynamic task
+// units]), but a key block's task adds into the dQ rows of every query block that sees it, so who
+// ran which unit must not decide the order of dq's sums. A unit is a fixed range of one head's
+// tasks (unit u of U: tasks [u k / U, (u + 1) k / U) of the head's k key blocks, U = the smaller of
+// k and kBwdUnitsPerHead: fixed by the shape alone, not by the threads). It sums its tasks' dQ into
+// a float32 partial of its own, and the partials of a head are added to dq in unit order: a partial
+// done before the one ahead of it is queued, and the thread that adds a head's next partial adds
+// the queued ones that follow. So dq is the same on every run and for every number of threads. At
+// most as many partials wait as there are threads (a thread finding the queue full waits for its
+// turn; units are taken in order, so the one ahead of it is being computed), so a call holds at
+// most two partials per thread, as the static chunks did (one per thread, one per head split).
+constexpr int64_t kBwdUnitsPerHead = 16;
 
-// Adds the partials of the heads split between chunks, each head's in task order, so the result
-// does not depend on which thread finished first; heads in parallel.
-inline void add_dq_partials(const BwdParams& p, std::vector<DqPartial>& parts, int64_t dpad,
-                            ParallelFor parallel_for) {
-  std::sort(parts.begin(), parts.end(), [](const DqPartial& a, const DqPartial& b) {
-    return a.head != b.head ? a.head < b.head : a.first_task < b.first_task;
-  });
-  std::vector<size_t> starts;  // the first part of each head
-  for (size_t i = 0; i < parts.size(); ++i)
-    if (i == 0 || parts[i].head != parts[i - 1].head) starts.push_back(i);
-  starts.push_back(parts.size());
-  parallel_for(int64_t(starts.size()) - 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      for (size_t j = starts[i]; j < starts[i + 1]; ++j)
-        add_dq(p, parts[j].head, parts[j].dq.data(), dpad);
-  });
-}
+class OrderedDq {
+ public:
+  OrderedDq(const BwdParams& p, int64_t heads, int64_t dpad)
+      : p_(p), dpad_(dpad), next_(heads, 0) {}
+
+  void join() { threads_.fetch_add(1, std::memory_order_relaxed); }  // one more thread adds
+
+  // Unit `unit` of `head` is done: adds its partial dq and the queued ones that follow it, or
+  // queues it (taking its storage) when a unit ahead of it is not done yet.
+  void add(int64_t head, int64_t unit, std::vector<float>& dq) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait(lock, [&] {
+      return unit == next_[head] ||
+             int64_t(queued_.size()) < threads_.load(std::memory_order_relaxed);
+    });
+    if (unit != next_[head]) {
+      queued_.push_back({head, unit, std::move(dq)});
+      dq = {};
+      return;
+    }
+    add_dq(p_, head, dq.data(), dpad_);  // the usual case: dq keeps its storage for the next unit
+    for (++next_[head];; ++next_[head]) {
+      const auto it = std::find_if(queued_.begin(), queued_.end(), [&](const Queued& q) {
+        return q.head == head && q.unit == next_[head];
+      });
+      if (it == queued_.end()) break;
+      add_dq(p_, head, it->dq.data(), dpad_);
+      queued_.erase(it);
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  struct Queued {
+    int64_t head, unit;
+    std::vector<float> dq;  // [group][seq_q][dpad], unscaled
+  };
+  const BwdParams& p_;
+  const int64_t dpad_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::atomic<int64_t> threads_{0};
+  std::vector<int64_t> next_;  // per head: the unit to add next
+  std::vector<Queued> queued_;
+};
 
 template <typename T>
 void flash_bwd_tiled(const BwdParams& p, ParallelFor parallel_for) {
   const Shape& sh = p.shape;
   const int64_t dpad = round_up(sh.head_dim, 16), dvpad = round_up(sh.head_dim_v, 16);
-  const int64_t k_blocks = ceil_div(sh.seq_k, kBlockK);
+  const int64_t k_blocks = ceil_div(sh.seq_k, kBlockK), n_heads = sh.batch * sh.heads_kv;
   const int64_t dq_size = sh.heads_q / sh.heads_kv * sh.seq_q * dpad;
+  const int64_t units = std::min(k_blocks, kBwdUnitsPerHead);  // per head (Note [Ordered dQ units])
   // Tasks (batch, kv head, key block), k_blocks per head (Note [Packed heads]).
-  PackedHeads<HeadRows<T>> heads(sh.batch * sh.heads_kv, k_blocks);
+  PackedHeads<HeadRows<T>> heads(n_heads, k_blocks);
   const RowKeys<int64_t> keys = row_keys<int64_t>(p.mask, sh);
-  std::mutex mutex;
-  std::vector<DqPartial> parts;
-  parallel_for(sh.batch * sh.heads_kv * k_blocks, [&](int64_t begin, int64_t end) {
+  OrderedDq ordered(p, n_heads, dpad);
+  std::atomic<int64_t> next_unit{0};
+  // Each call of the chunk function (one per thread) takes units until none is left.
+  parallel_for(n_heads * units, [&](int64_t, int64_t) {
     BwdWorkspace<T> ws(std::max(sh.head_dim, sh.head_dim_v), dpad, dvpad);
     std::vector<float> dq;
-    for_tasks_by_head(
-        heads, k_blocks, begin, end,
-        [&](int64_t head, HeadRows<T>& rows) {
-          pack_head_rows(p, head / sh.heads_kv, head % sh.heads_kv, dpad, dvpad, rows);
-        },
-        [&](int64_t head, int64_t first, int64_t stop, const HeadRows<T>& rows) {
-          dq.assign(dq_size, 0.0f);
-          for (int64_t t = first; t < stop; ++t)
-            bwd_task(p, keys, rows, head / sh.heads_kv, head % sh.heads_kv,
-                     zigzag(t % k_blocks, k_blocks), dpad, dvpad, ws, dq.data());
-          if (stop - first == k_blocks) {  // the head's only writer of dq: add at once
-            add_dq(p, head, dq.data(), dpad);
-            return;
-          }
-          std::lock_guard<std::mutex> lock(mutex);
-          parts.push_back(DqPartial{head, first, std::move(dq)});  // the next head allocates anew
-        });
+    ordered.join();
+    for (int64_t g; (g = next_unit.fetch_add(1, std::memory_order_relaxed)) < n_heads * units;) {
+      const int64_t u = g % units, base = g / units * k_blocks;
+      for_tasks_by_head(
+          heads, k_blocks, base + u * k_blocks / units, base + (u + 1) * k_blocks / units,
+          [&](int64_t head, HeadRows<T>& rows) {
+            pack_head_rows(p, head / sh.heads_kv, head % sh.heads_kv, dpad, dvpad, rows);
+          },
+          [&](int64_t head, int64_t first, int64_t stop, const HeadRows<T>& rows) {
+            dq.assign(dq_size, 0.0f);
+            for (int64_t t = first; t < stop; ++t)
+              bwd_task(p, keys, rows, head / sh.heads_kv, head % sh.heads_kv,
+                       zigzag(t % k_blocks, k_blocks), dpad, dvpad, ws, dq.data());
+            ordered.add(head, u, dq);
+          });
+    }
   });
-  add_dq_partials(p, parts, dpad, parallel_for);
 }
 
 void flash_bwd(const BwdParams& p, ParallelFor parallel_for) {

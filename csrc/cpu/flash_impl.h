@@ -35,22 +35,21 @@
 // One task = (batch, kv head, key block), so dK/dV of a key block have one writer; it walks the q
 // heads of its GQA group and the query blocks that can see the block: P = exp(S - lse),
 // dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K. dQ goes to a float32
-// partial per (chunk of tasks, kv head): added to dq when the chunk holds all of the head's tasks,
-// else summed with the other chunks' in a fixed order after the parallel loop (deterministic
-// either way). The query blocks a key block visits are the contiguous range of rows that see it
+// partial per unit of tasks, added to dq in a fixed order (Note [Ordered dQ units] in
+// flash_bwd.h). The query blocks a key block visits are the contiguous range of rows that see it
 // (RowKeys::rows_seeing), and each (query block, key block) pair computes only the key columns its
 // rows see (from 16-column boundaries), in all five products.
 // Parallelism stays good when batch * heads is 1: tasks are per block, and causal tasks are dealt
-// in zigzag order (0, n-1, 1, n-2, ...) so contiguous chunks get equal work. The forward's threads
-// take small units of tasks dynamically (Note [Dynamic task units]); the backward's take static
-// chunks, which keep its dQ partials in a fixed task order.
-// Memory: the packed heads in use (Note [Packed heads]) and a dQ partial per thread (plus one per
-// head shared by two chunks), O(seq * head_dim); never O(seq^2).
+// in zigzag order (0, n-1, 1, n-2, ...) so contiguous units get equal work. The threads take small
+// units of tasks dynamically, in the forward and the backward (Note [Dynamic task units]).
+// Memory: the packed heads in use (Note [Packed heads]) and at most two dQ partials per thread,
+// O(seq * head_dim); never O(seq^2).
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -128,7 +127,8 @@ inline int64_t zigzag(int64_t i, int64_t n) { return i % 2 == 0 ? i / 2 : n - 1 
 // context parallelism), so static chunks of tasks give threads uneven work. The forward instead
 // cuts its tasks into units of consecutive tasks, about kUnitsPerHead per head, fixed by the shape
 // alone, and every thread takes the next unit from a shared counter until none is left. A forward
-// task writes its own rows only, so the result does not depend on which thread ran which unit.
+// task writes its own rows only, so the result does not depend on which thread ran which unit; the
+// backward's units add their dQ in a fixed order (Note [Ordered dQ units] in flash_bwd.h).
 // Units are taken in order, so the threads stay on a few neighbouring heads (Note [Packed heads]).
 constexpr int64_t kUnitsPerHead = 32;
 
@@ -253,7 +253,7 @@ void pack_nk(const RowBlock& src, int64_t dpad, int64_t width, T* tmp, T* dst) {
 
 // Note [Packed heads]
 // The forward packs K/V, the backward Q/dO, per (batch, kv head): a "head" here. Tasks run head by
-// head and each thread takes a contiguous range of them (or, in the forward, units in order), so a
+// head and each thread takes units of them in order (Note [Dynamic task units]), so a
 // head is used by the one or few threads whose ranges cover its tasks. The first of them packs it,
 // the others wait for that and share it, and the last one to finish its tasks there frees it: a
 // call holds the packed copies of the heads its threads are on (one head when a call has one, as
