@@ -69,9 +69,12 @@
 namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 
 // Block sizes. Forward: kBlockQ query rows x kFwdBlockK keys (the per-row softmax work is per key
-// block, so wide key blocks). Backward: kBwdBlockQ query rows (the k loop of dK and dV; even) x
-// kBlockK keys. Every float32 S/P/dP/dS tile and packed block stays in L1/L2.
-constexpr int64_t kBlockQ = 64;
+// block, so wide key blocks). A forward task reads all of its head's packed K/V once, so tall
+// query blocks read it fewer times: at d = 128, s = 8192 a head's K/V is 9 MiB, past L2 and a
+// thread's share of L3 (docs/kernel_bench.md, 2026-12-06). Backward: kBwdBlockQ query rows (the k
+// loop of dK and dV; even) x kBlockK keys. Every float32 S/P/dP/dS tile and packed block stays in
+// L1/L2.
+constexpr int64_t kBlockQ = 256;
 constexpr int64_t kFwdBlockK = 128;
 constexpr int64_t kBwdBlockQ = 128;
 constexpr int64_t kBlockK = kBwdKeysPerTask;  // 64 (kernels.h): a multiple of 16, like kFwdBlockK
