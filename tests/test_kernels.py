@@ -538,9 +538,9 @@ def test_deterministic(device, dtype, head_dim):
 @pytest.mark.parametrize("heads", [(4, 2), (3, 1), (2, 2)], ids=["gqa", "mqa", "mha"])
 def test_threads_share_packed_heads(heads):
     """CPU: with 1, 2, 3 and 5 threads a kv head's packed copy is made by one thread and shared by the
-    others whose tasks reach it (Note [Packed heads] in csrc/cpu/flash_impl.h), and a head's dq is either
-    added by its only chunk or summed from several chunks' partials. Every thread count matches the
-    oracle; out, dk and dv do not depend on it at all (each row block and key block has one writer)."""
+    others whose tasks reach it (Note [Packed heads] in csrc/cpu/flash_impl.h), and a head's dq is summed
+    from its units' partials in unit order, whichever thread ran them (Note [Ordered dQ units] in
+    flash_bwd.h). Every thread count matches the oracle; out, dq, dk and dv do not depend on it at all."""
     q, k, v = make_qkv(2, 181, 181, heads[0], heads[1], 64, torch.float32, seed_of("threads", heads), "cpu")
     dout = seeded_like(q, 106)
     threads = torch.get_num_threads()
@@ -553,8 +553,9 @@ def test_threads_share_packed_heads(heads):
             results.append((out, *torch.ops.ring_ext.bwd(dout, q, k, v, out, lse, 0.125, True)))
     finally:
         torch.set_num_threads(threads)
-    for n, (out, _dq, dk, dv) in zip((2, 3, 5), results[1:]):
+    for n, (out, dq, dk, dv) in zip((2, 3, 5), results[1:]):
         assert torch.equal(out, results[0][0]), f"out with {n} threads"
+        assert torch.equal(dq, results[0][1]), f"dq with {n} threads"
         assert torch.equal(dk, results[0][2]) and torch.equal(dv, results[0][3]), f"dk/dv with {n} threads"
 
 

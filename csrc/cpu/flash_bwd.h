@@ -7,15 +7,16 @@ namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 // Q and dO of the q heads of one (batch, kv head) (Note [Packed heads]), per (q head of the GQA
 // group, query block): A tiles (left operands of S = Q K^T, dP = dO V^T) and KN tiles (right
 // operands of dK += dS^T Q, dV += P^T dO). For float the KN tile is the A tile, so kn() returns
-// a(). Q's tiles are dpad wide, dO's dvpad (v's head dim: they differ in MLA).
+// a(). Q's tiles are padded(dpad) wide, dO's padded(dvpad) (v's head dim: they differ in MLA;
+// Note [Padded tile rows]).
 template <typename T>
 struct HeadRows {
   int64_t blocks = 0, q_size = 0, dout_size = 0;
-  std::vector<T> q_a, q_kn, dout_a, dout_kn;
+  TileVec<T> q_a, q_kn, dout_a, dout_kn;
 
   int64_t q_offset(int64_t g, int64_t qb) const { return (g * blocks + qb) * q_size; }
   int64_t dout_offset(int64_t g, int64_t qb) const { return (g * blocks + qb) * dout_size; }
-  static const T* kn(const std::vector<T>& a, const std::vector<T>& kn, int64_t off) {
+  static const T* kn(const TileVec<T>& a, const TileVec<T>& kn, int64_t off) {
     return (kStep<T> == 1 ? a.data() : kn.data()) + off;
   }
 };
@@ -26,8 +27,8 @@ void pack_head_rows(const BwdParams& p, int64_t b, int64_t hk, int64_t dpad, int
   const Shape& sh = p.shape;
   const int64_t group = sh.heads_q / sh.heads_kv;
   rows.blocks = ceil_div(sh.seq_q, kBwdBlockQ);
-  rows.q_size = kBwdBlockQ * dpad;
-  rows.dout_size = kBwdBlockQ * dvpad;
+  rows.q_size = kBwdBlockQ * padded(dpad);
+  rows.dout_size = kBwdBlockQ * padded(dvpad);
   const int64_t n = group * rows.blocks;
   rows.q_a.resize(n * rows.q_size);
   rows.dout_a.resize(n * rows.dout_size);
@@ -41,11 +42,12 @@ void pack_head_rows(const BwdParams& p, int64_t b, int64_t hk, int64_t dpad, int
     const int64_t nq = std::min(kBwdBlockQ, sh.seq_q - q0);
     const RowBlock q = rows_of(p.q, p.in_dtype, p.q_stride, b, h, q0, nq, sh.head_dim);
     const RowBlock dout = rows_of(p.dout, p.in_dtype, p.dout_stride, b, h, q0, nq, sh.head_dim_v);
-    pack_a(q, kBwdBlockQ, dpad, rows.q_a.data() + t * rows.q_size);
-    pack_a(dout, kBwdBlockQ, dvpad, rows.dout_a.data() + t * rows.dout_size);
+    pack_a(q, kBwdBlockQ, padded(dpad), rows.q_a.data() + t * rows.q_size);
+    pack_a(dout, kBwdBlockQ, padded(dvpad), rows.dout_a.data() + t * rows.dout_size);
     if (kStep<T> != 1) {
-      pack_kn(q, kBwdBlockQ, dpad, tmp.data(), rows.q_kn.data() + t * rows.q_size);
-      pack_kn(dout, kBwdBlockQ, dvpad, tmp.data(), rows.dout_kn.data() + t * rows.dout_size);
+      pack_kn(q, kBwdBlockQ, padded(dpad), tmp.data(), rows.q_kn.data() + t * rows.q_size);
+      pack_kn(dout, kBwdBlockQ, padded(dvpad), tmp.data(),
+              rows.dout_kn.data() + t * rows.dout_size);
     }
   }
 }
@@ -53,15 +55,15 @@ void pack_head_rows(const BwdParams& p, int64_t b, int64_t hk, int64_t dpad, int
 // Per-thread scratch of one backward task (one key block).
 template <typename T>
 struct BwdWorkspace {
-  std::vector<T> kt, vt, k_kn;           // NK tiles of K, V; KN tile of K
-  std::vector<T> p_pairs, ds, ds_pairs;  // bf16 P and dS tiles (unused for float)
-  std::vector<float> s, dp, dk, dv;      // S/P, dP/dS [kBwdBlockQ][kBlockK]; dK [kBlockK][dpad],
-                                         // dV [kBlockK][dvpad]
-  std::vector<T> tmp;                    // one input row
+  TileVec<T> kt, vt, k_kn;           // NK tiles of K, V; KN tile of K (Note [Padded tile rows])
+  TileVec<T> p_pairs, ds, ds_pairs;  // bf16 P and dS tiles (unused for float)
+  TileVec<float> s, dp, dk, dv;      // S/P, dP/dS [kBwdBlockQ][kBlockK]; dK [kBlockK][dpad],
+                                     // dV [kBlockK][dvpad]
+  std::vector<T> tmp;                // one input row
   BwdWorkspace(int64_t d, int64_t dpad, int64_t dvpad)
-      : kt(dpad * kBlockK),
-        vt(dvpad * kBlockK),
-        k_kn(kBlockK * dpad),
+      : kt(dpad * padded(kBlockK)),
+        vt(dvpad * padded(kBlockK)),
+        k_kn(kBlockK * padded(dpad)),
         p_pairs(kBwdBlockQ * kBlockK),
         ds(kBwdBlockQ * kBlockK),
         ds_pairs(kBwdBlockQ * kBlockK),
@@ -127,9 +129,10 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
   if (c1 <= c0) return;
   const int64_t nc = round_up(c1 - c0, 16);  // c0 + nc <= n_pad
   // S [nq, nc] = Q K^T; dP [nq, nc] = dO V^T (columns c0.. of the [rows][kBlockK] tiles)
-  gemm(rows.q_a.data() + q_off, dpad, step, ws.kt.data() + c0 * step, kBlockK * step, nq, nc,
-       d_steps, ws.s.data() + c0, kBlockK, false);
-  gemm(rows.dout_a.data() + dout_off, dvpad, step, ws.vt.data() + c0 * step, kBlockK * step, nq, nc,
+  const int64_t ldk = padded(kBlockK) * step;  // NK tiles' k step (Note [Padded tile rows])
+  gemm(rows.q_a.data() + q_off, padded(dpad), step, ws.kt.data() + c0 * step, ldk, nq, nc, d_steps,
+       ws.s.data() + c0, kBlockK, false);
+  gemm(rows.dout_a.data() + dout_off, padded(dvpad), step, ws.vt.data() + c0 * step, ldk, nq, nc,
        dv_steps, ws.dp.data() + c0, kBlockK, false);
   const float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + q0;
   const float* delta = p.delta + b * p.delta_stride.batch + h * p.delta_stride.head + q0;
@@ -160,12 +163,12 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
   // dV [keys c0..c1, dvpad] += P^T dO; dK [keys c0..c1, dpad] += dS^T Q; dQ [nq, dpad] += dS K.
   // Key j of P^T / dS^T is at data + j * sm; key pair kk of dS at data + kk * sk, so key c0 (even)
   // at c0.
-  gemm(pt.data + c0 * pt.sm, pt.sm, pt.sk, dout_kn, dvpad * step, c1 - c0, dvpad, nq_pad / step,
-       ws.dv.data() + c0 * dvpad, dvpad, true);
-  gemm(dst.data + c0 * dst.sm, dst.sm, dst.sk, q_kn, dpad * step, c1 - c0, dpad, nq_pad / step,
-       ws.dk.data() + c0 * dpad, dpad, true);
-  gemm(ds.data + c0, ds.sm, ds.sk, ws.k_kn.data() + c0 * dpad, dpad * step, nq, dpad,
-       ceil_div(c1 - c0, step), dq, dpad, true);
+  gemm(pt.data + c0 * pt.sm, pt.sm, pt.sk, dout_kn, padded(dvpad) * step, c1 - c0, dvpad,
+       nq_pad / step, ws.dv.data() + c0 * dvpad, dvpad, true);
+  gemm(dst.data + c0 * dst.sm, dst.sm, dst.sk, q_kn, padded(dpad) * step, c1 - c0, dpad,
+       nq_pad / step, ws.dk.data() + c0 * dpad, dpad, true);
+  gemm(ds.data + c0, ds.sm, ds.sk, ws.k_kn.data() + c0 * padded(dpad), padded(dpad) * step, nq,
+       dpad, ceil_div(c1 - c0, step), dq, dpad, true);
 }
 
 // dst[i * row_stride + c] += alpha * src[i * dpad + c] for i < rows, c < d.
@@ -186,9 +189,9 @@ void bwd_task(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
   const int64_t k0 = kb * kBlockK, nk = std::min(kBlockK, sh.seq_k - k0);
   const RowBlock k = rows_of(p.k, p.in_dtype, p.k_stride, b, hk, k0, nk, d);
   const RowBlock v = rows_of(p.v, p.in_dtype, p.v_stride, b, hk, k0, nk, dv);
-  pack_nk(k, dpad, kBlockK, ws.tmp.data(), ws.kt.data());
-  pack_nk(v, dvpad, kBlockK, ws.tmp.data(), ws.vt.data());
-  pack_kn(k, kBlockK, dpad, ws.tmp.data(), ws.k_kn.data());
+  pack_nk(k, dpad, padded(kBlockK), ws.tmp.data(), ws.kt.data());
+  pack_nk(v, dvpad, padded(kBlockK), ws.tmp.data(), ws.vt.data());
+  pack_kn(k, kBlockK, padded(dpad), ws.tmp.data(), ws.k_kn.data());
   std::fill(ws.dk.begin(), ws.dk.end(), 0.0f);
   std::fill(ws.dv.begin(), ws.dv.end(), 0.0f);
   const Interval<int64_t> rows_in = keys.rows_seeing(k0, k0 + nk);
@@ -217,63 +220,99 @@ inline void add_dq(const BwdParams& p, int64_t head, const float* dq, int64_t dp
   }
 }
 
-// The dQ of one (batch, kv head) computed by one chunk of tasks that holds only some of its tasks.
-struct DqPartial {
-  int64_t head, first_task;
-  std::vector<float> dq;  // [group][seq_q][dpad], unscaled
-};
+// Note [Ordered dQ units]
+// The backward's threads take units of tasks dynamically, as the forward's do (Note [Dynamic task
+// units]), but a key block's task adds into the dQ rows of every query block that sees it, so who
+// ran which unit must not decide the order of dq's sums. A unit is a fixed range of one head's
+// tasks (unit u of U: tasks [u k / U, (u + 1) k / U) of the head's k key blocks, U = the smaller of
+// k and kBwdUnitsPerHead: fixed by the shape alone, not by the threads). It sums its tasks' dQ into
+// a float32 partial of its own, and the partials of a head are added to dq in unit order: a partial
+// done before the one ahead of it is queued, and the thread that adds a head's next partial adds
+// the queued ones that follow. So dq is the same on every run and for every number of threads. At
+// most as many partials wait as there are threads (a thread finding the queue full waits for its
+// turn; units are taken in order, so the one ahead of it is being computed), so a call holds at
+// most two partials per thread, as the static chunks did (one per thread, one per head split).
+constexpr int64_t kBwdUnitsPerHead = 16;
 
-// Adds the partials of the heads split between chunks, each head's in task order, so the result
-// does not depend on which thread finished first; heads in parallel.
-inline void add_dq_partials(const BwdParams& p, std::vector<DqPartial>& parts, int64_t dpad,
-                            ParallelFor parallel_for) {
-  std::sort(parts.begin(), parts.end(), [](const DqPartial& a, const DqPartial& b) {
-    return a.head != b.head ? a.head < b.head : a.first_task < b.first_task;
-  });
-  std::vector<size_t> starts;  // the first part of each head
-  for (size_t i = 0; i < parts.size(); ++i)
-    if (i == 0 || parts[i].head != parts[i - 1].head) starts.push_back(i);
-  starts.push_back(parts.size());
-  parallel_for(int64_t(starts.size()) - 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      for (size_t j = starts[i]; j < starts[i + 1]; ++j)
-        add_dq(p, parts[j].head, parts[j].dq.data(), dpad);
-  });
-}
+class OrderedDq {
+ public:
+  OrderedDq(const BwdParams& p, int64_t heads, int64_t dpad)
+      : p_(p), dpad_(dpad), next_(heads, 0) {}
+
+  void join() { threads_.fetch_add(1, std::memory_order_relaxed); }  // one more thread adds
+
+  // Unit `unit` of `head` is done: adds its partial dq and the queued ones that follow it, or
+  // queues it (taking its storage) when a unit ahead of it is not done yet.
+  void add(int64_t head, int64_t unit, std::vector<float>& dq) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait(lock, [&] {
+      return unit == next_[head] ||
+             int64_t(queued_.size()) < threads_.load(std::memory_order_relaxed);
+    });
+    if (unit != next_[head]) {
+      queued_.push_back({head, unit, std::move(dq)});
+      dq = {};
+      return;
+    }
+    add_dq(p_, head, dq.data(), dpad_);  // the usual case: dq keeps its storage for the next unit
+    for (++next_[head];; ++next_[head]) {
+      const auto it = std::find_if(queued_.begin(), queued_.end(), [&](const Queued& q) {
+        return q.head == head && q.unit == next_[head];
+      });
+      if (it == queued_.end()) break;
+      add_dq(p_, head, it->dq.data(), dpad_);
+      queued_.erase(it);
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  struct Queued {
+    int64_t head, unit;
+    std::vector<float> dq;  // [group][seq_q][dpad], unscaled
+  };
+  const BwdParams& p_;
+  const int64_t dpad_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::atomic<int64_t> threads_{0};
+  std::vector<int64_t> next_;  // per head: the unit to add next
+  std::vector<Queued> queued_;
+};
 
 template <typename T>
 void flash_bwd_tiled(const BwdParams& p, ParallelFor parallel_for) {
   const Shape& sh = p.shape;
   const int64_t dpad = round_up(sh.head_dim, 16), dvpad = round_up(sh.head_dim_v, 16);
-  const int64_t k_blocks = ceil_div(sh.seq_k, kBlockK);
+  const int64_t k_blocks = ceil_div(sh.seq_k, kBlockK), n_heads = sh.batch * sh.heads_kv;
   const int64_t dq_size = sh.heads_q / sh.heads_kv * sh.seq_q * dpad;
+  const int64_t units = std::min(k_blocks, kBwdUnitsPerHead);  // per head (Note [Ordered dQ units])
   // Tasks (batch, kv head, key block), k_blocks per head (Note [Packed heads]).
-  PackedHeads<HeadRows<T>> heads(sh.batch * sh.heads_kv, k_blocks);
+  PackedHeads<HeadRows<T>> heads(n_heads, k_blocks);
   const RowKeys<int64_t> keys = row_keys<int64_t>(p.mask, sh);
-  std::mutex mutex;
-  std::vector<DqPartial> parts;
-  parallel_for(sh.batch * sh.heads_kv * k_blocks, [&](int64_t begin, int64_t end) {
+  OrderedDq ordered(p, n_heads, dpad);
+  std::atomic<int64_t> next_unit{0};
+  // Each call of the chunk function (one per thread) takes units until none is left.
+  parallel_for(n_heads * units, [&](int64_t, int64_t) {
     BwdWorkspace<T> ws(std::max(sh.head_dim, sh.head_dim_v), dpad, dvpad);
     std::vector<float> dq;
-    for_tasks_by_head(
-        heads, k_blocks, begin, end,
-        [&](int64_t head, HeadRows<T>& rows) {
-          pack_head_rows(p, head / sh.heads_kv, head % sh.heads_kv, dpad, dvpad, rows);
-        },
-        [&](int64_t head, int64_t first, int64_t stop, const HeadRows<T>& rows) {
-          dq.assign(dq_size, 0.0f);
-          for (int64_t t = first; t < stop; ++t)
-            bwd_task(p, keys, rows, head / sh.heads_kv, head % sh.heads_kv,
-                     zigzag(t % k_blocks, k_blocks), dpad, dvpad, ws, dq.data());
-          if (stop - first == k_blocks) {  // the head's only writer of dq: add at once
-            add_dq(p, head, dq.data(), dpad);
-            return;
-          }
-          std::lock_guard<std::mutex> lock(mutex);
-          parts.push_back(DqPartial{head, first, std::move(dq)});  // the next head allocates anew
-        });
+    ordered.join();
+    for (int64_t g; (g = next_unit.fetch_add(1, std::memory_order_relaxed)) < n_heads * units;) {
+      const int64_t u = g % units, base = g / units * k_blocks;
+      for_tasks_by_head(
+          heads, k_blocks, base + u * k_blocks / units, base + (u + 1) * k_blocks / units,
+          [&](int64_t head, HeadRows<T>& rows) {
+            pack_head_rows(p, head / sh.heads_kv, head % sh.heads_kv, dpad, dvpad, rows);
+          },
+          [&](int64_t head, int64_t first, int64_t stop, const HeadRows<T>& rows) {
+            dq.assign(dq_size, 0.0f);
+            for (int64_t t = first; t < stop; ++t)
+              bwd_task(p, keys, rows, head / sh.heads_kv, head % sh.heads_kv,
+                       zigzag(t % k_blocks, k_blocks), dpad, dvpad, ws, dq.data());
+            ordered.add(head, u, dq);
+          });
+    }
   });
-  add_dq_partials(p, parts, dpad, parallel_for);
 }
 
 void flash_bwd(const BwdParams& p, ParallelFor parallel_for) {

@@ -8,9 +8,14 @@ namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 // heads]). dpad is q/k's padded head dim, dvpad v's (they differ in MLA).
 template <typename T>
 struct HeadKV {
-  std::vector<T> kt, v;  // [blocks][dpad][kFwdBlockK] (by k steps), [blocks][kFwdBlockK][dvpad]
-  const T* kt_block(int64_t kb, int64_t dpad) const { return kt.data() + kb * dpad * kFwdBlockK; }
-  const T* v_block(int64_t kb, int64_t dvpad) const { return v.data() + kb * kFwdBlockK * dvpad; }
+  // [blocks][dpad][padded(kFwdBlockK)] (by k steps), [blocks][kFwdBlockK][padded(dvpad)]
+  TileVec<T> kt, v;
+  const T* kt_block(int64_t kb, int64_t dpad) const {
+    return kt.data() + kb * dpad * padded(kFwdBlockK);
+  }
+  const T* v_block(int64_t kb, int64_t dvpad) const {
+    return v.data() + kb * kFwdBlockK * padded(dvpad);
+  }
 };
 
 template <typename T>
@@ -18,7 +23,7 @@ void pack_head_kv(const FwdParams& p, int64_t b, int64_t hk, int64_t dpad, int64
                   HeadKV<T>& kv) {
   const Shape& sh = p.shape;
   const int64_t blocks = ceil_div(sh.seq_k, kFwdBlockK);
-  const int64_t k_size = dpad * kFwdBlockK, v_size = dvpad * kFwdBlockK;
+  const int64_t k_size = dpad * padded(kFwdBlockK), v_size = padded(dvpad) * kFwdBlockK;
   kv.kt.resize(blocks * k_size);
   kv.v.resize(blocks * v_size);
   std::vector<T> tmp(std::max(sh.head_dim, sh.head_dim_v));
@@ -26,16 +31,16 @@ void pack_head_kv(const FwdParams& p, int64_t b, int64_t hk, int64_t dpad, int64
     const int64_t k0 = kb * kFwdBlockK, rows = std::min(kFwdBlockK, sh.seq_k - k0);
     const RowBlock k = rows_of(p.k, p.in_dtype, p.k_stride, b, hk, k0, rows, sh.head_dim);
     const RowBlock v = rows_of(p.v, p.in_dtype, p.v_stride, b, hk, k0, rows, sh.head_dim_v);
-    pack_nk(k, dpad, kFwdBlockK, tmp.data(), kv.kt.data() + kb * k_size);
-    pack_kn(v, kFwdBlockK, dvpad, tmp.data(), kv.v.data() + kb * v_size);
+    pack_nk(k, dpad, padded(kFwdBlockK), tmp.data(), kv.kt.data() + kb * k_size);
+    pack_kn(v, kFwdBlockK, padded(dvpad), tmp.data(), kv.v.data() + kb * v_size);
   }
 }
 
 // Per-thread scratch of one forward task.
 template <typename T>
 struct FwdWorkspace {
-  std::vector<T> q, p;              // A tile of Q [kBlockQ][dpad]; P [kBlockQ][kFwdBlockK]
-  std::vector<float> s, acc, m, l;  // S [kBlockQ][kFwdBlockK]; O [kBlockQ][dvpad]; row stats
+  TileVec<T> q, p;              // A tile of Q [kBlockQ][dpad]; P [kBlockQ][kFwdBlockK]
+  TileVec<float> s, acc, m, l;  // S [kBlockQ][kFwdBlockK]; O [kBlockQ][dvpad]; row stats
   FwdWorkspace(int64_t dpad, int64_t dvpad)
       : q(kBlockQ * dpad),
         p(kBlockQ * kFwdBlockK),
@@ -67,7 +72,7 @@ void softmax_step(const FwdParams& p, const RowKeys<int64_t>& keys, FwdWorkspace
       std::fill(prow, prow + n_pad, T(0));
       continue;
     }
-    const float alpha = std::exp(ws.m[i] - m_new);
+    const float alpha = m_new == ws.m[i] ? 1.0f : std::exp(ws.m[i] - m_new);  // mostly 1
     ws.l[i] = ws.l[i] * alpha + exp_row(srow, begin, end, n_pad, scale, m_new, prow);
     ws.m[i] = m_new;
     if (alpha != 1.0f) scale_row(ws.acc.data() + i * dvpad, dvpad, alpha);
@@ -126,13 +131,15 @@ void fwd_task(const FwdParams& p, const RowKeys<int64_t>& keys, const HeadKV<T>&
     while (r1 > r0 && keys.keys(q0 + r1 - 1).begin >= k0 + nk) --r1;
     if (r0 == r1) continue;
     // S [r1 - r0, kFwdBlockK] = Q [rows, d] K^T [d, nk]
-    gemm(ws.q.data() + r0 * dpad, dpad, step, kv.kt_block(kb, dpad), kFwdBlockK * step, r1 - r0,
-         round_up(nk, 16), ceil_div(sh.head_dim, step), ws.s.data() + r0 * kFwdBlockK, kFwdBlockK,
+    gemm(ws.q.data() + r0 * dpad, dpad, step, kv.kt_block(kb, dpad), padded(kFwdBlockK) * step,
+         r1 - r0, round_up(nk, 16), ceil_div(sh.head_dim, step), ws.s.data() + r0 * kFwdBlockK,
+         kFwdBlockK,
          /*accumulate=*/false);
     softmax_step(p, keys, ws, q0, r0, r1, k0, nk, dvpad);
     // O [rows, dvpad] += P [rows, nk] V [nk, dvpad]
-    gemm(ws.p.data() + r0 * kFwdBlockK, kFwdBlockK, step, kv.v_block(kb, dvpad), dvpad * step,
-         r1 - r0, dvpad, ceil_div(nk, step), ws.acc.data() + r0 * dvpad, dvpad,
+    gemm(ws.p.data() + r0 * kFwdBlockK, kFwdBlockK, step, kv.v_block(kb, dvpad),
+         padded(dvpad) * step, r1 - r0, dvpad, ceil_div(nk, step), ws.acc.data() + r0 * dvpad,
+         dvpad,
          /*accumulate=*/true);
   }
   fwd_finish(p, ws, b, h, q0, nq, dvpad);

@@ -8,11 +8,12 @@
 // dimension contiguous. The element type T of packed tiles is float (one k step = one element) or,
 // for bf16 inputs on AVX-512 BF16, bf16 bits (one k step = a pair of elements, for vdpbf16ps).
 // Packed forms of a block of `rows` rows of a [seq, head_dim] matrix, head_dim zero-padded to dpad
-// (a multiple of 16) and rows zero-padded to the block size:
+// (a multiple of 16) and rows zero-padded to the block size; right operands' rows padded by 16
+// more columns (Note [Padded tile rows]):
 //   A tile   [rows][dpad]                   row-major: the left operand of S = Q K^T, dP = dO V^T
-//   KN tile  [rows/step][dpad][step]        right operand with K = rows: V in O += P V, K in
+//   KN tile  [rows/step][dpad+16][step]     right operand with K = rows: V in O += P V, K in
 //                                           dQ += dS K, Q and dO in dK += dS^T Q, dV += P^T dO
-//   NK tile  [dpad/step][width][step]       right operand with K = head_dim: K^T, V^T (width =
+//   NK tile  [dpad/step][width+16][step]    right operand with K = head_dim: K^T, V^T (width =
 //                                           the key block size, kFwdBlockK or kBlockK)
 // (for float, step = 1 and a KN tile is the A tile). P and dS are float32 after the softmax; for
 // bf16 they are rounded to bf16 (as GPU flash attention does) into row-major [rows][kBlockK] (left
@@ -34,26 +35,26 @@
 // One task = (batch, kv head, key block), so dK/dV of a key block have one writer; it walks the q
 // heads of its GQA group and the query blocks that can see the block: P = exp(S - lse),
 // dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K. dQ goes to a float32
-// partial per (chunk of tasks, kv head): added to dq when the chunk holds all of the head's tasks,
-// else summed with the other chunks' in a fixed order after the parallel loop (deterministic
-// either way). The query blocks a key block visits are the contiguous range of rows that see it
+// partial per unit of tasks, added to dq in a fixed order (Note [Ordered dQ units] in
+// flash_bwd.h). The query blocks a key block visits are the contiguous range of rows that see it
 // (RowKeys::rows_seeing), and each (query block, key block) pair computes only the key columns its
 // rows see (from 16-column boundaries), in all five products.
 // Parallelism stays good when batch * heads is 1: tasks are per block, and causal tasks are dealt
-// in zigzag order (0, n-1, 1, n-2, ...) so contiguous chunks get equal work. The forward's threads
-// take small units of tasks dynamically (Note [Dynamic task units]); the backward's take static
-// chunks, which keep its dQ partials in a fixed task order.
-// Memory: the packed heads in use (Note [Packed heads]) and a dQ partial per thread (plus one per
-// head shared by two chunks), O(seq * head_dim); never O(seq^2).
+// in zigzag order (0, n-1, 1, n-2, ...) so contiguous units get equal work. The threads take small
+// units of tasks dynamically, in the forward and the backward (Note [Dynamic task units]).
+// Memory: the packed heads in use (Note [Packed heads]) and at most two dQ partials per thread,
+// O(seq * head_dim); never O(seq^2).
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <new>
 #include <vector>
 
 #include "../common/lse_math.h"
@@ -68,9 +69,12 @@
 namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 
 // Block sizes. Forward: kBlockQ query rows x kFwdBlockK keys (the per-row softmax work is per key
-// block, so wide key blocks). Backward: kBwdBlockQ query rows (the k loop of dK and dV; even) x
-// kBlockK keys. Every float32 S/P/dP/dS tile and packed block stays in L1/L2.
-constexpr int64_t kBlockQ = 64;
+// block, so wide key blocks). A forward task reads all of its head's packed K/V once, so tall
+// query blocks read it fewer times: at d = 128, s = 8192 a head's K/V is 9 MiB, past L2 and a
+// thread's share of L3 (docs/kernel_bench.md, 2026-12-06). Backward: kBwdBlockQ query rows (the k
+// loop of dK and dV; even) x kBlockK keys. Every float32 S/P/dP/dS tile and packed block stays in
+// L1/L2.
+constexpr int64_t kBlockQ = 256;
 constexpr int64_t kFwdBlockK = 128;
 constexpr int64_t kBwdBlockQ = 128;
 constexpr int64_t kBlockK = kBwdKeysPerTask;  // 64 (kernels.h): a multiple of 16, like kFwdBlockK
@@ -78,6 +82,40 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Note [Padded tile rows]
+// The micro-kernel walks a 16-column panel of its packed right operand B down the k loop: one
+// 64-byte row piece per k step, k = 64-128 of them, re-read for every tile of rows of C. With B's
+// rows 256 or 512 bytes apart (64 or 128 floats) those pieces fall into 1/4 or 1/8 of L1's sets,
+// which hold 128 or 64 lines: a d = 128 panel does not fit and is fetched again from L2 for every
+// tile of rows (and a tile that is not 64-byte aligned touches two lines per piece). So every
+// packed tile is 64-byte aligned (TileVec) and its rows are padded by 16 columns (64 bytes: a row
+// length of an odd number of cache lines, padded(n) * 4 bytes for float and for bf16 pairs alike),
+// which spreads a panel over every set. The padding columns are zero and no product reads them.
+constexpr int64_t kRowPad = 16;
+inline int64_t padded(int64_t n) { return n + kRowPad; }
+
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const {
+    return true;
+  }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const {
+    return false;
+  }
+};
+template <typename T>
+using TileVec = std::vector<T, Aligned64<T>>;
 
 // Elements per k step of the gemm for tile type T (float: 1; bf16 bits: a pair).
 template <typename T>
@@ -92,7 +130,8 @@ inline int64_t zigzag(int64_t i, int64_t n) { return i % 2 == 0 ? i / 2 : n - 1 
 // context parallelism), so static chunks of tasks give threads uneven work. The forward instead
 // cuts its tasks into units of consecutive tasks, about kUnitsPerHead per head, fixed by the shape
 // alone, and every thread takes the next unit from a shared counter until none is left. A forward
-// task writes its own rows only, so the result does not depend on which thread ran which unit.
+// task writes its own rows only, so the result does not depend on which thread ran which unit; the
+// backward's units add their dQ in a fixed order (Note [Ordered dQ units] in flash_bwd.h).
 // Units are taken in order, so the threads stay on a few neighbouring heads (Note [Packed heads]).
 constexpr int64_t kUnitsPerHead = 32;
 
@@ -182,26 +221,28 @@ inline void load_tile_row(const RowBlock& src, int64_t i, uint16_t* dst) {
               src.d * sizeof(uint16_t));
 }
 
-// KN tile [block_rows/step][dpad][step] (for float: the A tile [block_rows][dpad]); zero padded.
+// KN tile [block_rows/step][width][step] (for float: the A tile [block_rows][width]); width is
+// padded(dpad) (Note [Padded tile rows]); zero padded.
 template <typename T>
-void pack_kn(const RowBlock& src, int64_t block_rows, int64_t dpad, T* tmp, T* dst) {
+void pack_kn(const RowBlock& src, int64_t block_rows, int64_t width, T* tmp, T* dst) {
   constexpr int64_t step = kStep<T>;
-  std::fill(dst, dst + block_rows * dpad, T(0));
+  std::fill(dst, dst + block_rows * width, T(0));
   for (int64_t i = 0; i < src.rows; ++i) {
     load_tile_row(src, i, tmp);
-    T* out = dst + (i / step) * dpad * step + i % step;
+    T* out = dst + (i / step) * width * step + i % step;
     for (int64_t c = 0; c < src.d; ++c) out[c * step] = tmp[c];
   }
 }
 
-// A tile [block_rows][dpad], zero padded (for float the same as the KN tile).
+// A tile [block_rows][width], width >= dpad, zero padded (for float the same as the KN tile).
 template <typename T>
-void pack_a(const RowBlock& src, int64_t block_rows, int64_t dpad, T* dst) {
-  std::fill(dst, dst + block_rows * dpad, T(0));
-  for (int64_t i = 0; i < src.rows; ++i) load_tile_row(src, i, dst + i * dpad);
+void pack_a(const RowBlock& src, int64_t block_rows, int64_t width, T* dst) {
+  std::fill(dst, dst + block_rows * width, T(0));
+  for (int64_t i = 0; i < src.rows; ++i) load_tile_row(src, i, dst + i * width);
 }
 
-// NK tile [dpad/step][width][step] of a block of at most width rows; zero padded.
+// NK tile [dpad/step][width][step] of a block of at most width rows (width: padded(block size),
+// Note [Padded tile rows]); zero padded.
 template <typename T>
 void pack_nk(const RowBlock& src, int64_t dpad, int64_t width, T* tmp, T* dst) {
   constexpr int64_t step = kStep<T>;
@@ -215,7 +256,7 @@ void pack_nk(const RowBlock& src, int64_t dpad, int64_t width, T* tmp, T* dst) {
 
 // Note [Packed heads]
 // The forward packs K/V, the backward Q/dO, per (batch, kv head): a "head" here. Tasks run head by
-// head and each thread takes a contiguous range of them (or, in the forward, units in order), so a
+// head and each thread takes units of them in order (Note [Dynamic task units]), so a
 // head is used by the one or few threads whose ranges cover its tasks. The first of them packs it,
 // the others wait for that and share it, and the last one to finish its tasks there frees it: a
 // call holds the packed copies of the heads its threads are on (one head when a call has one, as
