@@ -20,18 +20,11 @@ import statistics
 import time
 
 import torch
+from peak import cpu_model
 
 import ring_ext
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def timed(fn) -> float:

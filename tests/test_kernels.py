@@ -535,6 +535,25 @@ def test_deterministic(device, dtype, head_dim):
             torch.testing.assert_close(again[0], first[0], rtol=1e-2, atol=1e-3)
 
 
+THREAD_COUNTS = (1, 2, 3, 5)
+
+
+def fwd_bwd_at_thread_counts(q, k, v, dout) -> list[tuple]:
+    """(out, dq, dk, dv) of the CPU kernels at each of THREAD_COUNTS, every one checked against the
+    oracle first; the process's thread count is restored after."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in THREAD_COUNTS:
+            torch.set_num_threads(n)
+            check_fwd_bwd(q, k, v, causal=True, dout=dout)
+            out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.125, True)
+            results.append((out, *torch.ops.ring_ext.bwd(dout, q, k, v, out, lse, 0.125, True)))
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 @pytest.mark.parametrize("heads", [(4, 2), (3, 1), (2, 2)], ids=["gqa", "mqa", "mha"])
 def test_threads_share_packed_heads(heads):
     """CPU: with 1, 2, 3 and 5 threads a kv head's packed copy is made by one thread and shared by the
@@ -542,18 +561,8 @@ def test_threads_share_packed_heads(heads):
     from its units' partials in unit order, whichever thread ran them (Note [Ordered dQ units] in
     flash_bwd.h). Every thread count matches the oracle; out, dq, dk and dv do not depend on it at all."""
     q, k, v = make_qkv(2, 181, 181, heads[0], heads[1], 64, torch.float32, seed_of("threads", heads), "cpu")
-    dout = seeded_like(q, 106)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3, 5):
-            torch.set_num_threads(n)
-            check_fwd_bwd(q, k, v, causal=True, dout=dout)
-            out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.125, True)
-            results.append((out, *torch.ops.ring_ext.bwd(dout, q, k, v, out, lse, 0.125, True)))
-    finally:
-        torch.set_num_threads(threads)
-    for n, (out, dq, dk, dv) in zip((2, 3, 5), results[1:]):
+    results = fwd_bwd_at_thread_counts(q, k, v, seeded_like(q, 106))
+    for n, (out, dq, dk, dv) in zip(THREAD_COUNTS[1:], results[1:]):
         assert torch.equal(out, results[0][0]), f"out with {n} threads"
         assert torch.equal(dq, results[0][1]), f"dq with {n} threads"
         assert torch.equal(dk, results[0][2]) and torch.equal(dv, results[0][3]), f"dk/dv with {n} threads"
@@ -566,19 +575,9 @@ def test_bwd_head_groups(heads):
     group width follows the thread count (1, 2, 3 and 5 threads give groups of 2 + 1, 3, ... kv heads
     here). Every grouping matches the oracle, and dk/dv do not depend on it at all."""
     q, k, v = make_qkv(1, 200, 200, heads[0], heads[1], 64, torch.bfloat16, seed_of("groups", heads), "cpu")
-    dout = seeded_like(q, 107)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3, 5):
-            torch.set_num_threads(n)
-            check_fwd_bwd(q, k, v, causal=True, dout=dout)
-            out, lse = torch.ops.ring_ext.fwd(q, k, v, 0.125, True)
-            results.append(torch.ops.ring_ext.bwd(dout, q, k, v, out, lse, 0.125, True))
-    finally:
-        torch.set_num_threads(threads)
-    for n, (_dq, dk, dv) in zip((2, 3, 5), results[1:]):
-        assert torch.equal(dk, results[0][1]) and torch.equal(dv, results[0][2]), f"dk/dv with {n} threads"
+    results = fwd_bwd_at_thread_counts(q, k, v, seeded_like(q, 107))
+    for n, (_out, _dq, dk, dv) in zip(THREAD_COUNTS[1:], results[1:]):
+        assert torch.equal(dk, results[0][2]) and torch.equal(dv, results[0][3]), f"dk/dv with {n} threads"
 
 
 @pytest.mark.parametrize("level", LOWER_CPU_LEVELS)

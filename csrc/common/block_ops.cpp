@@ -101,11 +101,6 @@ void check_rows(const at::Tensor& t, const char* name, const Shape& s, const at:
 
 at::Tensor seq_contiguous(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
 
-// Per row of a [4, n] visible: true where its two intervals share no key.
-at::Tensor disjoint_intervals(const at::Tensor& c) {
-  return (c[1] <= c[2]) | (c[2] >= c[3]) | (c[0] >= c[1]);
-}
-
 // The number of key intervals per row of a checked visible: 1 or 2.
 int64_t families_of(const std::optional<at::Tensor>& visible) {
   return visible.has_value() ? visible->size(0) / 2 : 1;
@@ -198,6 +193,11 @@ Mask mask_of(bool causal, int64_t q_offset, int64_t k_offset,
 
 }  // namespace
 
+at::Tensor disjoint_intervals(const at::Tensor& visible) {
+  const auto row = [&](int64_t i) { return visible.select(-2, i); };
+  return (row(1) <= row(2)) | (row(2) >= row(3)) | (row(0) >= row(1));
+}
+
 void check_softcap(double softcap) {
   TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0,
                     "ring_ext: softcap must be 0 (none) or a positive finite number, got ",
@@ -239,41 +239,15 @@ at::Tensor row_delta(const at::Tensor& dout, const at::Tensor& out) {
   return delta;
 }
 
-// Note [Two key intervals per row]
-// A row may see two intervals of keys (visible [4, seq_q]): a shared prompt and the row's own
-// answer (docs/design.md, "Two intervals per row"). Each of the two families of intervals is
-// monotone on its own and the two intervals of a row are disjoint, so the row's softmax over their
-// union is the merge of one kernel pass per family (the LSE merge the ring does across blocks, here
-// across the two passes), and the backward is one pass per family adding into the same
-// accumulators with the row's final lse and delta. Both passes skip the tiles their family does not
-// see, so the work is the visible pairs (up to tile edges) plus one float32 merge of the rows; the
-// same host code runs the CPU and the CUDA kernels, which keep one interval per row. Sinks fold in
-// once, after the merge.
-std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const at::Tensor& q_in,
-                                             const at::Tensor& k_in, const at::Tensor& v_in,
-                                             double scale, bool causal, int64_t q_offset,
-                                             int64_t k_offset, bool out_fp32,
-                                             const std::optional<at::Tensor>& visible_in,
-                                             double softcap,
-                                             const std::optional<at::Tensor>& sinks_in) {
-  const Shape shape = check_qkv(q_in, k_in, v_in);
-  check_scale(scale);
-  check_softcap(softcap);
-  const std::optional<at::Tensor> visible = check_visible(visible_in, causal, shape, q_in);
-  const std::optional<at::Tensor> sinks = check_sinks(sinks_in, shape.heads_q, q_in);
-  c10::DeviceGuard guard(q_in.device());
-  if (families_of(visible) == 2) {  // Note [Two key intervals per row]
-    auto [out, lse] = block_fwd(kernels, q_in, k_in, v_in, scale, false, 0, 0, true,
-                                family(visible, 0), softcap, std::nullopt);
-    const auto [second_out, second_lse] =
-        block_fwd(kernels, q_in, k_in, v_in, scale, false, 0, 0, true, family(visible, 1), softcap,
-                  std::nullopt);
-    block_merge(kernels, out, lse, second_out, second_lse);
-    if (sinks.has_value()) fold_sinks(out, lse, *sinks);
-    if (out_fp32) return {out, lse};
-    return {empty_like_q(q_in, shape.head_dim_v, q_in.scalar_type()).copy_(out), lse};
-  }
-  const at::Tensor q = dim_contiguous(q_in), k = dim_contiguous(k_in), v = dim_contiguous(v_in);
+namespace {
+
+// One forward kernel call on checked, head-dim-contiguous q/k/v; visible: none or [2, seq_q].
+std::tuple<at::Tensor, at::Tensor> fwd_pass(const BlockKernels& kernels, const at::Tensor& q,
+                                            const at::Tensor& k, const at::Tensor& v,
+                                            const Shape& shape, double scale, bool causal,
+                                            int64_t q_offset, int64_t k_offset, bool out_fp32,
+                                            const std::optional<at::Tensor>& visible,
+                                            double softcap, const float* sinks) {
   at::Tensor out = empty_like_q(q, shape.head_dim_v, out_fp32 ? at::kFloat : q.scalar_type());
   at::Tensor lse =
       at::empty({shape.batch, shape.heads_q, shape.seq_q}, q.options().dtype(at::kFloat));
@@ -293,39 +267,19 @@ std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const 
   p.out_dtype = dtype_of(out, "out");
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
-  p.sinks = sinks.has_value() ? sinks->data_ptr<float>() : nullptr;
+  p.sinks = sinks;
   p.mask = mask_of(causal, q_offset, k_offset, visible);
   if (shape.batch * shape.heads_q * shape.seq_q > 0) kernels.fwd(p);
   return {out, lse};
 }
 
-void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout_in, const at::Tensor& q_in,
-                   const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& lse_in,
-                   const at::Tensor& delta_in, double scale, bool causal, int64_t q_offset,
-                   int64_t k_offset, const at::Tensor& dq, const at::Tensor& dk,
-                   const at::Tensor& dv, const std::optional<at::Tensor>& visible_in,
-                   double softcap) {
-  const Shape shape = check_qkv(q_in, k_in, v_in);
-  check_scale(scale);
-  check_softcap(softcap);
-  const std::optional<at::Tensor> visible = check_visible(visible_in, causal, shape, q_in);
-  if (families_of(visible) == 2) {  // Note [Two key intervals per row]: each adds its part
-    for (int64_t j = 0; j < 2; ++j) {
-      block_bwd_acc(kernels, dout_in, q_in, k_in, v_in, lse_in, delta_in, scale, false, 0, 0, dq,
-                    dk, dv, family(visible, j), softcap);
-    }
-    return;
-  }
-  check_out_like(dout_in, "dout", q_in, shape, /*same_dtype=*/true);
-  check_rows(lse_in, "lse", shape, q_in);
-  check_rows(delta_in, "delta", shape, q_in);
-  check_accumulator(dq, "dq", q_in, "q");
-  check_accumulator(dk, "dk", k_in, "k");
-  check_accumulator(dv, "dv", v_in, "v");
-  c10::DeviceGuard guard(q_in.device());
-  const at::Tensor q = dim_contiguous(q_in), k = dim_contiguous(k_in), v = dim_contiguous(v_in);
-  const at::Tensor dout = dim_contiguous(dout_in);
-  const at::Tensor lse = seq_contiguous(lse_in), delta = seq_contiguous(delta_in);
+// One backward kernel call adding into dq/dk/dv, on checked, contiguous-enough inputs; visible:
+// none or [2, seq_q].
+void bwd_pass(const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q,
+              const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+              const at::Tensor& delta, const Shape& shape, double scale, bool causal,
+              int64_t q_offset, int64_t k_offset, const at::Tensor& dq, const at::Tensor& dk,
+              const at::Tensor& dv, const std::optional<at::Tensor>& visible, double softcap) {
   BwdParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -351,6 +305,74 @@ void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout_in, const
   p.softcap = static_cast<float>(softcap);
   p.mask = mask_of(causal, q_offset, k_offset, visible);
   if (shape.batch * shape.heads_q * shape.seq_q * shape.seq_k > 0) kernels.bwd(p);
+}
+
+}  // namespace
+
+// Note [Two key intervals per row]
+// A row may see two intervals of keys (visible [4, seq_q]): a shared prompt and the row's own
+// answer (docs/design.md, "Two intervals per row"). Each of the two families of intervals is
+// monotone on its own and the two intervals of a row are disjoint, so the row's softmax over their
+// union is the merge of one kernel pass per family (the LSE merge the ring does across blocks, here
+// across the two passes), and the backward is one pass per family adding into the same
+// accumulators with the row's final lse and delta. Both passes skip the tiles their family does not
+// see, so the work is the visible pairs (up to tile edges) plus one float32 merge of the rows; the
+// same host code runs the CPU and the CUDA kernels, which keep one interval per row. Sinks fold in
+// once, after the merge.
+std::tuple<at::Tensor, at::Tensor> block_fwd(const BlockKernels& kernels, const at::Tensor& q_in,
+                                             const at::Tensor& k_in, const at::Tensor& v_in,
+                                             double scale, bool causal, int64_t q_offset,
+                                             int64_t k_offset, bool out_fp32,
+                                             const std::optional<at::Tensor>& visible_in,
+                                             double softcap,
+                                             const std::optional<at::Tensor>& sinks_in) {
+  const Shape shape = check_qkv(q_in, k_in, v_in);
+  check_scale(scale);
+  check_softcap(softcap);
+  const std::optional<at::Tensor> visible = check_visible(visible_in, causal, shape, q_in);
+  const std::optional<at::Tensor> sinks = check_sinks(sinks_in, shape.heads_q, q_in);
+  c10::DeviceGuard guard(q_in.device());
+  const at::Tensor q = dim_contiguous(q_in), k = dim_contiguous(k_in), v = dim_contiguous(v_in);
+  if (families_of(visible) == 1) {
+    return fwd_pass(kernels, q, k, v, shape, scale, causal, q_offset, k_offset, out_fp32, visible,
+                    softcap, sinks.has_value() ? sinks->data_ptr<float>() : nullptr);
+  }
+  // Note [Two key intervals per row]: float32 partials, merged; the sinks once, at the end
+  auto [out, lse] = fwd_pass(kernels, q, k, v, shape, scale, false, 0, 0, /*out_fp32=*/true,
+                             family(visible, 0), softcap, nullptr);
+  const auto [second_out, second_lse] = fwd_pass(kernels, q, k, v, shape, scale, false, 0, 0, true,
+                                                 family(visible, 1), softcap, nullptr);
+  block_merge(kernels, out, lse, second_out, second_lse);
+  if (sinks.has_value()) fold_sinks(out, lse, *sinks);
+  if (out_fp32) return {out, lse};
+  return {empty_like_q(q, shape.head_dim_v, q.scalar_type()).copy_(out), lse};
+}
+
+void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout_in, const at::Tensor& q_in,
+                   const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& lse_in,
+                   const at::Tensor& delta_in, double scale, bool causal, int64_t q_offset,
+                   int64_t k_offset, const at::Tensor& dq, const at::Tensor& dk,
+                   const at::Tensor& dv, const std::optional<at::Tensor>& visible_in,
+                   double softcap) {
+  const Shape shape = check_qkv(q_in, k_in, v_in);
+  check_scale(scale);
+  check_softcap(softcap);
+  const std::optional<at::Tensor> visible = check_visible(visible_in, causal, shape, q_in);
+  check_out_like(dout_in, "dout", q_in, shape, /*same_dtype=*/true);
+  check_rows(lse_in, "lse", shape, q_in);
+  check_rows(delta_in, "delta", shape, q_in);
+  check_accumulator(dq, "dq", q_in, "q");
+  check_accumulator(dk, "dk", k_in, "k");
+  check_accumulator(dv, "dv", v_in, "v");
+  c10::DeviceGuard guard(q_in.device());
+  const at::Tensor q = dim_contiguous(q_in), k = dim_contiguous(k_in), v = dim_contiguous(v_in);
+  const at::Tensor dout = dim_contiguous(dout_in);
+  const at::Tensor lse = seq_contiguous(lse_in), delta = seq_contiguous(delta_in);
+  // Note [Two key intervals per row]: one pass per interval, each adding its part
+  for (int64_t j = 0; j < families_of(visible); ++j) {
+    bwd_pass(kernels, dout, q, k, v, lse, delta, shape, scale, causal, q_offset, k_offset, dq, dk,
+             dv, families_of(visible) == 1 ? visible : family(visible, j), softcap);
+  }
 }
 
 // Note [Bounded backward accumulators]

@@ -46,6 +46,11 @@ void block_bwd_acc(const BlockKernels& kernels, const at::Tensor& dout, const at
 void block_merge(const BlockKernels& kernels, const at::Tensor& out, const at::Tensor& lse,
                  const at::Tensor& block_out, const at::Tensor& block_lse);
 
+// Per row of visible key intervals with two intervals per row ([..., 4, rows]: begin, end, begin,
+// end): true where the row's two intervals share no key (Note [Two key intervals per row] in
+// block_ops.cpp). The block ops check it on CPU, the CP ops on their one host copy.
+at::Tensor disjoint_intervals(const at::Tensor& visible);
+
 // softcap: 0 (none) or a positive finite cap; sinks: none, or a float tensor [heads_q], returned
 // as float32 contiguous on q's device (Note [Softcap and sinks] in params.h). Both raise
 // ValueError naming the argument.

@@ -6,6 +6,7 @@
 #include <optional>
 #include <vector>
 
+#include "../common/block_ops.h"
 #include "comm.h"
 #include "ring.h"
 #include "schedule.h"
@@ -50,14 +51,8 @@ std::vector<Tensor> prepare_visible(const std::optional<Tensor>& visible, int64_
   TORCH_CHECK_VALUE(
       rows < 2 || (host.narrow(2, 1, rows - 1) >= host.narrow(2, 0, rows - 1)).all().item<bool>(),
       "ring_ext: visible's begins and ends must be non-decreasing along the rows");
-  if (v.size(1) == 4) {
-    const Tensor first_end = host.select(1, 1), second_begin = host.select(1, 2);
-    TORCH_CHECK_VALUE(((first_end <= second_begin) | (second_begin >= host.select(1, 3)) |
-                       (host.select(1, 0) >= first_end))
-                          .all()
-                          .item<bool>(),
-                      "ring_ext: visible's two intervals of a row must not overlap");
-  }
+  TORCH_CHECK_VALUE(v.size(1) == 2 || disjoint_intervals(host).all().item<bool>(),
+                    "ring_ext: visible's two intervals of a row must not overlap");
   if (seen) {  // blocks hold k_rows keys: intervals past them are clamped, as the kernels do
     for (int64_t src = 0; src < count; ++src) {
       // every interval of every row (two per row: Note [Two key intervals per row] in
