@@ -99,7 +99,7 @@ def time_table(args, dtype) -> list[str]:
         t = statistics.median(times[name])
         rows.append(
             f"| {name} | {total} | {pairs[name] / 1e6:.1f} | {t:.2f} | {t / base:.2f}x | "
-            f"{peaks[name]:.0f} | {peaks[name] / base_peak:.2f}x |"
+            f"{peaks[name]:.0f} | {f'{peaks[name] / base_peak:.2f}x' if base_peak > 0 else '-'} |"
         )
     return rows
 

@@ -97,7 +97,8 @@ def test_variants_benchmark_runs(tmp_path):
 
 def test_masks_benchmark_runs():
     """benchmarks/bench_masks.py at a tiny size: the shared prompt against the prompt per answer, and
-    the balance table, whose balanced placement is within 2% of even."""
+    the balance table, whose balanced placement is within 2% of even. At this size the baseline's peak
+    memory can read 0 MiB: its memory ratio is then "-"."""
     done = subprocess.run(
         [sys.executable, os.path.join(BENCH, "bench_masks.py"), "--prompt", "96", "--answers", "32", "--count", "3",
          "--heads", "2", "--dim", "16", "--dtype", "fp32", "--repeats", "1", "--threads", "1", "--cps", "2", "3"],
@@ -105,7 +106,8 @@ def test_masks_benchmark_runs():
     )  # fmt: skip
     text = done.stdout
     assert re.search(
-        r"\| shared prompt \(key_bounds\) \| 192 \| [\d.]+ \| [\d.]+ \| [\d.]+x \| \d+ \| [\d.]+x \|", text
+        r"\| shared prompt \(key_bounds\) \| 192 \| [\d.]+ \| [\d.]+ \| [\d.]+x \| \d+ \| ([\d.]+x|-) \|",
+        text,
     )
     for cp in (2, 3):
         row = re.search(rf"\| {cp} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", text)
