@@ -150,3 +150,31 @@ def test_ulysses_and_hybrid_world8_tiny():
         ),
     ]
     run_distributed(run_case, 8, cases, timeout_s=240)
+
+
+def test_ulysses_row_chunks():
+    """Sequences longer than the CPU backward's row chunk (1024 gathered rows, Note [Ulysses row
+    chunks] in csrc/cp/attention.cpp), with a short last chunk: the causal offset of each chunk, its
+    rows of packed documents' and windows' visible intervals, and dK/dV of K/V heads shared by
+    several ranks, summed over the chunks."""
+    from packed_cases import PackedCase, run_packed_case
+
+    cases = [
+        Case(algo="ulysses_cp_algo", heads_q=6, heads_kv=3, seq_per_rank=401, dtype=torch.bfloat16),
+        Case(
+            algo="ulysses_cp_algo",
+            causal=False,
+            heads_q=3,
+            heads_kv=1,
+            seq_per_rank=350,
+            layout="sbhd",
+            batch=2,
+            seed=1,
+        ),
+    ]
+    run_distributed(run_case, 3, cases, timeout_s=240)
+    packed = [
+        PackedCase((700, 3, 0, 500), algo="ulysses_cp_algo", heads_q=3, heads_kv=3, seed=2),
+        PackedCase((1100, 103), algo="ulysses_cp_algo", heads_q=3, heads_kv=3, sliding_window=300, seed=3),
+    ]
+    run_distributed(run_packed_case, 3, packed, timeout_s=240)

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <optional>
@@ -287,18 +288,49 @@ std::tuple<Tensor, Tensor> attention_op(const Tensor& q, const Tensor& k, const 
   TORCH_CHECK(false, "unreachable");
 }
 
-// Plain Ulysses' inner backward: the block kernel adds into zeroed float32 accumulators.
+// Note [Ulysses row chunks]
+// -------------------------
+// Plain Ulysses' inner backward runs one gathered head group over the whole sequence, so the
+// kernels' working set (Q and dO packed in float32, a float32 dQ partial per thread) would be the
+// whole sequence's: P times what a ring step packs, and on CPU, where a rank holds one head group
+// at a time (Note [Head groups]), the largest part of what a Ulysses rank holds beyond its shards.
+// On CPU the backward therefore runs the gathered rows in chunks of kUlyssesRowChunk: each chunk is
+// one bwd_acc over every key (its causal offset or its rows of the visible intervals), adding into
+// the same float32 dK/dV and into float32 dQ rows of its own, which are rounded into dq at once (a
+// chunk's rows see all their keys in it, so their dQ is final). The working set is then a chunk's,
+// for one more packing of K/V per chunk (s * d values, against chunk * s * d multiply-adds). On
+// CUDA one call takes every row: a launch must fill the GPU.
+constexpr int64_t kUlyssesRowChunk = 1024;
+
+// Plain Ulysses' inner backward: the block kernel adds into zeroed float32 accumulators, in row
+// chunks on CPU (Note [Ulysses row chunks]; dq then comes back in q's dtype).
 std::tuple<Tensor, Tensor, Tensor> block_backward(const Tensor& dout, const Tensor& q,
                                                   const Tensor& k, const Tensor& v,
                                                   const Tensor& lse, const Tensor& delta,
                                                   double scale, bool causal,
                                                   const std::optional<Tensor>& rows,
                                                   double softcap) {
-  Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
   Tensor dk = at::zeros(k.sizes(), k.options().dtype(at::kFloat));
   Tensor dv = at::zeros(v.sizes(), v.options().dtype(at::kFloat));
-  block_ops().bwd_acc.call(dout, q, k, v, lse, delta, scale, causal, 0, 0, dq, dk, dv, rows,
-                           softcap);
+  const int64_t s = q.size(1), chunk = q.is_cpu() ? kUlyssesRowChunk : s;
+  if (chunk >= s) {
+    Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    block_ops().bwd_acc.call(dout, q, k, v, lse, delta, scale, causal, 0, 0, dq, dk, dv, rows,
+                             softcap);
+    return {dq, dk, dv};
+  }
+  Tensor dq = at::empty(q.sizes(), q.options());
+  Tensor dq_rows = at::empty({q.size(0), chunk, q.size(2), q.size(3)}, dk.options());
+  for (int64_t r = 0; r < s; r += chunk) {
+    const int64_t n = std::min(chunk, s - r);
+    const Tensor acc = dq_rows.narrow(1, 0, n).zero_();
+    std::optional<Tensor> chunk_rows;  // [2 or 4, n], contiguous as the kernels read it
+    if (rows.has_value()) chunk_rows = rows->narrow(1, r, n).contiguous();
+    block_ops().bwd_acc.call(dout.narrow(1, r, n), q.narrow(1, r, n), k, v, lse.narrow(2, r, n),
+                             delta.narrow(2, r, n), scale, causal, /*q_offset=*/r, 0, acc, dk, dv,
+                             chunk_rows, softcap);
+    dq.narrow(1, r, n).copy_(acc);
+  }
   return {dq, dk, dv};
 }
 
@@ -341,14 +373,18 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
     backward_by_heads(dout, q, k, v, lse, delta, group_bwd, dq, dk, dv);
     return {dq, dk, dv};
   }
-  // Ulysses' head shards round each group too, except gradients of K/V heads that several ranks
-  // read, summed after the trip back (those travel in float32): Note [One all-to-all per
-  // direction].
+  // Ulysses' head shards: one head group returns its float32 gradients, which the trip back
+  // rounds as it packs them; several round each group here, except gradients of K/V heads that
+  // several ranks read, summed after the trip back (those travel in float32): Note [One
+  // all-to-all per direction].
   const bool shared = ulysses::shares_kv_heads(q.size(2), k.size(2), u);
   auto [dq, dk, dv] = ulysses::backward(
       dout, q, k, v, lse, delta, g.ulysses,
       [&](const Tensor& d, const Tensor& qh, const Tensor& kh, const Tensor& vh, const Tensor& l,
           const Tensor& dl) {
+        if (head_groups(kh) == 1)
+          return group_bwd(heads(d, 0, 1), heads(qh, 0, 1), heads(kh, 0, 1), heads(vh, 0, 1), l,
+                           dl);
         const at::TensorOptions kv = kh.options().dtype(shared ? at::kFloat : kh.scalar_type());
         Tensor dqh = at::empty(seq_shape(qh), qh.options()), dkh = at::empty(seq_shape(kh), kv),
                dvh = at::empty(seq_shape(vh), kv);

@@ -31,10 +31,11 @@
 // Every tensor that crosses in one direction shares one all-to-all: each is packed as bytes into
 // its slot of one [P(dst), bytes] buffer (slots 8-byte aligned, so any dtype views its slot in
 // place), whatever its dtype. Forward: q, k, v in; out and lse back. Backward: q, k, v, dout, lse,
-// delta in; dq, dk, dv back, in the inputs' dtype (rounded once, by the kernel's caller), except
-// dK/dV of shared K/V heads, which travel in float32 and are rounded after their sum. Four
-// collective launches per layer instead of fourteen, the same bytes, and the same values bit for
-// bit.
+// delta in; dq, dk, dv back, in the inputs' dtype, except dK/dV of shared K/V heads, which travel
+// in float32 and are rounded after their sum. The way back rounds while it packs: the inner
+// attention's float32 results are copied into the send buffer in the wire dtype, rounded once, and
+// no rounded copy of them exists. Four collective launches per layer instead of fourteen, the same
+// bytes, and the same values bit for bit.
 //
 // Note [Ulysses head groups]
 // On CPU (Note [Head groups] in attention.cpp) the heads a rank gathers travel one K/V head group
@@ -43,7 +44,10 @@
 // back before the next group comes in. A rank then holds one group's gathered sequence (inputs,
 // float32 working set, the all-to-all's send and receive buffers) instead of all its heads', for
 // G times the collective launches (G = K/V heads per rank), the same bytes and the same values bit
-// for bit. That needs every rank to get the same K/V heads count with equal q groups; an uneven
+// for bit. Each tensor of a group then travels in an all-to-all of its own, not fused: its receive
+// buffer [P(src), sl, b, heads, d] is then contiguous along the sequence, a [b, s, heads, d] view
+// the kernels read in place, where a fused buffer's q would have to be copied out of its slots
+// first (one more copy of every gathered input: in the backward, a third of a group's working set). That needs every rank to get the same K/V heads count with equal q groups; an uneven
 // split (Note [Ulysses head split]) travels in one group. On CUDA G = 1: the all-to-alls of Note
 // [One all-to-all per direction], whose launches cost NCCL latency.
 #include "ulysses.h"
@@ -72,8 +76,9 @@ using c10d::ProcessGroup;
 struct Part {
   std::vector<Tensor> to;
   std::vector<int64_t> slot;
+  at::ScalarType dtype;  // on the wire: to[j] is rounded to it while packed
   int64_t slot_bytes() const {
-    return c10::multiply_integers(slot) * static_cast<int64_t>(to[0].element_size());
+    return c10::multiply_integers(slot) * static_cast<int64_t>(c10::elementSize(dtype));
   }
   bool padded() const {
     for (const Tensor& t : to)
@@ -86,7 +91,7 @@ struct Part {
 Tensor slot_view(const Tensor& buf, int64_t offset, const Part& p) {
   std::vector<int64_t> sizes = p.slot;
   sizes.insert(sizes.begin(), buf.size(0));
-  return buf.narrow(1, offset, p.slot_bytes()).view(p.to[0].scalar_type()).view(sizes);
+  return buf.narrow(1, offset, p.slot_bytes()).view(p.dtype).view(sizes);
 }
 
 // The leading corner of dst that has src's sizes.
@@ -98,12 +103,12 @@ Tensor corner(Tensor dst, const Tensor& src) {
 // Note [One all-to-all per direction]: parts -> for each part, [P(src), slot...] in its dtype,
 // views of one receive buffer (for a group of one without padding, the part itself, unsqueezed:
 // the callers only read it).
-std::vector<Tensor> all_to_all(const std::vector<Part>& parts, ProcessGroup& pg) {
+std::vector<Tensor> fused_all_to_all(const std::vector<Part>& parts, ProcessGroup& pg) {
   bool padded = false;
   for (const Part& p : parts) padded = padded || p.padded();
   if (pg.getSize() == 1 && !padded) {  // a group of one: nothing moves, nothing is copied
     std::vector<Tensor> out;
-    for (const Part& p : parts) out.push_back(p.to[0].unsqueeze(0));
+    for (const Part& p : parts) out.push_back(p.to[0].to(p.dtype).unsqueeze(0));
     return out;
   }
   std::vector<int64_t> offsets;
@@ -132,6 +137,15 @@ std::vector<Tensor> all_to_all(const std::vector<Part>& parts, ProcessGroup& pg)
                    (pg.getSize() - 1));  // own row stays
   std::vector<Tensor> out;
   for (size_t i = 0; i < parts.size(); ++i) out.push_back(slot_view(recv, offsets[i], parts[i]));
+  return out;
+}
+
+// The parts in one all-to-all (fused), or one each (Note [Ulysses head groups]: each received part
+// then has a buffer of its own, contiguous along the sequence, which the kernels read in place).
+std::vector<Tensor> all_to_all(const std::vector<Part>& parts, ProcessGroup& pg, bool fused) {
+  if (fused) return fused_all_to_all(parts, pg);
+  std::vector<Tensor> out;
+  for (const Part& p : parts) out.push_back(fused_all_to_all({p}, pg)[0]);
   return out;
 }
 
@@ -186,35 +200,36 @@ Tensor heads_of(const Tensor& x, int64_t dim, int64_t begin, int64_t count, int6
 // kv_to x [b, sl, Hkv, d] -> to[j] [sl, b, its K/V heads, d]   slot [rows, b, kv_max / G, d]
 // rows_to x [b, H, sl]    -> to[j] [b, its q heads, sl]        slot [b, q_max / G, rows]
 Part q_to(const Tensor& x, const HeadSplit& sp, int64_t gi, int64_t G, int64_t rows) {
-  Part p{{}, {rows, x.size(0), sp.q_max() / G, x.size(3)}};
+  Part p{{}, {rows, x.size(0), sp.q_max() / G, x.size(3)}, x.scalar_type()};
   for (int64_t j = 0; j < sp.P; ++j)
     p.to.push_back(heads_of(x, 2, sp.q_begin(j), sp.q_count(j), gi, G).transpose(0, 1));
   return p;
 }
 Part kv_to(const Tensor& x, const HeadSplit& sp, int64_t gi, int64_t G, int64_t rows) {
-  Part p{{}, {rows, x.size(0), sp.kv_max() / G, x.size(3)}};
+  Part p{{}, {rows, x.size(0), sp.kv_max() / G, x.size(3)}, x.scalar_type()};
   for (int64_t j = 0; j < sp.P; ++j)
     p.to.push_back(heads_of(x, 2, sp.kv_begin(j), sp.kv_count(j), gi, G).transpose(0, 1));
   return p;
 }
 Part rows_to(const Tensor& x, const HeadSplit& sp, int64_t gi, int64_t G, int64_t rows) {
-  Part p{{}, {x.size(0), sp.q_max() / G, rows}};
+  Part p{{}, {x.size(0), sp.q_max() / G, rows}, x.scalar_type()};
   for (int64_t j = 0; j < sp.P; ++j)
     p.to.push_back(heads_of(x, 1, sp.q_begin(j), sp.q_count(j), gi, G));
   return p;
 }
-// The way back: sequence chunk j of a head-sharded result to rank j.
+// The way back: sequence chunk j of a head-sharded result to rank j, rounded to `dtype` as it is
+// packed (the results are float32 accumulators: no rounded copy of them is made).
 // seq_to  x [b, s, h, d] -> to[j] [sl, b, h, d]   slot [sl, b, width, d]
 // rows_seq_to x [b, h, s] -> to[j] [b, h, sl]     slot [b, width, sl]
-Part seq_to(const Tensor& x, int64_t P, int64_t width) {
+Part seq_to(const Tensor& x, int64_t P, int64_t width, at::ScalarType dtype) {
   const int64_t sl = x.size(1) / P;
-  Part p{{}, {sl, x.size(0), width, x.size(3)}};
+  Part p{{}, {sl, x.size(0), width, x.size(3)}, dtype};
   for (int64_t j = 0; j < P; ++j) p.to.push_back(x.narrow(1, j * sl, sl).transpose(0, 1));
   return p;
 }
 Part rows_seq_to(const Tensor& x, int64_t P, int64_t width) {
   const int64_t sl = x.size(2) / P;
-  Part p{{}, {x.size(0), width, sl}};
+  Part p{{}, {x.size(0), width, sl}, x.scalar_type()};
   for (int64_t j = 0; j < P; ++j) p.to.push_back(x.narrow(2, j * sl, sl));
   return p;
 }
@@ -293,7 +308,8 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
     Tensor out_h, lse_h;                // [b, s, n, dv], [b, n, s]
     {                                   // the gathered q, k, v are freed before the trip back
       const auto in = all_to_all(
-          {q_to(q, sp, gi, G, rows), kv_to(k, sp, gi, G, rows), kv_to(v, sp, gi, G, rows)}, *pg);
+          {q_to(q, sp, gi, G, rows), kv_to(k, sp, gi, G, rows), kv_to(v, sp, gi, G, rows)}, *pg,
+          !by_head);
       const Tensor qh = as_seq(in[0], n), kh = as_seq(in[1], m), vh = as_seq(in[2], m);
       std::optional<Tensor> sinks_h;  // the sinks of the q heads of group gi here
       if (sinks.has_value()) sinks_h = sinks->narrow(0, sp.q_begin(me) + gi * n, n);
@@ -312,10 +328,11 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
         });
       }
     }
-    // Rounded before the trip back: nothing is accumulated after this point.
+    // Rounded on the way back: nothing is accumulated after this point.
     const int64_t width = sp.q_max() / G;
     const auto back = all_to_all(
-        {seq_to(out_h.to(out.scalar_type()), sp.P, width), rows_seq_to(lse_h, sp.P, width)}, *pg);
+        {seq_to(out_h, sp.P, width, out.scalar_type()), rows_seq_to(lse_h, sp.P, width)}, *pg,
+        !by_head);
     store_heads(back[0], out, sp, /*kv=*/false, gi, G);  // out [b, sl, H, dv]
     store_rows_heads(back[1], lse, sp, gi, G);
   }
@@ -331,14 +348,14 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
   const int64_t me = pg->getRank(), G = sp.groups(by_head);
   const int64_t n = sp.q_count(me) / G, m = sp.kv_count(me) / G;
   const Tensor d = dout.to(q.scalar_type());
-  Tensor dq, dk, dv;                    // [b, sl, heads, d] in the dtypes inner chose
+  Tensor dq, dk, dv;                    // [b, sl, heads, d] in the wire dtypes
   for (int64_t gi = 0; gi < G; ++gi) {  // Note [Ulysses head groups]
     Tensor dqh, dkh, dvh;               // head-sharded
     {                                   // the gathered inputs are freed before the trip back
       const auto in = all_to_all({q_to(q, sp, gi, G, rows), kv_to(k, sp, gi, G, rows),
                                   kv_to(v, sp, gi, G, rows), q_to(d, sp, gi, G, rows),
                                   rows_to(lse, sp, gi, G, rows), rows_to(delta, sp, gi, G, rows)},
-                                 *pg);
+                                 *pg, !by_head);
       const Tensor qh = as_seq(in[0], n), kh = as_seq(in[1], m), vh = as_seq(in[2], m);
       const Tensor doh = as_seq(in[3], n), lh = as_rows_seq(in[4], n), dh = as_rows_seq(in[5], n);
       if (sp.uniform(me)) {
@@ -357,15 +374,17 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
         dvh = at::cat(dvs, 2);
       }
     }
-    const auto back =
-        all_to_all({seq_to(dqh, sp.P, sp.q_max() / G), seq_to(dkh, sp.P, sp.kv_max() / G),
-                    seq_to(dvh, sp.P, sp.kv_max() / G)},
-                   *pg);
+    // Rounded on the way back (Note [One all-to-all per direction]).
+    const bool shared = sp.shares_kv();  // several ranks' parts of a K/V head are summed
+    const at::ScalarType kv_wire = shared ? at::kFloat : k.scalar_type();
+    const auto back = all_to_all({seq_to(dqh, sp.P, sp.q_max() / G, q.scalar_type()),
+                                  seq_to(dkh, sp.P, sp.kv_max() / G, kv_wire),
+                                  seq_to(dvh, sp.P, sp.kv_max() / G, kv_wire)},
+                                 *pg, !by_head);
     if (gi == 0) {
-      const bool shared = sp.shares_kv();  // several ranks' parts of a K/V head are summed
-      dq = at::empty(q.sizes(), dqh.options());
-      dk = shared ? at::zeros(k.sizes(), dkh.options()) : at::empty(k.sizes(), dkh.options());
-      dv = shared ? at::zeros(v.sizes(), dvh.options()) : at::empty(v.sizes(), dvh.options());
+      dq = at::empty_like(q);  // in q's strides where dense: the caller keeps it as it is
+      dk = shared ? at::zeros_like(k, k.options().dtype(kv_wire)) : at::empty_like(k);
+      dv = shared ? at::zeros_like(v, v.options().dtype(kv_wire)) : at::empty_like(v);
     }
     store_heads(back[0], dq, sp, /*kv=*/false, gi, G);
     store_heads(back[1], dk, sp, /*kv=*/true, gi, G, /*add=*/sp.shares_kv());

@@ -17,8 +17,9 @@ namespace ring_ext::ulysses {
 // * sl in P chunks; lse and delta as [b, h, s]; results are [b, s, h, d] (v's head dim for out).
 //   fwd(q, k, v, sinks) -> (out [b, s, h, dv] in q's dtype or float32, lse float32 [b, h, s]);
 //     sinks: float32 [h], the sinks of these q heads, or none
-//   bwd(dout, q, k, v, lse, delta) -> (dq, dk, dv), delta = rowsum(dout * out); in the inputs'
-//     dtype, or float32 where more is summed after the trip back (dK/dV of replicated GQA heads)
+//   bwd(dout, q, k, v, lse, delta) -> (dq, dk, dv), delta = rowsum(dout * out); float32 (or any
+//     dtype: the trip back rounds them to the inputs' dtype, or keeps float32 where more is summed
+//     after it, dK/dV of replicated GQA heads)
 using InnerFwd = std::function<std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>;
 using InnerBwd = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
@@ -47,7 +48,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            bool by_head, int64_t rows,
                                            const std::optional<at::Tensor>& sinks);
 
-// Gradients of forward (inner's dtypes), [b, s_local, heads, d], given forward's lse and
+// Gradients of forward (the inputs' dtypes and, where dense, strides; float32 dK/dV where
+// shares_kv_heads), [b, s_local, heads, d], given forward's lse and
 // delta = rowsum(dout * out) (minus any gradient on lse), both float32 [b, hq, s_local].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
