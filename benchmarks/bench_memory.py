@@ -10,6 +10,11 @@ and each point's deviation from it, which stays within 10% when memory falls as 
     python benchmarks/bench_memory.py                       # s = 8k..64k, cp = 1, 2, 4 (long)
     python benchmarks/bench_memory.py --sizes 8192 16384    # quicker
     python benchmarks/bench_memory.py --soak 200 --sizes 4096 --cps 2   # memory over 200 iterations
+    python benchmarks/bench_memory.py --chunk-cost --sizes 8192         # what Ulysses' row chunks cost
+
+--chunk-cost times, in one process and one thread, what a Ulysses rank's CPU backward does for one
+gathered head (Note [Ulysses row chunks] in csrc/cp/attention.cpp): one kernel call over the whole
+sequence against the same gradients in calls of 1024 rows, interleaved, median of 7.
 
 Algorithm "sdpa" is the baseline: one process (cp = 1 only) running F.scaled_dot_product_attention
 over the whole sequence; "local" is ring_ext's own kernels over the whole sequence in one process
@@ -21,6 +26,7 @@ scaled by 1/cp, when those ran in the same invocation.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -95,6 +101,53 @@ def measure(rank, world, job):
 ONE_PROCESS = ("sdpa", "local")  # run at cp = 1 only
 
 
+def chunk_cost(seq: int, dim: int, chunk: int = 1024) -> None:
+    """Whole-sequence backward of one causal head against the same in row chunks, one thread."""
+    torch.set_num_threads(1)
+    scale = dim**-0.5
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v, dout = (torch.randn(1, seq, 1, dim, dtype=dtype) for _ in range(4))
+        out, lse = torch.ops.ring_ext.fwd(q, k, v, scale, True)
+        delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+
+        def whole():
+            dq, dk, dv = (torch.zeros(1, seq, 1, dim) for _ in range(3))
+            torch.ops.ring_ext.bwd_acc(dout, q, k, v, lse, delta, scale, True, 0, 0, dq, dk, dv)
+            return dk
+
+        def chunked():
+            dk, dv = (torch.zeros(1, seq, 1, dim) for _ in range(2))
+            acc = torch.empty(1, chunk, 1, dim)
+            for r in range(0, seq, chunk):
+                rows = slice(r, r + chunk)
+                torch.ops.ring_ext.bwd_acc(
+                    dout[:, rows],
+                    q[:, rows],
+                    k,
+                    v,
+                    lse[..., rows],
+                    delta[..., rows],
+                    scale,
+                    True,
+                    r,
+                    0,
+                    acc[:, : min(chunk, seq - r)].zero_(),
+                    dk,
+                    dv,
+                )
+            return dk
+
+        torch.testing.assert_close(chunked(), whole(), rtol=1e-4, atol=1e-4)  # the same gradients
+        times = {whole: [], chunked: []}
+        for _ in range(7):
+            for fn in times:
+                start = time.perf_counter()
+                fn()
+                times[fn].append(time.perf_counter() - start)
+        a, b = (statistics.median(times[fn]) * 1e3 for fn in (whole, chunked))
+        print(f"| {str(dtype).split('.')[-1]} | {seq} | {dim} | {a:.1f} | {b:.1f} | {b / a:.3f} |")
+
+
 def fit(points):
     """Least squares peak = a * x + c over (x, peak) points."""
     x = torch.tensor([p[0] for p in points], dtype=torch.float64)
@@ -140,7 +193,14 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--soak", type=int, default=0, help="iterations per world (memory growth mode)")
     p.add_argument("--refit", help="a file holding this script's table: print the fits only")
+    p.add_argument("--chunk-cost", action="store_true", help="time Ulysses' row chunks (see above)")
     a = p.parse_args()
+    if a.chunk_cost:
+        print("| dtype | s | d | whole ms | 1024-row chunks ms | chunks / whole |")
+        print("|---|---|---|---|---|---|")
+        for s in a.sizes:
+            chunk_cost(s, a.dim)
+        return None
     iterations = max(1, a.soak)
     if a.refit:
         return refit(a.refit)

@@ -112,3 +112,14 @@ def test_masks_benchmark_runs():
     for cp in (2, 3):
         row = re.search(rf"\| {cp} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", text)
         assert row and float(row.group(3)) <= 1.02, text
+
+
+def test_memory_benchmark_chunk_cost_runs():
+    """benchmarks/bench_memory.py --chunk-cost at a size with a short last chunk: the chunked backward
+    gives the whole call's gradients (the script checks) and both are timed."""
+    done = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "bench_memory.py"), "--chunk-cost", "--sizes", "1100", "--dim", "16"],
+        check=True, capture_output=True, timeout=300, text=True, cwd=BENCH,
+    )  # fmt: skip
+    for dtype in ("bfloat16", "float32"):
+        assert re.search(rf"\| {dtype} \| 1100 \| 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", done.stdout), done.stdout
