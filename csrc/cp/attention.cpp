@@ -107,8 +107,9 @@ std::optional<Tensor> ulysses_visible(const std::optional<Tensor>& visible,
 // costs NCCL a launch (measuring a grouped CUDA ring awaits a GPU).
 int64_t head_groups(const Tensor& k) { return k.device().is_cpu() ? k.size(-2) : 1; }
 
-// Group g of G of x's heads: [b, s, h, d], or [b, P, sl, h, d] (Ulysses' received chunks, copied
-// into [b, s, h / G, d] here, one group at a time); lse and delta [b, h, s] with dim 1.
+// Group g of G of x's heads: [b, s, h, d], or [b, P, sl, h, d] (Ulysses' received chunks, as
+// [b, s, h / G, d]: a view where each tensor has a receive buffer of its own (CPU), a copy of one
+// group at a time out of a fused one); lse and delta [b, h, s] with dim 1.
 Tensor heads(const Tensor& x, int64_t g, int64_t G, int64_t dim = 2) {
   if (x.dim() == 5) dim = 3;
   const int64_t n = x.size(dim) / G;

@@ -42,14 +42,15 @@
 // at a time: each all-to-all of one direction moves group g of every destination's head shard (its
 // K/V head with the q heads of its GQA group), the inner attention runs on it, and its result goes
 // back before the next group comes in. A rank then holds one group's gathered sequence (inputs,
-// float32 working set, the all-to-all's send and receive buffers) instead of all its heads', for
-// G times the collective launches (G = K/V heads per rank), the same bytes and the same values bit
-// for bit. Each tensor of a group then travels in an all-to-all of its own, not fused: its receive
-// buffer [P(src), sl, b, heads, d] is then contiguous along the sequence, a [b, s, heads, d] view
-// the kernels read in place, where a fused buffer's q would have to be copied out of its slots
-// first (one more copy of every gathered input: in the backward, a third of a group's working set). That needs every rank to get the same K/V heads count with equal q groups; an uneven
-// split (Note [Ulysses head split]) travels in one group. On CUDA G = 1: the all-to-alls of Note
-// [One all-to-all per direction], whose launches cost NCCL latency.
+// float32 working set, the all-to-all's send and receive buffers) instead of all its heads', the
+// same bytes and the same values bit for bit. That needs every rank to get the same K/V heads
+// count with equal q groups; an uneven split (Note [Ulysses head split]) travels in one group.
+// On CPU each tensor also travels in an all-to-all of its own, not fused: its receive buffer
+// [P(src), sl, b, heads, d] is then contiguous along the sequence, a [b, s, heads, d] view the
+// kernels read in place, where a fused buffer's q would have to be copied out of its slots first
+// (one more copy of every gathered input). So a layer makes G times as many all-to-alls per
+// tensor (G = K/V heads per rank), which cost Gloo little. On CUDA G = 1 and the all-to-alls are
+// fused (Note [One all-to-all per direction]): each launch costs NCCL latency.
 #include "ulysses.h"
 
 #include <ATen/ATen.h>
@@ -330,9 +331,9 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
     }
     // Rounded on the way back: nothing is accumulated after this point.
     const int64_t width = sp.q_max() / G;
-    const auto back = all_to_all(
-        {seq_to(out_h, sp.P, width, out.scalar_type()), rows_seq_to(lse_h, sp.P, width)}, *pg,
-        !by_head);
+    const auto back =
+        all_to_all({seq_to(out_h, sp.P, width, out.scalar_type()), rows_seq_to(lse_h, sp.P, width)},
+                   *pg, !by_head);
     store_heads(back[0], out, sp, /*kv=*/false, gi, G);  // out [b, sl, H, dv]
     store_rows_heads(back[1], lse, sp, gi, G);
   }
@@ -377,10 +378,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q,
     // Rounded on the way back (Note [One all-to-all per direction]).
     const bool shared = sp.shares_kv();  // several ranks' parts of a K/V head are summed
     const at::ScalarType kv_wire = shared ? at::kFloat : k.scalar_type();
-    const auto back = all_to_all({seq_to(dqh, sp.P, sp.q_max() / G, q.scalar_type()),
-                                  seq_to(dkh, sp.P, sp.kv_max() / G, kv_wire),
-                                  seq_to(dvh, sp.P, sp.kv_max() / G, kv_wire)},
-                                 *pg, !by_head);
+    const auto back = all_to_all(
+        {seq_to(dqh, sp.P, sp.q_max() / G, q.scalar_type()),
+         seq_to(dkh, sp.P, sp.kv_max() / G, kv_wire), seq_to(dvh, sp.P, sp.kv_max() / G, kv_wire)},
+        *pg, !by_head);
     if (gi == 0) {
       dq = at::empty_like(q);  // in q's strides where dense: the caller keeps it as it is
       dk = shared ? at::zeros_like(k, k.options().dtype(kv_wire)) : at::empty_like(k);
