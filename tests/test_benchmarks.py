@@ -122,4 +122,5 @@ def test_memory_benchmark_chunk_cost_runs():
         check=True, capture_output=True, timeout=300, text=True, cwd=BENCH,
     )  # fmt: skip
     for dtype in ("bfloat16", "float32"):
-        assert re.search(rf"\| {dtype} \| 1100 \| 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", done.stdout), done.stdout
+        row = rf"\| {dtype} \| 1100 \| 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|"
+        assert re.search(row, done.stdout), done.stdout
