@@ -171,6 +171,20 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
        dpad, ceil_div(c1 - c0, step), dq, dpad, true);
 }
 
+// The rows of a unit's dQ partial (Note [Ordered dQ units]): the query blocks that see one of its
+// key blocks, [begin, begin + count), begin on a query block boundary.
+struct DqRows {
+  int64_t begin = 0, count = 0;
+};
+
+// The rows that see a key of [k0, k1), widened to whole query blocks (clipped to seq_q).
+inline DqRows dq_rows_seeing(const RowKeys<int64_t>& keys, int64_t seq_q, int64_t k0, int64_t k1) {
+  const Interval<int64_t> rows = keys.rows_seeing(k0, k1);
+  if (rows.empty()) return {};
+  const int64_t begin = rows.begin / kBwdBlockQ * kBwdBlockQ;
+  return {begin, std::min(seq_q, round_up(rows.end, kBwdBlockQ)) - begin};
+}
+
 // dst[i * row_stride + c] += alpha * src[i * dpad + c] for i < rows, c < d.
 inline void add_rows(const float* src, int64_t dpad, int64_t rows, int64_t d, float alpha,
                      float* dst, int64_t row_stride) {
@@ -179,11 +193,11 @@ inline void add_rows(const float* src, int64_t dpad, int64_t rows, int64_t d, fl
 }
 
 // One task: key block kb of kv head hk against every query block (of every q head of the GQA group)
-// that can see it. dq_part is the group's float32 dQ partial [group][seq_q][dpad].
+// that can see it. dq_part is the group's float32 dQ partial over the unit's rows (DqRows).
 template <typename T>
 void bwd_task(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T>& rows, int64_t b,
               int64_t hk, int64_t kb, int64_t dpad, int64_t dvpad, BwdWorkspace<T>& ws,
-              float* dq_part) {
+              const DqRows& dq_rows, float* dq_part) {
   const Shape& sh = p.shape;
   const int64_t d = sh.head_dim, dv = sh.head_dim_v, group = sh.heads_q / sh.heads_kv;
   const int64_t k0 = kb * kBlockK, nk = std::min(kBlockK, sh.seq_k - k0);
@@ -200,7 +214,7 @@ void bwd_task(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
   for (int64_t g = 0; g < group; ++g)
     for (int64_t qb = qb_begin; qb < qb_end; ++qb)
       bwd_pair(p, keys, rows, b, hk * group + g, g, qb, k0, nk, dpad, dvpad, ws,
-               dq_part + (g * sh.seq_q + qb * kBwdBlockQ) * dpad);
+               dq_part + (g * dq_rows.count + qb * kBwdBlockQ - dq_rows.begin) * dpad);
   add_rows(ws.dk.data(), dpad, nk, d, p.scale,
            p.dk + b * p.dk_stride.batch + hk * p.dk_stride.head + k0 * p.dk_stride.seq,
            p.dk_stride.seq);
@@ -209,14 +223,17 @@ void bwd_task(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
            p.dv_stride.seq);
 }
 
-// p.dq += scale * dq for the q heads of (batch, kv head) `head`; dq is [group][seq_q][dpad].
-inline void add_dq(const BwdParams& p, int64_t head, const float* dq, int64_t dpad) {
+// p.dq += scale * dq for the q heads of (batch, kv head) `head`; dq is [group][rows.count][dpad],
+// the rows [rows.begin, rows.begin + rows.count).
+inline void add_dq(const BwdParams& p, int64_t head, const DqRows& rows, const float* dq,
+                   int64_t dpad) {
   const Shape& sh = p.shape;
   const int64_t group = sh.heads_q / sh.heads_kv, b = head / sh.heads_kv;
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = head % sh.heads_kv * group + g;
-    add_rows(dq + g * sh.seq_q * dpad, dpad, sh.seq_q, sh.head_dim, p.scale,
-             p.dq + b * p.dq_stride.batch + h * p.dq_stride.head, p.dq_stride.seq);
+    add_rows(dq + g * rows.count * dpad, dpad, rows.count, sh.head_dim, p.scale,
+             p.dq + b * p.dq_stride.batch + h * p.dq_stride.head + rows.begin * p.dq_stride.seq,
+             p.dq_stride.seq);
   }
 }
 
@@ -224,14 +241,19 @@ inline void add_dq(const BwdParams& p, int64_t head, const float* dq, int64_t dp
 // The backward's threads take units of tasks dynamically, as the forward's do (Note [Dynamic task
 // units]), but a key block's task adds into the dQ rows of every query block that sees it, so who
 // ran which unit must not decide the order of dq's sums. A unit is a fixed range of one head's
-// tasks (unit u of U: tasks [u k / U, (u + 1) k / U) of the head's k key blocks, U = the smaller of
-// k and kBwdUnitsPerHead: fixed by the shape alone, not by the threads). It sums its tasks' dQ into
-// a float32 partial of its own, and the partials of a head are added to dq in unit order: a partial
-// done before the one ahead of it is queued, and the thread that adds a head's next partial adds
-// the queued ones that follow. So dq is the same on every run and for every number of threads. At
-// most as many partials wait as there are threads (a thread finding the queue full waits for its
-// turn; units are taken in order, so the one ahead of it is being computed), so a call holds at
-// most two partials per thread, as the static chunks did (one per thread, one per head split).
+// key blocks (unit u of U: blocks [u k / U, (u + 1) k / U) of the head's k, U = the smaller of k
+// and kBwdUnitsPerHead: fixed by the shape alone, not by the threads). It sums its tasks' dQ into
+// a float32 partial of its own over the rows that see its keys (DqRows: for a causal mask the rows
+// from its first key on, for packed documents those of the documents its keys lie in), and the
+// partials of a head are added to dq in unit order: a partial done before the one ahead of it is
+// queued, and the thread that adds a head's next partial adds the queued ones that follow. So dq
+// is the same on every run and for every number of threads. At most as many partials wait as
+// there are threads (a thread finding the queue full waits for its turn; units are taken in order,
+// so the one ahead of it is being computed), so a call holds at most two partials per thread.
+// A unit's key blocks are contiguous, not zigzag (the forward's order): a partial then spans the
+// rows of its keys alone, where a zigzag unit's keys at both ends of a causal row would span all of
+// it. The units of a causal head cost less and less; taken in order, the dearest go first and the
+// cheapest fill the threads' tails.
 constexpr int64_t kBwdUnitsPerHead = 16;
 
 class OrderedDq {
@@ -241,26 +263,26 @@ class OrderedDq {
 
   void join() { threads_.fetch_add(1, std::memory_order_relaxed); }  // one more thread adds
 
-  // Unit `unit` of `head` is done: adds its partial dq and the queued ones that follow it, or
-  // queues it (taking its storage) when a unit ahead of it is not done yet.
-  void add(int64_t head, int64_t unit, std::vector<float>& dq) {
+  // Unit `unit` of `head` is done: adds its partial dq (over `rows`) and the queued ones that
+  // follow it, or queues it (taking its storage) when a unit ahead of it is not done yet.
+  void add(int64_t head, int64_t unit, const DqRows& rows, std::vector<float>& dq) {
     std::unique_lock<std::mutex> lock(mutex_);
     cv_.wait(lock, [&] {
       return unit == next_[head] ||
              int64_t(queued_.size()) < threads_.load(std::memory_order_relaxed);
     });
     if (unit != next_[head]) {
-      queued_.push_back({head, unit, std::move(dq)});
+      queued_.push_back({head, unit, rows, std::move(dq)});
       dq = {};
       return;
     }
-    add_dq(p_, head, dq.data(), dpad_);  // the usual case: dq keeps its storage for the next unit
+    add_dq(p_, head, rows, dq.data(), dpad_);  // the usual case: dq keeps its storage
     for (++next_[head];; ++next_[head]) {
       const auto it = std::find_if(queued_.begin(), queued_.end(), [&](const Queued& q) {
         return q.head == head && q.unit == next_[head];
       });
       if (it == queued_.end()) break;
-      add_dq(p_, head, it->dq.data(), dpad_);
+      add_dq(p_, head, it->rows, it->dq.data(), dpad_);
       queued_.erase(it);
     }
     cv_.notify_all();
@@ -269,7 +291,8 @@ class OrderedDq {
  private:
   struct Queued {
     int64_t head, unit;
-    std::vector<float> dq;  // [group][seq_q][dpad], unscaled
+    DqRows rows;
+    std::vector<float> dq;  // [group][rows.count][dpad], unscaled
   };
   const BwdParams& p_;
   const int64_t dpad_;
@@ -285,7 +308,7 @@ void flash_bwd_tiled(const BwdParams& p, ParallelFor parallel_for) {
   const Shape& sh = p.shape;
   const int64_t dpad = round_up(sh.head_dim, 16), dvpad = round_up(sh.head_dim_v, 16);
   const int64_t k_blocks = ceil_div(sh.seq_k, kBlockK), n_heads = sh.batch * sh.heads_kv;
-  const int64_t dq_size = sh.heads_q / sh.heads_kv * sh.seq_q * dpad;
+  const int64_t group = sh.heads_q / sh.heads_kv;
   const int64_t units = std::min(k_blocks, kBwdUnitsPerHead);  // per head (Note [Ordered dQ units])
   // Tasks (batch, kv head, key block), k_blocks per head (Note [Packed heads]).
   PackedHeads<HeadRows<T>> heads(n_heads, k_blocks);
@@ -298,18 +321,21 @@ void flash_bwd_tiled(const BwdParams& p, ParallelFor parallel_for) {
     std::vector<float> dq;
     ordered.join();
     for (int64_t g; (g = next_unit.fetch_add(1, std::memory_order_relaxed)) < n_heads * units;) {
-      const int64_t u = g % units, base = g / units * k_blocks;
+      const int64_t u = g % units, kb0 = u * k_blocks / units, kb1 = (u + 1) * k_blocks / units;
+      const DqRows rows =
+          dq_rows_seeing(keys, sh.seq_q, kb0 * kBlockK, std::min(kb1 * kBlockK, sh.seq_k));
+      const int64_t base = g / units * k_blocks;
       for_tasks_by_head(
-          heads, k_blocks, base + u * k_blocks / units, base + (u + 1) * k_blocks / units,
-          [&](int64_t head, HeadRows<T>& rows) {
-            pack_head_rows(p, head / sh.heads_kv, head % sh.heads_kv, dpad, dvpad, rows);
+          heads, k_blocks, base + kb0, base + kb1,
+          [&](int64_t head, HeadRows<T>& packed) {
+            pack_head_rows(p, head / sh.heads_kv, head % sh.heads_kv, dpad, dvpad, packed);
           },
-          [&](int64_t head, int64_t first, int64_t stop, const HeadRows<T>& rows) {
-            dq.assign(dq_size, 0.0f);
+          [&](int64_t head, int64_t first, int64_t stop, const HeadRows<T>& packed) {
+            dq.assign(group * rows.count * dpad, 0.0f);
             for (int64_t t = first; t < stop; ++t)
-              bwd_task(p, keys, rows, head / sh.heads_kv, head % sh.heads_kv,
-                       zigzag(t % k_blocks, k_blocks), dpad, dvpad, ws, dq.data());
-            ordered.add(head, u, dq);
+              bwd_task(p, keys, packed, head / sh.heads_kv, head % sh.heads_kv, t % k_blocks, dpad,
+                       dvpad, ws, rows, dq.data());
+            ordered.add(head, u, rows, dq);
           });
     }
   });

@@ -35,15 +35,16 @@
 // One task = (batch, kv head, key block), so dK/dV of a key block have one writer; it walks the q
 // heads of its GQA group and the query blocks that can see the block: P = exp(S - lse),
 // dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K. dQ goes to a float32
-// partial per unit of tasks, added to dq in a fixed order (Note [Ordered dQ units] in
-// flash_bwd.h). The query blocks a key block visits are the contiguous range of rows that see it
-// (RowKeys::rows_seeing), and each (query block, key block) pair computes only the key columns its
-// rows see (from 16-column boundaries), in all five products.
-// Parallelism stays good when batch * heads is 1: tasks are per block, and causal tasks are dealt
-// in zigzag order (0, n-1, 1, n-2, ...) so contiguous units get equal work. The threads take small
-// units of tasks dynamically, in the forward and the backward (Note [Dynamic task units]).
-// Memory: the packed heads in use (Note [Packed heads]) and at most two dQ partials per thread,
-// O(seq * head_dim); never O(seq^2).
+// partial per unit of tasks over the rows that see the unit's keys, added to dq in a fixed order
+// (Note [Ordered dQ units] in flash_bwd.h). The query blocks a key block visits are the contiguous
+// range of rows that see it (RowKeys::rows_seeing), and each (query block, key block) pair computes
+// only the key columns its rows see (from 16-column boundaries), in all five products. Parallelism
+// stays good when batch * heads is 1: tasks are per block, and the threads take small units of
+// tasks dynamically, in the forward and the backward (Note [Dynamic task units]). The forward deals
+// causal tasks in zigzag order (0, n-1, 1, n-2, ...) so contiguous units get equal work; the
+// backward's units are contiguous key blocks, dearest first (Note [Ordered dQ units]). Memory: the
+// packed heads in use (Note [Packed heads]) and at most two dQ partials per thread, O(seq *
+// head_dim); never O(seq^2).
 #pragma once
 
 #include <algorithm>
