@@ -199,11 +199,8 @@ inline __mmask16 valid_lanes(int64_t j0, int64_t begin, int64_t end) {
 }
 
 #if RING_EXT_AVX512_BF16
-// 16 float32 -> 16 bf16 (round to nearest even), and back.
+// 16 float32 -> 16 bf16 (round to nearest even).
 inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
-inline __m512 from_bf16(__m256i h) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 #endif  // RING_EXT_AVX512_BF16
 
 // max_j scale * s[j] over begin <= j < end; -inf when the range is empty.
@@ -219,7 +216,9 @@ inline float scaled_max(const float* s, int64_t begin, int64_t end, float scale)
 }
 
 // p[j] = exp(scale * s[j] - shift) for begin <= j < end, 0 elsewhere in [0, n_pad); returns
-// sum_j p[j] (of the stored values, so bf16 P and its row sum agree).
+// sum_j p[j] of the float32 values: a bf16 P is rounded as it is stored, after the sum, so the row
+// sum and lse are float32-accurate at every level (the AVX2 and baseline levels keep P in float32)
+// and P V alone sees the rounding, as in GPU flash attention.
 inline float exp_row(const float* s, int64_t begin, int64_t end, int64_t n_pad, float scale,
                      float shift, float* p) {
   __m512 sum = _mm512_setzero_ps();
@@ -241,9 +240,8 @@ inline float exp_row(const float* s, int64_t begin, int64_t end, int64_t n_pad, 
   for (int64_t j = 0; j < n_pad; j += 16) {
     const __m512 e = _mm512_maskz_mov_ps(valid_lanes(j, begin, end),
                                          exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, sh)));
-    const __m256i h = to_bf16(e);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), h);
-    sum = _mm512_add_ps(sum, from_bf16(h));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_bf16(e));
+    sum = _mm512_add_ps(sum, e);
   }
   return _mm512_reduce_add_ps(sum);
 }
