@@ -12,6 +12,10 @@ Environment (read here and nowhere else at build time):
                           and AVX2 kernels are built next to the portable baseline and picked at run time; on other hosts (aarch64:
                           GH200, GB200) only the baseline. portable: only the baseline, on any host.
   RING_EXT_PTXAS_VERBOSE  1 prints ptxas register/spill reports for every kernel.
+  RING_EXT_EMULATE_AVX512 a directory holding SIMDe's simde/ headers: a test build whose AVX-512 kernels
+                          run on AVX2 with emulated intrinsics, to test them on a CPU without AVX-512
+                          (Note [Emulated AVX-512] in csrc/cpu/emulated_avx512.h; .ci/emulated_avx512.sh).
+                          Never for use: its speed means nothing.
   MAX_JOBS                parallel compile jobs (ninja), honoured by torch's BuildExtension.
   CUDA_HOME               the CUDA toolkit, e.g. /usr/local/cuda.
 """
@@ -100,11 +104,19 @@ def cpu_isas() -> list:
     return ["avx512", "avx512f", "avx2", "baseline"] if mode == "auto" and x86_64 else ["baseline"]
 
 
-def write_build_info(cuda: bool, archs: list, isas: list) -> None:
+def emulated_avx512() -> str | None:
+    """The SIMDe include directory of a test build with emulated AVX-512 kernels, or None."""
+    simde = os.environ.get("RING_EXT_EMULATE_AVX512") or None
+    if simde is not None and not os.path.isfile(os.path.join(simde, "simde", "x86", "avx512.h")):
+        sys.exit(f"RING_EXT_EMULATE_AVX512={simde!r} holds no simde/x86/avx512.h (SIMDe's headers)")
+    return simde
+
+
+def write_build_info(cuda: bool, archs: list, isas: list, emulated: bool) -> None:
     with open(os.path.join(ROOT, "ring_ext", "_build_info.py"), "w") as f:
         f.write("# Written by setup.py at build time.\n")
         f.write(f"CUDA = {cuda!r}\nCUDA_ARCHS = {archs!r}\nBUILT_WITH_TORCH = {torch.__version__!r}\n")
-        f.write(f"CPU_ISAS = {isas!r}\n")
+        f.write(f"CPU_ISAS = {isas!r}\nEMULATED_AVX512 = {emulated!r}\n")
 
 
 def extension():
@@ -121,6 +133,11 @@ def extension():
     cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
     if "avx2" not in isas:
         cxx.append("-DRING_EXT_CPU_PORTABLE_ONLY")  # dispatch.cpp: the baseline kernels only
+    simde = emulated_avx512()
+    if simde is not None:
+        if "avx2" not in isas:
+            sys.exit("RING_EXT_EMULATE_AVX512 needs the x86 kernels (not RING_EXT_CPU_ISAS=portable)")
+        cxx += ["-DRING_EXT_EMULATE_AVX512", f"-I{simde}"]
     args = {"cxx": cxx}
     kwargs = {}
     if cuda:
@@ -134,7 +151,7 @@ def extension():
         args["nvcc"] = nvcc
         args["cxx"] = cxx + ["-DRING_EXT_WITH_CUDA"]
         kwargs["include_dirs"] = pip_cuda_includes()  # our -gencode flags replace torch's own
-    write_build_info(cuda, archs, isas)
+    write_build_info(cuda, archs, isas, simde is not None)
     make = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
     return make(
         "ring_ext._C",

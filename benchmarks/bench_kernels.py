@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -110,6 +111,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=0, help="per shape; 0 = 5 below s=8192, else 3")
     parser.add_argument("--out", help="also write the markdown table to this file")
+    if ring_ext.build_info()["emulated_avx512"]:
+        sys.exit(
+            "bench_kernels: this is a test build with emulated AVX-512 kernels (setup.py); its speed means nothing"
+        )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = args.shapes or default_shapes(args.quick)

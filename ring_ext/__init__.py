@@ -32,9 +32,11 @@ __all__ = [
 
 def build_info() -> dict:
     """What this installation was built with and runs on: {'cuda', 'cuda_archs', 'cuda_tilings',
-    'torch_version', 'built_with_torch', 'cpu_isa'} (cpu_isa: the CPU kernels' instruction set here:
-    avx512 (AVX-512 with BF16), avx512f (AVX-512 without BF16), avx2 or baseline; cuda_tilings: the CUDA kernels' candidate tilings, "fwd/<head dim
-    bucket>/<name>", the default of each bucket first, docs/cuda.md)."""
+    'torch_version', 'built_with_torch', 'cpu_isa', 'emulated_avx512'} (cpu_isa: the CPU kernels' instruction
+    set here: avx512 (AVX-512 with BF16), avx512f (AVX-512 without BF16), avx2 or baseline; emulated_avx512:
+    a test build whose AVX-512 levels run emulated on AVX2, whose speed means nothing (setup.py); cuda_tilings:
+    the CUDA kernels' candidate tilings, "fwd/<head dim bucket>/<name>", the default of each bucket first,
+    docs/cuda.md)."""
     from . import _build_info
 
     cuda_registered = torch._C._dispatch_has_kernel_for_dispatch_key("ring_ext::fwd", "CUDA")
@@ -45,4 +47,5 @@ def build_info() -> dict:
         "torch_version": torch.__version__,
         "built_with_torch": _build_info.BUILT_WITH_TORCH,
         "cpu_isa": torch.ops.ring_ext.cpu_isa(),
+        "emulated_avx512": _build_info.EMULATED_AVX512,
     }

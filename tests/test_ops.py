@@ -308,6 +308,7 @@ def test_compile_fullgraph_softcap_sinks_mla():
 def test_build_info():
     info = ring_ext.build_info()
     assert info["cpu_isa"] in ("avx512", "avx512f", "avx2", "baseline")
+    assert isinstance(info["emulated_avx512"], bool)
     assert isinstance(info["cuda"], bool)
     assert isinstance(info["cuda_archs"], list)
     # The candidate tilings of the CUDA kernels: none without CUDA; with it, "fwd|bwd/<bucket>/<name>"

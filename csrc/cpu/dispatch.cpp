@@ -45,6 +45,10 @@ enum class Isa { kAvx512, kAvx512f, kAvx2, kBaseline };
 Isa best() {
 #if RING_EXT_CPU_X86_ISAS
   __builtin_cpu_init();
+  // A test build runs both AVX-512 levels on AVX2 (Note [Emulated AVX-512] in emulated_avx512.h).
+#ifdef RING_EXT_EMULATE_AVX512
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx512;
+#endif
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("fma"))

@@ -23,7 +23,12 @@
 #include "convert.h"
 #include "kernels.h"
 
+#ifndef RING_EXT_EMULATE_AVX512
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,bmi2")
+#else  // a test build: the intrinsics on AVX2 (Note [Emulated AVX-512] in emulated_avx512.h)
+#pragma GCC target("avx2,fma,f16c,bmi2")
+#include "emulated_avx512.h"
+#endif
 #define RING_EXT_CPU_ISA avx512
 #define RING_EXT_AVX512_BF16 1  // bf16 tiles and vdpbf16ps (tiles_avx512.h)
 // clang-format off: the tile primitives come first, flash_impl.h is written against them
