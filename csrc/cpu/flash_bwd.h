@@ -82,18 +82,18 @@ struct Operand {
 };
 
 // The left operands of dV += P^T dO, dK += dS^T Q and dQ += dS K from the float32 P (in ws.s) and
-// dS (in ws.dp) of nq_pad rows. float: the same tiles, transposed by strides. bf16: rounded copies,
-// P and dS as row pairs [rows/2][kBlockK][2] (so A(j, kk) = the pair of rows 2kk, 2kk+1 at key j)
-// and dS row-major.
+// dS (in ws.dp) of the rows [r0, r1) (r0 and r1 even for bf16). float: the same tiles, transposed
+// by strides. bf16: rounded copies, P and dS as row pairs [rows/2][kBlockK][2] (so A(j, kk) = the
+// pair of rows 2kk, 2kk+1 at key j) and dS row-major. Each operand starts at row 0.
 template <typename T>
-void bwd_operands(BwdWorkspace<T>& ws, int64_t nq_pad, int64_t n_pad, Operand<T>& pt,
+void bwd_operands(BwdWorkspace<T>& ws, int64_t r0, int64_t r1, int64_t n_pad, Operand<T>& pt,
                   Operand<T>& dst, Operand<T>& ds) {
   if constexpr (kStep<T> == 1) {
     pt = {ws.s.data(), 1, kBlockK};
     dst = {ws.dp.data(), 1, kBlockK};
     ds = {ws.dp.data(), kBlockK, 1};
   } else {
-    for (int64_t i = 0; i < nq_pad; i += 2) {
+    for (int64_t i = r0; i < r1; i += 2) {
       const float* s0 = ws.s.data() + i * kBlockK;
       const float* dp0 = ws.dp.data() + i * kBlockK;
       store_bf16_row_pairs(s0, s0 + kBlockK, n_pad, ws.p_pairs.data() + i * kBlockK);
@@ -117,26 +117,37 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
   constexpr int64_t step = kStep<T>;
   const Shape& sh = p.shape;
   const int64_t q0 = qb * kBwdBlockQ, nq = std::min(kBwdBlockQ, sh.seq_q - q0);
-  const int64_t nq_pad = round_up(nq, step), n_pad = round_up(nk, 16);
+  // Only the block's rows [r0, r1) that see a key of the block (a contiguous range: the intervals
+  // are monotone), as in the forward: a query block that straddles a document boundary pays for
+  // each document's rows against that document's keys only. r0 starts a k step (a bf16 row pair);
+  // r1_pad ends one, past nq only by the zero row that pads a bf16 pair.
+  int64_t r0 = 0, r1 = nq;
+  while (r0 < nq && keys.keys(q0 + r0).end <= k0) ++r0;
+  while (r1 > r0 && keys.keys(q0 + r1 - 1).begin >= k0 + nk) --r1;
+  if (r1 <= r0) return;
+  r0 = r0 / step * step;
+  const int64_t r1_pad = round_up(r1, step), m = std::min(r1_pad, nq) - r0;  // m: real rows
+  const int64_t n_pad = round_up(nk, 16);
   const int64_t q_off = rows.q_offset(g, qb), dout_off = rows.dout_offset(g, qb);
   const int64_t d_steps = ceil_div(sh.head_dim, step), dv_steps = ceil_div(sh.head_dim_v, step);
-  // Only the key columns [c0, c1) some row of the block sees (its hull, Note [Mask rule]), c0 on a
+  // Only the key columns [c0, c1) some of those rows sees (their hull, Note [Mask rule]), c0 on a
   // 16-column boundary: a query block of one document skips the keys of the document before it in
   // a key block that straddles the boundary.
-  const Interval<int64_t> hull = tile_hull(keys.keys(q0), keys.keys(q0 + nq - 1));
+  const Interval<int64_t> hull = tile_hull(keys.keys(q0 + r0), keys.keys(q0 + r1 - 1));
   const int64_t c0 = std::clamp<int64_t>(hull.begin - k0, 0, nk) / 16 * 16;
   const int64_t c1 = std::clamp<int64_t>(hull.end - k0, 0, nk);
   if (c1 <= c0) return;
   const int64_t nc = round_up(c1 - c0, 16);  // c0 + nc <= n_pad
-  // S [nq, nc] = Q K^T; dP [nq, nc] = dO V^T (columns c0.. of the [rows][kBlockK] tiles)
+  // S [m, nc] = Q K^T; dP [m, nc] = dO V^T (rows r0.., columns c0.. of the [rows][kBlockK] tiles)
   const int64_t ldk = padded(kBlockK) * step;  // NK tiles' k step (Note [Padded tile rows])
-  gemm(rows.q_a.data() + q_off, padded(dpad), step, ws.kt.data() + c0 * step, ldk, nq, nc, d_steps,
-       ws.s.data() + c0, kBlockK, false);
-  gemm(rows.dout_a.data() + dout_off, padded(dvpad), step, ws.vt.data() + c0 * step, ldk, nq, nc,
-       dv_steps, ws.dp.data() + c0, kBlockK, false);
+  gemm(rows.q_a.data() + q_off + r0 * padded(dpad), padded(dpad), step, ws.kt.data() + c0 * step,
+       ldk, m, nc, d_steps, ws.s.data() + r0 * kBlockK + c0, kBlockK, false);
+  gemm(rows.dout_a.data() + dout_off + r0 * padded(dvpad), padded(dvpad), step,
+       ws.vt.data() + c0 * step, ldk, m, nc, dv_steps, ws.dp.data() + r0 * kBlockK + c0, kBlockK,
+       false);
   const float* lse = p.lse + b * p.lse_stride.batch + h * p.lse_stride.head + q0;
   const float* delta = p.delta + b * p.delta_stride.batch + h * p.delta_stride.head + q0;
-  for (int64_t i = 0; i < nq_pad; ++i) {
+  for (int64_t i = r0; i < r1_pad; ++i) {
     float* srow = ws.s.data() + i * kBlockK;
     float* dprow = ws.dp.data() + i * kBlockK;
     if (i == nq) {  // the zero row that pads a bf16 row pair
@@ -157,18 +168,19 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
     }
   }
   Operand<T> pt, dst, ds;
-  bwd_operands(ws, nq_pad, n_pad, pt, dst, ds);
+  bwd_operands(ws, r0, r1_pad, n_pad, pt, dst, ds);
   const T* dout_kn = HeadRows<T>::kn(rows.dout_a, rows.dout_kn, dout_off);
   const T* q_kn = HeadRows<T>::kn(rows.q_a, rows.q_kn, q_off);
-  // dV [keys c0..c1, dvpad] += P^T dO; dK [keys c0..c1, dpad] += dS^T Q; dQ [nq, dpad] += dS K.
-  // Key j of P^T / dS^T is at data + j * sm; key pair kk of dS at data + kk * sk, so key c0 (even)
-  // at c0.
-  gemm(pt.data + c0 * pt.sm, pt.sm, pt.sk, dout_kn, padded(dvpad) * step, c1 - c0, dvpad,
-       nq_pad / step, ws.dv.data() + c0 * dvpad, dvpad, true);
-  gemm(dst.data + c0 * dst.sm, dst.sm, dst.sk, q_kn, padded(dpad) * step, c1 - c0, dpad,
-       nq_pad / step, ws.dk.data() + c0 * dpad, dpad, true);
-  gemm(ds.data + c0, ds.sm, ds.sk, ws.k_kn.data() + c0 * padded(dpad), padded(dpad) * step, nq,
-       dpad, ceil_div(c1 - c0, step), dq, dpad, true);
+  // dV [keys c0..c1, dvpad] += P^T dO; dK [keys c0..c1, dpad] += dS^T Q over the rows r0..r1_pad
+  // (k steps r0 / step..); dQ [rows r0.., dpad] += dS K. Key j of P^T / dS^T is at data + j * sm;
+  // key pair kk of dS at data + kk * sk, so key c0 (even) at c0.
+  const int64_t ks = r0 / step, k_steps = (r1_pad - r0) / step;
+  gemm(pt.data + c0 * pt.sm + ks * pt.sk, pt.sm, pt.sk, dout_kn + ks * padded(dvpad) * step,
+       padded(dvpad) * step, c1 - c0, dvpad, k_steps, ws.dv.data() + c0 * dvpad, dvpad, true);
+  gemm(dst.data + c0 * dst.sm + ks * dst.sk, dst.sm, dst.sk, q_kn + ks * padded(dpad) * step,
+       padded(dpad) * step, c1 - c0, dpad, k_steps, ws.dk.data() + c0 * dpad, dpad, true);
+  gemm(ds.data + c0 + r0 * ds.sm, ds.sm, ds.sk, ws.k_kn.data() + c0 * padded(dpad),
+       padded(dpad) * step, m, dpad, ceil_div(c1 - c0, step), dq + r0 * dpad, dpad, true);
 }
 
 // The rows of a unit's dQ partial (Note [Ordered dQ units]): the query blocks that see one of its
