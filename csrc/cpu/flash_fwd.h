@@ -50,17 +50,18 @@ struct FwdWorkspace {
         l(kBlockQ) {}
 };
 
-// Online softmax of the task's rows [r0, r1) over one key block [k0, k0 + nk): S -> P, updates m
-// and l, rescales O (dvpad wide). With a softcap the scores are capped first, in place, and the
-// scale is already in them (Note [Softcap and sinks]).
+// Online softmax of the task's rows [r0, r1) over the keys [k0, k0 + nk), whose scores are the
+// columns col.. of the S tile: S -> P (the same columns), updates m and l, rescales O (dvpad wide).
+// With a softcap the scores are capped first, in place, and the scale is already in them (Note
+// [Softcap and sinks]).
 template <typename T>
 void softmax_step(const FwdParams& p, const RowKeys<int64_t>& keys, FwdWorkspace<T>& ws, int64_t q0,
-                  int64_t r0, int64_t r1, int64_t k0, int64_t nk, int64_t dvpad) {
+                  int64_t r0, int64_t r1, int64_t k0, int64_t nk, int64_t col, int64_t dvpad) {
   const int64_t n_pad = round_up(nk, 16);
   const float scale = p.softcap > 0.0f ? 1.0f : p.scale;
   for (int64_t i = r0; i < r1; ++i) {
-    float* srow = ws.s.data() + i * kFwdBlockK;
-    T* prow = ws.p.data() + i * kFwdBlockK;
+    float* srow = ws.s.data() + i * kFwdBlockK + col;
+    T* prow = ws.p.data() + i * kFwdBlockK + col;
     const Interval<int64_t> row = keys.keys(q0 + i);
     const int64_t begin = std::clamp<int64_t>(row.begin - k0, 0, nk);
     const int64_t end = std::clamp<int64_t>(row.end - k0, begin, nk);
@@ -130,17 +131,27 @@ void fwd_task(const FwdParams& p, const RowKeys<int64_t>& keys, const HeadKV<T>&
     while (r0 < nq && keys.keys(q0 + r0).end <= k0) ++r0;
     while (r1 > r0 && keys.keys(q0 + r1 - 1).begin >= k0 + nk) --r1;
     if (r0 == r1) continue;
-    // S [r1 - r0, kFwdBlockK] = Q [rows, d] K^T [d, nk]
-    gemm(ws.q.data() + r0 * dpad, dpad, step, kv.kt_block(kb, dpad), padded(kFwdBlockK) * step,
-         r1 - r0, round_up(nk, 16), ceil_div(sh.head_dim, step), ws.s.data() + r0 * kFwdBlockK,
-         kFwdBlockK,
-         /*accumulate=*/false);
-    softmax_step(p, keys, ws, q0, r0, r1, k0, nk, dvpad);
-    // O [rows, dvpad] += P [rows, nk] V [nk, dvpad]
-    gemm(ws.p.data() + r0 * kFwdBlockK, kFwdBlockK, step, kv.v_block(kb, dvpad),
-         padded(dvpad) * step, r1 - r0, dvpad, ceil_div(nk, step), ws.acc.data() + r0 * dvpad,
-         dvpad,
-         /*accumulate=*/true);
+    // In strips of rows when the block is not seen whole by every row (Note [Forward row strips]).
+    const bool whole = block_visibility(keys.keys(q0 + r0), keys.keys(q0 + r1 - 1), k0, k0 + nk) ==
+                       BlockVisibility::kFull;
+    const int64_t strip = whole ? r1 - r0 : kFwdStrip;
+    for (int64_t a = r0; a < r1; a += strip) {
+      const int64_t e = std::min(r1, a + strip);
+      // The columns [c0, c1) the strip's rows see (their hull), c0 on a 16-column boundary
+      const Interval<int64_t> hull = tile_hull(keys.keys(q0 + a), keys.keys(q0 + e - 1));
+      const int64_t c0 = std::clamp<int64_t>(hull.begin - k0, 0, nk) / 16 * 16;
+      const int64_t c1 = std::clamp<int64_t>(hull.end - k0, 0, nk);
+      if (c1 <= c0) continue;  // no row of the strip sees the block: its state stays
+      // S [e - a, c0..c1] = Q [rows, d] K^T [d, c0..c1]
+      gemm(ws.q.data() + a * dpad, dpad, step, kv.kt_block(kb, dpad) + c0 * step,
+           padded(kFwdBlockK) * step, e - a, round_up(c1 - c0, 16), ceil_div(sh.head_dim, step),
+           ws.s.data() + a * kFwdBlockK + c0, kFwdBlockK, /*accumulate=*/false);
+      softmax_step(p, keys, ws, q0, a, e, k0 + c0, c1 - c0, c0, dvpad);
+      // O [rows, dvpad] += P [rows, c0..c1] V [c0..c1, dvpad]
+      gemm(ws.p.data() + a * kFwdBlockK + c0, kFwdBlockK, step,
+           kv.v_block(kb, dvpad) + c0 / step * padded(dvpad) * step, padded(dvpad) * step, e - a,
+           dvpad, ceil_div(c1 - c0, step), ws.acc.data() + a * dvpad, dvpad, /*accumulate=*/true);
+    }
   }
   fwd_finish(p, ws, b, h, q0, nq, dvpad);
 }

@@ -77,6 +77,14 @@ namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 // L1/L2.
 constexpr int64_t kBlockQ = 256;
 constexpr int64_t kFwdBlockK = 128;
+// Note [Forward row strips]
+// A key block that some of a forward task's rows see only in part (a causal diagonal, a document's
+// first keys, a window's edge) runs its S = Q K^T, softmax and P V in strips of kFwdStrip rows,
+// each over the columns its own rows see (their hull, from 16-column boundaries): on a causal
+// diagonal the 256 x 128 tile then costs about the visible half plus a strip's triangle, not all of
+// it. Blocks every row sees whole run as one strip. 48 rows: whole 6-row tiles of the
+// micro-kernels.
+constexpr int64_t kFwdStrip = 48;
 constexpr int64_t kBwdBlockQ = 128;
 constexpr int64_t kBlockK = kBwdKeysPerTask;  // 64 (kernels.h): a multiple of 16, like kFwdBlockK
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
