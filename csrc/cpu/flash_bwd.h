@@ -8,11 +8,13 @@ namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 // group, query block): A tiles (left operands of S = Q K^T, dP = dO V^T) and KN tiles (right
 // operands of dK += dS^T Q, dV += P^T dO). For float the KN tile is the A tile, so kn() returns
 // a(). Q's tiles are padded(dpad) wide, dO's padded(dvpad) (v's head dim: they differ in MLA;
-// Note [Padded tile rows]).
+// Note [Padded tile rows]). Each (q head, query block) is packed when a task first needs it
+// (head_rows_block).
 template <typename T>
 struct HeadRows {
   int64_t blocks = 0, q_size = 0, dout_size = 0;
   TileVec<T> q_a, q_kn, dout_a, dout_kn;
+  BlockOnce packed;  // per (q head of the group, query block)
 
   int64_t q_offset(int64_t g, int64_t qb) const { return (g * blocks + qb) * q_size; }
   int64_t dout_offset(int64_t g, int64_t qb) const { return (g * blocks + qb) * dout_size; }
@@ -22,34 +24,41 @@ struct HeadRows {
 };
 
 template <typename T>
-void pack_head_rows(const BwdParams& p, int64_t b, int64_t hk, int64_t dpad, int64_t dvpad,
-                    HeadRows<T>& rows) {
+void alloc_head_rows(const BwdParams& p, int64_t dpad, int64_t dvpad, HeadRows<T>& rows) {
   const Shape& sh = p.shape;
-  const int64_t group = sh.heads_q / sh.heads_kv;
   rows.blocks = ceil_div(sh.seq_q, kBwdBlockQ);
   rows.q_size = kBwdBlockQ * padded(dpad);
   rows.dout_size = kBwdBlockQ * padded(dvpad);
-  const int64_t n = group * rows.blocks;
+  const int64_t n = sh.heads_q / sh.heads_kv * rows.blocks;
   rows.q_a.resize(n * rows.q_size);
   rows.dout_a.resize(n * rows.dout_size);
   if (kStep<T> != 1) {
     rows.q_kn.resize(n * rows.q_size);
     rows.dout_kn.resize(n * rows.dout_size);
   }
-  std::vector<T> tmp(std::max(sh.head_dim, sh.head_dim_v));
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t h = hk * group + t / rows.blocks, q0 = t % rows.blocks * kBwdBlockQ;
+  rows.packed.reset(n);
+}
+
+// Query block qb of the g-th q head of kv head hk in batch b, packed into rows by the first task
+// that needs it.
+template <typename T>
+void head_rows_block(const BwdParams& p, int64_t b, int64_t hk, int64_t g, int64_t qb, int64_t dpad,
+                     int64_t dvpad, HeadRows<T>& rows) {
+  rows.packed.run(g * rows.blocks + qb, [&] {
+    const Shape& sh = p.shape;
+    const int64_t h = hk * (sh.heads_q / sh.heads_kv) + g, q0 = qb * kBwdBlockQ;
     const int64_t nq = std::min(kBwdBlockQ, sh.seq_q - q0);
     const RowBlock q = rows_of(p.q, p.in_dtype, p.q_stride, b, h, q0, nq, sh.head_dim);
     const RowBlock dout = rows_of(p.dout, p.in_dtype, p.dout_stride, b, h, q0, nq, sh.head_dim_v);
-    pack_a(q, kBwdBlockQ, padded(dpad), rows.q_a.data() + t * rows.q_size);
-    pack_a(dout, kBwdBlockQ, padded(dvpad), rows.dout_a.data() + t * rows.dout_size);
+    const int64_t q_off = rows.q_offset(g, qb), dout_off = rows.dout_offset(g, qb);
+    pack_a(q, kBwdBlockQ, padded(dpad), rows.q_a.data() + q_off);
+    pack_a(dout, kBwdBlockQ, padded(dvpad), rows.dout_a.data() + dout_off);
     if (kStep<T> != 1) {
-      pack_kn(q, kBwdBlockQ, padded(dpad), tmp.data(), rows.q_kn.data() + t * rows.q_size);
-      pack_kn(dout, kBwdBlockQ, padded(dvpad), tmp.data(),
-              rows.dout_kn.data() + t * rows.dout_size);
+      std::vector<T> tmp(std::max(sh.head_dim, sh.head_dim_v));
+      pack_kn(q, kBwdBlockQ, padded(dpad), tmp.data(), rows.q_kn.data() + q_off);
+      pack_kn(dout, kBwdBlockQ, padded(dvpad), tmp.data(), rows.dout_kn.data() + dout_off);
     }
-  }
+  });
 }
 
 // Per-thread scratch of one backward task (one key block).
@@ -207,7 +216,7 @@ inline void add_rows(const float* src, int64_t dpad, int64_t rows, int64_t d, fl
 // One task: key block kb of kv head hk against every query block (of every q head of the GQA group)
 // that can see it. dq_part is the group's float32 dQ partial over the unit's rows (DqRows).
 template <typename T>
-void bwd_task(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T>& rows, int64_t b,
+void bwd_task(const BwdParams& p, const RowKeys<int64_t>& keys, HeadRows<T>& rows, int64_t b,
               int64_t hk, int64_t kb, int64_t dpad, int64_t dvpad, BwdWorkspace<T>& ws,
               const DqRows& dq_rows, float* dq_part) {
   const Shape& sh = p.shape;
@@ -224,9 +233,11 @@ void bwd_task(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
   const int64_t qb_begin = rows_in.begin / kBwdBlockQ;
   const int64_t qb_end = rows_in.empty() ? qb_begin : ceil_div(rows_in.end, kBwdBlockQ);
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t qb = qb_begin; qb < qb_end; ++qb)
+    for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
+      head_rows_block(p, b, hk, g, qb, dpad, dvpad, rows);
       bwd_pair(p, keys, rows, b, hk * group + g, g, qb, k0, nk, dpad, dvpad, ws,
                dq_part + (g * dq_rows.count + qb * kBwdBlockQ - dq_rows.begin) * dpad);
+    }
   add_rows(ws.dk.data(), dpad, nk, d, p.scale,
            p.dk + b * p.dk_stride.batch + hk * p.dk_stride.head + k0 * p.dk_stride.seq,
            p.dk_stride.seq);
@@ -339,10 +350,8 @@ void flash_bwd_tiled(const BwdParams& p, ParallelFor parallel_for) {
       const int64_t base = g / units * k_blocks;
       for_tasks_by_head(
           heads, k_blocks, base + kb0, base + kb1,
-          [&](int64_t head, HeadRows<T>& packed) {
-            pack_head_rows(p, head / sh.heads_kv, head % sh.heads_kv, dpad, dvpad, packed);
-          },
-          [&](int64_t head, int64_t first, int64_t stop, const HeadRows<T>& packed) {
+          [&](int64_t, HeadRows<T>& packed) { alloc_head_rows(p, dpad, dvpad, packed); },
+          [&](int64_t head, int64_t first, int64_t stop, HeadRows<T>& packed) {
             dq.assign(group * rows.count * dpad, 0.0f);
             for (int64_t t = first; t < stop; ++t)
               bwd_task(p, keys, packed, head / sh.heads_kv, head % sh.heads_kv, t % k_blocks, dpad,

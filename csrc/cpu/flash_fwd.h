@@ -5,35 +5,38 @@
 namespace ring_ext::cpu::RING_EXT_CPU_ISA {
 
 // K as NK tiles (K^T) and V as KN tiles of every key block of one (batch, kv head) (Note [Packed
-// heads]). dpad is q/k's padded head dim, dvpad v's (they differ in MLA).
+// heads]), each packed when a task first needs it (kv_block). dpad is q/k's padded head dim, dvpad
+// v's (they differ in MLA).
 template <typename T>
 struct HeadKV {
   // [blocks][dpad][padded(kFwdBlockK)] (by k steps), [blocks][kFwdBlockK][padded(dvpad)]
   TileVec<T> kt, v;
-  const T* kt_block(int64_t kb, int64_t dpad) const {
-    return kt.data() + kb * dpad * padded(kFwdBlockK);
-  }
-  const T* v_block(int64_t kb, int64_t dvpad) const {
-    return v.data() + kb * kFwdBlockK * padded(dvpad);
-  }
+  BlockOnce packed;  // per key block
+  T* kt_block(int64_t kb, int64_t dpad) { return kt.data() + kb * dpad * padded(kFwdBlockK); }
+  T* v_block(int64_t kb, int64_t dvpad) { return v.data() + kb * kFwdBlockK * padded(dvpad); }
 };
 
 template <typename T>
-void pack_head_kv(const FwdParams& p, int64_t b, int64_t hk, int64_t dpad, int64_t dvpad,
-                  HeadKV<T>& kv) {
-  const Shape& sh = p.shape;
-  const int64_t blocks = ceil_div(sh.seq_k, kFwdBlockK);
-  const int64_t k_size = dpad * padded(kFwdBlockK), v_size = padded(dvpad) * kFwdBlockK;
-  kv.kt.resize(blocks * k_size);
-  kv.v.resize(blocks * v_size);
-  std::vector<T> tmp(std::max(sh.head_dim, sh.head_dim_v));
-  for (int64_t kb = 0; kb < blocks; ++kb) {
+void alloc_head_kv(const FwdParams& p, int64_t dpad, int64_t dvpad, HeadKV<T>& kv) {
+  const int64_t blocks = ceil_div(p.shape.seq_k, kFwdBlockK);
+  kv.kt.resize(blocks * dpad * padded(kFwdBlockK));
+  kv.v.resize(blocks * kFwdBlockK * padded(dvpad));
+  kv.packed.reset(blocks);
+}
+
+// Key block kb of kv head hk in batch b, packed into kv by the first task that needs it.
+template <typename T>
+void kv_block(const FwdParams& p, int64_t b, int64_t hk, int64_t kb, int64_t dpad, int64_t dvpad,
+              HeadKV<T>& kv) {
+  kv.packed.run(kb, [&] {
+    const Shape& sh = p.shape;
     const int64_t k0 = kb * kFwdBlockK, rows = std::min(kFwdBlockK, sh.seq_k - k0);
     const RowBlock k = rows_of(p.k, p.in_dtype, p.k_stride, b, hk, k0, rows, sh.head_dim);
     const RowBlock v = rows_of(p.v, p.in_dtype, p.v_stride, b, hk, k0, rows, sh.head_dim_v);
-    pack_nk(k, dpad, padded(kFwdBlockK), tmp.data(), kv.kt.data() + kb * k_size);
-    pack_kn(v, kFwdBlockK, padded(dvpad), tmp.data(), kv.v.data() + kb * v_size);
-  }
+    std::vector<T> tmp(std::max(sh.head_dim, sh.head_dim_v));
+    pack_nk(k, dpad, padded(kFwdBlockK), tmp.data(), kv.kt_block(kb, dpad));
+    pack_kn(v, kFwdBlockK, padded(dvpad), tmp.data(), kv.v_block(kb, dvpad));
+  });
 }
 
 // Per-thread scratch of one forward task.
@@ -106,10 +109,10 @@ void fwd_finish(const FwdParams& p, FwdWorkspace<T>& ws, int64_t b, int64_t h, i
 }
 
 // One task: query rows [q0, q0 + kBlockQ) of q head h against every key block they can see; kv is
-// h's kv head, packed.
+// h's kv head, whose key blocks are packed as tasks first need them (kv_block).
 template <typename T>
-void fwd_task(const FwdParams& p, const RowKeys<int64_t>& keys, const HeadKV<T>& kv, int64_t b,
-              int64_t h, int64_t q0, int64_t dpad, int64_t dvpad, FwdWorkspace<T>& ws) {
+void fwd_task(const FwdParams& p, const RowKeys<int64_t>& keys, HeadKV<T>& kv, int64_t b, int64_t h,
+              int64_t q0, int64_t dpad, int64_t dvpad, FwdWorkspace<T>& ws) {
   constexpr int64_t step = kStep<T>;
   const Shape& sh = p.shape;
   const int64_t nq = std::min(kBlockQ, sh.seq_q - q0);
@@ -131,6 +134,7 @@ void fwd_task(const FwdParams& p, const RowKeys<int64_t>& keys, const HeadKV<T>&
     while (r0 < nq && keys.keys(q0 + r0).end <= k0) ++r0;
     while (r1 > r0 && keys.keys(q0 + r1 - 1).begin >= k0 + nk) --r1;
     if (r0 == r1) continue;
+    kv_block(p, b, h / (sh.heads_q / sh.heads_kv), kb, dpad, dvpad, kv);
     // In strips of rows when the block is not seen whole by every row (Note [Forward row strips]).
     const bool whole = block_visibility(keys.keys(q0 + r0), keys.keys(q0 + r1 - 1), k0, k0 + nk) ==
                        BlockVisibility::kFull;
@@ -174,10 +178,8 @@ void flash_fwd_tiled(const FwdParams& p, ParallelFor parallel_for) {
     for (int64_t begin, end; units.next(begin, end);) {
       for_tasks_by_head(
           heads, tasks_per_head, begin, end,
-          [&](int64_t head, HeadKV<T>& kv) {
-            pack_head_kv(p, head / sh.heads_kv, head % sh.heads_kv, dpad, dvpad, kv);
-          },
-          [&](int64_t, int64_t first, int64_t stop, const HeadKV<T>& kv) {
+          [&](int64_t, HeadKV<T>& kv) { alloc_head_kv(p, dpad, dvpad, kv); },
+          [&](int64_t, int64_t first, int64_t stop, HeadKV<T>& kv) {
             for (int64_t t = first; t < stop; ++t) {
               const int64_t qb = zigzag(t % q_blocks, q_blocks), bh = t / q_blocks;
               fwd_task(p, keys, kv, bh / sh.heads_q, bh % sh.heads_q, qb * kBlockQ, dpad, dvpad,

@@ -20,16 +20,18 @@
 // operand of P V, dS K) and row-pair [rows/2][kBlockK][2] tiles (transposed left operand of
 // P^T dO, dS^T Q); float uses the float32 tiles directly, transposed by strides.
 //
-// Forward: K/V of each (batch, kv head) are packed once per call, by the first task on that head
-// (Note [Packed heads]). One task = (batch, q head, block of kBlockQ query rows): pack Q, then walk
-// the key blocks with the online softmax, S = Q K^T, running max m and sum l,
-// O = O * exp(m_old - m) + P V. The task visits only the key blocks between the first key its
-// first row sees and the last key its last row sees (the tile's hull: every mask is a monotone
-// interval per row, Note [Mask rule] in csrc/common/mask.h); inside a block, keys outside a row's
-// interval are masked lane by lane. Within a visited block only the task's rows that see it take
-// part (a task straddling a document boundary computes each document's rows against that
-// document's keys). So blocks outside a causal diagonal, a document or a sliding window cost
-// nothing, and the cost follows the visible pairs up to the tile edges.
+// Forward: K/V of each (batch, kv head) are packed once per call, each key block by the first task
+// that needs it (Note [Packed heads]). One task = (batch, q head, block of kBlockQ query rows):
+// pack Q, then walk the key blocks with the online softmax, S = Q K^T, running max m and sum l, O =
+// O * exp(m_old - m) + P V. The task visits only the key blocks between the first key its first row
+// sees and the last key its last row sees (the tile's hull: every mask is a monotone interval per
+// row, Note [Mask rule] in csrc/common/mask.h); inside a block, keys outside a row's interval are
+// masked lane by lane. Within a visited block only the task's rows that see it take part (a task
+// straddling a document boundary computes each document's rows against that document's keys), in
+// strips of rows on a block they see in part (Note [Forward row strips]). So
+// blocks outside a causal diagonal, a document or a sliding window cost nothing, and the cost
+// follows the visible pairs up to the tile edges.
+//
 // Backward: Q/dO of the q heads of each (batch, kv head), in blocks of kBwdBlockQ rows (larger
 // than the forward's: they are the k loop of dK and dV), are packed once per call the same way.
 // One task = (batch, kv head, key block), so dK/dV of a key block have one writer; it walks the q
@@ -38,7 +40,8 @@
 // partial per unit of tasks over the rows that see the unit's keys, added to dq in a fixed order
 // (Note [Ordered dQ units] in flash_bwd.h). The query blocks a key block visits are the contiguous
 // range of rows that see it (RowKeys::rows_seeing), and each (query block, key block) pair computes
-// only the key columns its rows see (from 16-column boundaries), in all five products. Parallelism
+// only the block's rows that see the key block and the key columns they see (from 16-column
+// boundaries), in all five products. Parallelism
 // stays good when batch * heads is 1: tasks are per block, and the threads take small units of
 // tasks dynamically, in the forward and the backward (Note [Dynamic task units]). The forward deals
 // causal tasks in zigzag order (0, n-1, 1, n-2, ...) so contiguous units get equal work; the
@@ -54,6 +57,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <vector>
@@ -266,10 +270,13 @@ void pack_nk(const RowBlock& src, int64_t dpad, int64_t width, T* tmp, T* dst) {
 // Note [Packed heads]
 // The forward packs K/V, the backward Q/dO, per (batch, kv head): a "head" here. Tasks run head by
 // head and each thread takes units of them in order (Note [Dynamic task units]), so a
-// head is used by the one or few threads whose ranges cover its tasks. The first of them packs it,
-// the others wait for that and share it, and the last one to finish its tasks there frees it: a
-// call holds the packed copies of the heads its threads are on (one head when a call has one, as
-// context-parallel calls on CPU do), never a copy of every head and never two copies of one.
+// head is used by the one or few threads whose ranges cover its tasks. The first of them allocates
+// its packed copy, and each block of it (a key block of K/V, a query block of Q/dO) is packed by
+// the first task that needs it, the others waiting for that block only (BlockOnce): the threads on
+// a head pack its blocks side by side, where one thread packing the whole head held up the others
+// (every thread, when a call has one head, as context-parallel calls on CPU do). The last one to
+// finish its tasks there frees it: a call holds the packed copies of the heads its threads are on,
+// never a copy of every head and never two copies of one.
 template <typename Pack>
 class PackedHeads {
  public:
@@ -277,9 +284,9 @@ class PackedHeads {
     for (Slot& slot : slots_) slot.remaining = tasks_per_head;
   }
 
-  // Head `head`, packed by pack(Pack&) if no thread has packed it yet.
+  // Head `head`, allocated by pack(Pack&) if no thread has done so yet.
   template <typename PackFn>
-  const Pack& get(int64_t head, PackFn&& pack) {
+  Pack& get(int64_t head, PackFn&& pack) {
     Slot& slot = slots_[head];
     std::call_once(slot.packed, [&] { pack(slot.pack); });
     return slot.pack;
@@ -298,6 +305,20 @@ class PackedHeads {
     Pack pack;
   };
   std::vector<Slot> slots_;
+};
+
+// Once flags for the blocks of a packed head (Note [Packed heads]).
+class BlockOnce {
+ public:
+  void reset(int64_t blocks) { flags_ = std::make_unique<std::once_flag[]>(blocks); }
+  // Runs fn() if no thread has run it for `block` yet; else waits until that run has finished.
+  template <typename Fn>
+  void run(int64_t block, Fn&& fn) {
+    std::call_once(flags_[block], std::forward<Fn>(fn));
+  }
+
+ private:
+  std::unique_ptr<std::once_flag[]> flags_;
 };
 
 // Walks a thread's range [begin, end) of tasks numbered head by head (tasks_per_head each): for
