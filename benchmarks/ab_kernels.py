@@ -18,7 +18,8 @@ revision's code to the other's, so two revisions whose csrc/common/params.h diff
 Inputs: N(0, 1) q, k, v, dout in [1, s, h, d] (bf16: rounded to nearest even), scale 1/sqrt(d); the
 backward gets base's lse and delta = rowsum(dout * out) and adds into zeroed float32 dq, dk, dv; all
 heads go in one call. Masks: full, causal, or packed lognormal documents (--docs of them, causal
-within each, passed as kRows intervals). FLOPs: forward 4 * b * h * d per visible (query, key) pair,
+within each, passed as kRows intervals; ring_ext.testing.documents.lognormal_docs, seed 0, the
+lengths benchmarks/bench_varlen.py uses). FLOPs: forward 4 * b * h * d per visible (query, key) pair,
 backward 2.5x that; causal and packed count half of each square, as benchmarks/bench_kernels.py does.
 
     python benchmarks/ab_kernels.py --base HEAD              # HEAD against the working tree
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -39,6 +39,9 @@ import sys
 import tempfile
 
 from peak import cpu_model, fma_peak
+
+import ring_ext
+from ring_ext.testing.documents import lognormal_docs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "benchmarks", "ab_kernels_main.cpp")
@@ -62,33 +65,12 @@ def parse_shape(text: str) -> tuple[str, int, int, str]:
 
 
 def cpu_isas() -> list[str]:
-    """The kernel builds this CPU runs, best first: dispatch.cpp's cpuid rules read from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= set(flags)
-    runs = {
-        "avx512": avx512 and "avx512_bf16" in flags,
-        "avx512f": avx512,
-        "avx2": {"avx2", "fma"} <= set(flags),
-        "baseline": True,
-    }
-    return [isa for isa in ISAS if runs[isa]]
-
-
-def lognormal_docs(total: int, n_docs: int, seed: int = 0) -> list[int]:
-    """n_docs lengths >= 0 summing to total, drawn lognormal(0, 1) and cut as
-    ring_ext/testing/documents.py does (Python's generator, not torch's: other lengths than its)."""
-    rng = random.Random(seed)
-    weights = [rng.lognormvariate(0.0, 1.0) for _ in range(n_docs)]
-    cuts, acc = [], 0.0
-    for w in weights:
-        acc += w
-        cuts.append(round(acc / sum(weights) * total))
-    cuts[-1] = total
-    return [b - a for a, b in zip([0] + cuts, cuts)]
+    """The kernel builds this CPU runs, best first: the extension's level (csrc/cpu/dispatch.cpp) and
+    those below it."""
+    info = ring_ext.build_info()
+    if info["emulated_avx512"]:
+        sys.exit("ab_kernels: the installed ring_ext is an emulated AVX-512 test build (setup.py)")
+    return list(ISAS[ISAS.index(info["cpu_isa"]) :])
 
 
 def git(*args: str) -> str:
@@ -247,7 +229,7 @@ def main() -> None:
     isa = args.isa or runnable[0]
     if isa not in runnable:
         sys.exit(f"ab_kernels: this CPU cannot run the {isa} kernels (it runs {', '.join(runnable)})")
-    docs = {s: lognormal_docs(s, args.docs) for _, _, s, mask in shapes if mask == "packed"}
+    docs = {s: list(lognormal_docs(s, args.docs, seed=0)) for _, _, s, mask in shapes if mask == "packed"}
 
     with tempfile.TemporaryDirectory(prefix="ring_ext_ab_") as tmp:
         trees = {"ab_base": os.path.join(tmp, "base"), "ab_new": os.path.join(tmp, "new")}

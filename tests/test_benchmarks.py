@@ -136,12 +136,13 @@ def test_ab_kernels_pairs_head_with_working_tree():
     if same.returncode != 0:
         pytest.skip("not a git checkout, or csrc/common/params.h differs from HEAD's")
     done = subprocess.run(
-        [sys.executable, os.path.join(BENCH, "ab_kernels.py"), "--base", "HEAD", "--shapes", "fp32:64:256:causal",
+        [sys.executable, os.path.join(BENCH, "ab_kernels.py"), "--base", "HEAD", "--shapes", "fp32:64:256:causal", "fp32:64:256:packed",
          "--repeats", "1", "--threads", "1"],
         check=True, capture_output=True, timeout=300, text=True,
     )  # fmt: skip
     assert "MISMATCH" not in done.stdout, done.stdout
     assert re.search(r"base HEAD \(\w+\), new working tree .* isa \w+, 1 threads", done.stdout), done.stdout
-    for pass_name, diffs in (("fwd", r"out=[\d.e-]+, lse="), ("bwd", r"dq=[\d.e-]+, dk=[\d.e-]+, dv=")):
-        row = rf"\| fp32 \| 64 \| 256 \| causal \| {pass_name} \|( [\d.]+ \|){{5}} [\d.]+-[\d.]+ \| \d+% \| \d+% \| {diffs}"
-        assert re.search(row, done.stdout), done.stdout
+    for mask in ("causal", "packed"):
+        for pass_name, diffs in (("fwd", r"out=[\d.e-]+, lse="), ("bwd", r"dq=[\d.e-]+, dk=[\d.e-]+, dv=")):
+            row = rf"\| fp32 \| 64 \| 256 \| {mask} \| {pass_name} \|( [\d.]+ \|){{5}} [\d.]+-[\d.]+ \| \d+% \| \d+% \| {diffs}"
+            assert re.search(row, done.stdout), done.stdout

@@ -126,26 +126,23 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
   constexpr int64_t step = kStep<T>;
   const Shape& sh = p.shape;
   const int64_t q0 = qb * kBwdBlockQ, nq = std::min(kBwdBlockQ, sh.seq_q - q0);
-  // Only the block's rows [r0, r1) that see a key of the block (a contiguous range: the intervals
-  // are monotone), as in the forward: a query block that straddles a document boundary pays for
-  // each document's rows against that document's keys only. r0 starts a k step (a bf16 row pair);
-  // r1_pad ends one, past nq only by the zero row that pads a bf16 pair.
-  int64_t r0 = 0, r1 = nq;
-  while (r0 < nq && keys.keys(q0 + r0).end <= k0) ++r0;
-  while (r1 > r0 && keys.keys(q0 + r1 - 1).begin >= k0 + nk) --r1;
-  if (r1 <= r0) return;
-  r0 = r0 / step * step;
-  const int64_t r1_pad = round_up(r1, step), m = std::min(r1_pad, nq) - r0;  // m: real rows
+  // Only the block's rows that see a key of the key block, as in the forward: a query block that
+  // straddles a document boundary pays for each document's rows against that document's keys
+  // only. r0 starts a k step (a bf16 row pair); r1_pad ends one, past nq only by the zero row that
+  // pads a bf16 pair.
+  const Interval<int64_t> seeing = block_rows_seeing(keys, q0, nq, k0, k0 + nk);
+  if (seeing.empty()) return;
+  // Only the key columns [c0, c1) those rows see (visible_columns): a query block of one document
+  // skips the keys of the document before it in a key block that straddles the boundary.
+  const Interval<int64_t> cols =
+      visible_columns(keys, q0 + seeing.begin, q0 + seeing.end - 1, k0, nk);
+  if (cols.empty()) return;
+  const int64_t c0 = cols.begin, c1 = cols.end;
+  const int64_t r0 = seeing.begin / step * step, r1_pad = round_up(seeing.end, step);
+  const int64_t m = std::min(r1_pad, nq) - r0;  // real rows
   const int64_t n_pad = round_up(nk, 16);
   const int64_t q_off = rows.q_offset(g, qb), dout_off = rows.dout_offset(g, qb);
   const int64_t d_steps = ceil_div(sh.head_dim, step), dv_steps = ceil_div(sh.head_dim_v, step);
-  // Only the key columns [c0, c1) some of those rows sees (their hull, Note [Mask rule]), c0 on a
-  // 16-column boundary: a query block of one document skips the keys of the document before it in
-  // a key block that straddles the boundary.
-  const Interval<int64_t> hull = tile_hull(keys.keys(q0 + r0), keys.keys(q0 + r1 - 1));
-  const int64_t c0 = std::clamp<int64_t>(hull.begin - k0, 0, nk) / 16 * 16;
-  const int64_t c1 = std::clamp<int64_t>(hull.end - k0, 0, nk);
-  if (c1 <= c0) return;
   const int64_t nc = round_up(c1 - c0, 16);  // c0 + nc <= n_pad
   // S [m, nc] = Q K^T; dP [m, nc] = dO V^T (rows r0.., columns c0.. of the [rows][kBlockK] tiles)
   const int64_t ldk = padded(kBlockK) * step;  // NK tiles' k step (Note [Padded tile rows])
@@ -192,18 +189,13 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
        padded(dpad) * step, m, dpad, ceil_div(c1 - c0, step), dq + r0 * dpad, dpad, true);
 }
 
-// The rows of a unit's dQ partial (Note [Ordered dQ units]): the query blocks that see one of its
-// key blocks, [begin, begin + count), begin on a query block boundary.
-struct DqRows {
-  int64_t begin = 0, count = 0;
-};
-
-// The rows that see a key of [k0, k1), widened to whole query blocks (clipped to seq_q).
-inline DqRows dq_rows_seeing(const RowKeys<int64_t>& keys, int64_t seq_q, int64_t k0, int64_t k1) {
+// The rows of the query blocks that see a key of [k0, k1) (clipped to seq_q): a task's query
+// blocks, and the rows of a unit's dQ partial (Note [Ordered dQ units]).
+inline Interval<int64_t> query_block_rows(const RowKeys<int64_t>& keys, int64_t seq_q, int64_t k0,
+                                          int64_t k1) {
   const Interval<int64_t> rows = keys.rows_seeing(k0, k1);
-  if (rows.empty()) return {};
-  const int64_t begin = rows.begin / kBwdBlockQ * kBwdBlockQ;
-  return {begin, std::min(seq_q, round_up(rows.end, kBwdBlockQ)) - begin};
+  if (rows.empty()) return {0, 0};
+  return {rows.begin / kBwdBlockQ * kBwdBlockQ, std::min(seq_q, round_up(rows.end, kBwdBlockQ))};
 }
 
 // dst[i * row_stride + c] += alpha * src[i * dpad + c] for i < rows, c < d.
@@ -214,11 +206,12 @@ inline void add_rows(const float* src, int64_t dpad, int64_t rows, int64_t d, fl
 }
 
 // One task: key block kb of kv head hk against every query block (of every q head of the GQA group)
-// that can see it. dq_part is the group's float32 dQ partial over the unit's rows (DqRows).
+// that can see it. dq_part is the group's float32 dQ partial over the unit's rows dq_rows
+// ([group][rows][dpad], query_block_rows).
 template <typename T>
 void bwd_task(const BwdParams& p, const RowKeys<int64_t>& keys, HeadRows<T>& rows, int64_t b,
               int64_t hk, int64_t kb, int64_t dpad, int64_t dvpad, BwdWorkspace<T>& ws,
-              const DqRows& dq_rows, float* dq_part) {
+              const Interval<int64_t>& dq_rows, float* dq_part) {
   const Shape& sh = p.shape;
   const int64_t d = sh.head_dim, dv = sh.head_dim_v, group = sh.heads_q / sh.heads_kv;
   const int64_t k0 = kb * kBlockK, nk = std::min(kBlockK, sh.seq_k - k0);
@@ -229,14 +222,14 @@ void bwd_task(const BwdParams& p, const RowKeys<int64_t>& keys, HeadRows<T>& row
   pack_kn(k, kBlockK, padded(dpad), ws.tmp.data(), ws.k_kn.data());
   std::fill(ws.dk.begin(), ws.dk.end(), 0.0f);
   std::fill(ws.dv.begin(), ws.dv.end(), 0.0f);
-  const Interval<int64_t> rows_in = keys.rows_seeing(k0, k0 + nk);
-  const int64_t qb_begin = rows_in.begin / kBwdBlockQ;
-  const int64_t qb_end = rows_in.empty() ? qb_begin : ceil_div(rows_in.end, kBwdBlockQ);
+  const Interval<int64_t> rows_in = query_block_rows(keys, sh.seq_q, k0, k0 + nk);
+  const int64_t qb_begin = rows_in.begin / kBwdBlockQ, qb_end = ceil_div(rows_in.end, kBwdBlockQ);
   for (int64_t g = 0; g < group; ++g)
     for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
       head_rows_block(p, b, hk, g, qb, dpad, dvpad, rows);
-      bwd_pair(p, keys, rows, b, hk * group + g, g, qb, k0, nk, dpad, dvpad, ws,
-               dq_part + (g * dq_rows.count + qb * kBwdBlockQ - dq_rows.begin) * dpad);
+      bwd_pair(
+          p, keys, rows, b, hk * group + g, g, qb, k0, nk, dpad, dvpad, ws,
+          dq_part + (g * (dq_rows.end - dq_rows.begin) + qb * kBwdBlockQ - dq_rows.begin) * dpad);
     }
   add_rows(ws.dk.data(), dpad, nk, d, p.scale,
            p.dk + b * p.dk_stride.batch + hk * p.dk_stride.head + k0 * p.dk_stride.seq,
@@ -246,15 +239,16 @@ void bwd_task(const BwdParams& p, const RowKeys<int64_t>& keys, HeadRows<T>& row
            p.dv_stride.seq);
 }
 
-// p.dq += scale * dq for the q heads of (batch, kv head) `head`; dq is [group][rows.count][dpad],
-// the rows [rows.begin, rows.begin + rows.count).
-inline void add_dq(const BwdParams& p, int64_t head, const DqRows& rows, const float* dq,
+// p.dq += scale * dq for the q heads of (batch, kv head) `head`; dq is [group][n][dpad] over the
+// n rows [rows.begin, rows.end).
+inline void add_dq(const BwdParams& p, int64_t head, const Interval<int64_t>& rows, const float* dq,
                    int64_t dpad) {
   const Shape& sh = p.shape;
   const int64_t group = sh.heads_q / sh.heads_kv, b = head / sh.heads_kv;
+  const int64_t n = rows.end - rows.begin;
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = head % sh.heads_kv * group + g;
-    add_rows(dq + g * rows.count * dpad, dpad, rows.count, sh.head_dim, p.scale,
+    add_rows(dq + g * n * dpad, dpad, n, sh.head_dim, p.scale,
              p.dq + b * p.dq_stride.batch + h * p.dq_stride.head + rows.begin * p.dq_stride.seq,
              p.dq_stride.seq);
   }
@@ -266,10 +260,10 @@ inline void add_dq(const BwdParams& p, int64_t head, const DqRows& rows, const f
 // ran which unit must not decide the order of dq's sums. A unit is a fixed range of one head's
 // key blocks (unit u of U: blocks [u k / U, (u + 1) k / U) of the head's k, U = the smaller of k
 // and kBwdUnitsPerHead: fixed by the shape alone, not by the threads). It sums its tasks' dQ into
-// a float32 partial of its own over the rows that see its keys (DqRows: for a causal mask the rows
-// from its first key on, for packed documents those of the documents its keys lie in), and the
-// partials of a head are added to dq in unit order: a partial done before the one ahead of it is
-// queued, and the thread that adds a head's next partial adds the queued ones that follow. So dq
+// a float32 partial of its own over the rows that see its keys (query_block_rows: for a causal mask
+// the rows from its first key on, for packed documents those of the documents its keys lie in), and
+// the partials of a head are added to dq in unit order: a partial done before the one ahead of it
+// is queued, and the thread that adds a head's next partial adds the queued ones that follow. So dq
 // is the same on every run and for every number of threads. At most as many partials wait as
 // there are threads (a thread finding the queue full waits for its turn; units are taken in order,
 // so the one ahead of it is being computed), so a call holds at most two partials per thread.
@@ -288,7 +282,7 @@ class OrderedDq {
 
   // Unit `unit` of `head` is done: adds its partial dq (over `rows`) and the queued ones that
   // follow it, or queues it (taking its storage) when a unit ahead of it is not done yet.
-  void add(int64_t head, int64_t unit, const DqRows& rows, std::vector<float>& dq) {
+  void add(int64_t head, int64_t unit, const Interval<int64_t>& rows, std::vector<float>& dq) {
     std::unique_lock<std::mutex> lock(mutex_);
     cv_.wait(lock, [&] {
       return unit == next_[head] ||
@@ -314,8 +308,8 @@ class OrderedDq {
  private:
   struct Queued {
     int64_t head, unit;
-    DqRows rows;
-    std::vector<float> dq;  // [group][rows.count][dpad], unscaled
+    Interval<int64_t> rows;
+    std::vector<float> dq;  // [group][rows.end - rows.begin][dpad], unscaled
   };
   const BwdParams& p_;
   const int64_t dpad_;
@@ -345,14 +339,14 @@ void flash_bwd_tiled(const BwdParams& p, ParallelFor parallel_for) {
     ordered.join();
     for (int64_t g; (g = next_unit.fetch_add(1, std::memory_order_relaxed)) < n_heads * units;) {
       const int64_t u = g % units, kb0 = u * k_blocks / units, kb1 = (u + 1) * k_blocks / units;
-      const DqRows rows =
-          dq_rows_seeing(keys, sh.seq_q, kb0 * kBlockK, std::min(kb1 * kBlockK, sh.seq_k));
+      const Interval<int64_t> rows =
+          query_block_rows(keys, sh.seq_q, kb0 * kBlockK, std::min(kb1 * kBlockK, sh.seq_k));
       const int64_t base = g / units * k_blocks;
       for_tasks_by_head(
           heads, k_blocks, base + kb0, base + kb1,
           [&](int64_t, HeadRows<T>& packed) { alloc_head_rows(p, dpad, dvpad, packed); },
           [&](int64_t head, int64_t first, int64_t stop, HeadRows<T>& packed) {
-            dq.assign(group * rows.count * dpad, 0.0f);
+            dq.assign(group * (rows.end - rows.begin) * dpad, 0.0f);
             for (int64_t t = first; t < stop; ++t)
               bwd_task(p, keys, packed, head / sh.heads_kv, head % sh.heads_kv, t % k_blocks, dpad,
                        dvpad, ws, rows, dq.data());

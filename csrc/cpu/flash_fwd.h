@@ -130,10 +130,9 @@ void fwd_task(const FwdParams& p, const RowKeys<int64_t>& keys, HeadKV<T>& kv, i
     // Only the task's rows [r0, r1) that see a key of this block (a contiguous range: the intervals
     // are monotone), so a task that straddles a document boundary pays for each document's rows
     // against that document's keys only.
-    int64_t r0 = 0, r1 = nq;
-    while (r0 < nq && keys.keys(q0 + r0).end <= k0) ++r0;
-    while (r1 > r0 && keys.keys(q0 + r1 - 1).begin >= k0 + nk) --r1;
-    if (r0 == r1) continue;
+    const Interval<int64_t> seeing = block_rows_seeing(keys, q0, nq, k0, k0 + nk);
+    if (seeing.empty()) continue;
+    const int64_t r0 = seeing.begin, r1 = seeing.end;
     kv_block(p, b, h / (sh.heads_q / sh.heads_kv), kb, dpad, dvpad, kv);
     // In strips of rows when the block is not seen whole by every row (Note [Forward row strips]).
     const bool whole = block_visibility(keys.keys(q0 + r0), keys.keys(q0 + r1 - 1), k0, k0 + nk) ==
@@ -141,11 +140,10 @@ void fwd_task(const FwdParams& p, const RowKeys<int64_t>& keys, HeadKV<T>& kv, i
     const int64_t strip = whole ? r1 - r0 : kFwdStrip;
     for (int64_t a = r0; a < r1; a += strip) {
       const int64_t e = std::min(r1, a + strip);
-      // The columns [c0, c1) the strip's rows see (their hull), c0 on a 16-column boundary
-      const Interval<int64_t> hull = tile_hull(keys.keys(q0 + a), keys.keys(q0 + e - 1));
-      const int64_t c0 = std::clamp<int64_t>(hull.begin - k0, 0, nk) / 16 * 16;
-      const int64_t c1 = std::clamp<int64_t>(hull.end - k0, 0, nk);
-      if (c1 <= c0) continue;  // no row of the strip sees the block: its state stays
+      // The columns [c0, c1) the strip's rows see
+      const Interval<int64_t> cols = visible_columns(keys, q0 + a, q0 + e - 1, k0, nk);
+      if (cols.empty()) continue;  // no row of the strip sees the block: its state stays
+      const int64_t c0 = cols.begin, c1 = cols.end;
       // S [e - a, c0..c1] = Q [rows, d] K^T [d, c0..c1]
       gemm(ws.q.data() + a * dpad, dpad, step, kv.kt_block(kb, dpad) + c0 * step,
            padded(kFwdBlockK) * step, e - a, round_up(c1 - c0, 16), ceil_div(sh.head_dim, step),

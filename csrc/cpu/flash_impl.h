@@ -134,6 +134,23 @@ using TileVec = std::vector<T, Aligned64<T>>;
 template <typename T>
 constexpr int64_t kStep = sizeof(T) == 4 ? 1 : 2;
 
+// The rows of [q0, q0 + nq) that see a key of [k0, k1), as offsets from q0: a contiguous range
+// (the intervals are monotone, Note [Mask rule]; RowKeys::rows_seeing), empty when none does.
+inline Interval<int64_t> block_rows_seeing(const RowKeys<int64_t>& keys, int64_t q0, int64_t nq,
+                                           int64_t k0, int64_t k1) {
+  const Interval<int64_t> rows = keys.rows_seeing(k0, k1);
+  return {std::clamp<int64_t>(rows.begin - q0, 0, nq), std::clamp<int64_t>(rows.end - q0, 0, nq)};
+}
+
+// The columns of the key block [k0, k0 + nk) that the rows first..last see (their hull, Note [Mask
+// rule]), from a 16-column boundary (the micro-kernels' panels); empty when they see none.
+inline Interval<int64_t> visible_columns(const RowKeys<int64_t>& keys, int64_t first, int64_t last,
+                                         int64_t k0, int64_t nk) {
+  const Interval<int64_t> hull = tile_hull(keys.keys(first), keys.keys(last));
+  return {std::clamp<int64_t>(hull.begin - k0, 0, nk) / 16 * 16,
+          std::clamp<int64_t>(hull.end - k0, 0, nk)};
+}
+
 // Task i of n in zigzag order 0, n-1, 1, n-2, ...: contiguous chunks of tasks whose cost falls
 // (or rises) linearly with the index get equal work.
 inline int64_t zigzag(int64_t i, int64_t n) { return i % 2 == 0 ? i / 2 : n - 1 - i / 2; }
