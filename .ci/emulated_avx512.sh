@@ -4,8 +4,8 @@
 # Debian's libsimde-dev, fetched with `apt-get download`, no root needed) and runs the kernel and
 # variant suites there: the avx512 level in process, avx512f, avx2 and baseline in the suites'
 # lower-level subprocesses. On a machine whose CPU has AVX-512 the regular suite runs them natively too.
-# Uses the venv `make test` made ($VENV, default .venv). About 8 minutes on 2 cores (the full CPU build
-# is 3-4 of them). If SIMDe cannot be fetched, it says so loudly and the check is not run.
+# Uses the venv `make test` made ($VENV, default .venv). About 5.5 minutes on 2 cores (the full CPU build
+# about 2.5 of them, 2026-12-06). If SIMDe cannot be fetched, it says so loudly and the check is not run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
