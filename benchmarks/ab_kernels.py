@@ -22,9 +22,15 @@ within each, passed as kRows intervals; ring_ext.testing.documents.lognormal_doc
 lengths benchmarks/bench_varlen.py uses). FLOPs: forward 4 * b * h * d per visible (query, key) pair,
 backward 2.5x that; causal and packed count half of each square, as benchmarks/bench_kernels.py does.
 
+Mask `loop` (e.g. fp32:64:16384:loop) measures issue 27's packed target instead of two revisions:
+the same documents as `packed`, with the new kernels run as a per-document loop (one causal call per
+document, in base's columns) and as the packed call (new's columns), so new/base is packed over the
+loop. --base is still compiled but not run for such a row.
+
     python benchmarks/ab_kernels.py --base HEAD              # HEAD against the working tree
     python benchmarks/ab_kernels.py --base main --new perf3 --repeats 9
     python benchmarks/ab_kernels.py --base HEAD~1 --shapes fp32:128:4096:full bf16:64:16384:packed
+    python benchmarks/ab_kernels.py --base HEAD --shapes fp32:64:16384:loop bf16:64:16384:loop
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "benchmarks", "ab_kernels_main.cpp")
 CXXFLAGS = ["-O3", "-std=c++20", "-fopenmp"]  # setup.py's for the kernel files; targets by pragma
 ISAS = ("avx512", "avx512f", "avx2", "baseline")  # best first, as csrc/cpu/dispatch.cpp
-MASKS = ("full", "causal", "packed")
+MASKS = ("full", "causal", "packed", "loop")
+DOCUMENTS = ("packed", "loop")  # the masks of lognormal documents
 DEFAULT_SHAPES = ["fp32:64:4096:causal", "fp32:128:4096:full", "bf16:64:4096:causal", "fp32:64:16384:packed"]
 BATCH = 1  # the binary's inputs are [1, s, h, d]
 
@@ -166,7 +173,7 @@ def build(trees: dict[str, str], isa: str) -> str:
 
 
 def flops(dtype: str, d: int, s: int, mask: str, docs: list[int], heads: int, backward: bool) -> float:
-    pairs = {"full": s * s, "causal": s * s / 2, "packed": sum(n * n / 2 for n in docs)}[mask]
+    pairs = s * s if mask == "full" else s * s / 2 if mask == "causal" else sum(n * n / 2 for n in docs)
     return 4 * BATCH * heads * d * pairs * (2.5 if backward else 1.0)
 
 
@@ -193,7 +200,12 @@ def table_row(shape, docs: list[int], heads: int, result: list[str], peak: dict[
 def run_binary(binary: str, args, shapes, docs: dict) -> tuple[list[list[str]], int]:
     """The binary's result lines, split on tabs, and its exit status; progress goes to stderr."""
     cases = [
-        f"{dtype}:{d}:{s}:" + (f"docs:{','.join(map(str, docs[s]))}" if mask == "packed" else mask)
+        f"{dtype}:{d}:{s}:"
+        + (
+            f"{'docs' if mask == 'packed' else 'loop'}:{','.join(map(str, docs[s]))}"
+            if mask in DOCUMENTS
+            else mask
+        )
         for dtype, d, s, mask in shapes
     ]
     command = [binary, str(args.threads), str(args.repeats), str(args.heads), *cases]
@@ -201,7 +213,8 @@ def run_binary(binary: str, args, shapes, docs: dict) -> tuple[list[list[str]], 
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
         for line in proc.stdout:
             results.append(line.rstrip("\n").split("\t"))
-            print(f"{results[-1][0].split(':docs:')[0]} {results[-1][1]}: {results[-1][5]}", file=sys.stderr)
+            name = ":".join(results[-1][0].split(":")[:4])
+            print(f"{name} {results[-1][1]}: {results[-1][5]}", file=sys.stderr)
     if proc.returncode not in (0, 1):
         sys.exit(f"ab_kernels: the binary failed with status {proc.returncode}")
     return results, proc.returncode
@@ -222,14 +235,16 @@ def main() -> None:
     parser.add_argument(
         "--docs", type=int, default=10, help="documents of a packed shape (lognormal, seed 0)"
     )
-    parser.add_argument("--shapes", nargs="+", type=parse_shape, help="dtype:d:s:full|causal|packed entries")
+    parser.add_argument(
+        "--shapes", nargs="+", type=parse_shape, help="dtype:d:s:full|causal|packed|loop entries"
+    )
     args = parser.parse_args()
     shapes = args.shapes or [parse_shape(text) for text in DEFAULT_SHAPES]
     runnable = cpu_isas()
     isa = args.isa or runnable[0]
     if isa not in runnable:
         sys.exit(f"ab_kernels: this CPU cannot run the {isa} kernels (it runs {', '.join(runnable)})")
-    docs = {s: list(lognormal_docs(s, args.docs, seed=0)) for _, _, s, mask in shapes if mask == "packed"}
+    docs = {s: list(lognormal_docs(s, args.docs, seed=0)) for _, _, s, mask in shapes if mask in DOCUMENTS}
 
     with tempfile.TemporaryDirectory(prefix="ring_ext_ab_") as tmp:
         trees = {"ab_base": os.path.join(tmp, "base"), "ab_new": os.path.join(tmp, "new")}
@@ -257,7 +272,9 @@ def main() -> None:
     ]
     lines.append(
         "\nms: median and min; new/base: median of the per-round ratios, range their min-max; diff: "
-        "max |base - new| / max |base| of each result. "
+        "max |base - new| / max |base| of each result. A loop row times the new kernels twice: base is "
+        "a causal call per document, one after the other, and new is the packed call over the same "
+        "documents, so new/base is packed over the per-document loop. "
         "FMA-loop peak, GFLOP/s (before / after): "
         + ", ".join(f"{k} {peak_before[k]:.0f} / {peak_after[k]:.0f}" for k in peak)
         + f". Load average at end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}."

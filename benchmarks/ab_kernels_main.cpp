@@ -3,12 +3,18 @@
 //
 //   ab_kernels THREADS REPEATS HEADS CASE...
 //   CASE  dtype:d:s:mask, dtype fp32 or bf16, mask full or causal, or dtype:d:s:docs:L1,L2,...
-//         (packed documents of lengths L1, L2, ... summing to s, causal within each, as kRows)
+//         (packed documents of lengths L1, L2, ... summing to s, causal within each, as kRows), or
+//         dtype:d:s:loop:L1,L2,... (the same documents: new's per-document loop against new's
+//         packed call, in the places of base and new)
 //
 // For every case and pass (fwd, bwd): one warm-up call of each revision, then REPEATS rounds of
 // base, new. Prints one tab-separated line to stdout: case, pass, base's and new's times in ms
 // (comma-separated, in run order), the largest relative difference between their results per
 // tensor, and "ok" or "MISMATCH"; ab_kernels.py makes the table. Exits 1 if any case mismatches.
+//
+// A loop case times what issue 27 compares packed documents with: one causal call per document of
+// the same kernels (new's), each on its rows of the same tensors, one after the other. Both give
+// the same attention, so their results are checked against each other as two revisions' are.
 //
 // Note [Two revisions in one binary]
 // ab_kernels.py compiles each revision's kernels_<isa>.cpp as its own translation unit, against its
@@ -33,6 +39,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/params.h"
@@ -147,6 +154,7 @@ struct Case {
   int64_t d = 0, s = 0;
   MaskKind mask = MaskKind::kNone;
   std::vector<int64_t> docs;  // kRows: document lengths summing to s
+  bool loop = false;          // new's per-document loop against new's packed call
 };
 
 [[noreturn]] void usage(const std::string& why) {
@@ -171,8 +179,9 @@ Case parse_case(const std::string& spec) {
   c.d = std::stoll(f[1]);
   c.s = std::stoll(f[2]);
   if (f[3] == "causal") c.mask = MaskKind::kCausal;
-  if (f[3] == "docs" && f.size() == 5) {
+  if ((f[3] == "docs" || f[3] == "loop") && f.size() == 5) {
     c.mask = MaskKind::kRows;
+    c.loop = f[3] == "loop";
     int64_t total = 0;
     for (const std::string& n : split(f[4], ',')) total += c.docs.emplace_back(std::stoll(n));
     if (total != c.s) usage("document lengths do not sum to s in " + spec);
@@ -270,6 +279,51 @@ struct BwdOut {
   }
 };
 
+// A pointer to row `row` of a [1, s, heads, d] tensor of `dtype` (bshd strides, as Problem's).
+template <typename P>
+P* at_row(P* base, DType dtype, const Problem& pb, int64_t row) {
+  using Byte = std::conditional_t<std::is_const_v<P>, const char, char>;
+  const int64_t bytes = dtype == DType::kBFloat16 ? 2 : 4;
+  return reinterpret_cast<P*>(reinterpret_cast<Byte*>(base) + row * pb.heads * pb.c.d * bytes);
+}
+
+// The shape and causal mask of one document of `len` rows.
+void as_document(ring_ext::Shape& shape, ring_ext::Mask& mask, int64_t len) {
+  shape.seq_q = shape.seq_k = len;
+  mask = ring_ext::Mask{};
+  mask.kind = MaskKind::kCausal;
+}
+
+// The forward of the document at rows [start, start + len) of a packed call's params.
+FwdParams document_fwd(const FwdParams& packed, const Problem& pb, int64_t start, int64_t len) {
+  FwdParams p = packed;
+  const DType t = pb.c.dtype;
+  p.q = at_row(p.q, t, pb, start);
+  p.k = at_row(p.k, t, pb, start);
+  p.v = at_row(p.v, t, pb, start);
+  p.out = at_row(p.out, t, pb, start);
+  p.lse += start;
+  as_document(p.shape, p.mask, len);
+  return p;
+}
+
+// The backward of the document at rows [start, start + len) of a packed call's params.
+BwdParams document_bwd(const BwdParams& packed, const Problem& pb, int64_t start, int64_t len) {
+  BwdParams p = packed;
+  const DType t = pb.c.dtype;
+  p.q = at_row(p.q, t, pb, start);
+  p.k = at_row(p.k, t, pb, start);
+  p.v = at_row(p.v, t, pb, start);
+  p.dout = at_row(p.dout, t, pb, start);
+  p.dq = at_row(p.dq, DType::kFloat32, pb, start);
+  p.dk = at_row(p.dk, DType::kFloat32, pb, start);
+  p.dv = at_row(p.dv, DType::kFloat32, pb, start);
+  p.lse += start;
+  p.delta += start;
+  as_document(p.shape, p.mask, len);
+  return p;
+}
+
 // delta = rowsum(dout * out) per (head, row), [1, heads, s], from out as stored in its dtype.
 std::vector<float> row_delta(const Problem& pb, const Buffer& out) {
   const std::vector<float> o = out.to_float(), g = pb.dout.to_float();
@@ -344,17 +398,34 @@ bool report(const Case& c, const char* pass, const std::vector<double> (&times)[
   return ok;
 }
 
-// Both passes of one case; true if base and new agree on both.
+// Both passes of one case; true if base and new agree on both. In a loop case, the places of base
+// and new hold new's per-document loop and new's packed call.
 bool run_case(const Case& c, int64_t heads, int repeats) {
   std::mt19937_64 rng(0);
   Problem pb(c, heads, rng);
+  const Revision& base = c.loop ? kRevisions[1] : kRevisions[0];
+  const auto each_document = [&](const auto& fn) {
+    int64_t start = 0;
+    for (int64_t len : c.docs) {
+      fn(start, len);
+      start += len;
+    }
+  };
   FwdOut fwd[2] = {FwdOut(pb), FwdOut(pb)};  // base's, new's (params point into each)
   std::vector<double> fwd_times[2];
   interleaved(
       repeats,
       [&](int r) {
         const Clock::time_point start = Clock::now();
-        kRevisions[r].fwd(fwd[r].params, parallel_for);
+        if (r == 1) {
+          kRevisions[1].fwd(fwd[1].params, parallel_for);
+        } else if (!c.loop) {
+          base.fwd(fwd[0].params, parallel_for);
+        } else {
+          each_document([&](int64_t row, int64_t len) {
+            base.fwd(document_fwd(fwd[0].params, pb, row, len), parallel_for);
+          });
+        }
         return ms_since(start);
       },
       fwd_times);
@@ -371,7 +442,15 @@ bool run_case(const Case& c, int64_t heads, int repeats) {
       [&](int r) {
         bwd[r].zero();
         const Clock::time_point start = Clock::now();
-        kRevisions[r].bwd(bwd[r].params, parallel_for);
+        if (r == 1) {
+          kRevisions[1].bwd(bwd[1].params, parallel_for);
+        } else if (!c.loop) {
+          base.bwd(bwd[0].params, parallel_for);
+        } else {
+          each_document([&](int64_t row, int64_t len) {
+            base.bwd(document_bwd(bwd[0].params, pb, row, len), parallel_for);
+          });
+        }
         return ms_since(start);
       },
       bwd_times);

@@ -129,7 +129,8 @@ def test_memory_benchmark_chunk_cost_runs():
 def test_ab_kernels_pairs_head_with_working_tree():
     """benchmarks/ab_kernels.py at a tiny size, HEAD against the working tree: both revisions compile into
     one binary (cached after the first run), agree within the tolerance (the script exits 1 otherwise),
-    and each pass has a row with both times and the ratio. Skipped outside a git checkout, and when the
+    and each pass has a row with both times and the ratio. The loop row checks the packed call against a
+    per-document loop of the same kernels the same way. Skipped outside a git checkout, and when the
     working tree's params.h differs from HEAD's (the script refuses such a pair)."""
     root = os.path.join(BENCH, "..")
     same = subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD", "--", "csrc/common/params.h"])
@@ -137,12 +138,13 @@ def test_ab_kernels_pairs_head_with_working_tree():
         pytest.skip("not a git checkout, or csrc/common/params.h differs from HEAD's")
     done = subprocess.run(
         [sys.executable, os.path.join(BENCH, "ab_kernels.py"), "--base", "HEAD", "--shapes", "fp32:64:256:causal", "fp32:64:256:packed",
+         "fp32:64:256:loop",
          "--repeats", "1", "--threads", "1"],
         check=True, capture_output=True, timeout=300, text=True,
     )  # fmt: skip
     assert "MISMATCH" not in done.stdout, done.stdout
     assert re.search(r"base HEAD \(\w+\), new working tree .* isa \w+, 1 threads", done.stdout), done.stdout
-    for mask in ("causal", "packed"):
+    for mask in ("causal", "packed", "loop"):
         for pass_name, diffs in (("fwd", r"out=[\d.e-]+, lse="), ("bwd", r"dq=[\d.e-]+, dk=[\d.e-]+, dv=")):
             row = rf"\| fp32 \| 64 \| 256 \| {mask} \| {pass_name} \|( [\d.]+ \|){{5}} [\d.]+-[\d.]+ \| \d+% \| \d+% \| {diffs}"
             assert re.search(row, done.stdout), done.stdout
