@@ -605,3 +605,23 @@ def test_kernel_suite_at_lower_cpu_levels(level):
         " and ".join(f"not {t}" for t in skipped),
     ]
     run_at_cpu_level(level, f"import pytest; sys.exit(pytest.main({args!r}))", timeout=1800)
+
+
+def test_exp_fit_is_the_one_in_the_kernels():
+    """csrc/cpu/exp2_fit.h holds what tools/fit_exp2.py fits (the softmax's exp at the AVX2 and AVX-512
+    levels), and that fit evaluated in float32 stays within 1e-7 of 2^f: a stale or hand-edited constant
+    fails here, not as a tolerance somewhere in the attention tests."""
+    import importlib.util
+    import os
+    import re
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    spec = importlib.util.spec_from_file_location("fit_exp2", os.path.join(root, "tools", "fit_exp2.py"))
+    fit_exp2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_exp2)
+    with open(os.path.join(root, "csrc", "cpu", "exp2_fit.h")) as header:
+        table = re.search(r"kExp2\[7\] = \{([^}]*)\}", header.read()).group(1)
+    in_header = [float(x.strip().rstrip("f")) for x in table.split(",")]
+    fitted = fit_exp2.fit()
+    assert in_header == pytest.approx(list(fitted), rel=1e-9, abs=1e-12)
+    assert fit_exp2.float32_error(fitted) < 1e-7

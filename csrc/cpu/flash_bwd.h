@@ -156,7 +156,8 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
   for (int64_t i = r0; i < r1_pad; ++i) {
     float* srow = ws.s.data() + i * kBlockK;
     float* dprow = ws.dp.data() + i * kBlockK;
-    if (i == nq) {  // the zero row that pads a bf16 row pair
+    // The zero row that pads a bf16 row pair, and a row that saw no key (lse = -inf): P = dS = 0
+    if (i == nq || lse[i] == kNegInf) {
       std::fill(srow, srow + n_pad, 0.0f);
       std::fill(dprow, dprow + n_pad, 0.0f);
       continue;
@@ -164,8 +165,7 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
     const Interval<int64_t> row = keys.keys(q0 + i);
     const int64_t begin = std::clamp<int64_t>(row.begin - k0, c0, c1);
     const int64_t end = std::clamp<int64_t>(row.end - k0, begin, c1);
-    // A row that saw no key (lse = -inf) has P = 0: exp(s - inf) = 0.
-    const float row_lse = lse[i] == kNegInf ? std::numeric_limits<float>::infinity() : lse[i];
+    const float row_lse = lse[i];
     if (p.softcap > 0.0f) {  // Note [Softcap and sinks]
       bwd_row_softcap(srow + c0, dprow + c0, begin - c0, end - c0, nc, p.scale, p.softcap, row_lse,
                       delta[i]);

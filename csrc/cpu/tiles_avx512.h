@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 
+#include "exp2_fit.h"
 #include "tanh_fit.h"
 
 #if !defined(RING_EXT_AVX512_BF16)
@@ -166,25 +167,19 @@ void gemm(const T* a, int64_t sm, int64_t sk, const T* b, int64_t ldb, int64_t m
 // ---- row operations (float32, 16 lanes; n_pad is a multiple of 16)
 // --------------------------------
 
-// exp(x) = 2^n * e^r with n = round(x / ln2), r = x - n ln2 in two parts (Cody-Waite), e^r by its
-// degree-7 Taylor polynomial (|r| <= ln2/2: relative error < 1e-8, below float32 rounding).
-// x < -87 (exp underflows to the subnormal range) gives 0, so exp(-inf) = 0.
+// exp on 16 lanes: 2^n P(f), as exp8 in tiles_generic.h (P and the two-part log2(e) from
+// exp2_fit.h; x below -87 counts as -87, the callers zero the lanes outside a row's keys), 2^n
+// applied by vscalefps. 11 instructions per vector, where the Taylor polynomial with a mask for
+// -inf took 15 (the speed is measured at the AVX2 level only: docs/kernel_bench.md).
 inline __m512 exp16(__m512 x) {
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2eHi)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 poly = _mm512_set1_ps(1.0f / 5040);
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 720));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 120));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 24));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 6));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.5f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(poly, n));
+  __m512 f = _mm512_fmsub_ps(x, _mm512_set1_ps(kLog2eHi), n);  // x log2(e) - n, in [-1/2, 1/2]
+  f = _mm512_fmadd_ps(x, _mm512_set1_ps(kLog2eLo), f);
+  __m512 poly = _mm512_set1_ps(kExp2[6]);
+  for (int i = 5; i >= 0; --i) poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(kExp2[i]));
+  return _mm512_scalef_ps(poly, n);
 }
 
 // Lanes j0 + l < n of a 16-lane chunk starting at j0.

@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "convert.h"
+#include "exp2_fit.h"
 #include "tanh_fit.h"
 
 #if defined(RING_EXT_AVX2_TILES)
@@ -174,25 +175,21 @@ inline __m256 lanes_in(int64_t j, int64_t begin, int64_t end) {  // lanes begin 
 // at the edges of its interval).
 inline bool edge(int64_t j, int64_t begin, int64_t end) { return j < begin || j + 8 > end; }
 
-// fast_exp on 8 lanes (the same polynomial; exp(x < -87) = 0).
+// exp on 8 lanes: 2^n P(f), P and the two-part log2(e) from exp2_fit.h, 2^n added to P's exponent
+// bits. x below -87 counts as -87 (exp(-87) = 1.6e-38, the smallest normal floats): every caller
+// zeroes the lanes outside a row's keys itself, and a backward row that saw no key is zeroed whole
+// (bwd_pair), so no -inf needs to come out as 0 here. 13 instructions per vector; the Taylor
+// polynomial of fast_exp with a mask for -inf took 17.
 inline __m256 exp8(__m256 x) {
-  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2eHi)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 poly = _mm256_set1_ps(1.0f / 5040);
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 720));
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 120));
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 24));
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 6));
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.5f));
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f));
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f));
-  const __m256i pow2 =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(tiny, _mm256_mul_ps(poly, _mm256_castsi256_ps(pow2)));
+  __m256 f = _mm256_fmsub_ps(x, _mm256_set1_ps(kLog2eHi), n);  // x log2(e) - n, in [-1/2, 1/2]
+  f = _mm256_fmadd_ps(x, _mm256_set1_ps(kLog2eLo), f);
+  __m256 poly = _mm256_set1_ps(kExp2[6]);
+  for (int i = 5; i >= 0; --i) poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(kExp2[i]));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);  // n >= -126: no underflow
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(poly), pow2));
 }
 
 inline float hsum(__m256 v) {
