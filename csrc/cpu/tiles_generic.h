@@ -63,10 +63,9 @@ inline float fast_exp(float x) {
 // Note [AVX2 k loop]
 // The k loop runs in chunks of 16 steps, the prefetch of a_next at the start of each chunk and the
 // steps of a chunk unrolled by 4. Written as one loop with `kk % 16 == 0` inside, GCC kept the
-// test, the branch and the loop counter in every step: 30 instructions around 12 FMAs, and the
-// micro-kernel alone ran at 68-85% of the FMA-loop peak on one thread (S = Q K^T and O += P V at
-// d = 64 and 128, a 256 x 128 tile). In chunks it runs at 82-93%, and the kernels 3-10% faster
-// (docs/kernel_bench.md, 2026-12-06 night).
+// test, the branch and the loop counter in every step, about 30 instructions around 12 FMAs (`perf
+// annotate` of a one-thread forward). In chunks the same kernels ran 3-10% faster, with identical
+// results (benchmarks/ab_kernels.py; docs/kernel_bench.md, 2026-12-06 night).
 template <int MR, bool kPrefetch>
 void gemm_tile(const float* a, int64_t sm, int64_t sk, const float* b, int64_t ldb, int64_t k,
                float* c, int64_t ldc, bool accumulate, const float* a_next) {
