@@ -7,7 +7,10 @@ cores or SIMT) also check, with the profiler, that this family is the one that r
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import re
 import zlib
 
 import pytest
@@ -611,10 +614,6 @@ def test_exp_fit_is_the_one_in_the_kernels():
     """csrc/cpu/exp2_fit.h holds what tools/fit_exp2.py fits (the softmax's exp at the AVX2 and AVX-512
     levels), and that fit evaluated in float32 stays within 1e-7 of 2^f: a stale or hand-edited constant
     fails here, not as a tolerance somewhere in the attention tests."""
-    import importlib.util
-    import os
-    import re
-
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     spec = importlib.util.spec_from_file_location("fit_exp2", os.path.join(root, "tools", "fit_exp2.py"))
     fit_exp2 = importlib.util.module_from_spec(spec)
