@@ -199,13 +199,10 @@ def table_row(shape, docs: list[int], heads: int, result: list[str], peak: dict[
 
 def run_binary(binary: str, args, shapes, docs: dict) -> tuple[list[list[str]], int]:
     """The binary's result lines, split on tabs, and its exit status; progress goes to stderr."""
+    binary_mask = {"packed": "docs", "loop": "loop"}  # the binary's names, followed by the lengths
     cases = [
         f"{dtype}:{d}:{s}:"
-        + (
-            f"{'docs' if mask == 'packed' else 'loop'}:{','.join(map(str, docs[s]))}"
-            if mask in DOCUMENTS
-            else mask
-        )
+        + (f"{binary_mask[mask]}:{','.join(map(str, docs[s]))}" if mask in DOCUMENTS else mask)
         for dtype, d, s, mask in shapes
     ]
     command = [binary, str(args.threads), str(args.repeats), str(args.heads), *cases]

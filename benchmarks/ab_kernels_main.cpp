@@ -287,40 +287,28 @@ P* at_row(P* base, DType dtype, const Problem& pb, int64_t row) {
   return reinterpret_cast<P*>(reinterpret_cast<Byte*>(base) + row * pb.heads * pb.c.d * bytes);
 }
 
-// The shape and causal mask of one document of `len` rows.
-void as_document(ring_ext::Shape& shape, ring_ext::Mask& mask, int64_t len) {
-  shape.seq_q = shape.seq_k = len;
-  mask = ring_ext::Mask{};
-  mask.kind = MaskKind::kCausal;
-}
-
-// The forward of the document at rows [start, start + len) of a packed call's params.
-FwdParams document_fwd(const FwdParams& packed, const Problem& pb, int64_t start, int64_t len) {
-  FwdParams p = packed;
+// The params of the document at rows [start, start + len) of a packed call's params (forward or
+// backward): every tensor from the document's first row, its own length, causal.
+template <typename Params>
+Params document_of(const Params& packed, const Problem& pb, int64_t start, int64_t len) {
+  Params p = packed;
   const DType t = pb.c.dtype;
   p.q = at_row(p.q, t, pb, start);
   p.k = at_row(p.k, t, pb, start);
   p.v = at_row(p.v, t, pb, start);
-  p.out = at_row(p.out, t, pb, start);
   p.lse += start;
-  as_document(p.shape, p.mask, len);
-  return p;
-}
-
-// The backward of the document at rows [start, start + len) of a packed call's params.
-BwdParams document_bwd(const BwdParams& packed, const Problem& pb, int64_t start, int64_t len) {
-  BwdParams p = packed;
-  const DType t = pb.c.dtype;
-  p.q = at_row(p.q, t, pb, start);
-  p.k = at_row(p.k, t, pb, start);
-  p.v = at_row(p.v, t, pb, start);
-  p.dout = at_row(p.dout, t, pb, start);
-  p.dq = at_row(p.dq, DType::kFloat32, pb, start);
-  p.dk = at_row(p.dk, DType::kFloat32, pb, start);
-  p.dv = at_row(p.dv, DType::kFloat32, pb, start);
-  p.lse += start;
-  p.delta += start;
-  as_document(p.shape, p.mask, len);
+  if constexpr (std::is_same_v<Params, FwdParams>) {
+    p.out = at_row(p.out, t, pb, start);
+  } else {
+    p.dout = at_row(p.dout, t, pb, start);
+    p.dq = at_row(p.dq, DType::kFloat32, pb, start);
+    p.dk = at_row(p.dk, DType::kFloat32, pb, start);
+    p.dv = at_row(p.dv, DType::kFloat32, pb, start);
+    p.delta += start;
+  }
+  p.shape.seq_q = p.shape.seq_k = len;
+  p.mask = ring_ext::Mask{};
+  p.mask.kind = MaskKind::kCausal;
   return p;
 }
 
@@ -423,7 +411,7 @@ bool run_case(const Case& c, int64_t heads, int repeats) {
           base.fwd(fwd[0].params, parallel_for);
         } else {
           each_document([&](int64_t row, int64_t len) {
-            base.fwd(document_fwd(fwd[0].params, pb, row, len), parallel_for);
+            base.fwd(document_of(fwd[0].params, pb, row, len), parallel_for);
           });
         }
         return ms_since(start);
@@ -448,7 +436,7 @@ bool run_case(const Case& c, int64_t heads, int repeats) {
           base.bwd(bwd[0].params, parallel_for);
         } else {
           each_document([&](int64_t row, int64_t len) {
-            base.bwd(document_bwd(bwd[0].params, pb, row, len), parallel_for);
+            base.bwd(document_of(bwd[0].params, pb, row, len), parallel_for);
           });
         }
         return ms_since(start);

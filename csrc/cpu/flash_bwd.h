@@ -165,12 +165,11 @@ void bwd_pair(const BwdParams& p, const RowKeys<int64_t>& keys, const HeadRows<T
     const Interval<int64_t> row = keys.keys(q0 + i);
     const int64_t begin = std::clamp<int64_t>(row.begin - k0, c0, c1);
     const int64_t end = std::clamp<int64_t>(row.end - k0, begin, c1);
-    const float row_lse = lse[i];
     if (p.softcap > 0.0f) {  // Note [Softcap and sinks]
-      bwd_row_softcap(srow + c0, dprow + c0, begin - c0, end - c0, nc, p.scale, p.softcap, row_lse,
+      bwd_row_softcap(srow + c0, dprow + c0, begin - c0, end - c0, nc, p.scale, p.softcap, lse[i],
                       delta[i]);
     } else {
-      bwd_row(srow + c0, dprow + c0, begin - c0, end - c0, nc, p.scale, row_lse, delta[i]);
+      bwd_row(srow + c0, dprow + c0, begin - c0, end - c0, nc, p.scale, lse[i], delta[i]);
     }
   }
   Operand<T> pt, dst, ds;
