@@ -148,3 +148,24 @@ def test_ab_kernels_pairs_head_with_working_tree():
         for pass_name, diffs in (("fwd", r"out=[\d.e-]+, lse="), ("bwd", r"dq=[\d.e-]+, dk=[\d.e-]+, dv=")):
             row = rf"\| fp32 \| 64 \| 256 \| {mask} \| {pass_name} \|( [\d.]+ \|){{5}} [\d.]+-[\d.]+ \| \d+% \| \d+% \| {diffs}"
             assert re.search(row, done.stdout), done.stdout
+
+
+def test_tile_products_run_and_match_a_plain_sum():
+    """benchmarks/bench_tiles.py at a tiny size: every level this CPU runs compiles, each of the kernels'
+    products has a row with both columns' GFLOP/s and % of the peak, and every product agrees with a
+    plain sum over the same strides (the script exits 1 otherwise)."""
+    import ring_ext
+
+    if ring_ext.build_info()["emulated_avx512"]:
+        pytest.skip("bench_tiles refuses an emulated AVX-512 test build, as ab_kernels does")
+    done = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "bench_tiles.py"), "--dims", "16", "--cold-mib", "1", "--seconds", "0.001",
+         "--rounds", "1"],
+        check=True, capture_output=True, timeout=300, text=True,
+    )  # fmt: skip
+    assert "MISMATCH" not in done.stdout, done.stdout
+    products = ("fwd S = Q K^T", "fwd O += P V", "bwd S = Q K^T, dP = dO V^T", "bwd dV += P^T dO, dK += dS^T Q",
+                "bwd dQ += dS K")  # fmt: skip
+    for product in products:
+        row = rf"\| {ring_ext.build_info()['cpu_isa']} \| fp32 \| 16 \| {re.escape(product)} \|( \d+ \|){{3}} [\d.]+ \| \d+% \| [\d.]+ \| \d+% \| [\d.e-]+ \|"
+        assert re.search(row, done.stdout), done.stdout
