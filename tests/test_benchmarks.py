@@ -169,3 +169,28 @@ def test_tile_products_run_and_match_a_plain_sum():
     for product in products:
         row = rf"\| {ring_ext.build_info()['cpu_isa']} \| fp32 \| 16 \| {re.escape(product)} \|( \d+ \|){{3}} [\d.]+ \| \d+% \| [\d.]+ \| \d+% \| [\d.e-]+ \|"
         assert re.search(row, done.stdout), done.stdout
+
+
+def test_perf_split_counts_leaves_under_a_caller():
+    """tools/perf_split.py on a made-up `perf script` text: only the samples with a frame under the
+    caller count, each by its leaf function, namespaces and offsets stripped."""
+    import importlib.util
+
+    path = os.path.join(BENCH, "..", "tools", "perf_split.py")
+    spec = importlib.util.spec_from_file_location("perf_split", path)
+    perf_split = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(perf_split)
+    sample = "ab_kernels 1 2: 1 cycles:\n\t{leaf}\n\t{caller}\n"
+    frame = "    {addr} ring_ext_ab_new::cpu::ab_new::{name}+0x1f (/tmp/ab_kernels)"
+    text = "\n".join(
+        sample.format(leaf=frame.format(addr="1a", name=leaf), caller=frame.format(addr="2b", name=caller))
+        for leaf, caller in [
+            ("gemm_tile<6, true>", "fwd_task<float>(ring_ext_ab_new::FwdParams const&, long)"),
+            ("gemm_tile<6, true>", "fwd_task<float>(ring_ext_ab_new::FwdParams const&, long)"),
+            ("softmax_step<float>(ring_ext_ab_new::FwdParams const&)", "fwd_task<float>(long)"),
+            ("bwd_pair<float>(long)", "bwd_task<float>(long)"),
+        ]
+    )
+    counts, total = perf_split.leaf_counts(text, "ab_new::fwd_task")
+    assert total == 3
+    assert counts == {"gemm_tile<6, true>": 2, "softmax_step<float>": 1}
