@@ -10,7 +10,10 @@ times of the same repetition (and the range of those ratios), and % of the FMA-l
 the revisions agree: out and lse forward, dq, dk and dv backward, as max |base - new| over max |base|;
 above 1e-4 (fp32) or 1e-2 (bf16) the row says MISMATCH and the script exits 1.
 
-REV is any git revision; --new defaults to the working tree. Each revision's csrc/ is extracted to a
+REV is any git revision; --new defaults to the working tree. Both run the --isa level, unless
+--base-isa names another for base: a level new has and base lacks is then paired against the level base
+ran on that CPU (issue 27's before and after on an AVX-512 CPU without BF16: --isa avx512f --base-isa
+avx2 --base e133338^). Each revision's csrc/ is extracted to a
 temp dir (git archive) and its kernels_<isa>.cpp copied with RING_EXT_CPU_ISA renamed, and the binary
 is cached by a hash of both trees, the C++ main and the flags. The params structs cross from one
 revision's code to the other's, so two revisions whose csrc/common/params.h differ are refused.
@@ -144,12 +147,15 @@ def tree_digest(tree: str) -> str:
     return digest.hexdigest()
 
 
-def build(trees: dict[str, str], isa: str) -> str:
-    """The binary of base's and new's kernels and ab_kernels_main.cpp, compiled unless cached."""
+def build(trees: dict[str, str], isas: dict[str, str]) -> str:
+    """The binary of base's and new's kernels (each revision's at its level in isas) and
+    ab_kernels_main.cpp, compiled unless cached."""
     cxx = os.environ.get("CXX", "g++")
     version = subprocess.run([cxx, "--version"], check=True, capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        "\0".join([version, " ".join(CXXFLAGS), isa, *(tree_digest(t) for t in trees.values())]).encode()
+        "\0".join(
+            [version, " ".join(CXXFLAGS), *isas.values(), *(tree_digest(t) for t in trees.values())]
+        ).encode()
         + read(MAIN)
     ).hexdigest()[:16]
     binary = os.path.join(tempfile.gettempdir(), "ring_ext_ab_kernels", key, "ab_kernels")
@@ -159,7 +165,7 @@ def build(trees: dict[str, str], isa: str) -> str:
     objects, jobs = [], []
     for name, tree in trees.items():  # the two revisions' kernels, two jobs at once
         objects.append(os.path.join(os.path.dirname(tree), f"{name}.o"))
-        source = write_kernels(tree, isa, name)
+        source = write_kernels(tree, isas[name], name)
         jobs.append(
             subprocess.Popen([cxx, *CXXFLAGS, f"-Dring_ext=ring_ext_{name}", "-c", source, "-o", objects[-1]])
         )
@@ -226,6 +232,12 @@ def main() -> None:
     parser.add_argument(
         "--isa", choices=ISAS, help="kernel build to compare (default: the best this CPU runs)"
     )
+    parser.add_argument(
+        "--base-isa",
+        choices=ISAS,
+        help="base's kernel build, when it is not --isa's: a level new has and base lacks, against the "
+        "level base ran on that CPU (e.g. --isa avx512f --base-isa avx2)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="rounds of base, new after the warm-up")
     parser.add_argument("--heads", type=int, default=8)
@@ -239,15 +251,17 @@ def main() -> None:
     shapes = args.shapes or [parse_shape(text) for text in DEFAULT_SHAPES]
     runnable = cpu_isas()
     isa = args.isa or runnable[0]
-    if isa not in runnable:
-        sys.exit(f"ab_kernels: this CPU cannot run the {isa} kernels (it runs {', '.join(runnable)})")
+    isas = {"ab_base": args.base_isa or isa, "ab_new": isa}
+    for level in isas.values():
+        if level not in runnable:
+            sys.exit(f"ab_kernels: this CPU cannot run the {level} kernels (it runs {', '.join(runnable)})")
     docs = {s: list(lognormal_docs(s, args.docs, seed=0)) for _, _, s, mask in shapes if mask in DOCUMENTS}
 
     with tempfile.TemporaryDirectory(prefix="ring_ext_ab_") as tmp:
         trees = {"ab_base": os.path.join(tmp, "base"), "ab_new": os.path.join(tmp, "new")}
         base_name, new_name = extract(args.base, trees["ab_base"]), extract(args.new, trees["ab_new"])
         check_same_params(*trees.values())
-        binary = build(trees, isa)
+        binary = build(trees, isas)
 
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     peak_before = fma_peak(args.threads)
@@ -256,7 +270,8 @@ def main() -> None:
     peak = {k: max(peak_before[k], peak_after[k]) for k in peak_before}
     lines = [
         f"CPU kernels A/B (benchmarks/ab_kernels.py): base {base_name}, new {new_name}; cpu: {cpu_model()}, "
-        f"isa {isa}, {args.threads} threads, b={BATCH} h={args.heads}, {args.repeats} rounds of base, new "
+        + (f"isa {isa}, " if isas["ab_base"] == isa else f"isa base {isas['ab_base']}, new {isa}, ")
+        + f"{args.threads} threads, b={BATCH} h={args.heads}, {args.repeats} rounds of base, new "
         f"after a warm-up; load average (1, 5, 15 min) at start: {load}.",
         "",
         "| dtype | d | s | mask | pass | base ms | new ms | base min | new min | new/base | range "
