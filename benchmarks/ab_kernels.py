@@ -13,9 +13,9 @@ above 1e-4 (fp32) or 1e-2 (bf16) the row says MISMATCH and the script exits 1.
 REV is any git revision; --new defaults to the working tree. Both run the --isa level, unless
 --base-isa names another for base: a level new has and base lacks is then paired against the level base
 ran on that CPU (issue 27's before and after on an AVX-512 CPU without BF16: --isa avx512f --base-isa
-avx2 --base e133338^). Each revision's csrc/ is extracted to a
-temp dir (git archive) and its kernels_<isa>.cpp copied with RING_EXT_CPU_ISA renamed, and the binary
-is cached by a hash of both trees, the C++ main and the flags. The params structs cross from one
+avx2 --base e133338^). Each revision's csrc/ is extracted to a temp dir (git archive) and its
+kernels_<isa>.cpp copied with RING_EXT_CPU_ISA renamed, and the binary is cached by a hash of both
+trees, the levels, the C++ main and the flags. The params structs cross from one
 revision's code to the other's, so two revisions whose csrc/common/params.h differ are refused.
 
 Inputs: N(0, 1) q, k, v, dout in [1, s, h, d] (bf16: rounded to nearest even), scale 1/sqrt(d); the

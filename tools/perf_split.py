@@ -6,7 +6,7 @@ benchmarks/ab_kernels.py's new revision); prints each leaf function's share of t
 as its caller (softmax_step holds exp_row and scaled_max), so the split is by the kernels' functions:
 the micro-kernel (gemm_tile), the softmax, packing, the dQ sums.
 
-    B=$(ls -t /tmp/ring_ext_ab_kernels/*/ab_kernels | head -1)   # after a run of ab_kernels.py
+    B=$(ls -t /tmp/ring_ext_ab_kernels/*/ab_kernels | head -1)   # the binary of the last ab_kernels.py run
     perf record -F 1500 --call-graph dwarf,8192 -o perf.data $B 1 2 4 fp32:64:4096:full
     perf script -i perf.data > perf.txt
     python tools/perf_split.py perf.txt --under ab_new::cpu::ab_new::fwd_task
