@@ -15,7 +15,7 @@ REV is any git revision; --new defaults to the working tree. Both run the --isa 
 ran on that CPU (issue 27's before and after on an AVX-512 CPU without BF16: --isa avx512f --base-isa
 avx2 --base e133338^). Each revision's csrc/ is extracted to a temp dir (git archive) and its
 kernels_<isa>.cpp copied with RING_EXT_CPU_ISA renamed, and the binary is cached by a hash of both
-trees, the levels, the C++ main and the flags. The params structs cross from one
+trees, the levels, the C++ main, the flags and the compiler (compiled.py). The params structs cross from one
 revision's code to the other's, so two revisions whose csrc/common/params.h differ are refused.
 
 Inputs: N(0, 1) q, k, v, dout in [1, s, h, d] (bf16: rounded to nearest even), scale 1/sqrt(d); the
@@ -39,7 +39,6 @@ loop. --base is still compiled but not run for such a row.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import statistics
@@ -47,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 
+from compiled import cached_binary, compiler, read, tree_digest
 from peak import cpu_model, fma_peak
 
 import ring_ext
@@ -105,11 +105,6 @@ def extract(rev: str | None, dest: str) -> str:
     return commit if rev.startswith(commit) else f"{rev} ({commit})"
 
 
-def read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def check_same_params(base: str, new: str) -> None:
     """Refuse two trees whose csrc/common/params.h differ: the structs pass from this binary's main
     (compiled with new's) to base's kernels, which would read them with another layout."""
@@ -138,44 +133,27 @@ def write_kernels(tree: str, isa: str, name: str) -> str:
     return path
 
 
-def tree_digest(tree: str) -> str:
-    digest = hashlib.sha256()
-    for folder, _, files in sorted(os.walk(tree)):
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            digest.update(os.path.relpath(path, tree).encode() + b"\0" + read(path) + b"\0")
-    return digest.hexdigest()
-
-
 def build(trees: dict[str, str], isas: dict[str, str]) -> str:
     """The binary of base's and new's kernels (each revision's at its level in isas) and
     ab_kernels_main.cpp, compiled unless cached."""
-    cxx = os.environ.get("CXX", "g++")
-    version = subprocess.run([cxx, "--version"], check=True, capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        "\0".join(
-            [version, " ".join(CXXFLAGS), *isas.values(), *(tree_digest(t) for t in trees.values())]
-        ).encode()
-        + read(MAIN)
-    ).hexdigest()[:16]
-    binary = os.path.join(tempfile.gettempdir(), "ring_ext_ab_kernels", key, "ab_kernels")
-    if os.path.exists(binary):
-        return binary
-    os.makedirs(os.path.dirname(binary), exist_ok=True)
-    objects, jobs = [], []
-    for name, tree in trees.items():  # the two revisions' kernels, two jobs at once
-        objects.append(os.path.join(os.path.dirname(tree), f"{name}.o"))
-        source = write_kernels(tree, isas[name], name)
-        jobs.append(
-            subprocess.Popen([cxx, *CXXFLAGS, f"-Dring_ext=ring_ext_{name}", "-c", source, "-o", objects[-1]])
-        )
-    if any(job.wait() != 0 for job in jobs):
-        sys.exit("ab_kernels: compiling the kernels failed (the compiler's messages are above)")
-    partial = f"{binary}.{os.getpid()}"
-    include = os.path.join(trees["ab_new"], "csrc")
-    subprocess.run([cxx, *CXXFLAGS, "-I", include, MAIN, *objects, "-o", partial], check=True)
-    os.replace(partial, binary)  # whole or absent, if two runs build it at once
-    return binary
+
+    def compile_into(binary: str) -> None:
+        objects, jobs = [], []
+        for name, tree in trees.items():  # the two revisions' kernels, two jobs at once
+            objects.append(os.path.join(os.path.dirname(tree), f"{name}.o"))
+            source = write_kernels(tree, isas[name], name)
+            jobs.append(
+                subprocess.Popen(
+                    [compiler(), *CXXFLAGS, f"-Dring_ext=ring_ext_{name}", "-c", source, "-o", objects[-1]]
+                )
+            )
+        if any(job.wait() != 0 for job in jobs):
+            sys.exit("ab_kernels: compiling the kernels failed (the compiler's messages are above)")
+        include = os.path.join(trees["ab_new"], "csrc")
+        subprocess.run([compiler(), *CXXFLAGS, "-I", include, MAIN, *objects, "-o", binary], check=True)
+
+    key = "\0".join([" ".join(CXXFLAGS), *isas.values(), *(tree_digest(t) for t in trees.values())])
+    return cached_binary("ab_kernels", key.encode() + read(MAIN), compile_into)
 
 
 def flops(dtype: str, d: int, s: int, mask: str, docs: list[int], heads: int, backward: bool) -> float:

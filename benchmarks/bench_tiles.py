@@ -9,7 +9,7 @@ blocks of a long sequence and a backward task the query blocks). A kernel's % of
 products' says what its other work (softmax, packing, dQ sums) and its cold operands cost.
 
 Each level (csrc/cpu/dispatch.cpp's names) is compiled from the working tree's kernels_<level>.cpp into
-its own binary (cached by a hash of csrc/, the C++ main, the flags and the compiler). The binary also
+its own binary (cached by a hash of csrc/, the C++ main, the flags and the compiler: compiled.py). The binary also
 checks every product against a plain sum over the same strides; above 1e-4 (fp32) or 1e-2 (bf16) the
 row says MISMATCH and the script exits 1.
 
@@ -20,13 +20,12 @@ row says MISMATCH and the script exits 1.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
-import tempfile
 
-from ab_kernels import CXXFLAGS, ISAS, cpu_isas, read, tree_digest
+from ab_kernels import CXXFLAGS, ISAS, cpu_isas
+from compiled import cached_binary, compiler, read, tree_digest
 from peak import cpu_model, fma_peak, fma_vectors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,22 +36,16 @@ TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2}
 def build(isa: str) -> str:
     """The binary of the working tree's kernels_<isa>.cpp and bench_tiles_main.cpp, compiled unless
     cached."""
-    cxx = os.environ.get("CXX", "g++")
-    version = subprocess.run([cxx, "--version"], check=True, capture_output=True, text=True).stdout
     csrc = os.path.join(ROOT, "csrc")
-    key = hashlib.sha256(
-        "\0".join([version, " ".join(CXXFLAGS), isa, tree_digest(csrc)]).encode() + read(MAIN)
-    ).hexdigest()[:16]
-    binary = os.path.join(tempfile.gettempdir(), "ring_ext_bench_tiles", key, "bench_tiles")
-    if not os.path.exists(binary):
-        os.makedirs(os.path.dirname(binary), exist_ok=True)
-        kernels = os.path.join(csrc, "cpu", f"kernels_{isa}.cpp")
-        partial = f"{binary}.{os.getpid()}"
-        subprocess.run(
-            [cxx, *CXXFLAGS, f'-DRING_EXT_BENCH_KERNELS="{kernels}"', MAIN, "-o", partial], check=True
-        )
-        os.replace(partial, binary)  # whole or absent, if two runs build it at once
-    return binary
+    kernels = os.path.join(csrc, "cpu", f"kernels_{isa}.cpp")
+    key = "\0".join([" ".join(CXXFLAGS), isa, tree_digest(csrc)]).encode() + read(MAIN)
+    return cached_binary(
+        "bench_tiles",
+        key,
+        lambda out: subprocess.run(
+            [compiler(), *CXXFLAGS, f'-DRING_EXT_BENCH_KERNELS="{kernels}"', MAIN, "-o", out], check=True
+        ),
+    )
 
 
 def main() -> None:

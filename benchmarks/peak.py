@@ -2,34 +2,31 @@
 
 The ceiling the benchmarks report their kernels against (torch.mm is not one: on AMD it takes a slower
 MKL path). Compiled with the host's C++ compiler ($CXX, else g++) for this CPU (-march=native on
-x86-64, -mcpu=native elsewhere) into the temp directory, once per source version.
+x86-64, -mcpu=native elsewhere) into the temp directory, once per source version (compiled.py).
 
     python benchmarks/peak.py            # fp32 and bf16 GFLOP/s for 1 and 2 threads
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import subprocess
 import sys
-import tempfile
+
+from compiled import cached_binary, compiler, read
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fma_peak.cpp")
+NATIVE = "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"  # this CPU
 
 
 def _binary() -> str:
-    with open(SOURCE, "rb") as f:
-        digest = hashlib.sha1(f.read()).hexdigest()[:12]
-    path = os.path.join(tempfile.gettempdir(), f"ring_ext_fma_peak_{digest}")
-    if not os.path.exists(path):
-        cxx = os.environ.get("CXX", "g++")
-        arch = "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"
-        cmd = [cxx, "-O2", "-ffp-contract=fast", arch, "-pthread", SOURCE, "-o", f"{path}.{os.getpid()}"]
-        subprocess.run(cmd, check=True)
-        os.replace(f"{path}.{os.getpid()}", path)  # whole or absent, if two runs build it at once
-    return path
+    flags = ["-O2", "-ffp-contract=fast", NATIVE, "-pthread"]
+    return cached_binary(
+        "fma_peak",
+        " ".join(flags).encode() + b"\0" + read(SOURCE),
+        lambda out: subprocess.run([compiler(), *flags, SOURCE, "-o", out], check=True),
+    )
 
 
 def cpu_model() -> str:
@@ -44,10 +41,8 @@ def cpu_model() -> str:
 def fma_vectors() -> str:
     """The vectors the FMA loop runs on: the widest the compiler targets for this CPU, by the same
     tests as fma_peak.cpp's (AVX-512, AVX2 + FMA, else 4-lane GCC vectors)."""
-    cxx = os.environ.get("CXX", "g++")
-    arch = "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"
     macros = subprocess.run(
-        [cxx, arch, "-dM", "-E", "-x", "c++", os.devnull], check=True, capture_output=True, text=True
+        [compiler(), NATIVE, "-dM", "-E", "-x", "c++", os.devnull], check=True, capture_output=True, text=True
     ).stdout.split()
     if "__AVX512F__" in macros:
         return "AVX-512, 16 fp32 lanes" + (", vdpbf16ps" if "__AVX512BF16__" in macros else "")

@@ -13,6 +13,8 @@ import time
 import pytest
 import torch
 
+import ring_ext
+
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
 
 
@@ -157,8 +159,6 @@ def test_tile_products_run_and_match_a_plain_sum():
     """benchmarks/bench_tiles.py at a tiny size: every level this CPU runs compiles, each of the kernels'
     products has a row with both columns' GFLOP/s and % of the peak, and every product agrees with a
     plain sum over the same strides (the script exits 1 otherwise)."""
-    import ring_ext
-
     if ring_ext.build_info()["emulated_avx512"]:
         pytest.skip("bench_tiles refuses an emulated AVX-512 test build, as ab_kernels does")
     done = subprocess.run(
@@ -169,31 +169,40 @@ def test_tile_products_run_and_match_a_plain_sum():
     assert "MISMATCH" not in done.stdout, done.stdout
     products = ("fwd S = Q K^T", "fwd O += P V", "bwd S = Q K^T, dP = dO V^T", "bwd dV += P^T dO, dK += dS^T Q",
                 "bwd dQ += dS K")  # fmt: skip
+    isa = ring_ext.build_info()["cpu_isa"]
     for product in products:
-        row = rf"\| {ring_ext.build_info()['cpu_isa']} \| fp32 \| 16 \| {re.escape(product)} \|( \d+ \|){{3}} [\d.]+ \| \d+% \| [\d.]+ \| \d+% \| [\d.e-]+ \|"
+        row = rf"\| {isa} \| fp32 \| 16 \| {re.escape(product)} \|( \d+ \|){{3}} [\d.]+ \| \d+% \| [\d.]+ \| \d+% \| [\d.e-]+ \|"
         assert re.search(row, done.stdout), done.stdout
 
 
-def test_perf_split_counts_leaves_under_a_caller():
+def test_perf_split_counts_leaves_under_a_caller(tmp_path):
     """tools/perf_split.py on a made-up `perf script` text: only the samples with a frame under the
     caller count, each by its leaf function, namespaces and offsets stripped."""
-    import importlib.util
-
-    path = os.path.join(BENCH, "..", "tools", "perf_split.py")
-    spec = importlib.util.spec_from_file_location("perf_split", path)
-    perf_split = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(perf_split)
     sample = "ab_kernels 1 2: 1 cycles:\n\t{leaf}\n\t{caller}\n"
     frame = "    {addr} ring_ext_ab_new::cpu::ab_new::{name}+0x1f (/tmp/ab_kernels)"
-    text = "\n".join(
-        sample.format(leaf=frame.format(addr="1a", name=leaf), caller=frame.format(addr="2b", name=caller))
-        for leaf, caller in [
-            ("gemm_tile<6, true>", "fwd_task<float>(ring_ext_ab_new::FwdParams const&, long)"),
-            ("gemm_tile<6, true>", "fwd_task<float>(ring_ext_ab_new::FwdParams const&, long)"),
-            ("softmax_step<float>(ring_ext_ab_new::FwdParams const&)", "fwd_task<float>(long)"),
-            ("bwd_pair<float>(long)", "bwd_task<float>(long)"),
-        ]
+    trace = tmp_path / "perf.txt"
+    trace.write_text(
+        "\n".join(
+            sample.format(
+                leaf=frame.format(addr="1a", name=leaf), caller=frame.format(addr="2b", name=caller)
+            )
+            for leaf, caller in [
+                ("gemm_tile<6, true>", "fwd_task<float>(ring_ext_ab_new::FwdParams const&, long)"),
+                ("gemm_tile<6, true>", "fwd_task<float>(ring_ext_ab_new::FwdParams const&, long)"),
+                ("softmax_step<float>(ring_ext_ab_new::FwdParams const&)", "fwd_task<float>(long)"),
+                ("bwd_pair<float>(long)", "bwd_task<float>(long)"),
+            ]
+        )
     )
-    counts, total = perf_split.leaf_counts(text, "ab_new::fwd_task")
-    assert total == 3
-    assert counts == {"gemm_tile<6, true>": 2, "softmax_step<float>": 1}
+    tool = os.path.join(BENCH, "..", "tools", "perf_split.py")
+    done = subprocess.run(
+        [sys.executable, tool, str(trace), "--under", "ab_new::fwd_task"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert done.stdout.splitlines() == [
+        "3 samples under ab_new::fwd_task",
+        " 66.7%  gemm_tile<6, true>",
+        " 33.3%  softmax_step<float>",
+    ], done.stdout
